@@ -1,0 +1,45 @@
+"""One typed, frozen Settings object, built once at start.
+
+Values come from keyword arguments, then ``MODELKEEP_*`` environment variables, then defaults.
+Every default is the secure one; each field says why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one modelkeep process."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELKEEP_", frozen=True, extra="forbid")
+
+    data_dir: Path = Field(description="Directory made by `modelkeep init` (keys, TLS, blobs).")
+    # Loopback unless told otherwise: a fresh install is not reachable from the network.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    # None means the embedded SQLite database inside data_dir.
+    database_url: str | None = None
+    # Pushes are streamed and refused with 413 as soon as this many bytes have arrived.
+    max_upload_bytes: int = Field(default=2 * GiB, ge=1)
+    # Inference and management bodies are refused while being read once over this size.
+    max_request_bytes: int = Field(default=64 * MiB, ge=1)
+    # Checked against the declared shape before any tensor is built.
+    max_tensor_elements: int = Field(default=16_000_000, ge=1)
+    # How often each worker looks for changes (keys, labels, versions); bounds revocation delay.
+    refresh_interval_s: float = Field(default=0.25, gt=0, le=5)
+    # Threads per ONNX Runtime session; 0 lets ONNX Runtime decide.
+    runtime_threads: int = Field(default=1, ge=0, le=256)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'modelkeep.db'}"
