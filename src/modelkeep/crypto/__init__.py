@@ -1,1 +1,33 @@
-"""modelkeep.crypto"""
+"""Cryptographic recipes: sealed artifacts, key services, TLS material.
+
+Safe, high-level functions only; the wire-format details live in private modules. Every failure
+to verify is one opaque :class:`~modelkeep.errors.IntegrityError`.
+"""
+
+from modelkeep.crypto.keyservice import InMemoryKeyService, KeyService, LocalKeyService
+from modelkeep.crypto.sealed import (
+    KEY_SIZE,
+    SEGMENT_SIZE,
+    associated_data_for,
+    new_data_key,
+    seal,
+    sealed_size,
+    unseal,
+)
+from modelkeep.crypto.tls import TLS_CIPHERS, create_tls_material, server_ssl_context
+
+__all__ = [
+    "KEY_SIZE",
+    "SEGMENT_SIZE",
+    "TLS_CIPHERS",
+    "InMemoryKeyService",
+    "KeyService",
+    "LocalKeyService",
+    "associated_data_for",
+    "create_tls_material",
+    "new_data_key",
+    "seal",
+    "sealed_size",
+    "server_ssl_context",
+    "unseal",
+]

@@ -1,0 +1,212 @@
+"""Hazardous layer: Tink's AES-GCM-HKDF streaming AEAD wire format, segment by segment.
+
+Only ``sealed.py`` should import this module. It knows the byte layout and nothing about
+modelkeep's errors: every verification failure raises :class:`StreamError`, which the caller
+collapses into one opaque error.
+
+Layout for the parameters of Tink's ``AES256_GCM_HKDF_1MB`` template (ciphertext offset 0)::
+
+    header    = 0x28 (header length, 40) || salt (32) || nonce_prefix (7)
+    key_i     = HKDF-SHA256(ikm=key, salt=salt, info=associated_data, length=32)
+    nonce_i   = nonce_prefix || uint32_be(i) || (0x01 if i is the last segment else 0x00)
+    segment_i = AES-256-GCM(key_i, nonce_i, plaintext_i, aad=empty)  (ciphertext || 16-byte tag)
+    blob      = header || segment_0 || ... || segment_{n-1}
+
+The header and segment 0 together fill one ciphertext segment (1 MiB); every later segment but
+the last is exactly 1 MiB of ciphertext. The last-segment flag in the nonce is what makes
+truncation and extension detectable; the segment index in the nonce is what makes reordering
+detectable; HKDF over the associated data binds every segment to it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+KEY_SIZE = 32
+SEGMENT_SIZE = 1 << 20
+SALT_SIZE = KEY_SIZE  # Tink: the salt is as long as the derived key
+NONCE_PREFIX_SIZE = 7
+TAG_SIZE = 16
+HEADER_SIZE = 1 + SALT_SIZE + NONCE_PREFIX_SIZE
+FIRST_PLAINTEXT_SIZE = SEGMENT_SIZE - HEADER_SIZE - TAG_SIZE
+PLAINTEXT_SIZE = SEGMENT_SIZE - TAG_SIZE
+# The segment index is a 4-byte counter in the nonce.
+MAX_SEGMENTS = 1 << 32
+
+
+class StreamError(Exception):
+    """The ciphertext did not verify. Carries no detail on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Where one segment sits in the plaintext and how long its ciphertext is."""
+
+    index: int
+    plaintext_start: int
+    plaintext_size: int
+    last: bool
+
+    @property
+    def ciphertext_size(self) -> int:
+        return self.plaintext_size + TAG_SIZE
+
+
+def segment_count(plaintext_size: int) -> int:
+    """Number of segments used for ``plaintext_size`` bytes (at least one, even when empty)."""
+    if plaintext_size < 0:
+        raise ValueError("plaintext size must not be negative")
+    if plaintext_size <= FIRST_PLAINTEXT_SIZE:
+        return 1
+    rest = plaintext_size - FIRST_PLAINTEXT_SIZE
+    return 1 + -(-rest // PLAINTEXT_SIZE)
+
+
+def ciphertext_size(plaintext_size: int) -> int:
+    """Exact blob size for ``plaintext_size`` bytes, as :func:`encrypt` writes it."""
+    return HEADER_SIZE + plaintext_size + TAG_SIZE * segment_count(plaintext_size)
+
+
+def layout(plaintext_size: int, segments: int | None = None) -> Iterator[Segment]:
+    """Segments covering ``plaintext_size`` bytes, full-size except the last.
+
+    ``segments`` may exceed the minimal count by one: that is a valid blob whose last segment is
+    empty (other Tink writers may end a stream that way exactly at a segment boundary).
+    """
+    count = segment_count(plaintext_size) if segments is None else segments
+    if count > MAX_SEGMENTS:
+        raise StreamError
+    start = 0
+    for index in range(count):
+        capacity = FIRST_PLAINTEXT_SIZE if index == 0 else PLAINTEXT_SIZE
+        size = min(capacity, plaintext_size - start)
+        last = index == count - 1
+        if size < 0 or (not last and size != capacity):
+            raise StreamError
+        yield Segment(index, start, size, last)
+        start += size
+    if start != plaintext_size:
+        raise StreamError
+
+
+def split_ciphertext_size(total: int) -> tuple[int, int]:
+    """Plaintext size and segment count of a blob of ``total`` bytes; StreamError if impossible."""
+    body = total - HEADER_SIZE
+    first = SEGMENT_SIZE - HEADER_SIZE
+    if body < TAG_SIZE:
+        raise StreamError
+    if body <= first:
+        return body - TAG_SIZE, 1
+    full, remainder = divmod(body - first, SEGMENT_SIZE)
+    if remainder == 0:
+        return FIRST_PLAINTEXT_SIZE + full * PLAINTEXT_SIZE, 1 + full
+    if remainder < TAG_SIZE:
+        raise StreamError
+    return FIRST_PLAINTEXT_SIZE + full * PLAINTEXT_SIZE + remainder - TAG_SIZE, 2 + full
+
+
+def new_header() -> tuple[bytes, bytes, bytes]:
+    """A fresh random header; returns ``(header, salt, nonce_prefix)``."""
+    salt = os.urandom(SALT_SIZE)
+    nonce_prefix = os.urandom(NONCE_PREFIX_SIZE)
+    return bytes([HEADER_SIZE]) + salt + nonce_prefix, salt, nonce_prefix
+
+
+def parse_header(header: bytes) -> tuple[bytes, bytes]:
+    """``(salt, nonce_prefix)`` of a header; StreamError unless it has the expected shape."""
+    if len(header) != HEADER_SIZE or header[0] != HEADER_SIZE:
+        raise StreamError
+    return header[1 : 1 + SALT_SIZE], header[1 + SALT_SIZE :]
+
+
+def segment_cipher(key: bytes, salt: bytes, associated_data: bytes) -> AESGCM:
+    """The per-blob AES-GCM key: HKDF-SHA256 of the key, salted, with the associated data."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=associated_data)
+    return AESGCM(hkdf.derive(key))
+
+
+def segment_nonce(nonce_prefix: bytes, index: int, last: bool) -> bytes:
+    return nonce_prefix + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
+
+
+def encrypt(plaintext: memoryview, key: bytes, associated_data: bytes, out: BinaryIO) -> int:
+    """Write the blob for ``plaintext`` to ``out`` one segment at a time; return bytes written."""
+    header, salt, nonce_prefix = new_header()
+    cipher = segment_cipher(key, salt, associated_data)
+    written = write_all(out, memoryview(header))
+    buffer = bytearray(SEGMENT_SIZE)
+    view = memoryview(buffer)
+    for segment in layout(len(plaintext)):
+        end = segment.plaintext_start + segment.plaintext_size
+        size = cipher.encrypt_into(
+            segment_nonce(nonce_prefix, segment.index, segment.last),
+            plaintext[segment.plaintext_start : end],
+            None,
+            view[: segment.ciphertext_size],
+        )
+        written += write_all(out, view[:size])
+    return written
+
+
+def decrypt(
+    src: BinaryIO, key: bytes, associated_data: bytes, plaintext_size: int, segments: int
+) -> bytearray:
+    """Read and verify a blob laid out as ``(plaintext_size, segments)``; StreamError on any fault.
+
+    The plaintext is decrypted straight into one preallocated buffer. ``src`` must end exactly
+    where the last segment ends. ``InvalidTag`` from AES-GCM also means "did not verify"; the
+    buffer may then hold unverified bytes and must be dropped.
+    """
+    salt, nonce_prefix = parse_header(read_exactly(src, HEADER_SIZE))
+    cipher = segment_cipher(key, salt, associated_data)
+    plaintext = bytearray(plaintext_size)
+    out = memoryview(plaintext)
+    for segment in layout(plaintext_size, segments):
+        ciphertext = read_exactly(src, segment.ciphertext_size)
+        end = segment.plaintext_start + segment.plaintext_size
+        cipher.decrypt_into(
+            segment_nonce(nonce_prefix, segment.index, segment.last),
+            ciphertext,
+            None,
+            out[segment.plaintext_start : end],
+        )
+    if src.read(1):
+        raise StreamError
+    return plaintext
+
+
+def read_exactly(src: BinaryIO, size: int) -> bytes:
+    """``size`` bytes from ``src``, across short reads; StreamError if it ends first."""
+    data = src.read(size) or b""
+    if len(data) == size:
+        return data
+    parts = [data]
+    have = len(data)
+    while have < size:
+        chunk = src.read(size - have) or b""
+        if not chunk:
+            raise StreamError
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)
+
+
+def write_all(out: BinaryIO, data: memoryview) -> int:
+    """Write all of ``data``, across short writes of unbuffered streams."""
+    done = 0
+    while done < len(data):
+        count = out.write(data[done:])
+        # Raw streams may accept only part of the data; old-style writers return None for "all".
+        if count is None:
+            return len(data)
+        if count <= 0:
+            raise OSError("the output stream accepted no data")
+        done += count
+    return done

@@ -1,0 +1,175 @@
+"""The key-encryption key (KEK), behind a small interface.
+
+Data keys never reach storage in the clear: they are wrapped by a :class:`KeyService`. The
+embedded default is :class:`LocalKeyService`, a 32-byte key file made by ``modelkeep init``;
+OpenBao/Vault Transit and AWS KMS adapters implement the same protocol. Rotating the KEK
+re-wraps data keys and never touches blobs.
+
+Local wrapping is AES-256-GCM with a random 12-byte nonce and the caller's ``context`` as
+associated data::
+
+    wrapped = 0x01 (format version) || nonce (12) || ciphertext || tag (16)
+
+A wrapped key only unwraps under the same KEK and the same context; anything else raises one
+opaque :class:`~modelkeep.errors.IntegrityError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from modelkeep.errors import ConfigError, IntegrityError
+
+__all__ = ["InMemoryKeyService", "KeyService", "LocalKeyService"]
+
+KEK_SIZE = 32
+_FORMAT = b"\x01"
+_NONCE_SIZE = 12
+_TAG_SIZE = 16
+_KEY_ID_DOMAIN = b"modelkeep/kek-id/v1"
+_FAILED = "data key failed verification"
+
+
+@runtime_checkable
+class KeyService(Protocol):
+    """Wraps and unwraps data keys under a key-encryption key the caller never sees."""
+
+    @property
+    def key_id(self) -> str:
+        """A stable, non-secret name of the KEK, recorded next to every wrapped key."""
+        ...
+
+    def wrap(self, data_key: bytes, context: bytes) -> bytes:
+        """Encrypt and authenticate ``data_key``, bound to ``context``."""
+        ...
+
+    def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
+        """The data key, only if ``wrapped`` verifies under this KEK and ``context``."""
+        ...
+
+
+class _AesGcmKeyService:
+    """Wrapping with a KEK held in this process's memory."""
+
+    def __init__(self, kek: bytes) -> None:
+        if len(kek) != KEK_SIZE:
+            raise ValueError("key-encryption key must be 32 bytes")
+        self._aead = AESGCM(kek)
+        self._key_id = hashlib.sha256(_KEY_ID_DOMAIN + kek).hexdigest()[:16]
+
+    @property
+    def key_id(self) -> str:
+        """First 16 hex characters of SHA-256 over a domain tag and the KEK; reveals nothing."""
+        return self._key_id
+
+    def wrap(self, data_key: bytes, context: bytes) -> bytes:
+        """AES-256-GCM under the KEK, fresh random nonce, ``context`` as associated data."""
+        nonce = os.urandom(_NONCE_SIZE)
+        return _FORMAT + nonce + self._aead.encrypt(nonce, data_key, context)
+
+    def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
+        """The data key; IntegrityError if the KEK, the context or any byte does not match."""
+        if len(wrapped) < 1 + _NONCE_SIZE + _TAG_SIZE or wrapped[:1] != _FORMAT:
+            raise IntegrityError(_FAILED)
+        nonce = wrapped[1 : 1 + _NONCE_SIZE]
+        try:
+            return self._aead.decrypt(nonce, wrapped[1 + _NONCE_SIZE :], context)
+        except InvalidTag:
+            raise IntegrityError(_FAILED) from None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(key_id={self._key_id!r})"
+
+
+class LocalKeyService(_AesGcmKeyService):
+    """The KEK in a local file made by ``modelkeep init``: 32 raw bytes, mode 0600."""
+
+    @classmethod
+    def create(cls, path: Path) -> LocalKeyService:
+        """Create a new random KEK at ``path``, owner-only (0600), durably.
+
+        Refuses to overwrite an existing file (ConfigError): losing a KEK loses every model.
+        """
+        kek = os.urandom(KEK_SIZE)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise ConfigError("the key file already exists; refusing to overwrite it") from None
+        except OSError as exc:
+            raise ConfigError("cannot create the key file") from exc
+        try:
+            # The umask can only remove bits; this makes the mode exact whatever it is.
+            os.fchmod(fd, 0o600)
+            view = memoryview(kek)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise ConfigError("cannot write the key file") from exc
+        os.close(fd)
+        _fsync_directory(path.parent)
+        return cls(kek)
+
+    @classmethod
+    def load(cls, path: Path) -> LocalKeyService:
+        """Load the KEK at ``path``.
+
+        ConfigError if the file is missing, not exactly 32 bytes, or grants any permission to
+        group or others (a key others can read is a leaked key; one others can write can be
+        swapped). Messages never contain the path.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ConfigError("the key file does not exist; run `modelkeep init`") from None
+        except OSError as exc:
+            raise ConfigError("cannot open the key file") from exc
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError("the key file is not a regular file")
+            if info.st_mode & 0o077:
+                raise ConfigError(
+                    "the key file must be accessible by its owner only (chmod 600 it)"
+                )
+            kek = os.read(fd, KEK_SIZE + 1)
+        except OSError as exc:
+            raise ConfigError("cannot read the key file") from exc
+        finally:
+            os.close(fd)
+        if len(kek) != KEK_SIZE:
+            raise ConfigError("the key file is damaged: it must hold exactly 32 bytes")
+        return cls(kek)
+
+
+class InMemoryKeyService(_AesGcmKeyService):
+    """A KEK that lives only in this process; for tests. A random one unless ``kek`` is given."""
+
+    def __init__(self, kek: bytes | None = None) -> None:
+        super().__init__(os.urandom(KEK_SIZE) if kek is None else kek)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a new directory entry durable, so an acknowledged key survives a crash."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:
+        raise ConfigError("cannot open the key file's directory") from exc
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some file systems cannot fsync a directory; the file itself is already durable.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise ConfigError("cannot sync the key file's directory") from exc
+    finally:
+        os.close(fd)
