@@ -1,0 +1,142 @@
+"""Blob stores for sealed artifacts: a directory (embedded default) and memory (tests).
+
+Blobs are already encrypted and authenticated when they arrive here; the store only provides
+durability. A blob is either wholly present under its final name or absent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from modelkeep.errors import IntegrityError
+
+_KEY = re.compile(r"[a-z0-9]{8,64}")
+
+Writer = Callable[[BinaryIO], object]
+
+
+def new_blob_key() -> str:
+    """A fresh random name; blob names carry no model information."""
+    return secrets.token_hex(16)
+
+
+class BlobStore(Protocol):
+    def put(self, key: str, write: Writer) -> None:
+        """Store the bytes ``write`` produces under ``key``, atomically and durably."""
+
+    def open(self, key: str) -> BinaryIO:
+        """Open a stored blob for reading; IntegrityError if it is missing."""
+
+    def delete(self, key: str) -> None:
+        """Remove a blob if present."""
+
+    def keys(self, *, older_than_s: float = 0.0) -> Iterator[str]:
+        """Stored keys whose blobs are at least ``older_than_s`` seconds old."""
+
+
+def _check(key: str) -> str:
+    if _KEY.fullmatch(key) is None:
+        raise ValueError("invalid blob key")
+    return key
+
+
+class FileBlobStore:
+    """Blobs as files under ``root``: written to a temporary file, fsynced, then renamed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._tmp = root / ".tmp"
+        self._tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check(key)[:2] / key
+
+    def put(self, key: str, write: Writer) -> None:
+        final = self._path(key)
+        final.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = self._tmp / f"{key}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self._path(key).open("rb")
+        except FileNotFoundError as exc:
+            raise IntegrityError("sealed artifact is missing") from exc
+
+    def delete(self, key: str) -> None:
+        with suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def keys(self, *, older_than_s: float = 0.0) -> Iterator[str]:
+        cutoff = time.time() - older_than_s
+        for path in self.root.glob("??/*"):
+            if _KEY.fullmatch(path.name) and path.stat().st_mtime <= cutoff:
+                yield path.name
+
+    def sweep_temporary(self, *, older_than_s: float) -> int:
+        """Delete temporary files left by a crash mid-write; returns how many."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self._tmp.iterdir():
+            with suppress(FileNotFoundError):
+                if path.stat().st_mtime <= cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class InMemoryBlobStore:
+    """A BlobStore in a dict, for tests."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, write: Writer) -> None:
+        buf = BytesIO()
+        write(buf)
+        with self._lock:
+            self._blobs[_check(key)] = buf.getvalue()
+
+    def open(self, key: str) -> BinaryIO:
+        with self._lock:
+            data = self._blobs.get(key)
+        if data is None:
+            raise IntegrityError("sealed artifact is missing")
+        return BytesIO(data)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._blobs.pop(key, None)
+
+    def keys(self, *, older_than_s: float = 0.0) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._blobs))

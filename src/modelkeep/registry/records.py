@@ -1,0 +1,75 @@
+"""Immutable records of the registry, as held in memory by every worker."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from modelkeep.auth.apikeys import KeyRecord
+from modelkeep.errors import InvalidInput
+from modelkeep.runtime.signature import ModelSignature
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Return ``name`` if it is a valid model or label name, else raise InvalidInput."""
+    if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+        raise InvalidInput(
+            f"invalid {kind} name: use 1-63 characters from a-z, 0-9, '.', '_', '-',"
+            " starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    """One immutable version of a model."""
+
+    model: str
+    number: int
+    sha256: str
+    size: int
+    format: str
+    signature: ModelSignature
+    uploaded_by: str
+    created_at: datetime
+    blob_key: str
+    wrapped_key: bytes = field(repr=False)
+    kek_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """A model with its versions (ascending) and labels (label -> version number)."""
+
+    name: str
+    description: str
+    created_by: str
+    created_at: datetime
+    versions: MappingProxyType[int, VersionRecord]
+    labels: MappingProxyType[str, int]
+
+    @property
+    def latest_version(self) -> int | None:
+        return max(self.versions) if self.versions else None
+
+    def default_version(self) -> int | None:
+        """The version served when none is named: the `production` label, else the newest."""
+        production = self.labels.get("production")
+        return production if production is not None else self.latest_version
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything the hot path needs, loaded at once and swapped atomically on change."""
+
+    generation: int
+    keys: MappingProxyType[str, KeyRecord]
+    models: MappingProxyType[str, ModelRecord]
+
+
+def empty_snapshot() -> Snapshot:
+    return Snapshot(-1, MappingProxyType({}), MappingProxyType({}))
+

@@ -1,0 +1,317 @@
+"""The metadata store: models, versions, labels and API keys in SQLite or PostgreSQL.
+
+One implementation over SQLAlchemy serves both databases. Every mutation runs in one transaction
+that first bumps the `state.generation` row: that row lock serializes writers (so version numbers
+stay unique and gapless) and tells every worker something changed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from types import MappingProxyType
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy.engine import Connection, Engine
+
+from modelkeep.auth.apikeys import KeyRecord
+from modelkeep.errors import ConfigError, Conflict, NotFound, Unavailable
+from modelkeep.registry import _schema as t
+from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord
+from modelkeep.runtime.signature import ModelSignature
+
+
+class VersionTaken(Exception):
+    """The tentative version number was taken by a concurrent push; seal again and retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewVersion:
+    """What a push records once its sealed blob is durably stored."""
+
+    model: str
+    number: int
+    sha256: str
+    size: int
+    format: str
+    signature: ModelSignature
+    uploaded_by: str
+    created_at: datetime
+    blob_key: str
+    wrapped_key: bytes
+    kek_id: str
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # We issue BEGIN ourselves (see _begin) so that writers take the write lock up front.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # FULL: an acknowledged write survives power loss, not only a process kill.
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    immediate = conn.get_execution_options().get("modelkeep_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class MetadataStore:
+    """Durable metadata. Reads return immutable records; writes are single transactions."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            self.engine: Engine = sa.create_engine(url, pool_pre_ping=True)
+        except (sa.exc.ArgumentError, ImportError) as exc:
+            raise ConfigError("the database URL is not usable") from exc
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.engine, "begin", _sqlite_begin)
+        self._writer = self.engine.execution_options(modelkeep_write=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema --------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (Alembic)."""
+        cfg = AlembicConfig()
+        location = resources.files("modelkeep.registry") / "migrations"
+        cfg.set_main_option("script_location", str(location))
+        with self._connect(self.engine) as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    @contextmanager
+    def _connect(self, engine: Engine) -> Iterator[Connection]:
+        try:
+            with engine.begin() as conn:
+                yield conn
+        except sa.exc.OperationalError as exc:
+            raise Unavailable("the metadata database is unavailable", retry_after=1) from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._connect(self._writer) as conn:
+            conn.execute(sa.update(t.state).values(generation=t.state.c.generation + 1))
+            yield conn
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def generation(self) -> int:
+        with self._connect(self.engine) as conn:
+            value = conn.execute(sa.select(t.state.c.generation)).scalar_one()
+        return int(value)
+
+    def snapshot(self) -> Snapshot:
+        """Load keys, models, versions and labels in one consistent read."""
+        with self._connect(self.engine) as conn:
+            generation = int(conn.execute(sa.select(t.state.c.generation)).scalar_one())
+            model_rows = conn.execute(sa.select(t.models)).all()
+            version_rows = conn.execute(
+                sa.select(t.versions).order_by(t.versions.c.model_id, t.versions.c.number)
+            ).all()
+            label_rows = conn.execute(
+                sa.select(t.labels.c.model_id, t.labels.c.name, t.versions.c.number).join(
+                    t.versions, t.versions.c.id == t.labels.c.version_id
+                )
+            ).all()
+            key_rows = conn.execute(sa.select(t.api_keys)).all()
+        names = {row.id: row.name for row in model_rows}
+        by_model: dict[int, dict[int, VersionRecord]] = {row.id: {} for row in model_rows}
+        for row in version_rows:
+            by_model[row.model_id][row.number] = _version_record(names[row.model_id], row)
+        label_map: dict[int, dict[str, int]] = {row.id: {} for row in model_rows}
+        for row in label_rows:
+            label_map[row.model_id][row.name] = row.number
+        models = {
+            row.name: ModelRecord(
+                name=row.name,
+                description=row.description,
+                created_by=row.created_by,
+                created_at=row.created_at,
+                versions=MappingProxyType(by_model[row.id]),
+                labels=MappingProxyType(label_map[row.id]),
+            )
+            for row in model_rows
+        }
+        keys = {row.id: _key_record(row) for row in key_rows}
+        return Snapshot(generation, MappingProxyType(keys), MappingProxyType(models))
+
+    def next_version_number(self, model: str) -> int:
+        """The number the next version of ``model`` would get now (tentative; see add_version)."""
+        with self._connect(self.engine) as conn:
+            current = conn.execute(
+                sa.select(sa.func.max(t.versions.c.number))
+                .select_from(t.versions.join(t.models))
+                .where(t.models.c.name == model)
+            ).scalar()
+        return int(current or 0) + 1
+
+    def blob_keys(self) -> set[str]:
+        with self._connect(self.engine) as conn:
+            return set(conn.execute(sa.select(t.versions.c.blob_key)).scalars())
+
+    # -- writes --------------------------------------------------------------------------
+
+    def add_version(self, new: NewVersion, *, description: str) -> None:
+        """Record a version whose sealed blob is already stored, creating the model if needed.
+
+        Raises VersionTaken when another push got ``new.number`` first: the blob was sealed with
+        that number in its associated data, so the caller must seal again with the next one.
+        """
+        with self._write() as conn:
+            model_id = conn.execute(
+                sa.select(t.models.c.id).where(t.models.c.name == new.model)
+            ).scalar()
+            if model_id is None:
+                model_id = conn.execute(
+                    sa.insert(t.models)
+                    .values(
+                        name=new.model,
+                        description=description,
+                        created_by=new.uploaded_by,
+                        created_at=new.created_at,
+                    )
+                    .returning(t.models.c.id)
+                ).scalar_one()
+            current = conn.execute(
+                sa.select(sa.func.max(t.versions.c.number)).where(
+                    t.versions.c.model_id == model_id
+                )
+            ).scalar()
+            if int(current or 0) + 1 != new.number:
+                raise VersionTaken
+            conn.execute(
+                sa.insert(t.versions).values(
+                    model_id=model_id,
+                    number=new.number,
+                    sha256=new.sha256,
+                    size=new.size,
+                    format=new.format,
+                    signature=json.dumps(new.signature.to_json()),
+                    uploaded_by=new.uploaded_by,
+                    created_at=new.created_at,
+                    blob_key=new.blob_key,
+                    wrapped_key=new.wrapped_key,
+                    kek_id=new.kek_id,
+                )
+            )
+
+    def set_label(self, model: str, label: str, number: int, *, actor: str, now: datetime) -> None:
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            version_id = conn.execute(
+                sa.select(t.versions.c.id).where(
+                    t.versions.c.model_id == model_id, t.versions.c.number == number
+                )
+            ).scalar()
+            if version_id is None:
+                raise NotFound(f"model '{model}' has no version {number}")
+            exists = conn.execute(
+                sa.select(t.labels.c.name).where(
+                    t.labels.c.model_id == model_id, t.labels.c.name == label
+                )
+            ).scalar()
+            values = {"version_id": version_id, "updated_by": actor, "updated_at": now}
+            if exists is None:
+                conn.execute(sa.insert(t.labels).values(model_id=model_id, name=label, **values))
+            else:
+                conn.execute(
+                    sa.update(t.labels)
+                    .where(t.labels.c.model_id == model_id, t.labels.c.name == label)
+                    .values(**values)
+                )
+
+    def delete_label(self, model: str, label: str) -> None:
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            deleted = conn.execute(
+                sa.delete(t.labels).where(
+                    t.labels.c.model_id == model_id, t.labels.c.name == label
+                )
+            ).rowcount
+            if not deleted:
+                raise NotFound(f"model '{model}' has no label '{label}'")
+
+    def create_key(self, record: KeyRecord, *, created_by: str) -> None:
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    sa.insert(t.api_keys).values(
+                        id=record.key_id,
+                        secret_hash=record.secret_hash,
+                        role=record.role,
+                        models=None if record.models is None else json.dumps(sorted(record.models)),
+                        description=record.description,
+                        created_by=created_by,
+                        created_at=record.created_at,
+                        expires_at=record.expires_at,
+                        revoked_at=record.revoked_at,
+                    )
+                )
+            except sa.exc.IntegrityError as exc:
+                raise Conflict("an API key with this id already exists") from exc
+
+    def revoke_key(self, key_id: str, *, now: datetime) -> None:
+        """Revoke a key (idempotent: a second revocation keeps the first time)."""
+        with self._write() as conn:
+            found = conn.execute(
+                sa.select(t.api_keys.c.revoked_at).where(t.api_keys.c.id == key_id)
+            ).first()
+            if found is None:
+                raise NotFound("no such API key")
+            if found.revoked_at is None:
+                conn.execute(
+                    sa.update(t.api_keys).where(t.api_keys.c.id == key_id).values(revoked_at=now)
+                )
+
+    @staticmethod
+    def _model_id(conn: Connection, model: str) -> int:
+        model_id = conn.execute(sa.select(t.models.c.id).where(t.models.c.name == model)).scalar()
+        if model_id is None:
+            raise NotFound(f"no model named '{model}'")
+        return int(model_id)
+
+
+def _version_record(model: str, row: Any) -> VersionRecord:
+    return VersionRecord(
+        model=model,
+        number=row.number,
+        sha256=row.sha256,
+        size=row.size,
+        format=row.format,
+        signature=ModelSignature.from_json(json.loads(row.signature)),
+        uploaded_by=row.uploaded_by,
+        created_at=row.created_at,
+        blob_key=row.blob_key,
+        wrapped_key=bytes(row.wrapped_key),
+        kek_id=row.kek_id,
+    )
+
+
+def _key_record(row: Any) -> KeyRecord:
+    models = None if row.models is None else frozenset(json.loads(row.models))
+    return KeyRecord(
+        key_id=row.id,
+        secret_hash=row.secret_hash,
+        role=row.role,
+        models=models,
+        description=row.description,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+    )
