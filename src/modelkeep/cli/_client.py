@@ -1,0 +1,252 @@
+"""A small synchronous client for the management API (``docs/api.md``).
+
+One ``ApiClient`` wraps one ``httpx.Client`` for the length of one command. Every method returns
+the decoded JSON answer or raises a ``ModelkeepError``: error answers become the class of their
+HTTP status (see ``_errors.ERROR_TABLE``), and requests that get no answer at all become
+``Unavailable`` with a sentence naming the server. The API key is sent only in the
+``Authorization`` header and never appears in a message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from modelkeep import __version__
+from modelkeep.cli._errors import error_from_response, transport_failure
+from modelkeep.errors import ConfigError, InternalError, InvalidInput, Unauthenticated
+
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "DEFAULT_URL",
+    "PUSH_READ_TIMEOUT_S",
+    "READ_TIMEOUT_S",
+    "ApiClient",
+    "ClientOverrides",
+    "Connection",
+    "JSONObject",
+]
+
+JSONObject = dict[str, Any]
+
+DEFAULT_URL = "https://127.0.0.1:8443"
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 30.0
+# A push is answered only after the server has scanned, encrypted and smoke-tested the model.
+PUSH_READ_TIMEOUT_S = 300.0
+
+_API = "/api/v1"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the server is and how to prove who we are."""
+
+    url: str
+    token: str | None
+    cacert: Path | None = None
+
+
+@dataclass(frozen=True)
+class ClientOverrides:
+    """Test seam: passed as the command line's context ``obj`` to replace the network."""
+
+    transport: httpx.BaseTransport | None = None
+
+
+class ApiClient:
+    """The management API, one method per route; use as a context manager."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        read_timeout: float = READ_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if not connection.token:
+            raise Unauthenticated("no API key: set MODELKEEP_TOKEN or pass --token")
+        self._url = _check_url(connection.url)
+        self._http = httpx.Client(
+            base_url=self._url,
+            headers={
+                "Authorization": f"Bearer {connection.token}",
+                "Accept": "application/json",
+                "User-Agent": f"modelkeep-cli/{__version__}",
+            },
+            verify=_tls_context(connection.cacert),
+            timeout=httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S),
+            transport=transport,
+            # Never send the key anywhere the user did not name.
+            follow_redirects=False,
+        )
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- models and versions ------------------------------------------------------------------
+
+    def push(
+        self,
+        model: str,
+        chunks: Iterable[bytes],
+        *,
+        size: int | None = None,
+        description: str | None = None,
+    ) -> JSONObject:
+        """Upload one model file, streamed from ``chunks``; returns the new Version."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if size is not None:
+            # A declared length lets the server refuse an oversized upload before it arrives.
+            headers["Content-Length"] = str(size)
+        params = {"description": description} if description is not None else None
+        return self._object(
+            "POST",
+            f"{_API}/models/{_segment(model)}/versions",
+            content=_as_iterator(chunks),
+            headers=headers,
+            params=params,
+        )
+
+    def list_models(self) -> list[JSONObject]:
+        return self._list("GET", f"{_API}/models", key="models")
+
+    def get_model(self, model: str) -> JSONObject:
+        return self._object("GET", f"{_API}/models/{_segment(model)}")
+
+    def list_versions(self, model: str) -> list[JSONObject]:
+        return self._list("GET", f"{_API}/models/{_segment(model)}/versions", key="versions")
+
+    def set_label(self, model: str, label: str, version: int) -> JSONObject:
+        path = f"{_API}/models/{_segment(model)}/labels/{_segment(label)}"
+        return self._object("PUT", path, json={"version": version})
+
+    def remove_label(self, model: str, label: str) -> None:
+        path = f"{_API}/models/{_segment(model)}/labels/{_segment(label)}"
+        self._send("DELETE", path)
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def create_key(
+        self,
+        *,
+        role: str,
+        models: list[str] | None,
+        expires_at: datetime | None,
+        description: str,
+    ) -> JSONObject:
+        """Create an API key; the answer holds the secret ``key``, which is never shown again."""
+        body = {
+            "role": role,
+            "models": models,
+            "expires_at": _utc_text(expires_at) if expires_at is not None else None,
+            "description": description,
+        }
+        return self._object("POST", f"{_API}/keys", json=body)
+
+    def list_keys(self) -> list[JSONObject]:
+        return self._list("GET", f"{_API}/keys", key="keys")
+
+    def revoke_key(self, key_id: str) -> JSONObject:
+        return self._object("DELETE", f"{_API}/keys/{_segment(key_id)}")
+
+    def whoami(self) -> JSONObject:
+        return self._object("GET", f"{_API}/whoami")
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise transport_failure(self._url, exc) from exc
+        if not response.is_success:
+            raise error_from_response(response)
+        return response
+
+    def _object(self, method: str, path: str, **kwargs: Any) -> JSONObject:
+        body = _json(self._send(method, path, **kwargs))
+        if not isinstance(body, dict):
+            raise InternalError("the server's answer is not a JSON object")
+        return body
+
+    def _list(self, method: str, path: str, *, key: str) -> list[JSONObject]:
+        items = self._object(method, path).get(key)
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise InternalError(f"the server's answer has no list of {key}")
+        return items
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise InternalError("the server's answer is not JSON") from exc
+
+
+def _segment(value: str) -> str:
+    # Quoting keeps a name inside its own path segment; dot segments would still be collapsed.
+    if value in ("", ".", ".."):
+        raise InvalidInput(f"{value!r} is not a valid name")
+    return quote(value, safe="")
+
+
+def _as_iterator(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    # httpx sends bytes-like content in one piece; an iterator is streamed chunk by chunk.
+    yield from chunks
+
+
+def _check_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise InvalidInput(f"--url must look like https://host:port, not {url!r}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise InvalidInput("--url must not hold credentials, a query or a fragment")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise InvalidInput("refusing to send an API key over plain http to another host; use https")
+    return url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tls_context(cacert: Path | None) -> ssl.SSLContext:
+    """Verify the server against ``cacert`` if given, else against the system trust store."""
+    try:
+        context = ssl.create_default_context(cafile=str(cacert) if cacert else None)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"CA certificate {str(cacert)!r} does not exist") from exc
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"CA certificate {str(cacert)!r} is not a readable PEM file") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,175 @@
+"""Everything the command line prints: JSON for scripts, tables and sentences for people.
+
+Strings that came from the server are shown only after ``clean`` has escaped control and format
+characters, so a hostile or broken server cannot move the cursor, recolour the terminal or hide
+text. Tables use ``rich.text.Text`` cells so that brackets in a description are not read as rich
+markup. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.filesize import decimal
+from rich.table import Table
+from rich.text import Text
+
+JSONObject = dict[str, Any]
+
+_ISO_UTC = re.compile(r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}):\d{2}(?:\.\d+)?(?:Z|\+00:00)")
+
+
+def clean(value: object) -> str:
+    """``value`` as one printable line: control and invisible format characters are escaped."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
+def print_json(data: Any) -> None:
+    """Write ``data`` as JSON to stdout, for scripts."""
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def say(line: str = "") -> None:
+    """Write one line for people to stdout, exactly as given (no wrapping, no markup)."""
+    typer.echo(line)
+
+
+def warn(line: str) -> None:
+    """Write one line for people to stderr."""
+    typer.echo(line, err=True)
+
+
+def error_line(message: str) -> None:
+    """The single ``error: <message>`` line every failure ends with."""
+    typer.echo(f"error: {clean(' '.join(message.split()))}", err=True)
+
+
+def stdout_console() -> Console:
+    # Built per call: CliRunner and pipes swap sys.stdout, and a table must not be truncated
+    # silently, so cells fold instead.
+    return Console(file=sys.stdout, highlight=False)
+
+
+def stderr_console() -> Console:
+    return Console(file=sys.stderr, highlight=False)
+
+
+def size_text(size: object) -> str:
+    return decimal(size) if isinstance(size, int) and size >= 0 else clean(size)
+
+
+def models_table(models: Iterable[JSONObject]) -> Table:
+    table = _table("NAME", "LATEST", "LABELS~", "CREATED BY", "CREATED AT", "DESCRIPTION~")
+    for model in models:
+        table.add_row(
+            _cell(model.get("name")),
+            _cell(model.get("latest_version")),
+            _cell(labels_text(model.get("labels"))),
+            _cell(model.get("created_by")),
+            _cell(time_text(model.get("created_at"))),
+            _cell(model.get("description")),
+        )
+    return table
+
+
+def versions_table(versions: Iterable[JSONObject], labels: Mapping[str, Any]) -> Table:
+    """One row per version; ``labels`` (label -> version) fills the LABELS column."""
+    by_version: dict[Any, list[str]] = {}
+    for label, number in sorted(labels.items()):
+        by_version.setdefault(number, []).append(label)
+    table = _table("VERSION", "LABELS~", "SIZE", "SHA256", "UPLOADED BY", "CREATED AT")
+    for version in versions:
+        number = version.get("version")
+        sha = version.get("sha256")
+        table.add_row(
+            _cell(number),
+            _cell(", ".join(by_version.get(number, []))),
+            _cell(size_text(version.get("size"))),
+            # Twelve hex digits identify a version to a person, as short commit ids do.
+            _cell(sha[:12] if isinstance(sha, str) else sha),
+            _cell(version.get("uploaded_by")),
+            _cell(time_text(version.get("created_at"))),
+        )
+    return table
+
+
+def keys_table(keys: Iterable[JSONObject]) -> Table:
+    table = _table("ID", "ROLE", "MODELS~", "STATUS", "EXPIRES", "DESCRIPTION~")
+    for key in keys:
+        table.add_row(
+            _cell(key.get("id")),
+            _cell(key.get("role")),
+            _cell(models_text(key.get("models"))),
+            _cell("revoked" if key.get("revoked_at") else "active"),
+            _cell(time_text(key.get("expires_at")) or "never"),
+            _cell(key.get("description")),
+        )
+    return table
+
+
+def time_text(value: object) -> str:
+    """An API timestamp as a person reads it in a table: ``2026-11-25 18:00`` (UTC)."""
+    if value is None:
+        return ""
+    text = clean(value)
+    match = _ISO_UTC.fullmatch(text)
+    return f"{match.group(1)} {match.group(2)}" if match else text
+
+
+def labels_text(labels: object) -> str:
+    if not isinstance(labels, Mapping) or not labels:
+        return ""
+    return ", ".join(f"{name}={labels[name]}" for name in sorted(labels))
+
+
+def models_text(models: object) -> str:
+    """How a key's scope reads: ``null`` means every model."""
+    if models is None:
+        return "all"
+    if isinstance(models, list):
+        return ", ".join(str(name) for name in models) or "none"
+    return str(models)
+
+
+def describe_key(key: JSONObject) -> list[str]:
+    """A key's fields as ``name: value`` lines, for whoami, create and revoke."""
+    lines = [
+        f"id:          {clean(key.get('id'))}",
+        f"role:        {clean(key.get('role'))}",
+        f"models:      {clean(models_text(key.get('models')))}",
+        f"expires:     {clean(key.get('expires_at') or 'never')}",
+        f"created:     {clean(key.get('created_at'))}",
+    ]
+    if key.get("revoked_at"):
+        lines.append(f"revoked:     {clean(key.get('revoked_at'))}")
+    if key.get("description"):
+        lines.append(f"description: {clean(key.get('description'))}")
+    return lines
+
+
+def _table(*columns: str) -> Table:
+    """A borderless table; a heading ending in ``~`` marks a column that may wrap.
+
+    Ids, names, numbers and times are never wrapped, so a narrow terminal squeezes free text
+    first and what a person copies into the next command stays on one line.
+    """
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in columns:
+        if column.endswith("~"):
+            table.add_column(column[:-1], overflow="fold", ratio=1, min_width=len(column) - 1)
+        else:
+            table.add_column(column, no_wrap=True)
+    return table
+
+
+def _cell(value: object) -> Text:
+    return Text("" if value is None else clean(value))

@@ -1,0 +1,443 @@
+"""The ``modelkeep`` commands that talk to a running server through the management API.
+
+Every command opens one ``ApiClient`` for its own duration and prints either text for people or,
+with ``--json``, exactly the API's objects for scripts. Failures are not handled here: they raise
+``ModelkeepError`` and ``_Group.invoke`` turns each into one ``error:`` line and its exit code.
+The server-side commands (``init``, ``serve``) live in ``_server`` and import their heavy
+dependencies only when run.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from typer.core import TyperGroup
+
+from modelkeep.cli import _output as out
+from modelkeep.cli import _server
+from modelkeep.cli._client import (
+    DEFAULT_URL,
+    PUSH_READ_TIMEOUT_S,
+    READ_TIMEOUT_S,
+    ApiClient,
+    ClientOverrides,
+    Connection,
+    JSONObject,
+)
+from modelkeep.cli._errors import EXIT_FAILURE, exit_code_for, exit_codes_epilog
+from modelkeep.cli._params import (
+    CacertOption,
+    JsonOption,
+    TokenOption,
+    UrlOption,
+    check_name,
+    check_names,
+    parse_expires,
+)
+from modelkeep.errors import InvalidInput, ModelkeepError
+
+#: Push reads and sends the model in pieces of this size, so no file is ever held in memory.
+CHUNK_SIZE = 1024 * 1024
+
+EPILOG = exit_codes_epilog()
+
+
+class _Group(TyperGroup):
+    """The root group: the one place where failures become an ``error:`` line and an exit code."""
+
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError):
+            raise  # typer's own signals: help, usage errors (exit 2), Ctrl-C
+        except ModelkeepError as exc:
+            out.error_line(exc.message)
+            raise typer.Exit(exit_code_for(exc)) from None
+        except Exception as exc:
+            if os.environ.get("MODELKEEP_DEBUG"):
+                raise
+            out.error_line(
+                f"unexpected {type(exc).__name__}: {exc} "
+                "(set MODELKEEP_DEBUG=1 to see where it happened)"
+            )
+            raise typer.Exit(EXIT_FAILURE) from None
+
+
+app = typer.Typer(
+    name="modelkeep",
+    cls=_Group,
+    help="modelkeep: a secure model server. Push models, move labels, manage API keys.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="List models.", no_args_is_help=True)
+versions_app = typer.Typer(help="List the versions of a model.", no_args_is_help=True)
+label_app = typer.Typer(
+    help="Point labels (production, staging...) at versions.", no_args_is_help=True
+)
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(versions_app, name="versions")
+app.add_typer(label_app, name="label")
+app.add_typer(keys_app, name="keys")
+
+ModelArgument = Annotated[str, typer.Argument(help="Model name.", callback=check_name)]
+LabelArgument = Annotated[str, typer.Argument(help="Label name.", callback=check_name)]
+
+
+def _client(
+    ctx: typer.Context,
+    url: str,
+    token: str | None,
+    cacert: Path | None,
+    *,
+    read_timeout: float = READ_TIMEOUT_S,
+) -> ApiClient:
+    overrides = ctx.obj if isinstance(ctx.obj, ClientOverrides) else ClientOverrides()
+    return ApiClient(
+        Connection(url=url, token=token, cacert=cacert),
+        read_timeout=read_timeout,
+        transport=overrides.transport,
+    )
+
+
+# -- push -------------------------------------------------------------------------------------
+
+
+@app.command(epilog=EPILOG)
+def push(
+    ctx: typer.Context,
+    model: ModelArgument,
+    file: Annotated[Path, typer.Argument(help="The model file (ONNX).", show_default=False)],
+    description: Annotated[
+        str | None, typer.Option(metavar="TEXT", help="What this version is.", show_default=False)
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Upload FILE as the next version of MODEL (created by its first push).
+
+    Example: modelkeep push iris iris.onnx --description "retrained on May data"
+    """
+    with (
+        _open_model_file(file) as handle,
+        _client(ctx, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client,
+    ):
+        mode = os.fstat(handle.fileno()).st_mode
+        # A regular file has a known length; a pipe is sent with chunked encoding instead.
+        size = os.fstat(handle.fileno()).st_size if stat.S_ISREG(mode) else None
+        if json_output:
+            version = client.push(model, _chunks(handle), size=size, description=description)
+            out.print_json(version)
+            return
+        version = _push_with_progress(client, model, handle, size, description)
+    sha = version.get("sha256")
+    out.say(
+        f"pushed {out.clean(version.get('model', model))} version "
+        f"{out.clean(version.get('version'))} ({out.size_text(version.get('size'))}, "
+        f"sha256 {out.clean(sha)})"
+    )
+    out.say(
+        f"point a label at it: modelkeep label set {model} production "
+        f"{out.clean(version.get('version'))}"
+    )
+
+
+def _open_model_file(path: Path) -> IO[bytes]:
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise InvalidInput(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{path} is a directory, not a model file") from None
+    except PermissionError:
+        raise InvalidInput(f"cannot read {path}: permission denied") from None
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror or 'I/O error'}") from None
+
+
+def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
+    while chunk := handle.read(CHUNK_SIZE):
+        yield chunk
+
+
+def _push_with_progress(
+    client: ApiClient, model: str, handle: IO[bytes], size: int | None, description: str | None
+) -> JSONObject:
+    console = out.stderr_console()
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        # A log file or CI output gets the result line only, not redraws of a bar.
+        disable=not console.is_terminal,
+    )
+    with progress:
+        task = progress.add_task(f"pushing {model}", total=size)
+
+        def chunks() -> Iterator[bytes]:
+            for chunk in _chunks(handle):
+                yield chunk
+                progress.advance(task, len(chunk))
+            # The answer comes after the server has scanned, encrypted and smoke-tested it.
+            progress.update(task, description=f"{model}: server is checking the model")
+
+        return client.push(model, chunks(), size=size, description=description)
+
+
+# -- models, versions, labels -----------------------------------------------------------------
+
+
+@models_app.command("ls", epilog=EPILOG)
+def models_ls(
+    ctx: typer.Context,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List the models this key may read.
+
+    Example: modelkeep models ls --json
+    """
+    with _client(ctx, url, token, cacert) as client:
+        models = client.list_models()
+    if json_output:
+        out.print_json(models)
+    elif not models:
+        out.say("no models yet: push one with `modelkeep push MODEL FILE`")
+    else:
+        out.stdout_console().print(out.models_table(models))
+
+
+@versions_app.command("ls", epilog=EPILOG)
+def versions_ls(
+    ctx: typer.Context,
+    model: ModelArgument,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List the versions of MODEL, oldest first.
+
+    Example: modelkeep versions ls iris
+    """
+    with _client(ctx, url, token, cacert) as client:
+        versions = client.list_versions(model)
+        if json_output:
+            out.print_json(versions)
+            return
+        labels = client.get_model(model).get("labels")
+    if not versions:
+        out.say(f"{model} has no versions")
+        return
+    table = out.versions_table(versions, labels if isinstance(labels, dict) else {})
+    out.stdout_console().print(table)
+
+
+@label_app.command("set", epilog=EPILOG)
+def label_set(
+    ctx: typer.Context,
+    model: ModelArgument,
+    label: LabelArgument,
+    version: Annotated[int, typer.Argument(help="Version number.", min=1)],
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Point LABEL of MODEL at VERSION (creating or moving the label).
+
+    Example: modelkeep label set iris production 3
+    """
+    with _client(ctx, url, token, cacert) as client:
+        answer = client.set_label(model, label, version)
+    if json_output:
+        out.print_json(answer)
+        return
+    out.say(
+        f"{out.clean(answer.get('model', model))}: label {out.clean(answer.get('label', label))} "
+        f"-> version {out.clean(answer.get('version', version))}"
+    )
+
+
+@label_app.command("rm", epilog=EPILOG)
+def label_rm(
+    ctx: typer.Context,
+    model: ModelArgument,
+    label: LabelArgument,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Remove LABEL from MODEL; the version it pointed at stays.
+
+    Example: modelkeep label rm iris staging
+    """
+    with _client(ctx, url, token, cacert) as client:
+        client.remove_label(model, label)
+    if json_output:
+        out.print_json({"model": model, "label": label})
+    else:
+        out.say(f"{model}: label {label} removed")
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+@keys_app.command("create", epilog=EPILOG)
+def keys_create(
+    ctx: typer.Context,
+    role: Annotated[
+        str,
+        typer.Option(
+            metavar="ROLE",
+            help="Built-in roles: admin, publisher, approver, consumer, auditor.",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            metavar="MODEL",
+            help="Limit the key to this model; repeat for more. Default: every model.",
+            callback=check_names,
+            show_default=False,
+        ),
+    ] = None,
+    expires: Annotated[
+        str | None,
+        typer.Option(
+            metavar="WHEN",
+            help="A duration (30d, 12h, 90m) or an ISO 8601 datetime (UTC unless an offset "
+            "is given). Default: never.",
+            show_default=False,
+        ),
+    ] = None,
+    description: Annotated[str, typer.Option(metavar="TEXT", help="What the key is for.")] = "",
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Create an API key; its secret is printed once and cannot be shown again.
+
+    Example: modelkeep keys create --role consumer --model iris --expires 30d
+    """
+    expires_at = None
+    if expires is not None:
+        try:
+            expires_at = parse_expires(expires, now=datetime.now(UTC))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--expires'") from exc
+    with _client(ctx, url, token, cacert) as client:
+        key = client.create_key(
+            role=role, models=model, expires_at=expires_at, description=description
+        )
+    if json_output:
+        out.print_json(key)
+        return
+    out.say(f"created key {out.clean(key.get('id'))}")
+    for line in out.describe_key(key)[1:]:
+        out.say(f"  {line}")
+    out.say()
+    out.say(f"    {out.clean(key.get('key'))}")
+    out.say()
+    out.warn("warning: this key is shown only once and cannot be recovered; store it now.")
+
+
+@keys_app.command("ls", epilog=EPILOG)
+def keys_ls(
+    ctx: typer.Context,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List every API key (never their secrets).
+
+    Example: modelkeep keys ls
+    """
+    with _client(ctx, url, token, cacert) as client:
+        keys = client.list_keys()
+    if json_output:
+        out.print_json(keys)
+    elif not keys:
+        out.say("no keys")
+    else:
+        out.stdout_console().print(out.keys_table(keys))
+
+
+@keys_app.command("revoke", epilog=EPILOG)
+def keys_revoke(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(metavar="ID", help="The key's id (see keys ls).")],
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Revoke a key; every server refuses it within a second.
+
+    Example: modelkeep keys revoke abcdefgh2345
+    """
+    with _client(ctx, url, token, cacert) as client:
+        key = client.revoke_key(key_id)
+    if json_output:
+        out.print_json(key)
+        return
+    out.say(f"revoked key {out.clean(key.get('id', key_id))}")
+    for line in out.describe_key(key)[1:]:
+        out.say(f"  {line}")
+
+
+@app.command(epilog=EPILOG)
+def whoami(
+    ctx: typer.Context,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show the key in use: its id, role, models and expiry.
+
+    Example: modelkeep whoami
+    """
+    with _client(ctx, url, token, cacert) as client:
+        key = client.whoami()
+    if json_output:
+        out.print_json(key)
+        return
+    for line in out.describe_key(key):
+        out.say(line)
+
+
+# -- server side ------------------------------------------------------------------------------
+
+app.command(name="init", epilog=EPILOG, rich_help_panel="Server")(_server.init)
+app.command(name="serve", epilog=EPILOG, rich_help_panel="Server")(_server.serve)
