@@ -31,7 +31,9 @@ def postgres_base_url() -> str:
     problem = _pg_available()
     if problem is not None:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required in CI and unreachable ({problem})")
+            pytest.fail(
+                f"PostgreSQL at 127.0.0.1:5432 is required in CI and unreachable ({problem})"
+            )
         pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable ({problem})")
     return PG_BASE_URL
 

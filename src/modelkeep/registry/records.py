@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
+
 from modelkeep.auth.apikeys import KeyRecord
 from modelkeep.errors import InvalidInput
 from modelkeep.runtime.signature import ModelSignature
@@ -72,4 +73,3 @@ class Snapshot:
 
 def empty_snapshot() -> Snapshot:
     return Snapshot(-1, MappingProxyType({}), MappingProxyType({}))
-

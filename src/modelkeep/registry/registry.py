@@ -11,6 +11,8 @@ import hashlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
+from typing import BinaryIO
 
 from modelkeep.crypto import KeyService, associated_data_for, new_data_key, seal, unseal
 from modelkeep.errors import Conflict, IntegrityError
@@ -29,6 +31,10 @@ _GC_GRACE_S = 3600.0
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _seal_to(plaintext: bytes, key: bytes, associated_data: bytes, out: BinaryIO) -> int:
+    return seal(plaintext, key, associated_data, out)
 
 
 class Registry:
@@ -72,7 +78,7 @@ class Registry:
             data_key = new_data_key()
             wrapped = self.keys.wrap(data_key, associated_data)
             blob_key = new_blob_key()
-            self.blobs.put(blob_key, lambda out: seal(plaintext, data_key, associated_data, out))
+            self.blobs.put(blob_key, partial(_seal_to, plaintext, data_key, associated_data))
             # 3. Only now the version becomes visible, in one transaction.
             try:
                 self.store.add_version(

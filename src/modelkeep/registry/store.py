@@ -189,9 +189,7 @@ class MetadataStore:
                     .returning(t.models.c.id)
                 ).scalar_one()
             current = conn.execute(
-                sa.select(sa.func.max(t.versions.c.number)).where(
-                    t.versions.c.model_id == model_id
-                )
+                sa.select(sa.func.max(t.versions.c.number)).where(t.versions.c.model_id == model_id)
             ).scalar()
             if int(current or 0) + 1 != new.number:
                 raise VersionTaken
@@ -240,9 +238,7 @@ class MetadataStore:
         with self._write() as conn:
             model_id = self._model_id(conn, model)
             deleted = conn.execute(
-                sa.delete(t.labels).where(
-                    t.labels.c.model_id == model_id, t.labels.c.name == label
-                )
+                sa.delete(t.labels).where(t.labels.c.model_id == model_id, t.labels.c.name == label)
             ).rowcount
             if not deleted:
                 raise NotFound(f"model '{model}' has no label '{label}'")

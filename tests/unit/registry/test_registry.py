@@ -33,7 +33,9 @@ def store(database_url: str) -> MetadataStore:
 
 @pytest.fixture
 def registry(store: MetadataStore, tmp_path: Path) -> Registry:
-    return Registry(store, FileBlobStore(tmp_path / "blobs"), InMemoryKeyService(), clock=lambda: NOW)
+    return Registry(
+        store, FileBlobStore(tmp_path / "blobs"), InMemoryKeyService(), clock=lambda: NOW
+    )
 
 
 def push(registry: Registry, model: str, data: bytes) -> int:
@@ -129,7 +131,9 @@ def test_unreferenced_blob_is_invisible_and_collected(registry: Registry) -> Non
     registry.blobs.put("deadbeef" * 4, lambda out: out.write(b"orphan"))
     assert sorted(registry.store.snapshot().models["iris"].versions) == [1]
     assert registry.collect_garbage(grace_s=0) == 1
-    assert list(registry.blobs.keys()) == [registry.store.snapshot().models["iris"].versions[1].blob_key]
+    assert list(registry.blobs.keys()) == [
+        registry.store.snapshot().models["iris"].versions[1].blob_key
+    ]
 
 
 def test_failed_commit_leaves_no_version_and_no_blob(registry: Registry) -> None:

@@ -1,0 +1,52 @@
+"""The ASGI application: one FastAPI app over one Service per worker process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from modelkeep import __version__
+from modelkeep.service import Service
+from modelkeep.settings import Settings
+
+from ._auth import AuthenticationMiddleware
+from ._errors import install_error_handlers
+from .management import management_router
+from .v2 import v2_router
+
+
+def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
+    """Build the app. With ``manage_lifecycle`` the app starts and stops the service's poller."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            service.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                service.stop()
+
+    app = FastAPI(
+        title="modelkeep",
+        version=__version__,
+        description="A secure model server. Every route but /v2/health/* needs an API key.",
+        openapi_url="/api/v1/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(v2_router(service))
+    app.include_router(management_router(service))
+    app.add_middleware(AuthenticationMiddleware, service=service)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for uvicorn workers: settings come from MODELKEEP_* variables."""
+    settings = Settings()  # data_dir comes from MODELKEEP_DATA_DIR
+    return create_app(Service.open(settings))

@@ -1,0 +1,215 @@
+"""Management REST API under /api/v1 (see docs/api.md). It translates; the service decides."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from modelkeep.auth import KeyRecord
+from modelkeep.registry.records import ModelRecord, VersionRecord
+from modelkeep.service import Service
+
+from ._auth import principal_of
+from ._body import read_body
+
+
+class TensorOut(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class SignatureOut(BaseModel):
+    inputs: list[TensorOut]
+    outputs: list[TensorOut]
+
+
+class VersionOut(BaseModel):
+    model: str
+    version: int
+    sha256: str
+    size: int
+    format: str
+    signature: SignatureOut
+    uploaded_by: str
+    created_at: datetime
+
+
+class VersionList(BaseModel):
+    versions: list[VersionOut]
+
+
+class ModelOut(BaseModel):
+    name: str
+    description: str
+    created_by: str
+    created_at: datetime
+    latest_version: int | None
+    labels: dict[str, int]
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class LabelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, le=2**31 - 1)
+
+
+class LabelOut(BaseModel):
+    model: str
+    label: str
+    version: int
+
+
+class KeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str = Field(max_length=32)
+    models: list[str] | None = Field(default=None, max_length=1000)
+    expires_at: datetime | None = None
+    description: str = Field(default="", max_length=1000)
+
+
+class KeyOut(BaseModel):
+    id: str
+    role: str
+    models: list[str] | None
+    description: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class CreatedKeyOut(KeyOut):
+    key: str = Field(description="The API key. It is shown only once.")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
+
+
+def version_out(v: VersionRecord) -> VersionOut:
+    sig = v.signature.to_json()
+    return VersionOut(
+        model=v.model,
+        version=v.number,
+        sha256=v.sha256,
+        size=v.size,
+        format=v.format,
+        signature=SignatureOut.model_validate(sig),
+        uploaded_by=v.uploaded_by,
+        created_at=v.created_at,
+    )
+
+
+def model_out(m: ModelRecord) -> ModelOut:
+    return ModelOut(
+        name=m.name,
+        description=m.description,
+        created_by=m.created_by,
+        created_at=m.created_at,
+        latest_version=m.latest_version,
+        labels=dict(m.labels),
+    )
+
+
+def key_out(k: KeyRecord) -> dict[str, Any]:
+    return {
+        "id": k.key_id,
+        "role": k.role,
+        "models": None if k.models is None else sorted(k.models),
+        "description": k.description,
+        "created_at": k.created_at,
+        "expires_at": k.expires_at,
+        "revoked_at": k.revoked_at,
+    }
+
+
+def management_router(service: Service) -> APIRouter:
+    router = APIRouter(prefix="/api/v1", tags=["management"])
+    max_upload = service.settings.max_upload_bytes
+
+    @router.post(
+        "/models/{model}/versions",
+        status_code=201,
+        response_model=VersionOut,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+            }
+        },
+    )
+    async def push(request: Request, model: str, description: str = "") -> VersionOut:
+        """Push a new version: the raw model file as the body, streamed, size-capped."""
+        principal = principal_of(request)
+        # Authorize before reading a possibly huge body.
+        service.authorize_push(principal, model)
+        data = await read_body(request, max_upload)
+        record = await run_in_threadpool(
+            service.push, principal, model, data, description=description
+        )
+        return version_out(record)
+
+    @router.get("/models", response_model=ModelList)
+    async def list_models(request: Request) -> ModelList:
+        models = service.list_models(principal_of(request))
+        return ModelList(models=[model_out(m) for m in models])
+
+    @router.get("/models/{model}", response_model=ModelOut)
+    async def get_model(request: Request, model: str) -> ModelOut:
+        return model_out(service.get_model(principal_of(request), model))
+
+    @router.get("/models/{model}/versions", response_model=VersionList)
+    async def list_versions(request: Request, model: str) -> VersionList:
+        record = service.get_model(principal_of(request), model)
+        return VersionList(versions=[version_out(v) for _, v in sorted(record.versions.items())])
+
+    @router.get("/models/{model}/versions/{version}", response_model=VersionOut)
+    async def get_version(request: Request, model: str, version: str) -> VersionOut:
+        return version_out(service.get_version(principal_of(request), model, version))
+
+    @router.put("/models/{model}/labels/{label}", response_model=LabelOut)
+    async def set_label(request: Request, model: str, label: str, body: LabelIn) -> LabelOut:
+        principal = principal_of(request)
+        await run_in_threadpool(service.set_label, principal, model, label, body.version)
+        return LabelOut(model=model, label=label, version=body.version)
+
+    @router.delete("/models/{model}/labels/{label}", status_code=204)
+    async def delete_label(request: Request, model: str, label: str) -> Response:
+        await run_in_threadpool(service.delete_label, principal_of(request), model, label)
+        return Response(status_code=204)
+
+    @router.post("/keys", status_code=201, response_model=CreatedKeyOut)
+    async def create_key(request: Request, body: KeyIn) -> dict[str, Any]:
+        created = await run_in_threadpool(
+            lambda: service.create_key(
+                principal_of(request),
+                role=body.role,
+                models=body.models,
+                expires_at=body.expires_at,
+                description=body.description,
+            )
+        )
+        return {**key_out(created.record), "key": created.token}
+
+    @router.get("/keys", response_model=KeyList)
+    async def list_keys(request: Request) -> dict[str, Any]:
+        return {"keys": [key_out(k) for k in service.list_keys(principal_of(request))]}
+
+    @router.delete("/keys/{key_id}", response_model=KeyOut)
+    async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
+        record = await run_in_threadpool(service.revoke_key, principal_of(request), key_id)
+        return key_out(record)
+
+    @router.get("/whoami", response_model=KeyOut)
+    async def whoami(request: Request) -> dict[str, Any]:
+        return key_out(service.whoami(principal_of(request)))
+
+    return router

@@ -1,0 +1,73 @@
+"""Running the HTTPS server: uvicorn with modelkeep's TLS context, one or more workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from modelkeep.bootstrap import TLS_DIR
+from modelkeep.crypto import server_ssl_context
+from modelkeep.errors import ConfigError
+from modelkeep.service import Service
+from modelkeep.settings import Settings
+
+log = logging.getLogger(__name__)
+
+APP_FACTORY = "modelkeep.api.app:create_app_from_env"
+
+
+def tls_context_factory(config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """uvicorn calls this in every worker: TLS 1.2 minimum and modelkeep's cipher list."""
+    return server_ssl_context(Path(config.ssl_certfile), Path(config.ssl_keyfile))
+
+
+def _export(settings: Settings) -> None:
+    # Workers are separate processes that rebuild Settings from the environment.
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            os.environ[f"MODELKEEP_{name.upper()}"] = str(value)
+
+
+def prepare(settings: Settings) -> None:
+    """Once, before workers start: migrate the schema and remove leftovers of crashed pushes."""
+    service = Service.open(settings)
+    try:
+        removed = service.registry.collect_garbage()
+        blobs = service.registry.blobs
+        sweep = getattr(blobs, "sweep_temporary", None)
+        if sweep is not None:
+            removed += sweep(older_than_s=3600)
+        if removed:
+            log.info("removed %d unreferenced blob files", removed)
+    finally:
+        service.stop()
+
+
+def run_server(settings: Settings) -> None:
+    """Serve HTTPS until interrupted."""
+    tls = settings.data_dir / TLS_DIR
+    cert, key = tls / "server.pem", tls / "server-key.pem"
+    if not cert.is_file() or not key.is_file():
+        raise ConfigError("the data directory has no TLS certificate (run `modelkeep init`)")
+    prepare(settings)
+    _export(settings)
+    uvicorn.run(
+        APP_FACTORY,
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        ssl_certfile=str(cert),
+        ssl_keyfile=str(key),
+        ssl_context_factory=tls_context_factory,
+        server_header=False,
+        proxy_headers=False,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )

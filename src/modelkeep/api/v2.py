@@ -1,0 +1,89 @@
+"""Open Inference Protocol (KServe V2) REST endpoints. They translate; the service decides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
+
+from modelkeep.errors import InvalidInput
+from modelkeep.service import Service
+
+from ._auth import principal_of
+from ._body import read_body
+from ._errors import error_response
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+def v2_router(service: Service) -> APIRouter:
+    router = APIRouter(prefix="/v2", tags=["inference (Open Inference Protocol v2)"])
+    max_body = service.settings.max_request_bytes
+
+    @router.get("/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @router.get("/health/ready")
+    async def ready() -> Response:
+        if service.ready():
+            return JSONResponse({"ready": True})
+        return error_response(503, "not ready", {"Retry-After": "1"})
+
+    @router.get("")
+    async def server_metadata(request: Request) -> dict[str, Any]:
+        return service.server_metadata(principal_of(request))
+
+    @router.get("/models/{model}")
+    async def model_metadata(request: Request, model: str) -> dict[str, Any]:
+        return service.model_metadata(principal_of(request), model, None)
+
+    @router.get("/models/{model}/versions/{version}")
+    async def version_metadata(request: Request, model: str, version: str) -> dict[str, Any]:
+        return service.model_metadata(principal_of(request), model, version)
+
+    async def _ready(request: Request, model: str, version: str | None) -> Response:
+        principal = principal_of(request)
+        ok = await run_in_threadpool(service.model_ready, principal, model, version)
+        if ok:
+            return JSONResponse({"name": model, "ready": True})
+        return error_response(503, f"model '{model}' is not ready", {"Retry-After": "1"})
+
+    @router.get("/models/{model}/ready")
+    async def model_ready(request: Request, model: str) -> Response:
+        return await _ready(request, model, None)
+
+    @router.get("/models/{model}/versions/{version}/ready")
+    async def version_ready(request: Request, model: str, version: str) -> Response:
+        return await _ready(request, model, version)
+
+    async def _infer(request: Request, model: str, version: str | None) -> Response:
+        principal = principal_of(request)
+        header_length = _header_length(request)
+        body = await read_body(request, max_body)
+        content, headers = await run_in_threadpool(
+            service.infer, principal, model, version, body, header_length=header_length
+        )
+        media_type = headers.pop("content-type", "application/json")
+        return Response(content, media_type=media_type, headers=headers)
+
+    @router.post("/models/{model}/infer")
+    async def infer(request: Request, model: str) -> Response:
+        return await _infer(request, model, None)
+
+    @router.post("/models/{model}/versions/{version}/infer")
+    async def infer_version(request: Request, model: str, version: str) -> Response:
+        return await _infer(request, model, version)
+
+    return router
+
+
+def _header_length(request: Request) -> int | None:
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 12:
+        raise InvalidInput("invalid Inference-Header-Content-Length header")
+    return int(value)
