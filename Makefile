@@ -1,0 +1,38 @@
+# modelkeep: every target creates the virtual environment it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test test-unit lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run a server on a fresh demo data dir with a signed sample model; prints a working request.
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+## The whole test suite: unit and integration (needs PostgreSQL at 127.0.0.1:5432).
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/mypy
+
+## Throughput and latency of the full path against a bare ONNX Runtime endpoint.
+bench: $(STAMP)
+	$(BIN)/python bench/bench_infer.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
