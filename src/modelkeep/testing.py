@@ -1,0 +1,118 @@
+"""Helpers for tests, shipped with the package: tiny model builders and sample rows.
+
+The scikit-learn and skl2onnx imports stay inside the functions: they are test-only
+dependencies and importing this module must not need them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "build_custom_domain_onnx",
+    "build_external_data_onnx",
+    "build_iris_onnx",
+    "iris_rows",
+]
+
+# Pinned so the bytes do not change when a newer skl2onnx or onnx picks a newer default opset.
+_IRIS_OPSETS = {"": 17, "ai.onnx.ml": 3}
+
+
+def build_iris_onnx(*, seed: int = 0) -> bytes:
+    """A logistic-regression classifier trained on iris, as ONNX bytes, identical per seed.
+
+    Each seed trains on its own stratified 90% of the rows, so different seeds give different
+    bytes (distinct versions) and models that all classify iris well. Input ``input`` FP32
+    ``[-1, 4]``; outputs ``label`` INT64 ``[-1]`` and ``probabilities`` FP32 ``[-1, 3]``
+    (converted without ZipMap, so every output is a tensor).
+    """
+    import numpy as np
+    from skl2onnx import convert_sklearn  # type: ignore[import-untyped]
+    from skl2onnx.common.data_types import (  # type: ignore[import-untyped]
+        FloatTensorType,
+        Int64TensorType,
+    )
+    from sklearn.datasets import load_iris  # type: ignore[import-untyped]
+    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
+
+    iris = load_iris()
+    rng = np.random.default_rng(seed)
+    rows = np.sort(
+        np.concatenate(
+            [rng.choice(np.flatnonzero(iris.target == k), 45, replace=False) for k in range(3)]
+        )
+    )
+    classifier = LogisticRegression(max_iter=1000)
+    classifier.fit(iris.data[rows], iris.target[rows])
+    model: Any = convert_sklearn(
+        classifier,
+        name="iris",
+        initial_types=[("input", FloatTensorType([None, 4]))],
+        final_types=[
+            ("label", Int64TensorType([None])),
+            ("probabilities", FloatTensorType([None, 3])),
+        ],
+        options={id(classifier): {"zipmap": False}},
+        target_opset=_IRIS_OPSETS,
+    )
+    # Drop what varies between runs and installs but says nothing about the model; skl2onnx
+    # collects opset imports in a set, so their order follows the process's hash seed.
+    imports = sorted((opset.domain, opset.version) for opset in model.opset_import)
+    del model.opset_import[:]
+    for domain, version in imports:
+        model.opset_import.add(domain=domain, version=version)
+    model.producer_version = ""
+    model.doc_string = ""
+    model.graph.doc_string = ""
+    return bytes(model.SerializeToString(deterministic=True))
+
+
+def iris_rows(n: int = 5) -> list[list[float]]:
+    """``n`` real iris measurement rows, deterministic; from ``n = 4`` on all species appear.
+
+    Rows are taken with a stride coprime with 150, so the first 150 are the whole dataset,
+    each row once; larger ``n`` wraps around.
+    """
+    from sklearn.datasets import load_iris
+
+    data = load_iris().data
+    return [[float(value) for value in data[(i * 37) % len(data)]] for i in range(n)]
+
+
+def build_custom_domain_onnx() -> bytes:
+    """A tiny model whose only node is in the custom domain ``com.example`` (never runnable)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Secret", ["x"], ["y"], domain="com.example")],
+        "custom_domain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
+    )
+    return bytes(model.SerializeToString(deterministic=True))
+
+
+def build_external_data_onnx() -> bytes:
+    """A tiny ``y = x + w`` model whose initializer ``w`` claims to live in an external file."""
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.0])
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "weights.bin"), ("offset", "0"), ("length", "4")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "external_data",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return bytes(model.SerializeToString(deterministic=True))
