@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy import true as sa_true
 from sqlalchemy.engine import Dialect
 
 metadata = MetaData(
@@ -73,6 +75,8 @@ models = Table(
     Column("description", Text, nullable=False),
     Column("created_by", String(64), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # New models refuse unsigned pushes; an admin may turn it off per model (audited).
+    Column("require_signature", Boolean, nullable=False, server_default=sa_true()),
 )
 
 versions = Table(
@@ -90,7 +94,25 @@ versions = Table(
     Column("blob_key", String(128), nullable=False, unique=True),
     Column("wrapped_key", LargeBinary, nullable=False),
     Column("kek_id", String(64), nullable=False),
+    # The name the signed manifest uses for the artifact, the signer's key fingerprint, the
+    # signature bundle itself (checked again at every load), the scanner's report, and the
+    # types the scanner approved (skops).
+    Column("file_name", String(255), nullable=True),
+    Column("signer", String(80), nullable=True),
+    Column("bundle", LargeBinary, nullable=True),
+    Column("scan_report", Text, nullable=True),
+    Column("trusted_types", Text, nullable=True),
     UniqueConstraint("model_id", "number", name="uq_versions_model_number"),
+)
+
+publishers = Table(
+    "publishers",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("fingerprint", String(80), primary_key=True),
+    Column("pem", Text, nullable=False),
+    Column("added_by", String(64), nullable=False),
+    Column("added_at", UTCDateTime, nullable=False),
 )
 
 labels = Table(
