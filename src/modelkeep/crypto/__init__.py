@@ -14,20 +14,38 @@ from modelkeep.crypto.sealed import (
     sealed_size,
     unseal,
 )
+from modelkeep.crypto.signing import (
+    MAX_BUNDLE_SIZE,
+    SignatureError,
+    TrustedKey,
+    Verified,
+    generate_signing_key,
+    load_public_key,
+    sign_path,
+    verify_in_memory,
+)
 from modelkeep.crypto.tls import TLS_CIPHERS, create_tls_material, server_ssl_context
 
 __all__ = [
     "KEY_SIZE",
+    "MAX_BUNDLE_SIZE",
     "SEGMENT_SIZE",
     "TLS_CIPHERS",
     "InMemoryKeyService",
     "KeyService",
     "LocalKeyService",
+    "SignatureError",
+    "TrustedKey",
+    "Verified",
     "associated_data_for",
     "create_tls_material",
+    "generate_signing_key",
+    "load_public_key",
     "new_data_key",
     "seal",
     "sealed_size",
     "server_ssl_context",
+    "sign_path",
     "unseal",
+    "verify_in_memory",
 ]
