@@ -27,8 +27,8 @@ from rich.progress import (
 )
 from typer.core import TyperGroup
 
+from modelkeep.cli import _audit, _server, _sign
 from modelkeep.cli import _output as out
-from modelkeep.cli import _server
 from modelkeep.cli._client import (
     DEFAULT_URL,
     PUSH_READ_TIMEOUT_S,
@@ -441,3 +441,6 @@ def whoami(
 
 app.command(name="init", epilog=EPILOG, rich_help_panel="Server")(_server.init)
 app.command(name="serve", epilog=EPILOG, rich_help_panel="Server")(_server.serve)
+app.add_typer(_audit.audit_app, name="audit", rich_help_panel="Server")
+app.command(name="sign", epilog=EPILOG, rich_help_panel="Signing")(_sign.sign)
+app.command(name="keygen", epilog=EPILOG, rich_help_panel="Signing")(_sign.keygen)

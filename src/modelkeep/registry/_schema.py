@@ -94,9 +94,11 @@ versions = Table(
     Column("blob_key", String(128), nullable=False, unique=True),
     Column("wrapped_key", LargeBinary, nullable=False),
     Column("kek_id", String(64), nullable=False),
-    # The name the signed manifest uses for the artifact, the signer's key fingerprint, the
+    # Whether the blob is one file or a directory (a tar), the model file's name as the
+    # signed manifest records it, the signer's key fingerprint, the
     # signature bundle itself (checked again at every load), the scanner's report, and the
     # types the scanner approved (skops).
+    Column("layout", String(16), nullable=True),
     Column("file_name", String(255), nullable=True),
     Column("signer", String(80), nullable=True),
     Column("bundle", LargeBinary, nullable=True),
@@ -138,4 +140,33 @@ api_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=True),
     Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+# The tamper-evident audit log (modelkeep.audit). Rows are only ever appended: `seq` counts
+# 1, 2, 3... without gaps and each `hash` covers the row and the previous row's hash, so an edit,
+# a deletion or an insertion breaks the chain. `details` is canonical JSON text, hashed as stored.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time", UTCDateTime, nullable=False, index=True),
+    Column("actor", Text, nullable=False, index=True),
+    Column("action", String(64), nullable=False),
+    Column("target", Text, nullable=False, index=True),
+    Column("outcome", String(16), nullable=False),
+    Column("details", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# Signed statements "the chain head at `seq` had `head_hash`": they make truncating the tail of the
+# log, or rewriting it wholesale, detectable by anyone holding the public key.
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("head_hash", String(64), nullable=False),
+    Column("time", UTCDateTime, nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+    Column("key_id", String(64), nullable=False),
 )
