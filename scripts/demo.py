@@ -1,8 +1,9 @@
 """`make demo`: a modelkeep server on a fresh data dir, a sample model, and a working request.
 
 Trains a small scikit-learn classifier on the iris data set, converts it to ONNX, initializes
-`.demo/data`, starts `modelkeep serve`, pushes the model, creates a consumer key, prints a curl
-command and a Python snippet that work, and keeps serving until Ctrl-C.
+`.demo/data`, starts `modelkeep serve`, makes a publisher key, creates the model trusting that
+key, pushes the model signed, creates a consumer key, prints a curl command and a Python snippet
+that work, and keeps serving until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -76,8 +77,22 @@ def main() -> None:
     )
     try:
         wait_ready(ca, server)
-        print("4. modelkeep push iris iris.onnx, and label it production...")
-        pushed = json.loads(cli("push", "iris", str(model_path), "--json", token=admin, ca=ca))
+        print("4. A publisher key, a model that trusts it, a signed push, a production label...")
+        cli("keygen", "--out", str(DEMO / "publisher"))
+        cli("models", "create", "iris", "--description", "iris classifier", token=admin, ca=ca)
+        cli("publishers", "add", "iris", str(DEMO / "publisher.pub"), token=admin, ca=ca)
+        pushed = json.loads(
+            cli(
+                "push",
+                "iris",
+                str(model_path),
+                "--sign-key",
+                str(DEMO / "publisher.key"),
+                "--json",
+                token=admin,
+                ca=ca,
+            )
+        )
         cli("label", "set", "iris", "production", str(pushed["version"]), token=admin, ca=ca)
         print("5. modelkeep keys create --role consumer --model iris...")
         key = json.loads(

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from modelkeep.audit import KEY_FILE as AUDIT_KEY_FILE
+from modelkeep.audit import CheckpointSigner
 from modelkeep.auth.apikeys import KeyRecord, generate_api_key
 from modelkeep.crypto import LocalKeyService, create_tls_material
 from modelkeep.errors import ConfigError
@@ -44,6 +46,7 @@ def init_data_dir(data_dir: Path, database_url: str | None = None) -> InitResult
     try:
         os.chmod(staging, 0o700)
         LocalKeyService.create(staging / KEK_FILE)
+        CheckpointSigner.create(staging / AUDIT_KEY_FILE)
         create_tls_material(staging / TLS_DIR)
         (staging / BLOB_DIR).mkdir(mode=0o700)
         url = database_url or f"sqlite:///{staging / DB_FILE}"

@@ -22,16 +22,27 @@ with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class ModelkeepError(Exception):
     """Base of every modelkeep error. ``message`` is safe to show to any caller."""
 
     code = "internal"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        # Structured, showable context (e.g. a scan report); never internal state.
+        self.details = details
 
 
 class InvalidInput(ModelkeepError):

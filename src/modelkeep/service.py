@@ -8,30 +8,41 @@ change counter and swaps in a fresh snapshot, which bounds how long a revoked ke
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import re
 import threading
-from collections.abc import Callable
-from contextlib import suppress
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from modelkeep import __version__
-from modelkeep.auth import KeyRecord, Principal, authenticate, generate_api_key
+from modelkeep.audit import KEY_FILE as AUDIT_KEY_FILE
+from modelkeep.audit import AuditEvent, AuditLog, CheckpointSigner
+from modelkeep.auth import AuthFailure, KeyRecord, Principal, authenticate, generate_api_key
 from modelkeep.auth.principal import ROLES
 from modelkeep.bootstrap import BLOB_DIR, DB_FILE, KEK_FILE
 from modelkeep.crypto import KeyService, LocalKeyService
+from modelkeep.crypto.signing import TrustedKey, load_public_key, verify_in_memory
 from modelkeep.errors import (
     ConfigError,
+    Forbidden,
     IntegrityError,
     InvalidInput,
     ModelkeepError,
+    ModelRefused,
     NotFound,
     Unavailable,
 )
 from modelkeep.guard.tensors import decode_infer_request, encode_infer_response
 from modelkeep.policy import Action, Authorizer
 from modelkeep.registry.blobs import BlobStore, FileBlobStore
+from modelkeep.registry.intake import accept, unpack
 from modelkeep.registry.records import (
     ModelRecord,
     Snapshot,
@@ -40,13 +51,22 @@ from modelkeep.registry.records import (
     empty_snapshot,
 )
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import MetadataStore
-from modelkeep.runtime.onnx import OnnxModel, inspect_onnx
+from modelkeep.registry.store import MetadataStore, VersionDetails
+from modelkeep.runtime.base import LoadedModel
+from modelkeep.runtime.loader import load_model
 from modelkeep.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _MAX_DESCRIPTION = 1000
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+PLATFORMS = {
+    "onnx": "onnxruntime_onnx",
+    "skops": "sklearn",
+    "xgboost-json": "xgboost",
+    "xgboost-ubj": "xgboost",
+    "lightgbm-text": "lightgbm",
+}
 
 
 def _utcnow() -> datetime:
@@ -70,19 +90,22 @@ class Service:
         blobs: BlobStore,
         keys: KeyService,
         authorizer: Authorizer | None = None,
+        audit: AuditLog | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.audit = audit or AuditLog(store.engine, clock=clock)
         self.registry = Registry(store, blobs, keys, clock=clock)
         self.authorizer = authorizer or Authorizer()
         self._clock = clock
         self._snapshot: Snapshot = empty_snapshot()
         self._refresh_lock = threading.Lock()
-        self._sessions: dict[tuple[str, int], OnnxModel] = {}
+        self._sessions: dict[tuple[str, int], LoadedModel] = {}
         self._failed: dict[tuple[str, int], ModelkeepError] = {}
         self._load_locks: dict[tuple[str, int], threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self._last_forced_refresh = 0.0
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -101,6 +124,7 @@ class Service:
             store=store,
             blobs=FileBlobStore(data_dir / BLOB_DIR),
             keys=LocalKeyService.load(data_dir / KEK_FILE),
+            audit=AuditLog(store.engine, signer=CheckpointSigner.load(data_dir / AUDIT_KEY_FILE)),
         )
         service.refresh()
         return service
@@ -118,10 +142,19 @@ class Service:
                 return False
             self._snapshot = self.store.snapshot()
             self.authorizer.clear_cache()
+            # Publishers or settings may have changed: failed loads get another chance.
+            self._failed.clear()
             return True
 
     def start(self) -> None:
         """Start the per-worker poller that refreshes the snapshot and warms default versions."""
+        self.record(
+            "server",
+            "server.start",
+            "server",
+            "success",
+            {"pid": os.getpid(), "version": __version__, "settings_sha256": self.settings_digest()},
+        )
         self._stop.clear()
         self._poller = threading.Thread(target=self._poll, name="modelkeep-refresh", daemon=True)
         self._poller.start()
@@ -130,11 +163,70 @@ class Service:
         self._stop.set()
         if self._poller is not None:
             self._poller.join(timeout=5)
+            with suppress(ModelkeepError):
+                self.record("server", "server.stop", "server", "success", {"pid": os.getpid()})
+                self.audit.checkpoint()
         self.store.close()
+
+    def settings_digest(self) -> str:
+        """SHA-256 of the effective settings, without the database URL (it may hold a secret)."""
+        shown = self.settings.model_dump(mode="json", exclude={"database_url"})
+        shown["database"] = "postgresql" if self.settings.database_url else "sqlite"
+        return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()
+
+    # -- audit ---------------------------------------------------------------------------
+
+    def record(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: str,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Append to the audit log; durable on return (admin and security events)."""
+        self.audit.append(AuditEvent(actor, action, target, outcome, details or {}))
+
+    @contextmanager
+    def _audited(
+        self, principal: Principal, action: str, target: str, details: dict[str, Any]
+    ) -> Iterator[dict[str, Any]]:
+        """Record the outcome of a management action, success or refusal, before answering.
+
+        The body may add to ``details`` (e.g. the version a push got).
+        """
+        try:
+            yield details
+        except Forbidden:
+            self.record(principal.key_id, action, target, "denied", details)
+            raise
+        except ModelkeepError as exc:
+            self.record(
+                principal.key_id, action, target, "failure", {**details, "error": exc.message}
+            )
+            raise
+        self.record(principal.key_id, action, target, "success", details)
+
+    def record_auth_failure(self, failure: AuthFailure, source: str | None) -> None:
+        """Audit a refused credential (security event; durable before the 401 is sent)."""
+        self.record(
+            "anonymous",
+            "auth.failure",
+            "server",
+            "denied",
+            {"reason": failure.reason, "source": source},
+        )
 
     def _poll(self) -> None:
         self._warm()
+        last_checkpoint = time.monotonic()
         while not self._stop.wait(self.settings.refresh_interval_s):
+            if time.monotonic() - last_checkpoint >= self.settings.audit_checkpoint_interval_s:
+                last_checkpoint = time.monotonic()
+                try:
+                    self.audit.checkpoint()
+                except ModelkeepError as exc:
+                    log.error("audit checkpoint failed: %s", exc.message)
             try:
                 if self.refresh():
                     self._warm()
@@ -158,7 +250,18 @@ class Service:
     # -- identity ------------------------------------------------------------------------
 
     def authenticate(self, authorization: str | None) -> Principal:
-        return authenticate(authorization, self._snapshot.keys, now=self._clock())
+        try:
+            return authenticate(authorization, self._snapshot.keys, now=self._clock())
+        except AuthFailure as exc:
+            # A key created on another worker moments ago: look once more, at most every
+            # 100 ms per worker so that floods of bad keys cannot turn into database load.
+            now = time.monotonic()
+            if exc.reason != "invalid" or now - self._last_forced_refresh < 0.1:
+                raise
+            self._last_forced_refresh = now
+            if not self.refresh():
+                raise
+            return authenticate(authorization, self._snapshot.keys, now=self._clock())
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -186,7 +289,7 @@ class Service:
             raise NotFound(f"model '{record.name}' has no version {number}")
         return found
 
-    def _session(self, version: VersionRecord) -> OnnxModel:
+    def _session(self, version: VersionRecord) -> LoadedModel:
         key = (version.model, version.number)
         session = self._sessions.get(key)
         if session is not None:
@@ -201,9 +304,7 @@ class Service:
             if failed is not None:
                 raise failed
             try:
-                # Verified at every load: unwrap, decrypt, digest, then the runtime.
-                plaintext = self.registry.open_version(version)
-                session = OnnxModel.load(plaintext, threads=self.settings.runtime_threads)
+                session = self._load(version)
             except IntegrityError as exc:
                 self._failed[key] = Unavailable(exc.message)
                 raise self._failed[key] from exc
@@ -215,6 +316,40 @@ class Service:
                 raise self._failed[key] from exc
             self._sessions[key] = session
             return session
+
+    def _load(self, version: VersionRecord) -> LoadedModel:
+        """Load a version, verifying it as if it had just been pushed."""
+        where = f"model '{version.model}' version {version.number}"
+        # 1. Unwrap the data key, decrypt, and check the plaintext digest (registry).
+        plaintext = self.registry.open_version(version)
+        files = unpack(plaintext, version.file_name, is_directory=version.layout == "directory")
+        # 2. The signature, against the model's trusted publishers as they are now: a row or
+        #    blob changed behind the server's back does not verify.
+        model = self._snapshot.models.get(version.model)
+        if version.bundle is not None:
+            try:
+                verified = verify_in_memory(files, version.bundle, self._trusted(model))
+            except ModelRefused as exc:
+                log.error("%s: signature verification failed at load", where)
+                raise IntegrityError(f"{where} failed signature verification at load") from exc
+            if verified.signer != version.signer:
+                raise IntegrityError(f"{where} is signed by a key other than the one recorded")
+        elif model is None or model.require_signature:
+            log.error("%s: no signature, but the model requires one", where)
+            raise IntegrityError(f"{where} has no signature but its model requires one")
+        # 3. Only now the runtime sees the bytes, trusting only the types the scan approved.
+        return load_model(
+            version.format,
+            files[version.file_name],
+            threads=self.settings.runtime_threads,
+            trusted_types=version.trusted_types,
+        )
+
+    @staticmethod
+    def _trusted(model: ModelRecord | None) -> list[TrustedKey]:
+        if model is None:
+            return []
+        return [load_public_key(pem) for pem in model.publishers.values()]
 
     # -- Open Inference Protocol -------------------------------------------------------------
 
@@ -231,7 +366,7 @@ class Service:
         return {
             "name": record.name,
             "versions": [str(n) for n in sorted(record.versions)],
-            "platform": "onnxruntime_onnx",
+            "platform": PLATFORMS.get(found.format, found.format),
             "inputs": signature["inputs"],
             "outputs": signature["outputs"],
         }
@@ -274,35 +409,125 @@ class Service:
         )
 
     # -- management ----------------------------------------------------------------------
+    # Management calls refresh first: each worker's snapshot may lag other workers' writes
+    # by up to refresh_interval_s, and a write must build on every acknowledged write. It
+    # costs one indexed read; the inference path never does it.
 
     def authorize_push(self, principal: Principal, model: str) -> None:
         """Refuse early, before an upload is read, a caller who may not push to ``model``."""
         self.authorizer.check(principal, Action.MODEL_PUSH, model)
 
     def push(
-        self, principal: Principal, model: str, data: bytes, *, description: str = ""
+        self,
+        principal: Principal,
+        model: str,
+        data: bytes,
+        *,
+        file_name: str,
+        is_directory: bool = False,
+        bundle: bytes | None = None,
     ) -> VersionRecord:
-        """Check, seal, store and record a new version; all or nothing."""
-        self.authorizer.check(principal, Action.MODEL_PUSH, model)
-        check_name("model", model)
-        if len(description) > _MAX_DESCRIPTION:
-            raise InvalidInput(f"description is longer than {_MAX_DESCRIPTION} characters")
-        if not data:
-            raise InvalidInput("the upload is empty")
-        # The runtime's own view of the model is its signature; refusals explain themselves.
-        signature = inspect_onnx(data)
-        number = self.registry.add_version(
-            model,
-            data,
-            fmt="onnx",
-            signature=signature,
-            uploaded_by=principal.key_id,
-            description=description,
-        )
+        """Verify, scan, seal, store and record a new version; all or nothing, audited."""
+        self.refresh()
+        details: dict[str, Any] = {"size": len(data), "signed": bundle is not None}
+        with self._audited(principal, "model.push", _target(model), details):
+            record = self._model(principal, Action.MODEL_PUSH, model)
+            if _FILE_NAME.fullmatch(file_name) is None:
+                raise InvalidInput("invalid file name: use letters, digits, '.', '_', '+', '-'")
+            if not data:
+                raise InvalidInput("the upload is empty")
+            files = unpack(data, file_name, is_directory=is_directory)
+            try:
+                accepted = accept(
+                    files,
+                    bundle=bundle,
+                    trusted=self._trusted(record),
+                    require_signature=record.require_signature,
+                    model=model,
+                )
+            except ModelRefused as exc:
+                report = (exc.details or {}).get("report")
+                if isinstance(report, dict):
+                    details["scan"] = report.get("verdict")
+                raise
+            details.update(
+                sha256=hashlib.sha256(data).hexdigest(),
+                format=accepted.format,
+                signer=accepted.signer,
+                scan=accepted.report.verdict.value,
+            )
+            if accepted.signer is None:
+                details["unsafe_unsigned"] = True
+            version = VersionDetails(
+                format=accepted.format,
+                signature=accepted.signature,
+                layout="directory" if is_directory else "file",
+                file_name=accepted.model_file,
+                signer=accepted.signer,
+                bundle=bundle,
+                scan_report=json.dumps(accepted.report.to_json(), sort_keys=True),
+                trusted_types=accepted.trusted_types,
+            )
+            number = self.registry.add_version(model, data, version, uploaded_by=principal.key_id)
+            details["version"] = number
         self.refresh()
         return self._snapshot.models[model].versions[number]
 
+    def put_model(
+        self,
+        principal: Principal,
+        model: str,
+        *,
+        description: str | None = None,
+        require_signature: bool | None = None,
+    ) -> tuple[ModelRecord, bool]:
+        """Create a model or change its settings; returns the model and whether it was created."""
+        self.refresh()
+        details: dict[str, Any] = {}
+        if require_signature is not None:
+            details["require_signature"] = require_signature
+        with self._audited(principal, "model.configure", _target(model), details):
+            self.authorizer.check(principal, Action.MODEL_CONFIGURE, model)
+            check_name("model", model)
+            if description is not None and len(description) > _MAX_DESCRIPTION:
+                raise InvalidInput(f"description is longer than {_MAX_DESCRIPTION} characters")
+            if require_signature is False:
+                log.warning("unsafe: signatures no longer required for model %s", model)
+            created = self.store.put_model(
+                model,
+                actor=principal.key_id,
+                now=self._clock(),
+                description=description,
+                require_signature=require_signature,
+            )
+            details["created"] = created
+        self.refresh()
+        return self._snapshot.models[model], created
+
+    def add_publisher(self, principal: Principal, model: str, pem: str) -> TrustedKey:
+        """Trust a publisher's public key (EC P-256/P-384) for ``model``."""
+        self.refresh()
+        details: dict[str, Any] = {}
+        with self._audited(principal, "publisher.add", _target(model), details):
+            self._model(principal, Action.MODEL_CONFIGURE, model)
+            key = load_public_key(pem)
+            details["fingerprint"] = key.fingerprint
+            self.store.add_publisher(
+                model, key.fingerprint, key.pem, actor=principal.key_id, now=self._clock()
+            )
+        self.refresh()
+        return key
+
+    def remove_publisher(self, principal: Principal, model: str, fingerprint: str) -> None:
+        self.refresh()
+        details = {"fingerprint": fingerprint[:80]}
+        with self._audited(principal, "publisher.remove", _target(model), details):
+            self._model(principal, Action.MODEL_CONFIGURE, model)
+            self.store.remove_publisher(model, fingerprint)
+        self.refresh()
+
     def list_models(self, principal: Principal) -> list[ModelRecord]:
+        self.refresh()
         self.authorizer.check(principal, Action.SERVER_READ)
         return [
             m
@@ -311,21 +536,31 @@ class Service:
         ]
 
     def get_model(self, principal: Principal, model: str) -> ModelRecord:
+        self.refresh()
         return self._model(principal, Action.MODEL_READ, model)
 
     def get_version(self, principal: Principal, model: str, version: str) -> VersionRecord:
+        self.refresh()
         return self._version(self._model(principal, Action.MODEL_READ, model), version)
 
     def set_label(self, principal: Principal, model: str, label: str, version: int) -> None:
-        self._model(principal, Action.LABEL_SET, model)
-        check_name("label", label)
-        self.store.set_label(model, label, version, actor=principal.key_id, now=self._clock())
+        self.refresh()
+        details: dict[str, Any] = {"label": label[:63], "version": version}
+        with self._audited(principal, "label.set", _target(model), details):
+            self._model(principal, Action.LABEL_SET, model)
+            check_name("label", label)
+            previous = self._snapshot.models[model].labels.get(label)
+            details["previous"] = previous
+            self.store.set_label(model, label, version, actor=principal.key_id, now=self._clock())
         self.refresh()
 
     def delete_label(self, principal: Principal, model: str, label: str) -> None:
-        self._model(principal, Action.LABEL_DELETE, model)
-        check_name("label", label)
-        self.store.delete_label(model, label)
+        self.refresh()
+        details: dict[str, Any] = {"label": label[:63]}
+        with self._audited(principal, "label.delete", _target(model), details):
+            self._model(principal, Action.LABEL_DELETE, model)
+            check_name("label", label)
+            self.store.delete_label(model, label)
         self.refresh()
 
     def create_key(
@@ -337,7 +572,22 @@ class Service:
         expires_at: datetime | None,
         description: str = "",
     ) -> CreatedKey:
-        self.authorizer.check(principal, Action.KEY_CREATE)
+        details: dict[str, Any] = {"role": role[:32]}
+        with self._audited(principal, "key.create", "server", details):
+            self.authorizer.check(principal, Action.KEY_CREATE)
+            record, token = self._new_key(role, models, expires_at, description)
+            details.update(
+                key=record.key_id,
+                models=None if models is None else sorted(models),
+                expires_at=None if expires_at is None else expires_at.isoformat(),
+            )
+            self.store.create_key(record, created_by=principal.key_id)
+        self.refresh()
+        return CreatedKey(record=record, token=token)
+
+    def _new_key(
+        self, role: str, models: list[str] | None, expires_at: datetime | None, description: str
+    ) -> tuple[KeyRecord, str]:
         if role not in ROLES:
             raise InvalidInput(f"unknown role; use one of: {', '.join(ROLES)}")
         if role == "admin" and models is not None:
@@ -366,17 +616,19 @@ class Service:
             expires_at=expires_at,
             revoked_at=None,
         )
-        self.store.create_key(record, created_by=principal.key_id)
-        self.refresh()
-        return CreatedKey(record=record, token=new.token)
+        return record, new.token
 
     def list_keys(self, principal: Principal) -> list[KeyRecord]:
+        self.refresh()
         self.authorizer.check(principal, Action.KEY_LIST)
         return sorted(self._snapshot.keys.values(), key=lambda k: (k.created_at, k.key_id))
 
     def revoke_key(self, principal: Principal, key_id: str) -> KeyRecord:
-        self.authorizer.check(principal, Action.KEY_REVOKE)
-        self.store.revoke_key(key_id, now=self._clock())
+        self.refresh()
+        target = f"key:{key_id[:32]}"
+        with self._audited(principal, "key.revoke", target, {}):
+            self.authorizer.check(principal, Action.KEY_REVOKE)
+            self.store.revoke_key(key_id, now=self._clock())
         self.refresh()
         found = self._snapshot.keys.get(key_id)
         if found is None:
@@ -388,6 +640,10 @@ class Service:
         if found is None:
             raise NotFound("no such API key")
         return found
+
+
+def _target(model: str) -> str:
+    return f"model:{model}" if _safe(model) else "model:?"
 
 
 def _safe(name: str) -> bool:

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_tensor_elements: int = Field(default=16_000_000, ge=1)
     # How often each worker looks for changes (keys, labels, versions); bounds revocation delay.
     refresh_interval_s: float = Field(default=0.25, gt=0, le=5)
+    # How often each worker signs the audit chain's head (also at shutdown).
+    audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
     # Threads per ONNX Runtime session; 0 lets ONNX Runtime decide.
     runtime_threads: int = Field(default=1, ge=0, le=256)
 

@@ -28,13 +28,13 @@ def build_iris_onnx(*, seed: int = 0) -> bytes:
     (converted without ZipMap, so every output is a tensor).
     """
     import numpy as np
-    from skl2onnx import convert_sklearn  # type: ignore[import-untyped]
-    from skl2onnx.common.data_types import (  # type: ignore[import-untyped]
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import (
         FloatTensorType,
         Int64TensorType,
     )
-    from sklearn.datasets import load_iris  # type: ignore[import-untyped]
-    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
 
     iris = load_iris()
     rng = np.random.default_rng(seed)

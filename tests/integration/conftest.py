@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import os
 import signal
@@ -9,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -143,12 +146,65 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         srv.stop()
 
 
-def push(server: Server, model: str, data: bytes, token: str | None = None) -> httpx.Response:
+@functools.cache
+def publisher_key() -> tuple[Path, str]:
+    """One EC P-256 publisher key for the test session: (private key path, public PEM)."""
+    from modelkeep.crypto.signing import generate_signing_key
+
+    folder = Path(tempfile.mkdtemp(prefix="mk-publisher-"))
+    trusted = generate_signing_key(folder / "publisher.key", folder / "publisher.pub")
+    return folder / "publisher.key", trusted.pem
+
+
+def sign_bytes(data: bytes, file_name: str = "model.onnx", key: Path | None = None) -> bytes:
+    """A model-signing bundle for ``data`` as the file ``file_name``, made client-side."""
+    from modelkeep.crypto.signing import sign_path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / file_name
+        path.write_bytes(data)
+        sign_path(path, key or publisher_key()[0], Path(folder) / "bundle.sig")
+        return (Path(folder) / "bundle.sig").read_bytes()
+
+
+def ensure_model(server: Server, model: str, *, publisher_pem: str | None = None) -> None:
+    """Create ``model`` (idempotent) and trust the session's publisher key for it."""
+    with server.client(server.admin_key) as c:
+        r = c.put(f"/api/v1/models/{model}", json={})
+        assert r.status_code in (200, 201), r.text
+        r = c.post(
+            f"/api/v1/models/{model}/publishers",
+            json={"public_key": publisher_pem or publisher_key()[1]},
+        )
+        assert r.status_code == 201, r.text
+
+
+def push(
+    server: Server,
+    model: str,
+    data: bytes,
+    token: str | None = None,
+    *,
+    signed: bool = True,
+    file_name: str = "model.onnx",
+    setup: bool = True,
+) -> httpx.Response:
+    """Push ``data`` as a new version, signed by the session's publisher key.
+
+    With ``setup`` the admin first creates the model and trusts that key (idempotent), so
+    the status reflects the push itself.
+    """
+    if setup:
+        ensure_model(server, model)
+    headers = {"Content-Type": "application/octet-stream"}
+    if signed:
+        headers["Modelkeep-Signature"] = base64.b64encode(sign_bytes(data, file_name)).decode()
     with server.client(token or server.admin_key) as c:
         return c.post(
             f"/api/v1/models/{model}/versions",
+            params={"filename": file_name},
             content=data,
-            headers={"Content-Type": "application/octet-stream"},
+            headers=headers,
         )
 
 

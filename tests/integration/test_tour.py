@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Server, create_key, init_server, push, run_cli
+from conftest import Server, create_key, init_server, publisher_key, push, run_cli
 from modelkeep.testing import build_iris_onnx, iris_rows
 
 pytestmark = pytest.mark.integration
@@ -238,7 +238,15 @@ def test_cli_tour(iris_server: Server, iris_onnx: bytes, tmp_path: Path) -> None
     model = tmp_path / "m.onnx"
     model.write_bytes(iris_onnx)
     env = iris_server.cli_env()
-    pushed = json.loads(run_cli("push", "clitour", str(model), "--json", env=env).stdout)
+    key_file, _ = publisher_key()
+    run_cli("models", "create", "clitour", "--description", "tour", env=env)
+    run_cli("publishers", "add", "clitour", str(key_file.with_suffix(".pub")), env=env)
+    pushed = json.loads(
+        run_cli(
+            "push", "clitour", str(model), "--sign-key", str(key_file), "--json", env=env
+        ).stdout
+    )
+    assert pushed["signer"].startswith("sha256:")
     assert (pushed["model"], pushed["version"]) == ("clitour", 1)
     run_cli("label", "set", "clitour", "production", "1", env=env)
     models = json.loads(run_cli("models", "ls", "--json", env=env).stdout)

@@ -6,11 +6,12 @@ key. Decisions about what the caller may do stay in the service (Cedar).
 
 from __future__ import annotations
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modelkeep.auth import Principal
-from modelkeep.errors import Unauthenticated
+from modelkeep.auth import AuthFailure, Principal
+from modelkeep.errors import ModelkeepError, Unauthenticated
 from modelkeep.service import Service
 
 from ._errors import modelkeep_error_response
@@ -34,7 +35,15 @@ class AuthenticationMiddleware:
                 break
         try:
             principal = self.service.authenticate(authorization)
-        except Unauthenticated as exc:
+        except AuthFailure as exc:
+            client = scope.get("client")
+            source = client[0] if client else None
+            # A security event: durable in the audit log before the 401 leaves.
+            try:
+                await run_in_threadpool(self.service.record_auth_failure, exc, source)
+            except ModelkeepError as audit_error:
+                await modelkeep_error_response(audit_error)(scope, receive, send)
+                return
             await modelkeep_error_response(exc)(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal

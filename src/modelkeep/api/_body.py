@@ -6,22 +6,24 @@ from starlette.requests import Request
 
 from modelkeep.errors import InvalidInput, TooLarge
 
-
-def _limit_message(limit: int) -> str:
-    return f"request body is larger than the limit of {limit} bytes"
+from ._limits import limit_message
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with TooLarge as soon as it passes ``limit`` bytes."""
+    """The whole body, refused with TooLarge as soon as it passes ``limit`` bytes.
+
+    BodyLimitMiddleware enforces the same limit for every route; this check keeps the
+    handler correct on its own.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise InvalidInput("invalid Content-Length header")
         if int(declared) > limit:
-            raise TooLarge(_limit_message(limit))
+            raise TooLarge(limit_message(limit))
     buf = bytearray()
     async for chunk in request.stream():
         buf += chunk
         if len(buf) > limit:
-            raise TooLarge(_limit_message(limit))
+            raise TooLarge(limit_message(limit))
     return bytes(buf)

@@ -35,8 +35,16 @@ STATUS_BY_CODE: dict[str, int] = {
 }
 
 
-def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def error_response(
+    status: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    details: Mapping[str, object] | None = None,
+) -> Response:
+    body: dict[str, object] = {"error": message}
+    if details:
+        body.update({k: v for k, v in details.items() if k != "error"})
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def modelkeep_error_response(exc: ModelkeepError) -> Response:
@@ -46,12 +54,9 @@ def modelkeep_error_response(exc: ModelkeepError) -> Response:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="modelkeep"'
-    message = (
-        exc.message
-        if status < 500 or exc.code in ("unavailable", "integrity")
-        else ("internal error")
-    )
-    return error_response(status, message, headers)
+    shown = status < 500 or exc.code in ("unavailable", "integrity")
+    message = exc.message if shown else "internal error"
+    return error_response(status, message, headers, exc.details if status < 500 else None)
 
 
 def _validation_message(exc: RequestValidationError) -> str:

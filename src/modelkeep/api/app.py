@@ -13,6 +13,7 @@ from modelkeep.settings import Settings
 
 from ._auth import AuthenticationMiddleware
 from ._errors import install_error_handlers
+from ._limits import BodyLimitMiddleware
 from .management import management_router
 from .v2 import v2_router
 
@@ -42,6 +43,13 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     install_error_handlers(app)
     app.include_router(v2_router(service))
     app.include_router(management_router(service))
+    # The last added runs first: authentication, then the body limit, so a caller without
+    # a valid key never gets a byte of its body read.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_request_bytes=service.settings.max_request_bytes,
+        max_upload_bytes=service.settings.max_upload_bytes,
+    )
     app.add_middleware(AuthenticationMiddleware, service=service)
     return app
 

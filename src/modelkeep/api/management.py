@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from modelkeep.auth import KeyRecord
+from modelkeep.errors import InvalidInput
 from modelkeep.registry.records import ModelRecord, VersionRecord
 from modelkeep.service import Service
 
@@ -38,6 +41,9 @@ class VersionOut(BaseModel):
     signature: SignatureOut
     uploaded_by: str
     created_at: datetime
+    layout: str = Field(description="`file`, or `directory` for a pushed directory")
+    file_name: str = Field(description="The served file, as the signature's manifest names it")
+    signer: str | None = Field(description="Fingerprint of the publisher key that signed it")
 
 
 class VersionList(BaseModel):
@@ -51,6 +57,31 @@ class ModelOut(BaseModel):
     created_at: datetime
     latest_version: int | None
     labels: dict[str, int]
+    require_signature: bool = Field(
+        description="False means unsigned pushes are accepted (unsafe; set by an admin)"
+    )
+    publishers: list[str] = Field(description="Fingerprints of the trusted publisher keys")
+
+
+class ModelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str | None = Field(default=None, max_length=1000)
+    require_signature: bool | None = None
+
+
+class PublisherIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    public_key: str = Field(max_length=10_000, description="PEM EC P-256 or P-384 public key")
+
+
+class PublisherOut(BaseModel):
+    model: str
+    fingerprint: str
+    public_key: str
+
+
+class PublisherList(BaseModel):
+    publishers: list[PublisherOut]
 
 
 class ModelList(BaseModel):
@@ -59,7 +90,7 @@ class ModelList(BaseModel):
 
 class LabelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1, le=2**31 - 1)
+    version: int = Field(ge=1, le=2**31 - 1, strict=True)
 
 
 class LabelOut(BaseModel):
@@ -105,6 +136,9 @@ def version_out(v: VersionRecord) -> VersionOut:
         signature=SignatureOut.model_validate(sig),
         uploaded_by=v.uploaded_by,
         created_at=v.created_at,
+        layout=v.layout,
+        file_name=v.file_name,
+        signer=v.signer,
     )
 
 
@@ -116,6 +150,8 @@ def model_out(m: ModelRecord) -> ModelOut:
         created_at=m.created_at,
         latest_version=m.latest_version,
         labels=dict(m.labels),
+        require_signature=m.require_signature,
+        publishers=sorted(m.publishers),
     )
 
 
@@ -129,6 +165,23 @@ def key_out(k: KeyRecord) -> dict[str, Any]:
         "expires_at": k.expires_at,
         "revoked_at": k.revoked_at,
     }
+
+
+SIGNATURE_HEADER = "modelkeep-signature"
+# A key-signed bundle for one file is a few KiB; directories with many files grow it.
+MAX_BUNDLE_HEADER = 64 * 1024
+
+
+def _bundle(request: Request) -> bytes | None:
+    value = request.headers.get(SIGNATURE_HEADER)
+    if value is None:
+        return None
+    if len(value) > MAX_BUNDLE_HEADER:
+        raise InvalidInput("the Modelkeep-Signature header is too large")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput("the Modelkeep-Signature header is not valid base64") from exc
 
 
 def management_router(service: Service) -> APIRouter:
@@ -146,16 +199,69 @@ def management_router(service: Service) -> APIRouter:
             }
         },
     )
-    async def push(request: Request, model: str, description: str = "") -> VersionOut:
-        """Push a new version: the raw model file as the body, streamed, size-capped."""
+    async def push(
+        request: Request,
+        model: str,
+        filename: str = Query(default="model", max_length=255),
+        layout: Literal["file", "directory"] = "file",
+    ) -> VersionOut:
+        """Push a new version: the raw model file (or a tar of a directory) as the body,
+        streamed and size-capped; the signature bundle, base64, in the Modelkeep-Signature
+        header."""
         principal = principal_of(request)
         # Authorize before reading a possibly huge body.
         service.authorize_push(principal, model)
+        bundle = _bundle(request)
         data = await read_body(request, max_upload)
         record = await run_in_threadpool(
-            service.push, principal, model, data, description=description
+            lambda: service.push(
+                principal,
+                model,
+                data,
+                file_name=filename,
+                is_directory=layout == "directory",
+                bundle=bundle,
+            )
         )
         return version_out(record)
+
+    @router.put("/models/{model}", response_model=ModelOut)
+    async def put_model(request: Request, model: str, body: ModelIn) -> Response:
+        """Create a model, or change its description or signature requirement (admin)."""
+        record, created = await run_in_threadpool(
+            lambda: service.put_model(
+                principal_of(request),
+                model,
+                description=body.description,
+                require_signature=body.require_signature,
+            )
+        )
+        return JSONResponse(
+            model_out(record).model_dump(mode="json"), status_code=201 if created else 200
+        )
+
+    @router.get("/models/{model}/publishers", response_model=PublisherList)
+    async def list_publishers(request: Request, model: str) -> PublisherList:
+        record = service.get_model(principal_of(request), model)
+        return PublisherList(
+            publishers=[
+                PublisherOut(model=model, fingerprint=fp, public_key=pem)
+                for fp, pem in sorted(record.publishers.items())
+            ]
+        )
+
+    @router.post("/models/{model}/publishers", status_code=201, response_model=PublisherOut)
+    async def add_publisher(request: Request, model: str, body: PublisherIn) -> PublisherOut:
+        """Trust a publisher key for this model (admin)."""
+        key = await run_in_threadpool(
+            service.add_publisher, principal_of(request), model, body.public_key
+        )
+        return PublisherOut(model=model, fingerprint=key.fingerprint, public_key=key.pem)
+
+    @router.delete("/models/{model}/publishers/{fingerprint}", status_code=204)
+    async def remove_publisher(request: Request, model: str, fingerprint: str) -> Response:
+        await run_in_threadpool(service.remove_publisher, principal_of(request), model, fingerprint)
+        return Response(status_code=204)
 
     @router.get("/models", response_model=ModelList)
     async def list_models(request: Request) -> ModelList:

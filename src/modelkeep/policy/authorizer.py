@@ -44,6 +44,8 @@ class Action(StrEnum):
     MODEL_PUSH = "model.push"
     LABEL_SET = "label.set"
     LABEL_DELETE = "label.delete"
+    # Create a model, change its settings (signature requirement) and trusted publishers.
+    MODEL_CONFIGURE = "model.configure"
     KEY_CREATE = "key.create"
     KEY_LIST = "key.list"
     KEY_REVOKE = "key.revoke"
@@ -57,6 +59,7 @@ MODEL_ACTIONS: Final[frozenset[Action]] = frozenset(
         Action.MODEL_PUSH,
         Action.LABEL_SET,
         Action.LABEL_DELETE,
+        Action.MODEL_CONFIGURE,
     }
 )
 

@@ -39,6 +39,12 @@ class VersionRecord:
     blob_key: str
     wrapped_key: bytes = field(repr=False)
     kek_id: str
+    layout: str = "file"  # "file", or "directory" when the blob is a tar of the signed files
+    file_name: str = "model"  # the served file's name, as the signed manifest records it
+    signer: str | None = None  # fingerprint of the publisher key that signed it; None if unsigned
+    bundle: bytes | None = field(default=None, repr=False)
+    scan_report: str | None = field(default=None, repr=False)  # JSON
+    trusted_types: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +57,10 @@ class ModelRecord:
     created_at: datetime
     versions: MappingProxyType[int, VersionRecord]
     labels: MappingProxyType[str, int]
+    require_signature: bool = True
+    publishers: MappingProxyType[str, str] = field(
+        default_factory=lambda: MappingProxyType({})
+    )  # fingerprint -> PEM public key
 
     @property
     def latest_version(self) -> int | None:

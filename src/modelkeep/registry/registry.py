@@ -18,8 +18,7 @@ from modelkeep.crypto import KeyService, associated_data_for, new_data_key, seal
 from modelkeep.errors import Conflict, IntegrityError
 from modelkeep.registry.blobs import BlobStore, new_blob_key
 from modelkeep.registry.records import VersionRecord, check_name
-from modelkeep.registry.store import MetadataStore, NewVersion, VersionTaken
-from modelkeep.runtime.signature import ModelSignature
+from modelkeep.registry.store import MetadataStore, NewVersion, VersionDetails, VersionTaken
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +56,13 @@ class Registry:
         self,
         model: str,
         plaintext: bytes,
+        details: VersionDetails,
         *,
-        fmt: str,
-        signature: ModelSignature,
         uploaded_by: str,
-        description: str = "",
     ) -> int:
         """Seal ``plaintext`` as the next version of ``model`` and record it; returns its number.
 
-        The caller has already checked that the artifact is acceptable.
+        The caller has already checked that the artifact is acceptable; the model must exist.
         """
         check_name("model", model)
         digest = hashlib.sha256(plaintext).hexdigest()
@@ -87,15 +84,13 @@ class Registry:
                         number=number,
                         sha256=digest,
                         size=len(plaintext),
-                        format=fmt,
-                        signature=signature,
                         uploaded_by=uploaded_by,
                         created_at=self._clock(),
                         blob_key=blob_key,
                         wrapped_key=wrapped,
                         kek_id=self.keys.key_id,
-                    ),
-                    description=description,
+                        details=details,
+                    )
                 )
             except VersionTaken:
                 self.blobs.delete(blob_key)

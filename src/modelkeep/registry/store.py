@@ -33,6 +33,20 @@ class VersionTaken(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class VersionDetails:
+    """What the push checks established about an artifact."""
+
+    format: str
+    signature: ModelSignature
+    layout: str = "file"
+    file_name: str = "model"
+    signer: str | None = None
+    bundle: bytes | None = None
+    scan_report: str | None = None
+    trusted_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class NewVersion:
     """What a push records once its sealed blob is durably stored."""
 
@@ -40,13 +54,12 @@ class NewVersion:
     number: int
     sha256: str
     size: int
-    format: str
-    signature: ModelSignature
     uploaded_by: str
     created_at: datetime
     blob_key: str
     wrapped_key: bytes
     kek_id: str
+    details: VersionDetails
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -130,6 +143,7 @@ class MetadataStore:
                 )
             ).all()
             key_rows = conn.execute(sa.select(t.api_keys)).all()
+            publisher_rows = conn.execute(sa.select(t.publishers)).all()
         names = {row.id: row.name for row in model_rows}
         by_model: dict[int, dict[int, VersionRecord]] = {row.id: {} for row in model_rows}
         for row in version_rows:
@@ -137,6 +151,9 @@ class MetadataStore:
         label_map: dict[int, dict[str, int]] = {row.id: {} for row in model_rows}
         for row in label_rows:
             label_map[row.model_id][row.name] = row.number
+        publishers: dict[int, dict[str, str]] = {row.id: {} for row in model_rows}
+        for row in publisher_rows:
+            publishers[row.model_id][row.fingerprint] = row.pem
         models = {
             row.name: ModelRecord(
                 name=row.name,
@@ -145,6 +162,8 @@ class MetadataStore:
                 created_at=row.created_at,
                 versions=MappingProxyType(by_model[row.id]),
                 labels=MappingProxyType(label_map[row.id]),
+                require_signature=bool(row.require_signature),
+                publishers=MappingProxyType(publishers[row.id]),
             )
             for row in model_rows
         }
@@ -167,45 +186,108 @@ class MetadataStore:
 
     # -- writes --------------------------------------------------------------------------
 
-    def add_version(self, new: NewVersion, *, description: str) -> None:
-        """Record a version whose sealed blob is already stored, creating the model if needed.
+    def put_model(
+        self,
+        name: str,
+        *,
+        actor: str,
+        now: datetime,
+        description: str | None = None,
+        require_signature: bool | None = None,
+    ) -> bool:
+        """Create a model, or change the given settings of an existing one; True if created."""
+        with self._write() as conn:
+            model_id = conn.execute(
+                sa.select(t.models.c.id).where(t.models.c.name == name)
+            ).scalar()
+            if model_id is None:
+                conn.execute(
+                    sa.insert(t.models).values(
+                        name=name,
+                        description=description or "",
+                        created_by=actor,
+                        created_at=now,
+                        require_signature=True if require_signature is None else require_signature,
+                    )
+                )
+                return True
+            values: dict[str, Any] = {}
+            if description is not None:
+                values["description"] = description
+            if require_signature is not None:
+                values["require_signature"] = require_signature
+            if values:
+                conn.execute(sa.update(t.models).where(t.models.c.id == model_id).values(**values))
+            return False
+
+    def add_publisher(
+        self, model: str, fingerprint: str, pem: str, *, actor: str, now: datetime
+    ) -> None:
+        """Trust a publisher key for ``model`` (idempotent)."""
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            exists = conn.execute(
+                sa.select(t.publishers.c.fingerprint).where(
+                    t.publishers.c.model_id == model_id,
+                    t.publishers.c.fingerprint == fingerprint,
+                )
+            ).scalar()
+            if exists is None:
+                conn.execute(
+                    sa.insert(t.publishers).values(
+                        model_id=model_id,
+                        fingerprint=fingerprint,
+                        pem=pem,
+                        added_by=actor,
+                        added_at=now,
+                    )
+                )
+
+    def remove_publisher(self, model: str, fingerprint: str) -> None:
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            deleted = conn.execute(
+                sa.delete(t.publishers).where(
+                    t.publishers.c.model_id == model_id,
+                    t.publishers.c.fingerprint == fingerprint,
+                )
+            ).rowcount
+            if not deleted:
+                raise NotFound(f"model '{model}' does not trust that publisher key")
+
+    def add_version(self, new: NewVersion) -> None:
+        """Record a version whose sealed blob is already stored; the model must exist.
 
         Raises VersionTaken when another push got ``new.number`` first: the blob was sealed with
         that number in its associated data, so the caller must seal again with the next one.
         """
         with self._write() as conn:
-            model_id = conn.execute(
-                sa.select(t.models.c.id).where(t.models.c.name == new.model)
-            ).scalar()
-            if model_id is None:
-                model_id = conn.execute(
-                    sa.insert(t.models)
-                    .values(
-                        name=new.model,
-                        description=description,
-                        created_by=new.uploaded_by,
-                        created_at=new.created_at,
-                    )
-                    .returning(t.models.c.id)
-                ).scalar_one()
+            model_id = self._model_id(conn, new.model)
             current = conn.execute(
                 sa.select(sa.func.max(t.versions.c.number)).where(t.versions.c.model_id == model_id)
             ).scalar()
             if int(current or 0) + 1 != new.number:
                 raise VersionTaken
+            d = new.details
             conn.execute(
                 sa.insert(t.versions).values(
                     model_id=model_id,
                     number=new.number,
                     sha256=new.sha256,
                     size=new.size,
-                    format=new.format,
-                    signature=json.dumps(new.signature.to_json()),
+                    format=d.format,
+                    signature=json.dumps(d.signature.to_json()),
                     uploaded_by=new.uploaded_by,
                     created_at=new.created_at,
                     blob_key=new.blob_key,
                     wrapped_key=new.wrapped_key,
                     kek_id=new.kek_id,
+                    layout=d.layout,
+                    file_name=d.file_name,
+                    signer=d.signer,
+                    bundle=d.bundle,
+                    scan_report=d.scan_report,
+                    trusted_types=json.dumps(list(d.trusted_types)),
                 )
             )
 
@@ -296,6 +378,12 @@ def _version_record(model: str, row: Any) -> VersionRecord:
         blob_key=row.blob_key,
         wrapped_key=bytes(row.wrapped_key),
         kek_id=row.kek_id,
+        layout=row.layout or "file",
+        file_name=row.file_name or "model",
+        signer=row.signer,
+        bundle=None if row.bundle is None else bytes(row.bundle),
+        scan_report=row.scan_report,
+        trusted_types=tuple(json.loads(row.trusted_types)) if row.trusted_types else (),
     )
 
 

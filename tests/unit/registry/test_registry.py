@@ -14,7 +14,7 @@ from modelkeep.crypto import InMemoryKeyService
 from modelkeep.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from modelkeep.registry.blobs import FileBlobStore
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import MetadataStore
+from modelkeep.registry.store import MetadataStore, VersionDetails
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 
 SIG = ModelSignature(
@@ -39,7 +39,9 @@ def registry(store: MetadataStore, tmp_path: Path) -> Registry:
 
 
 def push(registry: Registry, model: str, data: bytes) -> int:
-    return registry.add_version(model, data, fmt="onnx", signature=SIG, uploaded_by="k1")
+    if model not in registry.store.snapshot().models:
+        registry.store.put_model(model, actor="k1", now=NOW)
+    return registry.add_version(model, data, VersionDetails("onnx", SIG), uploaded_by="k1")
 
 
 def test_versions_are_numbered_from_one_and_recorded_with_digest(registry: Registry) -> None:
@@ -138,9 +140,67 @@ def test_unreferenced_blob_is_invisible_and_collected(registry: Registry) -> Non
 
 def test_failed_commit_leaves_no_version_and_no_blob(registry: Registry) -> None:
     with pytest.raises(InvalidInput):
-        push(registry, "Bad Name!", b"x")
+        registry.add_version("Bad Name!", b"x", VersionDetails("onnx", SIG), uploaded_by="k1")
+    # The model does not exist: the commit fails after the blob was written.
+    with pytest.raises(NotFound):
+        registry.add_version("ghost", b"x", VersionDetails("onnx", SIG), uploaded_by="k1")
     assert registry.store.snapshot().models == {}
     assert list(registry.blobs.keys()) == []
+
+
+def test_version_details_round_trip(registry: Registry) -> None:
+    registry.store.put_model("signed", actor="k1", now=NOW, description="d")
+    details = VersionDetails(
+        format="skops",
+        signature=SIG,
+        layout="directory",
+        file_name="model.skops",
+        signer="sha256:abcd",
+        bundle=b"{bundle}",
+        scan_report='{"verdict": "safe"}',
+        trusted_types=("sklearn.linear_model.LogisticRegression",),
+    )
+    registry.add_version("signed", b"payload", details, uploaded_by="k1")
+    v = registry.store.snapshot().models["signed"].versions[1]
+    assert (
+        v.format,
+        v.layout,
+        v.file_name,
+        v.signer,
+        v.bundle,
+        v.scan_report,
+        v.trusted_types,
+    ) == (
+        "skops",
+        "directory",
+        "model.skops",
+        "sha256:abcd",
+        b"{bundle}",
+        '{"verdict": "safe"}',
+        ("sklearn.linear_model.LogisticRegression",),
+    )
+
+
+def test_models_settings_and_publishers(store: MetadataStore) -> None:
+    assert store.put_model("m", actor="admin", now=NOW, description="first") is True
+    m = store.snapshot().models["m"]
+    assert (m.description, m.require_signature, dict(m.publishers)) == ("first", True, {})
+    assert store.put_model("m", actor="admin", now=NOW, require_signature=False) is False
+    m = store.snapshot().models["m"]
+    assert (m.description, m.require_signature) == ("first", False)
+    store.add_publisher("m", "sha256:aa", "PEM-A", actor="admin", now=NOW)
+    store.add_publisher("m", "sha256:aa", "PEM-A", actor="admin", now=NOW)  # idempotent
+    store.add_publisher("m", "sha256:bb", "PEM-B", actor="admin", now=NOW)
+    assert dict(store.snapshot().models["m"].publishers) == {
+        "sha256:aa": "PEM-A",
+        "sha256:bb": "PEM-B",
+    }
+    store.remove_publisher("m", "sha256:aa")
+    assert dict(store.snapshot().models["m"].publishers) == {"sha256:bb": "PEM-B"}
+    with pytest.raises(NotFound):
+        store.remove_publisher("m", "sha256:aa")
+    with pytest.raises(NotFound):
+        store.add_publisher("nope", "sha256:aa", "PEM", actor="admin", now=NOW)
 
 
 def test_labels_point_at_versions(store: MetadataStore, registry: Registry) -> None:

@@ -24,6 +24,7 @@ def upgrade() -> None:
             sa.Column("require_signature", sa.Boolean, nullable=False, server_default=sa.true())
         )
     with op.batch_alter_table("versions") as batch:
+        batch.add_column(sa.Column("layout", sa.String(16), nullable=True))
         batch.add_column(sa.Column("file_name", sa.String(255), nullable=True))
         batch.add_column(sa.Column("signer", sa.String(80), nullable=True))
         batch.add_column(sa.Column("bundle", sa.LargeBinary, nullable=True))
@@ -47,7 +48,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("publishers")
     with op.batch_alter_table("versions") as batch:
-        for column in ("trusted_types", "scan_report", "bundle", "signer", "file_name"):
+        for column in ("trusted_types", "scan_report", "bundle", "signer", "file_name", "layout"):
             batch.drop_column(column)
     with op.batch_alter_table("models") as batch:
         batch.drop_column("require_signature")
