@@ -1,0 +1,121 @@
+"""``modelkeep scan PATH``: the malicious-model scanner on the command line, offline.
+
+Its exit code is a contract scripts rely on, so it is the verdict's code and nothing else:
+0 safe, 1 malicious, 2 unsafe-format, 3 error. Every other failure (no such path, an unreadable
+file, a malformed command line) also exits 3 with one ``error:`` line on stderr, so that no
+failure can be mistaken for a verdict that lets a model through.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+import typer
+from typer.core import TyperCommand
+
+from modelkeep.cli import _output as out
+from modelkeep.cli._params import JsonOption
+from modelkeep.errors import ModelkeepError
+from modelkeep.scanning import EXIT_CODES, ScanReport, Verdict, scan_path
+
+__all__ = ["EPILOG", "ScanCommand", "scan"]
+
+#: Any failure that is not a verdict: the same code as ``error``, which is refused too.
+EXIT_SCAN_FAILED = EXIT_CODES[Verdict.ERROR]
+
+EPILOG = (
+    "Exit codes:\n\n"
+    "0  safe: modelkeep would load it\n"
+    "1  malicious: code execution on load, a path escaping its directory, or a resource bomb\n"
+    "2  unsafe-format: a format that can run code when loaded (pickle...), nothing malicious "
+    "found; refused by default\n"
+    "3  error: cannot be identified or parsed, or the path cannot be read; refused"
+)
+
+_MEANING = {
+    Verdict.SAFE: "modelkeep would load it",
+    Verdict.MALICIOUS: "do not load this file",
+    Verdict.UNSAFE_FORMAT: "this format can run code when loaded; refused by default",
+    Verdict.ERROR: "it could not be fully analysed; refused",
+}
+_SEVERITY_ORDER = ("critical", "high", "medium", "low", "info")
+# typer ships its own copy of click; its UsageError (exit 2) is the base of BadParameter.
+_UsageError = cast(type[Exception], typer.BadParameter.__base__)
+
+
+class ScanCommand(TyperCommand):
+    """A command whose malformed command line exits 3, not click's 2 (which means a verdict)."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: Any = None,
+        **extra: Any,
+    ) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _UsageError as exc:
+            message = getattr(exc, "format_message", lambda: "malformed command line")()
+            out.error_line(f"{message} (usage: modelkeep scan PATH [--json])")
+            raise typer.Exit(EXIT_SCAN_FAILED) from None
+
+
+def scan(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="PATH",
+            help="A model file, or a directory (every file in it is scanned).",
+            show_default=False,
+        ),
+    ],
+    json_output: JsonOption = False,
+) -> None:
+    """Check a model file or directory for malicious content, without loading it.
+
+    The format is identified by content, not by name. Pickle-based files (joblib, PyTorch,
+    NumPy object arrays) are analysed opcode by opcode; archives are opened with limits.
+
+    Example: modelkeep scan model.pt --json
+    """
+    try:
+        report = scan_path(path)
+    except ModelkeepError as exc:
+        out.error_line(f"{path}: {exc.message}")
+        raise typer.Exit(EXIT_SCAN_FAILED) from None
+    if json_output:
+        out.print_json(report.to_json())
+    else:
+        for line in describe(report):
+            out.say(line)
+    raise typer.Exit(report.exit_code)
+
+
+def describe(report: ScanReport, width: int = 100) -> list[str]:
+    """The report as lines for people: verdict first, then each finding, worst first."""
+    lines = [
+        f"verdict: {report.verdict.value} ({_MEANING[report.verdict]})",
+        f"format:  {out.clean(report.format)}",
+        f"files:   {len(report.files)} analysed",
+    ]
+    if report.trusted_types:
+        lines.append(f"trusted: {out.clean(', '.join(report.trusted_types))}")
+    findings = sorted(report.findings, key=lambda f: _SEVERITY_ORDER.index(f.severity.value))
+    if findings:
+        lines.append("")
+    for finding in findings:
+        lines.append(f"{finding.severity.value.upper():<9} {out.clean(finding.location)}")
+        lines.extend(
+            textwrap.wrap(
+                out.clean(finding.message),
+                width=width,
+                initial_indent=" " * 10,
+                subsequent_indent=" " * 10,
+            )
+        )
+    lines.append("")
+    lines.append(f"exit code {report.exit_code}")
+    return lines

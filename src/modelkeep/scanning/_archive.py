@@ -1,0 +1,382 @@
+"""Archives: the checks every archive gets, the member walk, and the tar and 7z readers.
+
+Each member name is checked before anything is read: absolute names and ``..`` climb out of
+the extraction directory (zip slip), links can point anywhere, devices and fifos have no place
+in a model, and two members with the same name are extracted differently by different tools.
+Then every member is scanned by its content, at one more level of nesting. ONNX members go
+first, so that the files they name as external data are known to be data, not models.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any, cast
+
+from modelkeep.scanning._context import RATIO_FLOOR, Buffer, MemoryReader, Scan, Sibling, join, show
+from modelkeep.scanning.detect import detect_format
+
+__all__ = [
+    "ArchiveSiblings",
+    "Member",
+    "check_members",
+    "scan_7z",
+    "scan_members",
+    "scan_tar",
+    "unsafe_name",
+]
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_PEEK = 64 * 1024
+
+
+@dataclass
+class Member:
+    """One archive member. ``kind``: file, dir, symlink, hardlink or special. ``read(keep)``
+    returns the content (``keep=False``: read and verify only, return b""), or None after
+    reporting why it could not."""
+
+    name: str
+    size: int
+    kind: str
+    read: Callable[[bool], bytes | None]
+    link: str = ""
+    peek: Callable[[], bytes] | None = None
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why extracting a member called ``name`` would write outside its directory, or None."""
+    if "\x00" in name:
+        return "contains a NUL byte (tools disagree on where the name ends)"
+    unified = name.replace("\\", "/")
+    if unified.startswith("/") or _DRIVE.match(unified):
+        return "is an absolute path"
+    if ".." in unified.split("/"):
+        return "climbs out of the archive with '..' (zip slip)"
+    return None
+
+
+def _normal(name: str) -> str:
+    return posixpath.normpath(name.replace("\\", "/")).lstrip("/")
+
+
+def _link_escapes(name: str, target: str) -> bool:
+    unified = target.replace("\\", "/")
+    if unified.startswith("/") or _DRIVE.match(unified):
+        return True
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(_normal(name)), unified))
+    return resolved == ".." or resolved.startswith("../")
+
+
+def check_members(scan: Scan, members: list[Member], location: str) -> bool:
+    """Names, duplicates, links and special files; False when extraction would be unsafe."""
+    safe = True
+    seen: set[str] = set()
+    links: set[str] = set()
+    for member in members:
+        where = join(location, member.name)
+        problem = unsafe_name(member.name)
+        if problem is not None:
+            scan.critical(
+                where,
+                f"the member name {problem}: extracting it writes outside the "
+                "target directory; do not unpack this archive",
+            )
+            safe = False
+            continue
+        normal = _normal(member.name)
+        if member.kind != "dir":
+            if normal in seen:
+                scan.critical(
+                    where,
+                    "two members have this name: tools disagree on which one "
+                    "is extracted, a way to show a scanner one file and load another",
+                )
+                safe = False
+            seen.add(normal)
+        if member.kind in ("symlink", "hardlink"):
+            links.add(normal)
+            target = show(member.link, 200)
+            if _link_escapes(member.name, member.link):
+                scan.critical(
+                    where,
+                    f"a {member.kind} to {target}, outside the archive: "
+                    "extracting it exposes or overwrites files elsewhere",
+                )
+                safe = False
+            else:
+                scan.medium(
+                    where,
+                    f"a {member.kind} to {target}: loaders may follow it; "
+                    "store the file itself instead of a link",
+                )
+        elif member.kind == "special":
+            scan.critical(
+                where,
+                "a device, fifo or socket: no model needs one, and "
+                "extracting it can hang or reach hardware",
+            )
+            safe = False
+    for member in members:
+        parts = _normal(member.name).split("/")
+        for end in range(1, len(parts)):
+            if "/".join(parts[:end]) in links:
+                scan.critical(
+                    join(location, member.name),
+                    "this member is written through a "
+                    "link: extracting it writes wherever the link points",
+                )
+                safe = False
+                break
+    return safe
+
+
+@dataclass
+class ArchiveSiblings:
+    """The members of one archive, as ``Siblings`` for references such as ONNX external data."""
+
+    members: dict[str, Member]
+    data: set[str] = field(default_factory=set)
+
+    def lookup(self, base: str, reference: str) -> Sibling:
+        name = _normal(posixpath.join(posixpath.dirname(_normal(base)), reference))
+        member = self.members.get(name)
+        if member is None:
+            return Sibling("missing")
+        kind = {"file": "file", "symlink": "symlink", "hardlink": "hardlink"}.get(
+            member.kind, "special"
+        )
+        return Sibling(kind, member.size)
+
+    def mark_data(self, base: str, reference: str) -> None:
+        self.data.add(_normal(posixpath.join(posixpath.dirname(_normal(base)), reference)))
+
+
+def scan_members(
+    scan: Scan,
+    members: list[Member],
+    location: str,
+    depth: int,
+    skip: Callable[[Member], bool] | None = None,
+) -> None:
+    """Scan every regular member by content (ONNX first, then the rest), one level deeper."""
+    files = [m for m in members if m.kind == "file" and (skip is None or not skip(m))]
+    siblings = ArchiveSiblings({_normal(m.name): m for m in members if m.kind != "dir"})
+    first: list[Member] = []
+    rest: list[Member] = []
+    for member in files:
+        head = member.peek() if member.peek is not None else member.read(True)
+        (first if head is not None and detect_format(head[:_PEEK]) == "onnx" else rest).append(
+            member
+        )
+    for member in first + rest:
+        if _normal(member.name) in siblings.data:
+            scan.record_file(join(location, member.name))
+            continue  # raw tensor data an ONNX member reads; checked by that member's scan
+        content = member.read(True)
+        where = join(location, member.name)
+        scan.record_file(where)
+        if content is not None:
+            scan.nested(content, where, depth + 1, siblings, _normal(member.name))
+
+
+# -- tar --------------------------------------------------------------------------------------
+
+
+def scan_tar(scan: Scan, data: Buffer, location: str, depth: int) -> str:
+    """Check a tar archive's members and scan each one by content."""
+    view = memoryview(data)
+    members: list[Member] = []
+    try:
+        archive = tarfile.open(fileobj=MemoryReader(view), mode="r:")  # noqa: SIM115
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        scan.high(location, f"not a readable tar archive ({type(exc).__name__})")
+        return "tar"
+    total = 0
+    with archive:
+        try:
+            while (info := archive.next()) is not None:
+                if len(members) >= scan.limits.max_members:
+                    scan.critical(
+                        location,
+                        f"more than {scan.limits.max_members} members "
+                        "(max_members): an archive bomb",
+                    )
+                    return "tar"
+                total += info.size
+                members.append(_tar_member(scan, archive, info, location))
+        except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+            scan.high(
+                location,
+                f"the tar archive is corrupt after {len(members)} members "
+                f"({type(exc).__name__}); the rest was not analysed",
+            )
+        end = archive.offset
+        # Tar stores members as they are: they cannot hold more than the archive itself.
+        if total > len(view):
+            scan.high(
+                location,
+                f"the members declare {total} bytes but the archive holds {len(view)}: "
+                "truncated or corrupt",
+            )
+            return "tar"
+        if any(view[end:]):
+            scan.high(
+                f"{location} @ byte {end}",
+                f"{len(view) - end} bytes after the end of "
+                "the archive are not zero padding: hidden data that was not analysed",
+            )
+        if check_members(scan, members, location):
+            scan_members(scan, members, location, depth)
+    return "tar"
+
+
+def _tar_member(
+    scan: Scan, archive: tarfile.TarFile, info: tarfile.TarInfo, location: str
+) -> Member:
+    if info.isreg():
+        kind = "file"
+    elif info.isdir():
+        kind = "dir"
+    elif info.issym():
+        kind = "symlink"
+    elif info.islnk():
+        kind = "hardlink"
+    else:
+        kind = "special"
+
+    def read(keep: bool) -> bytes | None:
+        try:
+            handle = archive.extractfile(info)
+            return handle.read() if handle is not None and keep else b""
+        except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+            scan.high(join(location, info.name), f"cannot read this member ({type(exc).__name__})")
+            return None
+
+    def peek() -> bytes:
+        try:
+            handle = archive.extractfile(info)
+            return handle.read(_PEEK) if handle is not None else b""
+        except (tarfile.TarError, OSError, ValueError, EOFError):
+            return b""  # reported when the member is read in full
+
+    return Member(info.name, info.size, kind, read, link=info.linkname, peek=peek)
+
+
+# -- 7z ---------------------------------------------------------------------------------------
+
+
+def scan_7z(scan: Scan, data: Buffer, location: str, depth: int) -> str:
+    """Check a 7z archive's listing, unpack it into memory within the budget, scan each member."""
+    import py7zr
+    from py7zr.io import Py7zIO, WriterFactory
+
+    cap = scan.limits.max_total_bytes - scan.unpacked
+
+    class _Capped(Py7zIO):
+        def __init__(self, counter: list[int]) -> None:
+            self.buffer = bytearray()
+            self.counter = counter
+
+        def write(self, s: bytes | bytearray) -> int:
+            self.counter[0] += len(s)
+            if self.counter[0] > cap:
+                raise _SevenZipBomb
+            self.buffer += s
+            return len(s)
+
+        def read(self, size: int | None = None) -> bytes:
+            return b""
+
+        def seek(self, offset: int, whence: int = 0) -> int:
+            return 0
+
+        def flush(self) -> None:
+            return None
+
+        def size(self) -> int:
+            return len(self.buffer)
+
+    class _Factory(WriterFactory):
+        def __init__(self) -> None:
+            self.products: dict[str, _Capped] = {}
+            self.counter = [0]
+
+        def create(self, filename: str) -> Py7zIO:
+            product = _Capped(self.counter)
+            self.products[filename] = product
+            return product
+
+    try:
+        with py7zr.SevenZipFile(cast(IO[bytes], MemoryReader(data)), "r") as archive:
+            if archive.needs_password():
+                scan.high(location, "the 7z archive is encrypted; it cannot be analysed")
+                return "7z"
+            listing: list[Any] = list(archive.list())
+            if len(listing) > scan.limits.max_members:
+                scan.critical(
+                    location,
+                    f"more than {scan.limits.max_members} members (max_members): an archive bomb",
+                )
+                return "7z"
+            declared = sum(int(entry.uncompressed or 0) for entry in listing)
+            if declared > cap:
+                scan.critical(
+                    location,
+                    f"the members declare {declared} bytes, past max_total_bytes: an archive bomb",
+                )
+                return "7z"
+            if declared > RATIO_FLOOR and declared > scan.limits.max_ratio * max(1, len(data)):
+                scan.critical(
+                    location,
+                    f"the archive expands more than "
+                    f"{scan.limits.max_ratio} times (max_ratio): a decompression bomb",
+                )
+                return "7z"
+            # Names and links are judged from the listing, before anything is unpacked.
+            factory = _Factory()
+            if not check_members(scan, [_7z_member(e, {}) for e in listing], location):
+                return "7z"
+            regular = [e.filename for e in listing if e.is_file and not e.is_symlink]
+            if regular:
+                archive.extract(targets=regular, factory=factory)
+    except _SevenZipBomb:
+        scan.critical(
+            location,
+            "the 7z archive unpacks to more than it declares, past "
+            "max_total_bytes: a decompression bomb",
+        )
+        return "7z"
+    except Exception as exc:  # py7zr raises its own errors, CrcError, lzma and zlib errors...
+        scan.high(location, f"the 7z archive is corrupt or unsupported ({type(exc).__name__})")
+        return "7z"
+    if not scan.charge(factory.counter[0], location):
+        return "7z"
+    members = [_7z_member(entry, factory.products) for entry in listing]
+    scan_members(scan, members, location, depth)
+    return "7z"
+
+
+class _SevenZipBomb(Exception):
+    pass
+
+
+def _7z_member(entry: Any, products: dict[str, Any]) -> Member:
+    name = str(entry.filename)
+    if entry.is_symlink:
+        kind = "symlink"
+    elif entry.is_directory:
+        kind = "dir"
+    else:
+        kind = "file"
+    content = bytes(products[name].buffer) if name in products else b""
+
+    def read(keep: bool) -> bytes | None:
+        return content if keep else b""
+
+    # py7zr does not hand out a symlink's target without writing it to disk; treat the
+    # target as unknown and therefore escaping.
+    return Member(name, len(content), kind, read, link="/unknown" if kind == "symlink" else "")

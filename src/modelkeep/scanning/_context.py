@@ -1,0 +1,251 @@
+"""The state one scan carries through every format scanner, and small shared helpers.
+
+A :class:`Scan` holds the limits, the findings so far, the files analysed, the unpack budget
+and the way back to the dispatcher, so that an archive scanner can hand a member to whatever
+scanner its content calls for without importing them all (the dispatcher injects itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from modelkeep.scanning.report import Finding, ScanLimits, ScanReport, Severity
+
+__all__ = [
+    "RATIO_FLOOR",
+    "Buffer",
+    "MemoryReader",
+    "Scan",
+    "Sibling",
+    "Siblings",
+    "join",
+    "show",
+]
+
+Buffer = bytes | bytearray | memoryview
+
+#: Below this many bytes of output a compression ratio is not judged: a small, very
+#: compressible file (a config full of zeros) is not a bomb.
+RATIO_FLOOR = 1 << 20
+
+# Past this many findings in one report, further ones are counted, not listed.
+_MAX_FINDINGS = 200
+
+
+def show(text: object, limit: int = 120) -> str:
+    """``text`` as one printable line of at most ``limit`` characters, for locations and messages.
+
+    Names inside a file belong to whoever made it: control characters are escaped so that a
+    member called ``"a\\n[OK] safe"`` cannot forge a line of the report.
+    """
+    value = str(text)
+    if not value.isprintable():
+        value = "".join(
+            ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in value
+        )
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def join(location: str, member: str) -> str:
+    """The location of ``member`` inside the container at ``location``."""
+    return f"{location} > {show(member, 200)}"
+
+
+@dataclass(frozen=True)
+class Sibling:
+    """What a reference from one file to another in the same directory or archive points at.
+
+    ``kind`` is ``file`` (a regular file of ``size`` bytes), ``symlink``, ``hardlink`` (a
+    regular file with other names too), ``special`` (device, fifo, directory) or ``missing``.
+    """
+
+    kind: str
+    size: int = 0
+
+
+class Siblings(Protocol):
+    """The other files next to the one being scanned (a directory or an archive's members)."""
+
+    def lookup(self, base: str, reference: str) -> Sibling:
+        """The file ``reference`` (relative, no ``..``) names from the directory of ``base``."""
+        ...
+
+    def mark_data(self, base: str, reference: str) -> None:
+        """``reference`` is raw data read by ``base`` (ONNX external data): not a model itself."""
+        ...
+
+
+Dispatch = Callable[["Scan", Buffer, str, int, "Siblings | None", str], str]
+
+
+class Scan:
+    """One scan in progress. Not thread safe; one per call of ``scan_bytes``/``scan_path``."""
+
+    def __init__(self, limits: ScanLimits, dispatch: Dispatch) -> None:
+        self.limits = limits
+        self._dispatch = dispatch
+        self._findings: list[Finding] = []
+        self._seen: set[Finding] = set()
+        self._omitted: dict[Severity, int] = {}
+        self._files: list[str] = []
+        self._trusted_types: list[str] = []
+        self.unpacked = 0
+
+    # -- findings ---------------------------------------------------------------------------
+
+    def add(self, severity: Severity, location: str, message: str) -> None:
+        """Record a finding; identical ones are kept once, and past a cap they are counted."""
+        finding = Finding(severity, location, message)
+        if finding in self._seen:
+            return
+        self._seen.add(finding)
+        if len(self._findings) >= _MAX_FINDINGS:
+            self._omitted[severity] = self._omitted.get(severity, 0) + 1
+            return
+        self._findings.append(finding)
+
+    def critical(self, location: str, message: str) -> None:
+        self.add(Severity.CRITICAL, location, message)
+
+    def high(self, location: str, message: str) -> None:
+        self.add(Severity.HIGH, location, message)
+
+    def medium(self, location: str, message: str) -> None:
+        self.add(Severity.MEDIUM, location, message)
+
+    def info(self, location: str, message: str) -> None:
+        self.add(Severity.INFO, location, message)
+
+    @property
+    def finding_count(self) -> int:
+        """How many findings were recorded so far (listed or not)."""
+        return len(self._findings) + sum(self._omitted.values())
+
+    def worst(self) -> Severity | None:
+        """The most severe finding so far (omitted ones included)."""
+        severities = [f.severity for f in self._findings] + list(self._omitted)
+        order = list(Severity)
+        return max(severities, key=order.index, default=None)
+
+    # -- files, types, budget ---------------------------------------------------------------
+
+    def record_file(self, location: str) -> None:
+        self._files.append(location)
+
+    def approve_types(self, types: Iterable[str]) -> None:
+        """Types the skops scan approved beyond skops' defaults (see ``ScanReport``)."""
+        for name in types:
+            if name not in self._trusted_types:
+                self._trusted_types.append(name)
+
+    def charge(self, nbytes: int, location: str) -> bool:
+        """Count ``nbytes`` against ``max_total_bytes``; False (and a finding) past it."""
+        if self.unpacked + nbytes > self.limits.max_total_bytes:
+            self.critical(
+                location,
+                f"unpacking this would bring the total past {self.limits.max_total_bytes} bytes "
+                "(max_total_bytes): a decompression bomb, or a model too big to scan; "
+                "store the files uncompressed",
+            )
+            return False
+        self.unpacked += nbytes
+        return True
+
+    # -- recursion --------------------------------------------------------------------------
+
+    def nested(
+        self,
+        data: Buffer,
+        location: str,
+        depth: int,
+        siblings: Siblings | None = None,
+        base: str = "",
+    ) -> str:
+        """Scan ``data`` found inside another file at nesting ``depth``; returns its format.
+
+        ``base`` is the member's name relative to ``siblings`` (for references such as ONNX
+        external data). Nesting deeper than ``max_depth`` is a finding and is not opened.
+        """
+        if depth > self.limits.max_depth:
+            self.critical(
+                location,
+                f"containers nested more than {self.limits.max_depth} levels deep (max_depth): "
+                "a recursive bomb or a zip quine; do not unpack this file",
+            )
+            return "unknown"
+        return self._dispatch(self, data, location, depth, siblings, base)
+
+    def report(self, fmt: str) -> ScanReport:
+        findings = list(self._findings)
+        if self._omitted:
+            order = list(Severity)
+            worst = max(self._omitted, key=order.index)
+            count = sum(self._omitted.values())
+            findings.append(
+                Finding(
+                    worst,
+                    "(report)",
+                    f"{count} more findings are not listed (at most "
+                    f"{_MAX_FINDINGS} are); the worst of them is {worst.value}",
+                )
+            )
+        return ScanReport.from_findings(fmt, findings, self._files, self._trusted_types)
+
+
+class MemoryReader(io.RawIOBase):
+    """A read-only, seekable file over a buffer, without copying it (zipfile, tarfile, h5py)."""
+
+    def __init__(self, data: Buffer) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        target = memoryview(buffer).cast("B")
+        count = max(0, min(len(target), len(self._view) - self._pos))
+        target[:count] = self._view[self._pos : self._pos + count]
+        self._pos += count
+        return count
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = (
+            len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        )
+        start = min(self._pos, end)
+        self._pos = max(self._pos, end)
+        return bytes(self._view[start:end])
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            position = offset
+        elif whence == io.SEEK_CUR:
+            position = self._pos + offset
+        elif whence == io.SEEK_END:
+            position = len(self._view) + offset
+        else:
+            raise ValueError("invalid whence")
+        if position < 0:
+            raise ValueError("negative seek position")
+        self._pos = position
+        return position
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # a slice is alive; the view goes with it
+            self._view.release()
+        super().close()

@@ -1,0 +1,206 @@
+"""Pickle files and the formats built on them: plain and multi-stream pickles, joblib, legacy
+PyTorch checkpoints and NumPy ``.npy`` files.
+
+Every pickle stream in a file is analysed, not only the first: a loader such as
+``torch.load`` reads several in a row, and a benign first stream followed by a malicious one is
+a known way past scanners. Bytes after the last stream that are not a pickle are reported, as
+nothing can be said about what they hold. Even a file whose pickles only use allowlisted,
+harmless constructors is ``unsafe-format``: pickle runs code on load by design, so modelkeep
+refuses it and says how to convert it.
+"""
+
+from __future__ import annotations
+
+import ast
+import struct
+from typing import Any
+
+import numpy as np
+
+from modelkeep.scanning._context import Buffer, MemoryReader, Scan
+from modelkeep.scanning._pickle_policy import TORCH_STORAGE_SIZES
+from modelkeep.scanning._pickle_vm import StorageRef, StreamResult, run_stream
+
+__all__ = ["UNSAFE_PICKLE", "scan_numpy", "scan_pickle", "scan_torch_pickle"]
+
+#: The finding every pickle-based file gets, malicious or not.
+UNSAFE_PICKLE = (
+    "this is a pickle-based format: loading it can run arbitrary code, so modelkeep refuses it "
+    "even when no malicious content is found. Convert it: scikit-learn models to skops "
+    "(skops.io.dump) or ONNX (skl2onnx); PyTorch weights to safetensors "
+    "(safetensors.torch.save_file) or ONNX (torch.onnx.export); NumPy arrays to .npy/.npz "
+    "without object arrays, or safetensors"
+)
+
+_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+_PICKLE_STARTS = frozenset(b"\x80(]})NIJKLMFGSTUVXBCPcghj\x8c\x95")
+_MAX_NPY_HEADER = 10_000  # numpy.load refuses longer headers by default
+
+
+def scan_pickle(scan: Scan, data: Buffer, location: str, depth: int) -> str:
+    """Analyse every pickle stream in ``data``; returns ``pickle``, ``joblib`` or
+    ``pytorch-legacy``."""
+    scan.medium(location, UNSAFE_PICKLE)
+    reader = MemoryReader(data)
+    first = run_stream(scan, reader, location, depth)
+    if first.complete and type(first.value) is int and first.value == _TORCH_MAGIC:
+        _torch_legacy(scan, reader, location, depth)
+        return "pytorch-legacy"
+    results = [first, *_more_streams(scan, reader, first, location, depth)]
+    return "joblib" if any(r.joblib for r in results) else "pickle"
+
+
+def scan_torch_pickle(scan: Scan, data: Buffer, location: str, depth: int) -> list[StorageRef]:
+    """Analyse a pickle member of a PyTorch zip (``data.pkl``...), persistent ids allowed;
+    returns the storages it names."""
+    reader = MemoryReader(data)
+    first = run_stream(scan, reader, location, depth, torch=True)
+    storages = list(first.storages)
+    for result in _more_streams(scan, reader, first, location, depth, torch=True):
+        storages.extend(result.storages)
+    return storages
+
+
+def _more_streams(
+    scan: Scan,
+    reader: MemoryReader,
+    previous: StreamResult,
+    location: str,
+    depth: int,
+    *,
+    torch: bool = False,
+) -> list[StreamResult]:
+    results: list[StreamResult] = []
+    size = reader.seek(0, 2)
+    reader.seek(previous.end)
+    number = 1
+    while previous.complete and previous.end < size:
+        number += 1
+        start = reader.tell()
+        head = reader.read(1)
+        reader.seek(start)
+        if not head or head[0] not in _PICKLE_STARTS:
+            scan.high(
+                f"{location} @ byte {start}",
+                f"{size - start} bytes after the last pickle stream are not a pickle; nothing "
+                "can be said about them (a second loader may read them)",
+            )
+            break
+        previous = run_stream(scan, reader, f"{location} > pickle #{number}", depth, torch=torch)
+        reader.seek(previous.end)
+        results.append(previous)
+    return results
+
+
+def _torch_legacy(scan: Scan, reader: MemoryReader, location: str, depth: int) -> None:
+    # torch.save(..., _use_new_zipfile_serialization=False): magic, protocol version, system
+    # info, the object (storages by persistent id), the list of storage keys, then each
+    # storage as an int64 element count and its raw bytes.
+    streams: list[StreamResult] = []
+    for number in range(2, 6):
+        result = run_stream(
+            scan, reader, f"{location} > pickle #{number}", depth, torch=number == 4
+        )
+        streams.append(result)
+        if not result.complete:
+            return
+        reader.seek(result.end)
+    storages = {ref.key: ref for ref in streams[2].storages}
+    keys = streams[3].value
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        scan.high(f"{location} > pickle #5", "the storage key list is not a list of names")
+        return
+    for key in keys:
+        where = f"{location} > storage {key[:40]!r}"
+        ref = storages.get(key)
+        raw = reader.read(8)
+        if ref is None or len(raw) != 8:
+            scan.high(where, "a storage the checkpoint does not describe, or a truncated file")
+            return
+        (numel,) = struct.unpack("<q", raw)
+        if numel != ref.numel:
+            scan.high(where, f"storage holds {numel} elements but is described with {ref.numel}")
+            return
+        start = reader.tell()
+        end = start + numel * TORCH_STORAGE_SIZES[ref.storage]
+        if end > reader.seek(0, 2):
+            scan.high(where, "the storage runs past the end of the file (truncated)")
+            return
+        reader.seek(end)
+    position = reader.tell()
+    size = reader.seek(0, 2)
+    if position != size:
+        scan.high(location, f"{size - position} bytes after the last storage were not analysed")
+
+
+def scan_numpy(scan: Scan, data: Buffer, location: str, depth: int) -> str:
+    """Check a ``.npy`` file: its header, its size, and any pickle an object array holds."""
+    view = memoryview(data)
+    if len(view) < 10:
+        scan.high(location, "the NumPy header is truncated")
+        return "numpy"
+    major = view[6]
+    if major == 1:
+        (length,) = struct.unpack("<H", view[8:10])
+        start = 10
+    elif major in (2, 3) and len(view) >= 12:
+        (length,) = struct.unpack("<I", view[8:12])
+        start = 12
+    else:
+        scan.high(location, f"unsupported NumPy format version {major}")
+        return "numpy"
+    if length > _MAX_NPY_HEADER or start + length > len(view):
+        scan.high(location, f"the NumPy header claims {length} bytes: too long or truncated")
+        return "numpy"
+    header = _npy_header(scan, bytes(view[start : start + length]), major, location)
+    if header is None:
+        return "numpy"
+    dtype, shape = header
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count > scan.limits.max_tensor_elements:
+        scan.critical(
+            location,
+            f"the array declares {count} elements, over the limit of "
+            f"{scan.limits.max_tensor_elements} (an allocation bomb)",
+        )
+        return "numpy"
+    body = view[start + length :]
+    if dtype.hasobject:
+        scan.medium(
+            location,
+            "an object array: its elements are a pickle that numpy.load(allow_pickle=True) "
+            "runs; save numeric arrays only",
+        )
+        scan_pickle(scan, body, location, depth)
+        return "numpy"
+    expected = count * dtype.itemsize
+    if len(body) != expected:
+        scan.high(
+            location,
+            f"the array should hold {expected} bytes of data but {len(body)} follow the header "
+            "(truncated, or extra data hidden after it)",
+        )
+    else:
+        scan.info(location, f"NumPy array {dtype.str} {tuple(shape)}, no pickled objects")
+    return "numpy"
+
+
+def _npy_header(
+    scan: Scan, raw: bytes, major: int, location: str
+) -> tuple[np.dtype[Any], tuple[int, ...]] | None:
+    try:
+        text = raw.decode("utf-8" if major == 3 else "latin-1")
+        # literal_eval only builds Python literals; nothing is called or imported.
+        header = ast.literal_eval(text)
+        if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+            raise ValueError("unexpected header keys")
+        shape = header["shape"]
+        if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError("bad shape")
+        dtype = np.lib.format.descr_to_dtype(header["descr"])
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
+        scan.high(location, f"the NumPy header does not parse ({type(exc).__name__})")
+        return None
+    return dtype, shape
