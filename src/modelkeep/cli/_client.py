@@ -9,6 +9,7 @@ HTTP status (see ``_errors.ERROR_TABLE``), and requests that get no answer at al
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import ssl
 from collections.abc import Iterable, Iterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -34,6 +35,7 @@ __all__ = [
     "ClientOverrides",
     "Connection",
     "JSONObject",
+    "client_from",
 ]
 
 JSONObject = dict[str, Any]
@@ -45,6 +47,8 @@ READ_TIMEOUT_S = 30.0
 PUSH_READ_TIMEOUT_S = 300.0
 
 _API = "/api/v1"
+#: The request header that carries a push's signature bundle, base64 (docs/api.md).
+SIGNATURE_HEADER = "Modelkeep-Signature"
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,15 @@ class ClientOverrides:
     """Test seam: passed as the command line's context ``obj`` to replace the network."""
 
     transport: httpx.BaseTransport | None = None
+
+
+def client_from(
+    obj: object, connection: Connection, *, read_timeout: float = READ_TIMEOUT_S
+) -> ApiClient:
+    """The ``ApiClient`` for one command; ``obj`` is the command line's context object, which
+    tests set to ``ClientOverrides`` to replace the network."""
+    overrides = obj if isinstance(obj, ClientOverrides) else ClientOverrides()
+    return ApiClient(connection, read_timeout=read_timeout, transport=overrides.transport)
 
 
 class ApiClient:
@@ -111,22 +124,43 @@ class ApiClient:
         model: str,
         chunks: Iterable[bytes],
         *,
+        file_name: str,
+        layout: Literal["file", "directory"] = "file",
         size: int | None = None,
-        description: str | None = None,
+        signature: bytes | None = None,
     ) -> JSONObject:
-        """Upload one model file, streamed from ``chunks``; returns the new Version."""
+        """Upload one model, streamed from ``chunks``; returns the new Version.
+
+        ``chunks`` are the model file's bytes, or for ``layout="directory"`` an uncompressed tar
+        of the directory's files; ``file_name`` is the file's (or directory's) base name.
+        ``signature`` is the bundle written by ``modelkeep sign``, sent base64 in the
+        ``Modelkeep-Signature`` header; without it the push is unsigned. A refusal by the scan
+        raises ``ModelRefused`` whose ``details["report"]`` is the server's scan report.
+        """
         headers = {"Content-Type": "application/octet-stream"}
         if size is not None:
             # A declared length lets the server refuse an oversized upload before it arrives.
             headers["Content-Length"] = str(size)
-        params = {"description": description} if description is not None else None
+        if signature is not None:
+            headers[SIGNATURE_HEADER] = base64.b64encode(signature).decode("ascii")
         return self._object(
             "POST",
             f"{_API}/models/{_segment(model)}/versions",
             content=_as_iterator(chunks),
             headers=headers,
-            params=params,
+            params={"filename": file_name, "layout": layout},
         )
+
+    def put_model(
+        self,
+        model: str,
+        *,
+        description: str | None = None,
+        require_signature: bool | None = None,
+    ) -> JSONObject:
+        """Create ``model`` or change its settings; ``None`` leaves a setting as it is."""
+        body = {"description": description, "require_signature": require_signature}
+        return self._object("PUT", f"{_API}/models/{_segment(model)}", json=body)
 
     def list_models(self) -> list[JSONObject]:
         return self._list("GET", f"{_API}/models", key="models")
@@ -143,6 +177,21 @@ class ApiClient:
 
     def remove_label(self, model: str, label: str) -> None:
         path = f"{_API}/models/{_segment(model)}/labels/{_segment(label)}"
+        self._send("DELETE", path)
+
+    # -- trusted publishers -------------------------------------------------------------------
+
+    def list_publishers(self, model: str) -> list[JSONObject]:
+        path = f"{_API}/models/{_segment(model)}/publishers"
+        return self._list("GET", path, key="publishers")
+
+    def add_publisher(self, model: str, public_key_pem: str) -> JSONObject:
+        """Trust a publisher's public key (PEM) for ``model``; returns it with its fingerprint."""
+        path = f"{_API}/models/{_segment(model)}/publishers"
+        return self._object("POST", path, json={"public_key": public_key_pem})
+
+    def remove_publisher(self, model: str, fingerprint: str) -> None:
+        path = f"{_API}/models/{_segment(model)}/publishers/{_segment(fingerprint)}"
         self._send("DELETE", path)
 
     # -- keys ---------------------------------------------------------------------------------
@@ -181,7 +230,11 @@ class ApiClient:
         except httpx.TransportError as exc:
             raise transport_failure(self._url, exc) from exc
         if not response.is_success:
-            raise error_from_response(response)
+            error = error_from_response(response)
+            report = _scan_report(response)
+            if report is not None:
+                error.details = {"report": report}
+            raise error
         return response
 
     def _object(self, method: str, path: str, **kwargs: Any) -> JSONObject:
@@ -202,6 +255,16 @@ def _json(response: httpx.Response) -> Any:
         return response.json()
     except ValueError as exc:
         raise InternalError("the server's answer is not JSON") from exc
+
+
+def _scan_report(response: httpx.Response) -> JSONObject | None:
+    """The scan report a refused push's answer carries next to its ``error``, if any."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    report = body.get("report") if isinstance(body, dict) else None
+    return report if isinstance(report, dict) else None
 
 
 def _segment(value: str) -> str:

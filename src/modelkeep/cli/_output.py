@@ -22,6 +22,9 @@ from rich.text import Text
 
 JSONObject = dict[str, Any]
 
+#: What a model that accepts unsigned pushes shows in the SIGNATURES column.
+UNSAFE_OPTIONAL = "UNSAFE: optional"
+
 _ISO_UTC = re.compile(r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}):\d{2}(?:\.\d+)?(?:Z|\+00:00)")
 
 
@@ -68,12 +71,25 @@ def size_text(size: object) -> str:
 
 
 def models_table(models: Iterable[JSONObject]) -> Table:
-    table = _table("NAME", "LATEST", "LABELS~", "CREATED BY", "CREATED AT", "DESCRIPTION~")
+    """One row per model; SIGNATURES flags in red the models that accept unsigned pushes."""
+    table = _table(
+        "NAME",
+        "LATEST",
+        "LABELS~",
+        "SIGNATURES",
+        "PUBLISHERS",
+        "CREATED BY",
+        "CREATED AT",
+        "DESCRIPTION~",
+    )
     for model in models:
+        publishers = model.get("publishers")
         table.add_row(
             _cell(model.get("name")),
             _cell(model.get("latest_version")),
             _cell(labels_text(model.get("labels"))),
+            signatures_cell(model.get("require_signature")),
+            _cell(len(publishers) if isinstance(publishers, list) else None),
             _cell(model.get("created_by")),
             _cell(time_text(model.get("created_at"))),
             _cell(model.get("description")),
@@ -81,12 +97,35 @@ def models_table(models: Iterable[JSONObject]) -> Table:
     return table
 
 
+def signatures_cell(require_signature: object) -> Text:
+    """``required``, or a red ``UNSAFE: optional`` for a model that takes unsigned pushes."""
+    if require_signature is True:
+        return Text("required")
+    if require_signature is False:
+        return Text(UNSAFE_OPTIONAL, style="bold red")
+    return Text("")  # an older server that does not say
+
+
+def short_fingerprint(fingerprint: object) -> str:
+    """A key fingerprint as a table shows it: its first twelve hex digits, or ``unsigned``.
+
+    Every fingerprint is ``sha256:<hex>``, so the prefix is left out, as for the SHA256 column;
+    any other algorithm keeps its name.
+    """
+    if not isinstance(fingerprint, str):
+        return "unsigned" if fingerprint is None else clean(fingerprint)
+    algorithm, _, digest = fingerprint.partition(":")
+    if not digest:
+        return clean(fingerprint[:12])
+    return clean(digest[:12] if algorithm == "sha256" else f"{algorithm}:{digest[:12]}")
+
+
 def versions_table(versions: Iterable[JSONObject], labels: Mapping[str, Any]) -> Table:
     """One row per version; ``labels`` (label -> version) fills the LABELS column."""
     by_version: dict[Any, list[str]] = {}
     for label, number in sorted(labels.items()):
         by_version.setdefault(number, []).append(label)
-    table = _table("VERSION", "LABELS~", "SIZE", "SHA256", "UPLOADED BY", "CREATED AT")
+    table = _table("VERSION", "LABELS~", "SIZE", "SHA256", "SIGNER", "UPLOADED BY", "CREATED AT")
     for version in versions:
         number = version.get("version")
         sha = version.get("sha256")
@@ -96,10 +135,36 @@ def versions_table(versions: Iterable[JSONObject], labels: Mapping[str, Any]) ->
             _cell(size_text(version.get("size"))),
             # Twelve hex digits identify a version to a person, as short commit ids do.
             _cell(sha[:12] if isinstance(sha, str) else sha),
+            _cell(short_fingerprint(version.get("signer")) if "signer" in version else None),
             _cell(version.get("uploaded_by")),
             _cell(time_text(version.get("created_at"))),
         )
     return table
+
+
+def publishers_table(publishers: Iterable[JSONObject]) -> Table:
+    """Full fingerprints: they are what ``publishers rm`` takes."""
+    table = _table("FINGERPRINT")
+    for publisher in publishers:
+        table.add_row(_cell(publisher.get("fingerprint")))
+    return table
+
+
+def report_lines(report: Mapping[str, Any]) -> list[str]:
+    """A scan report for people: a summary line, then one line per finding, worst first."""
+    lines = [
+        f"scan report: verdict {clean(report.get('verdict', '?'))}, "
+        f"format {clean(report.get('format', '?'))}"
+    ]
+    findings = report.get("findings")
+    for finding in findings if isinstance(findings, list) else []:
+        if not isinstance(finding, Mapping):
+            continue
+        severity = clean(finding.get("severity", "?"))
+        location = clean(finding.get("location") or "-")
+        message = clean(" ".join(str(finding.get("message", "")).split()))
+        lines.append(f"  {severity:<8}  {location}: {message}")
+    return lines
 
 
 def keys_table(keys: Iterable[JSONObject]) -> Table:

@@ -10,7 +10,6 @@ dependencies only when run.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,16 +26,16 @@ from rich.progress import (
 )
 from typer.core import TyperGroup
 
-from modelkeep.cli import _audit, _server, _sign
+from modelkeep.cli import _audit, _models, _scan, _server, _sign
 from modelkeep.cli import _output as out
 from modelkeep.cli._client import (
     DEFAULT_URL,
     PUSH_READ_TIMEOUT_S,
     READ_TIMEOUT_S,
     ApiClient,
-    ClientOverrides,
     Connection,
     JSONObject,
+    client_from,
 )
 from modelkeep.cli._errors import EXIT_FAILURE, exit_code_for, exit_codes_epilog
 from modelkeep.cli._params import (
@@ -48,7 +47,7 @@ from modelkeep.cli._params import (
     check_names,
     parse_expires,
 )
-from modelkeep.errors import InvalidInput, ModelkeepError
+from modelkeep.errors import ModelkeepError, ModelRefused
 
 #: Push reads and sends the model in pieces of this size, so no file is ever held in memory.
 CHUNK_SIZE = 1024 * 1024
@@ -86,7 +85,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-models_app = typer.Typer(help="List models.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Create, configure and list models (signature requirement, description).",
+    no_args_is_help=True,
+)
 versions_app = typer.Typer(help="List the versions of a model.", no_args_is_help=True)
 label_app = typer.Typer(
     help="Point labels (production, staging...) at versions.", no_args_is_help=True
@@ -96,6 +98,9 @@ app.add_typer(models_app, name="models")
 app.add_typer(versions_app, name="versions")
 app.add_typer(label_app, name="label")
 app.add_typer(keys_app, name="keys")
+app.add_typer(_models.publishers_app, name="publishers")
+models_app.command("create", epilog=EPILOG)(_models.models_create)
+models_app.command("set", epilog=EPILOG)(_models.models_set)
 
 ModelArgument = Annotated[str, typer.Argument(help="Model name.", callback=check_name)]
 LabelArgument = Annotated[str, typer.Argument(help="Label name.", callback=check_name)]
@@ -109,69 +114,106 @@ def _client(
     *,
     read_timeout: float = READ_TIMEOUT_S,
 ) -> ApiClient:
-    overrides = ctx.obj if isinstance(ctx.obj, ClientOverrides) else ClientOverrides()
-    return ApiClient(
-        Connection(url=url, token=token, cacert=cacert),
-        read_timeout=read_timeout,
-        transport=overrides.transport,
+    return client_from(
+        ctx.obj, Connection(url=url, token=token, cacert=cacert), read_timeout=read_timeout
     )
 
 
 # -- push -------------------------------------------------------------------------------------
+
+SignatureOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--signature",
+        metavar="SIG",
+        help="The signature of PATH, written by `modelkeep sign` or `model_signing sign key`.",
+        show_default=False,
+    ),
+]
+SignKeyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--sign-key",
+        metavar="KEY",
+        help="Sign PATH with this private key (PEM) now, as `modelkeep sign` does, and send that.",
+        show_default=False,
+    ),
+]
 
 
 @app.command(epilog=EPILOG)
 def push(
     ctx: typer.Context,
     model: ModelArgument,
-    file: Annotated[Path, typer.Argument(help="The model file (ONNX).", show_default=False)],
-    description: Annotated[
-        str | None, typer.Option(metavar="TEXT", help="What this version is.", show_default=False)
-    ] = None,
+    path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="PATH",
+            help="The model: one file, or a directory (sent as a tar of its files).",
+            show_default=False,
+        ),
+    ],
+    signature: SignatureOption = None,
+    sign_key: SignKeyOption = None,
     url: UrlOption = DEFAULT_URL,
     token: TokenOption = None,
     cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Upload FILE as the next version of MODEL (created by its first push).
+    """Upload PATH, with its signature, as the next version of MODEL (create MODEL first).
 
-    Example: modelkeep push iris iris.onnx --description "retrained on May data"
+    Without --signature or --sign-key the push is unsigned, and refused unless an admin let
+    MODEL accept unsigned pushes.
+
+    Example: modelkeep push iris iris.onnx --signature iris.onnx.sig
     """
-    with (
-        _open_model_file(file) as handle,
-        _client(ctx, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client,
-    ):
-        mode = os.fstat(handle.fileno()).st_mode
-        # A regular file has a known length; a pipe is sent with chunked encoding instead.
-        size = os.fstat(handle.fileno()).st_size if stat.S_ISREG(mode) else None
-        if json_output:
-            version = client.push(model, _chunks(handle), size=size, description=description)
-            out.print_json(version)
-            return
-        version = _push_with_progress(client, model, handle, size, description)
-    sha = version.get("sha256")
+    if signature is not None and sign_key is not None:
+        raise typer.BadParameter(
+            "give --signature or --sign-key, not both", param_hint="'--signature'"
+        )
+    with _client(ctx, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client:
+        bundle = _models.push_signature(path, signature=signature, sign_key=sign_key)
+        with _models.open_artifact(path, leave_out=signature) as artifact:
+            try:
+                if json_output:
+                    version = _send(client, model, artifact, bundle, _chunks(artifact.handle))
+                    out.print_json(version)
+                    return
+                version = _push_with_progress(client, model, artifact, bundle)
+            except ModelRefused as exc:
+                report = _models.refused_report(exc)
+                if report is not None and not json_output:
+                    for line in out.report_lines(report):
+                        out.warn(line)
+                raise
+    number = out.clean(version.get("version"))
     out.say(
-        f"pushed {out.clean(version.get('model', model))} version "
-        f"{out.clean(version.get('version'))} ({out.size_text(version.get('size'))}, "
-        f"sha256 {out.clean(sha)})"
+        f"pushed {out.clean(version.get('model', model))} version {number} "
+        f"({out.size_text(version.get('size'))}, sha256 {out.clean(version.get('sha256'))})"
     )
-    out.say(
-        f"point a label at it: modelkeep label set {model} production "
-        f"{out.clean(version.get('version'))}"
-    )
+    signer = version.get("signer")
+    if isinstance(signer, str):
+        out.say(f"signed by {out.clean(signer)}")
+    elif "signer" in version:
+        out.warn(f"warning: version {number} is unsigned: model {model} accepts unsigned pushes")
+    out.say(f"point a label at it: modelkeep label set {model} production {number}")
 
 
-def _open_model_file(path: Path) -> IO[bytes]:
-    try:
-        return path.open("rb")
-    except FileNotFoundError:
-        raise InvalidInput(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise InvalidInput(f"{path} is a directory, not a model file") from None
-    except PermissionError:
-        raise InvalidInput(f"cannot read {path}: permission denied") from None
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror or 'I/O error'}") from None
+def _send(
+    client: ApiClient,
+    model: str,
+    artifact: _models.Artifact,
+    bundle: bytes | None,
+    chunks: Iterator[bytes],
+) -> JSONObject:
+    return client.push(
+        model,
+        chunks,
+        file_name=artifact.file_name,
+        layout=artifact.layout,
+        size=artifact.size,
+        signature=bundle,
+    )
 
 
 def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
@@ -180,7 +222,7 @@ def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
 
 
 def _push_with_progress(
-    client: ApiClient, model: str, handle: IO[bytes], size: int | None, description: str | None
+    client: ApiClient, model: str, artifact: _models.Artifact, bundle: bytes | None
 ) -> JSONObject:
     console = out.stderr_console()
     progress = Progress(
@@ -195,16 +237,16 @@ def _push_with_progress(
         disable=not console.is_terminal,
     )
     with progress:
-        task = progress.add_task(f"pushing {model}", total=size)
+        task = progress.add_task(f"pushing {model}", total=artifact.size)
 
         def chunks() -> Iterator[bytes]:
-            for chunk in _chunks(handle):
+            for chunk in _chunks(artifact.handle):
                 yield chunk
                 progress.advance(task, len(chunk))
             # The answer comes after the server has scanned, encrypted and smoke-tested it.
             progress.update(task, description=f"{model}: server is checking the model")
 
-        return client.push(model, chunks(), size=size, description=description)
+        return _send(client, model, artifact, bundle, chunks())
 
 
 # -- models, versions, labels -----------------------------------------------------------------
@@ -227,7 +269,7 @@ def models_ls(
     if json_output:
         out.print_json(models)
     elif not models:
-        out.say("no models yet: push one with `modelkeep push MODEL FILE`")
+        out.say("no models yet: create one with `modelkeep models create NAME`")
     else:
         out.stdout_console().print(out.models_table(models))
 
@@ -444,3 +486,6 @@ app.command(name="serve", epilog=EPILOG, rich_help_panel="Server")(_server.serve
 app.add_typer(_audit.audit_app, name="audit", rich_help_panel="Server")
 app.command(name="sign", epilog=EPILOG, rich_help_panel="Signing")(_sign.sign)
 app.command(name="keygen", epilog=EPILOG, rich_help_panel="Signing")(_sign.keygen)
+app.command(name="scan", cls=_scan.ScanCommand, epilog=_scan.EPILOG, rich_help_panel="Scanning")(
+    _scan.scan
+)

@@ -7,6 +7,7 @@ error. ``invoke`` runs the command line against it with ``typer.testing.CliRunne
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -20,6 +21,7 @@ from typer.testing import CliRunner, Result
 
 from modelkeep.cli import app
 from modelkeep.cli._client import ClientOverrides
+from modelkeep.crypto.signing import load_public_key
 
 ADMIN_TOKEN = "mk_abcdefgh2345_s3cretAdminSecret"
 ADMIN_ID = "abcdefgh2345"
@@ -53,6 +55,7 @@ class FakeServer(httpx.BaseTransport):
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    publishers: dict[str, dict[str, str]] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)
     fail_next: httpx.Response | None = None
 
@@ -84,6 +87,10 @@ class FakeServer(httpx.BaseTransport):
             ("POST", rf"{m}/versions", self._push),
             ("GET", r"/api/v1/models", self._list_models),
             ("GET", m, self._get_model),
+            ("PUT", m, self._put_model),
+            ("GET", rf"{m}/publishers", self._list_publishers),
+            ("POST", rf"{m}/publishers", self._add_publisher),
+            ("DELETE", rf"{m}/publishers/([^/]+)", self._remove_publisher),
             ("GET", rf"{m}/versions", self._list_versions),
             ("PUT", rf"{m}/labels/([^/]+)", self._set_label),
             ("DELETE", rf"{m}/labels/([^/]+)", self._remove_label),
@@ -96,19 +103,13 @@ class FakeServer(httpx.BaseTransport):
     def _push(self, request: httpx.Request, body: bytes, caller: str, name: str) -> httpx.Response:
         if request.headers.get("content-type") != "application/octet-stream":
             return _error(400, "expected application/octet-stream")
-        description = request.url.params.get("description", "")
-        model = self.models.setdefault(
-            name,
-            {
-                "name": name,
-                "description": description,
-                "created_by": caller,
-                "created_at": NOW,
-                "latest_version": 0,
-                "labels": {},
-            },
-        )
-        model["latest_version"] += 1
+        if name not in self.models:
+            return _error(404, f"no model {name}")
+        model = self.models[name]
+        encoded = request.headers.get("modelkeep-signature")
+        if encoded is None and model["require_signature"]:
+            return _error(422, f"model '{name}' requires a signature")
+        model["latest_version"] = (model["latest_version"] or 0) + 1
         version = {
             "model": name,
             "version": model["latest_version"],
@@ -118,9 +119,59 @@ class FakeServer(httpx.BaseTransport):
             "signature": {"inputs": [], "outputs": []},
             "uploaded_by": caller,
             "created_at": NOW,
+            "layout": request.url.params.get("layout", "file"),
+            "file_name": request.url.params.get("filename", "model"),
+            # Not a real verification: the fake names the bundle's digest as its signer.
+            "signer": None if encoded is None else fake_signer(base64.b64decode(encoded)),
         }
         self.versions.setdefault(name, []).append(version)
         return httpx.Response(201, json=version)
+
+    def _put_model(
+        self, request: httpx.Request, body: bytes, caller: str, name: str
+    ) -> httpx.Response:
+        data = json.loads(body)
+        created = name not in self.models
+        if created:
+            self.create_model(name, caller=caller)
+        model = self.models[name]
+        if data.get("description") is not None:
+            model["description"] = data["description"]
+        if data.get("require_signature") is not None:
+            model["require_signature"] = data["require_signature"]
+        return httpx.Response(201 if created else 200, json=model)
+
+    def _list_publishers(
+        self, request: httpx.Request, body: bytes, caller: str, name: str
+    ) -> httpx.Response:
+        if name not in self.models:
+            return _error(404, f"no model {name}")
+        listed = [
+            {"model": name, "fingerprint": fp, "public_key": pem}
+            for fp, pem in sorted(self.publishers[name].items())
+        ]
+        return httpx.Response(200, json={"publishers": listed})
+
+    def _add_publisher(
+        self, request: httpx.Request, body: bytes, caller: str, name: str
+    ) -> httpx.Response:
+        if name not in self.models:
+            return _error(404, f"no model {name}")
+        key = load_public_key(json.loads(body)["public_key"])
+        self.publishers[name][key.fingerprint] = key.pem
+        self.models[name]["publishers"] = sorted(self.publishers[name])
+        return httpx.Response(
+            201, json={"model": name, "fingerprint": key.fingerprint, "public_key": key.pem}
+        )
+
+    def _remove_publisher(
+        self, request: httpx.Request, body: bytes, caller: str, name: str, fingerprint: str
+    ) -> httpx.Response:
+        if fingerprint not in self.publishers.get(name, {}):
+            return _error(404, f"no publisher {fingerprint} for {name}")
+        del self.publishers[name][fingerprint]
+        self.models[name]["publishers"] = sorted(self.publishers[name])
+        return httpx.Response(204)
 
     def _list_models(self, request: httpx.Request, body: bytes, caller: str) -> httpx.Response:
         return httpx.Response(200, json={"models": list(self.models.values())})
@@ -181,8 +232,28 @@ class FakeServer(httpx.BaseTransport):
 
     # -- helpers for tests --------------------------------------------------------------------
 
+    def create_model(
+        self, name: str, *, caller: str = ADMIN_ID, require_signature: bool = True
+    ) -> dict[str, Any]:
+        """Create model ``name`` (no versions) without recording a request."""
+        self.publishers[name] = {}
+        self.models[name] = {
+            "name": name,
+            "description": "",
+            "created_by": caller,
+            "created_at": NOW,
+            "latest_version": None,
+            "labels": {},
+            "require_signature": require_signature,
+            "publishers": [],
+        }
+        return self.models[name]
+
     def add_model(self, name: str, *contents: bytes) -> None:
-        """Push ``contents`` as versions 1, 2, ... without recording requests."""
+        """Create ``name`` if needed and push ``contents`` unsigned as versions 1, 2, ...,
+        without recording requests."""
+        if name not in self.models:
+            self.create_model(name, require_signature=False)
         for content in contents:
             request = httpx.Request(
                 "POST",
@@ -191,6 +262,11 @@ class FakeServer(httpx.BaseTransport):
                 headers={"content-type": "application/octet-stream"},
             )
             self._push(request, content, ADMIN_ID, name)
+
+
+def fake_signer(bundle: bytes) -> str:
+    """The signer the fake server reports for ``bundle``: a fingerprint-shaped digest of it."""
+    return "sha256:" + hashlib.sha256(bundle).hexdigest()
 
 
 def _key(

@@ -75,6 +75,10 @@ def test_every_command_maps_errors_the_same_way(
     commands = [
         ("push", "iris", str(model_file)),
         ("models", "ls"),
+        ("models", "create", "iris"),
+        ("models", "set", "iris", "--require-signature"),
+        ("publishers", "ls", "iris"),
+        ("publishers", "rm", "iris", "sha256:" + "0" * 64),
         ("versions", "ls", "iris"),
         ("label", "set", "iris", "prod", "1"),
         ("label", "rm", "iris", "prod"),

@@ -16,6 +16,12 @@ COMMANDS = [
     ["push"],
     ["models"],
     ["models", "ls"],
+    ["models", "create"],
+    ["models", "set"],
+    ["publishers"],
+    ["publishers", "add"],
+    ["publishers", "ls"],
+    ["publishers", "rm"],
     ["versions"],
     ["versions", "ls"],
     ["label"],
@@ -41,7 +47,11 @@ def test_help_works_for_every_command(command: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [c for c in COMMANDS if c not in (["models"], ["versions"], ["label"], ["keys"])],
+    [
+        c
+        for c in COMMANDS
+        if c not in (["models"], ["versions"], ["label"], ["keys"], ["publishers"])
+    ],
     ids=lambda c: " ".join(c) or "modelkeep",
 )
 def test_help_epilog_lists_the_exit_codes(command: list[str]) -> None:
@@ -58,7 +68,17 @@ def test_root_help_lists_every_command() -> None:
     result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "120"})
 
     listed = {line.strip("│ ").split(" ")[0] for line in result.stdout.splitlines()}
-    expected = {"push", "models", "versions", "label", "keys", "whoami", "init", "serve"}
+    expected = {
+        "push",
+        "models",
+        "publishers",
+        "versions",
+        "label",
+        "keys",
+        "whoami",
+        "init",
+        "serve",
+    }
     assert expected <= listed
 
 

@@ -1,125 +1,143 @@
-"""push, models ls, versions ls, label set and label rm against the fake management API."""
+"""models create/set/ls, versions ls, label set and label rm against the fake management API."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
 from conftest import ADMIN_TOKEN, FakeServer, Invoke
 
-MiB = 1024 * 1024
+UNSAFE_WARNING = (
+    "warning: --unsafe-allow-unsigned: model iris will accept pushes that nobody signed; "
+    "require signatures again with `modelkeep models set iris --require-signature`"
+)
 
 
-def _model_file(tmp_path: Path, size: int) -> tuple[Path, bytes]:
-    content = bytes(i % 251 for i in range(size))
-    path = tmp_path / "model.onnx"
-    path.write_bytes(content)
-    return path, content
+# -- models create, models set ----------------------------------------------------------------
 
 
-# -- push -------------------------------------------------------------------------------------
-
-
-def test_push_json_prints_model_and_version(
-    invoke: Invoke, server: FakeServer, tmp_path: Path
+def test_models_create_checks_absence_then_puts_signatures_required(
+    invoke: Invoke, server: FakeServer
 ) -> None:
-    path, content = _model_file(tmp_path, 1000)
-
-    result = invoke("push", "iris", str(path), "--json")
+    result = invoke("models", "create", "iris", "--description", "flowers", "--json")
 
     assert result.exit_code == 0, result.output
-    printed = json.loads(result.stdout)
-    assert {k: printed[k] for k in ("model", "version")} == {"model": "iris", "version": 1}
-    assert hashlib.sha256(content).hexdigest() == printed["sha256"]
+    get, put = server.requests
+    assert (get.method, get.path) == ("GET", "/api/v1/models/iris")
+    assert (put.method, put.path) == ("PUT", "/api/v1/models/iris")
+    assert put.json() == {"description": "flowers", "require_signature": True}
+    assert f"Bearer {ADMIN_TOKEN}" == put.headers["authorization"]
+    assert server.models["iris"] == json.loads(result.stdout)
     assert result.stderr == ""
 
 
-def test_push_sends_the_file_raw_with_auth_and_content_type(
-    invoke: Invoke, server: FakeServer, tmp_path: Path
+def test_models_create_human_output_points_at_publishers_add(
+    invoke: Invoke, server: FakeServer
 ) -> None:
-    path, content = _model_file(tmp_path, 1000)
-
-    invoke("push", "iris", str(path), "--description", "first try & more", "--json")
-
-    (request,) = server.requests
-    assert (request.method, request.path) == ("POST", "/api/v1/models/iris/versions")
-    assert f"Bearer {ADMIN_TOKEN}" == request.headers["authorization"]
-    assert request.headers["content-type"] == "application/octet-stream"
-    assert str(len(content)) == request.headers["content-length"]
-    assert request.url.params["description"] == "first try & more"
-    assert content == request.body
-
-
-def test_push_without_description_sends_no_query(
-    invoke: Invoke, server: FakeServer, tmp_path: Path
-) -> None:
-    path, _ = _model_file(tmp_path, 10)
-
-    invoke("push", "iris", str(path), "--json")
-
-    assert server.requests[0].url.query == b""
-
-
-def test_push_streams_the_file_in_one_mib_chunks(
-    invoke: Invoke, server: FakeServer, tmp_path: Path
-) -> None:
-    path, content = _model_file(tmp_path, 2 * MiB + 12345)
-
-    result = invoke("push", "iris", str(path), "--json")
+    result = invoke("models", "create", "iris")
 
     assert result.exit_code == 0, result.output
-    (request,) = server.requests
-    assert [MiB, MiB, 12345] == [len(chunk) for chunk in request.chunks]
-    assert content == request.body
+    expected = [
+        "created model iris",
+        "  signatures:  required",
+        "  publishers:  0",
+        "next: trust a publisher key with `modelkeep publishers add iris PUBKEY_FILE`",
+    ]
+    assert expected == result.stdout.splitlines()
 
 
-def test_push_human_output_names_version_and_digest(
-    invoke: Invoke, server: FakeServer, tmp_path: Path
+def test_models_create_unsafe_allow_unsigned_sends_false_and_warns(
+    invoke: Invoke, server: FakeServer
 ) -> None:
-    server.add_model("iris", b"v1")
-    path, content = _model_file(tmp_path, 2048)
-
-    result = invoke("push", "iris", str(path))
+    result = invoke("models", "create", "iris", "--unsafe-allow-unsigned", "--json")
 
     assert result.exit_code == 0, result.output
-    first_line = result.stdout.splitlines()[0]
-    expected = f"pushed iris version 2 (2.0 kB, sha256 {hashlib.sha256(content).hexdigest()})"
-    assert expected == first_line
-    assert "modelkeep label set iris production 2" in result.stdout
+    assert server.requests[-1].json() == {"description": None, "require_signature": False}
+    assert f"{UNSAFE_WARNING}\n" == result.stderr
+    assert json.loads(result.stdout)["require_signature"] is False
 
 
-def test_push_of_a_missing_file_fails_before_any_request(
-    invoke: Invoke, server: FakeServer, tmp_path: Path
+def test_models_create_of_an_existing_model_exits_6_and_changes_nothing(
+    invoke: Invoke, server: FakeServer
 ) -> None:
-    missing = tmp_path / "nope.onnx"
+    server.create_model("iris", require_signature=False)
 
-    result = invoke("push", "iris", str(missing))
+    result = invoke("models", "create", "iris")
 
-    assert result.exit_code == 1
-    assert f"error: no such file: {missing}\n" == result.stderr
-    assert server.requests == []
-
-
-def test_push_of_a_directory_is_refused(invoke: Invoke, server: FakeServer, tmp_path: Path) -> None:
-    result = invoke("push", "iris", str(tmp_path))
-
-    assert result.exit_code == 1
-    assert f"error: {tmp_path} is a directory, not a model file\n" == result.stderr
+    assert result.exit_code == 6
+    assert [request.method for request in server.requests] == ["GET"]
+    assert result.stderr.startswith("error: model iris already exists;")
+    assert server.models["iris"]["require_signature"] is False
 
 
-def test_push_with_an_invalid_model_name_is_a_usage_error(
-    invoke: Invoke, server: FakeServer, tmp_path: Path
+def test_models_set_require_signature_sends_only_that_setting(
+    invoke: Invoke, server: FakeServer
 ) -> None:
-    path, _ = _model_file(tmp_path, 10)
+    server.create_model("iris", require_signature=False)
 
-    result = invoke("push", "../keys", str(path))
+    result = invoke("models", "set", "iris", "--require-signature")
+
+    assert result.exit_code == 0, result.output
+    assert server.requests[-1].json() == {"description": None, "require_signature": True}
+    assert (result.stdout.splitlines()) == [
+        "updated model iris",
+        "  signatures:  required",
+        "  publishers:  0",
+    ]
+    assert result.stderr == ""
+
+
+def test_models_set_description_leaves_the_signature_setting_alone(
+    invoke: Invoke, server: FakeServer
+) -> None:
+    server.create_model("iris")
+
+    result = invoke("models", "set", "iris", "--description", "v2 flowers", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert server.requests[-1].json() == {"description": "v2 flowers", "require_signature": None}
+    assert json.loads(result.stdout)["description"] == "v2 flowers"
+
+
+def test_models_set_unsafe_allow_unsigned_warns_every_time(
+    invoke: Invoke, server: FakeServer
+) -> None:
+    server.create_model("iris")
+
+    results = [invoke("models", "set", "iris", "--unsafe-allow-unsigned") for _ in range(2)]
+
+    assert [(0, f"{UNSAFE_WARNING}\n")] * 2 == [(r.exit_code, r.stderr) for r in results]
+    assert server.requests[-1].json() == {"description": None, "require_signature": False}
+    assert "  signatures:  UNSAFE: optional (unsigned pushes are accepted)" in results[0].stdout
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--require-signature", "--unsafe-allow-unsigned"], []],
+    ids=["both", "nothing-to-change"],
+)
+def test_models_set_with_contradictory_or_no_flags_is_a_usage_error(
+    invoke: Invoke, server: FakeServer, flags: list[str]
+) -> None:
+    server.create_model("iris")
+
+    result = invoke("models", "set", "iris", *flags)
 
     assert result.exit_code == 2
-    assert "not a valid name" in result.stderr
     assert server.requests == []
+
+
+def test_models_set_of_a_missing_model_exits_5_without_creating_it(
+    invoke: Invoke, server: FakeServer
+) -> None:
+    result = invoke("models", "set", "ghost", "--require-signature")
+
+    assert result.exit_code == 5
+    assert result.stderr == "error: no model ghost\n"
+    assert [request.method for request in server.requests] == ["GET"]
+    assert server.models == {}
 
 
 # -- models ls, versions ls -------------------------------------------------------------------
@@ -144,20 +162,32 @@ def test_models_ls_table_shows_each_model(invoke: Invoke, server: FakeServer) ->
     server.models["iris"]["labels"] = {"production": 1}
     server.add_model("mnist", b"c")
 
+    server.models["mnist"]["require_signature"] = True
+    server.models["mnist"]["publishers"] = ["sha256:" + "a" * 64, "sha256:" + "b" * 64]
+
     result = invoke("models", "ls")
 
     assert result.exit_code == 0, result.output
     header, *rows = result.stdout.splitlines()
-    assert header.split()[:5] == ["NAME", "LATEST", "LABELS", "CREATED", "BY"]
-    assert rows[0].split()[:4] == ["iris", "2", "production=1", "abcdefgh2345"]
-    assert rows[1].split()[:3] == ["mnist", "1", "abcdefgh2345"]
+    expected_header = ["NAME", "LATEST", "LABELS", "SIGNATURES", "PUBLISHERS", "CREATED", "BY"]
+    assert expected_header == header.split()[:7]
+    assert (rows[0].split()[:7]) == [
+        "iris",
+        "2",
+        "production=1",
+        "UNSAFE:",
+        "optional",
+        "0",
+        "abcdefgh2345",
+    ]
+    assert rows[1].split()[:5] == ["mnist", "1", "required", "2", "abcdefgh2345"]
 
 
 def test_models_ls_with_no_models_says_so(invoke: Invoke) -> None:
     result = invoke("models", "ls")
 
     assert result.exit_code == 0
-    assert "no models yet" in result.stdout
+    assert result.stdout == "no models yet: create one with `modelkeep models create NAME`\n"
 
 
 def test_versions_ls_json_is_the_list_of_versions(invoke: Invoke, server: FakeServer) -> None:
@@ -182,9 +212,24 @@ def test_versions_ls_table_shows_labels_next_to_versions(
 
     assert result.exit_code == 0, result.output
     header, row1, row2 = result.stdout.splitlines()
-    assert header.split()[:4] == ["VERSION", "LABELS", "SIZE", "SHA256"]
+    assert header.split()[:5] == ["VERSION", "LABELS", "SIZE", "SHA256", "SIGNER"]
     assert row1.split()[:4] == ["1", "production", "1", "byte"]
     assert row2.split()[:5] == ["2", "canary,", "staging", "2", "bytes"]
+
+
+def test_versions_ls_table_shows_a_short_signer_fingerprint_or_unsigned(
+    invoke: Invoke, server: FakeServer
+) -> None:
+    server.add_model("iris", b"a", b"bb")
+    server.versions["iris"][1]["signer"] = "sha256:4f0c1a2b3c4d" + "e" * 52
+
+    result = invoke("versions", "ls", "iris")
+
+    _, row1, row2 = result.stdout.splitlines()
+    assert ["1", "1", "byte", hashlib.sha256(b"a").hexdigest()[:12], "unsigned"] == (
+        row1.split()[:5]
+    )
+    assert row2.split()[4] == "4f0c1a2b3c4d"
 
 
 def test_versions_ls_of_unknown_model_exits_5(invoke: Invoke) -> None:
@@ -258,28 +303,3 @@ def test_label_rm_of_unknown_label_exits_5(invoke: Invoke, server: FakeServer) -
 
     assert result.exit_code == 5
     assert result.stderr == "error: no label staging on iris\n"
-
-
-def test_push_draws_a_progress_bar_on_a_terminal(
-    invoke: Invoke, server: FakeServer, tmp_path: Path
-) -> None:
-    path, _ = _model_file(tmp_path, MiB + 1)
-
-    result = invoke("push", "iris", str(path), env={"TTY_COMPATIBLE": "1"})
-
-    assert result.exit_code == 0, result.output
-    assert "server is checking the model" in result.stderr
-    assert result.stdout.startswith("pushed iris version 1")
-
-
-@pytest.mark.parametrize("flags", [["--json"], []], ids=["json", "not-a-terminal"])
-def test_push_draws_no_progress_bar_for_scripts(
-    invoke: Invoke, server: FakeServer, tmp_path: Path, flags: list[str]
-) -> None:
-    path, _ = _model_file(tmp_path, MiB + 1)
-    env = {"TTY_COMPATIBLE": "1"} if flags else {}
-
-    result = invoke("push", "iris", str(path), *flags, env=env)
-
-    assert result.exit_code == 0, result.output
-    assert result.stderr == ""
