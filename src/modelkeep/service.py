@@ -39,6 +39,9 @@ from modelkeep.errors import (
     NotFound,
     Unavailable,
 )
+from modelkeep.guard.admission import Admission
+from modelkeep.guard.gate import Alarm, InferenceGate, calibrate, request_rows
+from modelkeep.guard.policy import ModelPolicy
 from modelkeep.guard.tensors import decode_infer_request, encode_infer_response
 from modelkeep.policy import Action, Authorizer
 from modelkeep.registry.blobs import BlobStore, FileBlobStore
@@ -91,6 +94,7 @@ class Service:
         keys: KeyService,
         authorizer: Authorizer | None = None,
         audit: AuditLog | None = None,
+        gate: InferenceGate | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.settings = settings
@@ -106,6 +110,8 @@ class Service:
         self._load_locks: dict[tuple[str, int], threading.Lock] = {}
         self._locks_lock = threading.Lock()
         self._last_forced_refresh = 0.0
+        self._alarm_seen: dict[tuple[str, str, str], float] = {}
+        self.gate = gate or InferenceGate(Admission())
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -125,6 +131,7 @@ class Service:
             blobs=FileBlobStore(data_dir / BLOB_DIR),
             keys=LocalKeyService.load(data_dir / KEK_FILE),
             audit=AuditLog(store.engine, signer=CheckpointSigner.load(data_dir / AUDIT_KEY_FILE)),
+            gate=InferenceGate(Admission(settings.limits_storage)),
         )
         service.refresh()
         return service
@@ -389,24 +396,105 @@ class Service:
         *,
         header_length: int | None = None,
     ) -> tuple[bytes, dict[str, str]]:
-        """Validate a V2 request against the version's signature, run it, encode the answer."""
+        """Validate a V2 request, admit it, run it, watch it, harden the answer, encode it."""
+        # 1. Who may run what: Cedar, then any detector restriction on this key and model.
         record = self._model(principal, Action.MODEL_INFER, model)
+        restriction = record.restrictions.get(principal.key_id)
+        if restriction is not None and restriction[0] == "block":
+            raise Forbidden(
+                f"access to model '{record.name}' is suspended for this key; an admin can lift"
+                " it with `modelkeep policy unblock`"
+            )
         found = self._version(record, version)
         session = self._session(found)
+        # 2. The request must fit the signature before anything is counted or run.
         request = decode_infer_request(
             body,
             found.signature,
             header_length=header_length,
             max_elements=self.settings.max_tensor_elements,
         )
-        names = None if request.outputs is None else [o.name for o in request.outputs]
-        outputs = session.run(request.inputs, names)
-        return encode_infer_response(
+        policy = self.gate.policy(record.name, record.policy)
+        rows = request_rows(request.inputs)
+        # 3. Admission: rows per request, rates, budget, concurrency (counted across replicas).
+        with self.gate.admit(
+            principal.key_id, record.name, rows, policy, throttled=restriction is not None
+        ) as admitted:
+            # Detectors need every output (the predicted label) even when the caller asked
+            # for fewer; the encoder applies the caller's filter.
+            names = None
+            if request.outputs is not None and not policy.detect:
+                names = [o.name for o in request.outputs]
+            outputs = session.run(request.inputs, names)
+        # 4. Watch the caller's query stream; an alarm acts before the answer leaves.
+        alarms = self.gate.observe(
+            principal.key_id,
+            record.name,
+            found.number,
+            policy,
+            request.inputs,
+            outputs,
+            found.signature,
+        )
+        if alarms:
+            self._on_alarms(principal, record.name, policy, alarms)
+        # 5. Harden what the caller's role may see.
+        hardened = self.gate.harden(policy, principal.role, outputs, found.signature)
+        content, headers = encode_infer_response(
             model_name=record.name,
             model_version=str(found.number),
             request=request,
-            outputs=outputs,
+            outputs=hardened,
         )
+        if admitted.budget_limit is not None:
+            headers["X-Budget-Limit"] = str(admitted.budget_limit)
+            headers["X-Budget-Remaining"] = str(admitted.budget_remaining)
+            if admitted.budget_reset is not None:
+                headers["X-Budget-Reset"] = admitted.budget_reset.isoformat()
+        return content, headers
+
+    def _on_alarms(
+        self, principal: Principal, model: str, policy: ModelPolicy, alarms: list[Alarm]
+    ) -> None:
+        """Apply the model's alarm action; audit each alarm at most once a minute per caller."""
+        action = policy.on_alarm
+        now = time.monotonic()
+        for alarm in alarms:
+            key = (principal.key_id, model, alarm.detector)
+            if now - self._alarm_seen.get(key, -1e9) < 60.0 and action in ("log", "alert"):
+                continue
+            self._alarm_seen[key] = now
+            log.warning(
+                "extraction alarm: detector %s on model %s for key %s (score %s, action %s)",
+                alarm.detector,
+                model,
+                principal.key_id,
+                alarm.score,
+                action,
+            )
+            self.record(
+                principal.key_id,
+                "detector.alarm",
+                _target(model),
+                "success",
+                {
+                    "detector": alarm.detector,
+                    "score": alarm.score,
+                    "samples": alarm.samples,
+                    "action": action,
+                },
+            )
+        if action in ("throttle", "block"):
+            reason = ", ".join(f"{a.detector} alarm (score {a.score})" for a in alarms)
+            self.store.restrict_key(
+                model, principal.key_id, kind=action, reason=reason, now=self._clock()
+            )
+            self.refresh()
+            if action == "block":
+                raise Forbidden(
+                    f"access to model '{model}' is suspended for this key; an admin can lift it"
+                    " with `modelkeep policy unblock`"
+                )
 
     # -- management ----------------------------------------------------------------------
     # Management calls refresh first: each worker's snapshot may lag other workers' writes
@@ -525,6 +613,63 @@ class Service:
             self._model(principal, Action.MODEL_CONFIGURE, model)
             self.store.remove_publisher(model, fingerprint)
         self.refresh()
+
+    # -- guard policy --------------------------------------------------------------------
+
+    def get_policy(self, principal: Principal, model: str) -> tuple[ModelPolicy, ModelRecord]:
+        self.refresh()
+        record = self._model(principal, Action.POLICY_READ, model)
+        return self.gate.policy(record.name, record.policy), record
+
+    def set_policy(self, principal: Principal, model: str, policy: dict[str, Any]) -> ModelPolicy:
+        """Replace a model's guard policy (validated first); audited."""
+        self.refresh()
+        details: dict[str, Any] = {}
+        with self._audited(principal, "policy.set", _target(model), details):
+            self._model(principal, Action.MODEL_CONFIGURE, model)
+            parsed = ModelPolicy.from_json(policy)
+            shown = parsed.to_json()
+            shown.pop("ood_reference", None)
+            details["policy"] = shown
+            self.store.set_policy(model, parsed.dumps(), actor=principal.key_id, now=self._clock())
+        self.refresh()
+        return parsed
+
+    def calibrate_policy(
+        self, principal: Principal, model: str, rows: list[list[float]]
+    ) -> ModelPolicy:
+        """Set the PRADA threshold and the OOD reference from benign rows of the default version.
+
+        The rows are split among simulated benign callers; the threshold sits below the lowest
+        Shapiro-Wilk W any of them reaches (``calibrate_prada``).
+        """
+        self.refresh()
+        details: dict[str, Any] = {"rows": len(rows)}
+        with self._audited(principal, "policy.calibrate", _target(model), details):
+            record = self._model(principal, Action.MODEL_CONFIGURE, model)
+            found = self._version(record, None)
+            policy = self.gate.policy(record.name, record.policy)
+            threshold, reference = calibrate(self._session(found), found.signature, rows)
+            details["prada_threshold"] = threshold
+            updated = policy.updated(prada_threshold=threshold, ood_reference=reference.to_json())
+            self.store.set_policy(model, updated.dumps(), actor=principal.key_id, now=self._clock())
+        self.refresh()
+        return updated
+
+    def unblock(self, principal: Principal, model: str, key_id: str) -> None:
+        """Lift a detector's block or throttle of ``key_id`` on ``model``; audited."""
+        self.refresh()
+        with self._audited(principal, "policy.unblock", _target(model), {"key": key_id[:32]}):
+            record = self._model(principal, Action.MODEL_CONFIGURE, model)
+            self.store.lift_restriction(model, key_id)
+            self.gate.reset(key_id, model, list(record.versions))
+        self.refresh()
+
+    def reset_budget(self, principal: Principal, model: str, key_id: str) -> None:
+        self.refresh()
+        with self._audited(principal, "budget.reset", _target(model), {"key": key_id[:32]}):
+            self._model(principal, Action.MODEL_CONFIGURE, model)
+            self.gate.admission.reset_budget(key_id, model)
 
     def list_models(self, principal: Principal) -> list[ModelRecord]:
         self.refresh()

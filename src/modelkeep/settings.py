@@ -35,6 +35,16 @@ class Settings(BaseSettings):
     max_tensor_elements: int = Field(default=16_000_000, ge=1)
     # How often each worker looks for changes (keys, labels, versions); bounds revocation delay.
     refresh_interval_s: float = Field(default=0.25, gt=0, le=5)
+    # Where rate limits, budgets and concurrency are counted: memory:// per process, or
+    # redis://host:port/db shared by every worker and replica. Unreachable means refusal.
+    limits_storage: str = "memory://"
+    # Inference requests waiting or running per worker before new ones are shed with 503.
+    max_queue: int = Field(default=64, ge=1)
+    # Inference bodies up to this size run inline on the event loop (faster for small models);
+    # larger ones, or any when limits are counted in Redis, run in a thread under the timeout.
+    inline_max_bytes: int = Field(default=64 * 1024, ge=0)
+    # A request still running after this is answered 503 (its thread finishes in the background).
+    inference_timeout_s: float = Field(default=30.0, gt=0)
     # How often each worker signs the audit chain's head (also at shutdown).
     audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
     # Threads per ONNX Runtime session; 0 lets ONNX Runtime decide.

@@ -46,6 +46,8 @@ class Action(StrEnum):
     LABEL_DELETE = "label.delete"
     # Create a model, change its settings (signature requirement) and trusted publishers.
     MODEL_CONFIGURE = "model.configure"
+    # Read a model's guard policy and the keys its detectors restricted.
+    POLICY_READ = "policy.read"
     KEY_CREATE = "key.create"
     KEY_LIST = "key.list"
     KEY_REVOKE = "key.revoke"
@@ -60,6 +62,7 @@ MODEL_ACTIONS: Final[frozenset[Action]] = frozenset(
         Action.LABEL_SET,
         Action.LABEL_DELETE,
         Action.MODEL_CONFIGURE,
+        Action.POLICY_READ,
     }
 )
 

@@ -170,3 +170,26 @@ audit_checkpoints = Table(
     Column("signature", LargeBinary, nullable=False),
     Column("key_id", String(64), nullable=False),
 )
+
+# Per-model guard policy (limits, budgets, output hardening, detection) as validated JSON, and the
+# keys a detector suspended or throttled on a model until an admin lifts it. Both are read into
+# every worker's snapshot, so a block reaches every replica like a revocation does.
+model_policies = Table(
+    "model_policies",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("policy", Text, nullable=False),
+    Column("updated_by", String(64), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+key_restrictions = Table(
+    "key_restrictions",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("key_id", String(32), primary_key=True),
+    # "block": no access to the model; "throttle": its rates are cut.
+    Column("kind", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)

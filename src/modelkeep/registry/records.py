@@ -61,6 +61,10 @@ class ModelRecord:
     publishers: MappingProxyType[str, str] = field(
         default_factory=lambda: MappingProxyType({})
     )  # fingerprint -> PEM public key
+    policy: str | None = None  # the guard policy as JSON (modelkeep.guard.policy); None = defaults
+    restrictions: MappingProxyType[str, tuple[str, str]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )  # key id -> (kind "block" | "throttle", reason)
 
     @property
     def latest_version(self) -> int | None:

@@ -144,6 +144,8 @@ class MetadataStore:
             ).all()
             key_rows = conn.execute(sa.select(t.api_keys)).all()
             publisher_rows = conn.execute(sa.select(t.publishers)).all()
+            policy_rows = conn.execute(sa.select(t.model_policies)).all()
+            restriction_rows = conn.execute(sa.select(t.key_restrictions)).all()
         names = {row.id: row.name for row in model_rows}
         by_model: dict[int, dict[int, VersionRecord]] = {row.id: {} for row in model_rows}
         for row in version_rows:
@@ -154,6 +156,10 @@ class MetadataStore:
         publishers: dict[int, dict[str, str]] = {row.id: {} for row in model_rows}
         for row in publisher_rows:
             publishers[row.model_id][row.fingerprint] = row.pem
+        policies = {row.model_id: row.policy for row in policy_rows}
+        restrictions: dict[int, dict[str, tuple[str, str]]] = {row.id: {} for row in model_rows}
+        for row in restriction_rows:
+            restrictions[row.model_id][row.key_id] = (row.kind, row.reason)
         models = {
             row.name: ModelRecord(
                 name=row.name,
@@ -164,6 +170,8 @@ class MetadataStore:
                 labels=MappingProxyType(label_map[row.id]),
                 require_signature=bool(row.require_signature),
                 publishers=MappingProxyType(publishers[row.id]),
+                policy=policies.get(row.id),
+                restrictions=MappingProxyType(restrictions[row.id]),
             )
             for row in model_rows
         }
@@ -254,6 +262,48 @@ class MetadataStore:
             ).rowcount
             if not deleted:
                 raise NotFound(f"model '{model}' does not trust that publisher key")
+
+    def set_policy(self, model: str, policy_json: str, *, actor: str, now: datetime) -> None:
+        """Replace a model's guard policy (validated JSON made by modelkeep.guard.policy)."""
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            conn.execute(sa.delete(t.model_policies).where(t.model_policies.c.model_id == model_id))
+            conn.execute(
+                sa.insert(t.model_policies).values(
+                    model_id=model_id, policy=policy_json, updated_by=actor, updated_at=now
+                )
+            )
+
+    def restrict_key(
+        self, model: str, key_id: str, *, kind: str, reason: str, now: datetime
+    ) -> None:
+        """Block or throttle a key on a model; a block is never weakened to a throttle."""
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            where = (t.key_restrictions.c.model_id == model_id) & (
+                t.key_restrictions.c.key_id == key_id
+            )
+            current = conn.execute(sa.select(t.key_restrictions.c.kind).where(where)).scalar()
+            if current == "block" or current == kind:
+                return
+            conn.execute(sa.delete(t.key_restrictions).where(where))
+            conn.execute(
+                sa.insert(t.key_restrictions).values(
+                    model_id=model_id, key_id=key_id, kind=kind, reason=reason, created_at=now
+                )
+            )
+
+    def lift_restriction(self, model: str, key_id: str) -> None:
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            deleted = conn.execute(
+                sa.delete(t.key_restrictions).where(
+                    (t.key_restrictions.c.model_id == model_id)
+                    & (t.key_restrictions.c.key_id == key_id)
+                )
+            ).rowcount
+            if not deleted:
+                raise NotFound(f"key is neither blocked nor throttled on model '{model}'")
 
     def add_version(self, new: NewVersion) -> None:
         """Record a version whose sealed blob is already stored; the model must exist.

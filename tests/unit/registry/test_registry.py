@@ -271,3 +271,21 @@ def test_migrate_is_idempotent(store: MetadataStore) -> None:
     store.migrate()
     store.migrate()
     assert store.generation() == 0
+
+
+def test_policies_and_key_restrictions(store: MetadataStore) -> None:
+    store.put_model("m", actor="admin", now=NOW)
+    assert store.snapshot().models["m"].policy is None
+    store.set_policy("m", '{"output": "round=2"}', actor="admin", now=NOW)
+    store.set_policy("m", '{"output": "top_k=1"}', actor="admin", now=NOW)
+    assert store.snapshot().models["m"].policy == '{"output": "top_k=1"}'
+    store.restrict_key("m", "k1", kind="throttle", reason="prada", now=NOW)
+    store.restrict_key("m", "k1", kind="block", reason="prada again", now=NOW)
+    store.restrict_key("m", "k1", kind="throttle", reason="never weakens", now=NOW)
+    assert dict(store.snapshot().models["m"].restrictions) == {"k1": ("block", "prada again")}
+    store.lift_restriction("m", "k1")
+    assert dict(store.snapshot().models["m"].restrictions) == {}
+    with pytest.raises(NotFound):
+        store.lift_restriction("m", "k1")
+    with pytest.raises(NotFound):
+        store.set_policy("nope", "{}", actor="admin", now=NOW)

@@ -1,0 +1,215 @@
+"""The inference gate: what the guard does around one inference call.
+
+Before: admission (size, rates, budget, concurrency) under the model's policy. After: feed the
+extraction detectors with the caller's query and the model's answer, then harden the outputs
+for the caller's role. The service decides what an alarm leads to (log, alert, throttle, block).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelkeep.errors import InvalidInput
+from modelkeep.guard.admission import Admission, Admitted
+from modelkeep.guard.detection import (
+    DetectorState,
+    InMemoryDetectorState,
+    OodMonitor,
+    OodReference,
+    PradaConfig,
+    PradaDetector,
+    calibrate_prada,
+)
+from modelkeep.guard.hardening import harden, score_outputs_of
+from modelkeep.guard.policy import THROTTLE_FACTOR, ModelPolicy
+from modelkeep.runtime.base import LoadedModel
+from modelkeep.runtime.signature import ModelSignature, numpy_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    detector: str
+    score: float | None
+    samples: int
+
+
+def request_rows(inputs: Mapping[str, np.ndarray]) -> int:
+    """Rows in a request: the leading dimension of its inputs (1 for scalars)."""
+    first = next(iter(inputs.values()), None)
+    if first is None or first.ndim == 0:
+        return 1
+    return int(first.shape[0])
+
+
+class InferenceGate:
+    """Admission, detection and hardening for every model of one worker."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        *,
+        state_factory: Callable[[], DetectorState] = InMemoryDetectorState,
+    ) -> None:
+        self.admission = admission
+        self._state_factory = state_factory
+        self._policies: dict[tuple[str, str | None], ModelPolicy] = {}
+        self._prada: dict[tuple[str, float | None], PradaDetector] = {}
+        self._ood: dict[tuple[str, int], OodMonitor] = {}
+        self._lock = threading.Lock()
+
+    def policy(self, model: str, policy_json: str | None) -> ModelPolicy:
+        """The parsed policy, cached per stored text (parsed once, not per request)."""
+        key = (model, policy_json)
+        found = self._policies.get(key)
+        if found is None:
+            found = ModelPolicy.loads(policy_json)
+            with self._lock:
+                self._policies = {k: v for k, v in self._policies.items() if k[0] != model}
+                self._policies[key] = found
+        return found
+
+    def admit(
+        self, principal: str, model: str, rows: int, policy: ModelPolicy, *, throttled: bool
+    ) -> Admitted:
+        factor = THROTTLE_FACTOR if throttled else 1.0
+        return self.admission.admit(principal, model, rows, policy.limits, throttle_factor=factor)
+
+    def observe(
+        self,
+        principal: str,
+        model: str,
+        version: int,
+        policy: ModelPolicy,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        signature: ModelSignature,
+    ) -> list[Alarm]:
+        """Feed the enabled detectors; returns the alarms raised by this request."""
+        if not policy.detect:
+            return []
+        x = _features(inputs)
+        if x is None:
+            return []
+        client = f"{principal}@{version}"
+        alarms: list[Alarm] = []
+        if "prada" in policy.detect:
+            predicted = _predicted(outputs, signature)
+            if predicted is not None and len(predicted) == len(x):
+                result = self._prada_for(model, policy.prada_threshold).observe(
+                    client, x, predicted
+                )
+                if result.alarm:
+                    alarms.append(Alarm("prada", result.score, result.samples))
+        if "ood" in policy.detect and policy.ood_reference is not None:
+            monitor = self._ood_for(model, policy)
+            result = monitor.observe(client, x)
+            if result.alarm:
+                alarms.append(Alarm("ood", result.score, result.samples))
+        return alarms
+
+    def reset(self, principal: str, model: str, versions: list[int]) -> None:
+        """Forget a caller's detector history on a model (an admin lifted its block)."""
+        for (name, _), detector in list(self._prada.items()):
+            if name == model:
+                for version in versions:
+                    detector.reset(f"{principal}@{version}")
+        for (name, _), monitor in list(self._ood.items()):
+            if name == model:
+                for version in versions:
+                    monitor.reset(f"{principal}@{version}")
+
+    @staticmethod
+    def harden(
+        policy: ModelPolicy,
+        role: str,
+        outputs: Mapping[str, np.ndarray],
+        signature: ModelSignature,
+    ) -> dict[str, np.ndarray]:
+        output_policy = policy.output_policy(role)
+        if output_policy.kind == "full":
+            return dict(outputs)
+        return harden(output_policy, outputs, score_outputs=score_outputs_of(signature))
+
+    def _prada_for(self, model: str, threshold: float | None) -> PradaDetector:
+        key = (model, threshold)
+        detector = self._prada.get(key)
+        if detector is None:
+            config = PradaConfig() if threshold is None else PradaConfig(threshold=threshold)
+            with self._lock:
+                detector = self._prada.setdefault(
+                    key, PradaDetector(config, state=self._state_factory())
+                )
+        return detector
+
+    def _ood_for(self, model: str, policy: ModelPolicy) -> OodMonitor:
+        assert policy.ood_reference is not None
+        key = (model, id(policy.ood_reference))
+        monitor = self._ood.get(key)
+        if monitor is None:
+            with self._lock:
+                monitor = self._ood.setdefault(
+                    key, OodMonitor(policy.ood_reference, state=self._state_factory())
+                )
+        return monitor
+
+
+def _features(inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The first input as a (rows, features) float matrix, if it is numeric."""
+    first = next(iter(inputs.values()), None)
+    if first is None or first.ndim == 0 or first.dtype.kind not in "biuf":
+        return None
+    return np.asarray(first, dtype=np.float64).reshape(first.shape[0], -1)
+
+
+def _predicted(outputs: Mapping[str, np.ndarray], signature: ModelSignature) -> np.ndarray | None:
+    """The predicted class per row: an integer or string label output, else the top score."""
+    for spec in signature.outputs:
+        value = outputs.get(spec.name)
+        if value is not None and value.ndim == 1 and value.dtype.kind in "iuO":
+            return value
+    for name in score_outputs_of(signature):
+        value = outputs.get(name)
+        if value is not None and value.ndim == 2:
+            top: np.ndarray = np.argmax(value, axis=1)
+            return top
+    return None
+
+
+def calibrate(
+    model: LoadedModel,
+    signature: ModelSignature,
+    rows: list[list[float]],
+) -> tuple[float, OodReference]:
+    """A PRADA threshold and an OOD reference from benign rows run through ``model``.
+
+    The rows are dealt to simulated benign callers of ``3 * min_samples`` queries each (a
+    caller's first query per class yields no distance, so shorter streams never score).
+    """
+    if len(signature.inputs) != 1:
+        raise InvalidInput("calibration needs a model with exactly one input")
+    spec = signature.inputs[0]
+    try:
+        x = np.asarray(rows, dtype=numpy_dtype(spec.datatype))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput("benign rows must be a rectangular list of numbers") from exc
+    per_client = 3 * PradaConfig().min_samples
+    if x.ndim != 2 or len(x) < 2 * per_client:
+        raise InvalidInput(
+            f"give at least {2 * per_client} benign rows (two or more simulated callers of"
+            f" {per_client} queries each)"
+        )
+    clients = len(x) // per_client
+    outputs = model.run({spec.name: x})
+    predicted = _predicted(outputs, signature)
+    if predicted is None:
+        raise InvalidInput("the model has no label or score output to calibrate on")
+    features = x.astype(np.float64).reshape(len(x), -1)
+    streams = [(features[i::clients], predicted[i::clients]) for i in range(clients)]
+    return calibrate_prada(streams), OodMonitor.fit(features)

@@ -1,0 +1,120 @@
+"""A model's guard policy: admission limits, output hardening per role, extraction detection.
+
+Stored as JSON with the model (one policy per model, every version) and parsed once per snapshot.
+Every field is validated here, so a stored policy is always one the server can apply.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from modelkeep.errors import InvalidInput
+from modelkeep.guard.admission import Limits
+from modelkeep.guard.detection import OodReference
+from modelkeep.guard.hardening import OutputPolicy
+
+DETECTORS = frozenset({"prada", "ood"})
+ALARM_ACTIONS = ("log", "alert", "throttle", "block")
+ROLES = ("admin", "publisher", "consumer", "auditor")
+# A throttled caller keeps this share of its rates.
+THROTTLE_FACTOR = 0.1
+_FULL = OutputPolicy.parse("full")
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """Everything the guard applies to one model's inference requests."""
+
+    limits: Limits = field(default_factory=Limits)
+    output: OutputPolicy = _FULL
+    output_for: Mapping[str, OutputPolicy] = field(default_factory=lambda: MappingProxyType({}))
+    detect: frozenset[str] = frozenset()
+    on_alarm: str = "log"
+    prada_threshold: float | None = None
+    ood_reference: OodReference | None = None
+
+    def output_policy(self, role: str) -> OutputPolicy:
+        """The hardening a caller of ``role`` gets."""
+        return self.output_for.get(role, self.output)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "limits": self.limits.to_json(),
+            "output": str(self.output),
+            "output_for": {role: str(p) for role, p in sorted(self.output_for.items())},
+            "detect": sorted(self.detect),
+            "on_alarm": self.on_alarm,
+            "prada_threshold": self.prada_threshold,
+            "ood_reference": None if self.ood_reference is None else self.ood_reference.to_json(),
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelPolicy:
+        """Parse and validate; InvalidInput names the field at fault."""
+        if not isinstance(data, Mapping):
+            raise InvalidInput("a policy must be a JSON object")
+        unknown = set(data) - {
+            "limits",
+            "output",
+            "output_for",
+            "detect",
+            "on_alarm",
+            "prada_threshold",
+            "ood_reference",
+        }
+        if unknown:
+            raise InvalidInput(f"unknown policy fields: {', '.join(sorted(unknown))[:200]}")
+        output_for = data.get("output_for") or {}
+        if not isinstance(output_for, Mapping) or not all(role in ROLES for role in output_for):
+            raise InvalidInput(f"output_for maps roles ({', '.join(ROLES)}) to output policies")
+        detect = data.get("detect") or []
+        if not isinstance(detect, list) or not set(detect) <= DETECTORS:
+            raise InvalidInput("detect is a list of: prada, ood")
+        on_alarm = data.get("on_alarm", "log")
+        if on_alarm not in ALARM_ACTIONS:
+            raise InvalidInput(f"on_alarm is one of: {', '.join(ALARM_ACTIONS)}")
+        threshold = data.get("prada_threshold")
+        if threshold is not None and (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not 0 < threshold < 1
+        ):
+            raise InvalidInput("prada_threshold is a number between 0 and 1")
+        reference = data.get("ood_reference")
+        return cls(
+            limits=Limits.from_json(data.get("limits") or {}),
+            output=OutputPolicy.parse(str(data.get("output", "full"))),
+            output_for=MappingProxyType(
+                {role: OutputPolicy.parse(str(p)) for role, p in output_for.items()}
+            ),
+            detect=frozenset(detect),
+            on_alarm=on_alarm,
+            prada_threshold=None if threshold is None else float(threshold),
+            ood_reference=None if reference is None else OodReference.from_json(reference),
+        )
+
+    @classmethod
+    def loads(cls, text: str | None) -> ModelPolicy:
+        if text is None:
+            return cls()
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InvalidInput("the policy is not valid JSON") from exc
+        return cls.from_json(data)
+
+    def updated(self, **changes: Any) -> ModelPolicy:
+        """A copy with some fields changed, validated like a stored policy."""
+        return ModelPolicy.from_json({**self.to_json(), **changes})
+
+
+DEFAULT_POLICY = ModelPolicy()
+
+__all__ = ["ALARM_ACTIONS", "DEFAULT_POLICY", "DETECTORS", "THROTTLE_FACTOR", "ModelPolicy"]
