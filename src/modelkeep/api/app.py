@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from modelkeep import __version__
 from modelkeep.service import Service
@@ -13,12 +14,15 @@ from modelkeep.settings import Settings
 
 from ._auth import AuthenticationMiddleware
 from ._errors import install_error_handlers
+from ._fast import FastInfer
+from ._infer import InferRunner
 from ._limits import BodyLimitMiddleware
 from .management import management_router
+from .policy import policy_router
 from .v2 import v2_router
 
 
-def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
+def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
     """Build the app. With ``manage_lifecycle`` the app starts and stops the service's poller."""
 
     @asynccontextmanager
@@ -43,6 +47,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     install_error_handlers(app)
     app.include_router(v2_router(service))
     app.include_router(management_router(service))
+    app.include_router(policy_router(service))
     # The last added runs first: authentication, then the body limit, so a caller without
     # a valid key never gets a byte of its body read.
     app.add_middleware(
@@ -51,10 +56,10 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
         max_upload_bytes=service.settings.max_upload_bytes,
     )
     app.add_middleware(AuthenticationMiddleware, service=service)
-    return app
+    return FastInfer(app, service, InferRunner(service))
 
 
-def create_app_from_env() -> FastAPI:
+def create_app_from_env() -> ASGIApp:
     """Factory for uvicorn workers: settings come from MODELKEEP_* variables."""
     settings = Settings()  # data_dir comes from MODELKEEP_DATA_DIR
     return create_app(Service.open(settings))

@@ -14,6 +14,7 @@ from modelkeep.service import Service
 from ._auth import principal_of
 from ._body import read_body
 from ._errors import error_response
+from ._infer import InferRunner
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -59,12 +60,15 @@ def v2_router(service: Service) -> APIRouter:
     async def version_ready(request: Request, model: str, version: str) -> Response:
         return await _ready(request, model, version)
 
+    runner = InferRunner(service)
+
     async def _infer(request: Request, model: str, version: str | None) -> Response:
-        principal = principal_of(request)
+        # Served by the fast path (_fast.py) in a running server; kept for the OpenAPI
+        # description and for apps built without it.
         header_length = _header_length(request)
         body = await read_body(request, max_body)
-        content, headers = await run_in_threadpool(
-            service.infer, principal, model, version, body, header_length=header_length
+        content, headers = await runner.run(
+            principal_of(request), model, version, body, header_length
         )
         media_type = headers.pop("content-type", "application/json")
         return Response(content, media_type=media_type, headers=headers)

@@ -1,0 +1,117 @@
+"""The fast path for V2 inference: a few lines of pure ASGI in front of FastAPI.
+
+Routing and dependency handling in FastAPI cost several times a small model's inference
+(bench/README.md). Infer requests are recognised here and handed to the same service calls the
+FastAPI routes use, with the same checks in the same order: authentication, the body limit,
+the bounded queue, then the service (authorization, validation, admission, runtime, guard).
+Everything else goes on to FastAPI.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from modelkeep.auth import AuthFailure
+from modelkeep.errors import InvalidInput, ModelkeepError, TooLarge
+from modelkeep.service import Service
+
+from ._errors import error_response, modelkeep_error_response
+from ._infer import InferRunner
+from ._limits import limit_message
+
+log = logging.getLogger(__name__)
+
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
+
+
+class FastInfer:
+    def __init__(self, app: ASGIApp, service: Service, runner: InferRunner) -> None:
+        self.app = app
+        self.service = service
+        self.runner = runner
+        self.max_body = service.settings.max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        match = INFER_PATH.fullmatch(scope["path"])
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        model, version = match.group(1), match.group(2)
+        scope["path_params"] = {"model": model, **({"version": version} if version else {})}
+        scope.setdefault("state", {})["route"] = INFER_ROUTES[version is not None]
+        try:
+            content, headers = await self._handle(scope, receive, model, version)
+        except ModelkeepError as exc:
+            await modelkeep_error_response(exc)(scope, receive, send)
+            return
+        except Exception:
+            log.exception("unhandled error in inference")
+            await error_response(500, "internal error")(scope, receive, send)
+            return
+        media_type = headers.pop("content-type", "application/json")
+        raw = [
+            (b"content-type", media_type.encode("latin-1")),
+            (b"content-length", str(len(content)).encode("latin-1")),
+        ]
+        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": 200, "headers": raw})
+        await send({"type": "http.response.body", "body": content})
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, model: str, version: str | None
+    ) -> tuple[bytes, dict[str, str]]:
+        authorization = None
+        content_length = None
+        header_length = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                content_length = value
+            elif name == b"inference-header-content-length":
+                header_length = value
+        # 1. Authentication (a refusal is audited before the 401 leaves).
+        try:
+            principal = self.service.authenticate(authorization)
+        except AuthFailure as exc:
+            client = scope.get("client")
+            await run_in_threadpool(
+                self.service.record_auth_failure, exc, client[0] if client else None
+            )
+            raise
+        scope["state"]["principal"] = principal
+        # 2. The body, refused as soon as it passes the limit.
+        if content_length is not None:
+            if not content_length.isdigit():
+                raise InvalidInput("invalid Content-Length header")
+            if int(content_length) > self.max_body:
+                raise TooLarge(limit_message(self.max_body))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidInput("the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise TooLarge(limit_message(self.max_body))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        scope["state"]["body"] = body
+        if header_length is not None:
+            if not header_length.isdigit() or len(header_length) > 12:
+                raise InvalidInput("invalid Inference-Header-Content-Length header")
+            header_length = int(header_length)
+        # 3. Queue, then the service: authorization, validation, admission, runtime, guard.
+        return await self.runner.run(principal, model, version, body, header_length)

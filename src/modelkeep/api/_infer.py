@@ -1,0 +1,64 @@
+"""Running one V2 inference call: the bounded queue, inline or threaded execution, the timeout.
+
+Shared by the fast path (``_fast.py``), which serves every infer request, and the FastAPI
+routes that describe them in the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import anyio
+from starlette.concurrency import run_in_threadpool
+
+from modelkeep.auth import Principal
+from modelkeep.errors import Unavailable
+from modelkeep.service import Service
+
+
+class InferRunner:
+    """Per worker: at most ``max_queue`` infer calls waiting or running, the rest shed (503).
+
+    Small requests run inline on the event loop: a thread hand-off costs more than a small
+    model's inference (bench/README.md) and, with many threads contending for the GIL, makes
+    the tail latency much worse. Large requests, and any request whose admission talks to a
+    shared counter store over the network, run in the thread pool under the timeout.
+    """
+
+    def __init__(self, service: Service) -> None:
+        settings = service.settings
+        self.service = service
+        self.in_flight = 0
+        self.max_queue = settings.max_queue
+        self.timeout = settings.inference_timeout_s
+        self.inline_max_bytes = (
+            settings.inline_max_bytes if settings.limits_storage == "memory://" else -1
+        )
+
+    async def run(
+        self,
+        principal: Principal,
+        model: str,
+        version: str | None,
+        body: bytes,
+        header_length: int | None,
+    ) -> tuple[bytes, dict[str, str]]:
+        if self.in_flight >= self.max_queue:
+            raise Unavailable("the server is overloaded; retry shortly", retry_after=1)
+        self.in_flight += 1
+        try:
+            if len(body) <= self.inline_max_bytes:
+                return self.service.infer(
+                    principal, model, version, body, header_length=header_length
+                )
+            with anyio.fail_after(self.timeout):
+                return await run_in_threadpool(
+                    self.service.infer,
+                    principal,
+                    model,
+                    version,
+                    body,
+                    header_length=header_length,
+                )
+        except TimeoutError:
+            raise Unavailable("inference timed out", retry_after=1) from None
+        finally:
+            self.in_flight -= 1
