@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-unit lint bench clean
+.PHONY: venv demo test test-unit lint bench bench-scan bench-extraction clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ lint: $(STAMP)
 ## Throughput and latency of the full path against a bare ONNX Runtime endpoint.
 bench: $(STAMP)
 	$(BIN)/python bench/bench_infer.py
+
+## How long scanning a 1 GiB safetensors file and a 1 GiB ONNX model takes.
+bench-scan: $(STAMP)
+	$(BIN)/python bench/bench_scan.py
+
+## An extraction attack against a model with and without each hardening policy.
+bench-extraction: $(STAMP)
+	$(BIN)/python bench/bench_extraction.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
