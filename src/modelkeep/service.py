@@ -23,7 +23,16 @@ from typing import Any
 
 from modelkeep import __version__
 from modelkeep.audit import KEY_FILE as AUDIT_KEY_FILE
-from modelkeep.audit import AuditEvent, AuditLog, CheckpointSigner
+from modelkeep.audit import (
+    AuditEntry,
+    AuditEvent,
+    AuditLog,
+    CheckpointSigner,
+    VerifyResult,
+    public_key_path,
+    verify_chain,
+)
+from modelkeep.audit import load_public_key as load_audit_public_key
 from modelkeep.auth import AuthFailure, KeyRecord, Principal, authenticate, generate_api_key
 from modelkeep.auth.principal import ROLES
 from modelkeep.bootstrap import BLOB_DIR, DB_FILE, KEK_FILE
@@ -613,6 +622,43 @@ class Service:
             self._model(principal, Action.MODEL_CONFIGURE, model)
             self.store.remove_publisher(model, fingerprint)
         self.refresh()
+
+    # -- audit ---------------------------------------------------------------------------
+
+    def audit_entries(
+        self,
+        principal: Principal,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+        model: str | None = None,
+        limit: int = 1000,
+    ) -> list[AuditEntry]:
+        """Audit entries matching the filters, newest first (auditors and admins)."""
+        self.authorizer.check(principal, Action.AUDIT_READ)
+        return list(
+            self.audit.entries(
+                since=since,
+                until=until,
+                actor=actor,
+                action=action,
+                model=model,
+                limit=limit,
+                newest_first=True,
+            )
+        )
+
+    def audit_verify(self, principal: Principal) -> VerifyResult:
+        """Verify the whole chain and its signed checkpoints (auditors and admins)."""
+        self.authorizer.check(principal, Action.AUDIT_READ)
+        public_key = None
+        if self.settings.data_dir is not None:
+            public_key = load_audit_public_key(
+                public_key_path(self.settings.data_dir / AUDIT_KEY_FILE)
+            )
+        return verify_chain(self.store.engine, public_key)
 
     # -- guard policy --------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from ._errors import install_error_handlers
 from ._fast import FastInfer
 from ._infer import InferRunner
 from ._limits import BodyLimitMiddleware
+from .audit import audit_router
 from .management import management_router
 from .policy import policy_router
 from .v2 import v2_router
@@ -48,6 +49,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
     app.include_router(v2_router(service))
     app.include_router(management_router(service))
     app.include_router(policy_router(service))
+    app.include_router(audit_router(service))
     # The last added runs first: authentication, then the body limit, so a caller without
     # a valid key never gets a byte of its body read.
     app.add_middleware(

@@ -33,6 +33,10 @@ from modelkeep.runtime.signature import ModelSignature, numpy_dtype
 log = logging.getLogger(__name__)
 
 
+# What admission grants when a model has no limits: nothing counted, nothing to release.
+_UNLIMITED = Admitted()
+
+
 @dataclass(frozen=True, slots=True)
 class Alarm:
     detector: str
@@ -78,6 +82,8 @@ class InferenceGate:
     def admit(
         self, principal: str, model: str, rows: int, policy: ModelPolicy, *, throttled: bool
     ) -> Admitted:
+        if not policy.limited:
+            return _UNLIMITED
         factor = THROTTLE_FACTOR if throttled else 1.0
         return self.admission.admit(principal, model, rows, policy.limits, throttle_factor=factor)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
@@ -36,6 +37,11 @@ class ModelPolicy:
     on_alarm: str = "log"
     prada_threshold: float | None = None
     ood_reference: OodReference | None = None
+
+    @cached_property
+    def limited(self) -> bool:
+        """Whether any admission limit is set (no counter store is touched otherwise)."""
+        return bool(self.limits.to_json())
 
     def output_policy(self, role: str) -> OutputPolicy:
         """The hardening a caller of ``role`` gets."""

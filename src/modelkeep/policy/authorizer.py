@@ -48,6 +48,8 @@ class Action(StrEnum):
     MODEL_CONFIGURE = "model.configure"
     # Read a model's guard policy and the keys its detectors restricted.
     POLICY_READ = "policy.read"
+    # Read and verify the audit log.
+    AUDIT_READ = "audit.read"
     KEY_CREATE = "key.create"
     KEY_LIST = "key.list"
     KEY_REVOKE = "key.revoke"
