@@ -71,6 +71,13 @@ PUT    /api/v1/models/{m}                     401  401 401 401 401 401 200 403 4
 GET    /api/v1/models/{m}/publishers          401  401 401 401 401 401 200 200 200 200 403 403
 POST   /api/v1/models/{m}/publishers          401  401 401 401 401 401 201 403 403 403 403 403
 DELETE /api/v1/models/{m}/publishers/{fp}     401  401 401 401 401 401 204 403 403 403 403 403
+GET    /api/v1/models/{m}/policy              401  401 401 401 401 401 200 403 403 200 403 403
+PUT    /api/v1/models/{m}/policy              401  401 401 401 401 401 200 403 403 403 403 403
+POST   /api/v1/models/{m}/policy/calibrate    401  401 401 401 401 401 400 403 403 403 403 403
+DELETE /api/v1/models/{m}/restrictions/{id}   401  401 401 401 401 401 404 403 403 403 403 403
+POST   /api/v1/models/{m}/budgets/{id}/reset  401  401 401 401 401 401 204 403 403 403 403 403
+GET    /api/v1/audit/entries                  401  401 401 401 401 401 200 403 403 200 403 403
+GET    /api/v1/audit/verify                   401  401 401 401 401 401 200 403 403 200 403 403
 PUT    /api/v1/models/{m}/labels/{l}          401  401 401 401 401 401 200 200 403 403 403 403
 DELETE /api/v1/models/{m}/labels/{l}          401  401 401 401 401 401 204 204 403 403 403 403
 POST   /api/v1/keys                           401  401 401 401 401 401 201 403 403 403 403 403
@@ -111,7 +118,7 @@ def parse_matrix(text: str) -> list[Cell]:
 
 
 CELLS = parse_matrix(MATRIX)
-EXPECTED_ROUTE_COUNT = 25
+EXPECTED_ROUTE_COUNT = 32
 
 
 def test_the_matrix_covers_every_route_and_credential() -> None:
@@ -258,6 +265,15 @@ def test_cell(world: World, cell: Cell) -> None:
     elif route == ("POST", "/api/v1/models/{m}/publishers"):
         kwargs["json"] = {"public_key": fresh_public_key()[1]}
         before = world.model()["publishers"]
+    elif route == ("PUT", "/api/v1/models/{m}/policy"):
+        kwargs["json"] = {"output": "full"}
+    elif route == ("POST", "/api/v1/models/{m}/policy/calibrate"):
+        kwargs["json"] = {"rows": [[5.1, 3.5, 1.4, 0.2]]}  # too few: an allowed caller gets 400
+    elif route in (
+        ("DELETE", "/api/v1/models/{m}/restrictions/{id}"),
+        ("POST", "/api/v1/models/{m}/budgets/{id}/reset"),
+    ):
+        key_id = world.key_ids["consumer"]
     elif route == ("DELETE", "/api/v1/models/{m}/publishers/{fp}"):
         fingerprint, pem = fresh_public_key()
         r = world.admin.post(f"/api/v1/models/{MODEL}/publishers", json={"public_key": pem})
@@ -295,6 +311,15 @@ def test_cell(world: World, cell: Cell) -> None:
         assert expected_description == world.model()["description"]
     elif route == ("POST", "/api/v1/models/{m}/publishers"):
         assert (len(before) + (1 if allowed else 0)) == len(world.model()["publishers"])
+    elif route == ("PUT", "/api/v1/models/{m}/policy"):
+        kwargs["json"] = {"output": "full"}
+    elif route == ("POST", "/api/v1/models/{m}/policy/calibrate"):
+        kwargs["json"] = {"rows": [[5.1, 3.5, 1.4, 0.2]]}  # too few: an allowed caller gets 400
+    elif route in (
+        ("DELETE", "/api/v1/models/{m}/restrictions/{id}"),
+        ("POST", "/api/v1/models/{m}/budgets/{id}/reset"),
+    ):
+        key_id = world.key_ids["consumer"]
     elif route == ("DELETE", "/api/v1/models/{m}/publishers/{fp}"):
         assert allowed == (fingerprint not in world.model()["publishers"])
     elif route == ("DELETE", "/api/v1/models/{m}/labels/{l}"):

@@ -1,0 +1,92 @@
+"""The audit log as the server writes it: what is recorded, verification, crash durability."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from conftest import Server, create_key, init_server, push, run_cli
+from modelkeep.testing import build_iris_onnx
+
+pytestmark = pytest.mark.integration
+
+
+def entries(server: Server, **params: str) -> list[dict[str, object]]:
+    with server.client(server.admin_key) as c:
+        r = c.get("/api/v1/audit/entries", params={"limit": "1000", **params})
+    assert r.status_code == 200, r.text
+    found: list[dict[str, object]] = r.json()["entries"]
+    return found
+
+
+def test_security_events_are_recorded_and_the_chain_verifies(server: Server) -> None:
+    assert push(server, "audited", build_iris_onnx()).status_code == 201
+    key = create_key(server, "auditor")
+    with server.client("mk_aaaaaaaaaaaa_" + "B" * 43) as bad:
+        assert bad.get("/v2").status_code == 401
+    with server.client(server.admin_key) as c:
+        assert c.delete(f"/api/v1/keys/{key['id']}").status_code == 200
+    actions = {(e["action"], e["outcome"]) for e in entries(server)}
+    for expected in [
+        ("server.start", "success"),
+        ("model.configure", "success"),
+        ("publisher.add", "success"),
+        ("model.push", "success"),
+        ("key.create", "success"),
+        ("key.revoke", "success"),
+        ("auth.failure", "denied"),
+    ]:
+        assert expected in actions
+    pushed = next(e for e in entries(server, action="model.push") if e["target"] == "model:audited")
+    details = pushed["details"]
+    assert isinstance(details, dict)
+    assert (details["scan"], details["format"], details["version"]) == ("safe", "onnx", 1)
+    assert str(details["signer"]).startswith("sha256:")
+    # No secret anywhere in the log.
+    dump = json.dumps(entries(server))
+    assert server.admin_key.split("_", 2)[2] not in dump
+    assert str(key["key"]).split("_", 2)[2] not in dump
+    with server.client(server.admin_key) as c:
+        verdict = c.get("/api/v1/audit/verify").json()
+    assert verdict["ok"] is True
+
+
+def test_a_refused_push_is_recorded_with_its_scan_verdict(server: Server) -> None:
+    import pickle
+
+    r = push(server, "refusals", pickle.dumps({"w": [1.0]}))
+    assert r.status_code == 422
+    refused = [e for e in entries(server, action="model.push") if e["target"] == "model:refusals"]
+    assert [(e["outcome"], e["details"]["scan"]) for e in refused] == [  # type: ignore[index]
+        ("failure", "unsafe-format")
+    ]
+
+
+def test_an_acknowledged_admin_action_survives_sigkill_and_tampering_is_detected(
+    tmp_path: Path,
+) -> None:
+    srv = init_server(tmp_path)
+    srv.start()
+    try:
+        key = create_key(srv, "consumer", None, description="made just before the crash")
+    finally:
+        srv.kill()
+    srv.start()
+    try:
+        with srv.client(str(key["key"])) as c:
+            assert c.get("/api/v1/whoami").status_code == 200
+        created = entries(srv, action="key.create")
+        assert [e["details"]["key"] for e in created] == [key["id"]]  # type: ignore[index]
+    finally:
+        srv.stop()
+    ok = run_cli("audit", "verify", "--data-dir", str(srv.data_dir), "--json", check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    with sqlite3.connect(srv.data_dir / "modelkeep.db") as db:
+        db.execute("UPDATE audit_log SET actor = 'someone-else' WHERE action = 'key.create'")
+        bad_seq = db.execute("SELECT seq FROM audit_log WHERE action = 'key.create'").fetchone()[0]
+    broken = run_cli("audit", "verify", "--data-dir", str(srv.data_dir), "--json", check=False)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert json.loads(broken.stdout)["first_bad_seq"] == bad_seq
