@@ -33,6 +33,7 @@ from modelkeep.audit import (
     verify_chain,
 )
 from modelkeep.audit import load_public_key as load_audit_public_key
+from modelkeep.audit.metrics import Metrics
 from modelkeep.auth import AuthFailure, KeyRecord, Principal, authenticate, generate_api_key
 from modelkeep.auth.principal import ROLES
 from modelkeep.bootstrap import BLOB_DIR, DB_FILE, KEK_FILE
@@ -46,6 +47,7 @@ from modelkeep.errors import (
     ModelkeepError,
     ModelRefused,
     NotFound,
+    RateLimited,
     Unavailable,
 )
 from modelkeep.guard.admission import Admission
@@ -104,11 +106,13 @@ class Service:
         authorizer: Authorizer | None = None,
         audit: AuditLog | None = None,
         gate: InferenceGate | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.settings = settings
         self.store = store
         self.audit = audit or AuditLog(store.engine, clock=clock)
+        self.metrics = metrics or Metrics()
         self.registry = Registry(store, blobs, keys, clock=clock)
         self.authorizer = authorizer or Authorizer()
         self._clock = clock
@@ -157,6 +161,9 @@ class Service:
             if self.store.generation() == self._snapshot.generation:
                 return False
             self._snapshot = self.store.snapshot()
+            self.metrics.set_known_models(
+                {name: m.versions.keys() for name, m in self._snapshot.models.items()}
+            )
             self.authorizer.clear_cache()
             # Publishers or settings may have changed: failed loads get another chance.
             self._failed.clear()
@@ -182,6 +189,7 @@ class Service:
             with suppress(ModelkeepError):
                 self.record("server", "server.stop", "server", "success", {"pid": os.getpid()})
                 self.audit.checkpoint()
+        self.metrics.close()
         self.store.close()
 
     def settings_digest(self) -> str:
@@ -202,6 +210,7 @@ class Service:
     ) -> None:
         """Append to the audit log; durable on return (admin and security events)."""
         self.audit.append(AuditEvent(actor, action, target, outcome, details or {}))
+        self.metrics.audit_entry(action=action, outcome=outcome)
 
     @contextmanager
     def _audited(
@@ -225,6 +234,7 @@ class Service:
 
     def record_auth_failure(self, failure: AuthFailure, source: str | None) -> None:
         """Audit a refused credential (security event; durable before the 401 is sent)."""
+        self.metrics.auth_failure(reason=failure.reason)
         self.record(
             "anonymous",
             "auth.failure",
@@ -331,6 +341,10 @@ class Service:
                 )
                 raise self._failed[key] from exc
             self._sessions[key] = session
+            self.metrics.set_models_loaded(len(self._sessions))
+            self.metrics.set_model_memory(
+                model=version.model, version=version.number, nbytes=version.size
+            )
             return session
 
     def _load(self, version: VersionRecord) -> LoadedModel:
@@ -404,8 +418,12 @@ class Service:
         body: bytes,
         *,
         header_length: int | None = None,
+        stats: dict[str, Any] | None = None,
     ) -> tuple[bytes, dict[str, str]]:
-        """Validate a V2 request, admit it, run it, watch it, harden the answer, encode it."""
+        """Validate a V2 request, admit it, run it, watch it, harden the answer, encode it.
+
+        ``stats`` (the request's ASGI state) receives the rows and version for the access log.
+        """
         # 1. Who may run what: Cedar, then any detector restriction on this key and model.
         record = self._model(principal, Action.MODEL_INFER, model)
         restriction = record.restrictions.get(principal.key_id)
@@ -425,16 +443,30 @@ class Service:
         )
         policy = self.gate.policy(record.name, record.policy)
         rows = request_rows(request.inputs)
+        if stats is not None:
+            stats["rows"] = rows
+            stats["version"] = found.number
         # 3. Admission: rows per request, rates, budget, concurrency (counted across replicas).
-        with self.gate.admit(
-            principal.key_id, record.name, rows, policy, throttled=restriction is not None
-        ) as admitted:
+        try:
+            admitted = self.gate.admit(
+                principal.key_id, record.name, rows, policy, throttled=restriction is not None
+            )
+        except RateLimited as exc:
+            self.metrics.rate_limited(
+                model=record.name, reason=str((exc.details or {}).get("limit", "other"))
+            )
+            raise
+        with admitted:
             # Detectors need every output (the predicted label) even when the caller asked
             # for fewer; the encoder applies the caller's filter.
             names = None
             if request.outputs is not None and not policy.detect:
                 names = [o.name for o in request.outputs]
+            started = time.perf_counter()
             outputs = session.run(request.inputs, names)
+            self.metrics.observe_inference(
+                model=record.name, version=found.number, seconds=time.perf_counter() - started
+            )
         # 4. Watch the caller's query stream; an alarm acts before the answer leaves.
         alarms = self.gate.observe(
             principal.key_id,
@@ -469,6 +501,7 @@ class Service:
         action = policy.on_alarm
         now = time.monotonic()
         for alarm in alarms:
+            self.metrics.detector_alarm(model=model, detector=alarm.detector)
             key = (principal.key_id, model, alarm.detector)
             if now - self._alarm_seen.get(key, -1e9) < 60.0 and action in ("log", "alert"):
                 continue
@@ -546,6 +579,7 @@ class Service:
                 report = (exc.details or {}).get("report")
                 if isinstance(report, dict):
                     details["scan"] = report.get("verdict")
+                    self.metrics.scan_refused(verdict=str(report.get("verdict")))
                 raise
             details.update(
                 sha256=hashlib.sha256(data).hexdigest(),
@@ -649,6 +683,11 @@ class Service:
                 newest_first=True,
             )
         )
+
+    def metrics_exposition(self, principal: Principal) -> tuple[bytes, str]:
+        """Prometheus text exposition (auditors and admins)."""
+        self.authorizer.check(principal, Action.AUDIT_READ)
+        return self.metrics.render()
 
     def audit_verify(self, principal: Principal) -> VerifyResult:
         """Verify the whole chain and its signed checkpoints (auditors and admins)."""

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     inline_max_bytes: int = Field(default=64 * 1024, ge=0)
     # A request still running after this is answered 503 (its thread finishes in the background).
     inference_timeout_s: float = Field(default=30.0, gt=0)
+    # One JSON line per request on stdout: who, what, status, latency, rows, an input digest;
+    # never a payload or a credential.
+    access_log: bool = True
     # How often each worker signs the audit chain's head (also at shutdown).
     audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
     # Threads per ONNX Runtime session; 0 lets ONNX Runtime decide.

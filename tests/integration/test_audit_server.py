@@ -90,3 +90,36 @@ def test_an_acknowledged_admin_action_survives_sigkill_and_tampering_is_detected
     broken = run_cli("audit", "verify", "--data-dir", str(srv.data_dir), "--json", check=False)
     assert broken.returncode == 1, broken.stdout + broken.stderr
     assert json.loads(broken.stdout)["first_bad_seq"] == bad_seq
+
+
+def test_metrics_are_for_auditors_and_the_access_log_holds_no_secret(server: Server) -> None:
+    assert push(server, "observed", build_iris_onnx()).status_code == 201
+    consumer = create_key(server, "consumer", ["observed"])
+    auditor = create_key(server, "auditor")
+    marker = 4.123456789
+    body = {
+        "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [marker] * 4}]
+    }
+    with server.client(str(consumer["key"])) as c:
+        assert c.post("/v2/models/observed/infer", json=body).status_code == 200
+        assert c.get("/metrics").status_code == 403
+    with server.client(str(auditor["key"])) as c:
+        r = c.get("/metrics")
+    assert r.status_code == 200, r.text
+    text = r.text
+    for name in (
+        "modelkeep_requests_total",
+        "modelkeep_request_duration_seconds",
+        "modelkeep_inference_duration_seconds",
+        "modelkeep_auth_failures_total",
+        "modelkeep_models_loaded",
+    ):
+        assert name in text
+    assert 'route="/v2/models/{model}/infer"' in text
+    log = server.log()
+    access = [line for line in log.splitlines() if '"event":"access"' in line]
+    assert any('"route":"/v2/models/{model}/infer"' in line for line in access)
+    assert any('"rows":1' in line for line in access)
+    for secret in (server.admin_key, str(consumer["key"]), str(auditor["key"])):
+        assert secret.split("_", 2)[2] not in log
+    assert str(marker) not in log

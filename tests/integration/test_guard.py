@@ -336,6 +336,8 @@ def test_redis_down_means_refusal_not_unlimited(tmp_path: object) -> None:
     try:
         assert push(srv, "closed", build_iris_onnx()).status_code == 201
         with srv.client(srv.admin_key) as c:
+            policy = {"limits": {"rate": "100/second", "budget": "1000/day"}}
+            assert c.put("/api/v1/models/closed/policy", json=policy).status_code == 200
             started = time.monotonic()
             r = c.post("/v2/models/closed/infer", json=body(iris_rows(1)))
             elapsed = time.monotonic() - started

@@ -15,6 +15,7 @@ import re
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from modelkeep.audit.access import input_digest
 from modelkeep.auth import AuthFailure
 from modelkeep.errors import InvalidInput, ModelkeepError, TooLarge
 from modelkeep.service import Service
@@ -108,10 +109,12 @@ class FastInfer:
             if not message.get("more_body", False):
                 break
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        scope["state"]["body"] = body
+        scope["state"]["input_digest"] = input_digest(body)
         if header_length is not None:
             if not header_length.isdigit() or len(header_length) > 12:
                 raise InvalidInput("invalid Inference-Header-Content-Length header")
             header_length = int(header_length)
         # 3. Queue, then the service: authorization, validation, admission, runtime, guard.
-        return await self.runner.run(principal, model, version, body, header_length)
+        return await self.runner.run(
+            principal, model, version, body, header_length, stats=scope["state"]
+        )

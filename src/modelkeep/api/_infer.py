@@ -6,6 +6,8 @@ routes that describe them in the OpenAPI document.
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 from starlette.concurrency import run_in_threadpool
 
@@ -40,14 +42,18 @@ class InferRunner:
         version: str | None,
         body: bytes,
         header_length: int | None,
+        stats: dict[str, Any] | None = None,
     ) -> tuple[bytes, dict[str, str]]:
+        metrics = self.service.metrics
         if self.in_flight >= self.max_queue:
+            metrics.shed(model=model)
             raise Unavailable("the server is overloaded; retry shortly", retry_after=1)
         self.in_flight += 1
+        metrics.set_queue_depth(self.in_flight)
         try:
             if len(body) <= self.inline_max_bytes:
                 return self.service.infer(
-                    principal, model, version, body, header_length=header_length
+                    principal, model, version, body, header_length=header_length, stats=stats
                 )
             with anyio.fail_after(self.timeout):
                 return await run_in_threadpool(
@@ -57,8 +63,10 @@ class InferRunner:
                     version,
                     body,
                     header_length=header_length,
+                    stats=stats,
                 )
         except TimeoutError:
             raise Unavailable("inference timed out", retry_after=1) from None
         finally:
             self.in_flight -= 1
+            metrics.set_queue_depth(self.in_flight)

@@ -5,18 +5,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from modelkeep import __version__
+from modelkeep.audit.access import configure_access_log
 from modelkeep.service import Service
 from modelkeep.settings import Settings
 
-from ._auth import AuthenticationMiddleware
+from ._auth import AuthenticationMiddleware, principal_of
 from ._errors import install_error_handlers
 from ._fast import FastInfer
 from ._infer import InferRunner
 from ._limits import BodyLimitMiddleware
+from ._observe import ObserveMiddleware
 from .audit import audit_router
 from .management import management_router
 from .policy import policy_router
@@ -58,10 +62,22 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
         max_upload_bytes=service.settings.max_upload_bytes,
     )
     app.add_middleware(AuthenticationMiddleware, service=service)
-    return FastInfer(app, service, InferRunner(service))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint(request: Request) -> Response:
+        """Prometheus metrics, for auditor and admin keys."""
+        body, content_type = await run_in_threadpool(
+            service.metrics_exposition, principal_of(request)
+        )
+        return Response(body, media_type=content_type)
+
+    inner = FastInfer(app, service, InferRunner(service))
+    return ObserveMiddleware(inner, service.metrics, access_log=service.settings.access_log)
 
 
 def create_app_from_env() -> ASGIApp:
     """Factory for uvicorn workers: settings come from MODELKEEP_* variables."""
     settings = Settings()  # data_dir comes from MODELKEEP_DATA_DIR
+    if settings.access_log:
+        configure_access_log()
     return create_app(Service.open(settings))

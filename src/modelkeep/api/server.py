@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import ssl
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,19 @@ def run_server(settings: Settings) -> None:
         raise ConfigError("the data directory has no TLS certificate (run `modelkeep init`)")
     prepare(settings)
     _export(settings)
+    metrics_dir = None
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Workers are processes: their metrics meet in files (prometheus_client multiprocess).
+        metrics_dir = tempfile.mkdtemp(prefix="modelkeep-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _serve(settings, cert, key)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(settings: Settings, cert: Path, key: Path) -> None:
     uvicorn.run(
         APP_FACTORY,
         factory=True,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from modelkeep.audit.access import input_digest
 from modelkeep.errors import InvalidInput
 from modelkeep.service import Service
 
@@ -67,8 +68,9 @@ def v2_router(service: Service) -> APIRouter:
         # description and for apps built without it.
         header_length = _header_length(request)
         body = await read_body(request, max_body)
+        request.state.input_digest = input_digest(body)
         content, headers = await runner.run(
-            principal_of(request), model, version, body, header_length
+            principal_of(request), model, version, body, header_length, stats=request.scope["state"]
         )
         media_type = headers.pop("content-type", "application/json")
         return Response(content, media_type=media_type, headers=headers)

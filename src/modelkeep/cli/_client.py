@@ -194,6 +194,34 @@ class ApiClient:
         path = f"{_API}/models/{_segment(model)}/publishers/{_segment(fingerprint)}"
         self._send("DELETE", path)
 
+    # -- guard policy -------------------------------------------------------------------------
+
+    def get_policy(self, model: str) -> JSONObject:
+        """The guard policy of ``model``, with ``restrictions`` (the keys blocked or throttled)."""
+        return self._object("GET", f"{_API}/models/{_segment(model)}/policy")
+
+    def put_policy(self, model: str, policy: JSONObject) -> JSONObject:
+        """Replace the guard policy of ``model`` with ``policy``; returns the stored policy.
+
+        Fields left out get their defaults: send back everything ``get_policy`` returned, with
+        ``ood_reference`` as shown (``{"fitted": true}``), to keep what is not being changed.
+        """
+        return self._object("PUT", f"{_API}/models/{_segment(model)}/policy", json=policy)
+
+    def calibrate_policy(self, model: str, rows: list[list[float]]) -> JSONObject:
+        """Fit the PRADA threshold and the OOD reference of ``model`` on benign ``rows``."""
+        path = f"{_API}/models/{_segment(model)}/policy/calibrate"
+        return self._object("POST", path, json={"rows": rows})
+
+    def unblock_key(self, model: str, key_id: str) -> None:
+        """Lift a detector's block or throttle of ``key_id`` on ``model``."""
+        self._send("DELETE", f"{_API}/models/{_segment(model)}/restrictions/{_segment(key_id)}")
+
+    def reset_budget(self, model: str, key_id: str) -> None:
+        """Give ``key_id`` its whole budget on ``model`` back."""
+        path = f"{_API}/models/{_segment(model)}/budgets/{_segment(key_id)}/reset"
+        self._send("POST", path)
+
     # -- keys ---------------------------------------------------------------------------------
 
     def create_key(

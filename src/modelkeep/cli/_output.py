@@ -221,6 +221,63 @@ def describe_key(key: JSONObject) -> list[str]:
     return lines
 
 
+#: The order in which ``policy_lines`` lists a policy's limits; others follow by name.
+_LIMIT_ORDER = ("rate", "row_rate", "model_rate", "concurrency", "max_rows")
+
+
+def policy_lines(policy: Mapping[str, Any]) -> list[str]:
+    """A guard policy as ``name: value`` lines, for ``policy show``, ``set`` and ``calibrate``.
+
+    Every field the API defines is shown, an unset one as ``none`` or ``default``, so that a
+    person reads the whole policy in force, not only what was changed.
+    """
+    limits = policy.get("limits")
+    limits = limits if isinstance(limits, Mapping) else {}
+    names = [n for n in _LIMIT_ORDER if n in limits]
+    names += sorted(str(n) for n in limits if n not in _LIMIT_ORDER and n != "budget")
+    shown = [f"{name} {limits[name]}" for name in names if limits[name] is not None]
+    budget = limits.get("budget")
+    output_for = policy.get("output_for")
+    overrides = (
+        ", ".join(f"{role}={output_for[role]}" for role in sorted(output_for))
+        if isinstance(output_for, Mapping)
+        else ""
+    )
+    detect = policy.get("detect")
+    detectors = ", ".join(str(d) for d in detect) if isinstance(detect, list) else ""
+    threshold = policy.get("prada_threshold")
+    fitted = isinstance(policy.get("ood_reference"), Mapping)
+    lines = [
+        ("limits", ", ".join(shown) or "none"),
+        ("budget", f"{budget} (rows per key)" if budget is not None else "none"),
+        ("output", policy.get("output", "full")),
+        ("output for", overrides or "no role overrides"),
+        ("detect", detectors or "none"),
+        ("on alarm", policy.get("on_alarm", "log")),
+        ("prada threshold", "default" if threshold is None else _number_text(threshold)),
+        ("ood reference", "fitted" if fitted else "not fitted"),
+    ]
+    return [clean(f"{name + ':':<17} {value}") for name, value in lines]
+
+
+def restrictions_table(restrictions: Iterable[Mapping[str, Any]]) -> Table:
+    """One row per key a detector blocked or throttled: what ``policy unblock`` takes."""
+    table = _table("KEY", "KIND", "REASON~")
+    for restriction in restrictions:
+        table.add_row(
+            _cell(restriction.get("key")),
+            _cell(restriction.get("kind")),
+            _cell(restriction.get("reason")),
+        )
+    return table
+
+
+def _number_text(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return clean(value)
+
+
 def _table(*columns: str) -> Table:
     """A borderless table; a heading ending in ``~`` marks a column that may wrap.
 

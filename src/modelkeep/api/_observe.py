@@ -1,0 +1,151 @@
+"""Request observation as a thin pure-ASGI middleware: access log, metrics, X-Request-Id.
+
+It must be the outermost modelkeep middleware (added last), so that it also sees requests that
+authentication or the body limit refuse. It reads what the inner layers left in the ASGI scope,
+which Starlette mutates in place:
+
+- ``scope["route"].path``: the route template, set by the router once a route matched (or
+  ``scope["state"]["route"]``, set by the infer fast path that bypasses the router);
+- ``scope["path_params"]``: ``model`` and ``version`` as the client wrote them;
+- ``scope["state"]``: ``principal`` (set by authentication), and from the service ``rows``,
+  ``input_digest`` and optionally ``version`` (the version actually served).
+
+It never reads a header value or a body byte: it only counts bytes, and it takes only these
+named keys from the state (which may hold other things, the body included).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from modelkeep.audit.access import (
+    AccessRecord,
+    bind_request,
+    log_access,
+    new_request_id,
+    reset_request,
+    safe_input_digest,
+    safe_model,
+    safe_version,
+)
+from modelkeep.audit.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = b"x-request-id"
+ANONYMOUS = "anonymous"
+# Nothing was answered: the client went away or the server cancelled the request (nginx's 499).
+_NO_RESPONSE = 499
+_MAX_METHOD = 16
+
+
+class ObserveMiddleware:
+    """Times each HTTP request, tags the response with ``X-Request-Id``, then logs and counts it.
+
+    The access log line and the metrics are written after the response has been sent, so they
+    add to the server's work but not to the latency the client sees before the last byte.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics | None, access_log: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = new_request_id()
+        id_header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+        status = 0
+        bytes_in = 0
+        bytes_out = 0
+
+        async def counting_receive() -> Message:
+            nonlocal bytes_in
+            message = await receive()
+            if message["type"] == "http.request":
+                bytes_in += len(message.get("body", b""))
+            return message
+
+        async def tagging_send(message: Message) -> None:
+            nonlocal status, bytes_out
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                # A new list: the app may reuse its header list for other responses.
+                message["headers"] = [*message.get("headers", ()), id_header]
+            elif message["type"] == "http.response.body":
+                bytes_out += len(message.get("body", b""))
+            await send(message)
+
+        tokens = bind_request(request_id)
+        try:
+            await self.app(scope, counting_receive, tagging_send)
+        except Exception:
+            if status == 0:
+                status = 500  # the server's error middleware answers it, outside this one
+            raise
+        finally:
+            try:
+                self._observe(
+                    scope, request_id, status or _NO_RESPONSE, started, bytes_in, bytes_out
+                )
+            except Exception:
+                # Observation must never turn an answered request into a failed one.
+                log.exception("request observation failed")
+            reset_request(tokens)
+
+    def _observe(
+        self,
+        scope: Scope,
+        request_id: str,
+        status: int,
+        started: float,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        state: Mapping[str, Any] = scope.get("state") or {}
+        params: Mapping[str, Any] = scope.get("path_params") or {}
+        # Starlette's router leaves the matched route in the scope; the infer fast path, which
+        # bypasses the router, leaves the template in the state instead.
+        route = getattr(scope.get("route"), "path", None) or state.get("route")
+        route = route if isinstance(route, str) else None
+        model = params.get("model")
+        version = state.get("version", params.get("version"))
+        if self.metrics is not None:
+            self.metrics.observe_request(
+                route=route,
+                model=model if isinstance(model, str) else None,
+                version=version if isinstance(version, (str, int)) else None,
+                status=status,
+                seconds=seconds,
+            )
+        if not self.access_log:
+            return
+        key_id = getattr(state.get("principal"), "key_id", None)
+        rows = state.get("rows")
+        client = scope.get("client")
+        log_access(
+            AccessRecord(
+                request_id=request_id,
+                principal=key_id if isinstance(key_id, str) else ANONYMOUS,
+                method=str(scope.get("method", ""))[:_MAX_METHOD],
+                route=route,
+                model=safe_model(model),
+                version=safe_version(version),
+                status=status,
+                latency_ms=round(seconds * 1000.0, 3),
+                rows=rows if isinstance(rows, int) and not isinstance(rows, bool) else None,
+                input_digest=safe_input_digest(state.get("input_digest")),
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                client=str(client[0]) if client else None,
+            )
+        )
