@@ -33,6 +33,7 @@ from modelkeep.audit import (
     verify_chain,
 )
 from modelkeep.audit import load_public_key as load_audit_public_key
+from modelkeep.audit.alerts import Alerter, AlertRule, Webhook
 from modelkeep.audit.metrics import Metrics
 from modelkeep.auth import AuthFailure, KeyRecord, Principal, authenticate, generate_api_key
 from modelkeep.auth.principal import ROLES
@@ -107,12 +108,14 @@ class Service:
         audit: AuditLog | None = None,
         gate: InferenceGate | None = None,
         metrics: Metrics | None = None,
+        alerter: Alerter | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.settings = settings
         self.store = store
         self.audit = audit or AuditLog(store.engine, clock=clock)
         self.metrics = metrics or Metrics()
+        self.alerter = alerter
         self.registry = Registry(store, blobs, keys, clock=clock)
         self.authorizer = authorizer or Authorizer()
         self._clock = clock
@@ -145,6 +148,7 @@ class Service:
             keys=LocalKeyService.load(data_dir / KEK_FILE),
             audit=AuditLog(store.engine, signer=CheckpointSigner.load(data_dir / AUDIT_KEY_FILE)),
             gate=InferenceGate(Admission(settings.limits_storage)),
+            alerter=alerter_from(settings),
         )
         service.refresh()
         return service
@@ -190,12 +194,18 @@ class Service:
                 self.record("server", "server.stop", "server", "success", {"pid": os.getpid()})
                 self.audit.checkpoint()
         self.metrics.close()
+        if self.alerter is not None:
+            self.alerter.close(timeout=10)
         self.store.close()
 
     def settings_digest(self) -> str:
-        """SHA-256 of the effective settings, without the database URL (it may hold a secret)."""
-        shown = self.settings.model_dump(mode="json", exclude={"database_url"})
+        """SHA-256 of the effective settings; URLs that may hold passwords count by scheme only,
+        and the webhook secret not at all."""
+        shown = self.settings.model_dump(
+            mode="json", exclude={"database_url", "limits_storage", "alert_webhook_secret"}
+        )
         shown["database"] = "postgresql" if self.settings.database_url else "sqlite"
+        shown["limits_storage"] = self.settings.limits_storage.split(":", 1)[0]
         return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()
 
     # -- audit ---------------------------------------------------------------------------
@@ -232,9 +242,15 @@ class Service:
             raise
         self.record(principal.key_id, action, target, "success", details)
 
+    def alert(self, kind: str, **fields: object) -> None:
+        """Count an event toward the alert rules; delivery happens in the background."""
+        if self.alerter is not None:
+            self.alerter.observe(kind, **fields)
+
     def record_auth_failure(self, failure: AuthFailure, source: str | None) -> None:
         """Audit a refused credential (security event; durable before the 401 is sent)."""
         self.metrics.auth_failure(reason=failure.reason)
+        self.alert("auth_failures", source=source, reason=failure.reason)
         self.record(
             "anonymous",
             "auth.failure",
@@ -251,6 +267,9 @@ class Service:
                 last_checkpoint = time.monotonic()
                 try:
                     self.audit.checkpoint()
+                except IntegrityError as exc:
+                    log.error("audit checkpoint refused: %s", exc.message)
+                    self.alert("audit_verify_failed", problem=exc.message)
                 except ModelkeepError as exc:
                     log.error("audit checkpoint failed: %s", exc.message)
             try:
@@ -332,6 +351,7 @@ class Service:
             try:
                 session = self._load(version)
             except IntegrityError as exc:
+                self.alert("tampering", model=version.model, version=version.number)
                 self._failed[key] = Unavailable(exc.message)
                 raise self._failed[key] from exc
             except ModelkeepError as exc:
@@ -452,9 +472,10 @@ class Service:
                 principal.key_id, record.name, rows, policy, throttled=restriction is not None
             )
         except RateLimited as exc:
-            self.metrics.rate_limited(
-                model=record.name, reason=str((exc.details or {}).get("limit", "other"))
-            )
+            limit = str((exc.details or {}).get("limit", "other"))
+            self.metrics.rate_limited(model=record.name, reason=limit)
+            if limit == "budget":
+                self.alert("budget_spent", principal=principal.key_id, model=record.name)
             raise
         with admitted:
             # Detectors need every output (the predicted label) even when the caller asked
@@ -502,6 +523,14 @@ class Service:
         now = time.monotonic()
         for alarm in alarms:
             self.metrics.detector_alarm(model=model, detector=alarm.detector)
+            if action != "log":
+                self.alert(
+                    "detector_alarm",
+                    principal=principal.key_id,
+                    model=model,
+                    detector=alarm.detector,
+                    score=alarm.score,
+                )
             key = (principal.key_id, model, alarm.detector)
             if now - self._alarm_seen.get(key, -1e9) < 60.0 and action in ("log", "alert"):
                 continue
@@ -870,6 +899,28 @@ class Service:
         if found is None:
             raise NotFound("no such API key")
         return found
+
+
+def alerter_from(settings: Settings) -> Alerter | None:
+    """The alert rules of the issue, delivered to the configured webhooks (none: no alerts)."""
+    if not settings.alert_webhooks:
+        return None
+    if settings.alert_webhook_secret is None:
+        raise ConfigError("alert webhooks need MODELKEEP_ALERT_WEBHOOK_SECRET to sign bodies")
+    rules = [
+        AlertRule(
+            "auth-failures",
+            "auth_failures",
+            threshold=settings.alert_auth_failures_per_minute,
+            group_by="source",
+        ),
+        AlertRule("detector-alarm", "detector_alarm"),
+        AlertRule("budget-spent", "budget_spent"),
+        AlertRule("tampering", "tampering"),
+        AlertRule("audit-verify-failed", "audit_verify_failed"),
+    ]
+    hooks = [Webhook(url, settings.alert_webhook_secret) for url in settings.alert_webhooks]
+    return Alerter(hooks, rules)
 
 
 def _target(model: str) -> str:

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     # One JSON line per request on stdout: who, what, status, latency, rows, an input digest;
     # never a payload or a credential.
     access_log: bool = True
+    # Alert webhooks (http or https URLs, a JSON list in MODELKEEP_ALERT_WEBHOOKS). Bodies are
+    # signed with HMAC-SHA256 under alert_webhook_secret (at least 16 characters).
+    alert_webhooks: tuple[str, ...] = ()
+    alert_webhook_secret: str | None = Field(default=None, repr=False)
+    # Authentication failures from one source within a minute that raise an alert.
+    alert_auth_failures_per_minute: int = Field(default=20, ge=1)
     # How often each worker signs the audit chain's head (also at shutdown).
     audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
     # Threads per ONNX Runtime session; 0 lets ONNX Runtime decide.

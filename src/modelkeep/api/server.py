@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,9 +32,10 @@ def tls_context_factory(config: Any, _default: Callable[[], ssl.SSLContext]) -> 
 
 def _export(settings: Settings) -> None:
     # Workers are separate processes that rebuild Settings from the environment.
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(mode="json").items():
         if value is not None:
-            os.environ[f"MODELKEEP_{name.upper()}"] = str(value)
+            text = value if isinstance(value, str) else json.dumps(value)
+            os.environ[f"MODELKEEP_{name.upper()}"] = text
 
 
 def prepare(settings: Settings) -> None:
