@@ -30,6 +30,7 @@ from modelkeep.audit import (
     CheckpointSigner,
     VerifyResult,
     public_key_path,
+    tracing,
     verify_chain,
 )
 from modelkeep.audit import load_public_key as load_audit_public_key
@@ -444,6 +445,18 @@ class Service:
 
         ``stats`` (the request's ASGI state) receives the rows and version for the access log.
         """
+        with tracing.span("modelkeep.infer", model=model, principal=principal.key_id):
+            return self._infer(principal, model, version, body, header_length, stats)
+
+    def _infer(
+        self,
+        principal: Principal,
+        model: str,
+        version: str | None,
+        body: bytes,
+        header_length: int | None,
+        stats: dict[str, Any] | None,
+    ) -> tuple[bytes, dict[str, str]]:
         # 1. Who may run what: Cedar, then any detector restriction on this key and model.
         record = self._model(principal, Action.MODEL_INFER, model)
         restriction = record.restrictions.get(principal.key_id)
@@ -455,12 +468,13 @@ class Service:
         found = self._version(record, version)
         session = self._session(found)
         # 2. The request must fit the signature before anything is counted or run.
-        request = decode_infer_request(
-            body,
-            found.signature,
-            header_length=header_length,
-            max_elements=self.settings.max_tensor_elements,
-        )
+        with tracing.span("modelkeep.decode"):
+            request = decode_infer_request(
+                body,
+                found.signature,
+                header_length=header_length,
+                max_elements=self.settings.max_tensor_elements,
+            )
         policy = self.gate.policy(record.name, record.policy)
         rows = request_rows(request.inputs)
         if stats is not None:
@@ -484,7 +498,8 @@ class Service:
             if request.outputs is not None and not policy.detect:
                 names = [o.name for o in request.outputs]
             started = time.perf_counter()
-            outputs = session.run(request.inputs, names)
+            with tracing.span("modelkeep.run", version=found.number):
+                outputs = session.run(request.inputs, names)
             self.metrics.observe_inference(
                 model=record.name, version=found.number, seconds=time.perf_counter() - started
             )

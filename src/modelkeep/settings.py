@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     alert_webhook_secret: str | None = Field(default=None, repr=False)
     # Authentication failures from one source within a minute that raise an alert.
     alert_auth_failures_per_minute: int = Field(default=20, ge=1)
+    # OpenTelemetry spans over the request path (needs the `tracing` extra); off by default.
+    tracing: bool = False
     # How often each worker signs the audit chain's head (also at shutdown).
     audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
     # Threads per ONNX Runtime session; 0 lets ONNX Runtime decide.

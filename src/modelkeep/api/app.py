@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from modelkeep import __version__
+from modelkeep.audit import tracing
 from modelkeep.audit.access import configure_access_log
 from modelkeep.service import Service
 from modelkeep.settings import Settings
@@ -80,4 +81,6 @@ def create_app_from_env() -> ASGIApp:
     settings = Settings()  # data_dir comes from MODELKEEP_DATA_DIR
     if settings.access_log:
         configure_access_log()
+    if settings.tracing:
+        tracing.enable()
     return create_app(Service.open(settings))
