@@ -184,7 +184,9 @@ def processors() -> list[Processor]:
     ]
 
 
-def configure_access_log(stream: TextIO | None = None, *, level: int = logging.INFO) -> None:
+def configure_access_log(
+    stream: TextIO | None = None, *, level: int = logging.INFO, cache: bool = False
+) -> None:
     """Configure structlog, process-wide, to write each event as one JSON line to ``stream``.
 
     ``stream`` defaults to stdout. Each line is written and flushed in one call under a lock, so
@@ -192,14 +194,17 @@ def configure_access_log(stream: TextIO | None = None, *, level: int = logging.I
     sharing stdout do not either, as long as a line stays under the pipe's atomic write size
     (4 KiB on Linux; access lines are a few hundred bytes). Call once at start-up, before
     serving; calling again replaces the configuration (tests pass their own stream).
+    ``cache`` (the server) binds loggers once instead of on every event, which saves several
+    microseconds a line; a cached logger does not follow a later reconfiguration.
     """
     structlog.configure(
         processors=[*processors(), structlog.processors.JSONRenderer(serializer=_json_line)],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         context_class=dict,
         logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stdout),
-        # Not cached: tests reconfigure with their own stream, and capture_logs must see events.
-        cache_logger_on_first_use=False,
+        # Tests leave it off: they reconfigure with their own stream, and capture_logs must
+        # see events.
+        cache_logger_on_first_use=cache,
     )
 
 

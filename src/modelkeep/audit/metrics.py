@@ -21,6 +21,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
@@ -203,6 +204,8 @@ class Metrics:
     """
 
     def __init__(self) -> None:
+        self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._inference_children: dict[tuple[str, str], Any] = {}
         directory = os.environ.get(MULTIPROC_ENV) or None
         self.multiprocess_dir: Path | None = None
         if directory is None:
@@ -289,14 +292,26 @@ class Metrics:
         route_l = self.route_label(route)
         model_l = self.model_label(model)
         version_l = self.version_label(model, version)
-        self._m.requests.labels(route_l, model_l, version_l, self.status_label(status)).inc()
-        self._m.request_duration.labels(route_l, model_l, version_l).observe(seconds)
+        key = (route_l, model_l, version_l, self.status_label(status))
+        children = self._request_children.get(key)
+        if children is None:
+            # labels() costs microseconds per call; label sets are bounded, so keep the
+            # children (prometheus_client's own advice for hot paths).
+            children = (
+                self._m.requests.labels(*key),
+                self._m.request_duration.labels(route_l, model_l, version_l),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_inference(self, *, model: str, version: str | int, seconds: float) -> None:
         """Record the time one request spent in the runtime."""
-        model_l = self.model_label(model)
-        version_l = self.version_label(model, version)
-        self._m.inference_duration.labels(model_l, version_l).observe(seconds)
+        key = (self.model_label(model), self.version_label(model, version))
+        child = self._inference_children.get(key)
+        if child is None:
+            child = self._inference_children[key] = self._m.inference_duration.labels(*key)
+        child.observe(seconds)
 
     def set_queue_depth(self, depth: int) -> None:
         """This worker's number of infer requests in its bounded queue (waiting or running)."""
