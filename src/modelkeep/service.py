@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -35,6 +36,19 @@ from modelkeep.audit import (
 )
 from modelkeep.audit import load_public_key as load_audit_public_key
 from modelkeep.audit.alerts import Alerter, AlertRule, Webhook
+from modelkeep.audit.capture import (
+    MAX_CAPTURE_BYTES,
+    CaptureRecord,
+    CaptureWriter,
+    current_request_id,
+    expires_at,
+    is_capture_id,
+    is_expired,
+    new_capture_id,
+    open_record,
+    seal_record,
+    should_capture,
+)
 from modelkeep.audit.metrics import Metrics
 from modelkeep.auth import AuthFailure, KeyRecord, Principal, authenticate, generate_api_key
 from modelkeep.auth.principal import ROLES
@@ -54,7 +68,7 @@ from modelkeep.errors import (
 )
 from modelkeep.guard.admission import Admission
 from modelkeep.guard.gate import Alarm, InferenceGate, calibrate, request_rows
-from modelkeep.guard.policy import ModelPolicy
+from modelkeep.guard.policy import CapturePolicy, ModelPolicy
 from modelkeep.guard.tensors import decode_infer_request, encode_infer_response
 from modelkeep.policy import Action, Authorizer
 from modelkeep.registry.blobs import BlobStore, FileBlobStore
@@ -67,7 +81,13 @@ from modelkeep.registry.records import (
     empty_snapshot,
 )
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import MetadataStore, VersionDetails
+from modelkeep.registry.store import (
+    CaptureInfo,
+    CaptureStore,
+    MetadataStore,
+    NewCapture,
+    VersionDetails,
+)
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.runtime.loader import load_model
 from modelkeep.settings import Settings
@@ -131,6 +151,13 @@ class Service:
         self.gate = gate or InferenceGate(Admission())
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        # Payload capture (opt-in per model): sealed and stored off the inference path.
+        self.captures = CaptureStore(store)
+        self.capture_writer: CaptureWriter[tuple[CaptureRecord, datetime]] = CaptureWriter(
+            self._store_capture
+        )
+        self.capture_random: Callable[[], float] = random.random
+        self._last_capture_purge = -float("inf")
 
     @classmethod
     def open(cls, settings: Settings) -> Service:
@@ -194,6 +221,7 @@ class Service:
             with suppress(ModelkeepError):
                 self.record("server", "server.stop", "server", "success", {"pid": os.getpid()})
                 self.audit.checkpoint()
+        self.capture_writer.close(timeout=5)
         self.metrics.close()
         if self.alerter is not None:
             self.alerter.close(timeout=10)
@@ -280,6 +308,7 @@ class Service:
                 log.warning("refresh failed: %s", exc.message)
             except Exception:
                 log.exception("refresh failed")
+            self.purge_captures()
 
     def _warm(self) -> None:
         """Load every model's default version so the first request does not pay for it."""
@@ -528,6 +557,8 @@ class Service:
             headers["X-Budget-Remaining"] = str(admitted.budget_remaining)
             if admitted.budget_reset is not None:
                 headers["X-Budget-Reset"] = admitted.budget_reset.isoformat()
+        if policy.capture is not None:
+            self._capture(principal, found, policy.capture, body, content)
         return content, headers
 
     def _on_alarms(
@@ -727,6 +758,107 @@ class Service:
                 newest_first=True,
             )
         )
+
+    # -- payload capture -----------------------------------------------------------------
+
+    def _capture(
+        self,
+        principal: Principal,
+        version: VersionRecord,
+        capture: CapturePolicy,
+        body: bytes,
+        content: bytes,
+    ) -> None:
+        """Queue a sampled request for sealing and storage; never blocks or fails inference."""
+        if not should_capture(capture.sample, self.capture_random):
+            return
+        if len(body) + len(content) > MAX_CAPTURE_BYTES:
+            self.capture_writer.skip_too_large()
+            return
+        now = self._clock()
+        record = CaptureRecord(
+            request_sha256=hashlib.sha256(body).hexdigest(),
+            request_id=current_request_id(),
+            principal=principal.key_id,
+            model=version.model,
+            version=version.number,
+            time=now,
+            input=bytes(body),
+            output=bytes(content),
+        )
+        self.capture_writer.submit((record, expires_at(now, capture.days)))
+
+    def _store_capture(self, item: tuple[CaptureRecord, datetime]) -> None:
+        # On the writer thread: the wrap may call a remote key service, the insert waits on disk.
+        record, expiry = item
+        capture_id = new_capture_id()
+        sealed = seal_record(record, capture_id, self.registry.keys)
+        self.captures.add(
+            NewCapture(
+                id=capture_id,
+                model=record.model,
+                version=record.version,
+                principal=record.principal,
+                created_at=record.time,
+                expires_at=expiry,
+                input_size=len(record.input),
+                output_size=len(record.output),
+                wrapped_key=sealed.wrapped_key,
+                kek_id=sealed.kek_id,
+                sealed=sealed.sealed,
+            )
+        )
+
+    def purge_captures(self, *, force: bool = False) -> int:
+        """Delete expired captures, at most hourly unless ``force``; returns how many."""
+        if not force and time.monotonic() - self._last_capture_purge < 3600.0:
+            return 0
+        self._last_capture_purge = time.monotonic()
+        try:
+            purged = self.captures.purge(self._clock())
+        except ModelkeepError as exc:
+            log.warning("purging expired captures failed: %s", exc.message)
+            return 0
+        if purged:
+            log.info("purged %d expired payload captures", purged)
+        return purged
+
+    def list_captures(
+        self,
+        principal: Principal,
+        model: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[CaptureInfo]:
+        """Metadata of ``model``'s unexpired captures, newest first (auditors and admins)."""
+        self.refresh()
+        self.authorizer.check(principal, Action.AUDIT_READ)
+        record = self._model(principal, Action.MODEL_READ, model)
+        for bound in (since, until):
+            if bound is not None and bound.tzinfo is None:
+                raise InvalidInput("since and until need a time zone (e.g. a trailing Z)")
+        found = self.captures.find(record.name, since=since, until=until, limit=limit)
+        now = self._clock()
+        return [info for info in found if not is_expired(info.expires_at, now)]
+
+    def read_capture(
+        self, principal: Principal, model: str, capture_id: str
+    ) -> tuple[CaptureInfo, CaptureRecord]:
+        """One decrypted capture (auditors and admins); the read is audited before it returns."""
+        self.refresh()
+        details: dict[str, Any] = {"id": capture_id[:64]}
+        with self._audited(principal, "capture.read", _target(model), details):
+            self.authorizer.check(principal, Action.AUDIT_READ)
+            record = self._model(principal, Action.MODEL_READ, model)
+            if not is_capture_id(capture_id):
+                raise NotFound(f"model '{record.name}' has no such capture")
+            info, wrapped_key, sealed = self.captures.get(record.name, capture_id)
+            if is_expired(info.expires_at, self._clock()):
+                raise NotFound(f"model '{record.name}' has no such capture")
+            opened = open_record(record.name, capture_id, wrapped_key, sealed, self.registry.keys)
+        return info, opened
 
     def metrics_exposition(self, principal: Principal) -> tuple[bytes, str]:
         """Prometheus text exposition (auditors and admins)."""

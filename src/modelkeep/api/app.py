@@ -23,6 +23,7 @@ from ._infer import InferRunner
 from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
 from .audit import audit_router
+from .capture import capture_router
 from .management import management_router
 from .policy import policy_router
 from .v2 import v2_router
@@ -55,6 +56,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
     app.include_router(management_router(service))
     app.include_router(policy_router(service))
     app.include_router(audit_router(service))
+    app.include_router(capture_router(service))
     # The last added runs first: authentication, then the body limit, so a caller without
     # a valid key never gets a byte of its body read.
     app.add_middleware(
@@ -80,7 +82,7 @@ def create_app_from_env() -> ASGIApp:
     """Factory for uvicorn workers: settings come from MODELKEEP_* variables."""
     settings = Settings()  # data_dir comes from MODELKEEP_DATA_DIR
     if settings.access_log:
-        configure_access_log()
+        configure_access_log(cache=True)
     if settings.tracing:
         tracing.enable()
     return create_app(Service.open(settings))

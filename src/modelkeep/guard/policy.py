@@ -24,6 +24,30 @@ ROLES = ("admin", "publisher", "consumer", "auditor")
 # A throttled caller keeps this share of its rates.
 THROTTLE_FACTOR = 0.1
 _FULL = OutputPolicy.parse("full")
+MAX_CAPTURE_DAYS = 365
+
+
+@dataclass(frozen=True)
+class CapturePolicy:
+    """Payload capture of a model: the share of requests kept, encrypted, and for how long."""
+
+    sample: float
+    days: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sample": self.sample, "days": self.days}
+
+    @classmethod
+    def from_json(cls, data: Any) -> CapturePolicy:
+        """Parse and validate ``{"sample": 0..1, "days": 1..365}``; InvalidInput otherwise."""
+        if not isinstance(data, Mapping) or set(data) != {"sample", "days"}:
+            raise InvalidInput('capture is null or {"sample": 0..1, "days": 1..365}')
+        sample, days = data["sample"], data["days"]
+        if isinstance(sample, bool) or not isinstance(sample, int | float) or not 0 <= sample <= 1:
+            raise InvalidInput("capture.sample is a number from 0 to 1")
+        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_CAPTURE_DAYS:
+            raise InvalidInput(f"capture.days is a whole number from 1 to {MAX_CAPTURE_DAYS}")
+        return cls(sample=float(sample), days=days)
 
 
 @dataclass(frozen=True)
@@ -37,6 +61,8 @@ class ModelPolicy:
     on_alarm: str = "log"
     prada_threshold: float | None = None
     ood_reference: OodReference | None = None
+    # Off unless set (DESIGN §1, data breaches): captured payloads are sensitive.
+    capture: CapturePolicy | None = None
 
     @cached_property
     def limited(self) -> bool:
@@ -56,6 +82,7 @@ class ModelPolicy:
             "on_alarm": self.on_alarm,
             "prada_threshold": self.prada_threshold,
             "ood_reference": None if self.ood_reference is None else self.ood_reference.to_json(),
+            "capture": None if self.capture is None else self.capture.to_json(),
         }
 
     def dumps(self) -> str:
@@ -74,6 +101,7 @@ class ModelPolicy:
             "on_alarm",
             "prada_threshold",
             "ood_reference",
+            "capture",
         }
         if unknown:
             raise InvalidInput(f"unknown policy fields: {', '.join(sorted(unknown))[:200]}")
@@ -94,6 +122,7 @@ class ModelPolicy:
         ):
             raise InvalidInput("prada_threshold is a number between 0 and 1")
         reference = data.get("ood_reference")
+        capture = data.get("capture")
         return cls(
             limits=Limits.from_json(data.get("limits") or {}),
             output=OutputPolicy.parse(str(data.get("output", "full"))),
@@ -104,6 +133,7 @@ class ModelPolicy:
             on_alarm=on_alarm,
             prada_threshold=None if threshold is None else float(threshold),
             ood_reference=None if reference is None else OodReference.from_json(reference),
+            capture=None if capture is None else CapturePolicy.from_json(capture),
         )
 
     @classmethod
@@ -123,4 +153,11 @@ class ModelPolicy:
 
 DEFAULT_POLICY = ModelPolicy()
 
-__all__ = ["ALARM_ACTIONS", "DEFAULT_POLICY", "DETECTORS", "THROTTLE_FACTOR", "ModelPolicy"]
+__all__ = [
+    "ALARM_ACTIONS",
+    "DEFAULT_POLICY",
+    "DETECTORS",
+    "THROTTLE_FACTOR",
+    "CapturePolicy",
+    "ModelPolicy",
+]

@@ -193,3 +193,23 @@ key_restrictions = Table(
     Column("reason", Text, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
 )
+
+# Sampled inference payloads of models whose policy turns capture on (modelkeep.audit.capture).
+# `sealed` is the record sealed under its own data key, which the key service wrapped bound to
+# (model, id); only metadata needed to list records is in the clear. Rows past `expires_at` are
+# purged.
+payload_captures = Table(
+    "payload_captures",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("model_id", Integer, ForeignKey("models.id"), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("principal", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False, index=True),
+    Column("expires_at", UTCDateTime, nullable=False, index=True),
+    Column("input_size", Integer, nullable=False),
+    Column("output_size", Integer, nullable=False),
+    Column("wrapped_key", LargeBinary, nullable=False),
+    Column("kek_id", String(64), nullable=False),
+    Column("sealed", LargeBinary, nullable=False),
+)
