@@ -11,8 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-
-from conftest import init_server
+from harness import init_server
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from harness import Server, create_key, init_server, push, run_cli
 
-from conftest import Server, create_key, init_server, push, run_cli
 from modelkeep.testing import build_iris_onnx
 
 pytestmark = pytest.mark.integration

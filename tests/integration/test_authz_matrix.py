@@ -23,8 +23,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from harness import Server, create_key, push, sign_bytes
 
-from conftest import Server, create_key, push, sign_bytes
 from modelkeep.testing import build_iris_onnx, iris_rows
 
 pytestmark = pytest.mark.integration

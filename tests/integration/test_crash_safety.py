@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from harness import Server, create_key, init_server, push
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import Server, create_key, init_server, push
 from modelkeep.registry.store import MetadataStore
 from modelkeep.testing import build_iris_onnx, iris_rows
 

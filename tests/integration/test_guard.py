@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
+from harness import Server, create_key, init_server, push
 
-from conftest import Server, create_key, init_server, push
 from modelkeep.testing import build_iris_onnx, iris_rows
 
 pytestmark = pytest.mark.integration

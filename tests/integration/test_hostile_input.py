@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 import pytest
+from harness import Server, create_key, ensure_model, init_server, push, sign_bytes
 
-from conftest import Server, create_key, ensure_model, init_server, push, sign_bytes
 from modelkeep.testing import (
     build_custom_domain_onnx,
     build_external_data_onnx,

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from harness import Server, create_key, push
 
-from conftest import Server, create_key, push
 from modelkeep.testing import build_iris_onnx
 
 pytestmark = pytest.mark.integration

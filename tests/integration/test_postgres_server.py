@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import Server, create_key, init_server, push
 from test_workers import PROPAGATION_S, ask_everywhere, pin_workers
 
-from conftest import Server, create_key, init_server, push
 from modelkeep.testing import build_iris_onnx, iris_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from harness import Server, ensure_model, init_server, publisher_key, push, sign_bytes
 from safetensors.numpy import save
 
-from conftest import Server, ensure_model, init_server, publisher_key, push, sign_bytes
 from modelkeep.crypto.signing import generate_signing_key, sign_path
 from modelkeep.testing import build_iris_onnx, iris_rows
 

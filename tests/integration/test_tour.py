@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from harness import Server, create_key, init_server, publisher_key, push, run_cli
 
-from conftest import Server, create_key, init_server, publisher_key, push, run_cli
 from modelkeep.testing import build_iris_onnx, iris_rows
 
 pytestmark = pytest.mark.integration

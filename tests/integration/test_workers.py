@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from harness import Server, create_key, init_server, push
 
-from conftest import Server, create_key, init_server, push
 from modelkeep.testing import build_iris_onnx, iris_rows
 
 pytestmark = pytest.mark.integration
