@@ -12,7 +12,6 @@ PEM) and is what auditors keep, ideally somewhere the server cannot write.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import stat
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from modelkeep.audit._chain import checkpoint_message
+from modelkeep.crypto.keyfiles import fsync_directory, write_new_file
 from modelkeep.errors import ConfigError
 
 __all__ = [
@@ -117,13 +117,13 @@ class CheckpointSigner:
         pub_path = public_key_path(path)
         if pub_path.exists():
             raise ConfigError("the audit public key file already exists; refusing to overwrite it")
-        _write_new_file(path, pem, 0o600, "audit signing key")
+        write_new_file(path, pem, 0o600, "audit signing key file")
         try:
-            _write_new_file(pub_path, public_pem, 0o644, "audit public key")
+            write_new_file(pub_path, public_pem, 0o644, "audit public key file")
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent, "audit signing key")
         return cls(private_key)
 
     @classmethod
@@ -197,40 +197,3 @@ def _read_key_file(path: Path, *, private: bool) -> bytes:
     if len(data) > _MAX_KEY_FILE:
         raise ConfigError(f"the {what} file is too large to be a key")
     return data
-
-
-def _write_new_file(path: Path, data: bytes, mode: int, what: str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise ConfigError(f"the {what} file already exists; refusing to overwrite it") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot create the {what} file") from exc
-    try:
-        # The umask can only remove bits; this makes the mode exact whatever it is.
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write the {what} file") from exc
-    os.close(fd)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the new directory entries durable, so a created key survives a crash."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError as exc:
-        raise ConfigError("cannot open the audit key's directory") from exc
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some file systems cannot fsync a directory; the files themselves are already durable.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise ConfigError("cannot sync the audit key's directory") from exc
-    finally:
-        os.close(fd)

@@ -16,7 +16,6 @@ opaque :class:`~modelkeep.errors.IntegrityError`.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import stat
@@ -26,6 +25,7 @@ from typing import Protocol, runtime_checkable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from modelkeep.crypto.keyfiles import fsync_directory, write_new_file
 from modelkeep.errors import ConfigError, IntegrityError
 
 __all__ = ["InMemoryKeyService", "KeyService", "LocalKeyService"]
@@ -99,25 +99,8 @@ class LocalKeyService(_AesGcmKeyService):
         Refuses to overwrite an existing file (ConfigError): losing a KEK loses every model.
         """
         kek = os.urandom(KEK_SIZE)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise ConfigError("the key file already exists; refusing to overwrite it") from None
-        except OSError as exc:
-            raise ConfigError("cannot create the key file") from exc
-        try:
-            # The umask can only remove bits; this makes the mode exact whatever it is.
-            os.fchmod(fd, 0o600)
-            view = memoryview(kek)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except OSError as exc:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise ConfigError("cannot write the key file") from exc
-        os.close(fd)
-        _fsync_directory(path.parent)
+        write_new_file(path, kek, 0o600, "key file")
+        fsync_directory(path.parent, "key file")
         return cls(kek)
 
     @classmethod
@@ -157,19 +140,3 @@ class InMemoryKeyService(_AesGcmKeyService):
 
     def __init__(self, kek: bytes | None = None) -> None:
         super().__init__(os.urandom(KEK_SIZE) if kek is None else kek)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a new directory entry durable, so an acknowledged key survives a crash."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError as exc:
-        raise ConfigError("cannot open the key file's directory") from exc
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some file systems cannot fsync a directory; the file itself is already durable.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise ConfigError("cannot sync the key file's directory") from exc
-    finally:
-        os.close(fd)

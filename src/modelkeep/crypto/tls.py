@@ -8,7 +8,6 @@ serves HTTPS from its first start and clients can verify it by trusting one file
 from __future__ import annotations
 
 import ipaddress
-import os
 import ssl
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from modelkeep.crypto.keyfiles import fsync_directory, write_new_file
 from modelkeep.errors import ConfigError
 
 __all__ = ["TLS_CIPHERS", "create_tls_material", "server_ssl_context"]
@@ -76,13 +76,13 @@ def create_tls_material(
     written: list[Path] = []
     try:
         for name, (content, mode) in files.items():
-            _write_new_file(tls_dir / name, content, mode)
+            write_new_file(tls_dir / name, content, mode, "TLS material")
             written.append(tls_dir / name)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    _fsync_directory(tls_dir)
+    fsync_directory(tls_dir, "TLS material")
 
 
 def server_ssl_context(
@@ -215,38 +215,3 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _write_new_file(path: Path, content: bytes, mode: int) -> None:
-    """Create ``path`` (never replacing a file) with exactly ``mode``, and make it durable."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise ConfigError("TLS material already exists; refusing to overwrite it") from None
-    except OSError as exc:
-        raise ConfigError("cannot write the TLS material") from exc
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(content)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise ConfigError("cannot write the TLS material") from exc
-    os.close(fd)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Best effort: make the new directory entries durable (some file systems cannot)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
