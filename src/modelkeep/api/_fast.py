@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from modelkeep.audit.access import input_digest
+from modelkeep.audit.access import input_digest, new_request_id
 from modelkeep.auth import AuthFailure
 from modelkeep.errors import InvalidInput, ModelkeepError, TooLarge
 from modelkeep.service import Service
@@ -23,6 +24,8 @@ from modelkeep.service import Service
 from ._errors import error_response, modelkeep_error_response
 from ._infer import InferRunner
 from ._limits import limit_message
+from ._observe import REQUEST_ID_HEADER as REQUEST_ID
+from ._observe import ObserveMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +34,17 @@ INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{versio
 
 
 class FastInfer:
-    def __init__(self, app: ASGIApp, service: Service, runner: InferRunner) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        service: Service,
+        runner: InferRunner,
+        observer: ObserveMiddleware | None = None,
+    ) -> None:
         self.app = app
         self.service = service
         self.runner = runner
+        self.observer = observer
         self.max_body = service.settings.max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -45,26 +55,51 @@ class FastInfer:
         if match is None:
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
+        request_id = new_request_id()
         model, version = match.group(1), match.group(2)
         scope["path_params"] = {"model": model, **({"version": version} if version else {})}
-        scope.setdefault("state", {})["route"] = INFER_ROUTES[version is not None]
+        state = scope.setdefault("state", {})
+        state["route"] = INFER_ROUTES[version is not None]
+        status, bytes_out = 499, 0
+
+        async def tagged_send(message: Message) -> None:
+            nonlocal status, bytes_out
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (REQUEST_ID, id_value)]
+            else:
+                bytes_out += len(message.get("body", b""))
+            await send(message)
+
+        id_value = request_id.encode("ascii")
         try:
-            content, headers = await self._handle(scope, receive, model, version)
-        except ModelkeepError as exc:
-            await modelkeep_error_response(exc)(scope, receive, send)
-            return
-        except Exception:
-            log.exception("unhandled error in inference")
-            await error_response(500, "internal error")(scope, receive, send)
-            return
-        media_type = headers.pop("content-type", "application/json")
-        raw = [
-            (b"content-type", media_type.encode("latin-1")),
-            (b"content-length", str(len(content)).encode("latin-1")),
-        ]
-        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        await send({"type": "http.response.start", "status": 200, "headers": raw})
-        await send({"type": "http.response.body", "body": content})
+            try:
+                content, headers = await self._handle(scope, receive, model, version)
+            except ModelkeepError as exc:
+                await modelkeep_error_response(exc)(scope, receive, tagged_send)
+                return
+            except Exception:
+                log.exception("unhandled error in inference")
+                await error_response(500, "internal error")(scope, receive, tagged_send)
+                return
+            media_type = headers.pop("content-type", "application/json")
+            raw = [
+                (b"content-type", media_type.encode("latin-1")),
+                (b"content-length", str(len(content)).encode("latin-1")),
+                (REQUEST_ID, id_value),
+            ]
+            raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            await send({"type": "http.response.start", "status": 200, "headers": raw})
+            await send({"type": "http.response.body", "body": content})
+            status, bytes_out = 200, len(content)
+        finally:
+            if self.observer is not None:
+                try:
+                    bytes_in = state.get("bytes_in", 0)
+                    self.observer.observe(scope, request_id, status, started, bytes_in, bytes_out)
+                except Exception:
+                    log.exception("request observation failed")
 
     async def _handle(
         self, scope: Scope, receive: Receive, model: str, version: str | None
@@ -109,6 +144,7 @@ class FastInfer:
             if not message.get("more_body", False):
                 break
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        scope["state"]["bytes_in"] = size
         scope["state"]["input_digest"] = input_digest(body)
         if header_length is not None:
             if not header_length.isdigit() or len(header_length) > 12:

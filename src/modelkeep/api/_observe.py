@@ -1,8 +1,9 @@
 """Request observation as a thin pure-ASGI middleware: access log, metrics, X-Request-Id.
 
-It must be the outermost modelkeep middleware (added last), so that it also sees requests that
-authentication or the body limit refuse. It reads what the inner layers left in the ASGI scope,
-which Starlette mutates in place:
+It wraps the FastAPI app, outside authentication and the body limit, so that it also sees
+requests they refuse. The infer fast path (``_fast.py``), which runs before it, calls ``observe``
+itself: wrapping every ASGI message in closures costs more than a small model's inference.
+It reads what the inner layers left in the ASGI scope, which Starlette mutates in place:
 
 - ``scope["route"].path``: the route template, set by the router once a route matched (or
   ``scope["state"]["route"]``, set by the infer fast path that bypasses the router);
@@ -93,7 +94,7 @@ class ObserveMiddleware:
             raise
         finally:
             try:
-                self._observe(
+                self.observe(
                     scope, request_id, status or _NO_RESPONSE, started, bytes_in, bytes_out
                 )
             except Exception:
@@ -101,7 +102,7 @@ class ObserveMiddleware:
                 log.exception("request observation failed")
             reset_request(tokens)
 
-    def _observe(
+    def observe(
         self,
         scope: Scope,
         request_id: str,

@@ -74,8 +74,8 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
         )
         return Response(body, media_type=content_type)
 
-    inner = FastInfer(app, service, InferRunner(service))
-    return ObserveMiddleware(inner, service.metrics, access_log=service.settings.access_log)
+    observed = ObserveMiddleware(app, service.metrics, access_log=service.settings.access_log)
+    return FastInfer(observed, service, InferRunner(service), observer=observed)
 
 
 def create_app_from_env() -> ASGIApp:
