@@ -13,45 +13,25 @@ import json
 import logging
 import os
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from modelkeep import __version__
+from modelkeep._service._base import is_safe_name
+from modelkeep._service.capture import CaptureMixin
+from modelkeep._service.guard_admin import GuardAdminMixin
+from modelkeep._service.inference import PLATFORMS, InferenceMixin
+from modelkeep._service.management import CreatedKey, ManagementMixin
 from modelkeep.audit import KEY_FILE as AUDIT_KEY_FILE
-from modelkeep.audit import (
-    AuditEntry,
-    AuditEvent,
-    AuditLog,
-    CheckpointSigner,
-    VerifyResult,
-    public_key_path,
-    tracing,
-    verify_chain,
-)
-from modelkeep.audit import load_public_key as load_audit_public_key
+from modelkeep.audit import AuditEvent, AuditLog, CheckpointSigner
 from modelkeep.audit.alerts import Alerter, AlertRule, Webhook
-from modelkeep.audit.capture import (
-    MAX_CAPTURE_BYTES,
-    CaptureRecord,
-    CaptureWriter,
-    current_request_id,
-    expires_at,
-    is_capture_id,
-    is_expired,
-    new_capture_id,
-    open_record,
-    seal_record,
-    should_capture,
-)
+from modelkeep.audit.capture import CaptureRecord, CaptureWriter
 from modelkeep.audit.metrics import Metrics
-from modelkeep.auth import AuthFailure, KeyRecord, Principal, authenticate, generate_api_key
-from modelkeep.auth.principal import ROLES
+from modelkeep.auth import AuthFailure, Principal, authenticate
 from modelkeep.bootstrap import BLOB_DIR, DB_FILE, KEK_FILE
 from modelkeep.crypto import KeyService, LocalKeyService
 from modelkeep.crypto.signing import TrustedKey, load_public_key, verify_in_memory
@@ -59,64 +39,40 @@ from modelkeep.errors import (
     ConfigError,
     Forbidden,
     IntegrityError,
-    InvalidInput,
     ModelkeepError,
     ModelRefused,
     NotFound,
-    RateLimited,
     Unavailable,
 )
 from modelkeep.guard.admission import Admission
-from modelkeep.guard.gate import Alarm, InferenceGate, calibrate, request_rows
-from modelkeep.guard.policy import CapturePolicy, ModelPolicy
-from modelkeep.guard.tensors import decode_infer_request, encode_infer_response
+from modelkeep.guard.gate import InferenceGate
 from modelkeep.policy import Action, Authorizer
 from modelkeep.registry.blobs import BlobStore, FileBlobStore
-from modelkeep.registry.intake import accept, unpack
-from modelkeep.registry.records import (
-    ModelRecord,
-    Snapshot,
-    VersionRecord,
-    check_name,
-    empty_snapshot,
-)
+from modelkeep.registry.intake import unpack
+from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord, empty_snapshot
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import (
-    CaptureInfo,
-    CaptureStore,
-    MetadataStore,
-    NewCapture,
-    VersionDetails,
-)
+from modelkeep.registry.store import CaptureStore, MetadataStore
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.runtime.loader import load_model
 from modelkeep.settings import Settings
 
-log = logging.getLogger(__name__)
+# CreatedKey and PLATFORMS are defined with the calls that use them and re-exported here.
+__all__ = ["PLATFORMS", "CreatedKey", "Service", "alerter_from"]
 
-_MAX_DESCRIPTION = 1000
-_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
-PLATFORMS = {
-    "onnx": "onnxruntime_onnx",
-    "skops": "sklearn",
-    "xgboost-json": "xgboost",
-    "xgboost-ubj": "xgboost",
-    "lightgbm-text": "lightgbm",
-}
+log = logging.getLogger(__name__)
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class CreatedKey:
-    record: KeyRecord
-    token: str
+class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
+    """modelkeep's core, shared by every protocol adapter in one worker process.
 
-
-class Service:
-    """modelkeep's core, shared by every protocol adapter in one worker process."""
+    This class holds construction, change propagation, audit helpers, authentication and
+    model loading; the calls for management, guard administration, payload capture and
+    inference live in the mixins under ``modelkeep._service``.
+    """
 
     def __init__(
         self,
@@ -346,7 +302,7 @@ class Service:
         self.authorizer.check(principal, action, model)
         record = self._snapshot.models.get(model)
         if record is None:
-            raise NotFound(f"no model named '{model}'" if _safe(model) else "no such model")
+            raise NotFound(f"no model named '{model}'" if is_safe_name(model) else "no such model")
         return record
 
     def _version(self, record: ModelRecord, version: str | int | None) -> VersionRecord:
@@ -431,622 +387,6 @@ class Service:
             return []
         return [load_public_key(pem) for pem in model.publishers.values()]
 
-    # -- Open Inference Protocol -------------------------------------------------------------
-
-    def server_metadata(self, principal: Principal) -> dict[str, Any]:
-        self.authorizer.check(principal, Action.SERVER_READ)
-        return {"name": "modelkeep", "version": __version__, "extensions": ["binary_tensor_data"]}
-
-    def model_metadata(
-        self, principal: Principal, model: str, version: str | None
-    ) -> dict[str, Any]:
-        record = self._model(principal, Action.MODEL_READ, model)
-        found = self._version(record, version)
-        signature = found.signature.to_json()
-        return {
-            "name": record.name,
-            "versions": [str(n) for n in sorted(record.versions)],
-            "platform": PLATFORMS.get(found.format, found.format),
-            "inputs": signature["inputs"],
-            "outputs": signature["outputs"],
-        }
-
-    def model_ready(self, principal: Principal, model: str, version: str | None) -> bool:
-        record = self._model(principal, Action.MODEL_READ, model)
-        found = self._version(record, version)
-        try:
-            self._session(found)
-        except Unavailable:
-            return False
-        return True
-
-    def infer(
-        self,
-        principal: Principal,
-        model: str,
-        version: str | None,
-        body: bytes,
-        *,
-        header_length: int | None = None,
-        stats: dict[str, Any] | None = None,
-    ) -> tuple[bytes, dict[str, str]]:
-        """Validate a V2 request, admit it, run it, watch it, harden the answer, encode it.
-
-        ``stats`` (the request's ASGI state) receives the rows and version for the access log.
-        """
-        with tracing.span("modelkeep.infer", model=model, principal=principal.key_id):
-            return self._infer(principal, model, version, body, header_length, stats)
-
-    def _infer(
-        self,
-        principal: Principal,
-        model: str,
-        version: str | None,
-        body: bytes,
-        header_length: int | None,
-        stats: dict[str, Any] | None,
-    ) -> tuple[bytes, dict[str, str]]:
-        # 1. Who may run what: Cedar, then any detector restriction on this key and model.
-        record = self._model(principal, Action.MODEL_INFER, model)
-        restriction = record.restrictions.get(principal.key_id)
-        if restriction is not None and restriction[0] == "block":
-            raise Forbidden(
-                f"access to model '{record.name}' is suspended for this key; an admin can lift"
-                " it with `modelkeep policy unblock`"
-            )
-        found = self._version(record, version)
-        session = self._session(found)
-        # 2. The request must fit the signature before anything is counted or run.
-        with tracing.span("modelkeep.decode"):
-            request = decode_infer_request(
-                body,
-                found.signature,
-                header_length=header_length,
-                max_elements=self.settings.max_tensor_elements,
-            )
-        policy = self.gate.policy(record.name, record.policy)
-        rows = request_rows(request.inputs)
-        if stats is not None:
-            stats["rows"] = rows
-            stats["version"] = found.number
-        # 3. Admission: rows per request, rates, budget, concurrency (counted across replicas).
-        try:
-            admitted = self.gate.admit(
-                principal.key_id, record.name, rows, policy, throttled=restriction is not None
-            )
-        except RateLimited as exc:
-            limit = str((exc.details or {}).get("limit", "other"))
-            self.metrics.rate_limited(model=record.name, reason=limit)
-            if limit == "budget":
-                self.alert("budget_spent", principal=principal.key_id, model=record.name)
-            raise
-        with admitted:
-            # Detectors need every output (the predicted label) even when the caller asked
-            # for fewer; the encoder applies the caller's filter.
-            names = None
-            if request.outputs is not None and not policy.detect:
-                names = [o.name for o in request.outputs]
-            started = time.perf_counter()
-            with tracing.span("modelkeep.run", version=found.number):
-                outputs = session.run(request.inputs, names)
-            self.metrics.observe_inference(
-                model=record.name, version=found.number, seconds=time.perf_counter() - started
-            )
-        # 4. Watch the caller's query stream; an alarm acts before the answer leaves.
-        alarms = self.gate.observe(
-            principal.key_id,
-            record.name,
-            found.number,
-            policy,
-            request.inputs,
-            outputs,
-            found.signature,
-        )
-        if alarms:
-            self._on_alarms(principal, record.name, policy, alarms)
-        # 5. Harden what the caller's role may see.
-        hardened = self.gate.harden(policy, principal.role, outputs, found.signature)
-        content, headers = encode_infer_response(
-            model_name=record.name,
-            model_version=str(found.number),
-            request=request,
-            outputs=hardened,
-        )
-        if admitted.budget_limit is not None:
-            headers["X-Budget-Limit"] = str(admitted.budget_limit)
-            headers["X-Budget-Remaining"] = str(admitted.budget_remaining)
-            if admitted.budget_reset is not None:
-                headers["X-Budget-Reset"] = admitted.budget_reset.isoformat()
-        if policy.capture is not None:
-            self._capture(principal, found, policy.capture, body, content)
-        return content, headers
-
-    def _on_alarms(
-        self, principal: Principal, model: str, policy: ModelPolicy, alarms: list[Alarm]
-    ) -> None:
-        """Apply the model's alarm action; audit each alarm at most once a minute per caller."""
-        action = policy.on_alarm
-        now = time.monotonic()
-        for alarm in alarms:
-            self.metrics.detector_alarm(model=model, detector=alarm.detector)
-            if action != "log":
-                self.alert(
-                    "detector_alarm",
-                    principal=principal.key_id,
-                    model=model,
-                    detector=alarm.detector,
-                    score=alarm.score,
-                )
-            key = (principal.key_id, model, alarm.detector)
-            if now - self._alarm_seen.get(key, -1e9) < 60.0 and action in ("log", "alert"):
-                continue
-            self._alarm_seen[key] = now
-            log.warning(
-                "extraction alarm: detector %s on model %s for key %s (score %s, action %s)",
-                alarm.detector,
-                model,
-                principal.key_id,
-                alarm.score,
-                action,
-            )
-            self.record(
-                principal.key_id,
-                "detector.alarm",
-                _target(model),
-                "success",
-                {
-                    "detector": alarm.detector,
-                    "score": alarm.score,
-                    "samples": alarm.samples,
-                    "action": action,
-                },
-            )
-        if action in ("throttle", "block"):
-            reason = ", ".join(f"{a.detector} alarm (score {a.score})" for a in alarms)
-            self.store.restrict_key(
-                model, principal.key_id, kind=action, reason=reason, now=self._clock()
-            )
-            self.refresh()
-            if action == "block":
-                raise Forbidden(
-                    f"access to model '{model}' is suspended for this key; an admin can lift it"
-                    " with `modelkeep policy unblock`"
-                )
-
-    # -- management ----------------------------------------------------------------------
-    # Management calls refresh first: each worker's snapshot may lag other workers' writes
-    # by up to refresh_interval_s, and a write must build on every acknowledged write. It
-    # costs one indexed read; the inference path never does it.
-
-    def authorize_push(self, principal: Principal, model: str) -> None:
-        """Refuse early, before an upload is read, a caller who may not push to ``model``."""
-        self.authorizer.check(principal, Action.MODEL_PUSH, model)
-
-    def push(
-        self,
-        principal: Principal,
-        model: str,
-        data: bytes,
-        *,
-        file_name: str,
-        is_directory: bool = False,
-        bundle: bytes | None = None,
-    ) -> VersionRecord:
-        """Verify, scan, seal, store and record a new version; all or nothing, audited."""
-        self.refresh()
-        details: dict[str, Any] = {"size": len(data), "signed": bundle is not None}
-        with self._audited(principal, "model.push", _target(model), details):
-            record = self._model(principal, Action.MODEL_PUSH, model)
-            if _FILE_NAME.fullmatch(file_name) is None:
-                raise InvalidInput("invalid file name: use letters, digits, '.', '_', '+', '-'")
-            if not data:
-                raise InvalidInput("the upload is empty")
-            files = unpack(data, file_name, is_directory=is_directory)
-            try:
-                accepted = accept(
-                    files,
-                    bundle=bundle,
-                    trusted=self._trusted(record),
-                    require_signature=record.require_signature,
-                    model=model,
-                )
-            except ModelRefused as exc:
-                report = (exc.details or {}).get("report")
-                if isinstance(report, dict):
-                    details["scan"] = report.get("verdict")
-                    self.metrics.scan_refused(verdict=str(report.get("verdict")))
-                raise
-            details.update(
-                sha256=hashlib.sha256(data).hexdigest(),
-                format=accepted.format,
-                signer=accepted.signer,
-                scan=accepted.report.verdict.value,
-            )
-            if accepted.signer is None:
-                details["unsafe_unsigned"] = True
-            version = VersionDetails(
-                format=accepted.format,
-                signature=accepted.signature,
-                layout="directory" if is_directory else "file",
-                file_name=accepted.model_file,
-                signer=accepted.signer,
-                bundle=bundle,
-                scan_report=json.dumps(accepted.report.to_json(), sort_keys=True),
-                trusted_types=accepted.trusted_types,
-            )
-            number = self.registry.add_version(model, data, version, uploaded_by=principal.key_id)
-            details["version"] = number
-        self.refresh()
-        return self._snapshot.models[model].versions[number]
-
-    def put_model(
-        self,
-        principal: Principal,
-        model: str,
-        *,
-        description: str | None = None,
-        require_signature: bool | None = None,
-    ) -> tuple[ModelRecord, bool]:
-        """Create a model or change its settings; returns the model and whether it was created."""
-        self.refresh()
-        details: dict[str, Any] = {}
-        if require_signature is not None:
-            details["require_signature"] = require_signature
-        with self._audited(principal, "model.configure", _target(model), details):
-            self.authorizer.check(principal, Action.MODEL_CONFIGURE, model)
-            check_name("model", model)
-            if description is not None and len(description) > _MAX_DESCRIPTION:
-                raise InvalidInput(f"description is longer than {_MAX_DESCRIPTION} characters")
-            if require_signature is False:
-                log.warning("unsafe: signatures no longer required for model %s", model)
-            created = self.store.put_model(
-                model,
-                actor=principal.key_id,
-                now=self._clock(),
-                description=description,
-                require_signature=require_signature,
-            )
-            details["created"] = created
-        self.refresh()
-        return self._snapshot.models[model], created
-
-    def add_publisher(self, principal: Principal, model: str, pem: str) -> TrustedKey:
-        """Trust a publisher's public key (EC P-256/P-384) for ``model``."""
-        self.refresh()
-        details: dict[str, Any] = {}
-        with self._audited(principal, "publisher.add", _target(model), details):
-            self._model(principal, Action.MODEL_CONFIGURE, model)
-            key = load_public_key(pem)
-            details["fingerprint"] = key.fingerprint
-            self.store.add_publisher(
-                model, key.fingerprint, key.pem, actor=principal.key_id, now=self._clock()
-            )
-        self.refresh()
-        return key
-
-    def remove_publisher(self, principal: Principal, model: str, fingerprint: str) -> None:
-        self.refresh()
-        details = {"fingerprint": fingerprint[:80]}
-        with self._audited(principal, "publisher.remove", _target(model), details):
-            self._model(principal, Action.MODEL_CONFIGURE, model)
-            self.store.remove_publisher(model, fingerprint)
-        self.refresh()
-
-    # -- audit ---------------------------------------------------------------------------
-
-    def audit_entries(
-        self,
-        principal: Principal,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        actor: str | None = None,
-        action: str | None = None,
-        model: str | None = None,
-        limit: int = 1000,
-    ) -> list[AuditEntry]:
-        """Audit entries matching the filters, newest first (auditors and admins)."""
-        self.authorizer.check(principal, Action.AUDIT_READ)
-        return list(
-            self.audit.entries(
-                since=since,
-                until=until,
-                actor=actor,
-                action=action,
-                model=model,
-                limit=limit,
-                newest_first=True,
-            )
-        )
-
-    # -- payload capture -----------------------------------------------------------------
-
-    def _capture(
-        self,
-        principal: Principal,
-        version: VersionRecord,
-        capture: CapturePolicy,
-        body: bytes,
-        content: bytes,
-    ) -> None:
-        """Queue a sampled request for sealing and storage; never blocks or fails inference."""
-        if not should_capture(capture.sample, self.capture_random):
-            return
-        if len(body) + len(content) > MAX_CAPTURE_BYTES:
-            self.capture_writer.skip_too_large()
-            return
-        now = self._clock()
-        record = CaptureRecord(
-            request_sha256=hashlib.sha256(body).hexdigest(),
-            request_id=current_request_id(),
-            principal=principal.key_id,
-            model=version.model,
-            version=version.number,
-            time=now,
-            input=bytes(body),
-            output=bytes(content),
-        )
-        self.capture_writer.submit((record, expires_at(now, capture.days)))
-
-    def _store_capture(self, item: tuple[CaptureRecord, datetime]) -> None:
-        # On the writer thread: the wrap may call a remote key service, the insert waits on disk.
-        record, expiry = item
-        capture_id = new_capture_id()
-        sealed = seal_record(record, capture_id, self.registry.keys)
-        self.captures.add(
-            NewCapture(
-                id=capture_id,
-                model=record.model,
-                version=record.version,
-                principal=record.principal,
-                created_at=record.time,
-                expires_at=expiry,
-                input_size=len(record.input),
-                output_size=len(record.output),
-                wrapped_key=sealed.wrapped_key,
-                kek_id=sealed.kek_id,
-                sealed=sealed.sealed,
-            )
-        )
-
-    def purge_captures(self, *, force: bool = False) -> int:
-        """Delete expired captures, at most hourly unless ``force``; returns how many."""
-        if not force and time.monotonic() - self._last_capture_purge < 3600.0:
-            return 0
-        self._last_capture_purge = time.monotonic()
-        try:
-            purged = self.captures.purge(self._clock())
-        except ModelkeepError as exc:
-            log.warning("purging expired captures failed: %s", exc.message)
-            return 0
-        if purged:
-            log.info("purged %d expired payload captures", purged)
-        return purged
-
-    def list_captures(
-        self,
-        principal: Principal,
-        model: str,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: int = 100,
-    ) -> list[CaptureInfo]:
-        """Metadata of ``model``'s unexpired captures, newest first (auditors and admins)."""
-        self.refresh()
-        self.authorizer.check(principal, Action.AUDIT_READ)
-        record = self._model(principal, Action.MODEL_READ, model)
-        for bound in (since, until):
-            if bound is not None and bound.tzinfo is None:
-                raise InvalidInput("since and until need a time zone (e.g. a trailing Z)")
-        found = self.captures.find(record.name, since=since, until=until, limit=limit)
-        now = self._clock()
-        return [info for info in found if not is_expired(info.expires_at, now)]
-
-    def read_capture(
-        self, principal: Principal, model: str, capture_id: str
-    ) -> tuple[CaptureInfo, CaptureRecord]:
-        """One decrypted capture (auditors and admins); the read is audited before it returns."""
-        self.refresh()
-        details: dict[str, Any] = {"id": capture_id[:64]}
-        with self._audited(principal, "capture.read", _target(model), details):
-            self.authorizer.check(principal, Action.AUDIT_READ)
-            record = self._model(principal, Action.MODEL_READ, model)
-            if not is_capture_id(capture_id):
-                raise NotFound(f"model '{record.name}' has no such capture")
-            info, wrapped_key, sealed = self.captures.get(record.name, capture_id)
-            if is_expired(info.expires_at, self._clock()):
-                raise NotFound(f"model '{record.name}' has no such capture")
-            opened = open_record(record.name, capture_id, wrapped_key, sealed, self.registry.keys)
-        return info, opened
-
-    def metrics_exposition(self, principal: Principal) -> tuple[bytes, str]:
-        """Prometheus text exposition (auditors and admins)."""
-        self.authorizer.check(principal, Action.AUDIT_READ)
-        return self.metrics.render()
-
-    def audit_verify(self, principal: Principal) -> VerifyResult:
-        """Verify the whole chain and its signed checkpoints (auditors and admins)."""
-        self.authorizer.check(principal, Action.AUDIT_READ)
-        public_key = None
-        if self.settings.data_dir is not None:
-            public_key = load_audit_public_key(
-                public_key_path(self.settings.data_dir / AUDIT_KEY_FILE)
-            )
-        return verify_chain(self.store.engine, public_key)
-
-    # -- guard policy --------------------------------------------------------------------
-
-    def get_policy(self, principal: Principal, model: str) -> tuple[ModelPolicy, ModelRecord]:
-        self.refresh()
-        record = self._model(principal, Action.POLICY_READ, model)
-        return self.gate.policy(record.name, record.policy), record
-
-    def set_policy(self, principal: Principal, model: str, policy: dict[str, Any]) -> ModelPolicy:
-        """Replace a model's guard policy (validated first); audited."""
-        self.refresh()
-        details: dict[str, Any] = {}
-        with self._audited(principal, "policy.set", _target(model), details):
-            self._model(principal, Action.MODEL_CONFIGURE, model)
-            parsed = ModelPolicy.from_json(policy)
-            shown = parsed.to_json()
-            shown.pop("ood_reference", None)
-            details["policy"] = shown
-            self.store.set_policy(model, parsed.dumps(), actor=principal.key_id, now=self._clock())
-        self.refresh()
-        return parsed
-
-    def calibrate_policy(
-        self, principal: Principal, model: str, rows: list[list[float]]
-    ) -> ModelPolicy:
-        """Set the PRADA threshold and the OOD reference from benign rows of the default version.
-
-        The rows are split among simulated benign callers; the threshold sits below the lowest
-        Shapiro-Wilk W any of them reaches (``calibrate_prada``).
-        """
-        self.refresh()
-        details: dict[str, Any] = {"rows": len(rows)}
-        with self._audited(principal, "policy.calibrate", _target(model), details):
-            record = self._model(principal, Action.MODEL_CONFIGURE, model)
-            found = self._version(record, None)
-            policy = self.gate.policy(record.name, record.policy)
-            threshold, reference = calibrate(self._session(found), found.signature, rows)
-            details["prada_threshold"] = threshold
-            updated = policy.updated(prada_threshold=threshold, ood_reference=reference.to_json())
-            self.store.set_policy(model, updated.dumps(), actor=principal.key_id, now=self._clock())
-        self.refresh()
-        return updated
-
-    def unblock(self, principal: Principal, model: str, key_id: str) -> None:
-        """Lift a detector's block or throttle of ``key_id`` on ``model``; audited."""
-        self.refresh()
-        with self._audited(principal, "policy.unblock", _target(model), {"key": key_id[:32]}):
-            record = self._model(principal, Action.MODEL_CONFIGURE, model)
-            self.store.lift_restriction(model, key_id)
-            self.gate.reset(key_id, model, list(record.versions))
-        self.refresh()
-
-    def reset_budget(self, principal: Principal, model: str, key_id: str) -> None:
-        self.refresh()
-        with self._audited(principal, "budget.reset", _target(model), {"key": key_id[:32]}):
-            self._model(principal, Action.MODEL_CONFIGURE, model)
-            self.gate.admission.reset_budget(key_id, model)
-
-    def list_models(self, principal: Principal) -> list[ModelRecord]:
-        self.refresh()
-        self.authorizer.check(principal, Action.SERVER_READ)
-        return [
-            m
-            for name, m in sorted(self._snapshot.models.items())
-            if self.authorizer.is_allowed(principal, Action.MODEL_READ, name)
-        ]
-
-    def get_model(self, principal: Principal, model: str) -> ModelRecord:
-        self.refresh()
-        return self._model(principal, Action.MODEL_READ, model)
-
-    def get_version(self, principal: Principal, model: str, version: str) -> VersionRecord:
-        self.refresh()
-        return self._version(self._model(principal, Action.MODEL_READ, model), version)
-
-    def set_label(self, principal: Principal, model: str, label: str, version: int) -> None:
-        self.refresh()
-        details: dict[str, Any] = {"label": label[:63], "version": version}
-        with self._audited(principal, "label.set", _target(model), details):
-            self._model(principal, Action.LABEL_SET, model)
-            check_name("label", label)
-            previous = self._snapshot.models[model].labels.get(label)
-            details["previous"] = previous
-            self.store.set_label(model, label, version, actor=principal.key_id, now=self._clock())
-        self.refresh()
-
-    def delete_label(self, principal: Principal, model: str, label: str) -> None:
-        self.refresh()
-        details: dict[str, Any] = {"label": label[:63]}
-        with self._audited(principal, "label.delete", _target(model), details):
-            self._model(principal, Action.LABEL_DELETE, model)
-            check_name("label", label)
-            self.store.delete_label(model, label)
-        self.refresh()
-
-    def create_key(
-        self,
-        principal: Principal,
-        *,
-        role: str,
-        models: list[str] | None,
-        expires_at: datetime | None,
-        description: str = "",
-    ) -> CreatedKey:
-        details: dict[str, Any] = {"role": role[:32]}
-        with self._audited(principal, "key.create", "server", details):
-            self.authorizer.check(principal, Action.KEY_CREATE)
-            record, token = self._new_key(role, models, expires_at, description)
-            details.update(
-                key=record.key_id,
-                models=None if models is None else sorted(models),
-                expires_at=None if expires_at is None else expires_at.isoformat(),
-            )
-            self.store.create_key(record, created_by=principal.key_id)
-        self.refresh()
-        return CreatedKey(record=record, token=token)
-
-    def _new_key(
-        self, role: str, models: list[str] | None, expires_at: datetime | None, description: str
-    ) -> tuple[KeyRecord, str]:
-        if role not in ROLES:
-            raise InvalidInput(f"unknown role; use one of: {', '.join(ROLES)}")
-        if role == "admin" and models is not None:
-            raise InvalidInput("admin keys cannot be limited to models")
-        if models is not None:
-            if not models:
-                raise InvalidInput("models must be a non-empty list, or null for every model")
-            for name in models:
-                check_name("model", name)
-        now = self._clock()
-        if expires_at is not None:
-            if expires_at.tzinfo is None:
-                raise InvalidInput("expires_at needs a time zone (e.g. a trailing Z)")
-            if expires_at <= now:
-                raise InvalidInput("expires_at is in the past")
-        if len(description) > _MAX_DESCRIPTION:
-            raise InvalidInput(f"description is longer than {_MAX_DESCRIPTION} characters")
-        new = generate_api_key()
-        record = KeyRecord(
-            key_id=new.key_id,
-            secret_hash=new.secret_hash,
-            role=role,
-            models=None if models is None else frozenset(models),
-            description=description,
-            created_at=now,
-            expires_at=expires_at,
-            revoked_at=None,
-        )
-        return record, new.token
-
-    def list_keys(self, principal: Principal) -> list[KeyRecord]:
-        self.refresh()
-        self.authorizer.check(principal, Action.KEY_LIST)
-        return sorted(self._snapshot.keys.values(), key=lambda k: (k.created_at, k.key_id))
-
-    def revoke_key(self, principal: Principal, key_id: str) -> KeyRecord:
-        self.refresh()
-        target = f"key:{key_id[:32]}"
-        with self._audited(principal, "key.revoke", target, {}):
-            self.authorizer.check(principal, Action.KEY_REVOKE)
-            self.store.revoke_key(key_id, now=self._clock())
-        self.refresh()
-        found = self._snapshot.keys.get(key_id)
-        if found is None:
-            raise NotFound("no such API key")
-        return found
-
-    def whoami(self, principal: Principal) -> KeyRecord:
-        found = self._snapshot.keys.get(principal.key_id)
-        if found is None:
-            raise NotFound("no such API key")
-        return found
-
 
 def alerter_from(settings: Settings) -> Alerter | None:
     """The alert rules of the issue, delivered to the configured webhooks (none: no alerts)."""
@@ -1068,15 +408,3 @@ def alerter_from(settings: Settings) -> Alerter | None:
     ]
     hooks = [Webhook(url, settings.alert_webhook_secret) for url in settings.alert_webhooks]
     return Alerter(hooks, rules)
-
-
-def _target(model: str) -> str:
-    return f"model:{model}" if _safe(model) else "model:?"
-
-
-def _safe(name: str) -> bool:
-    try:
-        check_name("model", name)
-    except InvalidInput:
-        return False
-    return True

@@ -1,0 +1,267 @@
+"""Models, versions, labels, publishers, API keys and pushes: the management half of ``Service``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from modelkeep._service._base import ServiceBase, log, model_target
+from modelkeep.auth import KeyRecord, Principal, generate_api_key
+from modelkeep.auth.principal import ROLES
+from modelkeep.crypto.signing import TrustedKey, load_public_key
+from modelkeep.errors import InvalidInput, ModelRefused, NotFound
+from modelkeep.policy import Action
+from modelkeep.registry.intake import accept, unpack
+from modelkeep.registry.records import ModelRecord, VersionRecord, check_name
+from modelkeep.registry.store import VersionDetails
+
+_MAX_DESCRIPTION = 1000
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    record: KeyRecord
+    token: str
+
+
+class ManagementMixin(ServiceBase):
+    """Management calls of ``Service``: models, versions, labels, publishers, keys, pushes."""
+
+    # -- management ----------------------------------------------------------------------
+    # Management calls refresh first: each worker's snapshot may lag other workers' writes
+    # by up to refresh_interval_s, and a write must build on every acknowledged write. It
+    # costs one indexed read; the inference path never does it.
+
+    def authorize_push(self, principal: Principal, model: str) -> None:
+        """Refuse early, before an upload is read, a caller who may not push to ``model``."""
+        self.authorizer.check(principal, Action.MODEL_PUSH, model)
+
+    def push(
+        self,
+        principal: Principal,
+        model: str,
+        data: bytes,
+        *,
+        file_name: str,
+        is_directory: bool = False,
+        bundle: bytes | None = None,
+    ) -> VersionRecord:
+        """Verify, scan, seal, store and record a new version; all or nothing, audited."""
+        self.refresh()
+        details: dict[str, Any] = {"size": len(data), "signed": bundle is not None}
+        with self._audited(principal, "model.push", model_target(model), details):
+            record = self._model(principal, Action.MODEL_PUSH, model)
+            if _FILE_NAME.fullmatch(file_name) is None:
+                raise InvalidInput("invalid file name: use letters, digits, '.', '_', '+', '-'")
+            if not data:
+                raise InvalidInput("the upload is empty")
+            files = unpack(data, file_name, is_directory=is_directory)
+            try:
+                accepted = accept(
+                    files,
+                    bundle=bundle,
+                    trusted=self._trusted(record),
+                    require_signature=record.require_signature,
+                    model=model,
+                )
+            except ModelRefused as exc:
+                report = (exc.details or {}).get("report")
+                if isinstance(report, dict):
+                    details["scan"] = report.get("verdict")
+                    self.metrics.scan_refused(verdict=str(report.get("verdict")))
+                raise
+            details.update(
+                sha256=hashlib.sha256(data).hexdigest(),
+                format=accepted.format,
+                signer=accepted.signer,
+                scan=accepted.report.verdict.value,
+            )
+            if accepted.signer is None:
+                details["unsafe_unsigned"] = True
+            version = VersionDetails(
+                format=accepted.format,
+                signature=accepted.signature,
+                layout="directory" if is_directory else "file",
+                file_name=accepted.model_file,
+                signer=accepted.signer,
+                bundle=bundle,
+                scan_report=json.dumps(accepted.report.to_json(), sort_keys=True),
+                trusted_types=accepted.trusted_types,
+            )
+            number = self.registry.add_version(model, data, version, uploaded_by=principal.key_id)
+            details["version"] = number
+        self.refresh()
+        return self._snapshot.models[model].versions[number]
+
+    def put_model(
+        self,
+        principal: Principal,
+        model: str,
+        *,
+        description: str | None = None,
+        require_signature: bool | None = None,
+    ) -> tuple[ModelRecord, bool]:
+        """Create a model or change its settings; returns the model and whether it was created."""
+        self.refresh()
+        details: dict[str, Any] = {}
+        if require_signature is not None:
+            details["require_signature"] = require_signature
+        with self._audited(principal, "model.configure", model_target(model), details):
+            self.authorizer.check(principal, Action.MODEL_CONFIGURE, model)
+            check_name("model", model)
+            if description is not None and len(description) > _MAX_DESCRIPTION:
+                raise InvalidInput(f"description is longer than {_MAX_DESCRIPTION} characters")
+            if require_signature is False:
+                log.warning("unsafe: signatures no longer required for model %s", model)
+            created = self.store.put_model(
+                model,
+                actor=principal.key_id,
+                now=self._clock(),
+                description=description,
+                require_signature=require_signature,
+            )
+            details["created"] = created
+        self.refresh()
+        return self._snapshot.models[model], created
+
+    def add_publisher(self, principal: Principal, model: str, pem: str) -> TrustedKey:
+        """Trust a publisher's public key (EC P-256/P-384) for ``model``."""
+        self.refresh()
+        details: dict[str, Any] = {}
+        with self._audited(principal, "publisher.add", model_target(model), details):
+            self._model(principal, Action.MODEL_CONFIGURE, model)
+            key = load_public_key(pem)
+            details["fingerprint"] = key.fingerprint
+            self.store.add_publisher(
+                model, key.fingerprint, key.pem, actor=principal.key_id, now=self._clock()
+            )
+        self.refresh()
+        return key
+
+    def remove_publisher(self, principal: Principal, model: str, fingerprint: str) -> None:
+        self.refresh()
+        details = {"fingerprint": fingerprint[:80]}
+        with self._audited(principal, "publisher.remove", model_target(model), details):
+            self._model(principal, Action.MODEL_CONFIGURE, model)
+            self.store.remove_publisher(model, fingerprint)
+        self.refresh()
+
+    def list_models(self, principal: Principal) -> list[ModelRecord]:
+        self.refresh()
+        self.authorizer.check(principal, Action.SERVER_READ)
+        return [
+            m
+            for name, m in sorted(self._snapshot.models.items())
+            if self.authorizer.is_allowed(principal, Action.MODEL_READ, name)
+        ]
+
+    def get_model(self, principal: Principal, model: str) -> ModelRecord:
+        self.refresh()
+        return self._model(principal, Action.MODEL_READ, model)
+
+    def get_version(self, principal: Principal, model: str, version: str) -> VersionRecord:
+        self.refresh()
+        return self._version(self._model(principal, Action.MODEL_READ, model), version)
+
+    def set_label(self, principal: Principal, model: str, label: str, version: int) -> None:
+        self.refresh()
+        details: dict[str, Any] = {"label": label[:63], "version": version}
+        with self._audited(principal, "label.set", model_target(model), details):
+            self._model(principal, Action.LABEL_SET, model)
+            check_name("label", label)
+            previous = self._snapshot.models[model].labels.get(label)
+            details["previous"] = previous
+            self.store.set_label(model, label, version, actor=principal.key_id, now=self._clock())
+        self.refresh()
+
+    def delete_label(self, principal: Principal, model: str, label: str) -> None:
+        self.refresh()
+        details: dict[str, Any] = {"label": label[:63]}
+        with self._audited(principal, "label.delete", model_target(model), details):
+            self._model(principal, Action.LABEL_DELETE, model)
+            check_name("label", label)
+            self.store.delete_label(model, label)
+        self.refresh()
+
+    def create_key(
+        self,
+        principal: Principal,
+        *,
+        role: str,
+        models: list[str] | None,
+        expires_at: datetime | None,
+        description: str = "",
+    ) -> CreatedKey:
+        details: dict[str, Any] = {"role": role[:32]}
+        with self._audited(principal, "key.create", "server", details):
+            self.authorizer.check(principal, Action.KEY_CREATE)
+            record, token = self._new_key(role, models, expires_at, description)
+            details.update(
+                key=record.key_id,
+                models=None if models is None else sorted(models),
+                expires_at=None if expires_at is None else expires_at.isoformat(),
+            )
+            self.store.create_key(record, created_by=principal.key_id)
+        self.refresh()
+        return CreatedKey(record=record, token=token)
+
+    def _new_key(
+        self, role: str, models: list[str] | None, expires_at: datetime | None, description: str
+    ) -> tuple[KeyRecord, str]:
+        if role not in ROLES:
+            raise InvalidInput(f"unknown role; use one of: {', '.join(ROLES)}")
+        if role == "admin" and models is not None:
+            raise InvalidInput("admin keys cannot be limited to models")
+        if models is not None:
+            if not models:
+                raise InvalidInput("models must be a non-empty list, or null for every model")
+            for name in models:
+                check_name("model", name)
+        now = self._clock()
+        if expires_at is not None:
+            if expires_at.tzinfo is None:
+                raise InvalidInput("expires_at needs a time zone (e.g. a trailing Z)")
+            if expires_at <= now:
+                raise InvalidInput("expires_at is in the past")
+        if len(description) > _MAX_DESCRIPTION:
+            raise InvalidInput(f"description is longer than {_MAX_DESCRIPTION} characters")
+        new = generate_api_key()
+        record = KeyRecord(
+            key_id=new.key_id,
+            secret_hash=new.secret_hash,
+            role=role,
+            models=None if models is None else frozenset(models),
+            description=description,
+            created_at=now,
+            expires_at=expires_at,
+            revoked_at=None,
+        )
+        return record, new.token
+
+    def list_keys(self, principal: Principal) -> list[KeyRecord]:
+        self.refresh()
+        self.authorizer.check(principal, Action.KEY_LIST)
+        return sorted(self._snapshot.keys.values(), key=lambda k: (k.created_at, k.key_id))
+
+    def revoke_key(self, principal: Principal, key_id: str) -> KeyRecord:
+        self.refresh()
+        target = f"key:{key_id[:32]}"
+        with self._audited(principal, "key.revoke", target, {}):
+            self.authorizer.check(principal, Action.KEY_REVOKE)
+            self.store.revoke_key(key_id, now=self._clock())
+        self.refresh()
+        found = self._snapshot.keys.get(key_id)
+        if found is None:
+            raise NotFound("no such API key")
+        return found
+
+    def whoami(self, principal: Principal) -> KeyRecord:
+        found = self._snapshot.keys.get(principal.key_id)
+        if found is None:
+            raise NotFound("no such API key")
+        return found
