@@ -16,7 +16,7 @@ import time
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from modelkeep.audit.access import input_digest, new_request_id
+from modelkeep.audit.access import bind_request, input_digest, new_request_id, reset_request
 from modelkeep.auth import AuthFailure
 from modelkeep.errors import InvalidInput, ModelkeepError, TooLarge
 from modelkeep.service import Service
@@ -73,6 +73,8 @@ class FastInfer:
             await send(message)
 
         id_value = request_id.encode("ascii")
+        # Log lines and captured payloads of this request carry its id.
+        tokens = bind_request(request_id)
         try:
             try:
                 content, headers = await self._handle(scope, receive, model, version)
@@ -100,6 +102,7 @@ class FastInfer:
                     self.observer.observe(scope, request_id, status, started, bytes_in, bytes_out)
                 except Exception:
                     log.exception("request observation failed")
+            reset_request(tokens)
 
     async def _handle(
         self, scope: Scope, receive: Receive, model: str, version: str | None
