@@ -142,3 +142,40 @@ def test_a_restart_shows_the_same_models_labels_and_keys(pg: Server) -> None:
             (200, "1")
         ] * len(inferred)
         assert {r.status_code for r in refused} == {401}
+
+
+def test_two_server_processes_on_one_postgresql_keep_one_valid_audit_chain(
+    pg: Server, postgres_url: str
+) -> None:
+    # A second, separate server process (with its own two workers) on the same database and
+    # data dir: four processes append to one audit log at once.
+    other = Server(
+        data_dir=pg.data_dir,
+        admin_key=pg.admin_key,
+        ca_cert=pg.ca_cert,
+        workers=2,
+        database_url=postgres_url,
+    )
+    other.start()
+    try:
+
+        def churn(server: Server, n: int) -> None:
+            for i in range(n):
+                key = create_key(server, "consumer", None, description=f"{server.port}-{i}")
+                with server.client(server.admin_key) as c:
+                    assert c.delete(f"/api/v1/keys/{key['id']}").status_code == 200
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            jobs = [pool.submit(churn, s, 10) for s in (pg, other, pg, other)]
+            for job in jobs:
+                job.result()
+        with pg.client(pg.admin_key) as c:
+            verdict = c.get("/api/v1/audit/verify").json()
+            entries = c.get("/api/v1/audit/entries", params={"limit": "10000"}).json()["entries"]
+    finally:
+        other.stop()
+    assert verdict["ok"] is True, verdict
+    seqs = sorted(e["seq"] for e in entries)
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert sum(1 for e in entries if e["action"] == "key.create") == 40
+    assert sum(1 for e in entries if e["action"] == "key.revoke") == 40
