@@ -6,6 +6,7 @@ routes that describe them in the OpenAPI document.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
@@ -15,14 +16,21 @@ from modelkeep.auth import Principal
 from modelkeep.errors import Unavailable
 from modelkeep.service import Service
 
+# A model whose calls take longer than this runs in the thread pool, not on the event loop.
+INLINE_BUDGET_S = 0.002
+# Bounds the per-model cost table (model names in the path come from clients).
+_MAX_TRACKED = 10_000
+
 
 class InferRunner:
     """Per worker: at most ``max_queue`` infer calls waiting or running, the rest shed (503).
 
-    Small requests run inline on the event loop: a thread hand-off costs more than a small
-    model's inference (bench/README.md) and, with many threads contending for the GIL, makes
-    the tail latency much worse. Large requests, and any request whose admission talks to a
-    shared counter store over the network, run in the thread pool under the timeout.
+    Small requests to fast models run inline on the event loop: a thread hand-off costs more
+    than a small model's inference (bench/README.md) and, with many threads contending for the
+    GIL, makes the tail latency much worse. Everything else runs in the thread pool under the
+    timeout: large requests, models whose recent calls took longer than ``INLINE_BUDGET_S``
+    (inline they would hold the loop, and requests would queue in the kernel, unbounded and
+    unshed, instead of here), and any request whose admission talks to Redis.
     """
 
     def __init__(self, service: Service) -> None:
@@ -34,6 +42,8 @@ class InferRunner:
         self.inline_max_bytes = (
             settings.inline_max_bytes if settings.limits_storage == "memory://" else -1
         )
+        # Per model: a moving average of how long a call took, in seconds.
+        self._cost: dict[str, float] = {}
 
     async def run(
         self,
@@ -50,8 +60,9 @@ class InferRunner:
             raise Unavailable("the server is overloaded; retry shortly", retry_after=1)
         self.in_flight += 1
         metrics.set_queue_depth(self.in_flight)
+        started = time.perf_counter()
         try:
-            if len(body) <= self.inline_max_bytes:
+            if len(body) <= self.inline_max_bytes and self._cost.get(model, 0.0) < INLINE_BUDGET_S:
                 return self.service.infer(
                     principal, model, version, body, header_length=header_length, stats=stats
                 )
@@ -70,3 +81,6 @@ class InferRunner:
         finally:
             self.in_flight -= 1
             metrics.set_queue_depth(self.in_flight)
+            elapsed = time.perf_counter() - started
+            if len(self._cost) < _MAX_TRACKED or model in self._cost:
+                self._cost[model] = 0.8 * self._cost.get(model, elapsed) + 0.2 * elapsed
