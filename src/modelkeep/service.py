@@ -175,7 +175,8 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         if self._poller is not None:
             self._poller.join(timeout=5)
             with suppress(ModelkeepError):
-                self.record("server", "server.stop", "server", "success", {"pid": os.getpid()})
+                details = {"pid": os.getpid(), "settings_sha256": self.settings_digest()}
+                self.record("server", "server.stop", "server", "success", details)
                 self.audit.checkpoint()
         self.capture_writer.close(timeout=5)
         self.metrics.close()

@@ -30,6 +30,8 @@ def test_security_events_are_recorded_and_the_chain_verifies(server: Server) -> 
     with server.client(server.admin_key) as c:
         assert c.delete(f"/api/v1/keys/{key['id']}").status_code == 200
     actions = {(e["action"], e["outcome"]) for e in entries(server)}
+    started = entries(server, action="server.start")[-1]["details"]
+    assert len(started["settings_sha256"]) == 64  # type: ignore[index,arg-type]
     for expected in [
         ("server.start", "success"),
         ("model.configure", "success"),
@@ -80,8 +82,17 @@ def test_an_acknowledged_admin_action_survives_sigkill_and_tampering_is_detected
             assert c.get("/api/v1/whoami").status_code == 200
         created = entries(srv, action="key.create")
         assert [e["details"]["key"] for e in created] == [key["id"]]  # type: ignore[index]
+        # The first run stopped by SIGKILL wrote no stop event; this one will, on a clean stop.
+        assert entries(srv, action="server.stop") == []
     finally:
         srv.stop()
+    stops = [
+        json.loads(line)
+        for line in run_cli(
+            "audit", "export", "--data-dir", str(srv.data_dir), "--action", "server.stop"
+        ).stdout.splitlines()
+    ]
+    assert [len(s["details"]["settings_sha256"]) for s in stops] == [64]
     ok = run_cli("audit", "verify", "--data-dir", str(srv.data_dir), "--json", check=False)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     with sqlite3.connect(srv.data_dir / "modelkeep.db") as db:
