@@ -45,7 +45,7 @@ from modelkeep.errors import (
     Unavailable,
 )
 from modelkeep.guard.admission import Admission
-from modelkeep.guard.gate import InferenceGate
+from modelkeep.guard.gate import InferenceGate, shared_state_factory
 from modelkeep.policy import Action, Authorizer
 from modelkeep.registry.blobs import BlobStore, FileBlobStore
 from modelkeep.registry.intake import unpack
@@ -131,7 +131,13 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
             blobs=FileBlobStore(data_dir / BLOB_DIR),
             keys=LocalKeyService.load(data_dir / KEK_FILE),
             audit=AuditLog(store.engine, signer=CheckpointSigner.load(data_dir / AUDIT_KEY_FILE)),
-            gate=InferenceGate(Admission(settings.limits_storage)),
+            gate=InferenceGate(
+                Admission(settings.limits_storage),
+                # With Redis for limits, detector histories are shared through it too.
+                state_factory=None
+                if settings.limits_storage == "memory://"
+                else shared_state_factory(settings.limits_storage),
+            ),
             alerter=alerter_from(settings),
         )
         service.refresh()

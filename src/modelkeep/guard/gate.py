@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from modelkeep.errors import InvalidInput
+from modelkeep.guard._redis_state import RedisDetectorState
 from modelkeep.guard.admission import Admission, Admitted
 from modelkeep.guard.detection import (
     DetectorState,
@@ -59,10 +60,11 @@ class InferenceGate:
         self,
         admission: Admission,
         *,
-        state_factory: Callable[[], DetectorState] = InMemoryDetectorState,
+        state_factory: Callable[[str], DetectorState] | None = None,
     ) -> None:
+        """``state_factory(namespace)`` gives each detector its store (default: in process)."""
         self.admission = admission
-        self._state_factory = state_factory
+        self._state_factory = state_factory or _in_memory
         self._policies: dict[tuple[str, str | None], ModelPolicy] = {}
         self._prada: dict[tuple[str, float | None], PradaDetector] = {}
         self._ood: dict[tuple[str, int], OodMonitor] = {}
@@ -150,7 +152,7 @@ class InferenceGate:
             config = PradaConfig() if threshold is None else PradaConfig(threshold=threshold)
             with self._lock:
                 detector = self._prada.setdefault(
-                    key, PradaDetector(config, state=self._state_factory())
+                    key, PradaDetector(config, state=self._state_factory(f"{model}/prada"))
                 )
         return detector
 
@@ -161,9 +163,23 @@ class InferenceGate:
         if monitor is None:
             with self._lock:
                 monitor = self._ood.setdefault(
-                    key, OodMonitor(policy.ood_reference, state=self._state_factory())
+                    key,
+                    OodMonitor(policy.ood_reference, state=self._state_factory(f"{model}/ood")),
                 )
         return monitor
+
+
+def _in_memory(_namespace: str) -> DetectorState:
+    return InMemoryDetectorState()
+
+
+def shared_state_factory(url: str) -> Callable[[str], DetectorState]:
+    """Detector stores in Redis at ``url``, one namespace per model and detector."""
+
+    def factory(namespace: str) -> DetectorState:
+        return RedisDetectorState(url, namespace=f"modelkeep:detector:{namespace}")
+
+    return factory
 
 
 def _features(inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
