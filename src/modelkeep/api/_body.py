@@ -1,29 +1,54 @@
-"""Reading request bodies with the size limit enforced while reading."""
+"""Reading request bodies with the size limit enforced while reading, and the V2 binary
+extension's header length. Shared by the infer fast path and the FastAPI routes."""
 
 from __future__ import annotations
 
 from starlette.requests import Request
+from starlette.types import Receive
 
 from modelkeep.errors import InvalidInput, TooLarge
 
 from ._limits import limit_message
 
 
+async def receive_body(receive: Receive, content_length: str | bytes | None, limit: int) -> bytes:
+    """The whole body from ASGI ``receive``, refused with TooLarge as soon as it passes ``limit``.
+
+    A declared Content-Length over the limit is refused before a byte is read.
+    """
+    if content_length is not None:
+        if not content_length.isdigit():
+            raise InvalidInput("invalid Content-Length header")
+        if int(content_length) > limit:
+            raise TooLarge(limit_message(limit))
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidInput("the client went away")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(limit_message(limit))
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with TooLarge as soon as it passes ``limit`` bytes.
+    """The whole body of ``request`` (see ``receive_body``).
 
     BodyLimitMiddleware enforces the same limit for every route; this check keeps the
     handler correct on its own.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidInput("invalid Content-Length header")
-        if int(declared) > limit:
-            raise TooLarge(limit_message(limit))
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise TooLarge(limit_message(limit))
-    return bytes(buf)
+    return await receive_body(request.receive, request.headers.get("content-length"), limit)
+
+
+def header_length(value: str | bytes | None) -> int | None:
+    """The ``Inference-Header-Content-Length`` value, if any; InvalidInput unless digits."""
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 12:
+        raise InvalidInput("invalid Inference-Header-Content-Length header")
+    return int(value)

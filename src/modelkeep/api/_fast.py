@@ -18,12 +18,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelkeep.audit.access import bind_request, input_digest, new_request_id, reset_request
 from modelkeep.auth import AuthFailure
-from modelkeep.errors import InvalidInput, ModelkeepError, TooLarge
+from modelkeep.errors import ModelkeepError
 from modelkeep.service import Service
 
+from ._body import header_length, receive_body
 from ._errors import error_response, modelkeep_error_response
 from ._infer import InferRunner
-from ._limits import limit_message
 from ._observe import REQUEST_ID_HEADER as REQUEST_ID
 from ._observe import ObserveMiddleware
 
@@ -109,14 +109,14 @@ class FastInfer:
     ) -> tuple[bytes, dict[str, str]]:
         authorization = None
         content_length = None
-        header_length = None
+        length_header = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
             elif name == b"content-length":
                 content_length = value
             elif name == b"inference-header-content-length":
-                header_length = value
+                length_header = value
         # 1. Authentication (a refusal is audited before the 401 leaves).
         try:
             principal = self.service.authenticate(authorization)
@@ -128,32 +128,10 @@ class FastInfer:
             raise
         scope["state"]["principal"] = principal
         # 2. The body, refused as soon as it passes the limit.
-        if content_length is not None:
-            if not content_length.isdigit():
-                raise InvalidInput("invalid Content-Length header")
-            if int(content_length) > self.max_body:
-                raise TooLarge(limit_message(self.max_body))
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise InvalidInput("the client went away")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise TooLarge(limit_message(self.max_body))
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        scope["state"]["bytes_in"] = size
+        body = await receive_body(receive, content_length, self.max_body)
+        scope["state"]["bytes_in"] = len(body)
         scope["state"]["input_digest"] = input_digest(body)
-        if header_length is not None:
-            if not header_length.isdigit() or len(header_length) > 12:
-                raise InvalidInput("invalid Inference-Header-Content-Length header")
-            header_length = int(header_length)
         # 3. Queue, then the service: authorization, validation, admission, runtime, guard.
         return await self.runner.run(
-            principal, model, version, body, header_length, stats=scope["state"]
+            principal, model, version, body, header_length(length_header), stats=scope["state"]
         )

@@ -9,11 +9,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from modelkeep.audit.access import input_digest
-from modelkeep.errors import InvalidInput
 from modelkeep.service import Service
 
 from ._auth import principal_of
-from ._body import read_body
+from ._body import header_length, read_body
 from ._errors import error_response
 from ._infer import InferRunner
 
@@ -66,11 +65,11 @@ def v2_router(service: Service) -> APIRouter:
     async def _infer(request: Request, model: str, version: str | None) -> Response:
         # Served by the fast path (_fast.py) in a running server; kept for the OpenAPI
         # description and for apps built without it.
-        header_length = _header_length(request)
+        length = header_length(request.headers.get(HEADER_LENGTH))
         body = await read_body(request, max_body)
         request.state.input_digest = input_digest(body)
         content, headers = await runner.run(
-            principal_of(request), model, version, body, header_length, stats=request.scope["state"]
+            principal_of(request), model, version, body, length, stats=request.scope["state"]
         )
         media_type = headers.pop("content-type", "application/json")
         return Response(content, media_type=media_type, headers=headers)
@@ -84,12 +83,3 @@ def v2_router(service: Service) -> APIRouter:
         return await _infer(request, model, version)
 
     return router
-
-
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get(HEADER_LENGTH)
-    if value is None:
-        return None
-    if not value.isdigit() or len(value) > 12:
-        raise InvalidInput("invalid Inference-Header-Content-Length header")
-    return int(value)
