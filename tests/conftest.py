@@ -53,6 +53,26 @@ def postgres_url(postgres_base_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+REDIS_URL = os.environ.get("MODELKEEP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis server; unreachable means fail under CI=true, skip elsewhere."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+        client.ping()
+        client.close()
+    except redis.RedisError as exc:
+        problem = type(exc).__name__
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis at {REDIS_URL} is required in CI and unreachable ({problem})")
+        pytest.skip(f"Redis at {REDIS_URL} is not reachable ({problem}); start redis-server")
+    return REDIS_URL
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Each registry test runs on the embedded SQLite and on the real PostgreSQL."""

@@ -276,21 +276,6 @@ def test_blocked_callers_and_policies_are_audited(world: World) -> None:
 # -- Redis: two server processes, one set of limits --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    import os
-
-    import redis
-
-    try:
-        redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis at 127.0.0.1:6379 is required in CI and unreachable ({exc})")
-        pytest.skip(f"Redis at 127.0.0.1:6379 is not reachable ({exc})")
-    return "redis://127.0.0.1:6379/0"
-
-
 def test_two_servers_sharing_redis_enforce_one_limit(tmp_path: object, redis_url: str) -> None:
     from pathlib import Path
 

@@ -7,7 +7,6 @@ prefix, and deletes its keys afterwards, so runs never collide.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import socket
 import threading
@@ -22,29 +21,6 @@ from modelkeep.errors import RateLimited, Unavailable
 from modelkeep.guard.admission import Admission, Admitted, Limits
 
 pytestmark = pytest.mark.integration
-
-REDIS_URL = os.environ.get("MODELKEEP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _redis_problem() -> str | None:
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-        client.ping()
-        client.close()
-    except redis.RedisError as exc:
-        return type(exc).__name__
-    return None
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    """The Redis server; unreachable means FAIL under CI=true, skip elsewhere."""
-    problem = _redis_problem()
-    if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis at {REDIS_URL} is required in CI and unreachable ({problem})")
-        pytest.skip(f"Redis at {REDIS_URL} is not reachable ({problem}); start redis-server")
-    return REDIS_URL
 
 
 @pytest.fixture

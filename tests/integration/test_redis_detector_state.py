@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 
 import numpy as np
 import pytest
-import redis
 
 from modelkeep.errors import Unavailable
 from modelkeep.guard._redis_state import RedisDetectorState
 from modelkeep.guard.detection import PradaConfig, PradaDetector
 
 pytestmark = pytest.mark.integration
-URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    try:
-        redis.Redis.from_url(URL, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis at 127.0.0.1:6379 is required in CI and unreachable ({exc})")
-        pytest.skip(f"Redis at 127.0.0.1:6379 is not reachable ({exc})")
-    return URL
 
 
 @pytest.fixture
