@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-unit lint bench bench-scan bench-extraction clean
+.PHONY: venv demo test test-unit lint bench bench-scan bench-extraction bench-overload clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-scan: $(STAMP)
 ## An extraction attack against a model with and without each hardening policy.
 bench-extraction: $(STAMP)
 	$(BIN)/python bench/bench_extraction.py
+
+## Twice the sustainable rate, open loop: the p99 of admitted requests and the share shed.
+bench-overload: $(STAMP)
+	$(BIN)/python bench/bench_overload.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -321,6 +321,7 @@ class Target:
     headers: dict[str, str]
     ssl_context: ssl.SSLContext | None
     proc: subprocess.Popen[bytes]
+    admin: dict[str, str] = field(default_factory=dict)  # modelkeep's admin key header
 
 
 def server_env() -> dict[str, str]:
@@ -328,7 +329,18 @@ def server_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MODELKEEP_")}
 
 
-def start_modelkeep(tmp: Path, model: bytes, procs: Processes, pin: Pinning) -> Target:
+def start_modelkeep(
+    tmp: Path,
+    model: bytes,
+    procs: Processes,
+    pin: Pinning,
+    *,
+    name: str = MODEL,
+    settings: Mapping[str, str] | None = None,
+) -> Target:
+    """A fresh data dir under ``tmp``, ``modelkeep serve`` on it, ``model`` pushed as ``name``
+    (unsigned) and a consumer key for it. ``settings``: MODELKEEP_* variables for the server,
+    on top of the defaults (none by default)."""
     cli = BIN / "modelkeep"
     if not cli.exists():
         raise HarnessError(f"{cli} not found; run `make venv` first")
@@ -345,7 +357,7 @@ def start_modelkeep(tmp: Path, model: bytes, procs: Processes, pin: Pinning) -> 
     port = free_port()
     log = tmp / "modelkeep.log"
     serve = [str(cli), "serve", "--data-dir", str(data_dir), "--port", str(port), "--workers", "1"]
-    proc = procs.start(pin.server(serve), log, server_env())
+    proc = procs.start(pin.server(serve), log, {**server_env(), **(settings or {})})
     base = f"https://127.0.0.1:{port}"
     with httpx.Client(base_url=base, verify=context, timeout=60) as client:
         wait_for(
@@ -357,7 +369,7 @@ def start_modelkeep(tmp: Path, model: bytes, procs: Processes, pin: Pinning) -> 
         # Signatures are checked at push time only; the inference path is the same for a
         # signed model, so the bench spares itself the publisher key and signing steps.
         created_model = client.put(
-            f"/api/v1/models/{MODEL}",
+            f"/api/v1/models/{name}",
             json={"description": "bench", "require_signature": False},
             headers=admin,
         )
@@ -367,8 +379,8 @@ def start_modelkeep(tmp: Path, model: bytes, procs: Processes, pin: Pinning) -> 
                 f"{created_model.text[:500]}\n{tail(log)}"
             )
         pushed = client.post(
-            f"/api/v1/models/{MODEL}/versions",
-            params={"filename": "iris.onnx"},
+            f"/api/v1/models/{name}/versions",
+            params={"filename": f"{name}.onnx"},
             content=model,
             headers={**admin, "Content-Type": "application/octet-stream"},
         )
@@ -377,7 +389,7 @@ def start_modelkeep(tmp: Path, model: bytes, procs: Processes, pin: Pinning) -> 
                 f"push answered {pushed.status_code}: {pushed.text[:500]}\n{tail(log)}"
             )
         made = client.post(
-            "/api/v1/keys", json={"role": "consumer", "models": [MODEL]}, headers=admin
+            "/api/v1/keys", json={"role": "consumer", "models": [name]}, headers=admin
         )
         if made.status_code not in (200, 201):
             raise HarnessError(
@@ -385,12 +397,12 @@ def start_modelkeep(tmp: Path, model: bytes, procs: Processes, pin: Pinning) -> 
             )
         consumer = {"Authorization": f"Bearer {made.json()['key']}"}
         wait_for(
-            f"/v2/models/{MODEL}/ready",
-            lambda: client.get(f"/v2/models/{MODEL}/ready", headers=consumer).status_code == 200,
+            f"/v2/models/{name}/ready",
+            lambda: client.get(f"/v2/models/{name}/ready", headers=consumer).status_code == 200,
             proc,
             log,
         )
-    return Target("modelkeep", base, consumer, context, proc)
+    return Target("modelkeep", base, consumer, context, proc, admin)
 
 
 def start_bare(tmp: Path, model_path: Path, procs: Processes, pin: Pinning) -> Target:
@@ -564,24 +576,52 @@ def parse_wrk(output: str) -> LoadResult:
 # -- load generation: the Python fallback ------------------------------------------------------
 
 
-def run_python_load(
-    target: Target, bodies: list[bytes], concurrency: int, seconds: int
-) -> LoadResult:
-    """Keep-alive HTTP/1.1 clients on asyncio; used only when wrk is not available.
-
-    It is much slower than wrk, so at high concurrency it may measure itself: the results say so.
-    """
+def address(target: Target) -> tuple[str, int]:
     parts = urlsplit(target.url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def post_requests(target: Target, bodies: list[bytes], path: str = INFER_PATH) -> list[bytes]:
+    """One whole HTTP/1.1 POST request (head and JSON body) per body, with the target's headers."""
+    host, port = address(target)
     headers = "".join(f"{k}: {v}\r\n" for k, v in target.headers.items())
-    prepared = [
+    return [
         (
-            f"POST {INFER_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}"
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
         + body
         for body in bodies
     ]
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """One HTTP/1.1 response: its head, its header fields (names lower-case) and its body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    fields = dict(line.partition(b":")[::2] for line in head.split(b"\r\n")[1:])
+    fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
+    if b"content-length" in fields:
+        return head, fields, await reader.readexactly(int(fields[b"content-length"]))
+    chunks: list[bytes] = []  # chunked: size line, data, CRLF ... up to the empty last chunk
+    while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+        chunks.append((await reader.readexactly(size + 2))[:-2])
+    await reader.readuntil(b"\r\n")
+    return head, fields, b"".join(chunks)
+
+
+def run_python_load(
+    target: Target,
+    bodies: list[bytes],
+    concurrency: int,
+    seconds: float,
+    path: str = INFER_PATH,
+) -> LoadResult:
+    """Keep-alive HTTP/1.1 clients on asyncio; used only when wrk is not available.
+
+    It is much slower than wrk, so at high concurrency it may measure itself: the results say so.
+    """
+    host, port = address(target)
+    prepared = post_requests(target, bodies, path)
     latencies: list[float] = []
     counts = {"non_200": 0, "read": 0, "connect": 0}
 
@@ -597,15 +637,7 @@ def run_python_load(
                 index += 1
                 started = time.perf_counter()
                 writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                fields = dict(line.partition(b":")[::2] for line in head.split(b"\r\n")[1:])
-                fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
-                if b"content-length" in fields:
-                    await reader.readexactly(int(fields[b"content-length"]))
-                else:  # chunked: size line, data, CRLF ... up to the empty last chunk
-                    while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
-                        await reader.readexactly(size + 2)
-                    await reader.readuntil(b"\r\n")
+                head, _, _ = await read_response(reader)
                 latencies.append(time.perf_counter() - started)
                 if head[9:12] != b"200":
                     counts["non_200"] += 1
