@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # Inference bodies up to this size run inline on the event loop (faster for small models);
     # larger ones, or any when limits are counted in Redis, run in a thread under the timeout.
     inline_max_bytes: int = Field(default=64 * 1024, ge=0)
+    # Slow or large inference calls running in the runtime at once per worker; the others wait
+    # their turn in the queue above. 0 = one per CPU the worker may use. More threads than
+    # CPUs only time-slice the same cores and starve the event loop that sheds overload.
+    inference_threads: int = Field(default=0, ge=0, le=256)
     # A request still running after this is answered 503 (its thread finishes in the background).
     inference_timeout_s: float = Field(default=30.0, gt=0)
     # One JSON line per request on stdout: who, what, status, latency, rows, an input digest;

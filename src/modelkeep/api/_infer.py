@@ -6,11 +6,13 @@ routes that describe them in the OpenAPI document.
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from typing import Any
 
 import anyio
-from starlette.concurrency import run_in_threadpool
+import anyio.to_thread
 
 from modelkeep.auth import Principal
 from modelkeep.errors import Unavailable
@@ -31,6 +33,12 @@ class InferRunner:
     timeout: large requests, models whose recent calls took longer than ``INLINE_BUDGET_S``
     (inline they would hold the loop, and requests would queue in the kernel, unbounded and
     unshed, instead of here), and any request whose admission talks to Redis.
+
+    Calls that are slow or large run at most ``inference_threads`` at a time (default one per
+    CPU); the rest wait in the queue. Running more at once would only share the same cores,
+    slowing every call and the event loop with them, so that overload would be noticed and
+    shed late. Calls in a thread only because admission talks to Redis are not limited so:
+    they mostly wait on the network.
     """
 
     def __init__(self, service: Service) -> None:
@@ -44,6 +52,8 @@ class InferRunner:
         )
         # Per model: a moving average of how long a call took, in seconds.
         self._cost: dict[str, float] = {}
+        self.compute_threads = settings.inference_threads or usable_cpus()
+        self._compute = anyio.CapacityLimiter(self.compute_threads)
 
     async def run(
         self,
@@ -59,28 +69,65 @@ class InferRunner:
             metrics.shed(model=model)
             raise Unavailable("the server is overloaded; retry shortly", retry_after=1)
         self.in_flight += 1
-        metrics.set_queue_depth(self.in_flight)
-        started = time.perf_counter()
+        heavy = len(body) > self.service.settings.inline_max_bytes or (
+            self._cost.get(model, 0.0) >= INLINE_BUDGET_S
+        )
+        inline = not heavy and len(body) <= self.inline_max_bytes
         try:
-            if len(body) <= self.inline_max_bytes and self._cost.get(model, 0.0) < INLINE_BUDGET_S:
-                return self.service.infer(
-                    principal, model, version, body, header_length=header_length, stats=stats
+            if inline:
+                # Runs to the end without yielding the loop, so nothing (a /metrics scrape
+                # included) can see the queue in between: the gauge need not move.
+                return self._timed(
+                    model, principal, version, body, header_length=header_length, stats=stats
                 )
+            metrics.set_queue_depth(self.in_flight)
+            call = functools.partial(
+                self._timed,
+                model,
+                principal,
+                version,
+                body,
+                header_length=header_length,
+                stats=stats,
+            )
             with anyio.fail_after(self.timeout):
-                return await run_in_threadpool(
-                    self.service.infer,
-                    principal,
-                    model,
-                    version,
-                    body,
-                    header_length=header_length,
-                    stats=stats,
+                # Abandoned on timeout: the caller gets its 503 now, the thread finishes later
+                # (and keeps its compute slot until then).
+                return await anyio.to_thread.run_sync(
+                    call, abandon_on_cancel=True, limiter=self._compute if heavy else None
                 )
         except TimeoutError:
             raise Unavailable("inference timed out", retry_after=1) from None
         finally:
             self.in_flight -= 1
-            metrics.set_queue_depth(self.in_flight)
+            if not inline:
+                metrics.set_queue_depth(self.in_flight)
+
+    def _timed(
+        self,
+        model: str,
+        principal: Principal,
+        version: str | None,
+        body: bytes,
+        *,
+        header_length: int | None,
+        stats: dict[str, Any] | None,
+    ) -> tuple[bytes, dict[str, str]]:
+        """The service call, its duration (not its wait in the queue) added to the model's cost."""
+        started = time.perf_counter()
+        try:
+            return self.service.infer(
+                principal, model, version, body, header_length=header_length, stats=stats
+            )
+        finally:
             elapsed = time.perf_counter() - started
             if len(self._cost) < _MAX_TRACKED or model in self._cost:
                 self._cost[model] = 0.8 * self._cost.get(model, elapsed) + 0.2 * elapsed
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

@@ -25,9 +25,9 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelkeep.audit.access import (
+    AccessLog,
     AccessRecord,
     bind_request,
-    log_access,
     new_request_id,
     reset_request,
     safe_input_digest,
@@ -52,7 +52,9 @@ class ObserveMiddleware:
     add to the server's work but not to the latency the client sees before the last byte.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics | None, access_log: bool = True) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics | None, access_log: AccessLog | None = None
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
@@ -128,12 +130,12 @@ class ObserveMiddleware:
                 status=status,
                 seconds=seconds,
             )
-        if not self.access_log:
+        if self.access_log is None:
             return
         key_id = getattr(state.get("principal"), "key_id", None)
         rows = state.get("rows")
         client = scope.get("client")
-        log_access(
+        self.access_log.write(
             AccessRecord(
                 request_id=request_id,
                 principal=key_id if isinstance(key_id, str) else ANONYMOUS,

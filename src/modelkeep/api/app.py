@@ -12,7 +12,7 @@ from starlette.types import ASGIApp
 
 from modelkeep import __version__
 from modelkeep.audit import tracing
-from modelkeep.audit.access import configure_access_log
+from modelkeep.audit.access import AccessLog, configure_access_log
 from modelkeep.service import Service
 from modelkeep.settings import Settings
 
@@ -32,6 +32,8 @@ from .v2 import v2_router
 def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
     """Build the app. With ``manage_lifecycle`` the app starts and stops the service's poller."""
 
+    access_log = AccessLog() if service.settings.access_log else None
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if manage_lifecycle:
@@ -39,6 +41,8 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
         try:
             yield
         finally:
+            if access_log is not None:
+                access_log.flush()
             if manage_lifecycle:
                 service.stop()
 
@@ -74,7 +78,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
         )
         return Response(body, media_type=content_type)
 
-    observed = ObserveMiddleware(app, service.metrics, access_log=service.settings.access_log)
+    observed = ObserveMiddleware(app, service.metrics, access_log=access_log)
     return FastInfer(observed, service, InferRunner(service), observer=observed)
 
 

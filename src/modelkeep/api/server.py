@@ -20,6 +20,8 @@ from modelkeep.errors import ConfigError
 from modelkeep.service import Service
 from modelkeep.settings import Settings
 
+from ._transport import CoalescingHttpToolsProtocol
+
 log = logging.getLogger(__name__)
 
 APP_FACTORY = "modelkeep.api.app:create_app_from_env"
@@ -80,6 +82,7 @@ def _serve(settings: Settings, cert: Path, key: Path) -> None:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
+        http=CoalescingHttpToolsProtocol,
         ssl_certfile=str(cert),
         ssl_keyfile=str(key),
         ssl_context_factory=tls_context_factory,

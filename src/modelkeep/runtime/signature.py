@@ -67,7 +67,8 @@ def v2_datatype(dtype: np.dtype[Any]) -> str:
     """
     if dtype.kind in "OSU":
         return "BYTES"
-    name = _V2_BY_NUMPY.get(dtype.newbyteorder("="))
+    # newbyteorder() makes a new dtype: only needed for the rare non-native byte order.
+    name = _V2_BY_NUMPY.get(dtype if dtype.isnative else dtype.newbyteorder("="))
     if name is None:
         raise InvalidInput(f"numpy dtype {dtype.str} has no V2 datatype")
     return name

@@ -6,7 +6,7 @@ import asyncio
 import io
 import json
 import re
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -19,15 +19,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
-from structlog.testing import capture_logs
 
 from modelkeep.api._observe import ObserveMiddleware
 from modelkeep.audit.access import (
+    AccessLog,
     AccessRecord,
     bind_request,
     configure_access_log,
     input_digest,
-    log_access,
     new_request_id,
     reset_request,
     safe_model,
@@ -72,17 +71,22 @@ def record(**changes: object) -> AccessRecord:
 # -- the log itself -------------------------------------------------------------------------
 
 
-def test_log_access_emits_one_access_event_with_every_field() -> None:
-    with capture_logs() as logs:
-        log_access(record())
-    assert logs == [{"event": "access", "log_level": "info", **asdict(record())}]
+class Sink:
+    """An AccessLog writing to memory, and the lines it wrote, parsed."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+        self.log = AccessLog(self.stream)
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines()]
 
 
-def test_configured_log_writes_exactly_one_json_line_per_record() -> None:
+def test_access_log_writes_exactly_one_json_line_per_record() -> None:
     stream = io.StringIO()
-    configure_access_log(stream)
-    log_access(record())
-    log_access(record(status=404, rows=None))
+    log = AccessLog(stream)
+    log.write(record())
+    log.write(record(status=404, rows=None))
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
     first, second = (json.loads(line) for line in lines)
@@ -90,6 +94,85 @@ def test_configured_log_writes_exactly_one_json_line_per_record() -> None:
     assert first == {"event": "access", "level": "info", **asdict(record())}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", timestamp)
     assert (second["status"], second["rows"]) == (404, None)
+
+
+class WriteCounter(io.StringIO):
+    """A stream that remembers each write it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_lines_of_one_loop_turn_go_out_together_at_its_end() -> None:
+    stream = WriteCounter()
+    log = AccessLog(stream)
+
+    async def main() -> None:
+        log.write(record(status=200))
+        log.write(record(status=404))
+        assert stream.writes == []  # waiting for the end of this turn
+        await asyncio.sleep(0)
+        assert len(stream.writes) == 1
+        log.write(record(status=500))
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    statuses = [json.loads(line)["status"] for line in stream.getvalue().splitlines()]
+    assert statuses == [200, 404, 500]
+    assert len(stream.writes) == 2
+
+
+def test_writes_are_whole_lines_of_at_most_4_kib_so_a_pipe_never_splits_them() -> None:
+    stream = WriteCounter()
+    log = AccessLog(stream)
+
+    async def main() -> None:
+        for n in range(100):
+            log.write(record(latency_ms=float(n)))
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert len(stream.writes) > 1
+    for chunk in stream.writes:
+        assert len(chunk.encode()) <= 4096
+        assert chunk.endswith("\n")
+    latencies = [json.loads(line)["latency_ms"] for line in stream.getvalue().splitlines()]
+    assert latencies == [float(n) for n in range(100)]
+
+
+def test_a_line_written_off_the_loop_goes_out_at_once_with_what_waits() -> None:
+    stream = WriteCounter()
+    log = AccessLog(stream)
+
+    async def main() -> None:
+        log.write(record(status=200))
+        # A worker thread of the same process writes before the loop's turn ends.
+        await asyncio.to_thread(log.write, record(status=201))
+        assert [json.loads(line)["status"] for line in stream.getvalue().splitlines()] == [
+            200,
+            201,
+        ]
+
+    asyncio.run(main())
+
+
+def test_flush_writes_what_waits_at_once() -> None:
+    stream = WriteCounter()
+    log = AccessLog(stream)
+
+    async def main() -> None:
+        log.write(record())
+        log.flush()  # as the app does when it stops, before the turn ends
+        assert len(stream.getvalue().splitlines()) == 1
+        await asyncio.sleep(0)  # the scheduled flush finds nothing more to write
+
+    asyncio.run(main())
+    assert len(stream.writes) == 1
 
 
 def test_request_context_is_bound_through_contextvars_and_reset() -> None:
@@ -111,11 +194,15 @@ def test_keys_named_like_secrets_are_dropped_even_when_bound_elsewhere() -> None
     structlog.contextvars.bind_contextvars(
         authorization=f"Bearer {TOKEN}", api_key=TOKEN, request_body=PAYLOAD_MARKER
     )
-    log_access(record())
-    line = stream.getvalue()
-    assert TOKEN not in line
-    assert PAYLOAD_MARKER not in line
-    assert json.loads(line)["input_digest"] == "ba7816bf8f01cfea"  # allowed by name
+    structlog.get_logger("elsewhere").info("alert.fired", input_digest="ba7816bf8f01cfea")
+    AccessLog(stream).write(record())
+    structlog_line, access_line = stream.getvalue().splitlines()
+    for line in (structlog_line, access_line):
+        assert TOKEN not in line
+        assert PAYLOAD_MARKER not in line
+        assert json.loads(line)["input_digest"] == "ba7816bf8f01cfea"  # allowed by name
+    # Access lines have a fixed set of keys: nothing bound elsewhere reaches them.
+    assert set(json.loads(access_line)) == {"event", "level", "timestamp", *asdict(record())}
 
 
 def test_input_digest_is_the_first_16_hex_of_sha256() -> None:
@@ -123,10 +210,10 @@ def test_input_digest_is_the_first_16_hex_of_sha256() -> None:
     assert input_digest(b"abc") == "ba7816bf8f01cfea"
 
 
-def test_request_ids_are_fresh_uuid4_hex() -> None:
-    ids = {new_request_id() for _ in range(100)}
-    assert len(ids) == 100
-    assert all(re.fullmatch(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}", i) for i in ids)
+def test_request_ids_are_fresh_random_hex() -> None:
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
 
 
 @pytest.mark.parametrize(
@@ -173,7 +260,7 @@ async def boom(_request: Request) -> Response:
     raise RuntimeError("bug")
 
 
-def make_app(metrics: Metrics | None = None, access_log: bool = True) -> Starlette:
+def make_app(metrics: Metrics | None = None, sink: Sink | None = None) -> Starlette:
     return Starlette(
         routes=[
             Route(INFER, infer, methods=["POST"]),
@@ -181,7 +268,7 @@ def make_app(metrics: Metrics | None = None, access_log: bool = True) -> Starlet
             Route("/boom", boom),
         ],
         middleware=[
-            Middleware(ObserveMiddleware, metrics=metrics, access_log=access_log),
+            Middleware(ObserveMiddleware, metrics=metrics, access_log=sink and sink.log),
             Middleware(FakeAuthentication),
         ],
     )
@@ -214,32 +301,29 @@ class Client:
         return self.request("GET", url, **kwargs)
 
 
-def access_lines(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
-    return [entry for entry in logs if entry["event"] == "access"]
-
-
 def test_each_response_has_a_fresh_request_id_matching_its_access_line() -> None:
-    client = Client(make_app())
-    with capture_logs() as logs:
-        first = client.post("/v2/models/iris/infer", content=b"{}", headers=AUTH)
-        second = client.post("/v2/models/iris/infer", content=b"{}", headers=AUTH)
+    sink = Sink()
+    client = Client(make_app(sink=sink))
+    first = client.post("/v2/models/iris/infer", content=b"{}", headers=AUTH)
+    second = client.post("/v2/models/iris/infer", content=b"{}", headers=AUTH)
     ids = [first.headers["X-Request-Id"], second.headers["X-Request-Id"]]
     assert ids[0] != ids[1]
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
-    assert [line["request_id"] for line in access_lines(logs)] == ids
+    assert [line["request_id"] for line in sink.lines()] == ids
 
 
 def test_access_line_describes_the_request_by_route_template_and_shape() -> None:
-    client = Client(make_app())
+    sink = Sink()
+    client = Client(make_app(sink=sink))
     body = b'{"inputs": [1, 2]}'
-    with capture_logs() as logs:
-        response = client.post("/v2/models/iris/versions/3/infer?x=1", content=body, headers=AUTH)
-    (line,) = access_lines(logs)
+    response = client.post("/v2/models/iris/versions/3/infer?x=1", content=body, headers=AUTH)
+    (line,) = sink.lines()
     latency = line.pop("latency_ms")
     line.pop("request_id")
+    line.pop("timestamp")
     assert line == {
         "event": "access",
-        "log_level": "info",
+        "level": "info",
         "principal": "key:abcdefghijkl",
         "method": "POST",
         "route": "/v2/models/{model}/versions/{version}/infer",
@@ -257,9 +341,10 @@ def test_access_line_describes_the_request_by_route_template_and_shape() -> None
 
 
 def test_token_payload_and_query_secret_never_reach_the_log_stream() -> None:
-    stream = io.StringIO()
-    configure_access_log(stream)
-    client = Client(make_app())
+    sink = Sink()
+    stream = sink.stream
+    configure_access_log(stream)  # structlog's lines, if any, go to the same stream
+    client = Client(make_app(sink=sink))
     body = json.dumps({"inputs": PAYLOAD_MARKER}).encode()
     ok = client.post(f"/v2/models/iris/infer?api_key={QUERY_SECRET}", content=body, headers=AUTH)
     odd = client.post(f"/v2/models/{TOKEN.lower()}/infer", content=body, headers=AUTH)
@@ -279,10 +364,10 @@ def test_token_payload_and_query_secret_never_reach_the_log_stream() -> None:
 
 
 def test_refused_request_is_logged_as_anonymous_with_no_route() -> None:
-    client = Client(make_app())
-    with capture_logs() as logs:
-        response = client.post("/v2/models/iris/infer", content=b"{}")
-    (line,) = access_lines(logs)
+    sink = Sink()
+    client = Client(make_app(sink=sink))
+    response = client.post("/v2/models/iris/infer", content=b"{}")
+    (line,) = sink.lines()
     assert response.status_code == 401
     assert (line["principal"], line["route"], line["model"], line["status"]) == (
         "anonymous",
@@ -295,10 +380,10 @@ def test_refused_request_is_logged_as_anonymous_with_no_route() -> None:
 
 def test_unhandled_error_is_logged_and_counted_as_500() -> None:
     metrics = Metrics()
-    client = Client(make_app(metrics), raise_app_exceptions=False)
-    with capture_logs() as logs:
-        response = client.get("/boom", headers=AUTH)
-    (line,) = access_lines(logs)
+    sink = Sink()
+    client = Client(make_app(metrics, sink), raise_app_exceptions=False)
+    response = client.get("/boom", headers=AUTH)
+    (line,) = sink.lines()
     assert (response.status_code, line["status"], line["route"]) == (500, 500, "/boom")
     assert (
         b'modelkeep_requests_total{model="",route="/boom",status="500",version=""} 1.0'
@@ -306,17 +391,18 @@ def test_unhandled_error_is_logged_and_counted_as_500() -> None:
     )
 
 
-def test_middleware_counts_requests_with_bounded_labels() -> None:
+def test_middleware_counts_requests_with_bounded_labels(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     metrics = Metrics()
     metrics.set_known_models({"iris": [3]})
-    client = Client(make_app(metrics, access_log=False))
-    with capture_logs() as logs:
-        client.post("/v2/models/iris/infer", content=b"{}", headers=AUTH)
-        client.post("/v2/models/iris/versions/3/infer", content=b"{}", headers=AUTH)
-        client.post("/v2/models/nope/infer", content=b"{}", headers=AUTH)
-        client.post("/no/such/route", content=b"{}", headers=AUTH)
+    client = Client(make_app(metrics))  # no access log
+    client.post("/v2/models/iris/infer", content=b"{}", headers=AUTH)
+    client.post("/v2/models/iris/versions/3/infer", content=b"{}", headers=AUTH)
+    client.post("/v2/models/nope/infer", content=b"{}", headers=AUTH)
+    client.post("/no/such/route", content=b"{}", headers=AUTH)
     body = metrics.render()[0].decode()
-    assert access_lines(logs) == []  # access_log=False
+    assert capsys.readouterr().out == ""  # without an AccessLog nothing is written
     expected = [
         'modelkeep_requests_total{model="iris",route="/v2/models/{model}/infer",'
         'status="200",version="default"} 1.0',
@@ -354,10 +440,10 @@ def test_non_http_scopes_pass_through_untouched() -> None:
         pass
 
     scope: Scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
-    with capture_logs() as logs:
-        asyncio.run(ObserveMiddleware(app, Metrics())(scope, receive, send))
+    sink = Sink()
+    asyncio.run(ObserveMiddleware(app, Metrics(), sink.log)(scope, receive, send))
     assert seen == [scope]
-    assert access_lines(logs) == []
+    assert sink.lines() == []
 
 
 def test_fast_path_state_gives_route_and_served_version_and_body_in_state_stays_out() -> None:
@@ -379,11 +465,10 @@ def test_fast_path_state_gives_route_and_served_version_and_body_in_state_stays_
         await send({"type": "http.response.body", "body": b"{}"})
 
     stream = io.StringIO()
-    configure_access_log(stream)
     metrics = Metrics()
     metrics.set_known_models({"iris": [7]})
     body = json.dumps({"inputs": PAYLOAD_MARKER}).encode()
-    response = Client(ObserveMiddleware(fast_infer, metrics)).post(
+    response = Client(ObserveMiddleware(fast_infer, metrics, AccessLog(stream))).post(
         "/v2/models/iris/infer", content=body
     )
     output = stream.getvalue()
