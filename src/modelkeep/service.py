@@ -24,7 +24,7 @@ from modelkeep import __version__
 from modelkeep._service._base import is_safe_name
 from modelkeep._service.capture import CaptureMixin
 from modelkeep._service.guard_admin import GuardAdminMixin
-from modelkeep._service.inference import PLATFORMS, InferenceMixin
+from modelkeep._service.inference import PLATFORMS, InferenceMixin, InferTarget
 from modelkeep._service.management import CreatedKey, ManagementMixin
 from modelkeep.audit import KEY_FILE as AUDIT_KEY_FILE
 from modelkeep.audit import AuditEvent, AuditLog, CheckpointSigner
@@ -99,6 +99,9 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         self._snapshot: Snapshot = empty_snapshot()
         self._refresh_lock = threading.Lock()
         self._sessions: dict[tuple[str, int], LoadedModel] = {}
+        # What an infer call resolves before it runs, per (caller, model, version), valid for
+        # one snapshot (see InferenceMixin._target).
+        self._targets: tuple[Snapshot, dict[tuple[Any, ...], InferTarget]] = (self._snapshot, {})
         self._failed: dict[tuple[str, int], ModelkeepError] = {}
         self._load_locks: dict[tuple[str, int], threading.Lock] = {}
         self._locks_lock = threading.Lock()

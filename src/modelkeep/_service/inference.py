@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from modelkeep import __version__
@@ -14,6 +15,8 @@ from modelkeep.guard.gate import Alarm, request_rows
 from modelkeep.guard.policy import ModelPolicy
 from modelkeep.guard.tensors import decode_infer_request, encode_infer_response
 from modelkeep.policy import Action
+from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord
+from modelkeep.runtime.base import LoadedModel
 
 PLATFORMS = {
     "onnx": "onnxruntime_onnx",
@@ -24,8 +27,25 @@ PLATFORMS = {
 }
 
 
+# Resolved infer targets kept per snapshot, at most this many (model and version come from URLs).
+_MAX_TARGETS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class InferTarget:
+    """What an infer call resolves before it runs: the model, the version served, its loaded
+    runtime and its guard policy. Valid for the snapshot it was resolved from."""
+
+    record: ModelRecord
+    version: VersionRecord
+    session: LoadedModel
+    policy: ModelPolicy
+
+
 class InferenceMixin(ServiceBase):
     """Server and model metadata, readiness and inference (the hot path)."""
+
+    _targets: tuple[Snapshot, dict[tuple[Any, ...], InferTarget]]
 
     # -- Open Inference Protocol -------------------------------------------------------------
 
@@ -83,15 +103,19 @@ class InferenceMixin(ServiceBase):
         stats: dict[str, Any] | None,
     ) -> tuple[bytes, dict[str, str]]:
         # 1. Who may run what: Cedar, then any detector restriction on this key and model.
-        record = self._model(principal, Action.MODEL_INFER, model)
+        target = self._target(principal, model, version)
+        record, found, session, policy = (
+            target.record,
+            target.version,
+            target.session,
+            target.policy,
+        )
         restriction = record.restrictions.get(principal.key_id)
         if restriction is not None and restriction[0] == "block":
             raise Forbidden(
                 f"access to model '{record.name}' is suspended for this key; an admin can lift"
                 " it with `modelkeep policy unblock`"
             )
-        found = self._version(record, version)
-        session = self._session(found)
         # 2. The request must fit the signature before anything is counted or run.
         with tracing.span("modelkeep.decode"):
             request = decode_infer_request(
@@ -100,7 +124,6 @@ class InferenceMixin(ServiceBase):
                 header_length=header_length,
                 max_elements=self.settings.max_tensor_elements,
             )
-        policy = self.gate.policy(record.name, record.policy)
         rows = request_rows(request.inputs)
         if stats is not None:
             stats["rows"] = rows
@@ -156,6 +179,35 @@ class InferenceMixin(ServiceBase):
         if policy.capture is not None:
             self._capture(principal, found, policy.capture, body, content)
         return content, headers
+
+    def _target(self, principal: Principal, model: str, version: str | None) -> InferTarget:
+        """Authorize ``principal`` to infer on ``model`` and resolve what the call runs.
+
+        The same answer as ``_model``, ``_version``, ``_session`` and the gate's policy give,
+        remembered until the snapshot changes (any key, label, version or policy change), so
+        that a request that was allowed and found once costs one lookup afterwards. Refusals
+        and failures are not remembered.
+        """
+        snapshot, targets = self._targets
+        if snapshot is not self._snapshot:
+            # A new snapshot: start afresh. Targets are only ever resolved from this snapshot
+            # or a newer one, so none can outlive the snapshot it came from.
+            snapshot, targets = self._targets = (self._snapshot, {})
+        key = (principal.key_id, principal.role, principal.models, model, version)
+        found = targets.get(key)
+        if found is None:
+            record = self._model(principal, Action.MODEL_INFER, model)
+            served = self._version(record, version)
+            found = InferTarget(
+                record=record,
+                version=served,
+                session=self._session(served),
+                policy=self.gate.policy(record.name, record.policy),
+            )
+            if len(targets) >= _MAX_TARGETS:
+                targets.clear()
+            targets[key] = found
+        return found
 
     def _on_alarms(
         self, principal: Principal, model: str, policy: ModelPolicy, alarms: list[Alarm]

@@ -74,7 +74,7 @@ class FastInfer:
 
         id_value = request_id.encode("ascii")
         # Log lines and captured payloads of this request carry its id.
-        tokens = bind_request(request_id)
+        token = bind_request(request_id)
         try:
             try:
                 content, headers = await self._handle(scope, receive, model, version)
@@ -102,7 +102,7 @@ class FastInfer:
                     self.observer.observe(scope, request_id, status, started, bytes_in, bytes_out)
                 except Exception:
                     log.exception("request observation failed")
-            reset_request(tokens)
+            reset_request(token)
 
     async def _handle(
         self, scope: Scope, receive: Receive, model: str, version: str | None

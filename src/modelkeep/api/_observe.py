@@ -87,7 +87,7 @@ class ObserveMiddleware:
                 bytes_out += len(message.get("body", b""))
             await send(message)
 
-        tokens = bind_request(request_id)
+        token = bind_request(request_id)
         try:
             await self.app(scope, counting_receive, tagging_send)
         except Exception:
@@ -102,7 +102,7 @@ class ObserveMiddleware:
             except Exception:
                 # Observation must never turn an answered request into a failed one.
                 log.exception("request observation failed")
-            reset_request(tokens)
+            reset_request(token)
 
     def observe(
         self,

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-import structlog
-
+from modelkeep.audit.access import current_request_id
 from modelkeep.crypto import KeyService, new_data_key, seal, unseal
 from modelkeep.errors import IntegrityError, ModelkeepError
 
@@ -79,12 +78,6 @@ def new_capture_id() -> str:
 def is_capture_id(text: str) -> bool:
     """Whether ``text`` has the shape of a record id (checked before any lookup)."""
     return _ID.fullmatch(text) is not None
-
-
-def current_request_id() -> str | None:
-    """The id of the request being served (bound by the access log middleware), if any."""
-    value = structlog.contextvars.get_contextvars().get("request_id")
-    return value if isinstance(value, str) else None
 
 
 def associated_data_for(model: str, capture_id: str) -> bytes:

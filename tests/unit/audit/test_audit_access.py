@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -179,9 +180,9 @@ def test_request_context_is_bound_through_contextvars_and_reset() -> None:
     stream = io.StringIO()
     configure_access_log(stream)
     log = structlog.get_logger("elsewhere")
-    tokens = bind_request("feedfacefeedfacefeedfacefeedface")
+    token = bind_request("feedfacefeedfacefeedfacefeedface")
     log.info("inside")
-    reset_request(tokens)
+    reset_request(token)
     log.info("outside")
     inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
     assert inside["request_id"] == "feedfacefeedfacefeedfacefeedface"
@@ -214,6 +215,24 @@ def test_request_ids_are_fresh_random_hex() -> None:
     ids = {new_request_id() for _ in range(1000)}
     assert len(ids) == 1000
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    # Unpredictable: no two consecutive ids share a hex digit in the same place more than a
+    # random pair would (a counter in the clear would keep most of them).
+    a, b = new_request_id(), new_request_id()
+    assert sum(x == y for x, y in zip(a, b, strict=True)) < 12
+
+
+def test_a_forked_worker_makes_ids_of_its_own() -> None:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: same counter position as the parent, but a new key
+        os.write(write_end, new_request_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    theirs = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert re.fullmatch(r"[0-9a-f]{32}", theirs)
+    assert theirs != new_request_id()
 
 
 @pytest.mark.parametrize(
