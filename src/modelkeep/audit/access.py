@@ -127,9 +127,8 @@ class AccessLog:
         self._pending_bytes = 0
         self._scheduled = False
         self._last_loop: tuple[int | None, asyncio.AbstractEventLoop | None] = (None, None)
-        # The timestamp's text up to the second, remade once a second.
-        self._second = -1
-        self._second_text = ""
+        # The timestamp's text up to the second, remade once a second (one pair: threads).
+        self._second: tuple[int, str] = (-1, "")
 
     def write(self, record: AccessRecord) -> None:
         line = orjson.dumps(
@@ -197,10 +196,11 @@ class AccessLog:
         """ISO 8601 in UTC with microseconds, as structlog's TimeStamper writes it."""
         now = time.time()
         second = int(now)
-        if second != self._second:
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        return f"{self._second_text}.{int((now - second) * 1_000_000):06d}Z"
+        known, text = self._second
+        if second != known:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, text)
+        return f"{text}.{int((now - second) * 1_000_000):06d}Z"
 
 
 _REQUEST_ID: ContextVar[str | None] = ContextVar("modelkeep_request_id", default=None)
