@@ -67,6 +67,7 @@ from bench_infer import (
 )
 
 from modelkeep.settings import Settings
+from modelkeep.testing import build_slow_onnx
 
 RESULTS = BENCH_DIR / "results" / "overload.json"
 MODEL = "slow"
@@ -88,32 +89,6 @@ T = TypeVar("T")
 
 
 # -- the model and its requests ----------------------------------------------------------------
-
-
-def build_slow_model(width: int) -> bytes:
-    """input [N, 4] -> MatMul (4 x W) -> MatMul (W x W) -> MatMul (W x 3) -> scores [N, 3]."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    weights = [
-        numpy_helper.from_array(rng.standard_normal(shape, dtype=np.float32) / 32, name)
-        for name, shape in (("w1", (4, width)), ("w2", (width, width)), ("w3", (width, 3)))
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["input", "w1"], ["h1"]),
-        helper.make_node("MatMul", ["h1", "w2"], ["h2"]),
-        helper.make_node("MatMul", ["h2", "w3"], ["scores"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 3])],
-        weights,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
 
 
 def request_rows(rows: int, count: int) -> list[np.ndarray]:
@@ -567,7 +542,7 @@ def run(opts: Options) -> int:
     if pin.load_cpu is not None:
         os.sched_setaffinity(0, {pin.load_cpu})  # the client and the harness off the server's core
     load_before = os.getloadavg()[0]
-    model = build_slow_model(opts.width)
+    model = build_slow_onnx(opts.width)
     rows = request_rows(opts.rows, BODIES)
     bodies = [infer_body(r) for r in rows]
     print(f"model: MatMul chain 4 -> {opts.width} -> {opts.width} -> 3, {opts.rows} rows/request")

@@ -12,6 +12,7 @@ __all__ = [
     "build_custom_domain_onnx",
     "build_external_data_onnx",
     "build_iris_onnx",
+    "build_slow_onnx",
     "iris_rows",
 ]
 
@@ -116,3 +117,35 @@ def build_external_data_onnx() -> bytes:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return bytes(model.SerializeToString(deterministic=True))
+
+
+def build_slow_onnx(width: int = 1024) -> bytes:
+    """A model that takes milliseconds a call: ``input`` FP32 ``[N, 4]`` -> MatMul (4 x W) ->
+    MatMul (W x W) -> MatMul (W x 3) -> ``scores`` FP32 ``[N, 3]``, weights fixed by a seed.
+
+    For overload tests and benches: with a few hundred rows a request, the model, not HTTP, is
+    what runs out.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal(shape, dtype=np.float32) / 32, name)
+        for name, shape in (("w1", (4, width)), ("w2", (width, width)), ("w3", (width, 3)))
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["h1"]),
+        helper.make_node("MatMul", ["h1", "w2"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w3"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 3])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from harness import Server, create_key, init_server, push
 
-from modelkeep.testing import build_iris_onnx, iris_rows
+from modelkeep.testing import build_iris_onnx, build_slow_onnx, iris_rows
 
 pytestmark = pytest.mark.integration
 
@@ -333,31 +333,6 @@ def test_redis_down_means_refusal_not_unlimited(tmp_path: object) -> None:
         srv.stop()
 
 
-def _slow_model(width: int = 1024) -> bytes:
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    weights = [
-        numpy_helper.from_array(rng.standard_normal(shape, dtype=np.float32) / 32, name)
-        for name, shape in (("w1", (4, width)), ("w2", (width, width)), ("w3", (width, 3)))
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["input", "w1"], ["h1"]),
-        helper.make_node("MatMul", ["h1", "w2"], ["h2"]),
-        helper.make_node("MatMul", ["h2", "w3"], ["scores"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 3])],
-        weights,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
-
-
 def test_overload_of_a_slow_model_is_shed_with_503_not_queued(tmp_path: object) -> None:
     from pathlib import Path
 
@@ -365,7 +340,7 @@ def test_overload_of_a_slow_model_is_shed_with_503_not_queued(tmp_path: object) 
     srv.extra_env["MODELKEEP_MAX_QUEUE"] = "2"
     srv.start()
     try:
-        assert push(srv, "slow", _slow_model()).status_code == 201
+        assert push(srv, "slow", build_slow_onnx()).status_code == 201
         rows = [[0.5, 0.5, 0.5, 0.5]] * 512  # tens of milliseconds a call
         with srv.client(srv.admin_key) as c:
             for _ in range(3):  # the server learns the model is slow: thread pool, bounded queue

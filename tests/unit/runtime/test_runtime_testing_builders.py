@@ -15,6 +15,7 @@ from modelkeep.testing import (
     build_custom_domain_onnx,
     build_external_data_onnx,
     build_iris_onnx,
+    build_slow_onnx,
     iris_rows,
 )
 
@@ -74,3 +75,15 @@ def test_external_data_model_claims_an_external_initializer() -> None:
     (weight,) = model.graph.initializer
     assert weight.data_location == TensorProto.EXTERNAL
     assert {entry.key: entry.value for entry in weight.external_data}["location"] == "weights.bin"
+
+
+def test_slow_model_runs_a_batch_and_its_bytes_are_fixed() -> None:
+    import numpy as np
+
+    from modelkeep.runtime.onnx import OnnxModel
+
+    assert build_slow_onnx(64) == build_slow_onnx(64)
+    model = OnnxModel.load(build_slow_onnx(64))
+    (scores,) = model.run({"input": np.ones((5, 4), dtype=np.float32)}).values()
+    assert scores.shape == (5, 3)
+    assert scores.dtype == np.float32
