@@ -11,13 +11,14 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 import redis
 
-from modelkeep.errors import RateLimited, Unavailable
+from admission_helpers import refusal, run_together
+from modelkeep.errors import Unavailable
 from modelkeep.guard.admission import Admission, Admitted, Limits
 
 pytestmark = pytest.mark.integration
@@ -42,36 +43,6 @@ def replicas(redis_url: str, prefix: str) -> Iterator[tuple[Admission, Admission
     yield first, second
     first.close()
     second.close()
-
-
-def refusal(call: Callable[[], object]) -> RateLimited:
-    with pytest.raises(RateLimited) as info:
-        call()
-    return info.value
-
-
-def run_together(count: int, attempt: Callable[[int], Admitted]) -> tuple[int, int]:
-    """Start ``count`` threads at one barrier; return (admitted, refused)."""
-    barrier = threading.Barrier(count)
-    outcomes: list[str] = []
-    lock = threading.Lock()
-
-    def worker(index: int) -> None:
-        barrier.wait()
-        try:
-            attempt(index)
-            result = "admitted"
-        except RateLimited:
-            result = "refused"
-        with lock:
-            outcomes.append(result)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return outcomes.count("admitted"), outcomes.count("refused")
 
 
 # --- two replicas share every limit -------------------------------------------------------

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from modelkeep.errors import ConfigError, InvalidInput, RateLimited, TooLarge
+from admission_helpers import refusal, run_together
+from modelkeep.errors import ConfigError, InvalidInput, TooLarge
 from modelkeep.guard.admission import Admission, Admitted, Limits
 
 
@@ -35,41 +36,11 @@ def next_midnight(clock: Clock) -> datetime:
     return today + timedelta(days=1)
 
 
-def refusal(call: Callable[[], object]) -> RateLimited:
-    with pytest.raises(RateLimited) as info:
-        call()
-    return info.value
-
-
 def refused_by(call: Callable[[], object]) -> str:
     """Which limit refused the call (the ``details`` the API may show)."""
     details = refusal(call).details
     assert details is not None
     return str(details["limit"])
-
-
-def run_together(count: int, attempt: Callable[[int], Admitted]) -> tuple[int, int]:
-    """Start ``count`` threads at one barrier; return (admitted, refused)."""
-    barrier = threading.Barrier(count)
-    outcomes: list[str] = []
-    lock = threading.Lock()
-
-    def worker(index: int) -> None:
-        barrier.wait()
-        try:
-            attempt(index)
-            result = "admitted"
-        except RateLimited:
-            result = "refused"
-        with lock:
-            outcomes.append(result)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return outcomes.count("admitted"), outcomes.count("refused")
 
 
 @pytest.fixture
