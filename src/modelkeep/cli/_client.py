@@ -68,11 +68,17 @@ class ClientOverrides:
 
 
 def client_from(
-    obj: object, connection: Connection, *, read_timeout: float = READ_TIMEOUT_S
+    obj: object,
+    url: str,
+    token: str | None,
+    cacert: Path | None,
+    *,
+    read_timeout: float = READ_TIMEOUT_S,
 ) -> ApiClient:
-    """The ``ApiClient`` for one command; ``obj`` is the command line's context object, which
-    tests set to ``ClientOverrides`` to replace the network."""
+    """The ``ApiClient`` for one command, from its connection options; ``obj`` is the command
+    line's context object, which tests set to ``ClientOverrides`` to replace the network."""
     overrides = obj if isinstance(obj, ClientOverrides) else ClientOverrides()
+    connection = Connection(url=url, token=token, cacert=cacert)
     return ApiClient(connection, read_timeout=read_timeout, transport=overrides.transport)
 
 

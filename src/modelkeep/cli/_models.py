@@ -23,7 +23,7 @@ from typing import IO, Annotated, Literal
 import typer
 
 from modelkeep.cli import _output as out
-from modelkeep.cli._client import DEFAULT_URL, Connection, JSONObject, client_from
+from modelkeep.cli._client import DEFAULT_URL, JSONObject, client_from
 from modelkeep.cli._errors import exit_codes_epilog
 from modelkeep.cli._params import CacertOption, JsonOption, TokenOption, UrlOption, check_name
 from modelkeep.crypto.signing import MAX_BUNDLE_SIZE, load_public_key, sign_path
@@ -253,10 +253,6 @@ def _warn_unsafe(model: str) -> None:
     )
 
 
-def _connection(url: str, token: str | None, cacert: Path | None) -> Connection:
-    return Connection(url=url, token=token, cacert=cacert)
-
-
 def models_create(
     ctx: typer.Context,
     model: ModelArgument,
@@ -275,7 +271,7 @@ def models_create(
     """
     if unsafe_allow_unsigned:
         _warn_unsafe(model)
-    with client_from(ctx.obj, _connection(url, token, cacert)) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         # The API's PUT creates or updates; reading first keeps `create` from changing a model.
         try:
             client.get_model(model)
@@ -326,7 +322,7 @@ def models_set(
     if unsafe_allow_unsigned:
         _warn_unsafe(model)
     required = True if require_signature else (False if unsafe_allow_unsigned else None)
-    with client_from(ctx.obj, _connection(url, token, cacert)) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         # The API's PUT would create a missing model; `set` only changes an existing one.
         client.get_model(model)
         changed = client.put_model(model, description=description, require_signature=required)
@@ -396,7 +392,7 @@ def publishers_add(
     Example: modelkeep publishers add iris publisher.pub
     """
     trusted_pem = _read_public_key(public_key_file)
-    with client_from(ctx.obj, _connection(url, token, cacert)) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         publisher = client.add_publisher(model, trusted_pem)
     if json_output:
         out.print_json(publisher)
@@ -438,7 +434,7 @@ def publishers_ls(
 
     Example: modelkeep publishers ls iris
     """
-    with client_from(ctx.obj, _connection(url, token, cacert)) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         publishers = client.list_publishers(model)
     if json_output:
         out.print_json(publishers)
@@ -472,7 +468,7 @@ def publishers_rm(
 
     Example: modelkeep publishers rm iris sha256:4f0c...
     """
-    with client_from(ctx.obj, _connection(url, token, cacert)) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         client.remove_publisher(model, fingerprint)
     if json_output:
         out.print_json({"model": model, "fingerprint": fingerprint})

@@ -22,9 +22,6 @@ from modelkeep.cli import _output as out
 from modelkeep.cli._client import (
     DEFAULT_URL,
     PUSH_READ_TIMEOUT_S,
-    READ_TIMEOUT_S,
-    ApiClient,
-    Connection,
     JSONObject,
     client_from,
 )
@@ -68,18 +65,6 @@ policy_app = typer.Typer(
 
 
 # -- commands ---------------------------------------------------------------------------------
-
-
-def _client(
-    ctx: typer.Context,
-    url: str,
-    token: str | None,
-    cacert: Path | None,
-    *,
-    read_timeout: float = READ_TIMEOUT_S,
-) -> ApiClient:
-    connection = Connection(url=url, token=token, cacert=cacert)
-    return client_from(ctx.obj, connection, read_timeout=read_timeout)
 
 
 def _usage(option: str, exc: ValueError) -> typer.BadParameter:
@@ -136,7 +121,7 @@ def policy_show(
 
     Example: modelkeep policy show digits
     """
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         policy = client.get_policy(model)
     if json_output:
         out.print_json(policy)
@@ -283,7 +268,7 @@ def policy_set(
         on_alarm=on_alarm,
         prada_threshold=prada_threshold,
     )
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         current = client.get_policy(model)
         updated = client.put_policy(model, merged_policy(current, changes))
     if json_output:
@@ -373,7 +358,7 @@ def policy_calibrate(
     """
     rows = read_rows(benign)
     # The server runs every row through the model before it answers.
-    with _client(ctx, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client:
+    with client_from(ctx.obj, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client:
         policy = client.calibrate_policy(model, rows)
     if json_output:
         out.print_json(policy)
@@ -396,7 +381,7 @@ def policy_unblock(
 
     Example: modelkeep policy unblock digits abcdefgh2345
     """
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         client.unblock_key(model, key_id)
     if json_output:
         out.print_json({"model": model, "key": key_id})
@@ -418,7 +403,7 @@ def policy_reset_budget(
 
     Example: modelkeep policy reset-budget digits abcdefgh2345
     """
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         client.reset_budget(model, key_id)
     if json_output:
         out.print_json({"model": model, "key": key_id})

@@ -31,9 +31,7 @@ from modelkeep.cli import _output as out
 from modelkeep.cli._client import (
     DEFAULT_URL,
     PUSH_READ_TIMEOUT_S,
-    READ_TIMEOUT_S,
     ApiClient,
-    Connection,
     JSONObject,
     client_from,
 )
@@ -107,19 +105,6 @@ ModelArgument = Annotated[str, typer.Argument(help="Model name.", callback=check
 LabelArgument = Annotated[str, typer.Argument(help="Label name.", callback=check_name)]
 
 
-def _client(
-    ctx: typer.Context,
-    url: str,
-    token: str | None,
-    cacert: Path | None,
-    *,
-    read_timeout: float = READ_TIMEOUT_S,
-) -> ApiClient:
-    return client_from(
-        ctx.obj, Connection(url=url, token=token, cacert=cacert), read_timeout=read_timeout
-    )
-
-
 # -- push -------------------------------------------------------------------------------------
 
 SignatureOption = Annotated[
@@ -172,7 +157,7 @@ def push(
         raise typer.BadParameter(
             "give --signature or --sign-key, not both", param_hint="'--signature'"
         )
-    with _client(ctx, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client:
+    with client_from(ctx.obj, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client:
         bundle = _models.push_signature(path, signature=signature, sign_key=sign_key)
         with _models.open_artifact(path, leave_out=signature) as artifact:
             try:
@@ -265,7 +250,7 @@ def models_ls(
 
     Example: modelkeep models ls --json
     """
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         models = client.list_models()
     if json_output:
         out.print_json(models)
@@ -288,7 +273,7 @@ def versions_ls(
 
     Example: modelkeep versions ls iris
     """
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         versions = client.list_versions(model)
         if json_output:
             out.print_json(versions)
@@ -316,7 +301,7 @@ def label_set(
 
     Example: modelkeep label set iris production 3
     """
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         answer = client.set_label(model, label, version)
     if json_output:
         out.print_json(answer)
@@ -341,7 +326,7 @@ def label_rm(
 
     Example: modelkeep label rm iris staging
     """
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         client.remove_label(model, label)
     if json_output:
         out.print_json({"model": model, "label": label})
@@ -398,7 +383,7 @@ def keys_create(
             expires_at = parse_expires(expires, now=datetime.now(UTC))
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--expires'") from exc
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         key = client.create_key(
             role=role, models=model, expires_at=expires_at, description=description
         )
@@ -426,7 +411,7 @@ def keys_ls(
 
     Example: modelkeep keys ls
     """
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         keys = client.list_keys()
     if json_output:
         out.print_json(keys)
@@ -449,7 +434,7 @@ def keys_revoke(
 
     Example: modelkeep keys revoke abcdefgh2345
     """
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         key = client.revoke_key(key_id)
     if json_output:
         out.print_json(key)
@@ -471,7 +456,7 @@ def whoami(
 
     Example: modelkeep whoami
     """
-    with _client(ctx, url, token, cacert) as client:
+    with client_from(ctx.obj, url, token, cacert) as client:
         key = client.whoami()
     if json_output:
         out.print_json(key)
