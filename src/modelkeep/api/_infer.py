@@ -47,9 +47,10 @@ class InferRunner:
         self.in_flight = 0
         self.max_queue = settings.max_queue
         self.timeout = settings.inference_timeout_s
-        self.inline_max_bytes = (
-            settings.inline_max_bytes if settings.limits_storage == "memory://" else -1
-        )
+        # Bodies larger than this are heavy: a thread, and a compute slot.
+        self.heavy_bytes = settings.inline_max_bytes
+        # Bodies up to this run inline; none when admission talks to Redis.
+        self.inline_max_bytes = self.heavy_bytes if settings.limits_storage == "memory://" else -1
         # Per model: a moving average of how long a call took, in seconds.
         self._cost: dict[str, float] = {}
         self.compute_threads = settings.inference_threads or usable_cpus()
@@ -69,9 +70,7 @@ class InferRunner:
             metrics.shed(model=model)
             raise Unavailable("the server is overloaded; retry shortly", retry_after=1)
         self.in_flight += 1
-        heavy = len(body) > self.service.settings.inline_max_bytes or (
-            self._cost.get(model, 0.0) >= INLINE_BUDGET_S
-        )
+        heavy = len(body) > self.heavy_bytes or (self._cost.get(model, 0.0) >= INLINE_BUDGET_S)
         inline = not heavy and len(body) <= self.inline_max_bytes
         try:
             if inline:
