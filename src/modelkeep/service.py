@@ -62,6 +62,10 @@ __all__ = ["PLATFORMS", "CreatedKey", "Service", "alerter_from"]
 log = logging.getLogger(__name__)
 
 
+# Verified Authorization headers kept per snapshot, at most this many (one per valid key in use).
+_MAX_VERIFIED = 4096
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -102,6 +106,8 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         # What an infer call resolves before it runs, per (caller, model, version), valid for
         # one snapshot (see InferenceMixin._target).
         self._targets: tuple[Snapshot, dict[tuple[Any, ...], InferTarget]] = (self._snapshot, {})
+        # Authorization headers already verified against one snapshot (see authenticate).
+        self._verified: tuple[Snapshot, dict[str, Principal]] = (self._snapshot, {})
         self._failed: dict[tuple[str, int], ModelkeepError] = {}
         self._load_locks: dict[tuple[str, int], threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -291,8 +297,33 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
     # -- identity ------------------------------------------------------------------------
 
     def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of an ``Authorization`` header, or ``AuthFailure``.
+
+        A header that was verified once is remembered until the snapshot changes (a key
+        created, revoked or changed anywhere makes a new one), so that a client's next request
+        costs a dictionary lookup instead of parsing and hashing; an expiring key's expiry is
+        checked again on every request. Only successes are remembered, so the cache holds at
+        most one entry per header that carried a valid key. It holds those headers, secrets
+        included, in this process's memory, which the request path holds them in anyway and
+        which also holds decrypted models and data keys.
+        """
+        snapshot, verified = self._verified
+        if snapshot is not self._snapshot:
+            snapshot, verified = self._verified = (self._snapshot, {})
+        if authorization is not None:
+            known = verified.get(authorization)
+            if known is not None and (known.expires_at is None or self._clock() < known.expires_at):
+                return known
+        principal = self._verify(authorization, snapshot)
+        if authorization is not None:
+            if len(verified) >= _MAX_VERIFIED:
+                verified.clear()
+            verified[authorization] = principal
+        return principal
+
+    def _verify(self, authorization: str | None, snapshot: Snapshot) -> Principal:
         try:
-            return authenticate(authorization, self._snapshot.keys, now=self._clock())
+            return authenticate(authorization, snapshot.keys, now=self._clock())
         except AuthFailure as exc:
             # A key created on another worker moments ago: look once more, at most every
             # 100 ms per worker so that floods of bad keys cannot turn into database load.
