@@ -68,6 +68,8 @@ DURATION_BUCKETS = (
 # prometheus_client's multiprocess helpers carry no annotations: typed seams over them.
 _merge_directory: Callable[[CollectorRegistry, str], object] = multiprocess.MultiProcessCollector
 _mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead
+# Raw label inputs remembered per kind of observation (see Metrics.observe_request).
+_MAX_RAW_KEYS = 4096
 _IDENTIFIER = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,47}")
 _ROUTE = re.compile(r"/[A-Za-z0-9_./{}:-]{0,200}")
 
@@ -206,6 +208,12 @@ class Metrics:
     def __init__(self) -> None:
         self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._inference_children: dict[tuple[str, str], Any] = {}
+        # The same children keyed by the raw values callers pass, so that a request already
+        # seen costs one lookup instead of four label functions. Label values depend on the
+        # known models, so these are dropped whenever those change; bounded, since the raw
+        # values (a model name in a URL) come from clients.
+        self._raw_request: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._raw_inference: dict[tuple[Any, ...], Any] = {}
         directory = os.environ.get(MULTIPROC_ENV) or None
         self.multiprocess_dir: Path | None = None
         if directory is None:
@@ -245,6 +253,8 @@ class Metrics:
         self._known = {
             name: frozenset(str(v) for v in versions) for name, versions in models.items()
         }
+        self._raw_request = {}
+        self._raw_inference = {}
 
     def model_label(self, model: str | None) -> str:
         """The label value for ``model``: its name if known, ``"other"`` if not, ``""`` if None."""
@@ -289,6 +299,21 @@ class Metrics:
         seconds: float,
     ) -> None:
         """Count one answered request and its duration."""
+        # One read: labels worked out while set_known_models swaps the dict land in the old one.
+        cache = self._raw_request
+        raw = (route, model, version, status)
+        children = cache.get(raw)
+        if children is None:
+            children = self._request_children_for(route, model, version, status)
+            if len(cache) >= _MAX_RAW_KEYS:
+                cache.clear()
+            cache[raw] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def _request_children_for(
+        self, route: str | None, model: str | None, version: str | int | None, status: int
+    ) -> tuple[Any, Any]:
         route_l = self.route_label(route)
         model_l = self.model_label(model)
         version_l = self.version_label(model, version)
@@ -302,15 +327,20 @@ class Metrics:
                 self._m.request_duration.labels(route_l, model_l, version_l),
             )
             self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        return children
 
     def observe_inference(self, *, model: str, version: str | int, seconds: float) -> None:
         """Record the time one request spent in the runtime."""
-        key = (self.model_label(model), self.version_label(model, version))
-        child = self._inference_children.get(key)
+        cache = self._raw_inference  # one read, as in observe_request
+        child = cache.get((model, version))
         if child is None:
-            child = self._inference_children[key] = self._m.inference_duration.labels(*key)
+            key = (self.model_label(model), self.version_label(model, version))
+            child = self._inference_children.get(key)
+            if child is None:
+                child = self._inference_children[key] = self._m.inference_duration.labels(*key)
+            if len(cache) >= _MAX_RAW_KEYS:
+                cache.clear()
+            cache[(model, version)] = child
         child.observe(seconds)
 
     def set_queue_depth(self, depth: int) -> None:

@@ -37,6 +37,12 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
     return samples(metrics).get((name, frozenset(labels.items())))
 
 
+def total(metrics: Metrics, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, got), v in samples(metrics).items() if n == name and wanted <= got)
+
+
 @pytest.fixture
 def metrics() -> Metrics:
     m = Metrics()
@@ -171,6 +177,30 @@ def test_models_are_other_until_known_and_follow_set_known_models() -> None:
     m.shed(model="iris")
     assert value(m, "modelkeep_shed_total", model="other") == 2
     assert value(m, "modelkeep_shed_total", model="iris") == 1
+
+
+def test_requests_and_inference_follow_set_known_models_once_already_seen() -> None:
+    # Both remember the labels of values already seen: a change of known models must reach them.
+    m = Metrics()
+    for known in ({}, {"iris": [1]}, {}):
+        m.set_known_models(known)
+        m.observe_request(route=INFER, model="iris", version=1, status=200, seconds=0)
+        m.observe_inference(model="iris", version=1, seconds=0)
+    for name in ("modelkeep_requests_total", "modelkeep_inference_duration_seconds_count"):
+        assert total(m, name, model="other", version="other") == 2
+        assert total(m, name, model="iris", version="1") == 1
+
+
+def test_remembered_labels_are_bounded_and_stay_right_past_the_bound() -> None:
+    m = Metrics()
+    m.set_known_models({"iris": [1]})
+    for i in range(3 * 4096):
+        m.observe_request(route=INFER, model=f"probe-{i}", version=1, status=404, seconds=0)
+        m.observe_inference(model=f"probe-{i}", version=1, seconds=0)
+    assert len(m._raw_request) <= 4096
+    assert len(m._raw_inference) <= 4096
+    m.observe_request(route=INFER, model="iris", version=1, status=200, seconds=0)
+    assert total(m, "modelkeep_requests_total", model="iris", version="1", status="200") == 1
 
 
 def test_attacker_chosen_model_names_create_one_series(metrics: Metrics) -> None:
