@@ -85,6 +85,33 @@ class _Declared:
     binary: memoryview | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    # What every request to one signature is checked against, worked out once.
+    inputs: dict[str, tuple[TensorSpec, np.dtype[Any]]]
+    outputs: frozenset[str]
+
+
+# Plans by signature identity. Each entry keeps its signature alive, so that no other object
+# can take its id while the entry lives. A worker serves few signatures; the bound is a guard.
+_plans: dict[int, tuple[ModelSignature, _Plan]] = {}
+_MAX_PLANS = 1024
+
+
+def _plan(signature: ModelSignature) -> _Plan:
+    entry = _plans.get(id(signature))
+    if entry is not None:
+        return entry[1]
+    plan = _Plan(
+        inputs={spec.name: (spec, numpy_dtype(spec.datatype)) for spec in signature.inputs},
+        outputs=frozenset(spec.name for spec in signature.outputs),
+    )
+    if len(_plans) >= _MAX_PLANS:
+        _plans.clear()
+    _plans[id(signature)] = (signature, plan)
+    return plan
+
+
 def decode_infer_request(
     body: bytes,
     signature: ModelSignature,
@@ -119,13 +146,16 @@ def decode_infer_request(
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("'id' must be a string")
-    binary_default = _binary_default(request.get("parameters"))
+    parameters = request.get("parameters")
+    binary_default = False if parameters is None else _binary_default(parameters)
+    plan = _plan(signature)
 
     # 3. Every input is declared correctly and within limits, before any data is touched.
-    declared = _declared_inputs(request.get("inputs"), signature, section, max_elements)
+    declared = _declared_inputs(request.get("inputs"), plan, section, max_elements)
 
     # 4. Requested outputs name real outputs.
-    outputs = _requested_outputs(request.get("outputs"), signature, binary_default)
+    requested = request.get("outputs")
+    outputs = None if requested is None else _requested_outputs(requested, plan, binary_default)
 
     # 5. Only now build tensors, each from data already sized against its shape.
     inputs: dict[str, np.ndarray] = {}
@@ -164,11 +194,11 @@ def _binary_default(value: Any) -> bool:
 
 
 def _declared_inputs(
-    value: Any, signature: ModelSignature, section: memoryview | None, max_elements: int
+    value: Any, plan: _Plan, section: memoryview | None, max_elements: int
 ) -> dict[str, _Declared]:
     if not isinstance(value, list) or not value:
         raise InvalidInput("'inputs' must be a non-empty list")
-    specs = {spec.name: spec for spec in signature.inputs}
+    specs = plan.inputs
     declared: dict[str, _Declared] = {}
     offset = 0
     for index, entry in enumerate(value):
@@ -177,15 +207,19 @@ def _declared_inputs(
         name = entry.get("name")
         if not isinstance(name, str):
             raise InvalidInput(f"input #{index} needs a string 'name'")
-        spec = specs.get(name)
-        if spec is None:
+        known = specs.get(name)
+        if known is None:
             raise InvalidInput(f"unknown input {shown(name)}")
         if name in declared:
             raise InvalidInput(f"input {shown(name)} appears more than once")
+        spec, dtype = known
         shape, count = _declared_shape(entry, spec, max_elements)
-        dtype = numpy_dtype(spec.datatype)
-        parameters = _parameters(entry.get("parameters"), f"input {shown(name)}")
-        size = parameters.get("binary_data_size")
+        parameters = entry.get("parameters")
+        size = (
+            None
+            if parameters is None
+            else _parameters(parameters, f"input {shown(name)}").get("binary_data_size")
+        )
         data = entry.get("data")
         chunk: memoryview | None = None
         if size is None:
@@ -199,9 +233,9 @@ def _declared_inputs(
         declared[name] = _Declared(spec, dtype, shape, count, data, chunk)
     if section is not None and offset != len(section):
         raise InvalidInput("the binary data is longer than the inputs declare")
-    for spec in signature.inputs:
-        if spec.name not in declared:
-            raise InvalidInput(f"missing input {shown(spec.name)}")
+    if len(declared) != len(specs):
+        missing = next(name for name in specs if name not in declared)
+        raise InvalidInput(f"missing input {shown(missing)}")
     return declared
 
 
@@ -215,19 +249,15 @@ def _declared_shape(
     if datatype != spec.datatype:
         raise InvalidInput(f"input {shown(name)} must have datatype {spec.datatype}")
     shape = entry.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_RANK
-        or not all(type(dim) is int and dim >= 0 for dim in shape)
-    ):
-        raise InvalidInput(
-            f"input {shown(name)} needs a 'shape' list of non-negative integers "
-            f"(at most {MAX_RANK} of them)"
-        )
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise InvalidInput(_bad_shape(name))
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise InvalidInput(_bad_shape(name))
     if len(shape) != len(spec.shape):
         raise InvalidInput(f"input {shown(name)} must have rank {len(spec.shape)}")
-    for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
-        if want != -1 and got != want:
+    for axis, want in enumerate(spec.shape):
+        if want != -1 and shape[axis] != want:
             raise InvalidInput(f"input {shown(name)} must have size {want} on axis {axis}")
     # Python ints: a declared [2**40, 2**40] is a big number, not an overflow.
     count = math.prod(shape)
@@ -236,6 +266,13 @@ def _declared_shape(
             f"input {shown(name)} declares {count} elements; the limit is {max_elements}"
         )
     return tuple(shape), count
+
+
+def _bad_shape(name: str) -> str:
+    return (
+        f"input {shown(name)} needs a 'shape' list of non-negative integers "
+        f"(at most {MAX_RANK} of them)"
+    )
 
 
 def _binary_chunk(
@@ -268,13 +305,11 @@ def _binary_chunk(
 
 
 def _requested_outputs(
-    value: Any, signature: ModelSignature, binary_default: bool
+    value: Any, plan: _Plan, binary_default: bool
 ) -> tuple[RequestedOutput, ...] | None:
-    if value is None:
-        return None
     if not isinstance(value, list):
         raise InvalidInput("'outputs' must be a list")
-    known = {spec.name for spec in signature.outputs}
+    known = plan.outputs
     requested: dict[str, RequestedOutput] = {}
     for index, entry in enumerate(value):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):

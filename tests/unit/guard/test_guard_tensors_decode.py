@@ -501,3 +501,39 @@ def test_long_names_are_cut_short_in_messages() -> None:
 
 def test_unknown_unicode_name_is_named_in_the_message() -> None:
     assert _refused({"inputs": [_row(name="données")]}) == "unknown input 'données'"
+
+
+def test_each_signature_is_checked_against_itself_however_many_come_and_go_past_the_bound() -> None:
+    # The checks worked out per signature are remembered (up to a bound): a request must be
+    # checked against its own signature, never against one remembered for another.
+    for index in range(3000):
+        name = f"in{index}"
+        signature = ModelSignature(
+            inputs=(TensorSpec(name, "FP32", (-1, 1 + index % 5)),),
+            outputs=(TensorSpec("out", "FP32", (-1,)),),
+        )
+        width = 1 + index % 5
+        body = orjson.dumps(
+            {
+                "inputs": [
+                    {"name": name, "shape": [1, width], "datatype": "FP32", "data": [0.5] * width}
+                ]
+            }
+        )
+        request = decode_infer_request(body, signature, max_elements=100)
+        assert list(request.inputs) == [name]
+        assert request.inputs[name].shape == (1, width)
+        wrong = orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "in-other",
+                        "shape": [1, width],
+                        "datatype": "FP32",
+                        "data": [0.5] * width,
+                    }
+                ]
+            }
+        )
+        with pytest.raises(InvalidInput, match="unknown input"):
+            decode_infer_request(wrong, signature, max_elements=100)
