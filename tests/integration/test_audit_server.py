@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,10 @@ def test_metrics_are_for_auditors_and_the_access_log_holds_no_secret(server: Ser
     ):
         assert name in text
     assert 'route="/v2/models/{model}/infer"' in text
+    # Access lines go out in batches, at most 50 ms after their request.
+    deadline = time.monotonic() + 5
+    while '"route":"/v2/models/{model}/infer"' not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
     log = server.log()
     access = [line for line in log.splitlines() if '"event":"access"' in line]
     assert any('"route":"/v2/models/{model}/infer"' in line for line in access)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelkeep.audit.access import bind_request, input_digest, new_request_id, reset_request
 from modelkeep.auth import AuthFailure
@@ -24,8 +25,8 @@ from modelkeep.service import Service
 from ._body import header_length, receive_body
 from ._errors import error_response, modelkeep_error_response
 from ._infer import InferRunner
+from ._observe import NO_RESPONSE, ObserveMiddleware
 from ._observe import REQUEST_ID_HEADER as REQUEST_ID
-from ._observe import ObserveMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -58,54 +59,87 @@ class FastInfer:
         started = time.perf_counter()
         request_id = new_request_id()
         model, version = match.group(1), match.group(2)
-        scope["path_params"] = {"model": model, **({"version": version} if version else {})}
-        state = scope.setdefault("state", {})
-        state["route"] = INFER_ROUTES[version is not None]
-        status, bytes_out = 499, 0
-
-        async def tagged_send(message: Message) -> None:
-            nonlocal status, bytes_out
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (REQUEST_ID, id_value)]
-            else:
-                bytes_out += len(message.get("body", b""))
-            await send(message)
-
-        id_value = request_id.encode("ascii")
+        # What the steps learn for the access log: principal, body size and digest (here),
+        # rows and the version served (the service).
+        stats: dict[str, Any] = scope.setdefault("state", {})
+        id_header = (REQUEST_ID, request_id.encode("ascii"))
+        status, bytes_out = NO_RESPONSE, 0
         # Log lines and captured payloads of this request carry its id.
         token = bind_request(request_id)
         try:
             try:
-                content, headers = await self._handle(scope, receive, model, version)
+                content, headers = await self._handle(scope, receive, model, version, stats)
             except ModelkeepError as exc:
-                await modelkeep_error_response(exc)(scope, receive, tagged_send)
-                return
+                response = modelkeep_error_response(exc)
             except Exception:
                 log.exception("unhandled error in inference")
-                await error_response(500, "internal error")(scope, receive, tagged_send)
+                response = error_response(500, "internal error")
+            else:
+                media_type = headers.pop("content-type", "application/json")
+                raw = [
+                    (b"content-type", media_type.encode("latin-1")),
+                    (b"content-length", b"%d" % len(content)),
+                    id_header,
+                ]
+                if headers:
+                    raw += [
+                        (k.lower().encode("latin-1"), v.encode("latin-1"))
+                        for k, v in headers.items()
+                    ]
+                await send({"type": "http.response.start", "status": 200, "headers": raw})
+                await send({"type": "http.response.body", "body": content})
+                status, bytes_out = 200, len(content)
                 return
-            media_type = headers.pop("content-type", "application/json")
-            raw = [
-                (b"content-type", media_type.encode("latin-1")),
-                (b"content-length", str(len(content)).encode("latin-1")),
-                (REQUEST_ID, id_value),
-            ]
-            raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-            await send({"type": "http.response.start", "status": 200, "headers": raw})
-            await send({"type": "http.response.body", "body": content})
-            status, bytes_out = 200, len(content)
+            response.raw_headers.append(id_header)
+            await response(scope, receive, send)
+            status, bytes_out = response.status_code, len(response.body)
         finally:
             if self.observer is not None:
                 try:
-                    bytes_in = state.get("bytes_in", 0)
-                    self.observer.observe(scope, request_id, status, started, bytes_in, bytes_out)
+                    self._observe(
+                        scope, request_id, status, started, model, version, stats, bytes_out
+                    )
                 except Exception:
                     log.exception("request observation failed")
             reset_request(token)
 
+    def _observe(
+        self,
+        scope: Scope,
+        request_id: str,
+        status: int,
+        started: float,
+        model: str,
+        version: str | None,
+        stats: dict[str, Any],
+        bytes_out: int,
+    ) -> None:
+        assert self.observer is not None
+        principal = stats.get("principal")
+        client = scope.get("client")
+        self.observer.record(
+            request_id=request_id,
+            method="POST",
+            route=INFER_ROUTES[version is not None],
+            model=model,
+            version=stats.get("version", version),
+            status=status,
+            started=started,
+            principal=None if principal is None else principal.key_id,
+            rows=stats.get("rows"),
+            input_digest=stats.get("input_digest"),
+            bytes_in=stats.get("bytes_in", 0),
+            bytes_out=bytes_out,
+            client=str(client[0]) if client else None,
+        )
+
     async def _handle(
-        self, scope: Scope, receive: Receive, model: str, version: str | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        model: str,
+        version: str | None,
+        stats: dict[str, Any],
     ) -> tuple[bytes, dict[str, str]]:
         authorization = None
         content_length = None
@@ -126,12 +160,12 @@ class FastInfer:
                 self.service.record_auth_failure, exc, client[0] if client else None
             )
             raise
-        scope["state"]["principal"] = principal
+        stats["principal"] = principal
         # 2. The body, refused as soon as it passes the limit.
         body = await receive_body(receive, content_length, self.max_body)
-        scope["state"]["bytes_in"] = len(body)
-        scope["state"]["input_digest"] = input_digest(body)
+        stats["bytes_in"] = len(body)
+        stats["input_digest"] = input_digest(body)
         # 3. Queue, then the service: authorization, validation, admission, runtime, guard.
         return await self.runner.run(
-            principal, model, version, body, header_length(length_header), stats=scope["state"]
+            principal, model, version, body, header_length(length_header), stats=stats
         )

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 ANONYMOUS = "anonymous"
 # Nothing was answered: the client went away or the server cancelled the request (nginx's 499).
-_NO_RESPONSE = 499
+NO_RESPONSE = 499
 _MAX_METHOD = 16
 
 
@@ -97,7 +97,7 @@ class ObserveMiddleware:
         finally:
             try:
                 self.observe(
-                    scope, request_id, status or _NO_RESPONSE, started, bytes_in, bytes_out
+                    scope, request_id, status or NO_RESPONSE, started, bytes_in, bytes_out
                 )
             except Exception:
                 # Observation must never turn an answered request into a failed one.
@@ -113,42 +113,76 @@ class ObserveMiddleware:
         bytes_in: int,
         bytes_out: int,
     ) -> None:
-        seconds = time.perf_counter() - started
+        """Record a request from what the inner layers left in its ``scope``."""
         state: Mapping[str, Any] = scope.get("state") or {}
         params: Mapping[str, Any] = scope.get("path_params") or {}
-        # Starlette's router leaves the matched route in the scope; the infer fast path, which
-        # bypasses the router, leaves the template in the state instead.
+        # Starlette's router leaves the matched route in the scope; a handler that bypasses
+        # the router may leave the template in the state instead.
         route = getattr(scope.get("route"), "path", None) or state.get("route")
-        route = route if isinstance(route, str) else None
         model = params.get("model")
         version = state.get("version", params.get("version"))
+        key_id = getattr(state.get("principal"), "key_id", None)
+        client = scope.get("client")
+        self.record(
+            request_id=request_id,
+            method=str(scope.get("method", "")),
+            route=route if isinstance(route, str) else None,
+            model=model if isinstance(model, str) else None,
+            version=version if isinstance(version, (str, int)) else None,
+            status=status,
+            started=started,
+            principal=key_id if isinstance(key_id, str) else None,
+            rows=state.get("rows"),
+            input_digest=state.get("input_digest"),
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            client=str(client[0]) if client else None,
+        )
+
+    def record(
+        self,
+        *,
+        request_id: str,
+        method: str,
+        route: str | None,
+        model: str | None,
+        version: str | int | None,
+        status: int,
+        started: float,
+        principal: str | None,
+        rows: object,
+        input_digest: object,
+        bytes_in: int,
+        bytes_out: int,
+        client: str | None,
+    ) -> None:
+        """Count one request in the metrics and write its access line.
+
+        ``route`` is the route template; ``model`` and ``version`` are as the client wrote
+        them (the version may be the one served instead); ``principal`` is a key id. Values
+        that come from the client are shape-checked before they reach the log.
+        """
+        seconds = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.observe_request(
-                route=route,
-                model=model if isinstance(model, str) else None,
-                version=version if isinstance(version, (str, int)) else None,
-                status=status,
-                seconds=seconds,
+                route=route, model=model, version=version, status=status, seconds=seconds
             )
         if self.access_log is None:
             return
-        key_id = getattr(state.get("principal"), "key_id", None)
-        rows = state.get("rows")
-        client = scope.get("client")
         self.access_log.write(
             AccessRecord(
                 request_id=request_id,
-                principal=key_id if isinstance(key_id, str) else ANONYMOUS,
-                method=str(scope.get("method", ""))[:_MAX_METHOD],
+                principal=ANONYMOUS if principal is None else principal,
+                method=method[:_MAX_METHOD],
                 route=route,
                 model=safe_model(model),
                 version=safe_version(version),
                 status=status,
                 latency_ms=round(seconds * 1000.0, 3),
-                rows=rows if isinstance(rows, int) and not isinstance(rows, bool) else None,
-                input_digest=safe_input_digest(state.get("input_digest")),
+                rows=rows if type(rows) is int else None,
+                input_digest=safe_input_digest(input_digest),
                 bytes_in=bytes_in,
                 bytes_out=bytes_out,
-                client=str(client[0]) if client else None,
+                client=client,
             )
         )

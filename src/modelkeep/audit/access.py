@@ -66,6 +66,7 @@ __all__ = [
 ACCESS_EVENT = "access"
 _INPUT_DIGEST = re.compile(r"[0-9a-f]{16}")
 _VERSION = re.compile(r"[0-9]{1,9}")
+_MAX_VERSION = 999_999_999  # the largest number _VERSION admits
 # An API key pasted where a model name goes must not reach the log (see auth.apikeys).
 _TOKEN_SHAPE = re.compile(r"mk_[a-z2-7]{12}_")
 # Keys no log line may carry, whoever bound them: defence in depth behind AccessRecord.
@@ -109,60 +110,45 @@ _KNOWN_SAFE = frozenset([*_RECORD_FIELDS, "event", "level", "log_level", "timest
 class AccessLog:
     """Writes each ``AccessRecord`` as one JSON line to ``stream`` (stdout by default).
 
-    A line written on a running event loop waits for the end of the loop's current turn, and
-    the lines of that turn go out together: one system call per turn instead of one per
-    request, which on the infer path cost more than rendering the line. A line written where no
-    loop runs (a worker thread, a test) goes out at once, with anything still waiting. Output
-    is written and flushed in chunks of whole lines of at most ``PIPE_BUF`` bytes under a lock,
-    so lines from threads of one process never interleave, and lines from several worker
-    processes sharing a pipe do not either (Linux writes up to 4 KiB to a pipe atomically;
-    access lines are a few hundred bytes). ``flush`` writes whatever waits; the app calls it
-    when it stops.
+    Records written on a running event loop are kept, and rendered and written together at
+    most ``delay_s`` later (or as soon as ``max_pending`` wait): per request that costs one
+    list append instead of rendering a line and making a system call, which on the infer
+    path cost more than the inference. A record written where no loop runs (a worker thread,
+    a test) goes out at once, with anything still waiting. Output is written and flushed in
+    chunks of whole lines of at most ``PIPE_BUF`` bytes under a lock, so lines from threads of
+    one process never interleave, and lines from several worker processes sharing a pipe do
+    not either (Linux writes up to 4 KiB to a pipe atomically; access lines are a few hundred
+    bytes). ``flush`` writes whatever waits; the app calls it when it stops. A worker killed
+    with SIGKILL loses the lines of its last ``delay_s``.
     """
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        delay_s: float = 0.05,
+        max_pending: int = 256,
+    ) -> None:
         self._stream = stream if stream is not None else sys.stdout
+        self._delay_s = delay_s
+        self._max_pending = max_pending
         self._lock = threading.Lock()
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        self._pending: list[tuple[float, AccessRecord]] = []
         self._scheduled = False
         self._last_loop: tuple[int | None, asyncio.AbstractEventLoop | None] = (None, None)
-        # The timestamp's text up to the second, remade once a second (one pair: threads).
+        # The timestamp's text up to the second, remade once a second.
         self._second: tuple[int, str] = (-1, "")
 
     def write(self, record: AccessRecord) -> None:
-        line = orjson.dumps(
-            {
-                "event": ACCESS_EVENT,
-                "level": "info",
-                "timestamp": self._timestamp(),
-                "request_id": record.request_id,
-                "principal": record.principal,
-                "method": record.method,
-                "route": record.route,
-                "model": record.model,
-                "version": record.version,
-                "status": record.status,
-                "latency_ms": record.latency_ms,
-                "rows": record.rows,
-                "input_digest": record.input_digest,
-                "bytes_in": record.bytes_in,
-                "bytes_out": record.bytes_out,
-                "client": record.client,
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
+        entry = (time.time(), record)
         loop = self._running_loop()
         with self._lock:
-            if self._pending_bytes + len(line) > _ATOMIC_WRITE:
-                self._write_pending()
-            self._pending.append(line)
-            self._pending_bytes += len(line)
-            if loop is None:
+            self._pending.append(entry)
+            if loop is None or len(self._pending) >= self._max_pending:
                 self._write_pending()
             elif not self._scheduled:
                 self._scheduled = True
-                loop.call_soon(self.flush)
+                loop.call_later(self._delay_s, self.flush)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop | None:
         # asyncio.get_running_loop() makes a getpid() system call each time; the loop of the
@@ -185,22 +171,54 @@ class AccessLog:
             self._write_pending()
 
     def _write_pending(self) -> None:
-        # Called holding the lock.
-        if self._pending:
-            self._stream.write(b"".join(self._pending).decode())
-            self._stream.flush()
-            self._pending.clear()
-            self._pending_bytes = 0
+        # Called holding the lock: render what waits, write it in whole-line chunks.
+        if not self._pending:
+            return
+        chunk: list[bytes] = []
+        size = 0
+        for when, record in self._pending:
+            line = self._render(when, record)
+            if size + len(line) > _ATOMIC_WRITE and chunk:
+                self._stream.write(b"".join(chunk).decode())
+                self._stream.flush()
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        self._pending.clear()
+        self._stream.write(b"".join(chunk).decode())
+        self._stream.flush()
 
-    def _timestamp(self) -> str:
+    def _render(self, when: float, record: AccessRecord) -> bytes:
+        return orjson.dumps(
+            {
+                "event": ACCESS_EVENT,
+                "level": "info",
+                "timestamp": self._timestamp(when),
+                "request_id": record.request_id,
+                "principal": record.principal,
+                "method": record.method,
+                "route": record.route,
+                "model": record.model,
+                "version": record.version,
+                "status": record.status,
+                "latency_ms": record.latency_ms,
+                "rows": record.rows,
+                "input_digest": record.input_digest,
+                "bytes_in": record.bytes_in,
+                "bytes_out": record.bytes_out,
+                "client": record.client,
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+
+    def _timestamp(self, when: float) -> str:
         """ISO 8601 in UTC with microseconds, as structlog's TimeStamper writes it."""
-        now = time.time()
-        second = int(now)
+        second = int(when)
         known, text = self._second
         if second != known:
             text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = (second, text)
-        return f"{text}.{int((now - second) * 1_000_000):06d}Z"
+        return f"{text}.{int((when - second) * 1_000_000):06d}Z"
 
 
 _REQUEST_ID: ContextVar[str | None] = ContextVar("modelkeep_request_id", default=None)
@@ -259,20 +277,28 @@ def safe_model(value: object) -> str | None:
     """
     if value is None:
         return None
-    if (
-        not isinstance(value, str)
-        or NAME_PATTERN.fullmatch(value) is None
-        or _TOKEN_SHAPE.search(value)
-    ):
+    if not isinstance(value, str):
         return "?"
-    return value
+    # Two regexes cost more than the rest of a line; the names in use recur, so remember the
+    # verdicts (for a bounded number of distinct names).
+    verdict = _model_verdicts.get(value)
+    if verdict is None:
+        verdict = NAME_PATTERN.fullmatch(value) is not None and not _TOKEN_SHAPE.search(value)
+        if len(_model_verdicts) < 4096:
+            _model_verdicts[value] = verdict
+    return value if verdict else "?"
+
+
+_model_verdicts: dict[str, bool] = {}
 
 
 def safe_version(value: object) -> str | None:
     """``value`` as text if it is a version number (1-9 digits), else ``"?"``; None if absent."""
     if value is None:
         return None
-    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if type(value) is int:  # the version served: no regex needed
+        return str(value) if 0 <= value <= _MAX_VERSION else "?"
+    text = value
     if not isinstance(text, str) or _VERSION.fullmatch(text) is None:
         return "?"
     return text

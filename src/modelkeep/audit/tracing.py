@@ -16,6 +16,8 @@ from typing import Any
 from modelkeep.errors import ConfigError
 
 _tracer: Any = None
+# nullcontext keeps no state between enter and exit, so one serves every caller and thread.
+_NO_SPAN: AbstractContextManager[Any] = nullcontext()
 
 
 def enable(service_name: str = "modelkeep") -> None:
@@ -42,7 +44,7 @@ def enabled() -> bool:
 def span(name: str, **attributes: str | int | float | bool) -> AbstractContextManager[Any]:
     """A span named ``name`` when tracing is on; otherwise a context manager doing nothing."""
     if _tracer is None:
-        return nullcontext()
+        return _NO_SPAN
     return _span(name, attributes)
 
 

@@ -9,6 +9,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -80,6 +81,7 @@ class Sink:
         self.log = AccessLog(self.stream)
 
     def lines(self) -> list[dict[str, Any]]:
+        self.log.flush()  # lines written on a loop wait up to the log's delay
         return [json.loads(line) for line in self.stream.getvalue().splitlines()]
 
 
@@ -109,18 +111,19 @@ class WriteCounter(io.StringIO):
         return super().write(text)
 
 
-def test_lines_of_one_loop_turn_go_out_together_at_its_end() -> None:
+def test_lines_written_on_the_loop_go_out_together_after_the_delay() -> None:
     stream = WriteCounter()
-    log = AccessLog(stream)
+    log = AccessLog(stream, delay_s=0.02)
 
     async def main() -> None:
         log.write(record(status=200))
         log.write(record(status=404))
-        assert stream.writes == []  # waiting for the end of this turn
         await asyncio.sleep(0)
+        assert stream.writes == []  # waiting for the delay, not only the end of the turn
+        await asyncio.sleep(0.1)
         assert len(stream.writes) == 1
         log.write(record(status=500))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.1)
 
     asyncio.run(main())
     statuses = [json.loads(line)["status"] for line in stream.getvalue().splitlines()]
@@ -128,14 +131,46 @@ def test_lines_of_one_loop_turn_go_out_together_at_its_end() -> None:
     assert len(stream.writes) == 2
 
 
+def test_lines_go_out_at_once_when_max_pending_wait() -> None:
+    stream = WriteCounter()
+    log = AccessLog(stream, delay_s=3600, max_pending=3)
+
+    async def main() -> None:
+        log.write(record(status=200))
+        log.write(record(status=201))
+        assert stream.writes == []
+        log.write(record(status=202))
+        assert len(stream.writes) == 1
+
+    asyncio.run(main())
+    statuses = [json.loads(line)["status"] for line in stream.getvalue().splitlines()]
+    assert statuses == [200, 201, 202]
+
+
+def test_the_timestamp_is_when_the_record_was_written_not_when_it_went_out() -> None:
+    stream = io.StringIO()
+    log = AccessLog(stream, delay_s=3600)
+
+    async def main() -> None:
+        log.write(record())
+        await asyncio.sleep(1.1)
+        log.flush()
+
+    before = datetime.now(UTC)
+    asyncio.run(main())
+    (line,) = (json.loads(text) for text in stream.getvalue().splitlines())
+    stamped = datetime.strptime(line["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert abs((stamped - before).total_seconds()) < 0.5
+
+
 def test_writes_are_whole_lines_of_at_most_4_kib_so_a_pipe_never_splits_them() -> None:
     stream = WriteCounter()
-    log = AccessLog(stream)
+    log = AccessLog(stream, delay_s=0.0)
 
     async def main() -> None:
         for n in range(100):
             log.write(record(latency_ms=float(n)))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
 
     asyncio.run(main())
     assert len(stream.writes) > 1
@@ -168,9 +203,9 @@ def test_flush_writes_what_waits_at_once() -> None:
 
     async def main() -> None:
         log.write(record())
-        log.flush()  # as the app does when it stops, before the turn ends
+        log.flush()  # as the app does when it stops, before the delay is over
         assert len(stream.getvalue().splitlines()) == 1
-        await asyncio.sleep(0)  # the scheduled flush finds nothing more to write
+        await asyncio.sleep(0.1)  # the scheduled flush finds nothing more to write
 
     asyncio.run(main())
     assert len(stream.writes) == 1
@@ -374,6 +409,7 @@ def test_token_payload_and_query_secret_never_reach_the_log_stream() -> None:
     )
     assert PAYLOAD_MARKER in ok.text  # the marker did travel through the app...
     assert (ok.status_code, odd.status_code, refused.status_code) == (200, 200, 401)
+    sink.log.flush()
     output = stream.getvalue()
     lines = [json.loads(line) for line in output.splitlines()]
     assert [line["status"] for line in lines] == [200, 200, 401]
@@ -487,9 +523,11 @@ def test_fast_path_state_gives_route_and_served_version_and_body_in_state_stays_
     metrics = Metrics()
     metrics.set_known_models({"iris": [7]})
     body = json.dumps({"inputs": PAYLOAD_MARKER}).encode()
-    response = Client(ObserveMiddleware(fast_infer, metrics, AccessLog(stream))).post(
+    log = AccessLog(stream)
+    response = Client(ObserveMiddleware(fast_infer, metrics, log)).post(
         "/v2/models/iris/infer", content=body
     )
+    log.flush()
     output = stream.getvalue()
     line = json.loads(output)
     assert response.headers["X-Request-Id"] == line["request_id"]
