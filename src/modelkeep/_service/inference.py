@@ -13,7 +13,7 @@ from modelkeep.auth import Principal
 from modelkeep.errors import Forbidden, RateLimited, Unavailable
 from modelkeep.guard.gate import Alarm, request_rows
 from modelkeep.guard.policy import ModelPolicy
-from modelkeep.guard.tensors import decode_infer_request, encode_infer_response
+from modelkeep.guard.tensors import InferRequest, decode_infer_request, encode_infer_response
 from modelkeep.policy import Action
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord
 from modelkeep.runtime.base import LoadedModel
@@ -90,8 +90,10 @@ class InferenceMixin(ServiceBase):
 
         ``stats`` (the request's ASGI state) receives the rows and version for the access log.
         """
+        if not tracing.enabled():
+            return self._infer(principal, model, version, body, header_length, stats, False)
         with tracing.span("modelkeep.infer", model=model, principal=principal.key_id):
-            return self._infer(principal, model, version, body, header_length, stats)
+            return self._infer(principal, model, version, body, header_length, stats, True)
 
     def _infer(
         self,
@@ -101,7 +103,10 @@ class InferenceMixin(ServiceBase):
         body: bytes,
         header_length: int | None,
         stats: dict[str, Any] | None,
+        traced: bool,
     ) -> tuple[bytes, dict[str, str]]:
+        # Spans are set up only when tracing is on: on the request path even a no-op context
+        # manager costs its two calls.
         # 1. Who may run what: Cedar, then any detector restriction on this key and model.
         target = self._target(principal, model, version)
         record, found, session, policy = (
@@ -117,13 +122,11 @@ class InferenceMixin(ServiceBase):
                 " it with `modelkeep policy unblock`"
             )
         # 2. The request must fit the signature before anything is counted or run.
-        with tracing.span("modelkeep.decode"):
-            request = decode_infer_request(
-                body,
-                found.signature,
-                header_length=header_length,
-                max_elements=self.settings.max_tensor_elements,
-            )
+        if traced:
+            with tracing.span("modelkeep.decode"):
+                request = self._decode(body, found, header_length)
+        else:
+            request = self._decode(body, found, header_length)
         rows = request_rows(request.inputs)
         if stats is not None:
             stats["rows"] = rows
@@ -139,18 +142,23 @@ class InferenceMixin(ServiceBase):
             if limit == "budget":
                 self.alert("budget_spent", principal=principal.key_id, model=record.name)
             raise
-        with admitted:
+        try:
             # Detectors need every output (the predicted label) even when the caller asked
             # for fewer; the encoder applies the caller's filter.
             names = None
             if request.outputs is not None and not policy.detect:
                 names = [o.name for o in request.outputs]
             started = time.perf_counter()
-            with tracing.span("modelkeep.run", version=found.number):
+            if traced:
+                with tracing.span("modelkeep.run", version=found.number):
+                    outputs = session.run(request.inputs, names)
+            else:
                 outputs = session.run(request.inputs, names)
             self.metrics.observe_inference(
                 model=record.name, version=found.number, seconds=time.perf_counter() - started
             )
+        finally:
+            admitted.release()
         # 4. Watch the caller's query stream; an alarm acts before the answer leaves.
         alarms = self.gate.observe(
             principal.key_id,
@@ -179,6 +187,14 @@ class InferenceMixin(ServiceBase):
         if policy.capture is not None:
             self._capture(principal, found, policy.capture, body, content)
         return content, headers
+
+    def _decode(self, body: bytes, found: VersionRecord, header_length: int | None) -> InferRequest:
+        return decode_infer_request(
+            body,
+            found.signature,
+            header_length=header_length,
+            max_elements=self.settings.max_tensor_elements,
+        )
 
     def _target(self, principal: Principal, model: str, version: str | None) -> InferTarget:
         """Authorize ``principal`` to infer on ``model`` and resolve what the call runs.

@@ -96,9 +96,7 @@ class ObserveMiddleware:
             raise
         finally:
             try:
-                self.observe(
-                    scope, request_id, status or NO_RESPONSE, started, bytes_in, bytes_out
-                )
+                self.observe(scope, request_id, status or NO_RESPONSE, started, bytes_in, bytes_out)
             except Exception:
                 # Observation must never turn an answered request into a failed one.
                 log.exception("request observation failed")

@@ -15,6 +15,10 @@ import orjson
 from modelkeep.errors import InternalError, InvalidInput
 
 _FLOAT_KINDS = "iuf"
+# The largest finite value of each float datatype, by its size in bytes.
+_FINITE_MAX = {size: float(np.finfo(f"f{size}").max) for size in (2, 4, 8)}
+# Flat data up to this many values is range-checked in Python before a narrowing cast.
+_SHORT = 64
 _INT_KINDS = "iu"
 
 
@@ -73,7 +77,7 @@ def json_array(
     if datatype == "BYTES":
         array = _json_strings(name, data)
     else:
-        array = _json_numbers(name, data, datatype, dtype)
+        array = _json_numbers(name, data, datatype, dtype, flat=not nested)
     if array.shape == shape:
         return array
     if array.ndim == 1 and array.size == count:
@@ -81,7 +85,9 @@ def json_array(
     raise InvalidInput(f"input {shown(name)} has data that does not match its shape")
 
 
-def _json_numbers(name: str, data: list[Any], datatype: str, dtype: np.dtype[Any]) -> np.ndarray:
+def _json_numbers(
+    name: str, data: list[Any], datatype: str, dtype: np.dtype[Any], *, flat: bool
+) -> np.ndarray:
     try:
         inferred = np.asarray(data)
     except (ValueError, TypeError, OverflowError, RecursionError):
@@ -103,6 +109,15 @@ def _json_numbers(name: str, data: list[Any], datatype: str, dtype: np.dtype[Any
         return inferred.astype(dtype, copy=False)
     if kind not in _FLOAT_KINDS:
         raise InvalidInput(f"input {shown(name)} needs numbers for {datatype}")
+    if inferred.dtype == dtype:
+        return inferred
+    # Only a finite value beyond the target's range overflows (NaN, inf and underflow cast
+    # quietly). A short flat list is checked with min and max, which costs less than the
+    # errstate context below.
+    if flat and len(data) <= _SHORT:
+        finite_max = _FINITE_MAX[dtype.itemsize]
+        if -finite_max <= min(data) and max(data) <= finite_max:
+            return inferred.astype(dtype, copy=False)
     # Overflow to inf (e.g. 1e10 as FP16) is the IEEE answer, not an error.
     with np.errstate(over="ignore"):
         return inferred.astype(dtype, copy=False)

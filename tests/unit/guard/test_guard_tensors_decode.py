@@ -110,6 +110,35 @@ def test_integers_are_accepted_for_float_tensors() -> None:
     ]
 
 
+@pytest.mark.parametrize("count", [1, 64, 65, 1000])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize(
+    ("datatype", "big"), [("FP32", 1e39), ("FP16", 70000.0), ("FP16", 70000), ("FP32", -1e300)]
+)
+def test_values_beyond_a_float_range_become_infinite_quietly_however_sent(
+    count: int, nested: bool, datatype: str, big: float
+) -> None:
+    # Warnings are errors in this suite: an overflow warning escaping the decoder fails here.
+    values: list[float] = [0.5] * count
+    values[-1] = big
+    data: Any = [[v] for v in values] if nested else values
+    request = _decode(
+        {"inputs": [_row(data=data, shape=[count, 1], datatype=datatype)]},
+        _one("input", datatype, (-1, 1)),
+    )
+    array = request.inputs["input"]
+    assert array.dtype == np.dtype("float16" if datatype == "FP16" else "float32")
+    assert array.shape == (count, 1)
+    assert array[-1, 0] == (math.inf if big > 0 else -math.inf)
+    assert (array[:-1] == 0.5).all()
+
+
+def test_values_at_the_edge_of_the_range_stay_finite() -> None:
+    edge = float(np.finfo(np.float32).max)
+    request = _decode({"inputs": [_row(data=[edge, -edge, 1e-50, -0.0])]})
+    assert request.inputs["input"].tolist() == [[edge, -edge, 0.0, -0.0]]
+
+
 def test_fp16_from_json_overflows_to_infinity() -> None:
     request = _decode(
         {"inputs": [_row(data=[1e10], shape=[1], datatype="FP16")]}, _one("input", "FP16", (-1,))
