@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -107,3 +108,54 @@ def test_refusals_are_not_remembered(
     assert svc.authenticate(header).role == "consumer"
     with pytest.raises(AuthFailure):
         svc.authenticate(wrong)
+
+
+def test_the_cache_is_bounded_and_stays_right_past_the_bound(
+    service: tuple[Service, Principal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc, admin = service
+    monkeypatch.setattr(service_module, "_MAX_VERIFIED", 3)
+    headers = [new_key(svc, admin) for _ in range(7)]
+    principals = [svc.authenticate(header) for header in headers]
+    for _ in range(2):
+        for header, principal in zip(headers, principals, strict=True):
+            assert svc.authenticate(header) == principal
+            assert len(svc._verified[1]) <= 3
+
+
+def test_concurrent_callers_see_a_revocation_made_while_they_run(
+    service: tuple[Service, Principal],
+) -> None:
+    svc, admin = service
+    keep, drop = new_key(svc, admin), new_key(svc, admin)
+    dropped_id = svc.authenticate(drop).key_id
+    revoked = threading.Event()
+    errors: list[BaseException] = []
+    # Per refusal of the dropped key: its reason, and whether the revocation had been made.
+    refusals: list[tuple[str, bool]] = []
+
+    def caller() -> None:
+        try:
+            for _ in range(300):
+                if svc.authenticate(keep).role != "consumer":
+                    raise AssertionError("the kept key lost its role")
+                try:
+                    svc.authenticate(drop)
+                except AuthFailure as exc:
+                    refusals.append((exc.reason, revoked.is_set()))
+        except BaseException as exc:  # reported below, from the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    svc.store.revoke_key(dropped_id, now=datetime.now(UTC))
+    revoked.set()
+    svc.refresh()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert set(refusals) <= {("revoked", True)}
+    with pytest.raises(AuthFailure):
+        svc.authenticate(drop)
+    assert svc.authenticate(keep).role == "consumer"
