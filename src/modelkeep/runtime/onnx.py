@@ -78,12 +78,13 @@ def inspect_onnx(data: bytes) -> ModelSignature:
 class OnnxModel:
     """A verified ONNX model held in an ONNX Runtime CPU session; :meth:`run` is thread safe."""
 
-    __slots__ = ("_output_names", "_session", "signature")
+    __slots__ = ("_all_outputs", "_output_names", "_session", "signature")
 
     def __init__(self, session: ort.InferenceSession, signature: ModelSignature) -> None:
         self._session = session
         self.signature = signature
         self._output_names = tuple(spec.name for spec in signature.outputs)
+        self._all_outputs = list(self._output_names)  # ONNX Runtime reads it, never changes it
 
     @classmethod
     def load(cls, data: bytes, *, threads: int = 1) -> OnnxModel:
@@ -115,7 +116,7 @@ class OnnxModel:
         inputs; the runtime's own message is never passed on.
         """
         if output_names is None:
-            names: list[str] = list(self._output_names)
+            names = self._all_outputs
         else:
             wanted = set(output_names)
             unknown = wanted.difference(self._output_names)
@@ -123,7 +124,7 @@ class OnnxModel:
                 raise InvalidInput(f"unknown output {sorted(unknown)[0][:64]!r}")
             names = [name for name in self._output_names if name in wanted]
         try:
-            results = self._session.run(names, dict(inputs))
+            results = self._session.run(names, inputs if type(inputs) is dict else dict(inputs))
         except Exception as exc:  # ORT raises bare pybind11 exception types
             raise InvalidInput(_RUN_FAILED) from exc
         return dict(zip(names, results, strict=True))
