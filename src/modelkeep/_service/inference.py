@@ -105,8 +105,8 @@ class InferenceMixin(ServiceBase):
         stats: dict[str, Any] | None,
         traced: bool,
     ) -> tuple[bytes, dict[str, str]]:
-        # Spans are set up only when tracing is on: on the request path even a no-op context
-        # manager costs its two calls.
+        # ``traced``: spans are set up only when tracing is on, since on the request path even
+        # a no-op context manager costs its two calls.
         # 1. Who may run what: Cedar, then any detector restriction on this key and model.
         target = self._target(principal, model, version)
         record, found, session, policy = (
