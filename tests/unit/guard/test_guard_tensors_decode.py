@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import time
@@ -566,3 +567,28 @@ def test_each_signature_is_checked_against_itself_however_many_come_and_go_past_
         )
         with pytest.raises(InvalidInput, match="unknown input"):
             decode_infer_request(wrong, signature, max_elements=100)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_short_float_lists_convert_exactly_as_long_ones(datatype: str) -> None:
+    # Short flat float lists take a one-call path; the values must be those of the general
+    # path (a float64 array cast to the target), bit for bit, edge values included.
+    dtype = np.dtype({"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}[datatype])
+    limit = float(np.finfo(dtype).max)
+    edges = [0.0, -0.0, 5e-324, -5e-324, 1e-40, 6e-8, 65504.0, 65519.99, limit, -limit]
+    edges += [math.nan, math.inf, -math.inf, 0.1, 1 / 3, 2.0**60 + 1]
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        count = int(rng.integers(1, 65))
+        values = [float(v) for v in rng.choice(edges, count)] if trial % 2 else []
+        values += [float(v) for v in rng.normal(0, 10.0 ** rng.integers(-8, 9), count)]
+        values = values[:count]
+        signature = _one("input", datatype, (-1,))
+        # The standard library writes NaN and Infinity, which the decoder accepts.
+        body = json.dumps({"inputs": [_row(data=values, shape=[count], datatype=datatype)]})
+        short = _decode(body.encode(), signature)
+        with np.errstate(over="ignore"):
+            expected = np.asarray(values).astype(dtype)
+        got = short.inputs["input"]
+        assert got.dtype == dtype
+        assert got.tobytes() == expected.tobytes(), values

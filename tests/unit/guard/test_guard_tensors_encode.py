@@ -179,3 +179,22 @@ def test_non_contiguous_and_big_endian_outputs_encode_correctly() -> None:
 def test_outputs_without_a_v2_datatype_are_an_internal_error() -> None:
     with pytest.raises(InternalError):
         _encode(_request(), {"c": np.array([1j], dtype=np.complex64)})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: np.asfortranarray(a),  # column-major
+        lambda a: a.T.copy().T,  # a transposed copy, seen back in the original order
+        lambda a: np.repeat(a, 2, axis=1)[:, ::2],  # a strided view
+        lambda a: a.astype(a.dtype.newbyteorder(">")),  # big-endian
+        lambda a: a[::-1][::-1],  # reversed twice: negative strides
+    ],
+)
+def test_json_data_is_in_row_major_order_whatever_the_layout(make: Any) -> None:
+    values = np.arange(12, dtype=np.float32).reshape(3, 4) / 8
+    outputs = {"label": OUTPUTS["label"], "probabilities": make(values)}
+    body, _ = _encode(_request(), outputs)
+    (_, probabilities) = orjson.loads(body)["outputs"]
+    assert probabilities["shape"] == [3, 4]
+    assert probabilities["data"] == values.ravel().tolist()
