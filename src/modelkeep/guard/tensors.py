@@ -353,7 +353,7 @@ def encode_infer_response(
         binary = request.binary_outputs_default if wanted is None else wanted.get(name)
         if binary is None:
             continue
-        array = np.asarray(value)
+        array = value if type(value) is np.ndarray else np.asarray(value)
         try:
             datatype = v2_datatype(array.dtype)
         except InvalidInput as exc:
