@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from modelkeep import __version__
-from modelkeep._service._base import is_safe_name
+from modelkeep._service._base import SnapshotMemo, is_safe_name
 from modelkeep._service.capture import CaptureMixin
 from modelkeep._service.guard_admin import GuardAdminMixin
 from modelkeep._service.inference import PLATFORMS, InferenceMixin, InferTarget
@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 
 # Verified Authorization headers kept per snapshot, at most this many (one per valid key in use).
 _MAX_VERIFIED = 4096
+# Resolved infer targets kept per snapshot, at most this many (model and version come from URLs).
+_MAX_TARGETS = 4096
 
 
 def _utcnow() -> datetime:
@@ -105,9 +107,9 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         self._sessions: dict[tuple[str, int], LoadedModel] = {}
         # What an infer call resolves before it runs, per (caller, model, version), valid for
         # one snapshot (see InferenceMixin._target).
-        self._targets: tuple[Snapshot, dict[tuple[Any, ...], InferTarget]] = (self._snapshot, {})
+        self._targets: SnapshotMemo[tuple[Any, ...], InferTarget] = SnapshotMemo(_MAX_TARGETS)
         # Authorization headers already verified against one snapshot (see authenticate).
-        self._verified: tuple[Snapshot, dict[str, Principal]] = (self._snapshot, {})
+        self._verified: SnapshotMemo[str, Principal] = SnapshotMemo(_MAX_VERIFIED)
         self._failed: dict[tuple[str, int], ModelkeepError] = {}
         self._load_locks: dict[tuple[str, int], threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -307,18 +309,15 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         included, in this process's memory, which the request path holds them in anyway and
         which also holds decrypted models and data keys.
         """
-        snapshot, verified = self._verified
-        if snapshot is not self._snapshot:
-            snapshot, verified = self._verified = (self._snapshot, {})
+        snapshot = self._snapshot
+        verified = self._verified.table(snapshot)
         if authorization is not None:
             known = verified.get(authorization)
             if known is not None and (known.expires_at is None or self._clock() < known.expires_at):
                 return known
         principal = self._verify(authorization, snapshot)
         if authorization is not None:
-            if len(verified) >= _MAX_VERIFIED:
-                verified.clear()
-            verified[authorization] = principal
+            self._verified.remember(verified, authorization, principal)
         return principal
 
     def _verify(self, authorization: str | None, snapshot: Snapshot) -> Principal:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import modelkeep.service as service_module
+from modelkeep._service._base import SnapshotMemo
 from modelkeep.auth import AuthFailure, Principal
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.service import Service
@@ -111,16 +112,16 @@ def test_refusals_are_not_remembered(
 
 
 def test_the_cache_is_bounded_and_stays_right_past_the_bound(
-    service: tuple[Service, Principal], monkeypatch: pytest.MonkeyPatch
+    service: tuple[Service, Principal],
 ) -> None:
     svc, admin = service
-    monkeypatch.setattr(service_module, "_MAX_VERIFIED", 3)
+    svc._verified = SnapshotMemo(3)
     headers = [new_key(svc, admin) for _ in range(7)]
     principals = [svc.authenticate(header) for header in headers]
     for _ in range(2):
         for header, principal in zip(headers, principals, strict=True):
             assert svc.authenticate(header) == principal
-            assert len(svc._verified[1]) <= 3
+            assert len(svc._verified.table(svc.snapshot)) <= 3
 
 
 def test_concurrent_callers_see_a_revocation_made_while_they_run(

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from modelkeep.audit import AuditLog
 from modelkeep.audit.capture import CaptureRecord, CaptureWriter
@@ -32,6 +32,36 @@ if TYPE_CHECKING:
 
 # The core's logger: log records keep the name they had before the service was split up.
 log = logging.getLogger("modelkeep.service")
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class SnapshotMemo(Generic[K, V]):
+    """Answers that hold for one snapshot: all dropped when the snapshot changes.
+
+    ``table(snapshot)`` is the dict for ``snapshot``, a fresh one when it is not the snapshot
+    last asked about. Callers read ``self._snapshot`` once and both look up and store in the
+    table they got, so an answer worked out while another thread refreshes lands in the old
+    table, never in the new snapshot's. ``remember`` clears a table that holds ``limit``
+    answers: keys may come from clients.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._state: tuple[Snapshot | None, dict[K, V]] = (None, {})
+
+    def table(self, snapshot: Snapshot) -> dict[K, V]:
+        known, table = self._state  # one read: a pair written together
+        if known is not snapshot:
+            table = {}
+            self._state = (snapshot, table)
+        return table
+
+    def remember(self, table: dict[K, V], key: K, value: V) -> None:
+        if len(table) >= self._limit:
+            table.clear()
+        table[key] = value
 
 
 class ServiceBase:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelkeep import __version__
-from modelkeep._service._base import ServiceBase, log, model_target
+from modelkeep._service._base import ServiceBase, SnapshotMemo, log, model_target
 from modelkeep.audit import tracing
 from modelkeep.auth import Principal
 from modelkeep.errors import Forbidden, RateLimited, Unavailable
@@ -15,7 +15,7 @@ from modelkeep.guard.gate import Alarm, request_rows
 from modelkeep.guard.policy import ModelPolicy
 from modelkeep.guard.tensors import InferRequest, decode_infer_request, encode_infer_response
 from modelkeep.policy import Action
-from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord
+from modelkeep.registry.records import ModelRecord, VersionRecord
 from modelkeep.runtime.base import LoadedModel
 
 PLATFORMS = {
@@ -25,10 +25,6 @@ PLATFORMS = {
     "xgboost-ubj": "xgboost",
     "lightgbm-text": "lightgbm",
 }
-
-
-# Resolved infer targets kept per snapshot, at most this many (model and version come from URLs).
-_MAX_TARGETS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +41,7 @@ class InferTarget:
 class InferenceMixin(ServiceBase):
     """Server and model metadata, readiness and inference (the hot path)."""
 
-    _targets: tuple[Snapshot, dict[tuple[Any, ...], InferTarget]]
+    _targets: SnapshotMemo[tuple[Any, ...], InferTarget]
 
     # -- Open Inference Protocol -------------------------------------------------------------
 
@@ -204,11 +200,9 @@ class InferenceMixin(ServiceBase):
         that a request that was allowed and found once costs one lookup afterwards. Refusals
         and failures are not remembered.
         """
-        snapshot, targets = self._targets
-        if snapshot is not self._snapshot:
-            # A new snapshot: start afresh. Targets are only ever resolved from this snapshot
-            # or a newer one, so none can outlive the snapshot it came from.
-            snapshot, targets = self._targets = (self._snapshot, {})
+        # Targets are only ever resolved from this snapshot or a newer one, so none can
+        # outlive the snapshot it came from.
+        targets = self._targets.table(self._snapshot)
         key = (principal.key_id, principal.role, principal.models, model, version)
         found = targets.get(key)
         if found is None:
@@ -220,9 +214,7 @@ class InferenceMixin(ServiceBase):
                 session=self._session(served),
                 policy=self.gate.policy(record.name, record.policy),
             )
-            if len(targets) >= _MAX_TARGETS:
-                targets.clear()
-            targets[key] = found
+            self._targets.remember(targets, key, found)
         return found
 
     def _on_alarms(
