@@ -89,12 +89,16 @@ def json_array(
 def _json_numbers(
     name: str, data: list[Any], datatype: str, dtype: np.dtype[Any], *, flat: bool
 ) -> np.ndarray:
-    if flat and 0 < len(data) <= _SHORT and dtype.kind == "f" and set(map(type, data)) == _FLOATS:
-        # The common case, in one numpy call instead of three: a short flat list of floats
-        # within the target's range converts exactly as the general path below converts it.
-        finite_max = _FINITE_MAX[dtype.itemsize]
-        if -finite_max <= min(data) and max(data) <= finite_max:
-            return np.array(data, dtype=dtype)
+    # The common case, in one numpy call instead of three: a short flat list of floats within
+    # the target's range converts exactly as the general path below converts it.
+    if (
+        flat
+        and 0 < len(data) <= _SHORT
+        and dtype.kind == "f"
+        and set(map(type, data)) == _FLOATS
+        and _in_range(data, dtype)
+    ):
+        return np.array(data, dtype=dtype)
     try:
         inferred = np.asarray(data)
     except (ValueError, TypeError, OverflowError, RecursionError):
@@ -118,16 +122,23 @@ def _json_numbers(
         raise InvalidInput(f"input {shown(name)} needs numbers for {datatype}")
     if inferred.dtype == dtype:
         return inferred
-    # Only a finite value beyond the target's range overflows (NaN, inf and underflow cast
-    # quietly). A short flat list is checked with min and max, which costs less than the
-    # errstate context below.
-    if flat and len(data) <= _SHORT:
-        finite_max = _FINITE_MAX[dtype.itemsize]
-        if -finite_max <= min(data) and max(data) <= finite_max:
-            return inferred.astype(dtype, copy=False)
+    # A short flat list is range-checked, which costs less than the errstate context below.
+    if flat and len(data) <= _SHORT and _in_range(data, dtype):
+        return inferred.astype(dtype, copy=False)
     # Overflow to inf (e.g. 1e10 as FP16) is the IEEE answer, not an error.
     with np.errstate(over="ignore"):
         return inferred.astype(dtype, copy=False)
+
+
+def _in_range(data: list[Any], dtype: np.dtype[Any]) -> bool:
+    """Whether the numbers of the flat list ``data`` cast to the float ``dtype`` quietly.
+
+    Only a finite value beyond the target's range overflows; NaN, inf and underflow do not.
+    A NaN may make min or max NaN, and then the answer is False: the caller takes the path
+    that is safe for any value.
+    """
+    finite_max = _FINITE_MAX[dtype.itemsize]
+    return -finite_max <= min(data) and max(data) <= finite_max
 
 
 def _exact_integers(
