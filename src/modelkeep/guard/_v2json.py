@@ -138,7 +138,7 @@ def _in_range(data: list[Any], dtype: np.dtype[Any]) -> bool:
     that is safe for any value.
     """
     finite_max = _FINITE_MAX[dtype.itemsize]
-    return -finite_max <= min(data) and max(data) <= finite_max
+    return bool(-finite_max <= min(data) and max(data) <= finite_max)
 
 
 def _exact_integers(
