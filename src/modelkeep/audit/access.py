@@ -174,19 +174,19 @@ class AccessLog:
         # Called holding the lock: render what waits, write it in whole-line chunks.
         if not self._pending:
             return
-        chunk: list[bytes] = []
+        chunks: list[list[bytes]] = [[]]
         size = 0
         for when, record in self._pending:
             line = self._render(when, record)
-            if size + len(line) > _ATOMIC_WRITE and chunk:
-                self._stream.write(b"".join(chunk).decode())
-                self._stream.flush()
-                chunk, size = [], 0
-            chunk.append(line)
+            if size + len(line) > _ATOMIC_WRITE and chunks[-1]:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(line)
             size += len(line)
         self._pending.clear()
-        self._stream.write(b"".join(chunk).decode())
-        self._stream.flush()
+        for chunk in chunks:
+            self._stream.write(b"".join(chunk).decode())
+            self._stream.flush()
 
     def _render(self, when: float, record: AccessRecord) -> bytes:
         return orjson.dumps(
