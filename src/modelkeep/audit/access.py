@@ -28,6 +28,7 @@ while the request runs (alerts, say) carries it, and payload capture records it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import logging
@@ -279,17 +280,14 @@ def safe_model(value: object) -> str | None:
         return None
     if not isinstance(value, str):
         return "?"
-    # Two regexes cost more than the rest of a line; the names in use recur, so remember the
-    # verdicts (for a bounded number of distinct names).
-    verdict = _model_verdicts.get(value)
-    if verdict is None:
-        verdict = NAME_PATTERN.fullmatch(value) is not None and not _TOKEN_SHAPE.search(value)
-        if len(_model_verdicts) < 4096:
-            _model_verdicts[value] = verdict
-    return value if verdict else "?"
+    return value if _model_shaped(value) else "?"
 
 
-_model_verdicts: dict[str, bool] = {}
+# Two regexes cost more than the rest of a line; the names in use recur, so the verdicts are
+# remembered (for a bounded number of distinct names).
+@functools.lru_cache(maxsize=4096)
+def _model_shaped(value: str) -> bool:
+    return NAME_PATTERN.fullmatch(value) is not None and not _TOKEN_SHAPE.search(value)
 
 
 def safe_version(value: object) -> str | None:
@@ -318,18 +316,11 @@ def drop_secret_keys(_logger: WrappedLogger, _method: str, event_dict: EventDict
     return event_dict
 
 
+# The regex costs microseconds per key and a log line has a dozen keys that recur on every
+# line: the verdicts are remembered (for a bounded number of distinct keys).
+@functools.lru_cache(maxsize=4096)
 def _is_secret_key(key: str) -> bool:
-    # The regex costs microseconds per key and a log line has a dozen keys that recur on every
-    # line: remember the verdicts (for a bounded number of distinct keys).
-    verdict = _secret_key_verdicts.get(key)
-    if verdict is None:
-        verdict = key not in _ALLOWED_KEYS and _SECRET_KEYS.fullmatch(key) is not None
-        if len(_secret_key_verdicts) < 4096:
-            _secret_key_verdicts[key] = verdict
-    return verdict
-
-
-_secret_key_verdicts: dict[str, bool] = {}
+    return key not in _ALLOWED_KEYS and _SECRET_KEYS.fullmatch(key) is not None
 
 
 def _json_line(event_dict: EventDict, **_kwargs: Any) -> str:
