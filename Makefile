@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-unit lint bench bench-scan bench-extraction bench-overload clean
+.PHONY: venv system-deps demo test test-unit lint bench bench-scan bench-extraction bench-overload clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +14,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+## Debian packages the tests need (scripts/debian-packages.txt); installs only what is missing.
+system-deps:
+	bash scripts/system-deps.sh
+
 ## Run a server on a fresh demo data dir with a signed sample model; prints a working request.
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 ## The whole test suite: unit and integration (needs PostgreSQL at 127.0.0.1:5432).
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
