@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
@@ -13,10 +15,13 @@ from starlette.types import ASGIApp
 from modelkeep import __version__
 from modelkeep.audit import tracing
 from modelkeep.audit.access import AccessLog, configure_access_log
+from modelkeep.bootstrap import TLS_DIR
+from modelkeep.crypto.tls import SERVER_CERT_FILE
 from modelkeep.service import Service
 from modelkeep.settings import Settings
 
 from ._auth import AuthenticationMiddleware, principal_of
+from ._certwatch import watch_certificate
 from ._errors import install_error_handlers
 from ._fast import FastInfer
 from ._infer import InferRunner
@@ -29,8 +34,11 @@ from .policy import policy_router
 from .v2 import v2_router
 
 
-def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
-    """Build the app. With ``manage_lifecycle`` the app starts and stops the service's poller."""
+def create_app(
+    service: Service, *, manage_lifecycle: bool = True, tls_certfile: Path | None = None
+) -> ASGIApp:
+    """Build the app. With ``manage_lifecycle`` the app starts and stops the service's poller;
+    with ``tls_certfile`` it watches when that certificate expires (metric and log warning)."""
 
     access_log = AccessLog() if service.settings.access_log else None
 
@@ -38,9 +46,14 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if manage_lifecycle:
             service.start()
+        watch = None
+        if tls_certfile is not None:
+            watch = asyncio.create_task(watch_certificate(tls_certfile, service.metrics))
         try:
             yield
         finally:
+            if watch is not None:
+                watch.cancel()
             if access_log is not None:
                 access_log.flush()
             if manage_lifecycle:
@@ -89,4 +102,6 @@ def create_app_from_env() -> ASGIApp:
         configure_access_log(cache=True)
     if settings.tracing:
         tracing.enable()
-    return create_app(Service.open(settings))
+    return create_app(
+        Service.open(settings), tls_certfile=settings.data_dir / TLS_DIR / SERVER_CERT_FILE
+    )

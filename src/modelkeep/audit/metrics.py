@@ -173,6 +173,12 @@ class _Families:
             ["verdict"],
             registry=r,
         )
+        self.tls_certificate_expiry = Gauge(
+            "modelkeep_tls_certificate_expiry_timestamp_seconds",
+            "When the server's TLS certificate expires, in Unix seconds (alert 30 days before).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.audit_entries = Counter(
             "modelkeep_audit_entries",
             "Audit log entries written, by action and outcome.",
@@ -381,6 +387,10 @@ class Metrics:
         """Count one audit log entry written."""
         outcome_l = outcome if outcome in OUTCOMES else OTHER
         self._m.audit_entries.labels(self._action(action), outcome_l).inc()
+
+    def set_tls_certificate_expiry(self, not_after: float) -> None:
+        """Record when the server certificate expires (Unix seconds)."""
+        self._m.tls_certificate_expiry.set(not_after)
 
     # -- export -----------------------------------------------------------------------------
 

@@ -168,6 +168,41 @@ def serve(
     run_server(settings)
 
 
+tls_app = typer.Typer(help="The server's TLS certificate.", no_args_is_help=True)
+
+
+@tls_app.command("renew")
+def tls_renew(
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            "--data-dir",
+            metavar="DIR",
+            envvar="MODELKEEP_DATA_DIR",
+            help="Directory made by `modelkeep init`.",
+            show_default=False,
+            file_okay=False,
+        ),
+    ],
+    json_output: JsonOption = False,
+) -> None:
+    """Issue a new server certificate and key from the data directory's CA (valid 366 days).
+
+    The names stay those of the current certificate; a running server uses the new one after
+    a restart.
+
+    Example: modelkeep tls renew --data-dir ./data
+    """
+    from modelkeep.bootstrap import TLS_DIR
+    from modelkeep.crypto import renew_server_certificate
+
+    expires = renew_server_certificate(data_dir / TLS_DIR)
+    if json_output:
+        out.print_json({"not_after": expires.isoformat()})
+        return
+    out.say(f"renewed the server certificate; it expires {expires:%Y-%m-%d %H:%M} UTC")
+
+
 def _settings(given: dict[str, Any]) -> Settings:
     """Settings from the options given; the environment fills the rest (pydantic-settings)."""
     from pydantic import ValidationError

@@ -24,13 +24,21 @@ from modelkeep.crypto.signing import (
     sign_path,
     verify_in_memory,
 )
-from modelkeep.crypto.tls import TLS_CIPHERS, create_tls_material, server_ssl_context
+from modelkeep.crypto.tls import (
+    TLS_CIPHERS,
+    TLS_GROUPS,
+    certificate_not_after,
+    create_tls_material,
+    renew_server_certificate,
+    server_ssl_context,
+)
 
 __all__ = [
     "KEY_SIZE",
     "MAX_BUNDLE_SIZE",
     "SEGMENT_SIZE",
     "TLS_CIPHERS",
+    "TLS_GROUPS",
     "InMemoryKeyService",
     "KeyService",
     "LocalKeyService",
@@ -38,10 +46,12 @@ __all__ = [
     "TrustedKey",
     "Verified",
     "associated_data_for",
+    "certificate_not_after",
     "create_tls_material",
     "generate_signing_key",
     "load_public_key",
     "new_data_key",
+    "renew_server_certificate",
     "seal",
     "sealed_size",
     "server_ssl_context",

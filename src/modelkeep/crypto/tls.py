@@ -2,12 +2,20 @@
 
 ``create_tls_material`` makes a private CA and a server certificate it signs, so a fresh install
 serves HTTPS from its first start and clients can verify it by trusting one file, ``ca.pem``.
-``server_ssl_context`` is the one place that decides protocol versions and cipher suites.
+``server_ssl_context`` is the one place that decides protocol versions, cipher suites and
+key-exchange groups. ``renew_server_certificate`` issues a fresh server certificate from the same
+CA (``modelkeep tls renew``), and ``certificate_not_after`` tells when one expires.
+
+The profile follows Mozilla's "intermediate" server configuration (docs/tls.md):
+TLS 1.2 and 1.3, forward-secret AEAD suites only, the groups X25519, P-256 and P-384, and server
+certificates valid at most 366 days.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
+import os
 import ssl
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -21,11 +29,21 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from modelkeep.crypto.keyfiles import fsync_directory, write_new_file
 from modelkeep.errors import ConfigError
 
-__all__ = ["TLS_CIPHERS", "create_tls_material", "server_ssl_context"]
+__all__ = [
+    "TLS_CIPHERS",
+    "TLS_GROUPS",
+    "certificate_not_after",
+    "create_tls_material",
+    "renew_server_certificate",
+    "server_ssl_context",
+]
 
 # TLS 1.2 suites: forward secret (ECDHE) AEADs only. TLS 1.3 suites are all AEAD and are not
 # affected by this string. Exported so uvicorn can be given the very same one.
 TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+# Key-exchange groups, for TLS 1.2 and 1.3 alike: Mozilla's intermediate profile leaves out
+# X448 and P-521 (slow, and rarely offered by real clients).
+TLS_GROUPS = "X25519:P-256:P-384"
 
 CA_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
@@ -33,8 +51,8 @@ SERVER_CERT_FILE = "server.pem"
 SERVER_KEY_FILE = "server-key.pem"
 
 _CA_VALIDITY = timedelta(days=3650)
-# The longest validity that all major clients accept for a server certificate.
-_SERVER_VALIDITY = timedelta(days=825)
+# Mozilla's intermediate profile recommends at most 366 days (public CAs are capped at 398).
+_SERVER_VALIDITY = timedelta(days=366)
 # Tolerate a client whose clock is a little behind the machine that ran `modelkeep init`.
 _BACKDATE = timedelta(minutes=5)
 
@@ -88,7 +106,7 @@ def create_tls_material(
 def server_ssl_context(
     certfile: Path, keyfile: Path, *, cafile: Path | None = None
 ) -> ssl.SSLContext:
-    """A server context: TLS 1.2 or later, forward-secret AEAD suites only.
+    """A server context: TLS 1.2 or later, forward-secret AEAD suites, the ``TLS_GROUPS`` only.
 
     No TLS compression (CRIME) and no renegotiation. ``cafile``, when given, is loaded for
     client certificate verification to come; client certificates are not requested yet.
@@ -99,6 +117,7 @@ def server_ssl_context(
     context.set_ciphers(TLS_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    _restrict_groups(context, TLS_GROUPS)
     try:
         context.load_cert_chain(certfile=certfile, keyfile=keyfile)
     except (OSError, ssl.SSLError, ValueError) as exc:
@@ -215,3 +234,118 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def renew_server_certificate(
+    tls_dir: Path,
+    *,
+    hostnames: Sequence[str] | None = None,
+    ip_addresses: Sequence[str] | None = None,
+    now: datetime | None = None,
+) -> datetime:
+    """Replace the server certificate and key in ``tls_dir`` with new ones from its CA.
+
+    The names default to those of the current certificate. Each file is replaced atomically
+    (written beside it, then renamed), so a server that reloads its certificate never reads a
+    half-written file. Returns the new certificate's expiry. ConfigError if the CA or its key
+    cannot be read (the message names no path).
+    """
+    try:
+        ca_cert = x509.load_pem_x509_certificate((tls_dir / CA_FILE).read_bytes())
+        ca_key = serialization.load_pem_private_key(
+            (tls_dir / CA_KEY_FILE).read_bytes(), password=None
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError("cannot read the CA certificate or its key") from exc
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError("the CA key is not an EC key made by `modelkeep init`")
+    if hostnames is None or ip_addresses is None:
+        old_hosts, old_ips = _current_names(tls_dir / SERVER_CERT_FILE)
+        hostnames = old_hosts if hostnames is None else hostnames
+        ip_addresses = old_ips if ip_addresses is None else ip_addresses
+    names = _subject_alternative_names(hostnames, ip_addresses)
+    issued_at = (now or datetime.now(UTC)) - _BACKDATE
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = _server_certificate(server_key, ca_key, ca_cert, names, issued_at)
+    pem = serialization.Encoding.PEM
+    # The key first: a server reloading between the two renames fails to match the old
+    # certificate with the new key, keeps its current context and tries again later.
+    _replace(tls_dir / SERVER_KEY_FILE, _private_pem(server_key), 0o600)
+    _replace(
+        tls_dir / SERVER_CERT_FILE,
+        server_cert.public_bytes(pem) + ca_cert.public_bytes(pem),
+        0o644,
+    )
+    fsync_directory(tls_dir, "TLS material")
+    return server_cert.not_valid_after_utc
+
+
+def certificate_not_after(certfile: Path) -> datetime:
+    """When the first certificate in ``certfile`` expires. ConfigError if it cannot be read."""
+    try:
+        return x509.load_pem_x509_certificate(certfile.read_bytes()).not_valid_after_utc
+    except (OSError, ValueError) as exc:
+        raise ConfigError("cannot read the TLS certificate") from exc
+
+
+def _current_names(certfile: Path) -> tuple[list[str], list[str]]:
+    try:
+        cert = x509.load_pem_x509_certificate(certfile.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        raise ConfigError(
+            "cannot read the names of the current server certificate; give them explicitly"
+        ) from exc
+    hosts = names.get_values_for_type(x509.DNSName)
+    ips = [str(address) for address in names.get_values_for_type(x509.IPAddress)]
+    return hosts, ips
+
+
+def _replace(path: Path, content: bytes, mode: int) -> None:
+    temporary = path.with_name(f".{path.name}.new")
+    temporary.unlink(missing_ok=True)
+    write_new_file(temporary, content, mode, "TLS material")
+    try:
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ConfigError("cannot replace the TLS material") from exc
+
+
+# OpenSSL's SSL_CTX_ctrl command behind SSL_CTX_set1_groups_list (ssl.h, stable since 1.1.0).
+_SSL_CTRL_SET_GROUPS_LIST = 92
+
+
+def _restrict_groups(context: ssl.SSLContext, groups: str) -> None:
+    """Limit the key-exchange groups of ``context`` to ``groups`` (OpenSSL's list syntax).
+
+    Python's ssl module has no call for this before 3.15 (``set_ecdh_curve`` sets a single
+    TLS 1.2 curve and cannot name X25519), and no library wraps an ``ssl.SSLContext`` for it, so
+    it is hand-written: OpenSSL's ``SSL_CTX_set1_groups_list`` through ctypes, on the very
+    libssl the ``_ssl`` module uses. The ``SSL_CTX`` pointer is read from the context object;
+    before writing anything it is checked by reading the context's options through OpenSSL and
+    comparing them with ``context.options``. Any mismatch or failure is a ConfigError: the server
+    does not start with a profile it could not apply.
+    """
+    setter = getattr(context, "set_groups", None)
+    if setter is not None:  # Python 3.15+
+        setter(groups)
+        return
+    import _ssl
+
+    try:
+        libssl = ctypes.CDLL(_ssl.__file__)
+        get_options = libssl.SSL_CTX_get_options
+        ctrl = libssl.SSL_CTX_ctrl
+    except (OSError, AttributeError) as exc:
+        raise ConfigError("cannot restrict the TLS key-exchange groups") from exc
+    get_options.argtypes = [ctypes.c_void_p]
+    get_options.restype = ctypes.c_uint64
+    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+    ctrl.restype = ctypes.c_long
+    # CPython's PySSLContext starts with PyObject_HEAD, then the SSL_CTX pointer.
+    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not pointer or get_options(pointer) != int(context.options):
+        raise ConfigError("cannot restrict the TLS key-exchange groups")
+    if ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode("ascii")) != 1:
+        raise ConfigError("cannot restrict the TLS key-exchange groups")

@@ -62,6 +62,7 @@ def record_one_of_each(m: Metrics) -> None:
     m.set_model_memory(model="iris", version=1, nbytes=1024)
     m.scan_refused(verdict="malicious")
     m.audit_entry(action="model.push", outcome="success")
+    m.set_tls_certificate_expiry(1_800_000_000.0)
 
 
 def test_metric_names_and_label_sets_are_exactly_the_documented_ones(metrics: Metrics) -> None:
@@ -89,6 +90,7 @@ def test_metric_names_and_label_sets_are_exactly_the_documented_ones(metrics: Me
         "modelkeep_model_memory_bytes": {"model", "version"},
         "modelkeep_scan_refusals_total": {"verdict"},
         "modelkeep_audit_entries_total": {"action", "outcome"},
+        "modelkeep_tls_certificate_expiry_timestamp_seconds": set(),
     }
 
 

@@ -260,3 +260,35 @@ def test_serve_with_a_non_numeric_port_is_a_usage_error(served: list[Settings]) 
 
     assert result.exit_code == 2
     assert served == []
+
+
+# -- tls renew --------------------------------------------------------------------------------
+
+
+def test_tls_renew_replaces_the_server_certificate_and_prints_its_expiry(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from modelkeep.crypto import create_tls_material
+
+    tls = tmp_path / "tls"
+    create_tls_material(tls)
+    before = (tls / "server.pem").read_bytes()
+
+    result = _run("tls", "renew", "--data-dir", str(tmp_path), "--json")
+
+    assert result.exit_code == 0, result.output
+    leaf = x509.load_pem_x509_certificate((tls / "server.pem").read_bytes())
+    assert before != (tls / "server.pem").read_bytes()
+    assert {"not_after": leaf.not_valid_after_utc.isoformat()} == json.loads(result.output)
+
+
+def test_tls_renew_without_tls_material_is_a_config_error_without_the_path(
+    tmp_path: Path,
+) -> None:
+    from modelkeep.cli._errors import exit_code_for
+    from modelkeep.errors import ConfigError
+
+    result = _run("tls", "renew", "--data-dir", str(tmp_path))
+    assert exit_code_for(ConfigError("")) == result.exit_code
+    assert "cannot read the CA certificate or its key" in result.output
+    assert str(tmp_path) not in result.output

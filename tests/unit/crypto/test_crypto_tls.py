@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import socket
 import ssl
 import stat
+import subprocess
 import threading
 import warnings
 from collections.abc import Iterator
@@ -18,7 +20,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from modelkeep.crypto import TLS_CIPHERS, create_tls_material, server_ssl_context
+from modelkeep.crypto import (
+    TLS_CIPHERS,
+    certificate_not_after,
+    create_tls_material,
+    renew_server_certificate,
+    server_ssl_context,
+)
 from modelkeep.errors import ConfigError
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -223,7 +231,7 @@ def test_the_server_certificate(tmp_path: Path) -> None:
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert constraints.ca is False
     assert leaf.signature_hash_algorithm.name == "sha256"  # type: ignore[union-attr]
-    assert timedelta(days=825) == leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert timedelta(days=366) == leaf.not_valid_after_utc - leaf.not_valid_before_utc
     assert leaf.not_valid_before_utc <= NOW < leaf.not_valid_after_utc
     leaf.verify_directly_issued_by(ca)
 
@@ -257,3 +265,86 @@ def test_bad_names_raise_config_error(
     with pytest.raises(ConfigError):
         create_tls_material(tmp_path, hostnames=hostnames, ip_addresses=ip_addresses)
     assert list(tmp_path.iterdir()) == []
+
+
+def _openssl_handshake(port: int, ca: Path, *args: str) -> str:
+    """The line openssl s_client prints about the session: protocol and cipher, or (NONE)."""
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "the openssl command is needed (scripts/debian-packages.txt)"
+    result = subprocess.run(
+        [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(ca), *args],
+        input=b"",
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    session = [line for line in result.stdout.decode().splitlines() if line.startswith("New, ")]
+    assert session, result.stdout.decode()
+    return session[0]
+
+
+@pytest.mark.parametrize(
+    ("group", "version"),
+    [("X448", "-tls1_3"), ("P-521", "-tls1_3"), ("X448", "-tls1_2"), ("P-521", "-tls1_2")],
+)
+def test_a_client_offering_only_x448_or_p521_is_refused(
+    tls_dir: Path, server: _OneShotServer, group: str, version: str
+) -> None:
+    session = _openssl_handshake(server.port, tls_dir / "ca.pem", "-groups", group, version)
+    server.join()
+    assert session == "New, (NONE), Cipher is (NONE)"
+    assert isinstance(server.error, ssl.SSLError)
+
+
+@pytest.mark.parametrize("group", ["X25519", "P-256", "P-384"])
+def test_a_tls_1_3_client_offering_one_allowed_group_connects(
+    tls_dir: Path, server: _OneShotServer, group: str
+) -> None:
+    session = _openssl_handshake(server.port, tls_dir / "ca.pem", "-groups", group, "-tls1_3")
+    server.join()
+    assert session.startswith("New, TLSv1.3, Cipher is TLS_")
+    assert server.error is None
+
+
+def test_renewal_issues_a_new_key_and_certificate_for_the_same_names(tmp_path: Path) -> None:
+    create_tls_material(
+        tmp_path, hostnames=("models.internal",), ip_addresses=("10.0.0.7",), now=NOW
+    )
+    old_key = (tmp_path / "server-key.pem").read_bytes()
+    (old_leaf, _) = _certificates(tmp_path / "server.pem")
+    later = NOW + timedelta(days=300)
+
+    expires = renew_server_certificate(tmp_path, now=later)
+
+    leaf, chained_ca = _certificates(tmp_path / "server.pem")
+    (ca,) = _certificates(tmp_path / "ca.pem")
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert old_key != (tmp_path / "server-key.pem").read_bytes()
+    assert old_leaf.serial_number != leaf.serial_number
+    assert san.get_values_for_type(x509.DNSName) == ["models.internal"]
+    assert [ipaddress.ip_address("10.0.0.7")] == san.get_values_for_type(x509.IPAddress)
+    assert leaf.not_valid_before_utc <= later < leaf.not_valid_after_utc
+    assert timedelta(days=366) == leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert expires == leaf.not_valid_after_utc == certificate_not_after(tmp_path / "server.pem")
+    assert ca == chained_ca
+    leaf.verify_directly_issued_by(ca)
+    assert stat.S_IMODE((tmp_path / "server-key.pem").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ca-key.pem",
+        "ca.pem",
+        "server-key.pem",
+        "server.pem",
+    ]
+    # The renewed pair loads as a server context.
+    server_ssl_context(tmp_path / "server.pem", tmp_path / "server-key.pem")
+
+
+def test_renewal_without_the_ca_key_changes_nothing(tmp_path: Path) -> None:
+    create_tls_material(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    (tmp_path / "ca-key.pem").unlink()
+    with pytest.raises(ConfigError, match="CA") as caught:
+        renew_server_certificate(tmp_path)
+    assert str(tmp_path) not in str(caught.value)
+    assert (tmp_path / "server.pem").read_bytes() == before["server.pem"]
+    assert (tmp_path / "server-key.pem").read_bytes() == before["server-key.pem"]
