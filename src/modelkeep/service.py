@@ -4,6 +4,7 @@ Nothing here imports HTTP. ``api/`` and ``cli/`` translate requests into calls o
 its errors into status codes. The hot path (``authenticate`` then ``infer``) reads only the
 in-memory snapshot and loaded sessions; a background thread per worker polls the metadata store's
 change counter and swaps in a fresh snapshot, which bounds how long a revoked key keeps working.
+On PostgreSQL a change notification wakes that thread at once (``registry/_changes.py``).
 """
 
 from __future__ import annotations
@@ -117,7 +118,10 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         self._alarm_seen: dict[tuple[str, str, str], float] = {}
         self.gate = gate or InferenceGate(Admission())
         self._stop = threading.Event()
+        # Set by a change notification (PostgreSQL) to refresh before the poll interval is up.
+        self._wake = threading.Event()
         self._poller: threading.Thread | None = None
+        self._listener = store.listener(self._wake.set)
         # Payload capture (opt-in per model): sealed and stored off the inference path.
         self.captures = CaptureStore(store)
         self.capture_writer: CaptureWriter[tuple[CaptureRecord, datetime]] = CaptureWriter(
@@ -186,9 +190,14 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         self._stop.clear()
         self._poller = threading.Thread(target=self._poll, name="modelkeep-refresh", daemon=True)
         self._poller.start()
+        if self._listener is not None:
+            self._listener.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+        if self._listener is not None:
+            self._listener.stop()
         if self._poller is not None:
             self._poller.join(timeout=5)
             with suppress(ModelkeepError):
@@ -265,7 +274,12 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
     def _poll(self) -> None:
         self._warm()
         last_checkpoint = time.monotonic()
-        while not self._stop.wait(self.settings.refresh_interval_s):
+        while True:
+            # The poll interval, or sooner when a change notification arrives.
+            self._wake.wait(self.settings.refresh_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             if time.monotonic() - last_checkpoint >= self.settings.audit_checkpoint_interval_s:
                 last_checkpoint = time.monotonic()
                 try:

@@ -2,13 +2,14 @@
 
 One implementation over SQLAlchemy serves both databases. Every mutation runs in one transaction
 that first bumps the `state.generation` row: that row lock serializes writers (so version numbers
-stay unique and gapless) and tells every worker something changed.
+stay unique and gapless) and tells every worker something changed: by the counter, which workers
+poll, and on PostgreSQL also by a notification that wakes them at once (``_changes.py``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from modelkeep.auth.apikeys import KeyRecord
 from modelkeep.errors import ConfigError, Conflict, NotFound, Unavailable
 from modelkeep.registry import _schema as t
+from modelkeep.registry._changes import NOTIFY, ChangeListener, libpq_url
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord
 from modelkeep.runtime.signature import ModelSignature
 
@@ -91,9 +93,16 @@ class MetadataStore:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             sa.event.listen(self.engine, "begin", _sqlite_begin)
         self._writer = self.engine.execution_options(modelkeep_write=True)
+        self._notifies = self.engine.dialect.name == "postgresql"
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def listener(self, on_change: Callable[[], None]) -> ChangeListener | None:
+        """A listener calling ``on_change`` at every committed change (PostgreSQL), else None."""
+        if not self._notifies:
+            return None
+        return ChangeListener(libpq_url(self.engine.url), on_change)
 
     # -- schema --------------------------------------------------------------------------
 
@@ -120,6 +129,8 @@ class MetadataStore:
     def _write(self) -> Iterator[Connection]:
         with self._connect(self._writer) as conn:
             conn.execute(sa.update(t.state).values(generation=t.state.c.generation + 1))
+            if self._notifies:
+                conn.execute(NOTIFY)
             yield conn
 
     # -- reads ---------------------------------------------------------------------------
