@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv system-deps demo test test-unit lint bench bench-scan bench-extraction bench-overload clean
+.PHONY: venv system-deps demo test test-unit lint bench bench-scan bench-extraction bench-overload cluster-demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ system-deps:
 ## Run a server on a fresh demo data dir with a signed sample model; prints a working request.
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+## Three replicas behind HAProxy on PostgreSQL and Redis, a signed model pushed through the proxy.
+cluster-demo: $(STAMP) system-deps
+	$(BIN)/python scripts/cluster.py
 
 ## The whole test suite: unit and integration (needs PostgreSQL at 127.0.0.1:5432).
 test: $(STAMP) system-deps
