@@ -52,6 +52,7 @@ from modelkeep.registry.intake import unpack
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord, empty_snapshot
 from modelkeep.registry.registry import Registry
 from modelkeep.registry.store import CaptureStore, MetadataStore
+from modelkeep.registry.upload import staging_dir
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.runtime.loader import load_model
 from modelkeep.settings import Settings
@@ -151,6 +152,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
             ),
             alerter=alerter_from(settings),
         )
+        service.registry.staging_dir = staging_dir(data_dir)
         service.refresh()
         return service
 

@@ -32,6 +32,29 @@ class VersionTaken(Exception):
     """The tentative version number was taken by a concurrent push; seal again and retry."""
 
 
+class PushKeyTaken(Exception):
+    """A push with the same idempotency key committed first: its version stands."""
+
+    def __init__(self, number: int, request_sha256: str) -> None:
+        super().__init__(number)
+        self.number = number
+        self.request_sha256 = request_sha256
+
+
+@dataclass(frozen=True, slots=True)
+class PushKey:
+    """A caller's ``Idempotency-Key`` for a push of one model, remembered until ``expires_at``.
+
+    ``request_sha256`` fingerprints what was sent (body digest, file name, layout, signature),
+    so a key reused for a different request is told apart from a retry.
+    """
+
+    principal: str
+    key: str
+    request_sha256: str
+    expires_at: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class VersionDetails:
     """What the push checks established about an artifact."""
@@ -60,6 +83,7 @@ class NewVersion:
     wrapped_key: bytes
     kek_id: str
     details: VersionDetails
+    push_key: PushKey | None = None
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -187,6 +211,31 @@ class MetadataStore:
                 .where(t.models.c.name == model)
             ).scalar()
         return int(current or 0) + 1
+
+    def find_push(
+        self, model: str, principal: str, key: str, *, now: datetime
+    ) -> tuple[int, str] | None:
+        """``(version number, request fingerprint)`` a live idempotency key recorded, or None."""
+        p = t.push_keys
+        with self._connect(self.engine) as conn:
+            row = conn.execute(
+                sa.select(t.versions.c.number, p.c.request_sha256)
+                .select_from(p.join(t.models).join(t.versions, t.versions.c.id == p.c.version_id))
+                .where(
+                    t.models.c.name == model,
+                    p.c.principal == principal,
+                    p.c.idempotency_key == key,
+                    p.c.expires_at > now,
+                )
+            ).first()
+        return None if row is None else (int(row.number), str(row.request_sha256))
+
+    def purge_push_keys(self, now: datetime) -> int:
+        """Forget idempotency keys past their time; returns how many."""
+        with self._connect(self._writer) as conn:
+            return int(
+                conn.execute(sa.delete(t.push_keys).where(t.push_keys.c.expires_at <= now)).rowcount
+            )
 
     def blob_keys(self) -> set[str]:
         with self._connect(self.engine) as conn:
@@ -316,10 +365,12 @@ class MetadataStore:
             current = conn.execute(
                 sa.select(sa.func.max(t.versions.c.number)).where(t.versions.c.model_id == model_id)
             ).scalar()
+            if new.push_key is not None:
+                self._claim_push_key(conn, model_id, new.push_key, new.created_at)
             if int(current or 0) + 1 != new.number:
                 raise VersionTaken
             d = new.details
-            conn.execute(
+            inserted = conn.execute(
                 sa.insert(t.versions).values(
                     model_id=model_id,
                     number=new.number,
@@ -340,6 +391,40 @@ class MetadataStore:
                     trusted_types=json.dumps(list(d.trusted_types)),
                 )
             )
+            if new.push_key is not None:
+                assert inserted.inserted_primary_key is not None
+                conn.execute(
+                    sa.insert(t.push_keys).values(
+                        model_id=model_id,
+                        principal=new.push_key.principal,
+                        idempotency_key=new.push_key.key,
+                        request_sha256=new.push_key.request_sha256,
+                        version_id=inserted.inserted_primary_key.id,
+                        created_at=new.created_at,
+                        expires_at=new.push_key.expires_at,
+                    )
+                )
+
+    @staticmethod
+    def _claim_push_key(conn: Connection, model_id: int, push_key: PushKey, now: datetime) -> None:
+        """Raise PushKeyTaken if the key is live; forget expired keys (this one included).
+
+        Runs under the writer lock of ``_write``, so two pushes with one key cannot both pass.
+        """
+        p = t.push_keys
+        conn.execute(sa.delete(p).where(p.c.expires_at <= now))
+        same = (
+            (p.c.model_id == model_id)
+            & (p.c.principal == push_key.principal)
+            & (p.c.idempotency_key == push_key.key)
+        )
+        row = conn.execute(
+            sa.select(t.versions.c.number, p.c.request_sha256)
+            .select_from(p.join(t.versions, t.versions.c.id == p.c.version_id))
+            .where(same)
+        ).first()
+        if row is not None:
+            raise PushKeyTaken(int(row.number), str(row.request_sha256))
 
     def set_label(self, model: str, label: str, number: int, *, actor: str, now: datetime) -> None:
         with self._write() as conn:
