@@ -25,6 +25,11 @@ def _ad(plaintext: bytes) -> bytes:
     return associated_data_for("stream", 1, hashlib.sha256(plaintext).hexdigest())
 
 
+def _drain(reader: UnsealingReader) -> None:
+    while reader.read(65536):
+        pass
+
+
 def _stream_sealed(plaintext: bytes, key: bytes, ad: bytes, chunk: int) -> tuple[bytes, int]:
     out = io.BytesIO()
     sealer = Sealer(key, ad, out)
@@ -78,8 +83,7 @@ def test_a_truncated_stream_fails_by_its_end_with_the_opaque_error(cut: int) -> 
         io.BytesIO(blob[:-cut]), key, _ad(plaintext), expected_size=len(plaintext)
     )
     with pytest.raises(IntegrityError) as info:
-        while reader.read(65536):
-            pass
+        _drain(reader)
     assert str(info.value) == FAILED
 
 
@@ -87,12 +91,12 @@ def test_a_flipped_byte_is_refused_before_its_segment_is_released() -> None:
     key, plaintext = new_data_key(), _plaintext(FIRST + LATER)
     blob = bytearray(_stream_sealed(plaintext, key, _ad(plaintext), 65536)[0])
     blob[SEGMENT_SIZE + 10] ^= 1  # inside the second segment
-    released = []
+    released: list[bytes] = []
+    segments = unseal_segments(
+        io.BytesIO(bytes(blob)), key, _ad(plaintext), expected_size=len(plaintext)
+    )
     with pytest.raises(IntegrityError):
-        for part in unseal_segments(
-            io.BytesIO(bytes(blob)), key, _ad(plaintext), expected_size=len(plaintext)
-        ):
-            released.append(bytes(part))
+        released.extend(bytes(part) for part in segments)
     assert released == [plaintext[:FIRST]]
 
 
