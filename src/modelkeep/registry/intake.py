@@ -47,14 +47,23 @@ class Accepted:
     trusted_types: tuple[str, ...]
 
 
-def unpack(data: bytes, file_name: str, *, is_directory: bool) -> dict[str, bytes]:
-    """The files of an artifact held in memory: one file, or the members of a directory's tar.
+def read_directory(data: bytes, model_file: str) -> tuple[dict[str, str], bytes]:
+    """The SHA-256 of every file of a directory's tar, and the content of ``model_file``.
 
-    The same rules as a push applies (see ``_members``).
+    Only the model file is copied out; the others are hashed as they stream past. The rules
+    of a push apply (see ``_members``).
     """
-    if not is_directory:
-        return {file_name: data}
-    return {name: _read_whole(content) for name, content in _members(io.BytesIO(data))}
+    digests: dict[str, str] = {}
+    model: bytes | None = None
+    for name, content in _members(io.BytesIO(data)):
+        if name == model_file:
+            model = _read_whole(content)
+            digests[name] = hashlib.sha256(model).hexdigest()
+        else:
+            digests[name] = _digest(content)
+    if model is None:
+        raise ModelRefused("the model file is missing from the directory")
+    return digests, model
 
 
 def _members(tar_stream: IO[bytes]) -> Iterator[tuple[str, IO[bytes]]]:

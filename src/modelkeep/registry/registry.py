@@ -10,6 +10,7 @@ no half-made version is ever visible, and a retried push finds the version its k
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,8 +18,8 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from modelkeep.crypto import KeyService, associated_data_for, new_data_key, unseal
-from modelkeep.crypto.sealed import Sealer
+from modelkeep.crypto import KeyService, associated_data_for, new_data_key
+from modelkeep.crypto.sealed import Sealer, unseal_segments
 from modelkeep.errors import Conflict, IntegrityError
 from modelkeep.registry.blobs import BlobStore, new_blob_key
 from modelkeep.registry.records import VersionRecord, check_name
@@ -166,15 +167,25 @@ class Registry:
     def open_version(self, version: VersionRecord) -> bytes:
         """Decrypt a version into memory and check its digest; plaintext never touches disk.
 
-        Raises IntegrityError naming the model and version when anything fails to verify.
+        The blob streams from the store one segment at a time, each verified, hashed and
+        appended to the one buffer the bytes are returned in (no second copy). Raises
+        IntegrityError naming the model and version when anything fails to verify.
         """
         associated_data = associated_data_for(version.model, version.number, version.sha256)
         try:
             data_key = self.keys.unwrap(version.wrapped_key, associated_data)
+            digest = hashlib.sha256()
+            whole = io.BytesIO()
             with self.blobs.open(version.blob_key) as src:
-                plaintext = unseal(src, data_key, associated_data, expected_size=version.size)
-            if hashlib.sha256(plaintext).hexdigest() != version.sha256:
+                for segment in unseal_segments(
+                    src, data_key, associated_data, expected_size=version.size
+                ):
+                    digest.update(segment)
+                    whole.write(segment)
+            if digest.hexdigest() != version.sha256:
                 raise IntegrityError("digest mismatch")
+            # BytesIO hands its buffer over without copying it.
+            plaintext = whole.getvalue()
         except IntegrityError as exc:
             log.error(
                 "integrity check failed for model %s version %s", version.model, version.number

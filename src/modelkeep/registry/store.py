@@ -23,36 +23,18 @@ from sqlalchemy.engine import Connection, Engine
 
 from modelkeep.auth.apikeys import KeyRecord
 from modelkeep.errors import ConfigError, Conflict, NotFound, Unavailable
+from modelkeep.registry import _push_keys as push_keys
 from modelkeep.registry import _schema as t
+
+# Re-exported: the registry and the service name them through the store.
+from modelkeep.registry._push_keys import PushKey as PushKey
+from modelkeep.registry._push_keys import PushKeyTaken as PushKeyTaken
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord
 from modelkeep.runtime.signature import ModelSignature
 
 
 class VersionTaken(Exception):
     """The tentative version number was taken by a concurrent push; seal again and retry."""
-
-
-class PushKeyTaken(Exception):
-    """A push with the same idempotency key committed first: its version stands."""
-
-    def __init__(self, number: int, request_sha256: str) -> None:
-        super().__init__(number)
-        self.number = number
-        self.request_sha256 = request_sha256
-
-
-@dataclass(frozen=True, slots=True)
-class PushKey:
-    """A caller's ``Idempotency-Key`` for a push of one model, remembered until ``expires_at``.
-
-    ``request_sha256`` fingerprints what was sent (body digest, file name, layout, signature),
-    so a key reused for a different request is told apart from a retry.
-    """
-
-    principal: str
-    key: str
-    request_sha256: str
-    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,26 +198,13 @@ class MetadataStore:
         self, model: str, principal: str, key: str, *, now: datetime
     ) -> tuple[int, str] | None:
         """``(version number, request fingerprint)`` a live idempotency key recorded, or None."""
-        p = t.push_keys
         with self._connect(self.engine) as conn:
-            row = conn.execute(
-                sa.select(t.versions.c.number, p.c.request_sha256)
-                .select_from(p.join(t.models).join(t.versions, t.versions.c.id == p.c.version_id))
-                .where(
-                    t.models.c.name == model,
-                    p.c.principal == principal,
-                    p.c.idempotency_key == key,
-                    p.c.expires_at > now,
-                )
-            ).first()
-        return None if row is None else (int(row.number), str(row.request_sha256))
+            return push_keys.find(conn, model, principal, key, now)
 
     def purge_push_keys(self, now: datetime) -> int:
         """Forget idempotency keys past their time; returns how many."""
         with self._connect(self._writer) as conn:
-            return int(
-                conn.execute(sa.delete(t.push_keys).where(t.push_keys.c.expires_at <= now)).rowcount
-            )
+            return push_keys.purge(conn, now)
 
     def blob_keys(self) -> set[str]:
         with self._connect(self.engine) as conn:
@@ -366,7 +335,7 @@ class MetadataStore:
                 sa.select(sa.func.max(t.versions.c.number)).where(t.versions.c.model_id == model_id)
             ).scalar()
             if new.push_key is not None:
-                self._claim_push_key(conn, model_id, new.push_key, new.created_at)
+                push_keys.claim(conn, model_id, new.push_key, new.created_at)
             if int(current or 0) + 1 != new.number:
                 raise VersionTaken
             d = new.details
@@ -393,38 +362,8 @@ class MetadataStore:
             )
             if new.push_key is not None:
                 assert inserted.inserted_primary_key is not None
-                conn.execute(
-                    sa.insert(t.push_keys).values(
-                        model_id=model_id,
-                        principal=new.push_key.principal,
-                        idempotency_key=new.push_key.key,
-                        request_sha256=new.push_key.request_sha256,
-                        version_id=inserted.inserted_primary_key.id,
-                        created_at=new.created_at,
-                        expires_at=new.push_key.expires_at,
-                    )
-                )
-
-    @staticmethod
-    def _claim_push_key(conn: Connection, model_id: int, push_key: PushKey, now: datetime) -> None:
-        """Raise PushKeyTaken if the key is live; forget expired keys (this one included).
-
-        Runs under the writer lock of ``_write``, so two pushes with one key cannot both pass.
-        """
-        p = t.push_keys
-        conn.execute(sa.delete(p).where(p.c.expires_at <= now))
-        same = (
-            (p.c.model_id == model_id)
-            & (p.c.principal == push_key.principal)
-            & (p.c.idempotency_key == push_key.key)
-        )
-        row = conn.execute(
-            sa.select(t.versions.c.number, p.c.request_sha256)
-            .select_from(p.join(t.versions, t.versions.c.id == p.c.version_id))
-            .where(same)
-        ).first()
-        if row is not None:
-            raise PushKeyTaken(int(row.number), str(row.request_sha256))
+                version_id = int(inserted.inserted_primary_key.id)
+                push_keys.record(conn, model_id, version_id, new.push_key, new.created_at)
 
     def set_label(self, model: str, label: str, number: int, *, actor: str, now: datetime) -> None:
         with self._write() as conn:
