@@ -152,10 +152,13 @@ def accept(
     model: str,
 ) -> Accepted:
     """Run every push check in order; ModelRefused (with the scan report where there is one)."""
-    # 1. The artifact's files: one file, or the regular files of a directory's tar with clean
-    #    names. Each file's digest is taken as it streams from the sealed copy.
-    with _files(upload, file_name, is_directory) as files:
-        digests = {name: _digest(content) for name, content in files}
+    # 1. The artifact's files: one file, whose digest was taken as it was uploaded, or the
+    #    regular files of a directory's tar with clean names, each hashed as it streams from
+    #    the sealed copy.
+    digests = {file_name: upload.sha256}
+    if is_directory:
+        with _files(upload, file_name, is_directory) as files:
+            digests = {name: _digest(content) for name, content in files}
     # 2. Signature, against this model's trusted publishers only, offline, over those digests,
     #    before any parser looks at the content.
     signer: str | None = None
