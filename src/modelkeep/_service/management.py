@@ -90,6 +90,8 @@ class ManagementMixin(ServiceBase):
                 number = self.registry.pushed_with(model, push_key)
                 if number is not None:
                     details.update(version=number, replayed=True)
+                    # Another worker may have made it since this one last looked.
+                    self.refresh()
                     return self._snapshot.models[model].versions[number]
             try:
                 accepted = accept(
