@@ -35,7 +35,7 @@ from modelkeep.audit.metrics import Metrics
 from modelkeep.auth import AuthFailure, Principal, authenticate
 from modelkeep.bootstrap import BLOB_DIR, DB_FILE, KEK_FILE
 from modelkeep.crypto import KeyService, LocalKeyService
-from modelkeep.crypto.signing import TrustedKey, load_public_key, verify_in_memory
+from modelkeep.crypto.signing import TrustedKey, load_public_key, verify_digests
 from modelkeep.errors import (
     ConfigError,
     Forbidden,
@@ -49,10 +49,11 @@ from modelkeep.guard.admission import Admission
 from modelkeep.guard.gate import InferenceGate, shared_state_factory
 from modelkeep.policy import Action, Authorizer
 from modelkeep.registry.blobs import BlobStore, FileBlobStore
-from modelkeep.registry.intake import unpack
+from modelkeep.registry.intake import read_directory
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord, empty_snapshot
 from modelkeep.registry.registry import Registry
 from modelkeep.registry.store import CaptureStore, MetadataStore
+from modelkeep.registry.upload import staging_dir
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.runtime.loader import load_model
 from modelkeep.settings import Settings
@@ -155,6 +156,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
             ),
             alerter=alerter_from(settings),
         )
+        service.registry.staging_dir = staging_dir(data_dir)
         service.refresh()
         return service
 
@@ -412,13 +414,18 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         where = f"model '{version.model}' version {version.number}"
         # 1. Unwrap the data key, decrypt, and check the plaintext digest (registry).
         plaintext = self.registry.open_version(version)
-        files = unpack(plaintext, version.file_name, is_directory=version.layout == "directory")
+        if version.layout == "directory":
+            digests, model_bytes = read_directory(plaintext, version.file_name)
+        else:
+            # open_version has just checked that the plaintext has this digest.
+            digests, model_bytes = {version.file_name: version.sha256}, plaintext
+        del plaintext
         # 2. The signature, against the model's trusted publishers as they are now: a row or
         #    blob changed behind the server's back does not verify.
         model = self._snapshot.models.get(version.model)
         if version.bundle is not None:
             try:
-                verified = verify_in_memory(files, version.bundle, self._trusted(model))
+                verified = verify_digests(digests, version.bundle, self._trusted(model))
             except ModelRefused as exc:
                 log.error("%s: signature verification failed at load", where)
                 raise IntegrityError(f"{where} failed signature verification at load") from exc
@@ -430,7 +437,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         # 3. Only now the runtime sees the bytes, trusting only the types the scan approved.
         return load_model(
             version.format,
-            files[version.file_name],
+            model_bytes,
             threads=self.settings.runtime_threads,
             trusted_types=version.trusted_types,
         )

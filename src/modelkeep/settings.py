@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
     # Threads per ONNX Runtime session; 0 lets ONNX Runtime decide.
     runtime_threads: int = Field(default=1, ge=0, le=256)
+    # -- pushes (idempotency, leftovers) --
+    # How long the server remembers a push's Idempotency-Key (per model and caller): a retry
+    # within this time gets the version the first attempt made, never a second one.
+    push_key_ttl_s: float = Field(default=24 * 3600.0, ge=60, le=30 * 24 * 3600.0)
+    # Unreferenced blobs younger than this may belong to a push still in flight on another
+    # replica sharing the blob store, so garbage collection at start leaves them; a local blob
+    # directory (one host, collected before its workers start) is swept whole.
+    push_max_duration_s: float = Field(default=3600.0, gt=0)
 
     @property
     def effective_database_url(self) -> str:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from modelkeep._service._base import ServiceBase, log, model_target
@@ -15,12 +15,15 @@ from modelkeep.auth.principal import ROLES
 from modelkeep.crypto.signing import TrustedKey, load_public_key
 from modelkeep.errors import InvalidInput, ModelRefused, NotFound
 from modelkeep.policy import Action
-from modelkeep.registry.intake import accept, unpack
+from modelkeep.registry.intake import accept
 from modelkeep.registry.records import ModelRecord, VersionRecord, check_name
-from modelkeep.registry.store import VersionDetails
+from modelkeep.registry.store import PushKey, VersionDetails
+from modelkeep.registry.upload import Upload
 
 _MAX_DESCRIPTION = 1000
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+# What an Idempotency-Key may look like: a UUID, a random token, up to 128 characters.
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+=/-]{7,127}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,25 +48,56 @@ class ManagementMixin(ServiceBase):
         self,
         principal: Principal,
         model: str,
-        data: bytes,
+        data: Upload | bytes,
         *,
         file_name: str,
         is_directory: bool = False,
         bundle: bytes | None = None,
+        idempotency_key: str | None = None,
     ) -> VersionRecord:
-        """Verify, scan, seal, store and record a new version; all or nothing, audited."""
+        """Verify, scan, seal, store and record a new version; all or nothing, audited.
+
+        ``data`` is a finished upload (streamed in and sealed by the caller) or the bytes.
+        With ``idempotency_key``, a push this caller already made to this model with the same
+        key and request returns that version instead of making another; the same key with a
+        different request is a Conflict.
+        """
+        if isinstance(data, bytes):
+            with Upload.of(data, self.registry.staging_dir) as upload:
+                return self.push(
+                    principal,
+                    model,
+                    upload,
+                    file_name=file_name,
+                    is_directory=is_directory,
+                    bundle=bundle,
+                    idempotency_key=idempotency_key,
+                )
         self.refresh()
-        details: dict[str, Any] = {"size": len(data), "signed": bundle is not None}
+        details: dict[str, Any] = {"size": data.size, "signed": bundle is not None}
         with self._audited(principal, "model.push", model_target(model), details):
             record = self._model(principal, Action.MODEL_PUSH, model)
             if _FILE_NAME.fullmatch(file_name) is None:
                 raise InvalidInput("invalid file name: use letters, digits, '.', '_', '+', '-'")
-            if not data:
+            if not data.size:
                 raise InvalidInput("the upload is empty")
-            files = unpack(data, file_name, is_directory=is_directory)
+            push_key = self._push_key(
+                principal, data, file_name, is_directory, bundle, idempotency_key
+            )
+            details["sha256"] = data.sha256
+            if push_key is not None:
+                details["idempotency_key"] = hashlib.sha256(push_key.key.encode()).hexdigest()[:16]
+                number = self.registry.pushed_with(model, push_key)
+                if number is not None:
+                    details.update(version=number, replayed=True)
+                    # Another worker may have made it since this one last looked.
+                    self.refresh()
+                    return self._snapshot.models[model].versions[number]
             try:
                 accepted = accept(
-                    files,
+                    data,
+                    file_name=file_name,
+                    is_directory=is_directory,
                     bundle=bundle,
                     trusted=self._trusted(record),
                     require_signature=record.require_signature,
@@ -76,7 +110,6 @@ class ManagementMixin(ServiceBase):
                     self.metrics.scan_refused(verdict=str(report.get("verdict")))
                 raise
             details.update(
-                sha256=hashlib.sha256(data).hexdigest(),
                 format=accepted.format,
                 signer=accepted.signer,
                 scan=accepted.report.verdict.value,
@@ -93,10 +126,42 @@ class ManagementMixin(ServiceBase):
                 scan_report=json.dumps(accepted.report.to_json(), sort_keys=True),
                 trusted_types=accepted.trusted_types,
             )
-            number = self.registry.add_version(model, data, version, uploaded_by=principal.key_id)
+            number = self.registry.add_version(
+                model, data, version, uploaded_by=principal.key_id, push_key=push_key
+            )
             details["version"] = number
         self.refresh()
         return self._snapshot.models[model].versions[number]
+
+    def _push_key(
+        self,
+        principal: Principal,
+        upload: Upload,
+        file_name: str,
+        is_directory: bool,
+        bundle: bytes | None,
+        key: str | None,
+    ) -> PushKey | None:
+        if key is None:
+            return None
+        if _IDEMPOTENCY_KEY.fullmatch(key) is None:
+            raise InvalidInput(
+                "invalid Idempotency-Key: 8 to 128 letters, digits or '._:+=/-' (a UUID will do)"
+            )
+        request = json.dumps(
+            [
+                upload.sha256,
+                file_name,
+                is_directory,
+                None if bundle is None else hashlib.sha256(bundle).hexdigest(),
+            ]
+        )
+        return PushKey(
+            principal=principal.key_id,
+            key=key,
+            request_sha256=hashlib.sha256(request.encode()).hexdigest(),
+            expires_at=self._clock() + timedelta(seconds=self.settings.push_key_ttl_s),
+        )
 
     def put_model(
         self,

@@ -3,6 +3,9 @@ extension's header length. Shared by the infer fast path and the FastAPI routes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import Receive
 
@@ -34,6 +37,46 @@ async def receive_body(receive: Receive, content_length: str | bytes | None, lim
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def stream_body(
+    receive: Receive,
+    content_length: str | bytes | None,
+    limit: int,
+    consume: Callable[[list[bytes]], object],
+    *,
+    batch: int = 1 << 20,
+) -> int:
+    """Hand the body from ASGI ``receive`` to ``consume`` in batches of about ``batch`` bytes.
+
+    ``consume`` runs in a worker thread (it may hash, encrypt and write), so the event loop
+    holds at most one batch. The limit is enforced as for ``receive_body``. Returns the size.
+    """
+    if content_length is not None:
+        if not content_length.isdigit():
+            raise InvalidInput("invalid Content-Length header")
+        if int(content_length) > limit:
+            raise TooLarge(limit_message(limit))
+    pending: list[bytes] = []
+    pending_size = 0
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidInput("the client went away")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(limit_message(limit))
+        if chunk:
+            pending.append(chunk)
+            pending_size += len(chunk)
+        more = message.get("more_body", False)
+        if pending and (pending_size >= batch or not more):
+            await run_in_threadpool(consume, pending)
+            pending, pending_size = [], 0
+        if not more:
+            return size
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -18,7 +18,7 @@ from modelkeep.registry.records import ModelRecord, VersionRecord
 from modelkeep.service import Service
 
 from ._auth import principal_of
-from ._body import read_body
+from ._body import stream_body
 
 
 class TensorOut(BaseModel):
@@ -168,6 +168,7 @@ def key_out(k: KeyRecord) -> dict[str, Any]:
 
 
 SIGNATURE_HEADER = "modelkeep-signature"
+IDEMPOTENCY_HEADER = "idempotency-key"
 # A key-signed bundle for one file is a few KiB; directories with many files grow it.
 MAX_BUNDLE_HEADER = 64 * 1024
 
@@ -207,22 +208,37 @@ def management_router(service: Service) -> APIRouter:
     ) -> VersionOut:
         """Push a new version: the raw model file (or a tar of a directory) as the body,
         streamed and size-capped; the signature bundle, base64, in the Modelkeep-Signature
-        header."""
+        header. With an Idempotency-Key header, a retry of the same push (same key, same
+        request) answers with the version the first attempt made instead of making another;
+        the same key with a different request is refused with 409."""
         principal = principal_of(request)
         # Authorize before reading a possibly huge body.
         service.authorize_push(principal, model)
         bundle = _bundle(request)
-        data = await read_body(request, max_upload)
-        record = await run_in_threadpool(
-            lambda: service.push(
-                principal,
-                model,
-                data,
-                file_name=filename,
-                is_directory=layout == "directory",
-                bundle=bundle,
+        idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
+        # The body is sealed into an unnamed staging file as it arrives, never held whole.
+        upload = service.registry.new_upload()
+        try:
+            await stream_body(
+                request.receive,
+                request.headers.get("content-length"),
+                max_upload,
+                upload.write_all,
             )
-        )
+            await run_in_threadpool(upload.finish)
+            record = await run_in_threadpool(
+                lambda: service.push(
+                    principal,
+                    model,
+                    upload,
+                    file_name=filename,
+                    is_directory=layout == "directory",
+                    bundle=bundle,
+                    idempotency_key=idempotency_key,
+                )
+            )
+        finally:
+            upload.close()
         return version_out(record)
 
     @router.put("/models/{model}", response_model=ModelOut)

@@ -9,6 +9,7 @@ import shutil
 import ssl
 import tempfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import uvicorn
 from modelkeep.bootstrap import TLS_DIR
 from modelkeep.crypto import server_ssl_context
 from modelkeep.errors import ConfigError
+from modelkeep.registry.upload import clear_staging
 from modelkeep.service import Service
 from modelkeep.settings import Settings
 
@@ -41,16 +43,29 @@ def _export(settings: Settings) -> None:
 
 
 def prepare(settings: Settings) -> None:
-    """Once, before workers start: migrate the schema and remove leftovers of crashed pushes."""
+    """Once, before workers start: migrate the schema and remove leftovers of crashed pushes.
+
+    No push can be in flight yet on this host, so its staging area and a local blob
+    directory's temporary files go at once, as do unreferenced blobs of a local blob directory
+    (it belongs to this one server). A blob store shared with other replicas keeps unreferenced
+    blobs younger than the longest allowed push: another replica may be about to record them.
+    """
     service = Service.open(settings)
     try:
-        removed = service.registry.collect_garbage()
-        blobs = service.registry.blobs
-        sweep = getattr(blobs, "sweep_temporary", None)
+        registry = service.registry
+        removed = 0
+        if registry.staging_dir is not None:
+            removed += clear_staging(registry.staging_dir)
+        sweep = getattr(registry.blobs, "sweep_temporary", None)
+        local = sweep is not None
         if sweep is not None:
-            removed += sweep(older_than_s=3600)
+            removed += sweep(older_than_s=0)
+        removed += registry.collect_garbage(grace_s=0 if local else settings.push_max_duration_s)
         if removed:
-            log.info("removed %d unreferenced blob files", removed)
+            log.info("removed %d leftovers of interrupted pushes", removed)
+        forgotten = service.store.purge_push_keys(datetime.now(UTC))
+        if forgotten:
+            log.info("forgot %d expired push idempotency keys", forgotten)
     finally:
         service.stop()
 

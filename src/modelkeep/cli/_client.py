@@ -12,7 +12,8 @@ from __future__ import annotations
 import base64
 import ipaddress
 import ssl
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "DEFAULT_URL",
     "PUSH_READ_TIMEOUT_S",
+    "PUSH_RETRIES",
     "READ_TIMEOUT_S",
     "ApiClient",
     "ClientOverrides",
@@ -45,10 +47,16 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
 # A push is answered only after the server has scanned, encrypted and smoke-tested the model.
 PUSH_READ_TIMEOUT_S = 300.0
+# A push whose connection is lost is sent again (same Idempotency-Key) this many times at most,
+# waiting 1, 2, 4, 8 s between attempts: long enough for a server to restart.
+PUSH_RETRIES = 4
+PUSH_BACKOFF_S = 1.0
 
 _API = "/api/v1"
 #: The request header that carries a push's signature bundle, base64 (docs/api.md).
 SIGNATURE_HEADER = "Modelkeep-Signature"
+#: The request header that makes a push safe to retry (docs/api.md).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class ClientOverrides:
     """Test seam: passed as the command line's context ``obj`` to replace the network."""
 
     transport: httpx.BaseTransport | None = None
+    sleep: Callable[[float], None] = time.sleep
 
 
 def client_from(
@@ -79,7 +88,12 @@ def client_from(
     line's context object, which tests set to ``ClientOverrides`` to replace the network."""
     overrides = obj if isinstance(obj, ClientOverrides) else ClientOverrides()
     connection = Connection(url=url, token=token, cacert=cacert)
-    return ApiClient(connection, read_timeout=read_timeout, transport=overrides.transport)
+    return ApiClient(
+        connection,
+        read_timeout=read_timeout,
+        transport=overrides.transport,
+        sleep=overrides.sleep,
+    )
 
 
 class ApiClient:
@@ -91,7 +105,9 @@ class ApiClient:
         *,
         read_timeout: float = READ_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        self._sleep = sleep
         if not connection.token:
             raise Unauthenticated("no API key: set MODELKEEP_TOKEN or pass --token")
         self._url = _check_url(connection.url)
@@ -128,20 +144,26 @@ class ApiClient:
     def push(
         self,
         model: str,
-        chunks: Iterable[bytes],
+        body: Callable[[], Iterable[bytes]],
         *,
         file_name: str,
         layout: Literal["file", "directory"] = "file",
         size: int | None = None,
         signature: bytes | None = None,
+        idempotency_key: str | None = None,
+        retries: int = PUSH_RETRIES,
     ) -> JSONObject:
-        """Upload one model, streamed from ``chunks``; returns the new Version.
+        """Upload one model, streamed from ``body()``; returns the new Version.
 
-        ``chunks`` are the model file's bytes, or for ``layout="directory"`` an uncompressed tar
-        of the directory's files; ``file_name`` is the file's (or directory's) base name.
-        ``signature`` is the bundle written by ``modelkeep sign``, sent base64 in the
-        ``Modelkeep-Signature`` header; without it the push is unsigned. A refusal by the scan
-        raises ``ModelRefused`` whose ``details["report"]`` is the server's scan report.
+        ``body()`` yields the model file's bytes, or for ``layout="directory"`` an uncompressed
+        tar of the directory's files, from the start each time it is called; ``file_name`` is
+        the file's (or directory's) base name. ``signature`` is the bundle written by
+        ``modelkeep sign``, sent base64 in the ``Modelkeep-Signature`` header; without it the
+        push is unsigned. With ``idempotency_key`` (sent as ``Idempotency-Key``), a push whose
+        connection is lost is sent again up to ``retries`` times with backoff: the server
+        answers a repeat with the version the first attempt made, never a second one. A
+        refusal by the scan raises ``ModelRefused`` whose ``details["report"]`` is the
+        server's scan report.
         """
         headers = {"Content-Type": "application/octet-stream"}
         if size is not None:
@@ -149,13 +171,24 @@ class ApiClient:
             headers["Content-Length"] = str(size)
         if signature is not None:
             headers[SIGNATURE_HEADER] = base64.b64encode(signature).decode("ascii")
-        return self._object(
-            "POST",
-            f"{_API}/models/{_segment(model)}/versions",
-            content=_as_iterator(chunks),
-            headers=headers,
-            params={"filename": file_name, "layout": layout},
-        )
+        if idempotency_key is not None:
+            headers[IDEMPOTENCY_HEADER] = idempotency_key
+        else:
+            retries = 0
+        path = f"{_API}/models/{_segment(model)}/versions"
+        params = {"filename": file_name, "layout": layout}
+        for attempt in range(retries + 1):
+            try:
+                response = self._http.request(
+                    "POST", path, content=_as_iterator(body()), headers=headers, params=params
+                )
+            except httpx.TransportError as exc:
+                if attempt == retries:
+                    raise transport_failure(self._url, exc) from exc
+                self._sleep(PUSH_BACKOFF_S * 2**attempt)
+                continue
+            return _object_of(response)
+        raise AssertionError("unreachable")
 
     def put_model(
         self,
@@ -263,25 +296,34 @@ class ApiClient:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise transport_failure(self._url, exc) from exc
-        if not response.is_success:
-            error = error_from_response(response)
-            report = _scan_report(response)
-            if report is not None:
-                error.details = {"report": report}
-            raise error
-        return response
+        return _checked(response)
 
     def _object(self, method: str, path: str, **kwargs: Any) -> JSONObject:
-        body = _json(self._send(method, path, **kwargs))
-        if not isinstance(body, dict):
-            raise InternalError("the server's answer is not a JSON object")
-        return body
+        return _object_of(self._send(method, path, **kwargs))
 
     def _list(self, method: str, path: str, *, key: str) -> list[JSONObject]:
         items = self._object(method, path).get(key)
         if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
             raise InternalError(f"the server's answer has no list of {key}")
         return items
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    """``response`` if it is a success, else the ModelkeepError its status and body stand for."""
+    if not response.is_success:
+        error = error_from_response(response)
+        report = _scan_report(response)
+        if report is not None:
+            error.details = {"report": report}
+        raise error
+    return response
+
+
+def _object_of(response: httpx.Response) -> JSONObject:
+    body = _json(_checked(response))
+    if not isinstance(body, dict):
+        raise InternalError("the server's answer is not a JSON object")
+    return body
 
 
 def _json(response: httpx.Response) -> Any:

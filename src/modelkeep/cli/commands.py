@@ -10,7 +10,8 @@ dependencies only when run.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Annotated, Any
@@ -31,6 +32,7 @@ from modelkeep.cli import _output as out
 from modelkeep.cli._client import (
     DEFAULT_URL,
     PUSH_READ_TIMEOUT_S,
+    PUSH_RETRIES,
     ApiClient,
     JSONObject,
     client_from,
@@ -190,8 +192,9 @@ def _send(
     model: str,
     artifact: _models.Artifact,
     bundle: bytes | None,
-    chunks: Iterator[bytes],
+    chunks: Callable[[], Iterator[bytes]],
 ) -> JSONObject:
+    # One fresh key per `modelkeep push`, the same for each of its retries.
     return client.push(
         model,
         chunks,
@@ -199,12 +202,23 @@ def _send(
         layout=artifact.layout,
         size=artifact.size,
         signature=bundle,
+        idempotency_key=str(uuid.uuid4()),
+        # A pipe cannot be read twice: it is sent once.
+        retries=PUSH_RETRIES if artifact.handle.seekable() else 0,
     )
 
 
-def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
-    while chunk := handle.read(CHUNK_SIZE):
-        yield chunk
+def _chunks(handle: IO[bytes]) -> Callable[[], Iterator[bytes]]:
+    """The upload from its start, each time it is called (a retry reads the file again)."""
+    start = handle.tell() if handle.seekable() else 0
+
+    def chunks() -> Iterator[bytes]:
+        if handle.seekable():
+            handle.seek(start)
+        while chunk := handle.read(CHUNK_SIZE):
+            yield chunk
+
+    return chunks
 
 
 def _push_with_progress(
@@ -222,17 +236,19 @@ def _push_with_progress(
         # A log file or CI output gets the result line only, not redraws of a bar.
         disable=not console.is_terminal,
     )
+    read = _chunks(artifact.handle)
     with progress:
         task = progress.add_task(f"pushing {model}", total=artifact.size)
 
         def chunks() -> Iterator[bytes]:
-            for chunk in _chunks(artifact.handle):
+            progress.reset(task, description=f"pushing {model}")
+            for chunk in read():
                 yield chunk
                 progress.advance(task, len(chunk))
             # The answer comes after the server has scanned, encrypted and smoke-tested it.
             progress.update(task, description=f"{model}: server is checking the model")
 
-        return _send(client, model, artifact, bundle, chunks())
+        return _send(client, model, artifact, bundle, chunks)
 
 
 # -- models, versions, labels -----------------------------------------------------------------

@@ -160,26 +160,90 @@ def decrypt(
 ) -> bytearray:
     """Read and verify a blob laid out as ``(plaintext_size, segments)``; StreamError on any fault.
 
-    The plaintext is decrypted straight into one preallocated buffer. ``src`` must end exactly
-    where the last segment ends. ``InvalidTag`` from AES-GCM also means "did not verify"; the
-    buffer may then hold unverified bytes and must be dropped.
+    The plaintext is decrypted into one preallocated buffer. ``InvalidTag`` from AES-GCM also
+    means "did not verify"; the buffer may then hold unverified bytes and must be dropped.
+    """
+    plaintext = bytearray(plaintext_size)
+    out = memoryview(plaintext)
+    start = 0
+    for part in decrypt_segments(src, key, associated_data, plaintext_size, segments):
+        out[start : start + len(part)] = part
+        start += len(part)
+    return plaintext
+
+
+def decrypt_segments(
+    src: BinaryIO, key: bytes, associated_data: bytes, plaintext_size: int, segments: int
+) -> Iterator[memoryview]:
+    """Each segment's plaintext in order, each yielded only after its tag verified.
+
+    The yielded view is reused for the next segment: copy what must be kept. ``src`` must end
+    exactly where the last segment ends; that (and so truncation) is known only when the
+    iteration finishes without StreamError or ``InvalidTag``.
     """
     salt, nonce_prefix = parse_header(read_exactly(src, HEADER_SIZE))
     cipher = segment_cipher(key, salt, associated_data)
-    plaintext = bytearray(plaintext_size)
-    out = memoryview(plaintext)
+    buffer = bytearray(PLAINTEXT_SIZE)
+    view = memoryview(buffer)
     for segment in layout(plaintext_size, segments):
         ciphertext = read_exactly(src, segment.ciphertext_size)
-        end = segment.plaintext_start + segment.plaintext_size
         cipher.decrypt_into(
             segment_nonce(nonce_prefix, segment.index, segment.last),
             ciphertext,
             None,
-            out[segment.plaintext_start : end],
+            view[: segment.plaintext_size],
         )
+        yield view[: segment.plaintext_size]
     if src.read(1):
         raise StreamError
-    return plaintext
+
+
+class Encryptor:
+    """Seals a stream of unknown length, one segment at a time, into ``out``.
+
+    A full segment is held back until the next byte arrives, because the nonce of the last
+    segment differs (Tink's writer does the same); so at most one segment of plaintext is
+    buffered. The layout is the minimal one :func:`layout` describes.
+    """
+
+    def __init__(self, key: bytes, associated_data: bytes, out: BinaryIO) -> None:
+        header, salt, self._nonce_prefix = new_header()
+        self._cipher = segment_cipher(key, salt, associated_data)
+        self._out = out
+        self._pending = bytearray()
+        self._capacity = FIRST_PLAINTEXT_SIZE
+        self._index = 0
+        self._buffer = bytearray(SEGMENT_SIZE)
+        self.written = write_all(out, memoryview(header))
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            room = self._capacity - len(self._pending)
+            if room == 0:
+                self._emit(last=False)
+                continue
+            self._pending += view[:room]
+            view = view[room:]
+
+    def finish(self) -> int:
+        """Seal the last segment; returns the number of bytes written in all."""
+        self._emit(last=True)
+        return self.written
+
+    def _emit(self, *, last: bool) -> None:
+        if self._index >= MAX_SEGMENTS:
+            raise ValueError("too much data for one sealed stream")
+        size = self._cipher.encrypt_into(
+            segment_nonce(self._nonce_prefix, self._index, last),
+            self._pending,
+            None,
+            memoryview(self._buffer)[: len(self._pending) + TAG_SIZE],
+        )
+        self.written += write_all(self._out, memoryview(self._buffer)[:size])
+        self._pending.clear()
+        self._capacity = PLAINTEXT_SIZE
+        self._index += 1
 
 
 def read_exactly(src: BinaryIO, size: int) -> bytes:

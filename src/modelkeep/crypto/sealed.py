@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
@@ -25,11 +26,14 @@ from modelkeep.errors import IntegrityError
 __all__ = [
     "KEY_SIZE",
     "SEGMENT_SIZE",
+    "Sealer",
+    "UnsealingReader",
     "associated_data_for",
     "new_data_key",
     "seal",
     "sealed_size",
     "unseal",
+    "unseal_segments",
 ]
 
 KEY_SIZE = _streaming.KEY_SIZE
@@ -112,6 +116,80 @@ def unseal(
     if plaintext is None:
         raise IntegrityError(_FAILED)
     return bytes(plaintext)
+
+
+class Sealer:
+    """Seals a stream whose length is not known in advance: ``update`` then ``finish``.
+
+    The blob is the same as :func:`seal` writes for the concatenated data; at most one segment
+    (1 MiB) of plaintext is held in memory at any time.
+    """
+
+    def __init__(self, key: bytes, associated_data: bytes, out: BinaryIO) -> None:
+        _check_key(key)
+        self._encryptor = _streaming.Encryptor(key, associated_data, out)
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._encryptor.update(data)
+
+    def finish(self) -> int:
+        """Seal the last segment; returns the number of bytes written in all."""
+        return self._encryptor.finish()
+
+
+def unseal_segments(
+    src: BinaryIO, key: bytes, associated_data: bytes, *, expected_size: int
+) -> Iterator[memoryview]:
+    """The plaintext of a blob, one verified segment at a time (each view is reused: copy it).
+
+    Each segment is released only after its tag verified, but a truncated or extended blob is
+    detected only at the end: nothing read may be trusted as *the whole* artifact until the
+    iteration has finished. Any failure raises ``IntegrityError`` with the one opaque message.
+    """
+    _check_key(key)
+    total = _remaining_length(src)
+    failed = False
+    try:
+        segments = _streaming.segment_count(expected_size)
+        if total is not None:
+            plaintext_size, segments = _streaming.split_ciphertext_size(total)
+            if plaintext_size != expected_size:
+                raise _streaming.StreamError
+        yield from _streaming.decrypt_segments(src, key, associated_data, expected_size, segments)
+    except (_streaming.StreamError, InvalidTag):
+        failed = True
+    if failed:
+        raise IntegrityError(_FAILED)
+
+
+class UnsealingReader(io.RawIOBase):
+    """A sequential, read-only file over a blob's verified plaintext (for ``tarfile`` "r|").
+
+    Reading raises ``IntegrityError`` where the blob stops verifying, at the latest at its end.
+    """
+
+    def __init__(
+        self, src: BinaryIO, key: bytes, associated_data: bytes, *, expected_size: int
+    ) -> None:
+        super().__init__()
+        self._segments = unseal_segments(src, key, associated_data, expected_size=expected_size)
+        self._current = memoryview(b"")
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        target = memoryview(buffer).cast("B")
+        while not self._current and not self._done:
+            try:
+                self._current = next(self._segments)
+            except StopIteration:
+                self._done = True
+        count = min(len(target), len(self._current))
+        target[:count] = self._current[:count]
+        self._current = self._current[count:]
+        return count
 
 
 def _open(

@@ -51,6 +51,7 @@ __all__ = [
     "generate_signing_key",
     "load_public_key",
     "sign_path",
+    "verify_digests",
     "verify_in_memory",
 ]
 
@@ -221,8 +222,20 @@ def verify_in_memory(
 
     ``files`` maps relative POSIX paths (as in the signed model directory) to contents; for a
     model signed as a single file, pass one entry under its file name (any name: model_signing
-    records a single file as ``"."``). Offline, in memory, fail closed: anything short of the
-    full checklist below raises ``SignatureError``.
+    records a single file as ``"."``). Offline, in memory, fail closed: see ``verify_digests``.
+    """
+    digests = {name: hashlib.sha256(content).hexdigest() for name, content in files.items()}
+    return verify_digests(digests, bundle, trusted)
+
+
+def verify_digests(
+    digests: Mapping[str, str], bundle: bytes, trusted: Sequence[TrustedKey]
+) -> Verified:
+    """Verify that ``bundle`` is a trusted publisher's signature over files with ``digests``.
+
+    ``digests`` maps each file's relative POSIX path to the SHA-256 (hex) of its content, as
+    the caller computed it while the bytes streamed past; the names are as for
+    ``verify_in_memory``. Anything short of the full checklist below raises ``SignatureError``.
     """
     # 1. The bundle parses: bounded size, a Sigstore v0.3 bundle with one DSSE signature over an
     #    in-toto payload. Nothing inside the payload is read yet.
@@ -244,21 +257,18 @@ def verify_in_memory(
     # 3. The signed manifest is a model_signing v1.0 per-file SHA-256 manifest and names exactly
     #    the given files: no unsigned extra file, no signed file missing, only clean names.
     signed = _signed_digests(envelope.payload)
-    expected = _match_names(signed, files)
+    expected = _match_names(signed, digests)
 
     # 4. Every file's content has its signed digest.
-    actual: dict[str, str] = {}
-    for name, content in files.items():
-        digest = hashlib.sha256(content).hexdigest()
+    for name, digest in digests.items():
         if not hmac.compare_digest(digest, expected[name]):
             raise SignatureError(
                 f"{_show(name)} does not match its signed digest: it changed after signing; "
                 "upload exactly the signed bytes, or sign this version"
             )
-        actual[name] = digest
     return Verified(
         signer=signer.fingerprint,
-        files=MappingProxyType(actual),
+        files=MappingProxyType(dict(digests)),
         bundle_digest=hashlib.sha256(bundle).hexdigest(),
     )
 
@@ -386,7 +396,7 @@ def _signed_digests(payload: bytes) -> dict[str, str]:
     return signed
 
 
-def _match_names(signed: Mapping[str, str], files: Mapping[str, bytes]) -> dict[str, str]:
+def _match_names(signed: Mapping[str, str], files: Mapping[str, object]) -> dict[str, str]:
     """The signed digest for each given name; refuses any difference between the two sets."""
     if not files:
         raise SignatureError("no model files were given to check against the signature")

@@ -213,3 +213,19 @@ payload_captures = Table(
     Column("kek_id", String(64), nullable=False),
     Column("sealed", LargeBinary, nullable=False),
 )
+
+# Idempotency keys of pushes (``Idempotency-Key``), per model and caller, each with the version
+# it made, written in the same transaction as that version and forgotten after `expires_at`: a
+# retried push gets the version its first attempt made, on any worker or replica, after any
+# restart. `request_sha256` fingerprints the request so a reused key is told from a retry.
+push_keys = Table(
+    "push_keys",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("principal", String(64), primary_key=True),
+    Column("idempotency_key", String(128), primary_key=True),
+    Column("request_sha256", String(64), nullable=False),
+    Column("version_id", Integer, ForeignKey("versions.id"), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False, index=True),
+)

@@ -1,20 +1,27 @@
 """What a push must pass before anything is stored: structure, signature, scan, runtime.
 
-The order is the design's (DESIGN §2), written as a checklist. Nothing here touches disk: the
-artifact is held in memory from upload to sealing.
+The order is the design's (DESIGN §2), written as a checklist. The artifact arrives as an
+:class:`~modelkeep.registry.upload.Upload`, sealed on the way in; the checks read it back from
+that sealed copy, decrypting as they read, so plaintext is never written to disk and never held
+whole: file digests are computed as the bytes stream past, and only one file at a time is in
+memory while it is scanned (plus the servable file, which the smoke run loads).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import posixpath
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import IO
 
-from modelkeep.crypto.signing import TrustedKey, verify_in_memory
+from modelkeep.crypto.signing import TrustedKey, verify_digests
 from modelkeep.errors import ModelRefused
+from modelkeep.registry.upload import Upload
 from modelkeep.runtime.loader import inspect_model
 from modelkeep.runtime.signature import ModelSignature
 from modelkeep.scanning import ScanReport, Verdict, scan_bytes
@@ -25,13 +32,13 @@ log = logging.getLogger(__name__)
 SERVABLE_FORMATS = frozenset({"onnx", "skops", "xgboost-json", "xgboost-ubj", "lightgbm-text"})
 TAR_FORMAT = "tar"
 MAX_MEMBERS = 1000
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """An artifact that passed every check, ready to be sealed."""
 
-    files: Mapping[str, bytes]
     model_file: str
     format: str
     signature: ModelSignature
@@ -40,17 +47,35 @@ class Accepted:
     trusted_types: tuple[str, ...]
 
 
-def unpack(data: bytes, file_name: str, *, is_directory: bool) -> dict[str, bytes]:
-    """The files of an artifact: one file, or the members of an uploaded directory (a tar).
+def read_directory(data: bytes, model_file: str) -> tuple[dict[str, str], bytes]:
+    """The SHA-256 of every file of a directory's tar, and the content of ``model_file``.
+
+    Only the model file is copied out; the others are hashed as they stream past. The rules
+    of a push apply (see ``_members``).
+    """
+    digests: dict[str, str] = {}
+    model: bytes | None = None
+    for name, content in _members(io.BytesIO(data)):
+        if name == model_file:
+            model = _read_whole(content)
+            digests[name] = hashlib.sha256(model).hexdigest()
+        else:
+            digests[name] = _digest(content)
+    if model is None:
+        raise ModelRefused("the model file is missing from the directory")
+    return digests, model
+
+
+def _members(tar_stream: IO[bytes]) -> Iterator[tuple[str, IO[bytes]]]:
+    """Each regular file of an uploaded directory (a tar, read as a stream) and its content.
 
     A directory may hold only regular files with plain relative names: links, devices,
-    absolute names, ``..`` and duplicates are refused.
+    absolute names, ``..`` and duplicates are refused. Each content stream is valid until the
+    next member is asked for.
     """
-    if not is_directory:
-        return {file_name: data}
-    files: dict[str, bytes] = {}
+    seen: set[str] = set()
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=tar_stream, mode="r|") as tar:
             for count, member in enumerate(tar, start=1):
                 if count > MAX_MEMBERS:
                     raise ModelRefused(f"the directory holds more than {MAX_MEMBERS} files")
@@ -66,31 +91,79 @@ def unpack(data: bytes, file_name: str, *, is_directory: bool) -> dict[str, byte
                 normal = posixpath.normpath(name)
                 if name.startswith("/") or normal.startswith("..") or normal != name.lstrip("./"):
                     raise ModelRefused(f"the directory holds an unsafe file name ({_show(name)})")
-                if normal in files:
+                if normal in seen:
                     raise ModelRefused(f"the directory names a file twice ({_show(name)})")
+                seen.add(normal)
                 extracted = tar.extractfile(member)
                 assert extracted is not None
-                files[normal] = extracted.read()
+                yield normal, extracted
     except tarfile.TarError as exc:
         raise ModelRefused("the uploaded directory is not a valid tar archive") from exc
-    if not files:
+    if not seen:
         raise ModelRefused("the uploaded directory is empty")
-    return files
+
+
+@contextmanager
+def _files(
+    upload: Upload, file_name: str, is_directory: bool
+) -> Iterator[Iterator[tuple[str, IO[bytes]]]]:
+    """The artifact's files as streams read from the sealed copy, in upload order.
+
+    The rest of the upload is read to its end afterwards, so the sealed copy is verified whole
+    (a truncated copy fails there, not silently).
+    """
+    reader = upload.reader()
+    buffered = io.BufferedReader(reader, _CHUNK)
+    try:
+        if is_directory:
+            yield _members(buffered)
+        else:
+            yield iter([(file_name, buffered)])
+        while buffered.read(_CHUNK):
+            pass
+    finally:
+        buffered.close()
+
+
+def _digest(content: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    while chunk := content.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_whole(content: IO[bytes]) -> bytes:
+    # BytesIO grows its one buffer in place and getvalue() hands that buffer over without a
+    # copy, so a file is in memory once, not twice as joining chunks would need.
+    whole = io.BytesIO()
+    while chunk := content.read(_CHUNK):
+        whole.write(chunk)
+    return whole.getvalue()
 
 
 def accept(
-    files: Mapping[str, bytes],
+    upload: Upload,
     *,
+    file_name: str,
+    is_directory: bool,
     bundle: bytes | None,
     trusted: Sequence[TrustedKey],
     require_signature: bool,
     model: str,
 ) -> Accepted:
     """Run every push check in order; ModelRefused (with the scan report where there is one)."""
-    # 1. Signature first, against this model's trusted publishers only, offline.
+    # 1. The artifact's files: one file, whose digest was taken as it was uploaded, or the
+    #    regular files of a directory's tar with clean names, each hashed as it streams from
+    #    the sealed copy.
+    digests = {file_name: upload.sha256}
+    if is_directory:
+        with _files(upload, file_name, is_directory) as files:
+            digests = {name: _digest(content) for name, content in files}
+    # 2. Signature, against this model's trusted publishers only, offline, over those digests,
+    #    before any parser looks at the content.
     signer: str | None = None
     if bundle is not None:
-        signer = verify_in_memory(files, bundle, trusted).signer
+        signer = verify_digests(digests, bundle, trusted).signer
     elif require_signature:
         if not trusted:
             raise ModelRefused(
@@ -103,29 +176,39 @@ def accept(
         )
     else:
         log.warning("unsafe: unsigned push accepted for model %s (signatures not required)", model)
-    # 2. Every file is scanned by content; any verdict but `safe` refuses the push.
-    reports = {name: scan_bytes(data, name) for name, data in files.items()}
-    for name, report in reports.items():
-        if report.verdict is not Verdict.SAFE:
-            worst = next(f for f in report.findings if f.severity.verdict is report.verdict)
-            raise ModelRefused(
-                f"the scan refused {_show(name)} ({report.verdict.value}): {worst.message}",
-                details={"report": report.to_json()},
-            )
-    # 3. Exactly one file is the model a runtime serves; the others are signed companions.
-    servable = [name for name, r in reports.items() if r.format in SERVABLE_FORMATS]
+    # 3. Every file is scanned by content, one at a time; any verdict but `safe` refuses the
+    #    push. The content read now must be what was hashed in step 1 (the sealed copy is
+    #    authenticated, but a second read is checked anyway).
+    servable: dict[str, tuple[bytes, ScanReport]] = {}
+    with _files(upload, file_name, is_directory) as files:
+        for name, content in files:
+            data = _read_whole(content)
+            if hashlib.sha256(data).hexdigest() != digests.get(name):
+                raise ModelRefused("the upload changed while it was being checked")
+            report = scan_bytes(data, name)
+            if report.verdict is not Verdict.SAFE:
+                worst = next(f for f in report.findings if f.severity.verdict is report.verdict)
+                raise ModelRefused(
+                    f"the scan refused {_show(name)} ({report.verdict.value}): {worst.message}",
+                    details={"report": report.to_json()},
+                )
+            # 4. Exactly one file is the model a runtime serves; the others are signed
+            #    companions, dropped from memory once scanned.
+            if report.format in SERVABLE_FORMATS:
+                servable[name] = (data, report)
+                if len(servable) > 1:
+                    break
+            del data
     if len(servable) != 1:
         raise ModelRefused(
             "a model must hold exactly one servable file (ONNX, skops, XGBoost JSON/UBJSON,"
             f" LightGBM text); found {len(servable)}"
         )
-    model_file = servable[0]
-    report = reports[model_file]
+    ((model_file, (data, report)),) = servable.items()
     trusted_types = report.trusted_types
-    # 4. The runtime's own view of the model is its signature; a smoke run proves it loads.
-    signature = inspect_model(report.format, files[model_file], trusted_types=trusted_types)
+    # 5. The runtime's own view of the model is its signature; a smoke run proves it loads.
+    signature = inspect_model(report.format, data, trusted_types=trusted_types)
     return Accepted(
-        files=files,
         model_file=model_file,
         format=report.format,
         signature=signature,

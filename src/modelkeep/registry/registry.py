@@ -1,24 +1,37 @@
 """The registry: seals, stores and records versions, and opens them again for loading.
 
-A push is all or nothing. The sealed blob is written under a fresh random name first (temporary
-file, fsync, rename); only then does one transaction record the version. A crash before the commit
-leaves an unreferenced blob that ``collect_garbage`` removes; no half-made version is ever visible.
+A push is all or nothing. The upload is re-sealed from its staged copy (see ``upload.py``) under
+the version's own data key and written to the blob store under a fresh random name first; only
+then does one transaction record the version, together with the caller's idempotency key if it
+gave one. A crash before the commit leaves an unreferenced blob that ``collect_garbage`` removes;
+no half-made version is ever visible, and a retried push finds the version its key made.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import BinaryIO
 
-from modelkeep.crypto import KeyService, associated_data_for, new_data_key, seal, unseal
+from modelkeep.crypto import KeyService, associated_data_for, new_data_key
+from modelkeep.crypto.sealed import Sealer, unseal_segments
 from modelkeep.errors import Conflict, IntegrityError
 from modelkeep.registry.blobs import BlobStore, new_blob_key
 from modelkeep.registry.records import VersionRecord, check_name
-from modelkeep.registry.store import MetadataStore, NewVersion, VersionDetails, VersionTaken
+from modelkeep.registry.store import (
+    MetadataStore,
+    NewVersion,
+    PushKey,
+    PushKeyTaken,
+    VersionDetails,
+    VersionTaken,
+)
+from modelkeep.registry.upload import Upload
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +45,21 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _seal_to(plaintext: bytes, key: bytes, associated_data: bytes, out: BinaryIO) -> int:
-    return seal(plaintext, key, associated_data, out)
+_KEY_REUSED = (
+    "this Idempotency-Key was already used for a different upload to this model; use a new key"
+    " for a new push"
+)
+_CHUNK = 1 << 20
+
+
+def _reseal(upload: Upload, key: bytes, associated_data: bytes, out: BinaryIO) -> int:
+    """Copy the staged upload into ``out`` sealed under ``key``, one segment at a time."""
+    sealer = Sealer(key, associated_data, out)
+    reader = upload.reader()
+    buffer = bytearray(_CHUNK)
+    while count := reader.readinto(buffer):
+        sealer.update(memoryview(buffer)[:count])
+    return sealer.finish()
 
 
 class Registry:
@@ -46,26 +72,41 @@ class Registry:
         keys: KeyService,
         *,
         clock: Callable[[], datetime] = _utcnow,
+        staging_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.keys = keys
         self._clock = clock
+        self.staging_dir = staging_dir
+
+    def new_upload(self) -> Upload:
+        """An empty upload staged in this registry's staging directory (see ``upload.py``)."""
+        return Upload(self.staging_dir)
 
     def add_version(
         self,
         model: str,
-        plaintext: bytes,
+        source: Upload | bytes,
         details: VersionDetails,
         *,
         uploaded_by: str,
+        push_key: PushKey | None = None,
     ) -> int:
-        """Seal ``plaintext`` as the next version of ``model`` and record it; returns its number.
+        """Seal ``source`` as the next version of ``model`` and record it; returns its number.
 
         The caller has already checked that the artifact is acceptable; the model must exist.
+        With ``push_key``, a key already recorded for the same request returns the version it
+        made (and this copy is dropped); for another request it raises Conflict.
         """
         check_name("model", model)
-        digest = hashlib.sha256(plaintext).hexdigest()
+        if isinstance(source, bytes):
+            with Upload.of(source, self.staging_dir) as upload:
+                return self.add_version(
+                    model, upload, details, uploaded_by=uploaded_by, push_key=push_key
+                )
+        upload = source
+        digest = upload.sha256
         for _ in range(_MAX_ATTEMPTS):
             number = self.store.next_version_number(model)
             # 1. The associated data binds the ciphertext to (model, version, digest): a blob
@@ -75,7 +116,7 @@ class Registry:
             data_key = new_data_key()
             wrapped = self.keys.wrap(data_key, associated_data)
             blob_key = new_blob_key()
-            self.blobs.put(blob_key, partial(_seal_to, plaintext, data_key, associated_data))
+            self.blobs.put(blob_key, partial(_reseal, upload, data_key, associated_data))
             # 3. Only now the version becomes visible, in one transaction.
             try:
                 self.store.add_version(
@@ -83,36 +124,68 @@ class Registry:
                         model=model,
                         number=number,
                         sha256=digest,
-                        size=len(plaintext),
+                        size=upload.size,
                         uploaded_by=uploaded_by,
                         created_at=self._clock(),
                         blob_key=blob_key,
                         wrapped_key=wrapped,
                         kek_id=self.keys.key_id,
                         details=details,
+                        push_key=push_key,
                     )
                 )
             except VersionTaken:
                 self.blobs.delete(blob_key)
                 continue
+            except PushKeyTaken as taken:
+                # A concurrent or earlier push with this key committed first: its version
+                # stands, this copy goes.
+                self.blobs.delete(blob_key)
+                assert push_key is not None
+                if taken.request_sha256 != push_key.request_sha256:
+                    raise Conflict(_KEY_REUSED) from None
+                return taken.number
             except BaseException:
                 self.blobs.delete(blob_key)
                 raise
             return number
         raise Conflict("too many concurrent pushes of this model; try again")
 
+    def pushed_with(self, model: str, push_key: PushKey) -> int | None:
+        """The version an earlier push with this key made, if it is still remembered.
+
+        Raises Conflict when that push sent a different request under the same key.
+        """
+        found = self.store.find_push(model, push_key.principal, push_key.key, now=self._clock())
+        if found is None:
+            return None
+        number, request_sha256 = found
+        if request_sha256 != push_key.request_sha256:
+            raise Conflict(_KEY_REUSED)
+        return number
+
     def open_version(self, version: VersionRecord) -> bytes:
         """Decrypt a version into memory and check its digest; plaintext never touches disk.
 
-        Raises IntegrityError naming the model and version when anything fails to verify.
+        The blob streams from the store one segment at a time, each verified, hashed and
+        appended to the one buffer the bytes are returned in (no second copy). Raises
+        IntegrityError naming the model and version when anything fails to verify.
         """
         associated_data = associated_data_for(version.model, version.number, version.sha256)
         try:
             data_key = self.keys.unwrap(version.wrapped_key, associated_data)
+            digest = hashlib.sha256()
+            whole = io.BytesIO()
             with self.blobs.open(version.blob_key) as src:
-                plaintext = unseal(src, data_key, associated_data, expected_size=version.size)
-            if hashlib.sha256(plaintext).hexdigest() != version.sha256:
+                for segment in unseal_segments(
+                    src, data_key, associated_data, expected_size=version.size
+                ):
+                    digest.update(segment)
+                    whole.write(segment)
+            if digest.hexdigest() != version.sha256:
                 raise IntegrityError("digest mismatch")
+            # BytesIO hands its buffer over without copying it.
+            plaintext = whole.getvalue()
         except IntegrityError as exc:
             log.error(
                 "integrity check failed for model %s version %s", version.model, version.number

@@ -24,8 +24,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from modelkeep.auth.apikeys import KeyRecord
 from modelkeep.errors import ConfigError, Conflict, NotFound, Unavailable
+from modelkeep.registry import _push_keys as push_keys
 from modelkeep.registry import _schema as t
 from modelkeep.registry._changes import NOTIFY, ChangeListener, libpq_url
+
+# Re-exported: the registry and the service name them through the store.
+from modelkeep.registry._push_keys import PushKey as PushKey
+from modelkeep.registry._push_keys import PushKeyTaken as PushKeyTaken
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord
 from modelkeep.runtime.signature import ModelSignature
 
@@ -62,6 +67,7 @@ class NewVersion:
     wrapped_key: bytes
     kek_id: str
     details: VersionDetails
+    push_key: PushKey | None = None
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -199,6 +205,18 @@ class MetadataStore:
             ).scalar()
         return int(current or 0) + 1
 
+    def find_push(
+        self, model: str, principal: str, key: str, *, now: datetime
+    ) -> tuple[int, str] | None:
+        """``(version number, request fingerprint)`` a live idempotency key recorded, or None."""
+        with self._connect(self.engine) as conn:
+            return push_keys.find(conn, model, principal, key, now)
+
+    def purge_push_keys(self, now: datetime) -> int:
+        """Forget idempotency keys past their time; returns how many."""
+        with self._connect(self._writer) as conn:
+            return push_keys.purge(conn, now)
+
     def blob_keys(self) -> set[str]:
         with self._connect(self.engine) as conn:
             return set(conn.execute(sa.select(t.versions.c.blob_key)).scalars())
@@ -327,10 +345,12 @@ class MetadataStore:
             current = conn.execute(
                 sa.select(sa.func.max(t.versions.c.number)).where(t.versions.c.model_id == model_id)
             ).scalar()
+            if new.push_key is not None:
+                push_keys.claim(conn, model_id, new.push_key, new.created_at)
             if int(current or 0) + 1 != new.number:
                 raise VersionTaken
             d = new.details
-            conn.execute(
+            inserted = conn.execute(
                 sa.insert(t.versions).values(
                     model_id=model_id,
                     number=new.number,
@@ -351,6 +371,10 @@ class MetadataStore:
                     trusted_types=json.dumps(list(d.trusted_types)),
                 )
             )
+            if new.push_key is not None:
+                assert inserted.inserted_primary_key is not None
+                version_id = int(inserted.inserted_primary_key.id)
+                push_keys.record(conn, model_id, version_id, new.push_key, new.created_at)
 
     def set_label(self, model: str, label: str, number: int, *, actor: str, now: datetime) -> None:
         with self._write() as conn:

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from typer.testing import CliRunner, Result
 
 from conftest import ADMIN_TOKEN, FakeServer, Invoke, fake_signer
+from modelkeep.cli import app
+from modelkeep.cli._client import ClientOverrides
 from modelkeep.crypto.signing import TrustedKey, generate_signing_key, verify_in_memory
 
 MiB = 1024 * 1024
@@ -453,3 +456,82 @@ def test_push_draws_no_progress_bar_for_scripts(
 
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
+
+
+# -- retries and idempotency ----------------------------------------------------------------------
+
+
+class _DropsReplies(httpx.BaseTransport):
+    """The fake server behind a link that loses the answer to the first ``drops`` pushes: the
+    server has made the version, the client only sees the connection close."""
+
+    def __init__(self, server: FakeServer, drops: int) -> None:
+        self.server = server
+        self.drops = drops
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.server.handle_request(request)
+        if request.method == "POST" and self.drops > 0:
+            self.drops -= 1
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return response
+
+
+def _invoke_with(transport: httpx.BaseTransport, slept: list[float], *args: str) -> Result:
+    obj = ClientOverrides(transport=transport, sleep=slept.append)
+    env = {"COLUMNS": "200", "MODELKEEP_TOKEN": ADMIN_TOKEN}
+    return CliRunner().invoke(app, list(args), env=env, obj=obj)
+
+
+def test_each_push_sends_a_fresh_idempotency_key(
+    invoke: Invoke, unsafe_server: FakeServer, tmp_path: Path
+) -> None:
+    path, _ = _model_file(tmp_path, 100)
+
+    assert invoke("push", "iris", str(path)).exit_code == 0
+    assert invoke("push", "iris", str(path)).exit_code == 0
+
+    keys = [r.headers["idempotency-key"] for r in unsafe_server.requests]
+    assert len(keys) == 2
+    assert keys[0] != keys[1]
+    assert all(len(key) == 36 for key in keys)  # a UUID
+
+
+def test_a_push_whose_answer_is_lost_is_sent_again_whole_with_the_same_key(
+    unsafe_server: FakeServer, tmp_path: Path
+) -> None:
+    path, content = _model_file(tmp_path, 3 * MiB + 5)
+    slept: list[float] = []
+
+    result = _invoke_with(_DropsReplies(unsafe_server, 2), slept, "push", "iris", str(path))
+
+    assert result.exit_code == 0, result.output
+    pushes = unsafe_server.requests
+    assert len(pushes) == 3
+    assert len({r.headers["idempotency-key"] for r in pushes}) == 1
+    assert [b"".join(r.chunks) for r in pushes] == [content] * 3
+    assert slept == [1.0, 2.0]
+
+
+def test_a_push_gives_up_after_its_retries_with_the_connection_error(
+    unsafe_server: FakeServer, tmp_path: Path
+) -> None:
+    path, _ = _model_file(tmp_path, 10)
+    slept: list[float] = []
+
+    result = _invoke_with(_DropsReplies(unsafe_server, 99), slept, "push", "iris", str(path))
+
+    assert result.exit_code != 0
+    assert "Server disconnected" in result.stderr
+    assert len(unsafe_server.requests) == 5
+    assert slept == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_a_refusal_is_not_retried(invoke: Invoke, server: FakeServer, tmp_path: Path) -> None:
+    server.create_model("iris")  # requires a signature: the unsigned push is refused
+    path, _ = _model_file(tmp_path, 10)
+
+    result = invoke("push", "iris", str(path))
+
+    assert result.exit_code != 0
+    assert len(server.requests) == 1

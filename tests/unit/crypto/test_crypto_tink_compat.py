@@ -119,3 +119,17 @@ def test_unseal_refuses_tinks_blob_under_another_versions_associated_data() -> N
     with pytest.raises(IntegrityError) as info:
         unseal(io.BytesIO(blob), key, _ad(plaintext, 2))
     assert info.value.message == "sealed artifact failed verification"
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_tink_opens_what_the_streaming_sealer_wrote(size: int) -> None:
+    from modelkeep.crypto.sealed import Sealer
+
+    key = new_data_key()
+    plaintext = _plaintext(size)
+    out = io.BytesIO()
+    sealer = Sealer(key, _ad(plaintext), out)
+    for start in range(0, size, 100_000):
+        sealer.update(plaintext[start : start + 100_000])
+    sealer.finish()
+    assert plaintext == _tink_open(key, out.getvalue(), _ad(plaintext))

@@ -1,0 +1,157 @@
+"""A push through the service: staged sealed, checked from the sealed copy, idempotent by key."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file as save
+
+from modelkeep.auth import Principal
+from modelkeep.bootstrap import init_data_dir
+from modelkeep.crypto.signing import generate_signing_key, sign_path
+from modelkeep.errors import Conflict, InvalidInput, ModelRefused
+from modelkeep.service import Service
+from modelkeep.settings import Settings
+from modelkeep.testing import build_iris_onnx
+
+KEY = "3f1c7a52-9b8e-4c1d-a2f0-5e6d7c8b9a01"
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[tuple[Service, Principal]]:
+    init = init_data_dir(tmp_path / "data")
+    service = Service.open(Settings(data_dir=tmp_path / "data"))
+    try:
+        admin = service.authenticate(f"Bearer {init.admin_key}")
+        service.put_model(admin, "iris", require_signature=False)
+        yield service, admin
+    finally:
+        service.stop()
+
+
+def stored_blobs(service: Service) -> set[str]:
+    return set(service.registry.blobs.keys())
+
+
+def test_a_retried_key_gets_the_same_version_and_no_duplicate(
+    service: tuple[Service, Principal],
+) -> None:
+    svc, admin = service
+    model = build_iris_onnx()
+    first = svc.push(admin, "iris", model, file_name="iris.onnx", idempotency_key=KEY)
+    again = svc.push(admin, "iris", model, file_name="iris.onnx", idempotency_key=KEY)
+    assert (again.number, again.sha256) == (first.number, first.sha256) == (1, again.sha256)
+    assert sorted(svc.snapshot.models["iris"].versions) == [1]
+    assert len(stored_blobs(svc)) == 1
+
+
+def test_a_key_reused_for_another_model_file_is_refused_clearly(
+    service: tuple[Service, Principal],
+) -> None:
+    svc, admin = service
+    svc.push(admin, "iris", build_iris_onnx(seed=0), file_name="iris.onnx", idempotency_key=KEY)
+    with pytest.raises(Conflict) as info:
+        svc.push(admin, "iris", build_iris_onnx(seed=1), file_name="iris.onnx", idempotency_key=KEY)
+    assert "Idempotency-Key was already used for a different upload" in info.value.message
+    with pytest.raises(Conflict):  # same bytes, other file name: another request too
+        svc.push(admin, "iris", build_iris_onnx(seed=0), file_name="x.onnx", idempotency_key=KEY)
+    assert sorted(svc.snapshot.models["iris"].versions) == [1]
+
+
+def test_without_a_key_each_push_makes_a_version(service: tuple[Service, Principal]) -> None:
+    svc, admin = service
+    model = build_iris_onnx()
+    numbers = [svc.push(admin, "iris", model, file_name="iris.onnx").number for _ in range(2)]
+    assert numbers == [1, 2]
+
+
+def test_concurrent_pushes_with_one_key_make_one_version(
+    service: tuple[Service, Principal],
+) -> None:
+    svc, admin = service
+    model = build_iris_onnx()
+    numbers: list[int] = []
+    barrier = threading.Barrier(4)
+
+    def run() -> None:
+        barrier.wait()
+        numbers.append(
+            svc.push(admin, "iris", model, file_name="m.onnx", idempotency_key=KEY).number
+        )
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert numbers == [1, 1, 1, 1]
+    assert sorted(svc.snapshot.models["iris"].versions) == [1]
+    assert len(stored_blobs(svc)) == 1
+
+
+@pytest.mark.parametrize("key", ["short", "x" * 129, "no spaces allowed", "-leading-dash"])
+def test_a_malformed_key_is_refused(service: tuple[Service, Principal], key: str) -> None:
+    svc, admin = service
+    with pytest.raises(InvalidInput, match="invalid Idempotency-Key"):
+        svc.push(admin, "iris", build_iris_onnx(), file_name="iris.onnx", idempotency_key=key)
+
+
+def test_a_wrongly_signed_push_leaves_no_blob_and_no_staged_file(
+    service: tuple[Service, Principal], tmp_path: Path
+) -> None:
+    svc, admin = service
+    trusted = generate_signing_key(tmp_path / "pub.key", tmp_path / "pub.pub")
+    stranger = tmp_path / "stranger.key"
+    generate_signing_key(stranger, tmp_path / "stranger.pub")
+    svc.put_model(admin, "signed")
+    svc.add_publisher(admin, "signed", trusted.pem)
+    model = build_iris_onnx()
+    (tmp_path / "iris.onnx").write_bytes(model)
+    sign_path(tmp_path / "iris.onnx", stranger, tmp_path / "iris.sig")
+    with pytest.raises(ModelRefused):
+        svc.push(
+            admin,
+            "signed",
+            model,
+            file_name="iris.onnx",
+            bundle=(tmp_path / "iris.sig").read_bytes(),
+        )
+    assert stored_blobs(svc) == set()
+    assert svc.registry.staging_dir is not None
+    assert list(svc.registry.staging_dir.iterdir()) == []
+    assert list((svc.settings.data_dir / "blobs" / ".tmp").iterdir()) == []
+
+
+def test_a_signed_directory_push_is_checked_from_the_sealed_copy(
+    service: tuple[Service, Principal], tmp_path: Path
+) -> None:
+    import io
+    import tarfile
+
+    svc, admin = service
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "iris.onnx").write_bytes(build_iris_onnx())
+    save({"scale": np.ones(4, dtype=np.float32)}, str(folder / "scale.safetensors"))
+    trusted = generate_signing_key(tmp_path / "pub.key", tmp_path / "pub.pub")
+    sign_path(folder, tmp_path / "pub.key", tmp_path / "model.sig")
+    svc.put_model(admin, "dir")
+    svc.add_publisher(admin, "dir", trusted.pem)
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w") as tar:
+        for name in ("iris.onnx", "scale.safetensors"):
+            tar.add(folder / name, arcname=name)
+    version = svc.push(
+        admin,
+        "dir",
+        packed.getvalue(),
+        file_name="model",
+        is_directory=True,
+        bundle=(tmp_path / "model.sig").read_bytes(),
+    )
+    assert (version.number, version.layout, version.file_name) == (1, "directory", "iris.onnx")
+    assert svc.registry.open_version(version) == packed.getvalue()
