@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from modelkeep.scanning._pickle_libraries import is_plain
 from modelkeep.scanning._pickle_values import (
     Call,
     Global,
@@ -80,6 +81,21 @@ def _numbers(args: tuple[Any, ...], limit: int) -> str | None:
     if len(args) > 3 or not all(v is None or type(v) in (int, float, str, bool) for v in args):
         return "is called with arguments that are not plain numbers"
     return None
+
+
+def _plain(args: tuple[Any, ...], limit: int) -> str | None:
+    # Containers and value types built from constants and objects already shown harmless.
+    if len(args) > 4 or not is_plain(args):
+        return "is called with something other than plain data"
+    return None
+
+
+def _default_factory(args: tuple[Any, ...], limit: int) -> str | None:
+    # defaultdict(factory) calls factory for a missing key later, never while loading; only
+    # a plain type is accepted all the same.
+    if len(args) > 2 or (args and args[0] is not None and args[0] not in _FACTORIES):
+        return "is given a default factory other than a plain container or number type"
+    return _plain(args[1:], limit)
 
 
 def _codecs_encode(args: tuple[Any, ...], limit: int) -> str | None:
@@ -194,8 +210,28 @@ _TORCH_DTYPES = (
 )  # fmt: skip
 
 _CALL_ANY = Rule(callable=True, check=_any)
+_CALL_PLAIN = Rule(callable=True, check=_plain)
+_CALL_NUMBERS = Rule(callable=True, check=_numbers)
 ALLOWED: dict[tuple[str, str], Rule] = {
     ("collections", "OrderedDict"): _CALL_ANY,
+    ("collections", "defaultdict"): Rule(callable=True, check=_default_factory),
+    ("collections", "Counter"): _CALL_PLAIN,
+    ("collections", "deque"): _CALL_PLAIN,
+    ("builtins", "list"): _CALL_PLAIN,
+    ("builtins", "dict"): _CALL_PLAIN,
+    ("builtins", "tuple"): _CALL_PLAIN,
+    ("builtins", "int"): _CALL_NUMBERS,
+    ("builtins", "float"): _CALL_NUMBERS,
+    ("builtins", "str"): _CALL_NUMBERS,
+    ("builtins", "bool"): _CALL_NUMBERS,
+    ("datetime", "date"): _CALL_PLAIN,
+    ("datetime", "datetime"): _CALL_PLAIN,
+    ("datetime", "time"): _CALL_PLAIN,
+    ("datetime", "timedelta"): _CALL_PLAIN,
+    ("datetime", "timezone"): _CALL_PLAIN,
+    ("decimal", "Decimal"): _CALL_NUMBERS,
+    ("fractions", "Fraction"): _CALL_NUMBERS,
+    ("uuid", "UUID"): _CALL_PLAIN,
     ("builtins", "set"): _CALL_ANY,
     ("builtins", "frozenset"): _CALL_ANY,
     ("builtins", "complex"): Rule(callable=True, check=_numbers),
@@ -220,6 +256,10 @@ ALLOWED: dict[tuple[str, str], Rule] = {
     ("torch", "Size"): Rule(callable=True, check=_torch_small),
     ("torch", "device"): Rule(callable=True, check=_torch_small),
 }
+_FACTORIES = (
+    *(Global("builtins", name) for name in ("list", "dict", "set", "int", "float", "str", "tuple")),
+    Global("collections", "OrderedDict"),
+)
 for _core in ("numpy.core.multiarray", "numpy._core.multiarray"):
     ALLOWED[(_core, "_reconstruct")] = Rule(callable=True, check=_np_reconstruct)
     ALLOWED[(_core, "scalar")] = Rule(callable=True, check=_np_scalar)
