@@ -172,13 +172,12 @@ class ScanLimits:
 
     #: Total bytes the scan may unpack: decompressed archive members and compressed streams
     #: (joblib, gzip...). Members stored without compression are read in place and not counted.
-    #: An archive declaring more is a decompression bomb.
+    #: An archive declaring more, or a stream found inflating past it (decompression stops
+    #: there), is a decompression bomb. Compression ratios are not judged: a small, very
+    #: compressible member (a zero-initialised tensor) is fine.
     max_total_bytes: int = 8 * 1024**3
     #: Members one archive may hold (zip, tar, 7z, HDF5 objects).
     max_members: int = 10_000
-    #: Largest uncompressed/compressed ratio of one member or stream; only checked above 1 MiB of
-    #: output, so small and highly compressible files pass.
-    max_ratio: int = 200
     #: How deep containers may nest: archives in archives, compressed streams, embedded pickles.
     max_depth: int = 4
     #: Largest element count one declared tensor may have (ONNX, safetensors, GGUF, NumPy,
@@ -193,7 +192,6 @@ class ScanLimits:
         for name in (
             "max_total_bytes",
             "max_members",
-            "max_ratio",
             "max_depth",
             "max_tensor_elements",
             "max_alloc_elements",
