@@ -27,7 +27,13 @@ from modelkeep.scanning._archive import Member, check_members, scan_members
 from modelkeep.scanning._context import Buffer, MemoryReader, Scan, join
 from modelkeep.scanning._pickle import UNSAFE_PICKLE, scan_torch_pickle
 from modelkeep.scanning._pickle_policy import TORCH_STORAGE_SIZES
-from modelkeep.scanning._zip_readers import TooLarge, Unreadable, read_central, read_local
+from modelkeep.scanning._zip_readers import (
+    TooLarge,
+    Unreadable,
+    local_header,
+    read_central,
+    read_local,
+)
 from modelkeep.scanning.report import Severity
 
 __all__ = ["OpenZip", "scan_zip"]
@@ -49,6 +55,8 @@ class OpenZip:
         self.location = location
         self.view = view
         self.infos = list(zf.infolist())
+        # Members only a streaming reader could read, analysed that way already.
+        self.read_locally: set[str] = set()
 
     def read(self, info: zipfile.ZipInfo, keep: bool = True) -> bytes | None:
         """The member's bytes as loaders read them, or None after a finding. ``keep=False``
@@ -64,34 +72,52 @@ class OpenZip:
                 while handle.read(_CHUNK):
                     pass
                 return b""
-        except RuntimeError:
-            self.scan.high(where, "the member is encrypted; it cannot be analysed")
-            return None
-        except Exception as exc:  # BadZipFile, NotImplementedError, zlib.error, EOFError...
+        except Exception as exc:  # BadZipFile, NotImplementedError, RuntimeError, zlib.error...
             refused = _short(exc)
         # 2. As PyTorch's reader and lenient unzip tools read it: no CRC-32, central sizes.
         try:
             content = read_central(self.view, info)
         except Unreadable as exc:
+            lenient = str(exc)
+        else:
+            self.scan.add(
+                Severity.LOW,
+                where,
+                f"Python's zipfile (numpy, skops, Keras) refuses this member ({refused}), but "
+                "PyTorch's reader and lenient unzip tools read it: what they read was analysed",
+            )
+            return content if keep else b""
+        # 3. As streaming unzip tools read it: the local header's method, sizes and flags.
+        self.read_locally.add(info.filename)
+        try:
+            local = read_local(
+                self.view, info, self.scan.limits.max_total_bytes - self.scan.unpacked
+            )
+        except (Unreadable, TooLarge):
+            local = None
+        if local is None:
             self.scan.high(
                 where,
                 f"no reader can load this member: Python's zipfile refuses it ({refused}) and "
-                f"readers that check less cannot decode it ({exc}); it was not analysed",
+                f"readers that check less cannot decode it ({lenient}); it was not analysed",
             )
             return None
         self.scan.add(
             Severity.LOW,
             where,
-            f"Python's zipfile (numpy, skops, Keras) refuses this member ({refused}), but "
-            "PyTorch's reader and lenient unzip tools read it: what they read was analysed",
+            f"only streaming unzip tools, which trust the local header, can read this member "
+            f"(Python's zipfile: {refused}; PyTorch's reader: {lenient}): what they read was "
+            "analysed",
         )
-        return content if keep else b""
+        return local if keep else b""
 
     def local_readings(self) -> list[tuple[zipfile.ZipInfo, bytes]]:
         """What streaming readers get from local headers that disagree with the central
         directory (method, sizes, flags): each such member with the bytes read its local way."""
         readings: list[tuple[zipfile.ZipInfo, bytes]] = []
         for info in self.infos:
+            if info.filename in self.read_locally:
+                continue
             where = join(self.location, info.filename)
             cap = self.scan.limits.max_total_bytes - self.scan.unpacked
             try:
@@ -177,7 +203,8 @@ def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
         members = archive.members()
         names_ok = check_members(scan, members, location)
         for info in archive.infos:
-            if info.flag_bits & 0x1:
+            local = local_header(view, info.header_offset)
+            if info.flag_bits & 0x1 and (local is None or local.flags & 0x1):
                 scan.high(
                     join(location, info.filename), "the member is encrypted; it cannot be analysed"
                 )
