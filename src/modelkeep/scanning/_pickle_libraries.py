@@ -43,7 +43,11 @@ LIBRARIES: dict[str, str] = {
     "pandas": "pandas",
     "xgboost": "XGBoost",
     "lightgbm": "LightGBM",
+    "torch": "PyTorch",
 }
+# Packages of which only some parts qualify: PyTorch's module classes (a whole pickled
+# nn.Module), nothing of its compilers, code loaders, native ops or distributed runtime.
+_ONLY_UNDER = {"torch": ("torch.nn.modules",)}
 
 # Parts of those packages that touch files, the network, native code or other pickles.
 _DENIED_MODULES = (
@@ -168,6 +172,10 @@ def library_of(target: Global) -> str | None:
         return None
     module = target.module
     if any(module == denied or module.startswith(denied + ".") for denied in _DENIED_MODULES):
+        return None
+    if top in _ONLY_UNDER and not any(
+        module == part or module.startswith(part + ".") for part in _ONLY_UNDER[top]
+    ):
         return None
     if target.name.split(".", 1)[0] in _DENIED_NAMES:
         return None
