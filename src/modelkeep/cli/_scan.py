@@ -30,17 +30,19 @@ EXIT_SCAN_FAILED = EXIT_CODES[Verdict.ERROR]
 EPILOG = (
     "Exit codes:\n\n"
     "0  safe: modelkeep would load it\n"
-    "1  malicious: code execution on load, a path escaping its directory, or a resource bomb\n"
-    "2  unsafe-format: a format that can run code when loaded (pickle...), nothing malicious "
-    "found; refused by default\n"
-    "3  error: cannot be identified or parsed, or the path cannot be read; refused"
+    "1  malicious: content that can do harm when loaded (code execution, processes, files, "
+    "network, imports, attribute walking), a path escaping its directory, or a bomb\n"
+    "2  unsafe-format: refused by policy, a pickle-based format that can run code when "
+    "loaded, nothing malicious found; convert to skops, ONNX or safetensors\n"
+    "3  error: no loader could read it, or it cannot be identified, or the path cannot be "
+    "read; refused"
 )
 
 _MEANING = {
     Verdict.SAFE: "modelkeep would load it",
     Verdict.MALICIOUS: "do not load this file",
-    Verdict.UNSAFE_FORMAT: "this format can run code when loaded; refused by default",
-    Verdict.ERROR: "it could not be fully analysed; refused",
+    Verdict.UNSAFE_FORMAT: "refused by format: it can run code when loaded; convert it",
+    Verdict.ERROR: "no loader could read all of it; refused",
 }
 _SEVERITY_ORDER = ("critical", "high", "medium", "low", "info")
 # typer ships its own copy of click; its UsageError (exit 2) is the base of BadParameter.

@@ -4,10 +4,11 @@ The verdict is a contract that scripts rely on through the exit code of ``modelk
 
     verdict         exit  meaning
     safe            0     modelkeep would load it
-    malicious       1     evidence of code execution on load, a path escaping its directory,
-                          or a resource bomb
-    unsafe-format   2     a format that can run code when loaded, nothing malicious found
-    error           3     cannot be identified or parsed (completely); refused
+    malicious       1     only content that can do harm when loaded: code execution on load,
+                          a path escaping its directory, or a resource bomb
+    unsafe-format   2     refused by policy: a (pickle-based) format that can run code when
+                          loaded, nothing malicious found; the finding says how to convert
+    error           3     only what no loader could read either, or cannot be identified
 
 Every finding has a severity, and each severity stands for one verdict:
 
@@ -15,7 +16,7 @@ Every finding has a severity, and each severity stands for one verdict:
     info       safe             what was checked, approved types, notes
     low        safe             oddities that change nothing
     medium     unsafe-format    a format or feature that can run code when loaded
-    high       error            a part that could not be identified or analysed
+    high       error            a part no reader could load, or not identified or analysed
     critical   malicious        evidence of an attack or a bomb
 
 The verdict of a report is the worst verdict among its findings, with ``error`` ranked above
