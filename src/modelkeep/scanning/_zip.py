@@ -10,7 +10,8 @@ is inflated; reading stops at the declared size.
 A member is read the way each loader would read it (``_zip_readers``): by ``zipfile`` (CRC-32
 checked), and when ``zipfile`` refuses it (a wrong CRC-32, an unusual flag bit), the way
 PyTorch's reader and lenient unzip tools do; when the local header disagrees with the central
-directory on method or sizes, what a streaming reader gets is analysed too. Only a member no
+directory on method or sizes, what a streaming reader gets is analysed too, and so are the
+members a streaming reader finds in bytes the central directory leaves out. Only a member no
 reader can load is an error.
 """
 
@@ -33,6 +34,7 @@ from modelkeep.scanning._zip_readers import (
     local_header,
     read_central,
     read_local,
+    scan_hidden,
 )
 from modelkeep.scanning.report import Severity
 
@@ -196,7 +198,9 @@ def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
             return "zip"
         # 2. The bytes: every member where the central directory says, nothing shared, nothing
         #    hidden between them or after the end.
-        layout_ok = _check_layout(scan, view, archive.infos, location)
+        gaps: list[tuple[int, int, str]] = []
+        layout_ok = _check_layout(scan, view, archive.infos, location, gaps)
+        scan_hidden(scan, view, gaps, depth)
         # 3. Sizes as declared, before inflating anything.
         sizes_ok = _check_sizes(scan, archive.infos, location)
         # 4. Names, duplicates, links, encryption.
@@ -234,11 +238,15 @@ def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
 
 
 def _check_layout(
-    scan: Scan, view: memoryview, infos: list[zipfile.ZipInfo], location: str
+    scan: Scan,
+    view: memoryview,
+    infos: list[zipfile.ZipInfo],
+    location: str,
+    gaps: list[tuple[int, int, str]],
 ) -> bool:
     """Report layout problems; False when members must not be read (shared bytes, names that
-    differ between headers, a broken header). Unclaimed bytes are reported, and the members
-    are still scanned."""
+    differ between headers, a broken header). Bytes no member claims are added to ``gaps``
+    (start, end, location), and the members are still scanned."""
     ok = True
     end_record = _end_record(view)
     if end_record is None:
@@ -257,11 +265,7 @@ def _check_layout(
             )
             return False
         if offset > expected:
-            scan.high(
-                where,
-                f"{offset - expected} bytes before this member belong to no member: "
-                "hidden data that tools reading the archive differently would see",
-            )
+            gaps.append((expected, offset, where))
         header = bytes(view[offset : offset + 30])
         if len(header) < 30 or not header.startswith(_LOCAL):
             scan.high(where, "the member's local header is missing or damaged")
@@ -291,11 +295,7 @@ def _check_layout(
         scan.critical(location, "member data overlaps the central directory")
         return False
     if cd_start > expected:
-        scan.high(
-            location,
-            f"{cd_start - expected} bytes between the last member and the "
-            "central directory belong to no member: hidden data",
-        )
+        gaps.append((expected, cd_start, location))
     if end_of_archive != len(view):
         scan.high(
             location,

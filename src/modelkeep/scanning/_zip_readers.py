@@ -22,7 +22,21 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["LocalHeader", "TooLarge", "Unreadable", "local_header", "read_central", "read_local"]
+from modelkeep.scanning._archive import unsafe_name
+from modelkeep.scanning._context import Scan, show
+from modelkeep.scanning.report import Severity
+
+__all__ = [
+    "LocalHeader",
+    "TooLarge",
+    "Unreadable",
+    "decode_local",
+    "hidden_members",
+    "local_header",
+    "read_central",
+    "read_local",
+    "scan_hidden",
+]
 
 _LOCAL = b"PK\x03\x04"
 _CHUNK = 1 << 20
@@ -116,6 +130,51 @@ def read_local(view: memoryview, info: zipfile.ZipInfo, cap: int) -> bytes | Non
     return _decode(raw, header.method, header.file_size + 1, until_end=False, cap=cap)
 
 
+def hidden_members(view: memoryview, start: int, end: int) -> tuple[list[LocalHeader], int]:
+    """The members a streaming reader finds in ``view[start:end]``, bytes the central
+    directory does not account for (an archive prepended to this one, a member left out of the
+    directory), and where the walk stopped: at ``end`` when every byte was accounted for.
+
+    The walk follows local headers that give their sizes, and steps over another archive's
+    central directory and end record (a streaming reader stops there, and the next archive's
+    members follow).
+    """
+    found: list[LocalHeader] = []
+    position = start
+    while position < end:
+        signature = bytes(view[position : position + 4])
+        skip = 0
+        if signature == b"PK\x01\x02" and position + 46 <= end:
+            skip = 46 + sum(struct.unpack("<HHH", bytes(view[position + 28 : position + 34])))
+        elif signature == b"PK\x05\x06" and position + 22 <= end:
+            skip = 22 + struct.unpack("<H", bytes(view[position + 20 : position + 22]))[0]
+        if skip:
+            if position + skip > end:
+                break
+            position += skip
+            continue
+        header = local_header(view, position)
+        if header is None or header.flags & _DESCRIPTOR:
+            break
+        data_end = header.data_start + header.compress_size
+        if data_end > end:
+            break
+        found.append(header)
+        position = data_end
+    return found, position
+
+
+def decode_local(view: memoryview, header: LocalHeader, cap: int) -> bytes:
+    """A member's bytes as its local header describes them. Raises ``Unreadable``, or
+    ``TooLarge`` past ``cap``."""
+    if header.flags & _UNDECODABLE:
+        raise Unreadable("its local header marks it encrypted or patched")
+    if header.file_size > cap:
+        raise TooLarge(f"its local header declares {header.file_size} bytes")
+    raw = view[header.data_start : header.data_start + header.compress_size]
+    return _decode(raw, header.method, header.file_size + 1, until_end=False, cap=cap)
+
+
 def _decode(
     raw: memoryview, method: int, limit: int, *, until_end: bool, cap: int | None = None
 ) -> bytes:
@@ -145,3 +204,43 @@ def _decode(
     if until_end and not inflater.eof:
         raise Unreadable("its deflate data ends before the stream does")
     return bytes(out)
+
+
+def scan_hidden(scan: Scan, view: memoryview, gaps: list[tuple[int, int, str]], depth: int) -> None:
+    """Bytes the central directory does not account for: what streaming readers find there
+    (members of a prepended archive, members left out of the directory) is scanned like any
+    member; bytes no reader would take for a member are an error."""
+    for start, end, where in gaps:
+        headers, stopped = hidden_members(view, start, end)
+        for header in headers:
+            name = header.name.decode("utf-8" if header.flags & 0x800 else "cp437", "replace")
+            member = f"{where} > {show(name, 200)} (hidden: only streaming readers see it)"
+            problem = unsafe_name(name)
+            if problem is not None:
+                scan.critical(member, f"the member name {problem}: extracting it writes outside")
+                continue
+            scan.record_file(member)
+            cap = scan.limits.max_total_bytes - scan.unpacked
+            try:
+                content = decode_local(view, header, cap)
+            except TooLarge as exc:
+                scan.critical(member, f"unpacks past max_total_bytes ({exc}): a bomb")
+                continue
+            except Unreadable as exc:
+                scan.add(Severity.LOW, member, f"no reader can decode this hidden member ({exc})")
+                continue
+            if scan.charge(len(content) if header.method else 0, member):
+                scan.nested(content, member, depth + 1)
+        if stopped < end:
+            scan.high(
+                where,
+                f"{end - stopped} bytes here belong to no member: hidden data that tools "
+                "reading the archive differently would see, and that was not analysed",
+            )
+        else:
+            scan.add(
+                Severity.LOW,
+                where,
+                f"{end - start} bytes here are not in the central directory; streaming unzip "
+                f"tools read {len(headers)} more members from them, which were analysed",
+            )

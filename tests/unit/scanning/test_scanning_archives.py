@@ -69,10 +69,23 @@ def test_nesting_limit_is_configurable(asm: ModuleType) -> None:
     assert shallow.verdict == Verdict.MALICIOUS
 
 
-def test_bytes_outside_any_member_are_an_error(asm: ModuleType) -> None:
-    # zipfile reads the last archive of two concatenated ones; the first is hidden from it.
-    first = asm.zip_bytes({"m.safetensors": TENSORS})
-    report = scan_bytes(first + asm.zip_bytes({"n.safetensors": TENSORS}))
+def test_members_hidden_from_the_central_directory_are_scanned(asm: ModuleType) -> None:
+    # zipfile reads the last archive of two concatenated ones; a streaming reader reads the
+    # first one's members too. Benign there: safe, with a note; a payload there: malicious.
+    second = asm.zip_bytes({"n.safetensors": TENSORS})
+    report = scan_bytes(asm.zip_bytes({"m.safetensors": TENSORS}) + second)
+    assert report.verdict == Verdict.SAFE
+    assert any(
+        "streaming unzip tools read 1 more members" in m for m in messages(report, Severity.LOW)
+    )
+    hidden = scan_bytes(asm.zip_bytes({"x.pkl": asm.os_system_p0()}) + second)
+    assert hidden.verdict == Verdict.MALICIOUS
+    assert any("only streaming readers see it" in f.location for f in hidden.findings)
+
+
+def test_bytes_no_reader_takes_for_a_member_are_an_error(asm: ModuleType) -> None:
+    first, second = (asm.zip_bytes({f"{n}.safetensors": TENSORS}) for n in "mn")
+    report = scan_bytes(first + b"\x01\x02hidden bytes" + second)
     assert report.verdict == Verdict.ERROR
     assert any("belong to no member" in m for m in messages(report, Severity.HIGH))
 
