@@ -100,6 +100,10 @@ def _containers() -> dict[str, object]:
         "when": datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
         "delta": datetime.timedelta(days=3),
         "price": decimal.Decimal("1.50"),
+        "range": range(10),
+        "matrix": np.matrix([[1.0, 2.0]]),
+        "records": np.rec.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),
+        "chars": np.char.array(["a", "bc"]),
     }
 
 

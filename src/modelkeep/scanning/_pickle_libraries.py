@@ -47,7 +47,13 @@ LIBRARIES: dict[str, str] = {
 }
 # Packages of which only some parts qualify: PyTorch's module classes (a whole pickled
 # nn.Module), nothing of its compilers, code loaders, native ops or distributed runtime.
-_ONLY_UNDER = {"torch": ("torch.nn.modules",)}
+_ONLY_UNDER = {
+    "torch": ("torch.nn.modules",),
+    # The boosting libraries' scikit-learn wrappers and their boosters; the rest of them wraps
+    # native handles and files.
+    "xgboost": ("xgboost.sklearn", "xgboost.core"),
+    "lightgbm": ("lightgbm.sklearn", "lightgbm.basic"),
+}
 
 # Parts of those packages that touch files, the network, native code or other pickles.
 _DENIED_MODULES = (
@@ -70,7 +76,7 @@ _DENIED_NAMES = frozenset(
     {
         "memmap", "DataSource", "NpzFile", "LowLevelCallable", "FortranFile", "HDFStore",
         "ExcelFile", "ExcelWriter", "DMatrix", "QuantileDMatrix", "DeviceQuantileDMatrix",
-        "Dataset", "TextFileReader",
+        "Dataset", "TextFileReader", "_InnerPredictor",
     }
 )  # fmt: skip
 

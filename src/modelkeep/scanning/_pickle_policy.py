@@ -98,6 +98,15 @@ def _default_factory(args: tuple[Any, ...], limit: int) -> str | None:
     return _plain(args[1:], limit)
 
 
+def _range(args: tuple[Any, ...], limit: int) -> str | None:
+    # A range is lazy, but list(range(10**12)) or set(...) of it is an allocation bomb.
+    if not 1 <= len(args) <= 3 or not all(type(v) is int for v in args) or 0 in args[2:]:
+        return "is called with arguments that are not integers"
+    if len(range(*args)) > limit:
+        return f"spans more than {limit} numbers (an allocation bomb once filled in)"
+    return None
+
+
 def _codecs_encode(args: tuple[Any, ...], limit: int) -> str | None:
     # Pickle protocols 0-2 store bytes as _codecs.encode(text, "latin1"); nothing else is allowed.
     if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
@@ -112,8 +121,12 @@ def _np_reconstruct(args: tuple[Any, ...], limit: int) -> str | None:
 
 
 def _np_dtype(args: tuple[Any, ...], limit: int) -> str | None:
-    if not args or not isinstance(args[0], str) or len(args[0]) > 64 or len(args) > 3:
-        return "is called with something other than a short dtype name"
+    # A dtype name ("f8"), or a NumPy scalar type (numpy.record for record arrays).
+    first = args[0] if args else None
+    named = isinstance(first, str) and len(first) <= 64
+    typed = isinstance(first, Global) and first.module == "numpy"
+    if not (named or typed) or len(args) > 3:
+        return "is called with something other than a short dtype name or a NumPy type"
     return None
 
 
@@ -180,7 +193,15 @@ def _is_dtype(value: object) -> bool:
     )
 
 
-_NDARRAY_CLASSES = (Global("numpy", "ndarray"),)
+# ndarray and the subclasses NumPy itself pickles through _reconstruct.
+_NDARRAY_CLASSES = (
+    Global("numpy", "ndarray"),
+    Global("numpy", "matrix"),
+    Global("numpy", "recarray"),
+    Global("numpy.rec", "recarray"),
+    Global("numpy.ma.core", "MaskedArray"),
+    Global("numpy.char", "chararray"),
+)
 
 #: Element size in bytes of each PyTorch storage class a checkpoint may name.
 TORCH_STORAGE_SIZES: dict[str, int] = {
@@ -236,7 +257,7 @@ ALLOWED: dict[tuple[str, str], Rule] = {
     ("builtins", "frozenset"): _CALL_ANY,
     ("builtins", "complex"): Rule(callable=True, check=_numbers),
     ("builtins", "slice"): Rule(callable=True, check=_numbers),
-    ("builtins", "range"): Rule(callable=True, check=_numbers),
+    ("builtins", "range"): Rule(callable=True, check=_range),
     ("builtins", "bytearray"): Rule(callable=True, check=_no_ints),
     ("builtins", "bytes"): Rule(callable=True, check=_no_ints),
     ("builtins", "object"): Rule(),

@@ -12,6 +12,7 @@ or ``keras`` once its members are seen; a ``pickle`` kind becomes ``joblib`` or
 
 from __future__ import annotations
 
+import _compat_pickle
 import functools
 import importlib.util
 import io
@@ -258,6 +259,8 @@ def _known_import(arg: str) -> bool:
     if _IDENTIFIER.fullmatch(arg) is None:
         return False
     top = arg.split(" ", 1)[0].split(".", 1)[0]
+    # Python 2 names (__builtin__, copy_reg) are mapped by the loader, as in _compat_pickle.
+    top = _compat_pickle.IMPORT_MAPPING.get(top, top)
     return top in sys.stdlib_module_names or top in _ML_MODULES or _installed(top)
 
 

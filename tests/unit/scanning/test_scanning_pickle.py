@@ -286,3 +286,11 @@ def test_text_pickles_are_pickles_not_text(protocol: int) -> None:
     large = pickle.dumps([float(i) for i in range(20_000)], protocol=protocol)
     assert len(large) > 64 * 1024  # longer than what format detection looks at
     assert scan_bytes(large).format == "pickle"
+
+
+def test_range_filled_into_a_container_is_bounded(asm: ModuleType) -> None:
+    # set(range(2**40)): each call is allowlisted, together they allocate a terabyte.
+    huge = b"\x8a\x06" + (2**40).to_bytes(6, "little")  # LONG1
+    inner = asm.g("builtins", "range") + huge + asm.TUPLE1 + asm.REDUCE
+    data = asm.P2 + asm.g("builtins", "set") + inner + asm.TUPLE1 + asm.REDUCE + asm.STOP
+    assert any("allocation bomb" in m for m in critical_messages(data))
