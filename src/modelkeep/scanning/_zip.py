@@ -25,7 +25,7 @@ import zipfile
 from collections.abc import Callable
 
 from modelkeep.scanning._archive import Member, check_members, scan_members
-from modelkeep.scanning._context import Buffer, MemoryReader, Scan, join
+from modelkeep.scanning._context import Buffer, MemoryReader, Scan, join, show
 from modelkeep.scanning._pickle import UNSAFE_PICKLE, scan_torch_pickle
 from modelkeep.scanning._pickle_policy import TORCH_STORAGE_SIZES
 from modelkeep.scanning._zip_readers import (
@@ -75,7 +75,7 @@ class OpenZip:
                     pass
                 return b""
         except Exception as exc:  # BadZipFile, NotImplementedError, RuntimeError, zlib.error...
-            refused = _short(exc)
+            refused = show(_short(exc), 160)  # zipfile's message quotes the member's name
         # 2. As PyTorch's reader and lenient unzip tools read it: no CRC-32, central sizes.
         try:
             content = read_central(self.view, info)
