@@ -1,10 +1,13 @@
-"""How long ``modelkeep scan`` takes on a large safetensors file and a large ONNX model.
+"""How long ``modelkeep scan`` takes on a large safetensors file, a large ONNX model and a large
+PyTorch checkpoint.
 
-Writes one safetensors file and one ONNX model of about ``--size-mb`` MiB each to a temporary
-directory (``--dir``, default the system's), scans each with ``scan_path`` (the file is memory
-mapped, as ``modelkeep scan`` does) and with ``scan_bytes`` (the bytes already in memory, as the
-server does on push), ``--rounds`` times, prints the medians, and deletes the files. When the
-directory has less than 5 GB free, the size drops to 256 MiB and the output says so.
+Writes one safetensors file, one ONNX model and one ``torch.save`` zip checkpoint (a pickle
+plus raw storages, every storage read and CRC-checked) of about ``--size-mb`` MiB each to a
+temporary directory (``--dir``, default the system's), scans each with ``scan_path`` (the file
+is memory mapped, as ``modelkeep scan`` does) and with ``scan_bytes`` (the bytes already in
+memory, as the server does on push), ``--rounds`` times, prints the medians, and deletes the
+files. When the directory has less than 5 GB free, the size drops to 256 MiB and the output
+says so.
 
 Usage: python bench/bench_scan.py [--size-mb 1024] [--rounds 3] [--dir /tmp]
 """
@@ -77,6 +80,16 @@ def write_onnx(path: Path, size_mib: int) -> None:
     path.write_bytes(model.SerializeToString())
 
 
+def write_torch(path: Path, size_mib: int) -> None:
+    """A state dict of float32 tensors saved by ``torch.save`` (a zip with stored members)."""
+    import torch
+
+    count = max(1, size_mib // TENSOR_MIB)
+    elements = TENSOR_MIB * MIB // 4
+    state = {f"layer{i}.weight": torch.full((elements,), 0.5) for i in range(count)}
+    torch.save(state, path)
+
+
 def timed(function: Callable[[], ScanReport], rounds: int) -> tuple[float, ScanReport]:
     times = []
     report = None
@@ -106,7 +119,12 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="modelkeep-bench-scan-", dir=args.dir))
     failures = 0
     try:
-        for name, writer in (("model.safetensors", write_safetensors), ("model.onnx", write_onnx)):
+        models = (
+            ("model.safetensors", write_safetensors, Verdict.SAFE),
+            ("model.onnx", write_onnx, Verdict.SAFE),
+            ("model.pt", write_torch, Verdict.UNSAFE_FORMAT),  # pickle-based: refused by format
+        )
+        for name, writer, expected in models:
             path = workdir / name
             start = time.perf_counter()
             writer(path, size)
@@ -121,7 +139,7 @@ def main() -> int:
                 f"scan_bytes {in_memory * 1000:9.1f} ms   verdict {report.verdict.value} "
                 f"({report.format}; written in {written:.1f} s)"
             )
-            if report.verdict is not Verdict.SAFE:
+            if report.verdict is not expected:
                 failures += 1
                 for finding in report.findings:
                     print(f"    {finding.severity.value}: {finding.location}: {finding.message}")

@@ -11,6 +11,7 @@ directory (relative to OUTDIR) to the verdict ``modelkeep scan`` must give it.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import json
 import lzma
@@ -25,6 +26,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -381,7 +383,10 @@ def joblib_and_numpy(c: Corpus) -> None:
     c.add("joblib/zlib-payload.joblib", M, zlib.compress(os_system_p0()))
     c.add("joblib/gzip-payload.joblib", M, gzip.compress(os_system_p0(), mtime=0))
     c.add("joblib/xz-payload.joblib", M, lzma.compress(os_system_p0()))
-    c.add("joblib/gzip-bomb.joblib", M, gzip.compress(b"\x00" * (16 << 20), mtime=0))
+    nested = os_system_p0()
+    for _ in range(6):
+        nested = gzip.compress(nested, mtime=0)
+    c.add("joblib/gzip-nested-bomb.joblib", M, nested)
     c.add("joblib/gzip-truncated.joblib", E, gzip.compress(pickle_dumps(arrays), mtime=0)[:-20])
     c.add("numpy/benign.npy", S, npy(np.arange(20, dtype=np.int32)))
     c.add("numpy/benign-object.npy", U, npy(np.array([1, "a", None], dtype=object)))
@@ -478,11 +483,20 @@ def archives(c: Corpus, safetensors_data: bytes, onnx_data: bytes) -> None:
     c.add("archive/bad-crc.zip", E, good[:index] + bytes([good[index] ^ 0xFF]) + good[index + 1 :])
     c.add("archive/zip-slip.zip", M, zip_bytes({"../../evil.pkl": b"x"}))
     c.add("archive/absolute-name.zip", M, zip_bytes({"/etc/cron.d/evil": b"x"}))
-    c.add(
-        "archive/zip-bomb-ratio.zip",
-        M,
-        zip_bytes({"zeros.bin": b"\x00" * (16 << 20)}, zipfile.ZIP_DEFLATED),
+    c.add("archive/zip-bomb-declared.zip", M, _declared_bomb_zip())
+    # 16 MiB of zero weights deflate a thousand times: compressible is not a bomb.
+    zeros = safetensors_raw(
+        {"w": {"dtype": "F32", "shape": [4 << 20], "data_offsets": [0, 16 << 20]}},
+        b"\x00" * (16 << 20),
     )
+    c.add("archive/zeros-compressible.zip", S, zip_bytes({"zeros.safetensors": zeros}, 8))
+    # The payload's CRC-32 is wrong: zipfile refuses it, PyTorch's reader loads it.
+    storage = np.arange(4, dtype=np.float32).tobytes()
+    hook = x("run") + g("os", "system") + x("true") + TUPLE1 + REDUCE + SETITEM
+    torch_zip = zip_bytes(
+        {"archive/data.pkl": torch_state_dict(extra=hook), "archive/data/0": storage}
+    )
+    c.add("archive/bad-crc-payload.pt", M, _break_crc(torch_zip, "archive/data.pkl"))
     c.add("archive/too-many-members.zip", M, zip_bytes({f"f{i}.txt": b"" for i in range(10_001)}))
     c.add("archive/trailing-data.zip", E, good + b"hidden bytes after the end record")
     c.add("archive/duplicate-names.zip", M, _duplicate_zip(safetensors_data))
@@ -525,6 +539,32 @@ def archives(c: Corpus, safetensors_data: bytes, onnx_data: bytes) -> None:
     c.add("archive/benign.7z", S, _seven_zip({"model.safetensors": safetensors_data}))
     c.add("archive/payload.7z", M, _seven_zip({"model.pkl": payload}))
     c.add("archive/gzip-onnx.onnx.gz", S, gzip.compress(onnx_data, mtime=0))
+
+
+def _declared_bomb_zip() -> bytes:
+    # Three members that each declare almost 4 GiB: 12 GiB past the default 8 GiB cap, refused
+    # from the central directory before anything is inflated.
+    data = bytearray(zip_bytes({f"w{i}.bin": b"\x00" * 4096 for i in range(3)}, 8))
+    for info in zipfile.ZipFile(io.BytesIO(bytes(data))).infolist():
+        struct.pack_into("<I", data, info.header_offset + 22, 0xFFFFFFF0)
+    position = data.index(b"PK\x01\x02")
+    while data[position : position + 4] == b"PK\x01\x02":
+        struct.pack_into("<I", data, position + 24, 0xFFFFFFF0)
+        lengths = struct.unpack_from("<HHH", data, position + 28)
+        position += 46 + sum(lengths)
+    return bytes(data)
+
+
+def _break_crc(data: bytes, name: str) -> bytes:
+    """``data`` with the CRC-32 of member ``name`` wrong in both of its headers."""
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(name)
+    wrong = struct.pack("<I", info.CRC ^ 0xFFFF)
+    right = struct.pack("<I", info.CRC)
+    local = info.header_offset + 14
+    patched = data[:local] + wrong + data[local + 4 :]
+    central = patched.index(b"PK\x01\x02")
+    index = patched.index(right, central)
+    return patched[:index] + wrong + patched[index + 4 :]
 
 
 def _duplicate_zip(data: bytes) -> bytes:
@@ -930,6 +970,17 @@ def misc(c: Corpus) -> None:
     c.directory("misc/dir-symlink-escape", M, escaping)
 
 
+def _real_libraries() -> ModuleType:
+    # The benign files written by the real libraries live next to this script.
+    path = Path(__file__).with_name("scan_corpus_real.py")
+    spec = importlib.util.spec_from_file_location("scan_corpus_real", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build(root: Path) -> dict[str, str]:
     """Write the corpus under ``root``; returns the manifest (also written as manifest.json)."""
     from safetensors.numpy import save
@@ -955,6 +1006,7 @@ def build(root: Path) -> dict[str, str]:
         gguf_files(c, scratch)
         skops_and_trees(c)
         misc(c)
+        _real_libraries().build_real(c, scratch)
     shutil.rmtree(scratch)
     (root / "manifest.json").write_text(json.dumps(c.manifest, indent=2, sort_keys=True) + "\n")
     return c.manifest

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
-from modelkeep.scanning._context import RATIO_FLOOR, Buffer, MemoryReader, Scan, Sibling, join, show
+from modelkeep.scanning._context import Buffer, MemoryReader, Scan, Sibling, join, show
 from modelkeep.scanning.detect import detect_format
 
 __all__ = [
@@ -327,13 +327,6 @@ def scan_7z(scan: Scan, data: Buffer, location: str, depth: int) -> str:
                 scan.critical(
                     location,
                     f"the members declare {declared} bytes, past max_total_bytes: an archive bomb",
-                )
-                return "7z"
-            if declared > RATIO_FLOOR and declared > scan.limits.max_ratio * max(1, len(data)):
-                scan.critical(
-                    location,
-                    f"the archive expands more than "
-                    f"{scan.limits.max_ratio} times (max_ratio): a decompression bomb",
                 )
                 return "7z"
             # Names and links are judged from the listing, before anything is unpacked.

@@ -16,7 +16,6 @@ from typing import Protocol
 from modelkeep.scanning.report import Finding, ScanLimits, ScanReport, Severity
 
 __all__ = [
-    "RATIO_FLOOR",
     "Buffer",
     "MemoryReader",
     "Scan",
@@ -27,10 +26,6 @@ __all__ = [
 ]
 
 Buffer = bytes | bytearray | memoryview
-
-#: Below this many bytes of output a compression ratio is not judged: a small, very
-#: compressible file (a config full of zeros) is not a bomb.
-RATIO_FLOOR = 1 << 20
 
 # Past this many findings in one report, further ones are counted, not listed.
 _MAX_FINDINGS = 200
@@ -178,6 +173,20 @@ class Scan:
             )
             return "unknown"
         return self._dispatch(self, data, location, depth, siblings, base)
+
+    def probe(self, data: Buffer, location: str, depth: int) -> None:
+        """Scan ``data``, another loader's reading of a part already scanned, for evidence of an
+        attack only: its critical findings join this scan, the rest is dropped (a lenient
+        reader that gets garbage from a part another reader loads fine changes nothing)."""
+        side = Scan(self.limits, self._dispatch)
+        side.unpacked = self.unpacked
+        side.nested(data, location, depth)
+        self.unpacked = side.unpacked
+        for finding in side._findings:
+            if finding.severity is Severity.CRITICAL:
+                self.add(finding.severity, finding.location, finding.message)
+        if side._omitted.get(Severity.CRITICAL):
+            self.critical(location, "more evidence of an attack was found than is listed")
 
     def report(self, fmt: str) -> ScanReport:
         findings = list(self._findings)

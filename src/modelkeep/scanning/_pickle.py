@@ -4,9 +4,10 @@ PyTorch checkpoints and NumPy ``.npy`` files.
 Every pickle stream in a file is analysed, not only the first: a loader such as
 ``torch.load`` reads several in a row, and a benign first stream followed by a malicious one is
 a known way past scanners. Bytes after the last stream that are not a pickle are reported, as
-nothing can be said about what they hold. Even a file whose pickles only use allowlisted,
-harmless constructors is ``unsafe-format``: pickle runs code on load by design, so modelkeep
-refuses it and says how to convert it.
+nothing can be said about what they hold. A file whose pickles only use allowlisted, harmless
+constructors, or those of well-known ML libraries (a scikit-learn pipeline), is
+``unsafe-format``, not malicious: pickle runs code on load by design, so modelkeep refuses it
+by format and says how to convert it.
 """
 
 from __future__ import annotations

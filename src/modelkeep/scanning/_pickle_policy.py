@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from modelkeep.scanning._pickle_libraries import is_plain
 from modelkeep.scanning._pickle_values import (
     Call,
     Global,
@@ -82,6 +83,30 @@ def _numbers(args: tuple[Any, ...], limit: int) -> str | None:
     return None
 
 
+def _plain(args: tuple[Any, ...], limit: int) -> str | None:
+    # Containers and value types built from constants and objects already shown harmless.
+    if len(args) > 4 or not is_plain(args):
+        return "is called with something other than plain data"
+    return None
+
+
+def _default_factory(args: tuple[Any, ...], limit: int) -> str | None:
+    # defaultdict(factory) calls factory for a missing key later, never while loading; only
+    # a plain type is accepted all the same.
+    if len(args) > 2 or (args and args[0] is not None and args[0] not in _FACTORIES):
+        return "is given a default factory other than a plain container or number type"
+    return _plain(args[1:], limit)
+
+
+def _range(args: tuple[Any, ...], limit: int) -> str | None:
+    # A range is lazy, but list(range(10**12)) or set(...) of it is an allocation bomb.
+    if not 1 <= len(args) <= 3 or not all(type(v) is int for v in args) or 0 in args[2:]:
+        return "is called with arguments that are not integers"
+    if len(range(*args)) > limit:
+        return f"spans more than {limit} numbers (an allocation bomb once filled in)"
+    return None
+
+
 def _codecs_encode(args: tuple[Any, ...], limit: int) -> str | None:
     # Pickle protocols 0-2 store bytes as _codecs.encode(text, "latin1"); nothing else is allowed.
     if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
@@ -96,8 +121,12 @@ def _np_reconstruct(args: tuple[Any, ...], limit: int) -> str | None:
 
 
 def _np_dtype(args: tuple[Any, ...], limit: int) -> str | None:
-    if not args or not isinstance(args[0], str) or len(args[0]) > 64 or len(args) > 3:
-        return "is called with something other than a short dtype name"
+    # A dtype name ("f8"), or a NumPy scalar type (numpy.record for record arrays).
+    first = args[0] if args else None
+    named = isinstance(first, str) and len(first) <= 64
+    typed = isinstance(first, Global) and first.module == "numpy"
+    if not (named or typed) or len(args) > 3:
+        return "is called with something other than a short dtype name or a NumPy type"
     return None
 
 
@@ -164,7 +193,15 @@ def _is_dtype(value: object) -> bool:
     )
 
 
-_NDARRAY_CLASSES = (Global("numpy", "ndarray"),)
+# ndarray and the subclasses NumPy itself pickles through _reconstruct.
+_NDARRAY_CLASSES = (
+    Global("numpy", "ndarray"),
+    Global("numpy", "matrix"),
+    Global("numpy", "recarray"),
+    Global("numpy.rec", "recarray"),
+    Global("numpy.ma.core", "MaskedArray"),
+    Global("numpy.char", "chararray"),
+)
 
 #: Element size in bytes of each PyTorch storage class a checkpoint may name.
 TORCH_STORAGE_SIZES: dict[str, int] = {
@@ -194,13 +231,33 @@ _TORCH_DTYPES = (
 )  # fmt: skip
 
 _CALL_ANY = Rule(callable=True, check=_any)
+_CALL_PLAIN = Rule(callable=True, check=_plain)
+_CALL_NUMBERS = Rule(callable=True, check=_numbers)
 ALLOWED: dict[tuple[str, str], Rule] = {
     ("collections", "OrderedDict"): _CALL_ANY,
+    ("collections", "defaultdict"): Rule(callable=True, check=_default_factory),
+    ("collections", "Counter"): _CALL_PLAIN,
+    ("collections", "deque"): _CALL_PLAIN,
+    ("builtins", "list"): _CALL_PLAIN,
+    ("builtins", "dict"): _CALL_PLAIN,
+    ("builtins", "tuple"): _CALL_PLAIN,
+    ("builtins", "int"): _CALL_NUMBERS,
+    ("builtins", "float"): _CALL_NUMBERS,
+    ("builtins", "str"): _CALL_NUMBERS,
+    ("builtins", "bool"): _CALL_NUMBERS,
+    ("datetime", "date"): _CALL_PLAIN,
+    ("datetime", "datetime"): _CALL_PLAIN,
+    ("datetime", "time"): _CALL_PLAIN,
+    ("datetime", "timedelta"): _CALL_PLAIN,
+    ("datetime", "timezone"): _CALL_PLAIN,
+    ("decimal", "Decimal"): _CALL_NUMBERS,
+    ("fractions", "Fraction"): _CALL_NUMBERS,
+    ("uuid", "UUID"): _CALL_PLAIN,
     ("builtins", "set"): _CALL_ANY,
     ("builtins", "frozenset"): _CALL_ANY,
     ("builtins", "complex"): Rule(callable=True, check=_numbers),
     ("builtins", "slice"): Rule(callable=True, check=_numbers),
-    ("builtins", "range"): Rule(callable=True, check=_numbers),
+    ("builtins", "range"): Rule(callable=True, check=_range),
     ("builtins", "bytearray"): Rule(callable=True, check=_no_ints),
     ("builtins", "bytes"): Rule(callable=True, check=_no_ints),
     ("builtins", "object"): Rule(),
@@ -220,6 +277,10 @@ ALLOWED: dict[tuple[str, str], Rule] = {
     ("torch", "Size"): Rule(callable=True, check=_torch_small),
     ("torch", "device"): Rule(callable=True, check=_torch_small),
 }
+_FACTORIES = (
+    *(Global("builtins", name) for name in ("list", "dict", "set", "int", "float", "str", "tuple")),
+    Global("collections", "OrderedDict"),
+)
 for _core in ("numpy.core.multiarray", "numpy._core.multiarray"):
     ALLOWED[(_core, "_reconstruct")] = Rule(callable=True, check=_np_reconstruct)
     ALLOWED[(_core, "scalar")] = Rule(callable=True, check=_np_scalar)

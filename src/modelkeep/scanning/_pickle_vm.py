@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 from modelkeep.scanning._context import MemoryReader, Scan
+from modelkeep.scanning._pickle_libraries import LIBRARIES, library_call_problem, library_of
 from modelkeep.scanning._pickle_policy import ALLOWED, TORCH_STORAGE_SIZES, danger
 from modelkeep.scanning._pickle_stack import Broken, StackMachine
 from modelkeep.scanning._pickle_values import (
@@ -60,6 +61,8 @@ class StreamResult:
     protocol: int = 0
     joblib: bool = False
     storages: list[StorageRef] = field(default_factory=list)
+    #: Well-known ML libraries whose constructors the stream uses (``_pickle_libraries``).
+    libraries: set[str] = field(default_factory=set)
 
 
 def run_stream(
@@ -125,6 +128,13 @@ class _Machine(StackMachine):
             self._broken("values are nested too deeply to analyse")
         self.result.end = self.reader.tell()
         self.result.protocol = self.proto
+        if self.result.libraries:
+            names = ", ".join(LIBRARIES[top] for top in sorted(self.result.libraries))
+            self.scan.info(
+                self.location,
+                f"builds objects with constructors of {names}, which the scanner shows harmless "
+                "to construct; the file is refused as pickle all the same",
+            )
         return self.result
 
     def _broken(self, reason: str) -> None:
@@ -144,7 +154,12 @@ class _Machine(StackMachine):
             elif module in _compat_pickle.IMPORT_MAPPING:
                 module = _compat_pickle.IMPORT_MAPPING[module]
         found = Global(module, name)
-        if (module, name) not in ALLOWED:
+        if (module, name) in ALLOWED:
+            return found
+        library = library_of(found)
+        if library is not None:
+            self.result.libraries.add(library)
+        else:
             reason = danger(module, name)
             shown = describe(found, 100)
             if reason is not None:
@@ -184,6 +199,16 @@ class _Machine(StackMachine):
     def _judge_call(self, target: Global, args: tuple[Any, ...], op: str) -> bool:
         rule = ALLOWED.get((target.module, target.name))
         shown = describe(target, 100)
+        if rule is None and library_of(target) is not None:
+            problem = library_call_problem(target, args, self.limit)
+            if problem is not None:
+                self.scan.critical(
+                    self.where,
+                    f"{op} calls {shown}{_args_text(args)}, a name of a well-known ML library, "
+                    f"but it {problem}: the scanner cannot show this harmless. Do not load "
+                    f"this file; {_CONVERT}",
+                )
+            return problem is None
         if rule is None or not rule.callable:
             self.scan.critical(
                 self.where,

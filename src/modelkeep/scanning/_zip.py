@@ -4,8 +4,15 @@ The layout is checked against the bytes before any member is read, because zip p
 disagree: a local header whose name differs from the central directory's, two members sharing
 bytes (the overlapping-file zip bomb), bytes that belong to no member (where a second archive
 can hide from a scanner that reads the central directory only), data after the end record.
-Then sizes and ratios are checked from the central directory, so a bomb is refused before it is
-inflated; zipfile itself enforces the declared sizes and CRC-32 while reading.
+Then the declared sizes are checked against ``max_total_bytes``, so a bomb is refused before it
+is inflated; reading stops at the declared size.
+
+A member is read the way each loader would read it (``_zip_readers``): by ``zipfile`` (CRC-32
+checked), and when ``zipfile`` refuses it (a wrong CRC-32, an unusual flag bit), the way
+PyTorch's reader and lenient unzip tools do; when the local header disagrees with the central
+directory on method or sizes, what a streaming reader gets is analysed too, and so are the
+members a streaming reader finds in bytes the central directory leaves out. Only a member no
+reader can load is an error.
 """
 
 from __future__ import annotations
@@ -18,9 +25,18 @@ import zipfile
 from collections.abc import Callable
 
 from modelkeep.scanning._archive import Member, check_members, scan_members
-from modelkeep.scanning._context import RATIO_FLOOR, Buffer, MemoryReader, Scan, join
+from modelkeep.scanning._context import Buffer, MemoryReader, Scan, join, show
 from modelkeep.scanning._pickle import UNSAFE_PICKLE, scan_torch_pickle
 from modelkeep.scanning._pickle_policy import TORCH_STORAGE_SIZES
+from modelkeep.scanning._zip_readers import (
+    TooLarge,
+    Unreadable,
+    local_header,
+    read_central,
+    read_local,
+    scan_hidden,
+)
+from modelkeep.scanning.report import Severity
 
 __all__ = ["OpenZip", "scan_zip"]
 
@@ -35,18 +51,22 @@ _CHUNK = 1 << 20
 class OpenZip:
     """An opened, layout-checked zip; the family scanners read members through it."""
 
-    def __init__(self, scan: Scan, zf: zipfile.ZipFile, location: str) -> None:
+    def __init__(self, scan: Scan, zf: zipfile.ZipFile, location: str, view: memoryview) -> None:
         self.scan = scan
         self.zf = zf
         self.location = location
+        self.view = view
         self.infos = list(zf.infolist())
+        # Members only a streaming reader could read, analysed that way already.
+        self.read_locally: set[str] = set()
 
     def read(self, info: zipfile.ZipInfo, keep: bool = True) -> bytes | None:
-        """The member's bytes (CRC checked), or None after a finding. ``keep=False`` only
-        verifies it, in pieces, and returns b""."""
+        """The member's bytes as loaders read them, or None after a finding. ``keep=False``
+        only verifies it, in pieces, and returns b""."""
         where = join(self.location, info.filename)
         if info.compress_type != zipfile.ZIP_STORED and not self.scan.charge(info.file_size, where):
             return None
+        # 1. As Python's zipfile reads it (numpy, skops, Keras): CRC-32 and headers checked.
         try:
             with self.zf.open(info) as handle:
                 if keep:
@@ -54,15 +74,68 @@ class OpenZip:
                 while handle.read(_CHUNK):
                     pass
                 return b""
-        except zipfile.BadZipFile as exc:
-            self.scan.high(where, f"the member is corrupt ({_short(exc)}); it was not analysed")
-        except NotImplementedError:
-            self.scan.high(where, "the member uses a compression method this scanner cannot read")
-        except RuntimeError:
-            self.scan.high(where, "the member is encrypted; it cannot be analysed")
-        except Exception as exc:  # zlib.error, lzma.LZMAError, OSError, EOFError...
-            self.scan.high(where, f"the member cannot be read ({_short(exc)})")
-        return None
+        except Exception as exc:  # BadZipFile, NotImplementedError, RuntimeError, zlib.error...
+            refused = show(_short(exc), 160)  # zipfile's message quotes the member's name
+        # 2. As PyTorch's reader and lenient unzip tools read it: no CRC-32, central sizes.
+        try:
+            content = read_central(self.view, info)
+        except Unreadable as exc:
+            lenient = str(exc)
+        else:
+            self.scan.add(
+                Severity.LOW,
+                where,
+                f"Python's zipfile (numpy, skops, Keras) refuses this member ({refused}), but "
+                "PyTorch's reader and lenient unzip tools read it: what they read was analysed",
+            )
+            return content if keep else b""
+        # 3. As streaming unzip tools read it: the local header's method, sizes and flags.
+        self.read_locally.add(info.filename)
+        try:
+            local = read_local(
+                self.view, info, self.scan.limits.max_total_bytes - self.scan.unpacked
+            )
+        except (Unreadable, TooLarge):
+            local = None
+        if local is None:
+            self.scan.high(
+                where,
+                f"no reader can load this member: Python's zipfile refuses it ({refused}) and "
+                f"readers that check less cannot decode it ({lenient}); it was not analysed",
+            )
+            return None
+        self.scan.add(
+            Severity.LOW,
+            where,
+            f"only streaming unzip tools, which trust the local header, can read this member "
+            f"(Python's zipfile: {refused}; PyTorch's reader: {lenient}): what they read was "
+            "analysed",
+        )
+        return local if keep else b""
+
+    def local_readings(self) -> list[tuple[zipfile.ZipInfo, bytes]]:
+        """What streaming readers get from local headers that disagree with the central
+        directory (method, sizes, flags): each such member with the bytes read its local way."""
+        readings: list[tuple[zipfile.ZipInfo, bytes]] = []
+        for info in self.infos:
+            if info.filename in self.read_locally:
+                continue
+            where = join(self.location, info.filename)
+            cap = self.scan.limits.max_total_bytes - self.scan.unpacked
+            try:
+                content = read_local(self.view, info, cap)
+            except Unreadable:
+                continue  # that reader fails on it; nothing it could load
+            except TooLarge as exc:
+                self.scan.critical(
+                    where,
+                    f"read by its local header, the member unpacks past max_total_bytes "
+                    f"({exc}): a decompression bomb for streaming unzip tools",
+                )
+                continue
+            if content is not None and self.scan.charge(len(content), where):
+                readings.append((info, content))
+        return readings
 
     def peek(self, info: zipfile.ZipInfo) -> bytes:
         try:
@@ -114,7 +187,7 @@ def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
         scan.high(location, f"not a readable zip archive ({_short(exc)})")
         return "zip"
     with zf:
-        archive = OpenZip(scan, zf, location)
+        archive = OpenZip(scan, zf, location, view)
         # 1. Member count, before anything else is looked at.
         if len(archive.infos) > scan.limits.max_members:
             scan.critical(
@@ -125,14 +198,17 @@ def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
             return "zip"
         # 2. The bytes: every member where the central directory says, nothing shared, nothing
         #    hidden between them or after the end.
-        layout_ok = _check_layout(scan, view, archive.infos, location)
-        # 3. Sizes and ratios as declared, before inflating anything.
+        gaps: list[tuple[int, int, str]] = []
+        layout_ok = _check_layout(scan, view, archive.infos, location, gaps)
+        scan_hidden(scan, view, gaps, depth)
+        # 3. Sizes as declared, before inflating anything.
         sizes_ok = _check_sizes(scan, archive.infos, location)
         # 4. Names, duplicates, links, encryption.
         members = archive.members()
         names_ok = check_members(scan, members, location)
         for info in archive.infos:
-            if info.flag_bits & 0x1:
+            local = local_header(view, info.header_offset)
+            if info.flag_bits & 0x1 and (local is None or local.flags & 0x1):
                 scan.high(
                     join(location, info.filename), "the member is encrypted; it cannot be analysed"
                 )
@@ -143,17 +219,34 @@ def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
         scanner = _FAMILIES.get(family)
         if scanner is None:
             scan_members(scan, members, location, depth)
+        else:
+            scanner(scan, archive, members, data, depth)
+        # 6. What streaming readers get where a local header disagrees with the directory.
+        for info, content in archive.local_readings():
+            where = f"{join(location, info.filename)} (as its local header reads)"
+            scan.add(
+                Severity.LOW,
+                where,
+                "the local header disagrees with the central directory on method, sizes or "
+                "flags: streaming unzip tools read other bytes, which were searched for attacks",
+            )
+            scan.record_file(where)
+            scan.probe(content, where, depth + 1)
+        if scanner is None:
             return "npz" if family == "npz" else "zip"
-        scanner(scan, archive, members, data, depth)
         return family
 
 
 def _check_layout(
-    scan: Scan, view: memoryview, infos: list[zipfile.ZipInfo], location: str
+    scan: Scan,
+    view: memoryview,
+    infos: list[zipfile.ZipInfo],
+    location: str,
+    gaps: list[tuple[int, int, str]],
 ) -> bool:
     """Report layout problems; False when members must not be read (shared bytes, names that
-    differ between headers, a broken header). Unclaimed bytes are reported, and the members
-    are still scanned."""
+    differ between headers, a broken header). Bytes no member claims are added to ``gaps``
+    (start, end, location), and the members are still scanned."""
     ok = True
     end_record = _end_record(view)
     if end_record is None:
@@ -172,16 +265,12 @@ def _check_layout(
             )
             return False
         if offset > expected:
-            scan.high(
-                where,
-                f"{offset - expected} bytes before this member belong to no member: "
-                "hidden data that tools reading the archive differently would see",
-            )
+            gaps.append((expected, offset, where))
         header = bytes(view[offset : offset + 30])
         if len(header) < 30 or not header.startswith(_LOCAL):
             scan.high(where, "the member's local header is missing or damaged")
             return False
-        flags, method = struct.unpack("<HH", header[6:10])
+        (flags,) = struct.unpack("<H", header[6:8])
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         local_raw = bytes(view[offset + 30 : offset + 30 + name_len])
         local_name = local_raw.decode("utf-8" if flags & 0x800 else "cp437", "replace")
@@ -191,12 +280,6 @@ def _check_layout(
                 f"the local header names this member {local_name[:80]!r}: tools "
                 "that read local headers extract a different file than those that "
                 "read the central directory",
-            )
-            ok = False
-        if method != info.compress_type:
-            scan.critical(
-                where,
-                "the local header and the central directory disagree on the compression method",
             )
             ok = False
         data_end = offset + 30 + name_len + extra_len + info.compress_size
@@ -212,11 +295,7 @@ def _check_layout(
         scan.critical(location, "member data overlaps the central directory")
         return False
     if cd_start > expected:
-        scan.high(
-            location,
-            f"{cd_start - expected} bytes between the last member and the "
-            "central directory belong to no member: hidden data",
-        )
+        gaps.append((expected, cd_start, location))
     if end_of_archive != len(view):
         scan.high(
             location,
@@ -263,13 +342,6 @@ def _check_sizes(scan: Scan, infos: list[zipfile.ZipInfo], location: str) -> boo
                 ok = False
             continue
         total += info.file_size
-        ratio = info.file_size / max(1, info.compress_size)
-        if info.file_size > RATIO_FLOOR and ratio > scan.limits.max_ratio:
-            scan.critical(
-                where,
-                f"expands {ratio:.0f} times (over max_ratio {scan.limits.max_ratio}): a zip bomb",
-            )
-            ok = False
     remaining = scan.limits.max_total_bytes - scan.unpacked
     if total > remaining:
         scan.critical(

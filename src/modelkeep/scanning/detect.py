@@ -12,6 +12,7 @@ or ``keras`` once its members are seen; a ``pickle`` kind becomes ``joblib`` or
 
 from __future__ import annotations
 
+import _compat_pickle
 import functools
 import importlib.util
 import io
@@ -56,6 +57,8 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _PICKLE_TEXT_STARTS = frozenset(
     b"(]})NIJKLMFGSTUVXBCPcghj\x82\x83\x84\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x95\x96\x97"
 )
+# Valid opcodes filling the whole peek window of a longer file make it a pickle.
+_TEXT_PICKLE_RUN = 64
 _IMPORTS = frozenset({"GLOBAL", "INST", "STACK_GLOBAL", "EXT1", "EXT2", "EXT4"})
 _CALLS = frozenset({"REDUCE", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD", "INST"})
 # Third-party packages a pickle payload may count on finding where the model is loaded.
@@ -107,7 +110,7 @@ def detect_format(data: bytes | bytearray | memoryview) -> str:
         return "safetensors"
     if len(head) >= 2 and head[0] == 0x80 and head[1] <= 5:
         return "pickle"
-    text_pickle = _text_pickle(head)  # once: it decodes up to 16 opcodes
+    text_pickle = _text_pickle(head, truncated=size > len(head))  # once: it decodes the peek
     if text_pickle == "strong":
         return "pickle"
     if _is_tar(head):
@@ -208,23 +211,26 @@ def _parses_as_onnx(head: bytes) -> bool:
     return bool(model.HasField("graph") and model.graph.node)
 
 
-def _text_pickle(head: bytes) -> str | None:
-    """How strongly ``head`` reads as a pickle without a PROTO header: ``strong``, ``weak`` or None.
+def _text_pickle(head: bytes, *, truncated: bool) -> str | None:
+    """How strongly ``head`` reads as a pickle without a PROTO header (protocols 0 and 1, which
+    are often plain text): ``strong``, ``weak`` or None.
 
     Strong: it imports a module that exists (standard library, installed, or a well-known ML
     package) and then calls or builds something (a payload runs even if the bytes after it are
-    broken), or it reaches its STOP importing only such modules (at least one). Strong evidence
-    wins over a tar or ONNX reading of the same bytes (a polyglot ``pickle.load`` would run).
-    Weak: it decodes as opcodes for a while, or imports only names no loader could find (a word
-    list that happens to start with ``c``); weak evidence wins over nothing but text.
+    broken); or it decodes as opcodes up to its STOP without importing names no loader could
+    find; or it decodes as opcodes for the whole peek window of a longer file. Strong evidence
+    wins over a text, tar or ONNX reading of the same bytes: ``pickle.load`` would read it.
+    Weak: it imports only names no loader could find (a word list that happens to start with
+    ``c``) or stops early; weak evidence wins over nothing but text.
     """
     if not head or head[0] not in _PICKLE_TEXT_STARTS:
         return None
     count = 0
     imported = False
     unknown = False
+    stream = io.BytesIO(head)
     try:
-        for opcode, arg, _pos in pickletools.genops(io.BytesIO(head)):
+        for opcode, arg, _pos in pickletools.genops(stream):
             count += 1
             name = opcode.name
             if name in _IMPORTS:
@@ -236,12 +242,14 @@ def _text_pickle(head: bytes) -> str | None:
             elif name in _CALLS and imported:
                 return "strong"
             if name == "STOP":
-                # Without imports a pickle cannot run code; text is as good a reading.
-                return "strong" if imported and not unknown else "weak"
-            if count >= 16:
-                return "weak"
+                return "weak" if unknown else "strong"
     except Exception:  # genops raises ValueError, struct.error, UnicodeDecodeError...
-        return None
+        # Cut by the peek window (the decoder ran out of bytes, not into a bad opcode) after
+        # a long run of valid opcodes: a large protocol 0 or 1 pickle.
+        cut = truncated and stream.tell() >= len(head)
+        if cut and count >= _TEXT_PICKLE_RUN and not unknown:
+            return "strong"
+        return "weak" if count >= 16 else None
     return None
 
 
@@ -251,6 +259,8 @@ def _known_import(arg: str) -> bool:
     if _IDENTIFIER.fullmatch(arg) is None:
         return False
     top = arg.split(" ", 1)[0].split(".", 1)[0]
+    # Python 2 names (__builtin__, copy_reg) are mapped by the loader, as in _compat_pickle.
+    top = _compat_pickle.IMPORT_MAPPING.get(top, top)
     return top in sys.stdlib_module_names or top in _ML_MODULES or _installed(top)
 
 

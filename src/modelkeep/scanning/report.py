@@ -4,10 +4,11 @@ The verdict is a contract that scripts rely on through the exit code of ``modelk
 
     verdict         exit  meaning
     safe            0     modelkeep would load it
-    malicious       1     evidence of code execution on load, a path escaping its directory,
-                          or a resource bomb
-    unsafe-format   2     a format that can run code when loaded, nothing malicious found
-    error           3     cannot be identified or parsed (completely); refused
+    malicious       1     only content that can do harm when loaded: code execution on load,
+                          a path escaping its directory, or a resource bomb
+    unsafe-format   2     refused by policy: a (pickle-based) format that can run code when
+                          loaded, nothing malicious found; the finding says how to convert
+    error           3     only what no loader could read either, or cannot be identified
 
 Every finding has a severity, and each severity stands for one verdict:
 
@@ -15,7 +16,7 @@ Every finding has a severity, and each severity stands for one verdict:
     info       safe             what was checked, approved types, notes
     low        safe             oddities that change nothing
     medium     unsafe-format    a format or feature that can run code when loaded
-    high       error            a part that could not be identified or analysed
+    high       error            a part no reader could load, or not identified or analysed
     critical   malicious        evidence of an attack or a bomb
 
 The verdict of a report is the worst verdict among its findings, with ``error`` ranked above
@@ -172,13 +173,12 @@ class ScanLimits:
 
     #: Total bytes the scan may unpack: decompressed archive members and compressed streams
     #: (joblib, gzip...). Members stored without compression are read in place and not counted.
-    #: An archive declaring more is a decompression bomb.
+    #: An archive declaring more, or a stream found inflating past it (decompression stops
+    #: there), is a decompression bomb. Compression ratios are not judged: a small, very
+    #: compressible member (a zero-initialised tensor) is fine.
     max_total_bytes: int = 8 * 1024**3
     #: Members one archive may hold (zip, tar, 7z, HDF5 objects).
     max_members: int = 10_000
-    #: Largest uncompressed/compressed ratio of one member or stream; only checked above 1 MiB of
-    #: output, so small and highly compressible files pass.
-    max_ratio: int = 200
     #: How deep containers may nest: archives in archives, compressed streams, embedded pickles.
     max_depth: int = 4
     #: Largest element count one declared tensor may have (ONNX, safetensors, GGUF, NumPy,
@@ -193,7 +193,6 @@ class ScanLimits:
         for name in (
             "max_total_bytes",
             "max_members",
-            "max_ratio",
             "max_depth",
             "max_tensor_elements",
             "max_alloc_elements",

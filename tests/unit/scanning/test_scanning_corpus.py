@@ -29,3 +29,34 @@ def test_corpus_covers_every_verdict_and_family(corpus: Path) -> None:
         name.split("/", 1)[0] for name, v in manifest.items() if v in ("safe", "unsafe-format")
     }
     assert expected_families - {"misc"} == benign
+
+
+#: Every format the scanner knows, each of which the real-library files must reach.
+REAL_FORMATS = {
+    "pickle", "joblib", "pytorch-zip", "pytorch-legacy", "numpy", "npz", "safetensors", "onnx",
+    "skops", "keras", "keras-h5", "gguf", "xgboost-json", "xgboost-ubj", "lightgbm-text", "tar",
+    "zip", "7z",
+}  # fmt: skip
+
+
+def test_real_library_files_cover_every_format_and_none_is_malicious(corpus: Path) -> None:
+    """At least 50 files written by the real libraries' own save functions, across every
+    format and every pickle protocol and joblib compressor: none is malicious."""
+    manifest: dict[str, str] = json.loads((corpus / "manifest.json").read_text())
+    real = sorted(name for name in manifest if "/real-" in name)
+    reports = {name: scan_path(corpus / name) for name in real}
+    assert len(real) >= 50
+    assert [name for name, report in reports.items() if report.verdict is Verdict.MALICIOUS] == []
+    assert {report.format for report in reports.values()} == REAL_FORMATS
+    assert {f"p{protocol}" for protocol in range(6)} <= {
+        name.rsplit("-", 1)[1].removesuffix(".pkl") for name in real if name.startswith("pickle/")
+    }
+    compressors = {name.rsplit("-", 1)[1] for name in real if name.startswith("joblib/real-random")}
+    assert {
+        "plain.joblib",
+        "zlib.joblib",
+        "gzip.joblib",
+        "bz2.joblib",
+        "lzma.joblib",
+    } <= compressors
+    assert "xz.joblib" in compressors

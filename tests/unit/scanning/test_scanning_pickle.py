@@ -203,3 +203,94 @@ def test_huge_integer_arguments_are_described_without_converting_them(asm: Modul
     huge = b"\x8b" + (100_000).to_bytes(4, "little") + b"\x01" * 100_000  # LONG4
     data = asm.P2 + asm.g("os", "getpid") + huge + asm.TUPLE1 + asm.REDUCE + asm.STOP
     assert any("-bit integer>" in m for m in critical_messages(data))
+
+
+# -- constructors of well-known ML libraries ----------------------------------------------------
+
+
+def test_scikit_learn_pipeline_is_refused_by_format_not_called_malicious() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features = np.arange(40.0).reshape(10, 4)
+    model = make_pipeline(StandardScaler(), LogisticRegression()).fit(features, [0, 1] * 5)
+    report = scan_bytes(pickle.dumps(model))
+    assert report.verdict == Verdict.UNSAFE_FORMAT
+    notes = [f.message for f in report.findings if f.severity is Severity.INFO]
+    assert any("constructors of scikit-learn" in m for m in notes)
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("numpy.lib._npyio_impl", "NpzFile"),  # opens a file by name
+        ("numpy", "memmap"),
+        ("pandas.io.parsers.readers", "TextFileReader"),
+        ("sklearn.datasets", "fetch_openml"),  # downloads
+        ("scipy._lib._ccallback", "LowLevelCallable"),  # native function pointers
+        ("torch.fx.graph_module", "reduce_graph_module"),  # runs the module's Python code
+        ("xgboost", "DMatrix"),  # reads a data file
+    ],
+)
+def test_dangerous_parts_of_ml_libraries_stay_malicious(
+    asm: ModuleType, module: str, name: str
+) -> None:
+    data = asm.P2 + asm.g(module, name) + asm.x("/etc/passwd") + asm.TUPLE1 + asm.REDUCE
+    assert scan_bytes(data + asm.STOP).verdict == Verdict.MALICIOUS
+
+
+def test_ml_library_function_may_be_referenced_but_not_called(asm: ModuleType) -> None:
+    referenced = asm.P2 + asm.EMPTY_DICT + asm.x("func") + asm.g("numpy", "log1p") + asm.SETITEM
+    assert scan_bytes(referenced + asm.STOP).verdict == Verdict.UNSAFE_FORMAT
+    called = asm.P2 + asm.g("numpy", "vectorize") + asm.g("numpy", "log1p") + asm.TUPLE1
+    messages = critical_messages(called + asm.REDUCE + asm.STOP)
+    assert any("is a function, not a class" in m for m in messages)
+
+
+def test_ml_class_given_a_function_to_its_constructor_is_malicious(asm: ModuleType) -> None:
+    # LinearOperator(matvec=...) calls matvec while it is made: a gadget for any function.
+    target = asm.g("scipy.sparse.linalg._interface", "LinearOperator")
+    data = asm.P2 + target + asm.g("numpy", "log1p") + asm.TUPLE1 + asm.REDUCE + asm.STOP
+    assert any("is passed the function numpy.log1p" in m for m in critical_messages(data))
+
+
+def test_booster_called_with_a_path_is_malicious_but_rebuilt_from_state_is_not(
+    asm: ModuleType,
+) -> None:
+    booster = asm.g("xgboost.core", "Booster")
+    called = asm.P2 + booster + asm.EMPTY_DICT + asm.x("/tmp/model") + asm.TUPLE2 + asm.REDUCE
+    assert scan_bytes(called + asm.STOP).verdict == Verdict.MALICIOUS
+    state = asm.EMPTY_DICT + asm.x("handle") + asm.cb(b"raw model") + asm.SETITEM
+    rebuilt = asm.P2 + booster + asm.EMPTY_TUPLE + asm.NEWOBJ + state + asm.BUILD
+    assert scan_bytes(rebuilt + asm.STOP).verdict == Verdict.UNSAFE_FORMAT
+
+
+def test_reconstructor_arguments_are_checked(asm: ModuleType) -> None:
+    # Cython's __pyx_unpickle_<Class> must be given a class of its own library.
+    unpickle = asm.g("sklearn.tree._tree", "__pyx_unpickle_Tree")
+    wrong = asm.g("os", "system") + asm.k(1) + asm.EMPTY_DICT + asm.TUPLE3
+    assert scan_bytes(asm.P2 + unpickle + wrong + asm.REDUCE + asm.STOP).verdict == (
+        Verdict.MALICIOUS
+    )
+    right = asm.g("sklearn.tree._tree", "Tree") + asm.k(1) + asm.EMPTY_DICT + asm.TUPLE3
+    assert scan_bytes(asm.P2 + unpickle + right + asm.REDUCE + asm.STOP).verdict == (
+        Verdict.UNSAFE_FORMAT
+    )
+
+
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_text_pickles_are_pickles_not_text(protocol: int) -> None:
+    report = scan_bytes(pickle.dumps({"weights": [0.5, 1.5], "name": "m"}, protocol=protocol))
+    assert (report.format, report.verdict) == ("pickle", Verdict.UNSAFE_FORMAT)
+    large = pickle.dumps([float(i) for i in range(20_000)], protocol=protocol)
+    assert len(large) > 64 * 1024  # longer than what format detection looks at
+    assert scan_bytes(large).format == "pickle"
+
+
+def test_range_filled_into_a_container_is_bounded(asm: ModuleType) -> None:
+    # set(range(2**40)): each call is allowlisted, together they allocate a terabyte.
+    huge = b"\x8a\x06" + (2**40).to_bytes(6, "little")  # LONG1
+    inner = asm.g("builtins", "range") + huge + asm.TUPLE1 + asm.REDUCE
+    data = asm.P2 + asm.g("builtins", "set") + inner + asm.TUPLE1 + asm.REDUCE + asm.STOP
+    assert any("allocation bomb" in m for m in critical_messages(data))

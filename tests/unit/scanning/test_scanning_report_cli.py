@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from modelkeep.scanning import (
     scan_bytes,
     scan_path,
 )
+from modelkeep.scanning.sarif import to_sarif
 
 
 def finding(severity: Severity) -> Finding:
@@ -116,3 +118,85 @@ def test_cli_malformed_command_line_is_exit_3_not_2() -> None:
     result = CliRunner().invoke(app, ["scan"])
     assert result.exit_code == 3
     assert result.stderr.startswith("error: Missing argument")
+
+
+# -- SARIF ------------------------------------------------------------------------------------
+
+_LEVELS = {"none", "note", "warning", "error"}
+
+
+def check_sarif_structure(log: dict[str, Any]) -> None:
+    """The parts of the SARIF 2.1.0 schema a log must satisfy, checked field by field (the
+    schema cannot be fetched at test time): required properties, their types and enums, and
+    that every result points at a rule the driver declares."""
+    assert {"version", "runs"} <= set(log)
+    assert log["version"] == "2.1.0"
+    assert log["$schema"].endswith("sarif-2.1.0.json")
+    assert isinstance(log["runs"], list)
+    for run in log["runs"]:
+        driver = run["tool"]["driver"]
+        assert isinstance(driver["name"], str)
+        assert driver["name"]
+        rules = driver["rules"]
+        ids = [rule["id"] for rule in rules]
+        assert len(set(ids)) == len(ids)
+        for rule in rules:
+            assert isinstance(rule["shortDescription"]["text"], str)
+            assert rule["defaultConfiguration"]["level"] in _LEVELS
+        for invocation in run["invocations"]:
+            assert isinstance(invocation["executionSuccessful"], bool)
+            assert isinstance(invocation["exitCode"], int)
+        for result in run["results"]:
+            assert isinstance(result["message"]["text"], str)
+            assert result["level"] in _LEVELS
+            assert ids[result["ruleIndex"]] == result["ruleId"]
+            for location in result["locations"]:
+                uri = location["physicalLocation"]["artifactLocation"]["uri"]
+                assert isinstance(uri, str)
+                assert " " not in uri
+                for logical in location["logicalLocations"]:
+                    assert isinstance(logical["fullyQualifiedName"], str)
+
+
+@pytest.mark.parametrize("verdict", ["safe", "malicious", "unsafe-format", "error"])
+def test_cli_sarif_is_valid_and_keeps_the_exit_code(files: dict[str, Path], verdict: str) -> None:
+    result = CliRunner().invoke(app, ["scan", "--format", "sarif", str(files[verdict])])
+    assert EXIT_CODES[Verdict(verdict)] == result.exit_code
+    log = json.loads(result.stdout)
+    check_sarif_structure(log)
+    run = log["runs"][0]
+    assert (verdict, result.exit_code) == (
+        run["properties"]["verdict"],
+        run["invocations"][0]["exitCode"],
+    )
+
+
+def test_sarif_results_name_rule_level_file_and_member(files: dict[str, Path]) -> None:
+    log = to_sarif(scan_path(files["malicious"]), files["malicious"])
+    results = log["runs"][0]["results"]
+    malicious = [r for r in results if r["ruleId"] == "modelkeep/malicious"]
+    assert malicious
+    assert {"error"} == {r["level"] for r in malicious}
+    location = malicious[0]["locations"][0]
+    assert files["malicious"].as_uri() == location["physicalLocation"]["artifactLocation"]["uri"]
+    assert location["logicalLocations"][0]["fullyQualifiedName"].startswith("evil.bin @ opcode")
+    # info findings say what was checked, not what is wrong: a safe file has no results.
+    assert to_sarif(scan_path(files["safe"]), files["safe"])["runs"][0]["results"] == []
+
+
+def test_sarif_of_a_directory_points_at_each_file(tmp_path: Path, asm: ModuleType) -> None:
+    (tmp_path / "sub dir").mkdir()
+    (tmp_path / "sub dir" / "evil.pkl").write_bytes(asm.os_system_p0())
+    log = to_sarif(scan_path(tmp_path), tmp_path)
+    check_sarif_structure(log)
+    uris = {
+        r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+        for r in log["runs"][0]["results"]
+    }
+    assert {(tmp_path / "sub dir" / "evil.pkl").as_uri()} == uris
+
+
+def test_cli_json_and_sarif_together_is_exit_3(files: dict[str, Path]) -> None:
+    result = CliRunner().invoke(app, ["scan", "--json", "--format", "sarif", str(files["safe"])])
+    assert result.exit_code == 3
+    assert result.stderr.startswith("error: --json and --format sarif")
