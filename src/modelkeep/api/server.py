@@ -109,6 +109,10 @@ def _serve(settings: Settings, cert: Path, key: Path) -> None:
         access_log=False,
         timeout_keep_alive=settings.keep_alive_timeout_s,
         timeout_graceful_shutdown=10,
+        # A worker answers the supervisor's ping only once it has imported the app; on a busy
+        # host that takes more than uvicorn's 5 s, and the worker was killed and restarted
+        # without end.
+        timeout_worker_healthcheck=30,
     )
 
 
