@@ -335,6 +335,10 @@ def route_table(data_dir: Path) -> list[tuple[str, str]]:
         service.stop()
 
 
+# Bodies that make a route succeed: a new key (201) is the response whose body is a secret.
+BODIES: dict[str, Any] = {"/api/v1/keys": {"role": "consumer"}}
+
+
 def test_every_route_answers_with_the_security_headers(server: Server) -> None:
     table = route_table(server.data_dir)
     assert ("POST", "/v2/models/{model}/infer") in table
@@ -347,13 +351,17 @@ def test_every_route_answers_with_the_security_headers(server: Server) -> None:
             path = re.sub(r"\{version\}", "1", path)
             path = re.sub(r"\{[^}]+\}", "x", path)
             for client in (anonymous, admin):
-                body = b"{}" if method in ("POST", "PUT", "PATCH") else None
-                r = client.request(method, path, content=body)
+                body = BODIES.get(path, {}) if method in ("POST", "PUT", "PATCH") else None
+                r = client.request(method, path, json=body)
                 assert_security_headers(r.headers, f"{method} {path}: {r.status_code}")
                 seen.add(r.status_code)
         # Refusals outside the route table: unknown path, wrong method, body too large,
         # and uvicorn's own answer to a malformed request.
+        key = admin.post("/api/v1/keys", json=BODIES["/api/v1/keys"]).json()["key"]
+        with server.client(key) as consumer:
+            forbidden = consumer.get("/api/v1/keys")
         extra = [
+            forbidden,
             admin.get("/no/such/route"),
             admin.request("DELETE", "/v2/health/ready"),
             admin.post("/v2/models/iris/infer", content=b"x" * (MAX_REQUEST + 1)),
@@ -372,7 +380,7 @@ def test_every_route_answers_with_the_security_headers(server: Server) -> None:
     status, headers = parse_head(asyncio.run(malformed()))
     assert status == 400
     assert_security_headers(headers, "uvicorn's 400")
-    assert {200, 201, 401, 404, 405, 413} <= seen
+    assert {200, 201, 401, 403, 404, 405, 413} <= seen
 
 
 # --- Connection caps ------------------------------------------------------------------------
