@@ -19,6 +19,11 @@ field whole before handing it over, so a 128 MB header was read into memory in f
    least ``body_min_rate`` bytes per second, unless the server itself paused reading or is
    yet to send ``100 Continue``; a slower body gets 408 (or, once a response has started, a
    plain close).
+7. Early answers: a response sent before its request's body arrived (a 401, a 413) ends the
+   connection; the rest of the body is not read.
+
+A connection given up on stops reading at once and is cut ``linger_s`` after its answer
+(``_end``), so a refused client neither gets more read nor holds the socket.
 
 The TLS handshake ends before a protocol sees its connection, so its timeout is the event
 loop's (``new_event_loop``). Timers cost nothing on the usual path: one is armed only when a
@@ -74,6 +79,8 @@ def current_limits() -> ConnectionLimits:
 
 class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     """uvicorn's httptools protocol (with coalesced writes) under ``ConnectionLimits``."""
+
+    linger_s = 1.0  # how long a refused client has to read the answer before the cut
 
     def __init__(self, *args: Any, limits: ConnectionLimits | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -228,9 +235,16 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         needed = self.limits.body_min_rate * self.limits.body_timeout_s
         return self._body_bytes - self._window_bytes >= needed
 
-    # The protocol's own answers.
+    # Ending a connection the protocol gives up on.
+    def on_response_complete(self) -> None:
+        if self._phase == BODY and not self.transport.is_closing():
+            # Answered before its body arrived (a 401, a 413): the rest is not read either.
+            self._end()
+            return
+        super().on_response_complete()
+
     def _answer_and_close(self, status: int, message: str, *extra: tuple[bytes, bytes]) -> None:
-        """Answer ``status`` if the request it is about has no response yet, and close.
+        """Answer ``status`` if the request it is about has no response yet, and end.
 
         While a body is read, ``cycle`` is that request's; otherwise it is the previous one's,
         which must have ended for an answer not to interleave with it. A request still in the
@@ -241,13 +255,28 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             answer = not cycle.response_started
         else:
             answer = cycle is None or cycle.response_complete
-        self._phase = CLOSED
         if answer:
             self.transport.write(self._answer(status, message, extra))
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
-        self.transport.close()
+        self._end()
+
+    def _end(self) -> None:
+        """Read nothing more, and cut the connection ``linger_s`` later.
+
+        Not ``close()``: a TLS close goes on reading, and discarding, what the client sends
+        until its close_notify comes or the TLS timeout passes, so a client streaming a
+        128 MB header would still have it all read. Paused, the connection takes in at most
+        the TLS layer's read buffer more; the wait gives the client time to read the answer
+        before the reset that closing a socket with unread data sends.
+        """
+        self._phase = CLOSED
+        self._unset_keepalive_if_required()
+        if self._timer is not None:
+            self._timer.cancel()
+        self.transport.pause_reading()
+        self._timer = self.loop.call_later(self.linger_s, self.transport.abort)
 
     def _answer(self, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...]) -> bytes:
         body = json.dumps({"error": message}).encode()
