@@ -19,8 +19,11 @@ field whole before handing it over, so a 128 MB header was read into memory in f
    least ``body_min_rate`` bytes per second, unless the server itself paused reading or is
    yet to send ``100 Continue``; a slower body gets 408 (or, once a response has started, a
    plain close).
-7. Early answers: a response sent before its request's body arrived (a 401, a 413) ends the
-   connection; the rest of the body is not read.
+
+A response sent before its request's body arrived (a 401 to a push without a key, a 413)
+leaves the connection reading the rest of the body as uvicorn does, discarded as it arrives
+and still under the body rate: clients send their whole body before they read, and cutting
+the connection would turn their 401 into a reset.
 
 A connection given up on stops reading at once and is cut ``linger_s`` after its answer
 (``_end``), so a refused client neither gets more read nor holds the socket.
@@ -236,13 +239,6 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         return self._body_bytes - self._window_bytes >= needed
 
     # Ending a connection the protocol gives up on.
-    def on_response_complete(self) -> None:
-        if self._phase == BODY and not self.transport.is_closing():
-            # Answered before its body arrived (a 401, a 413): the rest is not read either.
-            self._end()
-            return
-        super().on_response_complete()
-
     def _answer_and_close(self, status: int, message: str, *extra: tuple[bytes, bytes]) -> None:
         """Answer ``status`` if the request it is about has no response yet, and end.
 
