@@ -30,8 +30,9 @@ A connection given up on stops reading at once and is cut ``linger_s`` after its
 
 The TLS handshake ends before a protocol sees its connection, so its timeout is the event
 loop's (``new_event_loop``). Timers cost nothing on the usual path: one is armed only when a
-network read ends with a head or a body still incomplete, and it checks the state it finds
-when it fires instead of being cancelled and re-armed at every step.
+network read ends with a head or a body still incomplete (so a request that arrives in one
+read never arms one), it checks the state it finds when it fires, and it is dropped when its
+request has arrived.
 """
 
 from __future__ import annotations
@@ -89,16 +90,14 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.limits = limits or current_limits()
         self._phase = IDLE
-        self._head_room = self.limits.max_header_bytes
+        self._head_room = self.limits.max_header_bytes  # head bytes the parser may still take
         self._header_count = 0
         self._too_many_headers = False
-        self._head_started = 0.0
-        self._body_bytes = 0
-        self._seq = 0  # requests begun on this connection
+        self._body_bytes = 0  # counted from the reads that follow the head
+        self._paused = False  # reading was paused during the current body window
+        self._window_bytes = 0  # body bytes when the current window began
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_for = (IDLE, 0)  # (phase, seq) the timer was armed for
-        self._window_bytes = 0  # body bytes when the current rate window began
-        self._paused = False  # reading was paused during the current window
+        self._timer_phase = IDLE  # what the timer was armed for
 
     # 1. and 2. Connections, and the first idle wait.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -135,24 +134,33 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         if self._phase == CLOSED:
             return
         self._unset_keepalive_if_required()
-        while data:
+        if self._phase == BODY:
+            self._body_bytes += len(data)
+            self._feed(data)
+            if self.flow.read_paused:
+                self._paused = True
+        elif len(data) < self._head_room:
+            self._head_room -= len(data)
+            self._feed(data)
+        else:
+            self._feed_capped(data)
+        if self._phase == IDLE and self._head_room < self.limits.max_header_bytes:
+            self._phase = HEAD  # a head has begun and is not complete
+        if self._timer is None and self._phase in (HEAD, BODY):
+            self._arm()
+
+    def _feed_capped(self, data: bytes) -> None:
+        """Feed ``data`` a head's remaining room at a time; 431 once a head fills it."""
+        while data and self._phase != CLOSED:
             if self._phase == BODY:
                 part, data = data, b""
-            elif len(data) <= self._head_room:
-                part, data = data, b""
-                self._head_room -= len(part)
             else:
                 part, data = data[: self._head_room], data[self._head_room :]
-                self._head_room = 0
+                self._head_room -= len(part)
             self._feed(part)
-            if self._phase == CLOSED:
-                return
-            if self._head_room == 0 and self._phase != BODY:
+            if self._head_room == 0 and self._phase in (IDLE, HEAD):
                 # The cap is reached and the head is not complete: read nothing more.
                 self._answer_and_close(431, "the request headers are too large")
-                return
-        if self._timer is None and self._phase != IDLE:
-            self._arm()
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -171,13 +179,6 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
                 self.send_400_response("Invalid HTTP request received.")
 
     # Parser callbacks: each keeps uvicorn's and notes where the request is.
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._phase = HEAD
-        self._seq += 1
-        self._header_count = 0
-        self._head_started = self.loop.time()
-
     def on_header(self, name: bytes, value: bytes) -> None:
         # 4. Header count. Raising stops the parser; _feed answers 431.
         self._header_count += 1
@@ -195,33 +196,32 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._body_bytes = 0
         super().on_headers_complete()
 
-    def on_body(self, body: bytes) -> None:
-        self._body_bytes += len(body)
-        super().on_body(body)
-        if self.flow.read_paused:
-            self._paused = True
-
     def on_message_complete(self) -> None:
         self._phase = IDLE
         self._head_room = self.limits.max_header_bytes
+        self._header_count = 0
+        if self._timer is not None:  # it timed this request: the next one starts afresh
+            self._timer.cancel()
+            self._timer = None
         super().on_message_complete()
 
-    # 5. and 6. Head time and body rate.
+    # 5. and 6. Head time and body rate. Armed at the end of the read that began the head, so
+    # the head's deadline counts from its first byte.
     def _arm(self) -> None:
         if self._phase == HEAD:
-            delay = self._head_started + self.limits.header_timeout_s - self.loop.time()
+            delay = self.limits.header_timeout_s
         else:
             self._window_bytes, self._paused = self._body_bytes, False
             delay = self.limits.body_timeout_s
-        self._timer_for = (self._phase, self._seq)
-        self._timer = self.loop.call_later(max(delay, 0.0), self._on_timer)
+        self._timer_phase = self._phase
+        self._timer = self.loop.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._phase in (IDLE, CLOSED):
+        if self._phase not in (HEAD, BODY):
             return
-        if self._timer_for != (self._phase, self._seq):
-            self._arm()  # armed for a step that has ended since: time the current one
+        if self._phase != self._timer_phase:
+            self._arm()  # the head is complete: time the body from now
         elif self._phase == HEAD:
             self._answer_and_close(408, "the request headers did not arrive in time")
         elif self._body_progressing():
