@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from modelkeep.api._connections import ConnectionLimits, LimitedHttpToolsProtocol
+from modelkeep.api._connections import ConnectionLimits, LimitedHttpToolsProtocol, TlsTimeoutLoop
 from modelkeep.api.server import SECURITY_HEADERS
+from modelkeep.crypto.tls import create_tls_material, server_ssl_context
 
 LIMITS = ConnectionLimits(
     max_header_bytes=1024,
@@ -406,3 +409,42 @@ def test_the_protocols_own_answers_carry_the_default_headers() -> None:
         assert not any(line.startswith(b"server:") for line in head)
 
     asyncio.run(main())
+
+
+def test_a_request_that_arrives_in_one_read_arms_no_timer() -> None:
+    """The usual path costs no timer: only an unfinished head or body is timed."""
+
+    async def main() -> None:
+        protocol, sock, _ = connect()
+        protocol.data_received(post(5) + b"hello")
+        assert protocol._timer is None
+        await settle()
+        assert sock.status() == 200
+        protocol.data_received(post(5))  # head now, body in a later read: timed
+        assert protocol._timer is not None
+        protocol.data_received(b"hello")
+        assert protocol._timer is None
+
+    asyncio.run(main())
+
+
+def test_the_event_loop_gives_tls_servers_the_handshake_timeout(tmp_path: Path) -> None:
+    """A client that connects and never starts TLS is dropped after the timeout (not 60 s)."""
+    create_tls_material(tmp_path)
+    context = server_ssl_context(tmp_path / "server.pem", tmp_path / "server-key.pem")
+
+    async def main() -> float:
+        server = await asyncio.get_running_loop().create_server(
+            asyncio.Protocol, "127.0.0.1", 0, ssl=context
+        )
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), timeout=10) == b""
+        writer.close()
+        server.close()
+        return time.monotonic() - started
+
+    with asyncio.Runner(loop_factory=lambda: TlsTimeoutLoop(0.3)) as runner:
+        waited = runner.run(main())
+    assert 0.2 < waited < 5
