@@ -91,7 +91,6 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self.limits = limits or current_limits()
         self._phase = IDLE
         self._head_room = self.limits.max_header_bytes  # head bytes the parser may still take
-        self._header_count = 0
         self._too_many_headers = False
         self._body_bytes = 0  # counted from the reads that follow the head
         self._paused = False  # reading was paused during the current body window
@@ -181,8 +180,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     # Parser callbacks: each keeps uvicorn's and notes where the request is.
     def on_header(self, name: bytes, value: bytes) -> None:
         # 4. Header count. Raising stops the parser; _feed answers 431.
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
+        if len(self.headers) >= self.limits.max_headers:
             self._too_many_headers = True
             raise OverflowError("too many header fields")
         # uvicorn's on_header, inline: this runs for every header of every request.
@@ -199,7 +197,6 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._phase = IDLE
         self._head_room = self.limits.max_header_bytes
-        self._header_count = 0
         if self._timer is not None:  # it timed this request: the next one starts afresh
             self._timer.cancel()
             self._timer = None
