@@ -217,9 +217,9 @@ def test_100k_header_fields_get_431(server: Server) -> None:
 
 
 async def slowloris(server: Server) -> tuple[float, bytes]:
-    """Trickle a header, a byte every 0.4 s; (seconds from the first byte to the close, answer)."""
-    reader, writer = await open_tls(server)
+    """Trickle a header, a byte every 0.4 s; (seconds from connecting to the close, answer)."""
     started = time.monotonic()
+    reader, writer = await open_tls(server)
     writer.write(b"GET /api/v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     closed = asyncio.create_task(read_until_closed(reader, 60))
     while not closed.done():
@@ -234,16 +234,16 @@ async def slowloris(server: Server) -> tuple[float, bytes]:
 
 
 async def idle_tls(server: Server) -> tuple[float, bytes]:
-    reader, writer = await open_tls(server)
     started = time.monotonic()
+    reader, writer = await open_tls(server)
     answer = await read_until_closed(reader, 60)
     writer.transport.abort()
     return time.monotonic() - started, answer
 
 
 async def no_handshake(server: Server) -> tuple[float, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     answer = await read_until_closed(reader, 60)
     writer.transport.abort()
     return time.monotonic() - started, answer
@@ -275,7 +275,9 @@ def test_500_slowloris_idle_and_handshakeless_connections_are_closed_in_time(
 
     lorises, idles, raws, statuses = asyncio.run(main())
     assert len(lorises) + len(idles) + len(raws) == 500
-    # Closed by their own timeout: not before it, nor much after it.
+    # Closed by their own timeout: not before it, nor much after it. Times run from the
+    # client's connect, which precedes the server's clock, so "before" is exact; the client's
+    # own loop, busy with 500 handshakes, may see a close late, hence the slack after.
     assert off_time(lorises, TIMEOUT_S) == []
     assert off_time(idles, TIMEOUT_S) == []
     assert off_time(raws, TLS_TIMEOUT_S) == []
@@ -289,8 +291,8 @@ def test_500_slowloris_idle_and_handshakeless_connections_are_closed_in_time(
 
 
 def off_time(closures: list[tuple[float, bytes]], timeout: float) -> list[float]:
-    """The closure times outside [timeout - 0.5 s, timeout + SLACK_S]."""
-    return [round(s, 2) for s, _ in closures if not timeout - 0.5 <= s <= timeout + SLACK_S]
+    """The closure times outside [timeout, timeout + SLACK_S]."""
+    return [round(s, 2) for s, _ in closures if not timeout <= s <= timeout + SLACK_S]
 
 
 def test_a_body_at_one_byte_per_second_gets_408_within_the_body_deadline(server: Server) -> None:
