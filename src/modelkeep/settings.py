@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     runtime_threads: int = Field(default=1, ge=0, le=256)
 
     # --- Connections: limits and timeouts enforced before any request is authenticated ---
-    # (api/_transport.py; docs/limits.md "Connections" gives each default's reason).
+    # (api/_connections.py; docs/limits.md "Connections" gives each default's reason).
     # Request line plus headers of one request: past this, 431 and the connection is closed
     # without reading further, so an unauthenticated caller can make a worker hold no more.
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=MiB)
