@@ -557,6 +557,9 @@ def run(opts: Options) -> int:
         for bound in opts.max_queue:
             settings = {} if bound == DEFAULT_QUEUE else {"MODELKEEP_MAX_QUEUE": str(bound)}
             shown = "the default, unset" if not settings else "MODELKEEP_MAX_QUEUE"
+            # The load comes from one address with up to --cap connections: above the default
+            # per-client cap (200), which would refuse them before the queue is reached.
+            settings["MODELKEEP_MAX_CONNECTIONS_PER_CLIENT"] = str(opts.cap + 16)
             print(f"\nmax_queue {bound} ({shown}): starting modelkeep", flush=True)
             home = tmp / f"q{bound}"
             home.mkdir()

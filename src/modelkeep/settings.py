@@ -73,6 +73,35 @@ class Settings(BaseSettings):
     # directory (one host, collected before its workers start) is swept whole.
     push_max_duration_s: float = Field(default=3600.0, gt=0)
 
+    # --- Connections: limits and timeouts enforced before any request is authenticated ---
+    # (api/_connections.py; docs/limits.md "Connections" gives each default's reason).
+    # Request line plus headers of one request: past this, 431 and the connection is closed
+    # without reading further, so an unauthenticated caller can make a worker hold no more.
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=MiB)
+    # Header fields in one request: past this, 431 and close (each field costs a parse and a
+    # tuple, and no honest client sends more than a few dozen).
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    # Open connections per worker: a new one past this gets 503 and is closed at once, so a
+    # flood is refused quickly instead of holding sockets and memory without bound.
+    max_connections: int = Field(default=1000, ge=1, le=100_000)
+    # Open connections per worker from one client address (the same 503). Behind a proxy that
+    # does not keep client addresses, every client shares the proxy's: raise it there.
+    max_connections_per_client: int = Field(default=200, ge=1, le=100_000)
+    # Seconds a client has to finish the TLS handshake (asyncio's default is 60), and to answer
+    # the server's close_notify when a connection is closed.
+    tls_handshake_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Seconds from the first byte of a request to the end of its headers; past this, 408 and
+    # close. Stops slowloris clients that trickle a header forever.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # A request body must arrive at body_min_rate bytes per second or more, measured over each
+    # window of body_timeout_s seconds (windows in which the server paused reading do not
+    # count); a slower body is answered 408 and the connection closed.
+    body_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    body_min_rate: int = Field(default=1024, ge=1)
+    # Seconds a connection may stay open with no request started (after the handshake or the
+    # last response) before it is closed.
+    keep_alive_timeout_s: int = Field(default=5, ge=1, le=300)
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:

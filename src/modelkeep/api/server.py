@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import ssl
 import tempfile
@@ -22,11 +23,24 @@ from modelkeep.registry.upload import clear_staging
 from modelkeep.service import Service
 from modelkeep.settings import Settings
 
-from ._transport import CoalescingHttpToolsProtocol
+from ._connections import LimitedHttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
 APP_FACTORY = "modelkeep.api.app:create_app_from_env"
+LOOP_FACTORY = "modelkeep.api._connections:new_event_loop"
+
+# On every response, uvicorn's own error answers and the protocol's included (uvicorn adds
+# these to each response head it writes: one precomputed list, no work per request here).
+# Strict-Transport-Security: clients keep to HTTPS for a year. nosniff: a JSON body is never
+# run as a script. no-store: secrets, predictions and audit entries are kept by no cache in
+# between. default-src 'none': an API response loads nothing if a browser renders it.
+SECURITY_HEADERS = [
+    ("Strict-Transport-Security", "max-age=31536000"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+    ("Content-Security-Policy", "default-src 'none'"),
+]
 
 
 def tls_context_factory(config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
@@ -91,18 +105,39 @@ def run_server(settings: Settings) -> None:
 
 
 def _serve(settings: Settings, cert: Path, key: Path) -> None:
+    _allow_open_files(settings.max_connections)
     uvicorn.run(
         APP_FACTORY,
         factory=True,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        http=CoalescingHttpToolsProtocol,
+        http=LimitedHttpToolsProtocol,
+        loop=LOOP_FACTORY,
+        ws="none",
         ssl_certfile=str(cert),
         ssl_keyfile=str(key),
         ssl_context_factory=tls_context_factory,
         server_header=False,
+        headers=SECURITY_HEADERS,
         proxy_headers=False,
         access_log=False,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         timeout_graceful_shutdown=10,
+        # A worker answers the supervisor's ping only once it has imported the app; on a busy
+        # host that takes more than uvicorn's 5 s, and the worker was killed and restarted
+        # without end.
+        timeout_worker_healthcheck=30,
     )
+
+
+def _allow_open_files(max_connections: int) -> None:
+    """Raise the soft open-files limit, so max_connections is what refuses connections and not
+    a failing accept(); workers inherit it."""
+    wanted = max_connections + 256  # sockets, plus the database, blobs, logs and the runtime
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        if raised < wanted:
+            log.warning("open files are limited to %d; max_connections may not be reached", hard)
