@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -207,3 +208,20 @@ def test_a_label_move_is_seen_by_every_worker_within_a_second(multi: Server) -> 
         assert [(r.status_code, r.json().get("model_version")) for r in answers] == [
             (200, str(version))
         ] * len(answers)
+
+
+def test_a_client_with_a_few_connections_reaches_every_worker(multi: Server) -> None:
+    """Each worker listens on its own socket (SO_REUSEPORT): the kernel spreads connections.
+
+    With one shared socket, the worker already awake took every connection of a client that
+    opened them in a burst. 16 connections all hashed to one of 2 workers: odds 2 in 65,536.
+    """
+    connections = 16
+    with ExitStack() as stack:
+        clients = [stack.enter_context(multi.client(multi.admin_key)) for _ in range(connections)]
+        # All at once, as a load generator opens them.
+        with ThreadPoolExecutor(connections) as pool:
+            answers = list(pool.map(lambda c: c.get("/v2/health/live"), clients))
+        assert [200] * connections == [r.status_code for r in answers]
+        pids = Counter(serving_pid(multi, r) for r in answers)
+    assert multi.workers == len(pids), pids

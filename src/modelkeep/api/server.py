@@ -7,14 +7,16 @@ import logging
 import os
 import resource
 import shutil
+import socket
 import ssl
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from modelkeep.bootstrap import TLS_DIR
 from modelkeep.crypto import server_ssl_context
@@ -24,6 +26,7 @@ from modelkeep.service import Service
 from modelkeep.settings import Settings
 
 from ._connections import LimitedHttpToolsProtocol
+from ._workers import PerWorkerSocket, reserve_port
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ def run_server(settings: Settings) -> None:
 
 def _serve(settings: Settings, cert: Path, key: Path) -> None:
     _allow_open_files(settings.max_connections)
-    uvicorn.run(
+    config = uvicorn.Config(
         APP_FACTORY,
         factory=True,
         host=settings.host,
@@ -129,6 +132,29 @@ def _serve(settings: Settings, cert: Path, key: Path) -> None:
         # without end.
         timeout_worker_healthcheck=30,
     )
+    if settings.workers == 1:
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:
+            raise ConfigError("the server did not start (the log above says why)")
+        return
+    # Each worker listens on a socket of its own (SO_REUSEPORT), so that a client with a few
+    # connections is spread over every worker (see _workers.py).
+    try:
+        reserved, port = reserve_port(settings.host, settings.port)
+    except OSError as exc:
+        raise ConfigError(f"could not listen on {settings.host}:{settings.port}") from exc
+    try:
+        log.info(
+            "serving https://%s:%d with %d workers, one socket each",
+            settings.host,
+            port,
+            settings.workers,
+        )
+        sockets = cast("list[socket.socket]", [PerWorkerSocket(settings.host, port)])
+        Multiprocess(config, sockets=sockets).run()
+    finally:
+        reserved.close()
 
 
 def _allow_open_files(max_connections: int) -> None:
