@@ -337,13 +337,16 @@ def start_modelkeep(
     *,
     name: str = MODEL,
     settings: Mapping[str, str] | None = None,
+    workers: int = 1,
+    label: str = "modelkeep",
 ) -> Target:
-    """A fresh data dir under ``tmp``, ``modelkeep serve`` on it, ``model`` pushed as ``name``
-    (unsigned) and a consumer key for it. ``settings``: MODELKEEP_* variables for the server,
-    on top of the defaults (none by default)."""
+    """A fresh data dir under ``tmp``, ``modelkeep serve --workers N`` on it, ``model`` pushed
+    as ``name`` (unsigned) and a consumer key for it. ``settings``: MODELKEEP_* variables for the
+    server, on top of the defaults (none by default). ``label`` names the target in the output."""
     cli = BIN / "modelkeep"
     if not cli.exists():
         raise HarnessError(f"{cli} not found; run `make venv` first")
+    tmp.mkdir(parents=True, exist_ok=True)
     data_dir = tmp / "modelkeep-data"
     command = [str(cli), "init", "--data-dir", str(data_dir), "--json"]
     print(f"  $ {' '.join(command)}", flush=True)
@@ -356,7 +359,8 @@ def start_modelkeep(
 
     port = free_port()
     log = tmp / "modelkeep.log"
-    serve = [str(cli), "serve", "--data-dir", str(data_dir), "--port", str(port), "--workers", "1"]
+    serve = [str(cli), "serve", "--data-dir", str(data_dir), "--port", str(port)]
+    serve += ["--workers", str(workers)]
     proc = procs.start(pin.server(serve), log, {**server_env(), **(settings or {})})
     base = f"https://127.0.0.1:{port}"
     with httpx.Client(base_url=base, verify=context, timeout=60) as client:
@@ -402,7 +406,7 @@ def start_modelkeep(
             proc,
             log,
         )
-    return Target("modelkeep", base, consumer, context, proc, admin)
+    return Target(label, base, consumer, context, proc, admin)
 
 
 def start_bare(tmp: Path, model_path: Path, procs: Processes, pin: Pinning) -> Target:
@@ -765,6 +769,49 @@ def measure_all(targets: list[Target], points: dict[int, Point], loader: Loader)
                 print(f"  c={concurrency:<3} {target.name:<9} {line}", flush=True)
 
 
+WORKERS_CONCURRENCY = 8
+NO_PIN = Pinning(None, None)
+
+
+def measure_workers(
+    tmp: Path, model: bytes, procs: Processes, loader: Loader
+) -> dict[str, Any] | None:
+    """``--workers 1`` against ``--workers 2`` at concurrency 8, nothing pinned, in this run.
+
+    The question is whether a client holding a few keep-alive connections gets the CPU of
+    every worker (each worker has its own SO_REUSEPORT socket). Both servers and the load
+    generator share the machine's CPUs, so the 2-worker figure is bounded by what the load
+    generator leaves free; the ratio is the measure, not the absolute numbers.
+    """
+    opts = loader.opts
+    print(f"\nworkers: --workers 1 and 2 at concurrency {WORKERS_CONCURRENCY}, unpinned")
+    one = start_modelkeep(tmp / "w1", model, procs, NO_PIN, workers=1, label="mk-1worker")
+    two = start_modelkeep(tmp / "w2", model, procs, NO_PIN, workers=2, label="mk-2workers")
+    point = Point(WORKERS_CONCURRENCY)
+    for round_no in range(1, opts.rounds + 1):
+        for target in (one, two):
+            if opts.warmup:
+                warm = loader.run(target, WORKERS_CONCURRENCY, opts.warmup, f"w{round_no}-warmup")
+                point.add(target.name, warm, warmup=True)
+            result = loader.run(target, WORKERS_CONCURRENCY, opts.duration, f"w{round_no}")
+            point.add(target.name, result)
+            print(
+                f"  {target.name:<12} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
+                f"p99 {result.p99_ms:7.2f} ms",
+                flush=True,
+            )
+    single, double = point.summary(one.name), point.summary(two.name)
+    if single is None or double is None or not single["rps"]:
+        print(f"workers: FAILED ({point.errors})")
+        return None
+    scaling = double["rps"] / single["rps"]
+    print(
+        f"workers at c={WORKERS_CONCURRENCY} (median): 1 worker {single['rps']:,.0f} req/s, "
+        f"2 workers {double['rps']:,.0f} req/s: {scaling:.2f}x"
+    )
+    return {"concurrency": WORKERS_CONCURRENCY, "1": single, "2": double, "scaling": scaling}
+
+
 def _cell(summary: dict[str, float] | None, width: int) -> str:
     if summary is None:
         return f"{'FAILED':>{width}} {'-':>7} {'-':>7} {'-':>6}"
@@ -910,6 +957,10 @@ def run(opts: Options) -> int:
         # Both stay up for the whole run; only the one under load does work.
         measure_all([modelkeep, bare], points, Loader(opts, wrk, pin, bodies, tmp))
         procs.stop_all()
+        workers = None
+        if WORKERS_CONCURRENCY in opts.concurrency:
+            workers = measure_workers(tmp, model, procs, Loader(opts, wrk, NO_PIN, bodies, tmp))
+            procs.stop_all()
 
     meta = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -928,6 +979,7 @@ def run(opts: Options) -> int:
             "body": f"one-row V2 JSON (FP32 [1,4]), {BODY_ROWS} rows cycled",
         },
         "versions": versions(),
+        "workers": workers,
     }
     return 0 if report(points, opts, meta) else 1
 
