@@ -34,6 +34,7 @@ class RecordingClient:
         self.fail_part = fail_part
         self.in_flight = 0
         self.most_in_flight = 0
+        self.parts_done = 0
         self._lock = threading.Lock()
 
     def put_object(self, **kw: Any) -> dict[str, Any]:
@@ -51,6 +52,7 @@ class RecordingClient:
         time.sleep(0.02)  # long enough for the writer to fill the next part meanwhile
         with self._lock:
             self.in_flight -= 1
+            self.parts_done += 1
             self.calls.append(("part", (kw["PartNumber"], len(kw["Body"]))))
         if kw["PartNumber"] == self.fail_part:
             raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
@@ -78,14 +80,23 @@ def store_over(client: RecordingClient) -> S3BlobStore:
     return S3BlobStore(client, "bucket", "sealed", part_size=PART)  # type: ignore[arg-type]
 
 
-def writes(total: int, piece: int = 3 * MiB + 1) -> Callable[[BinaryIO], None]:
+def writes(
+    total: int, piece: int = 3 * MiB + 1, client: RecordingClient | None = None
+) -> Callable[[BinaryIO], None]:
+    """Writes ``total`` bytes; with ``client``, records in ``held`` the most bytes written but
+    not yet uploaded (what the store holds in memory)."""
+
     def write(out: BinaryIO) -> None:
         left = total
         while left:
             size = min(piece, left)
             assert out.write(b"\0" * size) == size
             left -= size
+            if client is not None:
+                held.append(total - left - client.parts_done * PART)
 
+    held: list[int] = []
+    write.held = held  # type: ignore[attr-defined]
     return write
 
 
@@ -95,9 +106,10 @@ def test_a_blob_smaller_than_a_part_is_one_put() -> None:
     assert client.calls == [("put_object", PART - 1)]
 
 
-def test_a_larger_blob_goes_in_parts_with_at_most_two_uploading_at_once() -> None:
+def test_a_larger_blob_goes_in_parts_holding_at_most_three_in_memory() -> None:
     client = RecordingClient()
-    store_over(client).put(KEY, writes(6 * PART + 10))
+    writer = writes(6 * PART + 10, client=client)
+    store_over(client).put(KEY, writer)
     assert client.names()[0] == "create"
     assert sorted(p for name, p in client.calls if name == "part") == [
         *[(n, PART) for n in range(1, 7)],
@@ -107,7 +119,9 @@ def test_a_larger_blob_goes_in_parts_with_at_most_two_uploading_at_once() -> Non
         "complete",
         [{"ETag": f'"e{n}"', "PartNumber": n} for n in range(1, 8)],
     )
-    assert client.most_in_flight <= 2
+    assert client.most_in_flight == 2
+    # Two parts uploading and one filling, never the whole blob.
+    assert max(writer.held) <= 3 * PART  # type: ignore[attr-defined]
     assert ("create", f"sealed/{KEY}") in client.calls
 
 
