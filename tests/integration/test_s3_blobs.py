@@ -13,13 +13,14 @@ import io
 import os
 import re
 import secrets
+import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from harness import Server, free_port, init_server, push
+from harness import MODELKEEP, Server, free_port, init_server, push
 
 from modelkeep.crypto import InMemoryKeyService
 from modelkeep.errors import IntegrityError, Unavailable
@@ -225,6 +226,25 @@ def test_wrong_credentials_are_refused_as_unavailable(
     store = s3_blob_store(settings_for(seaweedfs, prefix, tmp_path))
     with pytest.raises(Unavailable):
         store.put("ab" * 16, write_bytes(b"x"))
+
+
+def test_serve_refuses_to_start_when_the_store_is_unreachable(
+    tmp_path: Path, seaweedfs: SeaweedFS
+) -> None:
+    server = init_server(tmp_path)
+    env = {
+        **os.environ,
+        **seaweedfs.env,
+        "MODELKEEP_BLOB_URL": f"s3://{BUCKET}/x",
+        "MODELKEEP_BLOB_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+    }
+    args = ["serve", "--data-dir", str(server.data_dir), "--port", str(free_port())]
+    proc = subprocess.run(
+        [*MODELKEEP, *args], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert proc.returncode != 0
+    assert "error: the blob store is unavailable; try again later" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 # -- a real server on the object store -------------------------------------------------------
