@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError, ResponseStreamingError
 from pydantic import ValidationError
 
 from modelkeep.errors import ConfigError, IntegrityError, Unavailable
@@ -232,3 +232,59 @@ def test_settings_hold_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     settings = Settings(data_dir=tmp_path, blob_url="s3://bucket/x")
     assert "wJalrXUtnFEMI" not in repr(settings)
     assert "AKIDEXAMPLE" not in settings.model_dump_json()
+
+
+class FlakyBody:
+    """An object body that breaks after ``breaks_after`` bytes, as a dropped connection does."""
+
+    def __init__(self, data: bytes, breaks_after: int | None) -> None:
+        self.data = data
+        self.at = 0
+        self.breaks_after = breaks_after
+
+    def read(self, amount: int) -> bytes:
+        if self.breaks_after is not None and self.at >= self.breaks_after:
+            raise ResponseStreamingError(error="connection reset")
+        end = self.at + amount
+        if self.breaks_after is not None:
+            end = min(end, self.breaks_after)
+        chunk = self.data[self.at : end]
+        self.at += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        pass
+
+
+class ObjectClient:
+    """One stored object; records every GET's range; the first body breaks midway."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.ranges: list[tuple[str, str]] = []
+
+    def head_object(self, **kw: Any) -> dict[str, Any]:
+        return {"ContentLength": len(self.data), "ETag": '"v1"'}
+
+    def get_object(self, **kw: Any) -> dict[str, Any]:
+        self.ranges.append((kw["Range"], kw["IfMatch"]))
+        start = int(kw["Range"].removeprefix("bytes=").removesuffix("-"))
+        breaks = 3 * MiB if len(self.ranges) == 1 else None
+        return {"Body": FlakyBody(self.data[start:], breaks)}
+
+
+def test_a_read_resumes_where_a_broken_body_stopped_and_seeks_are_ranged_gets() -> None:
+    data = bytes(range(256)) * (20 * MiB // 256)
+    client = ObjectClient(data)
+    store = S3BlobStore(client, "bucket", part_size=PART)  # type: ignore[arg-type]
+    with store.open(KEY) as blob:
+        assert blob.seek(0, 2) == len(data)  # learning the size costs no GET
+        blob.seek(0)
+        assert blob.read() == data
+        blob.seek(7 * MiB + 3)
+        assert blob.read(5) == data[7 * MiB + 3 : 7 * MiB + 8]
+    assert client.ranges == [
+        ("bytes=0-", '"v1"'),
+        (f"bytes={3 * MiB}-", '"v1"'),
+        (f"bytes={7 * MiB + 3}-", '"v1"'),
+    ]
