@@ -288,3 +288,25 @@ def test_a_read_resumes_where_a_broken_body_stopped_and_seeks_are_ranged_gets() 
         (f"bytes={3 * MiB}-", '"v1"'),
         (f"bytes={7 * MiB + 3}-", '"v1"'),
     ]
+
+
+class ChangedObjectClient(ObjectClient):
+    def get_object(self, **kw: Any) -> dict[str, Any]:
+        raise ClientError({"Error": {"Code": "PreconditionFailed"}}, "GetObject")
+
+
+class ShortBodyClient(ObjectClient):
+    def get_object(self, **kw: Any) -> dict[str, Any]:
+        self.ranges.append((kw["Range"], kw["IfMatch"]))
+        return {"Body": FlakyBody(b"", None)}
+
+
+@pytest.mark.parametrize(("client_type", "gets"), [(ChangedObjectClient, 0), (ShortBodyClient, 3)])
+def test_an_object_that_changed_or_keeps_ending_early_is_unavailable(
+    client_type: type[ObjectClient], gets: int
+) -> None:
+    client = client_type(b"x" * MiB)
+    store = S3BlobStore(client, "bucket", part_size=PART)  # type: ignore[arg-type]
+    with store.open(KEY) as blob, pytest.raises(Unavailable):
+        blob.read()
+    assert len(client.ranges) == gets
