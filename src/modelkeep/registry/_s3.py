@@ -7,8 +7,7 @@ timestamps are all it can learn. Guarantees, as for the directory store:
   than a part, otherwise ``CompleteMultipartUpload``. A failed write aborts its multipart upload;
   one that a crash left behind is aborted by ``sweep_temporary`` when a server starts.
 - **Streamed both ways.** A write holds at most a few parts in memory, never the whole blob; a
-  read streams the object body a few chunks ahead of its reader and seeks with ranged GETs
-  pinned to the object's ETag.
+  read streams the object body and seeks with ranged GETs pinned to the object's ETag.
 - **Fail closed.** Every client error is translated where it enters: a missing object is an
   IntegrityError (as a missing file is), anything else from the store (unreachable, refused,
   throttled, timed out) is Unavailable (503) with details only in the log.
@@ -19,8 +18,6 @@ from __future__ import annotations
 import io
 import ipaddress
 import logging
-import queue
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -53,11 +50,8 @@ _MAX_PARTS = 10_000
 _MIN_PART_SIZE = 5 * MiB
 # Parts uploading while the next one fills: memory is (in flight + 1) parts per write.
 _PARTS_IN_FLIGHT = 2
-# A read that breaks mid-body is resumed from where it stopped, up to this many tries in a row.
+# A read that breaks mid-body is resumed from where it stopped this many times.
 _READ_ATTEMPTS = 3
-# Reads run this far ahead of the reader (in chunks of this size): what one open blob holds.
-_CHUNK_SIZE = 4 * MiB
-_CHUNKS_AHEAD = 3
 _RETRY_AFTER_S = 5.0
 _UNAVAILABLE = "the blob store is unavailable; try again later"
 _MISSING = "sealed artifact is missing"
@@ -349,9 +343,9 @@ class _PartWriter(io.RawIOBase):
 
 
 class _ObjectReader(io.RawIOBase):
-    """A seekable raw stream over one object, fetched a few chunks ahead of the reader.
+    """A seekable raw stream over one object: sequential reads share one streaming GET.
 
-    Seeking only moves the position; the next read starts a ranged GET from there, pinned to the
+    Seeking only moves the position; the next read opens a ranged GET from there, pinned to the
     ETag seen at open (a changed object answers 412 and reads as unavailable, never as a mix).
     """
 
@@ -362,7 +356,7 @@ class _ObjectReader(io.RawIOBase):
         self._size = size
         self._etag = etag
         self._position = 0
-        self._fetch: _Fetch | None = None
+        self._body: StreamingBody | None = None
 
     def readable(self) -> bool:
         return True
@@ -379,7 +373,7 @@ class _ObjectReader(io.RawIOBase):
         if position < 0:
             raise ValueError("negative seek position")
         if position != self._position:
-            self._stop_fetch()
+            self._drop_body()
             self._position = position
         return position
 
@@ -387,105 +381,44 @@ class _ObjectReader(io.RawIOBase):
         wanted = min(len(buffer), self._size - self._position)
         if wanted <= 0:
             return 0
-        if self._fetch is None:
-            self._fetch = _Fetch(self._store, self._name, self._etag, self._position, self._size)
-        count = self._fetch.readinto(memoryview(buffer)[:wanted])
-        self._position += count
-        return count
+        for attempt in range(1, _READ_ATTEMPTS + 1):
+            try:
+                data = self._open_body().read(wanted)
+            except ClientError as exc:  # refused (or the object changed): retrying won't help
+                self._drop_body()
+                _raise_unavailable("read", exc)
+            except BotoCoreError as exc:  # the connection broke: resume from the position
+                self._drop_body()
+                if attempt == _READ_ATTEMPTS:
+                    _raise_unavailable("read", exc)
+                time.sleep(0.1 * attempt)
+                continue
+            if not data:  # the body ended before the object's size: resume from here
+                self._drop_body()
+                continue
+            buffer[: len(data)] = data
+            self._position += len(data)
+            return len(data)
+        log.error("blob store: read failed (body ended early)")
+        raise Unavailable(_UNAVAILABLE, retry_after=_RETRY_AFTER_S)
 
-    def _stop_fetch(self) -> None:
-        if self._fetch is not None:
-            self._fetch.stop()
-            self._fetch = None
+    def _open_body(self) -> StreamingBody:
+        if self._body is None:
+            response = self._store.client.get_object(
+                Bucket=self._store.bucket,
+                Key=self._name,
+                Range=f"bytes={self._position}-",
+                IfMatch=self._etag,
+            )
+            self._body = response["Body"]
+        return self._body
+
+    def _drop_body(self) -> None:
+        if self._body is not None:
+            with suppress(Exception):
+                self._body.close()
+            self._body = None
 
     def close(self) -> None:
-        self._stop_fetch()
+        self._drop_body()
         super().close()
-
-
-class _Fetch:
-    """One object read from ``start`` to its end by a thread, at most a few chunks ahead.
-
-    Hand-written because boto3's managed download (``download_fileobj``) writes to a seekable
-    file and would hold the whole object; a load reads sealed segments as they arrive, so the
-    next chunks travel while the current ones are decrypted. A body that breaks mid-way is
-    resumed from where it stopped; anything else ends the read with its error.
-    """
-
-    def __init__(self, store: S3BlobStore, name: str, etag: str, start: int, size: int) -> None:
-        self._store = store
-        self._name = name
-        self._etag = etag
-        self._start = start
-        self._size = size
-        self._chunks: queue.Queue[bytes | Exception] = queue.Queue(_CHUNKS_AHEAD)
-        self._stopped = threading.Event()
-        self._current = memoryview(b"")
-        self._failed: Exception | None = None
-        threading.Thread(target=self._run, name="modelkeep-s3-read", daemon=True).start()
-
-    def readinto(self, buffer: memoryview) -> int:
-        """Copy the next bytes into ``buffer``; Unavailable if the object cannot be read."""
-        if not self._current:
-            item = self._failed or self._chunks.get()
-            if isinstance(item, Exception):
-                self._failed = item
-                _raise_unavailable("read", item)
-            self._current = memoryview(item)
-        count = min(len(buffer), len(self._current))
-        buffer[:count] = self._current[:count]
-        self._current = self._current[count:]
-        return count
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _run(self) -> None:
-        position, failures = self._start, 0
-        body: StreamingBody | None = None
-        try:
-            while position < self._size and not self._stopped.is_set():
-                error: Exception = _BodyEnded("the object body ended early")
-                try:
-                    if body is None:
-                        body = self._open(position)
-                    data = body.read(min(_CHUNK_SIZE, self._size - position))
-                except ClientError as exc:  # refused, or the object changed: retrying won't help
-                    self._put(exc)
-                    return
-                except BotoCoreError as exc:  # the connection broke: resume from the position
-                    data, error = b"", exc
-                if not data:
-                    body = None
-                    failures += 1
-                    if failures == _READ_ATTEMPTS:
-                        self._put(error)
-                        return
-                    time.sleep(0.1 * failures)
-                    continue
-                failures = 0
-                position += len(data)
-                self._put(data)
-        finally:
-            if body is not None:
-                with suppress(Exception):
-                    body.close()
-
-    def _open(self, position: int) -> StreamingBody:
-        return self._store.client.get_object(
-            Bucket=self._store.bucket,
-            Key=self._name,
-            Range=f"bytes={position}-",
-            IfMatch=self._etag,
-        )["Body"]
-
-    def _put(self, item: bytes | Exception) -> None:
-        # Waits for the reader to make room; gives up once the reader has gone.
-        while not self._stopped.is_set():
-            with suppress(queue.Full):
-                self._chunks.put(item, timeout=0.1)
-                return
-
-
-class _BodyEnded(Exception):
-    """The store sent fewer bytes than the object holds, on every try."""
