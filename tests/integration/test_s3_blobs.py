@@ -301,3 +301,39 @@ def test_a_server_keeps_its_sealed_models_in_the_bucket_across_a_restart(
         stored = client.get_object(Bucket=BUCKET, Key=name)["Body"].read()
         assert len(stored) > len(iris_onnx)
         assert needle not in stored
+
+
+def test_a_push_while_the_store_is_down_is_503_and_loaded_models_keep_serving(
+    tmp_path: Path, iris_onnx: bytes
+) -> None:
+    from modelkeep.testing import build_iris_onnx
+
+    # A store of its own, to stop: the session's serves the other tests.
+    with SeaweedFS(tmp_path / "seaweedfs") as own:
+        own.create_bucket("down")
+        (tmp_path / "mk").mkdir()
+        server = init_server(tmp_path / "mk")
+        server.extra_env = {
+            **own.env,
+            "MODELKEEP_BLOB_URL": "s3://down/x",
+            "MODELKEEP_BLOB_S3_ENDPOINT_URL": own.endpoint_url,
+            "MODELKEEP_BLOB_S3_ADDRESSING_STYLE": "path",
+        }
+        server.start()
+        try:
+            assert push(server, "iris", iris_onnx).status_code == 201
+            labels = infer(server)
+            own.stop()
+            r = push(server, "iris", build_iris_onnx(seed=1))
+            assert (r.status_code, r.json()) == (
+                503,
+                {"error": "the blob store is unavailable; try again later"},
+            )
+            assert r.headers["Retry-After"] == "5"
+            assert infer(server) == labels  # inference never touches the object store
+            with server.client(server.admin_key) as c:
+                listed = c.get("/api/v1/models/iris/versions").json()["versions"]
+            assert [v["version"] for v in listed] == [1]
+            assert "Traceback" not in server.log()
+        finally:
+            server.stop()
