@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv system-deps demo test test-unit lint bench bench-scan bench-extraction bench-overload cluster-demo clean
+.PHONY: venv system-deps demo test test-unit lint bench bench-scan bench-extraction bench-overload bench-storage cluster-demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench-extraction: $(STAMP)
 ## Twice the sustainable rate, open loop: the p99 of admitted requests and the share shed.
 bench-overload: $(STAMP)
 	$(BIN)/python bench/bench_overload.py
+
+## Loading a sealed 1 GiB model from SeaweedFS (S3) against a raw read of it; push peak RSS.
+bench-storage: $(STAMP)
+	$(BIN)/python bench/bench_storage.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

@@ -48,7 +48,7 @@ from modelkeep.errors import (
 from modelkeep.guard.admission import Admission
 from modelkeep.guard.gate import InferenceGate, shared_state_factory
 from modelkeep.policy import Action, Authorizer
-from modelkeep.registry.blobs import BlobStore, FileBlobStore
+from modelkeep.registry.blobs import BlobStore, blob_store_from
 from modelkeep.registry.intake import read_directory
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord, empty_snapshot
 from modelkeep.registry.registry import Registry
@@ -144,7 +144,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         service = cls(
             settings,
             store=store,
-            blobs=FileBlobStore(data_dir / BLOB_DIR),
+            blobs=blob_store_from(settings, data_dir / BLOB_DIR),
             keys=LocalKeyService.load(data_dir / KEK_FILE),
             audit=AuditLog(store.engine, signer=CheckpointSigner.load(data_dir / AUDIT_KEY_FILE)),
             gate=InferenceGate(

