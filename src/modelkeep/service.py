@@ -118,6 +118,8 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         self.gate = gate or InferenceGate(Admission())
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        # Set on SIGTERM (api/_drain.py): not ready any more, though requests are still served.
+        self.draining = False
         # Payload capture (opt-in per model): sealed and stored off the inference path.
         self.captures = CaptureStore(store)
         self.capture_writer: CaptureWriter[tuple[CaptureRecord, datetime]] = CaptureWriter(
@@ -294,7 +296,11 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
                     self._session(model.versions[number])
 
     def ready(self) -> bool:
-        return self._snapshot.generation >= 0
+        return not self.draining and self._snapshot.generation >= 0
+
+    def drain(self) -> None:
+        """Report not ready from now on: the process is shutting down."""
+        self.draining = True
 
     # -- identity ------------------------------------------------------------------------
 

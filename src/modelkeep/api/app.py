@@ -13,9 +13,11 @@ from starlette.types import ASGIApp
 from modelkeep import __version__
 from modelkeep.audit import tracing
 from modelkeep.audit.access import AccessLog, configure_access_log
+from modelkeep.audit.logs import configure_json_logging
 from modelkeep.service import Service
 from modelkeep.settings import Settings
 
+from . import _drain
 from ._auth import AuthenticationMiddleware, principal_of
 from ._errors import install_error_handlers
 from ._fast import FastInfer
@@ -29,8 +31,11 @@ from .policy import policy_router
 from .v2 import v2_router
 
 
-def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
-    """Build the app. With ``manage_lifecycle`` the app starts and stops the service's poller."""
+def create_app(
+    service: Service, *, manage_lifecycle: bool = True, drain_on_sigterm: bool = False
+) -> ASGIApp:
+    """Build the app. With ``manage_lifecycle`` the app starts and stops the service's poller;
+    with ``drain_on_sigterm`` (the server) SIGTERM drains it first (``api/_drain.py``)."""
 
     access_log = AccessLog() if service.settings.access_log else None
 
@@ -38,6 +43,8 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if manage_lifecycle:
             service.start()
+        if drain_on_sigterm:
+            _drain.install(service, service.settings.shutdown_delay_s)
         try:
             yield
         finally:
@@ -85,8 +92,9 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> ASGIApp:
 def create_app_from_env() -> ASGIApp:
     """Factory for uvicorn workers: settings come from MODELKEEP_* variables."""
     settings = Settings()  # data_dir comes from MODELKEEP_DATA_DIR
+    configure_json_logging()
     if settings.access_log:
         configure_access_log(cache=True)
     if settings.tracing:
         tracing.enable()
-    return create_app(Service.open(settings))
+    return create_app(Service.open(settings), drain_on_sigterm=True)

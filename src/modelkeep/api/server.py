@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import shutil
+import signal
 import ssl
 import tempfile
 from collections.abc import Callable
@@ -14,8 +16,9 @@ from typing import Any
 
 import uvicorn
 
-from modelkeep.bootstrap import TLS_DIR
+from modelkeep.audit.logs import configure_json_logging
 from modelkeep.crypto import server_ssl_context
+from modelkeep.crypto.tls import CertificateReloader
 from modelkeep.errors import ConfigError
 from modelkeep.service import Service
 from modelkeep.settings import Settings
@@ -28,8 +31,27 @@ APP_FACTORY = "modelkeep.api.app:create_app_from_env"
 
 
 def tls_context_factory(config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-    """uvicorn calls this in every worker: TLS 1.2 minimum and modelkeep's cipher list."""
-    return server_ssl_context(Path(config.ssl_certfile), Path(config.ssl_keyfile))
+    """uvicorn calls this in every worker: TLS 1.2 minimum and modelkeep's cipher list.
+
+    A rotated certificate is loaded into this same context without a restart: a check of
+    the files' identity every tls_reload_interval_s on the worker's event loop, which is also
+    the thread that starts handshakes with the context.
+    """
+    cert, key = Path(config.ssl_certfile), Path(config.ssl_keyfile)
+    context = server_ssl_context(cert, key)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not called by a serving worker: nothing to keep up to date
+        return context
+    reloader = CertificateReloader(context, cert, key)
+    interval = Settings().tls_reload_interval_s
+
+    def check() -> None:
+        reloader.check()
+        loop.call_later(interval, check)
+
+    loop.call_later(interval, check)
+    return context
 
 
 def _export(settings: Settings) -> None:
@@ -57,10 +79,10 @@ def prepare(settings: Settings) -> None:
 
 def run_server(settings: Settings) -> None:
     """Serve HTTPS until interrupted."""
-    tls = settings.data_dir / TLS_DIR
-    cert, key = tls / "server.pem", tls / "server-key.pem"
+    cert, key = settings.tls_files
     if not cert.is_file() or not key.is_file():
-        raise ConfigError("the data directory has no TLS certificate (run `modelkeep init`)")
+        raise ConfigError("no TLS certificate and key (run `modelkeep init` or mount them)")
+    configure_json_logging()
     prepare(settings)
     _export(settings)
     metrics_dir = None
@@ -68,6 +90,9 @@ def run_server(settings: Settings) -> None:
         # Workers are processes: their metrics meet in files (prometheus_client multiprocess).
         metrics_dir = tempfile.mkdtemp(prefix="modelkeep-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # uvicorn raises the SIGTERM it handled again once it has drained (see api/_drain.py);
+    # for a server that drained, that is a clean exit (status 0), as Kubernetes expects.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
     try:
         _serve(settings, cert, key)
     finally:
@@ -89,5 +114,6 @@ def _serve(settings: Settings, cert: Path, key: Path) -> None:
         server_header=False,
         proxy_headers=False,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        log_config=None,  # stdout JSON lines (audit/logs.py), set up before uvicorn starts
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
