@@ -13,8 +13,11 @@ RUN python3 -m venv /opt/modelkeep \
 COPY build/wheels/app/ /wheels/app/
 # The app goes in a layer of its own, so a code change does not reinstall the dependencies.
 # pip and setuptools are removed: nothing installs anything at run time.
+# Test suites and test data that libraries ship (scipy, numpy, onnx, ...) are removed too.
 RUN /opt/modelkeep/bin/pip install --quiet --no-index --no-cache-dir --no-deps /wheels/app/*.whl \
-    && /opt/modelkeep/bin/pip uninstall --quiet --yes pip setuptools wheel
+    && /opt/modelkeep/bin/pip uninstall --quiet --yes pip setuptools wheel \
+    && find /opt/modelkeep/lib -depth -type d \( -name tests -o -name test \) \
+        -path '*/site-packages/*' -exec rm -rf {} +
 
 # -- runtime: the interpreter, the virtual environment and tini; nothing else --------------
 FROM ${BASE_IMAGE}

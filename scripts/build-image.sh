@@ -28,8 +28,16 @@ if ! podman image exists "$BASE_TAG"; then
     tarball="$CACHE/base-bookworm.tar"
     if [ ! -s "$tarball" ]; then
         echo "build-image: making the Debian base with mmdebstrap (about a minute)"
-        # minbase: essential packages and apt only; apt lists and caches are left out.
+        # minbase: essential packages and apt only. Left out: recommended packages, manuals,
+        # translations and documentation except copyright files, apt's lists and caches, and
+        # usrmerge with the perl it needs (the merged-usr hook lays out /usr without it).
         mmdebstrap --quiet --variant=minbase --include="$BASE_PACKAGES" \
+            --aptopt='APT::Install-Recommends "false"' \
+            --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
+            --dpkgopt='path-exclude=/usr/share/man/*' \
+            --dpkgopt='path-exclude=/usr/share/locale/*' \
+            --dpkgopt='path-exclude=/usr/share/doc/*' \
+            --dpkgopt='path-include=/usr/share/doc/*/copyright' \
             --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
             bookworm "$CACHE/base-bookworm.partial.tar"
         mv "$CACHE/base-bookworm.partial.tar" "$tarball"

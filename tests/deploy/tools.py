@@ -66,9 +66,9 @@ def podman(
     )
 
 
-def render(*values: str, set_values: tuple[str, ...] = ()) -> str:
+def render(*values: str, release: str = "mk", set_values: tuple[str, ...] = ()) -> str:
     """`helm template` of the chart with the given values files (paths relative to the chart)."""
-    args = [str(helm()), "template", "mk", str(CHART), "--namespace", "models"]
+    args = [str(helm()), "template", release, str(CHART), "--namespace", "models"]
     for name in values:
         args += ["-f", str(CHART / name)]
     for item in set_values:
