@@ -45,15 +45,21 @@ if ! podman image exists "$BASE_TAG"; then
     podman import --quiet --change 'CMD ["/bin/bash"]' "$tarball" "$BASE_TAG" >/dev/null
 fi
 
-# Runtime wheels only (no [dev] extra), pinned by constraints.txt, made afresh each time from
-# pip's local cache. deps/ changes rarely, so the image layer that installs it stays cached;
-# app/ holds modelkeep's own wheel, installed in a layer of its own.
+# Runtime wheels only (no [dev] extra), pinned by constraints.txt. deps/ is made again only
+# when constraints.txt or pyproject.toml changed (the stamp records their digest), so the image
+# layer that installs it stays cached; app/ holds modelkeep's own wheel, made every time.
 wheels="build/wheels"
-rm -rf "$wheels"
-mkdir -p "$wheels/deps" "$wheels/app"
+stamp="$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+rm -rf "$wheels/app"
+mkdir -p "$wheels/app"
 "$PYTHON" -m pip wheel --quiet --no-deps -w "$wheels/app" .
-"$PYTHON" -m pip wheel --quiet -c constraints.txt -w "$wheels/deps" "$wheels"/app/modelkeep-*.whl
-rm -f "$wheels"/deps/modelkeep-*.whl
+if [ "$(cat "$wheels/deps.stamp" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf "$wheels/deps" "$wheels/deps.stamp"
+    mkdir -p "$wheels/deps"
+    "$PYTHON" -m pip wheel --quiet -c constraints.txt -w "$wheels/deps" "$wheels"/app/modelkeep-*.whl
+    rm -f "$wheels"/deps/modelkeep-*.whl
+    echo "$stamp" > "$wheels/deps.stamp"
+fi
 
 version="$("$PYTHON" -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')"
 revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"

@@ -47,7 +47,12 @@ def configure_json_logging(stream: TextIO | None = None, *, level: int = logging
     root.handlers = [handler]
     root.setLevel(level)
     # uvicorn's loggers keep their own handlers when it configured them earlier in the process.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers = []
         logger.propagate = True
+    # modelkeep's access log (audit.access) has the request lines; uvicorn writes its own
+    # only when this logger has somewhere to go.
+    access = logging.getLogger("uvicorn.access")
+    access.handlers = []
+    access.propagate = False

@@ -55,3 +55,9 @@ def test_an_exception_is_rendered_inside_the_line(stream: io.StringIO) -> None:
     [line] = _lines(stream)
     assert line["event"] == "refresh failed"
     assert "ValueError: boom" in str(line["exception"])
+
+
+def test_uvicorns_own_access_lines_stay_off(stream: io.StringIO) -> None:
+    """Requests are logged once, by modelkeep's access log, not again by uvicorn."""
+    logging.getLogger("uvicorn.access").info('127.0.0.1:5000 - "GET / HTTP/1.1" 200')
+    assert stream.getvalue() == ""
