@@ -52,7 +52,9 @@ wheels="build/wheels"
 stamp="$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 rm -rf "$wheels/app"
 mkdir -p "$wheels/app"
-"$PYTHON" -m pip wheel --quiet --no-deps -w "$wheels/app" .
+# A fixed timestamp makes the same code give the same wheel, so podman's layer cache holds.
+SOURCE_DATE_EPOCH="$(git log -1 --format=%ct 2>/dev/null || echo 315532800)" \
+    "$PYTHON" -m pip wheel --quiet --no-deps -w "$wheels/app" .
 if [ "$(cat "$wheels/deps.stamp" 2>/dev/null)" != "$stamp" ]; then
     rm -rf "$wheels/deps" "$wheels/deps.stamp"
     mkdir -p "$wheels/deps"
@@ -63,9 +65,11 @@ fi
 
 version="$("$PYTHON" -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])')"
 revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+source="$(git remote get-url origin 2>/dev/null || echo unknown)"
 podman build --quiet --format docker \
     --build-arg BASE_IMAGE="$BASE_TAG" \
     --build-arg VERSION="$version" \
     --build-arg REVISION="$revision" \
+    --build-arg SOURCE="$source" \
     --tag "$IMAGE" . >/dev/null
 podman image inspect "$IMAGE" --format 'image {{.Id}} size {{.Size}} bytes'
