@@ -8,12 +8,13 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS deps
 # --no-index: every wheel comes from the build context; pip's cache is not kept. pip and
 # setuptools are removed (nothing installs anything at run time), and so are the test suites
-# and test data that libraries ship (scipy, numpy, onnx, ...).
+# and test data that libraries ship (scipy, numpy, onnx, ...; pycryptodome's SelfTest holds
+# private keys).
 COPY build/wheels/deps/ /wheels/deps/
 RUN python3 -m venv /opt/modelkeep \
     && /opt/modelkeep/bin/pip install --quiet --no-index --no-cache-dir /wheels/deps/*.whl \
     && /opt/modelkeep/bin/pip uninstall --quiet --yes pip setuptools wheel \
-    && find /opt/modelkeep/lib -depth -type d \( -name tests -o -name test \) \
+    && find /opt/modelkeep/lib -depth -type d \( -name tests -o -name test -o -name SelfTest \) \
         -path '*/site-packages/*' -exec rm -rf {} +
 
 # -- app: modelkeep's own wheel, in a stage of its own so that a code change reuses the layers
