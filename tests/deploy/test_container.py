@@ -26,7 +26,8 @@ from tools import podman
 
 from modelkeep.testing import iris_rows
 
-pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+# The first module to use the image builds it: from scratch that takes minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.timeout(1500)]
 
 UID = "10001"
 HOST_GATEWAY = "10.0.2.2"  # slirp4netns' address for the host's loopback

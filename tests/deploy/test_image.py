@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from tools import podman
 
-pytestmark = pytest.mark.integration
+# The first module to use the image builds it: from scratch that takes minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 # A PEM private key block: the header followed by base64, not a mere mention of the header.
 _PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----\r?\n[A-Za-z0-9+/=]{40,}")

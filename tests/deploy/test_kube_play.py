@@ -18,7 +18,8 @@ import yaml
 from checks import load
 from tools import podman, render
 
-pytestmark = pytest.mark.integration
+# The first module to use the image builds it: from scratch that takes minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 _PROBE = (
     "import ssl, sys, urllib.request as r; c = ssl.create_default_context(); "
