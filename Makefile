@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv system-deps demo test test-unit lint bench bench-scan bench-extraction bench-overload bench-storage cluster-demo clean
+.PHONY: venv system-deps image test-deploy demo test test-unit lint bench bench-scan bench-extraction bench-overload bench-storage cluster-demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,15 @@ venv: $(STAMP)
 ## Debian packages the tests need (scripts/debian-packages.txt); installs only what is missing.
 system-deps:
 	bash scripts/system-deps.sh
+
+## The container image, built offline (Debian base by mmdebstrap, host-built wheels, podman);
+## prints its id and size. IMAGE=... names it (default localhost/modelkeep:dev).
+image: system-deps
+	bash scripts/build-image.sh
+
+## The image and chart tests alone: hadolint, helm, kubernetes-validate, checkov, podman.
+test-deploy: $(STAMP) system-deps
+	$(BIN)/python -m pytest tests/deploy
 
 ## Run a server on a fresh demo data dir with a signed sample model; prints a working request.
 demo: $(STAMP)

@@ -123,6 +123,8 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         self._wake = threading.Event()
         self._poller: threading.Thread | None = None
         self._listener = store.listener(self._wake.set)
+        # Set on SIGTERM (api/_drain.py): not ready any more, though requests are still served.
+        self.draining = False
         # Payload capture (opt-in per model): sealed and stored off the inference path.
         self.captures = CaptureStore(store)
         self.capture_writer: CaptureWriter[tuple[CaptureRecord, datetime]] = CaptureWriter(
@@ -310,7 +312,11 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
                     self._session(model.versions[number])
 
     def ready(self) -> bool:
-        return self._snapshot.generation >= 0
+        return not self.draining and self._snapshot.generation >= 0
+
+    def drain(self) -> None:
+        """Report not ready from now on: the process is shutting down."""
+        self.draining = True
 
     # -- identity ------------------------------------------------------------------------
 

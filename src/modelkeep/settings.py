@@ -118,6 +118,28 @@ class Settings(BaseSettings):
     # "path" for most S3-compatible servers; "auto" lets the client choose (AWS S3).
     blob_s3_addressing_style: Literal["auto", "virtual", "path"] = "auto"
 
+    # The server certificate (leaf first, then its chain) and its key; default: the files
+    # `modelkeep init` made in data_dir/tls. Replaced files (cert-manager, a symlink swap) are
+    # picked up without a restart, checked every tls_reload_interval_s.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_reload_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    # On SIGTERM: readiness answers 503 at once and requests are still served for
+    # shutdown_delay_s, for load balancers to stop sending (the Helm chart sets 5; none on a
+    # single machine); then no new connections, and requests in flight get shutdown_grace_s to
+    # finish. The chart's two together stay under Kubernetes' 30 s default.
+    shutdown_delay_s: float = Field(default=0.0, ge=0, le=60)
+    shutdown_grace_s: int = Field(default=20, ge=1, le=300)
+
+    @property
+    def tls_files(self) -> tuple[Path, Path]:
+        """The server certificate chain and key files in use."""
+        tls = self.data_dir / "tls"
+        return (
+            self.tls_cert_file or tls / "server.pem",
+            self.tls_key_file or tls / "server-key.pem",
+        )
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:

@@ -17,9 +17,11 @@ from modelkeep.audit import tracing
 from modelkeep.audit.access import AccessLog, configure_access_log
 from modelkeep.bootstrap import TLS_DIR
 from modelkeep.crypto.tls import SERVER_CERT_FILE
+from modelkeep.audit.logs import configure_json_logging
 from modelkeep.service import Service
 from modelkeep.settings import Settings
 
+from . import _drain
 from ._auth import AuthenticationMiddleware, principal_of
 from ._certwatch import watch_certificate
 from ._errors import install_error_handlers
@@ -35,10 +37,15 @@ from .v2 import v2_router
 
 
 def create_app(
-    service: Service, *, manage_lifecycle: bool = True, tls_certfile: Path | None = None
+    service: Service,
+    *,
+    manage_lifecycle: bool = True,
+    drain_on_sigterm: bool = False,
+    tls_certfile: Path | None = None,
 ) -> ASGIApp:
     """Build the app. With ``manage_lifecycle`` the app starts and stops the service's poller;
-    with ``tls_certfile`` it watches when that certificate expires (metric and log warning)."""
+    with ``drain_on_sigterm`` (the server) SIGTERM drains it first (``api/_drain.py``); with
+    ``tls_certfile`` it watches when that certificate expires (metric and log warning)."""
 
     access_log = AccessLog() if service.settings.access_log else None
 
@@ -46,6 +53,8 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if manage_lifecycle:
             service.start()
+        if drain_on_sigterm:
+            _drain.install(service, service.settings.shutdown_delay_s)
         watch = None
         if tls_certfile is not None:
             watch = asyncio.create_task(watch_certificate(tls_certfile, service.metrics))
@@ -98,10 +107,11 @@ def create_app(
 def create_app_from_env() -> ASGIApp:
     """Factory for uvicorn workers: settings come from MODELKEEP_* variables."""
     settings = Settings()  # data_dir comes from MODELKEEP_DATA_DIR
+    configure_json_logging()
     if settings.access_log:
         configure_access_log(cache=True)
     if settings.tracing:
         tracing.enable()
     return create_app(
-        Service.open(settings), tls_certfile=settings.data_dir / TLS_DIR / SERVER_CERT_FILE
+        Service.open(settings), drain_on_sigterm=True, tls_certfile=settings.tls_files[0]
     )

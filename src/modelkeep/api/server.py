@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import resource
 import shutil
 import socket
+import signal
 import ssl
 import tempfile
 from collections.abc import Callable
@@ -18,8 +20,9 @@ from typing import Any, cast
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from modelkeep.bootstrap import TLS_DIR
+from modelkeep.audit.logs import configure_json_logging
 from modelkeep.crypto import server_ssl_context
+from modelkeep.crypto.tls import CertificateReloader
 from modelkeep.errors import ConfigError
 from modelkeep.registry.upload import clear_staging
 from modelkeep.service import Service
@@ -47,8 +50,27 @@ SECURITY_HEADERS = [
 
 
 def tls_context_factory(config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-    """uvicorn calls this in every worker: TLS 1.2 minimum and modelkeep's cipher list."""
-    return server_ssl_context(Path(config.ssl_certfile), Path(config.ssl_keyfile))
+    """uvicorn calls this in every worker: TLS 1.2 minimum and modelkeep's cipher list.
+
+    A rotated certificate is loaded into this same context without a restart: a check of
+    the files' identity every tls_reload_interval_s on the worker's event loop, which is also
+    the thread that starts handshakes with the context.
+    """
+    cert, key = Path(config.ssl_certfile), Path(config.ssl_keyfile)
+    context = server_ssl_context(cert, key)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not called by a serving worker: nothing to keep up to date
+        return context
+    reloader = CertificateReloader(context, cert, key)
+    interval = Settings().tls_reload_interval_s
+
+    def check() -> None:
+        reloader.check()
+        loop.call_later(interval, check)
+
+    loop.call_later(interval, check)
+    return context
 
 
 def _export(settings: Settings) -> None:
@@ -89,10 +111,10 @@ def prepare(settings: Settings) -> None:
 
 def run_server(settings: Settings) -> None:
     """Serve HTTPS until interrupted."""
-    tls = settings.data_dir / TLS_DIR
-    cert, key = tls / "server.pem", tls / "server-key.pem"
+    cert, key = settings.tls_files
     if not cert.is_file() or not key.is_file():
-        raise ConfigError("the data directory has no TLS certificate (run `modelkeep init`)")
+        raise ConfigError("no TLS certificate and key (run `modelkeep init` or mount them)")
+    configure_json_logging()
     prepare(settings)
     _export(settings)
     metrics_dir = None
@@ -100,6 +122,9 @@ def run_server(settings: Settings) -> None:
         # Workers are processes: their metrics meet in files (prometheus_client multiprocess).
         metrics_dir = tempfile.mkdtemp(prefix="modelkeep-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # uvicorn raises the SIGTERM it handled again once it has drained (see api/_drain.py);
+    # for a server that drained, that is a clean exit (status 0), as Kubernetes expects.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
     try:
         _serve(settings, cert, key)
     finally:
@@ -125,8 +150,9 @@ def _serve(settings: Settings, cert: Path, key: Path) -> None:
         headers=SECURITY_HEADERS,
         proxy_headers=False,
         access_log=False,
+        log_config=None,  # stdout JSON lines (audit/logs.py), set up before uvicorn starts
         timeout_keep_alive=settings.keep_alive_timeout_s,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
         # A worker answers the supervisor's ping only once it has imported the app; on a busy
         # host that takes more than uvicorn's 5 s, and the worker was killed and restarted
         # without end.

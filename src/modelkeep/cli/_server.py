@@ -203,6 +203,48 @@ def tls_renew(
     out.say(f"renewed the server certificate; it expires {expires:%Y-%m-%d %H:%M} UTC")
 
 
+db_app = typer.Typer(help="The metadata database's schema.", no_args_is_help=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            metavar="DIR",
+            help="Data directory whose SQLite database to upgrade (env MODELKEEP_DATA_DIR).",
+            show_default=False,
+            file_okay=False,
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            metavar="URL",
+            help="PostgreSQL URL (env MODELKEEP_DATABASE_URL).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Apply the database migrations this version needs; does nothing if there are none.
+
+    Safe to run again and before every upgrade (the Helm chart's pre-upgrade Job runs it).
+
+    Example: modelkeep db upgrade --database-url postgresql+psycopg://...
+    """
+    given = {"data_dir": data_dir, "database_url": database_url}
+    settings = _settings({name: value for name, value in given.items() if value is not None})
+    store_class = cast(Any, _server_part("modelkeep.registry.store", "MetadataStore"))
+    store = store_class(settings.effective_database_url)
+    try:
+        store.migrate()
+    finally:
+        store.close()
+    out.say("the database schema is up to date")
+
+
 def _settings(given: dict[str, Any]) -> Settings:
     """Settings from the options given; the environment fills the rest (pydantic-settings)."""
     from pydantic import ValidationError

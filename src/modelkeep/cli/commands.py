@@ -487,6 +487,7 @@ app.command(name="init", epilog=EPILOG, rich_help_panel="Server")(_server.init)
 app.command(name="serve", epilog=EPILOG, rich_help_panel="Server")(_server.serve)
 app.add_typer(_audit.audit_app, name="audit", rich_help_panel="Server")
 app.add_typer(_server.tls_app, name="tls", rich_help_panel="Server")
+app.add_typer(_server.db_app, name="db", rich_help_panel="Server")
 app.command(name="sign", epilog=EPILOG, rich_help_panel="Signing")(_sign.sign)
 app.command(name="keygen", epilog=EPILOG, rich_help_panel="Signing")(_sign.keygen)
 app.command(name="scan", cls=_scan.ScanCommand, epilog=_scan.EPILOG, rich_help_panel="Scanning")(

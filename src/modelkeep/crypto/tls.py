@@ -3,8 +3,9 @@
 ``create_tls_material`` makes a private CA and a server certificate it signs, so a fresh install
 serves HTTPS from its first start and clients can verify it by trusting one file, ``ca.pem``.
 ``server_ssl_context`` is the one place that decides protocol versions, cipher suites and
-key-exchange groups. ``renew_server_certificate`` issues a fresh server certificate from the same
-CA (``modelkeep tls renew``), and ``certificate_not_after`` tells when one expires.
+key-exchange groups; ``CertificateReloader`` swaps a rotated certificate into a live context.
+``renew_server_certificate`` issues a fresh server certificate from the same CA
+(``modelkeep tls renew``), and ``certificate_not_after`` tells when one expires.
 
 The profile follows Mozilla's "intermediate" server configuration (docs/tls.md):
 TLS 1.2 and 1.3, forward-secret AEAD suites only, the groups X25519, P-256 and P-384, and server
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import logging
 import os
 import ssl
 from collections.abc import Sequence
@@ -32,11 +34,14 @@ from modelkeep.errors import ConfigError
 __all__ = [
     "TLS_CIPHERS",
     "TLS_GROUPS",
+    "CertificateReloader",
     "certificate_not_after",
     "create_tls_material",
     "renew_server_certificate",
     "server_ssl_context",
 ]
+
+log = logging.getLogger(__name__)
 
 # TLS 1.2 suites: forward secret (ECDHE) AEADs only. TLS 1.3 suites are all AEAD and are not
 # affected by this string. Exported so uvicorn can be given the very same one.
@@ -128,6 +133,45 @@ def server_ssl_context(
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise ConfigError("cannot load the TLS CA file") from exc
     return context
+
+
+class CertificateReloader:
+    """Loads a replaced certificate and key into a live server context.
+
+    cert-manager and the kubelet rotate a mounted certificate by swapping a symlink to a new
+    directory, so ``check`` compares what the paths resolve to (device, inode, size, mtime).
+    The new pair is tried in a scratch context first: a half-written or mismatched pair is
+    reported and the context keeps serving the old one until a later check succeeds.
+    Connections set up after a reload get the new certificate; open ones keep theirs.
+    """
+
+    def __init__(self, context: ssl.SSLContext, certfile: Path, keyfile: Path) -> None:
+        self._context = context
+        self._certfile = certfile
+        self._keyfile = keyfile
+        self._loaded = self._identity()
+
+    def _identity(self) -> tuple[tuple[int, int, int, int], ...] | None:
+        try:
+            stats = (os.stat(self._certfile), os.stat(self._keyfile))
+        except OSError:
+            return None  # between the two halves of a swap; look again next time
+        return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+    def check(self) -> bool:
+        """Reload if the files changed since the last load; returns whether it did."""
+        current = self._identity()
+        if current is None or current == self._loaded:
+            return False
+        try:
+            server_ssl_context(self._certfile, self._keyfile)
+            self._context.load_cert_chain(certfile=self._certfile, keyfile=self._keyfile)
+        except (ConfigError, OSError, ssl.SSLError, ValueError):
+            log.warning("the replaced TLS certificate or key cannot be loaded; keeping the old")
+            return False
+        self._loaded = current
+        log.info("TLS certificate reloaded")
+        return True
 
 
 def _ca_certificate(key: ec.EllipticCurvePrivateKey, issued_at: datetime) -> x509.Certificate:

@@ -1,0 +1,85 @@
+# modelkeep server image. Build with `make image` (scripts/build-image.sh), which makes the
+# wheels in build/wheels/ first and, offline, a local Debian base passed as BASE_IMAGE.
+# docs/deploy.md says how to run it hardened.
+# checkov:skip=CKV_DOCKER_7: the base is a build argument; make image passes a local tag
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# -- deps: a virtual environment from the host-built wheels, no network needed ------------
+FROM ${BASE_IMAGE} AS deps
+# --no-index: every wheel comes from the build context; pip's cache is not kept. pip and
+# setuptools are removed (nothing installs anything at run time), and so are the test suites
+# and test data that libraries ship (scipy, numpy, onnx, ...; pycryptodome's SelfTest holds
+# private keys).
+COPY build/wheels/deps/ /wheels/deps/
+RUN python3 -m venv /opt/modelkeep \
+    && /opt/modelkeep/bin/pip install --quiet --no-index --no-cache-dir /wheels/deps/*.whl \
+    && /opt/modelkeep/bin/pip uninstall --quiet --yes pip setuptools wheel \
+    && find /opt/modelkeep/lib -depth -type d \( -name tests -o -name test -o -name SelfTest \) \
+        -path '*/site-packages/*' -exec rm -rf {} +
+
+# -- app: modelkeep's own wheel, in a stage of its own so that a code change reuses the layers
+# above and below that hold the dependencies. ensurepip brings pip back from the base's bundled
+# wheel, offline, for this stage only.
+FROM deps AS app
+COPY build/wheels/app/ /wheels/app/
+RUN /opt/modelkeep/bin/python -m ensurepip --default-pip >/dev/null \
+    && /opt/modelkeep/bin/pip install --quiet --no-index --no-cache-dir --no-deps /wheels/app/*.whl \
+    && mkdir -p /app/site-packages /app/bin \
+    && mv /opt/modelkeep/lib/python3.11/site-packages/modelkeep \
+        /opt/modelkeep/lib/python3.11/site-packages/modelkeep-*.dist-info /app/site-packages/ \
+    && mv /opt/modelkeep/bin/modelkeep /app/bin/
+
+# -- runtime: the interpreter, the virtual environment and tini; nothing else --------------
+FROM ${BASE_IMAGE}
+# tini is PID 1: it forwards SIGTERM to modelkeep and reaps orphans. (Python as PID 1 would
+# ignore SIGTERM until its handlers are installed, e.g. during a long migration, and reaps
+# only its own children.) The offline Debian base already has it; other bases get it here.
+# hadolint ignore=DL3008
+RUN command -v tini >/dev/null \
+    || { apt-get update && apt-get install -y --no-install-recommends tini \
+         && rm -rf /var/lib/apt/lists/*; }
+
+# A fixed non-root user and group (10001), so volume ownership and runAsUser can name it.
+# Written directly: the minimal base has no useradd. /var/lib/modelkeep is the one place for
+# a data volume; the root filesystem can be mounted read-only.
+RUN echo "modelkeep:x:10001:10001:modelkeep:/nonexistent:/usr/sbin/nologin" >> /etc/passwd \
+    && echo "modelkeep:x:10001:" >> /etc/group \
+    && mkdir -p /var/lib/modelkeep \
+    && chown 10001:10001 /var/lib/modelkeep \
+    && chmod 0700 /var/lib/modelkeep
+
+COPY --from=deps /opt/modelkeep /opt/modelkeep
+COPY --from=app /app/site-packages/ /opt/modelkeep/lib/python3.11/site-packages/
+COPY --from=app /app/bin/modelkeep /opt/modelkeep/bin/modelkeep
+
+# Listen on every interface inside the container; the data directory is a subdirectory of the
+# volume so that `modelkeep init` can create it atomically there. No .pyc is written at run
+# time (the root filesystem is read-only; pip compiled them at build time).
+ENV PATH=/opt/modelkeep/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    MODELKEEP_HOST=0.0.0.0 \
+    MODELKEEP_PORT=8443 \
+    MODELKEEP_DATA_DIR=/var/lib/modelkeep/data
+
+USER 10001:10001
+WORKDIR /var/lib/modelkeep
+EXPOSE 8443
+
+# Liveness only (the process answers); the certificate is not checked for this local probe.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["/opt/modelkeep/bin/python", "-c", "import os, ssl, urllib.request as r; c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE; r.urlopen('https://127.0.0.1:' + os.environ.get('MODELKEEP_PORT', '8443') + '/v2/health/live', context=c, timeout=4)"]
+
+# Last, so that a new revision reuses every layer above.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=unknown
+LABEL org.opencontainers.image.title="modelkeep" \
+      org.opencontainers.image.description="A secure model server: authenticated, encrypted, signed and audited inference." \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENTRYPOINT ["/usr/bin/tini", "--", "/opt/modelkeep/bin/modelkeep"]
+CMD ["serve"]

@@ -1,0 +1,82 @@
+"""What is in the image: the app and its runtime, and none of what must not ship."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tools import podman
+
+# The first module to use the image builds it: from scratch that takes minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+
+# A PEM private key block: the header followed by base64, not a mere mention of the header.
+_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----\r?\n[A-Za-z0-9+/=]{40,}")
+_COMPILERS = {"gcc", "cc", "c++", "g++", "clang", "as", "ld", "cpp", "tcc", "rustc", "go"}
+
+
+@pytest.fixture(scope="module")
+def root(image: str) -> Iterator[Path]:
+    """The image's filesystem, mounted read-only on the host (podman image mount, as root)."""
+    path = Path(podman("image", "mount", image).stdout.strip())
+    try:
+        yield path
+    finally:
+        podman("image", "unmount", image, check=False)
+
+
+@pytest.fixture(scope="module")
+def files(root: Path) -> list[str]:
+    return sorted("/" + str(p.relative_to(root)) for p in root.rglob("*") if not p.is_symlink())
+
+
+def test_no_private_key(root: Path, files: list[str]) -> None:
+    found = []
+    for name in files:
+        path = root / name.lstrip("/")
+        small = path.is_file() and path.stat().st_size < 1_000_000 and not name.endswith(".so")
+        if small and _PRIVATE_KEY.search(path.read_bytes()):
+            found.append(name)
+    assert found == []
+
+
+def test_no_git_tests_or_test_data(files: list[str]) -> None:
+    assert [f for f in files if ".git" in Path(f).parts] == []
+    assert [f for f in files if re.search(r"/site-packages/.+/(tests?|SelfTest)/", f)] == []
+    # The project's own tree never reaches the image: only installed wheels do.
+    assert [f for f in files if f.startswith(("/wheels", "/app", "/build", "/tests", "/src"))] == []
+
+
+def test_no_compiler_and_no_installer(files: list[str]) -> None:
+    binaries = {Path(f).name for f in files if "/bin/" in f}
+    assert binaries & _COMPILERS == set()
+    assert [b for b in binaries if b.startswith(("gcc", "pip", "x86_64-linux-gnu-"))] == []
+    assert [
+        f for f in files if "/site-packages/pip/" in f or "/site-packages/setuptools/" in f
+    ] == []
+
+
+def test_no_package_caches(files: list[str]) -> None:
+    assert [f for f in files if f.startswith(("/root/.cache", "/var/cache/apt/archives/"))] == [
+        f for f in files if f == "/var/cache/apt/archives/partial"
+    ]
+    lists = [f for f in files if f.startswith("/var/lib/apt/lists/")]
+    assert [f for f in lists if Path(f).name not in ("partial", "lock")] == []
+
+
+def test_the_image_metadata(image: str) -> None:
+    [info] = json.loads(podman("image", "inspect", image).stdout)
+    config = info["Config"]
+    assert config["User"] == "10001:10001"
+    assert config["ExposedPorts"] == {"8443/tcp": {}}
+    assert config["Entrypoint"][:2] == ["/usr/bin/tini", "--"]
+    assert info["Healthcheck"]["Test"][0] == "CMD"
+    labels = config["Labels"]
+    for key in ("source", "version", "revision", "licenses"):
+        assert labels[f"org.opencontainers.image.{key}"], key
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    # Nothing secret in the environment the image brings.
+    assert [e for e in config["Env"] if re.search(r"(?i)key|token|secret|password|url", e)] == []
