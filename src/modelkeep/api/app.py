@@ -15,8 +15,6 @@ from starlette.types import ASGIApp
 from modelkeep import __version__
 from modelkeep.audit import tracing
 from modelkeep.audit.access import AccessLog, configure_access_log
-from modelkeep.bootstrap import TLS_DIR
-from modelkeep.crypto.tls import SERVER_CERT_FILE
 from modelkeep.audit.logs import configure_json_logging
 from modelkeep.service import Service
 from modelkeep.settings import Settings

@@ -8,8 +8,8 @@ import logging
 import os
 import resource
 import shutil
-import socket
 import signal
+import socket
 import ssl
 import tempfile
 from collections.abc import Callable

@@ -188,8 +188,8 @@ def tls_renew(
 ) -> None:
     """Issue a new server certificate and key from the data directory's CA (valid 366 days).
 
-    The names stay those of the current certificate; a running server uses the new one after
-    a restart.
+    The names stay those of the current certificate; a running server loads the new one within
+    MODELKEEP_TLS_RELOAD_INTERVAL_S (10 s).
 
     Example: modelkeep tls renew --data-dir ./data
     """
