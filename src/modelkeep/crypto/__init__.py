@@ -4,7 +4,12 @@ Safe, high-level functions only; the wire-format details live in private modules
 to verify is one opaque :class:`~modelkeep.errors.IntegrityError`.
 """
 
-from modelkeep.crypto.keyservice import InMemoryKeyService, KeyService, LocalKeyService
+from modelkeep.crypto.keyservice import (
+    InMemoryKeyService,
+    KeyService,
+    LocalKeyService,
+    open_key_service,
+)
 from modelkeep.crypto.sealed import (
     KEY_SIZE,
     SEGMENT_SIZE,
@@ -42,6 +47,7 @@ __all__ = [
     "generate_signing_key",
     "load_public_key",
     "new_data_key",
+    "open_key_service",
     "seal",
     "sealed_size",
     "server_ssl_context",

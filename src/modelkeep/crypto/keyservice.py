@@ -2,8 +2,12 @@
 
 Data keys never reach storage in the clear: they are wrapped by a :class:`KeyService`. The
 embedded default is :class:`LocalKeyService`, a 32-byte key file made by ``modelkeep init``;
-OpenBao/Vault Transit and AWS KMS adapters implement the same protocol. Rotating the KEK
-re-wraps data keys and never touches blobs.
+OpenBao/Vault Transit (``crypto._openbao``) and AWS KMS (``crypto._awskms``) implement the same
+protocol, and :func:`open_key_service` picks one from the settings. Rotating the KEK re-wraps
+data keys (``rewrap``) and never touches blobs.
+
+Every adapter fails closed: an unreachable, sealed or refusing key service raises
+:class:`~modelkeep.errors.KeyServiceError`, never a fallback to another key.
 
 Local wrapping is AES-256-GCM with a random 12-byte nonce and the caller's ``context`` as
 associated data::
@@ -26,9 +30,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from modelkeep.crypto.keyfiles import fsync_directory, write_new_file
-from modelkeep.errors import ConfigError, IntegrityError
+from modelkeep.errors import ConfigError, IntegrityError, InvalidInput
+from modelkeep.settings import Settings
 
-__all__ = ["InMemoryKeyService", "KeyService", "LocalKeyService"]
+__all__ = ["InMemoryKeyService", "KeyService", "LocalKeyService", "open_key_service"]
 
 KEK_SIZE = 32
 _FORMAT = b"\x01"
@@ -53,6 +58,20 @@ class KeyService(Protocol):
 
     def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
         """The data key, only if ``wrapped`` verifies under this KEK and ``context``."""
+        ...
+
+    def rewrap(self, wrapped: bytes, context: bytes) -> bytes:
+        """``wrapped`` wrapped again under the current KEK, bound to the same ``context``.
+
+        KeyServiceError (``retry_after`` None) if the KEK that wrapped it is gone.
+        """
+        ...
+
+    def rotate(self, *, new_key: bool) -> str:
+        """Make the newest KEK current, creating a new one first if ``new_key``; its key id.
+
+        InvalidInput if this key service cannot make a new KEK itself.
+        """
         ...
 
 
@@ -84,6 +103,19 @@ class _AesGcmKeyService:
             return self._aead.decrypt(nonce, wrapped[1 + _NONCE_SIZE :], context)
         except InvalidTag:
             raise IntegrityError(_FAILED) from None
+
+    def rewrap(self, wrapped: bytes, context: bytes) -> bytes:
+        """One KEK only: a fresh wrap under the same KEK (new nonce), after verifying the old."""
+        return self.wrap(self.unwrap(wrapped, context), context)
+
+    def rotate(self, *, new_key: bool) -> str:
+        """The one KEK is always current; a new one needs a key service (InvalidInput)."""
+        if new_key:
+            raise InvalidInput(
+                "the local key file cannot be rotated in place; use a key service "
+                "(OpenBao/Vault Transit or AWS KMS, see docs/scale-out.md)"
+            )
+        return self._key_id
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(key_id={self._key_id!r})"
@@ -140,3 +172,26 @@ class InMemoryKeyService(_AesGcmKeyService):
 
     def __init__(self, kek: bytes | None = None) -> None:
         super().__init__(os.urandom(KEK_SIZE) if kek is None else kek)
+
+
+def open_key_service(settings: Settings, local_key_file: Path) -> KeyService:
+    """The key service the settings name; ConfigError if they are incomplete or unsafe.
+
+    Building it contacts nothing: a replica starts while the key service is down, and every
+    load fails closed with KeyServiceError until it is back.
+    """
+    kind = settings.key_service
+    if kind == "local":
+        return LocalKeyService.load(local_key_file)
+    if kind == "openbao" or kind.startswith("openbao+"):
+        from modelkeep.crypto._openbao import TransitKeyService
+
+        return TransitKeyService.from_settings(settings)
+    if kind == "awskms" or kind.startswith("awskms:"):
+        from modelkeep.crypto._awskms import KmsKeyService
+
+        return KmsKeyService.from_settings(settings)
+    raise ConfigError(
+        "MODELKEEP_KEY_SERVICE must be local, openbao, awskms, "
+        "openbao+https://HOST:PORT/MOUNT/keys/NAME or awskms:KEY"
+    )

@@ -15,7 +15,7 @@ from functools import partial
 from typing import BinaryIO
 
 from modelkeep.crypto import KeyService, associated_data_for, new_data_key, seal, unseal
-from modelkeep.errors import Conflict, IntegrityError
+from modelkeep.errors import Conflict, IntegrityError, KeyServiceError
 from modelkeep.registry.blobs import BlobStore, new_blob_key
 from modelkeep.registry.records import VersionRecord, check_name
 from modelkeep.registry.store import MetadataStore, NewVersion, VersionDetails, VersionTaken
@@ -104,11 +104,20 @@ class Registry:
     def open_version(self, version: VersionRecord) -> bytes:
         """Decrypt a version into memory and check its digest; plaintext never touches disk.
 
-        Raises IntegrityError naming the model and version when anything fails to verify.
+        Raises IntegrityError naming the model and version when anything fails to verify, and
+        KeyServiceError naming them when the key service cannot unwrap the data key (down,
+        sealed, refusing, or no longer holding the KEK that wrapped it).
         """
         associated_data = associated_data_for(version.model, version.number, version.sha256)
         try:
-            data_key = self.keys.unwrap(version.wrapped_key, associated_data)
+            try:
+                data_key = self.keys.unwrap(version.wrapped_key, associated_data)
+            except KeyServiceError as exc:
+                raise KeyServiceError(
+                    f"model '{version.model}' version {version.number} cannot be loaded: "
+                    f"{exc.message}",
+                    retry_after=exc.retry_after,
+                ) from exc
             with self.blobs.open(version.blob_key) as src:
                 plaintext = unseal(src, data_key, associated_data, expected_size=version.size)
             if hashlib.sha256(plaintext).hexdigest() != version.sha256:
