@@ -201,6 +201,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
         self.metrics.close()
         if self.alerter is not None:
             self.alerter.close(timeout=10)
+        self.registry.keys.close()
         self.store.close()
 
     def settings_digest(self) -> str:

@@ -130,6 +130,9 @@ class KmsKeyService:
         assert self._key_uuid is not None
         return f"awskms:{self._key_uuid}"
 
+    def close(self) -> None:
+        self._kms.close()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(key={self._key!r})"
 

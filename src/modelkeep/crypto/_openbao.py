@@ -192,14 +192,8 @@ class TransitKeyService:
                     response = self._http.get(path, headers=headers)
                 else:
                     response = self._http.post(path, json=body, headers=headers)
-            except httpx.TimeoutException as exc:
-                raise KeyServiceError(
-                    "the key service did not answer in time", retry_after=_RETRY_S
-                ) from exc
             except httpx.TransportError as exc:
-                raise KeyServiceError(
-                    "the key service is unreachable", retry_after=_RETRY_S
-                ) from exc
+                raise _transport_failure(exc) from exc
             if response.status_code == 403 and attempt == 1:
                 # A renewed token file or an expired AppRole token: fetch a fresh one, once.
                 self._credentials.forget()
@@ -291,7 +285,7 @@ class _Credentials:
         try:
             response = http.post(f"auth/{self._approle_mount}/login", json=body)
         except httpx.TransportError as exc:
-            raise KeyServiceError("the key service is unreachable", retry_after=_RETRY_S) from exc
+            raise _transport_failure(exc) from exc
         token = _json(response).get("auth", {}) or {}
         client_token = token.get("client_token") if isinstance(token, dict) else None
         if response.status_code != 200 or not isinstance(client_token, str):
@@ -299,6 +293,20 @@ class _Credentials:
                 "the key service refused modelkeep's AppRole login", retry_after=_RETRY_S
             )
         return client_token
+
+
+def _transport_failure(exc: httpx.TransportError) -> KeyServiceError:
+    """What a failed connection means, for the operator: time out, TLS, or unreachable."""
+    if isinstance(exc, httpx.TimeoutException):
+        message = "the key service did not answer in time"
+    elif "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        message = (
+            "the key service's TLS certificate did not verify "
+            "(MODELKEEP_KEY_SERVICE_CA_FILE names the CA that issued it)"
+        )
+    else:
+        message = "the key service is unreachable"
+    return KeyServiceError(message, retry_after=_RETRY_S)
 
 
 def _read_secret(path: Path, what: str) -> str:

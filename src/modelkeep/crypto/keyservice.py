@@ -74,6 +74,10 @@ class KeyService(Protocol):
         """
         ...
 
+    def close(self) -> None:
+        """Release connections to the key service; nothing is wrapped or unwrapped after."""
+        ...
+
 
 class _AesGcmKeyService:
     """Wrapping with a KEK held in this process's memory."""
@@ -116,6 +120,9 @@ class _AesGcmKeyService:
                 "(OpenBao/Vault Transit or AWS KMS, see docs/scale-out.md)"
             )
         return self._key_id
+
+    def close(self) -> None:
+        """Nothing to release: the KEK is in memory."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(key_id={self._key_id!r})"
