@@ -9,13 +9,16 @@ that does not verify), never as a fallback or a stack trace.
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from harness import Server, init_server, push, run_cli
 from keyservers import MotoKms, OpenBao
 
 from modelkeep.crypto import KeyService, associated_data_for, new_data_key
@@ -366,3 +369,138 @@ def test_kms_unreachable_is_a_clear_error(opened: list[KeyService]) -> None:
     opened.append(keys)
     with pytest.raises(KeyServiceError, match="unreachable"):
         keys.wrap(new_data_key(), CONTEXT)
+
+
+# -- `modelkeep kek rotate` on a real server over OpenBao --------------------------------------
+
+INFER = {
+    "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]
+}
+
+
+def _infer(server: Server, model: str) -> httpx.Response:
+    with server.client(server.admin_key) as c:
+        return c.post(f"/v2/models/{model}/infer", json=INFER)
+
+
+def _by_key(server: Server) -> dict[str, int]:
+    status = json.loads(run_cli("kek", "status", "--json", env=server.cli_env()).stdout)
+    counts: dict[str, int] = status["versions_by_key"]
+    return counts
+
+
+@pytest.fixture(scope="module")
+def bao_server(
+    bao: OpenBao, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, str]]:
+    """A modelkeep server whose data keys are wrapped by a fresh Transit key: (server, key).
+
+    Shared by the tests below, which use distinct models.
+    """
+    tmp_path = tmp_path_factory.mktemp("modelkeep")
+    key = bao.new_key("e2e")
+    server = init_server(
+        tmp_path,
+        extra_env={
+            "MODELKEEP_KEY_SERVICE": f"openbao+{bao.address}/transit/keys/{key}",
+            "MODELKEEP_KEY_SERVICE_TOKEN_FILE": str(bao.token_file(tmp_path)),
+            "MODELKEEP_KEY_SERVICE_CA_FILE": str(bao.ca_file),
+        },
+    )
+    server.start()
+    try:
+        yield server, key
+    finally:
+        server.stop()
+
+
+def test_kek_rotate_survives_an_interruption_and_refuses_what_a_retired_key_wraps(
+    bao: OpenBao, bao_server: tuple[Server, str], iris_onnx: bytes
+) -> None:
+    server, key = bao_server
+    v1, v2, v3 = (f"transit/{key}:v{n}" for n in (1, 2, 3))
+    for model in ("a", "b", "c"):
+        assert 201 == push(server, model, iris_onnx).status_code
+    assert {v1: 3} == _by_key(server)
+
+    # 1. A rotation interrupted after its first pass: the server is killed mid-way.
+    with server.client(server.admin_key) as c:
+        assert {"key_id": v2} == c.post("/api/v1/kek/rotate", json={}).json()
+        first = c.post("/api/v1/kek/rewrap", json={"limit": 1}).json()
+    assert (first["rewrapped"], first["remaining"]) == ([{"model": "a", "version": 1}], 2)
+    server.kill()
+    server.start()
+    assert {v1: 2, v2: 1} == _by_key(server)
+
+    # 2. Resumed from the command line: it finishes what is left, pass by pass.
+    done = run_cli("kek", "rotate", "--rewrap-only", "--batch", "1", env=server.cli_env())
+    assert f"every version is wrapped by {v2}" in done.stdout
+    assert {v2: 3} == _by_key(server)
+
+    # 3. A new version, then a second rotation that leaves it behind under v2.
+    assert 201 == push(server, "d", iris_onnx).status_code
+    with server.client(server.admin_key) as c:
+        assert {"key_id": v3} == c.post("/api/v1/kek/rotate", json={}).json()
+        moved = c.post("/api/v1/kek/rewrap", json={"limit": 3}).json()
+    assert [m["model"] for m in moved["rewrapped"]] == ["a", "b", "c"]
+
+    # 4. OpenBao retires v1 and v2. In a fresh process every re-wrapped model loads (blobs
+    #    untouched), and the version left under a key OpenBao no longer has is refused,
+    #    clearly, never served.
+    bao.call("POST", f"transit/keys/{key}/config", {"min_decryption_version": 3})
+    server.stop()
+    server.start()
+    assert [200, 200, 200] == [_infer(server, m).status_code for m in ("a", "b", "c")]
+    refused = _infer(server, "d")
+    assert (refused.status_code, refused.json()) == (
+        503,
+        {
+            "error": "model 'd' version 1 cannot be loaded: the key service no longer has the "
+            "key-encryption key version that wrapped this data key"
+        },
+    )
+    stuck = run_cli("kek", "rotate", "--rewrap-only", env=server.cli_env(), check=False)
+    assert stuck.returncode != 0
+    assert "model d version 1: the key service no longer has" in stuck.stderr
+    assert "1 version(s) are still wrapped by an older key-encryption key" in stuck.stderr
+
+    # 5. Every step is in modelkeep's audit log, whose chain still verifies.
+    with server.client(server.admin_key) as c:
+        entries = c.get("/api/v1/audit/entries", params={"limit": 1000}).json()["entries"]
+        verified = c.get("/api/v1/audit/verify").json()
+    rotations = [(e["action"], e["outcome"]) for e in entries if e["action"].startswith("kek.")]
+    assert rotations.count(("kek.rotate", "success")) == 4
+    assert ("kek.rewrap", "success") in rotations
+    assert verified["ok"] is True
+    # 6. OpenBao's audit trail never saw model bytes.
+    assert iris_onnx[200:264] not in bao.audit_log.read_bytes()
+
+
+def test_an_unreachable_key_service_fails_loads_closed_and_keeps_serving_what_is_loaded(
+    bao: OpenBao, bao_server: tuple[Server, str], iris_onnx: bytes
+) -> None:
+    server, _ = bao_server
+    assert 201 == push(server, "loaded", iris_onnx).status_code
+    assert 200 == _infer(server, "loaded").status_code
+    bao.seal()
+    try:
+        # In memory: still served. A push needs the key service: a clear 503, nothing stored.
+        assert 200 == _infer(server, "loaded").status_code
+        refused = push(server, "new", iris_onnx)
+        assert (refused.status_code, refused.json()["error"]) == (
+            503,
+            "the key service is sealed or unavailable",
+        )
+        assert "Retry-After" in refused.headers
+        # A fresh process has nothing in memory: the load fails closed, with the reason.
+        server.stop()
+        server.start()
+        down = _infer(server, "loaded")
+        assert (down.status_code, down.json()["error"]) == (
+            503,
+            "model 'loaded' version 1 cannot be loaded: the key service is sealed or unavailable",
+        )
+    finally:
+        bao.unseal()
+    # Back: the next request loads it (an outage is not remembered as a failure).
+    assert 200 == _infer(server, "loaded").status_code
