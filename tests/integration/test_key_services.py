@@ -420,7 +420,7 @@ def test_kek_rotate_survives_an_interruption_and_refuses_what_a_retired_key_wrap
     server, key = bao_server
     v1, v2, v3 = (f"transit/{key}:v{n}" for n in (1, 2, 3))
     for model in ("a", "b", "c"):
-        assert 201 == push(server, model, iris_onnx).status_code
+        assert push(server, model, iris_onnx).status_code == 201
     assert {v1: 3} == _by_key(server)
 
     # 1. A rotation interrupted after its first pass: the server is killed mid-way.
@@ -438,7 +438,7 @@ def test_kek_rotate_survives_an_interruption_and_refuses_what_a_retired_key_wrap
     assert {v2: 3} == _by_key(server)
 
     # 3. A new version, then a second rotation that leaves it behind under v2.
-    assert 201 == push(server, "d", iris_onnx).status_code
+    assert push(server, "d", iris_onnx).status_code == 201
     with server.client(server.admin_key) as c:
         assert {"key_id": v3} == c.post("/api/v1/kek/rotate", json={}).json()
         moved = c.post("/api/v1/kek/rewrap", json={"limit": 3}).json()
@@ -450,7 +450,7 @@ def test_kek_rotate_survives_an_interruption_and_refuses_what_a_retired_key_wrap
     bao.call("POST", f"transit/keys/{key}/config", {"min_decryption_version": 3})
     server.stop()
     server.start()
-    assert [200, 200, 200] == [_infer(server, m).status_code for m in ("a", "b", "c")]
+    assert [_infer(server, m).status_code for m in ("a", "b", "c")] == [200, 200, 200]
     refused = _infer(server, "d")
     assert (refused.status_code, refused.json()) == (
         503,
@@ -480,12 +480,12 @@ def test_an_unreachable_key_service_fails_loads_closed_and_keeps_serving_what_is
     bao: OpenBao, bao_server: tuple[Server, str], iris_onnx: bytes
 ) -> None:
     server, _ = bao_server
-    assert 201 == push(server, "loaded", iris_onnx).status_code
-    assert 200 == _infer(server, "loaded").status_code
+    assert push(server, "loaded", iris_onnx).status_code == 201
+    assert _infer(server, "loaded").status_code == 200
     bao.seal()
     try:
         # In memory: still served. A push needs the key service: a clear 503, nothing stored.
-        assert 200 == _infer(server, "loaded").status_code
+        assert _infer(server, "loaded").status_code == 200
         refused = push(server, "new", iris_onnx)
         assert (refused.status_code, refused.json()["error"]) == (
             503,
@@ -503,4 +503,4 @@ def test_an_unreachable_key_service_fails_loads_closed_and_keeps_serving_what_is
     finally:
         bao.unseal()
     # Back: the next request loads it (an outage is not remembered as a failure).
-    assert 200 == _infer(server, "loaded").status_code
+    assert _infer(server, "loaded").status_code == 200
