@@ -257,12 +257,18 @@ class _Credentials:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> _Credentials:
-        return cls(
+        """ConfigError at start if the credential file cannot be read."""
+        credentials = cls(
             token_file=settings.key_service_token_file,
             role_id=settings.key_service_approle_role_id,
             secret_id_file=settings.key_service_approle_secret_id_file,
             approle_mount=settings.key_service_approle_mount,
         )
+        if settings.key_service_token_file is not None:
+            _read_secret(settings.key_service_token_file, "token file")
+        if settings.key_service_approle_secret_id_file is not None:
+            _read_secret(settings.key_service_approle_secret_id_file, "secret id file")
+        return credentials
 
     def token(self, http: httpx.Client) -> str:
         with self._lock:
