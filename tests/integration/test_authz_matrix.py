@@ -6,8 +6,7 @@ no, malformed, unknown, expired or revoked credentials get 401 with ``{"error": 
 do everything; a publisher reads, pushes and moves labels on its models; a consumer reads and runs
 inference on its models; an auditor reads metadata and lists keys; every authenticated key may
 read ``/v2``, the (filtered) model list, whoami and the OpenAPI document; only admins see and
-rotate the key-encryption key (the local key file cannot be rotated in place: 400); a key bound
-to another model gets 403 on this model's routes. The expired and revoked keys are admin keys, so a server
+rotate the key-encryption key; a key bound to another model gets 403 on this model's routes. The expired and revoked keys are admin keys, so a server
 that forgot to check expiry or revocation would answer them.
 """
 
@@ -87,7 +86,7 @@ DELETE /api/v1/keys/{id}                      401  401 401 401 401 401 200 403 4
 GET    /api/v1/whoami                         401  401 401 401 401 401 200 200 200 200 200 200
 GET    /api/v1/openapi.json                   401  401 401 401 401 401 200 200 200 200 200 200
 GET    /api/v1/kek                            401  401 401 401 401 401 200 403 403 403 403 403
-POST   /api/v1/kek/rotate                     401  401 401 401 401 401 400 403 403 403 403 403
+POST   /api/v1/kek/rotate                     401  401 401 401 401 401 200 403 403 403 403 403
 POST   /api/v1/kek/rewrap                     401  401 401 401 401 401 200 403 403 403 403 403
 """
 
@@ -333,7 +332,9 @@ def test_cell(world: World, cell: Cell) -> None:
     elif route == ("DELETE", "/api/v1/keys/{id}"):
         assert allowed == (world.keys()[key_id]["revoked_at"] is not None)
     elif allowed and route == ("GET", "/api/v1/kek"):
-        assert ("local", 0) == (r.json()["key_service"], r.json()["versions_to_rewrap"])
+        assert r.json()["key_service"] == "local"
+    elif allowed and route == ("POST", "/api/v1/kek/rewrap"):
+        assert (r.json()["remaining"], r.json()["after"]) == (0, None)
     elif allowed and route == ("GET", "/api/v1/whoami"):
         assert world.key_ids[cell.credential] == r.json()["id"]
     elif allowed and route[1].endswith("/ready") and route[1].startswith("/v2/models"):

@@ -14,7 +14,8 @@ associated data::
 
     wrapped = 0x01 (format version) || nonce (12) || ciphertext || tag (16)
 
-A wrapped key only unwraps under the same KEK and the same context; anything else raises one
+(the key file's service puts the KEK's key id after a 0x02 instead, see LocalKeyService). A
+wrapped key only unwraps under the same KEK and the same context; anything else raises one
 opaque :class:`~modelkeep.errors.IntegrityError`.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -30,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from modelkeep.crypto.keyfiles import fsync_directory, write_new_file
-from modelkeep.errors import ConfigError, IntegrityError, InvalidInput
+from modelkeep.errors import ConfigError, IntegrityError, InvalidInput, KeyServiceError
 from modelkeep.settings import Settings
 
 __all__ = ["InMemoryKeyService", "KeyService", "LocalKeyService", "open_key_service"]
@@ -40,6 +42,10 @@ _FORMAT = b"\x01"
 _NONCE_SIZE = 12
 _TAG_SIZE = 16
 _KEY_ID_DOMAIN = b"modelkeep/kek-id/v1"
+_KEY_ID_BYTES = 8
+_RING_FORMAT = b"\x02"
+# Retired key files live in this folder next to the key file, named by key id.
+_RETIRED_DIR = "kek.retired"
 _FAILED = "data key failed verification"
 
 
@@ -113,12 +119,9 @@ class _AesGcmKeyService:
         return self.wrap(self.unwrap(wrapped, context), context)
 
     def rotate(self, *, new_key: bool) -> str:
-        """The one KEK is always current; a new one needs a key service (InvalidInput)."""
+        """The one KEK is always current; a new one needs a key file (InvalidInput)."""
         if new_key:
-            raise InvalidInput(
-                "the local key file cannot be rotated in place; use a key service "
-                "(OpenBao/Vault Transit or AWS KMS, see docs/scale-out.md)"
-            )
+            raise InvalidInput("a key-encryption key held only in memory cannot be rotated")
         return self._key_id
 
     def close(self) -> None:
@@ -128,8 +131,29 @@ class _AesGcmKeyService:
         return f"{type(self).__name__}(key_id={self._key_id!r})"
 
 
-class LocalKeyService(_AesGcmKeyService):
-    """The KEK in a local file made by ``modelkeep init``: 32 raw bytes, mode 0600."""
+class LocalKeyService:
+    """The KEK in a local file made by ``modelkeep init`` (32 raw bytes, 0600), and older ones.
+
+    ``rotate(new_key=True)`` moves the current KEK to ``kek.retired/<key id>.key`` next to the
+    key file and writes a new one in its place (each step durable), so versions not re-wrapped
+    yet still open. Wrapped keys name the KEK that made them::
+
+        wrapped = 0x02 || key id (8 bytes) || nonce (12) || ciphertext || tag
+
+    so a data key whose retired KEK file was deleted is refused clearly (KeyServiceError), not
+    taken for tampering. Wraps made before rotation existed (0x01, no key id) are tried against
+    every KEK held. Other worker processes on the host pick a rotation up from the files: before
+    a wrap when the key file changed, and before giving up on a key id they do not hold.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._kek = b""
+        self._current = _AesGcmKeyService(os.urandom(KEK_SIZE))
+        self._ring: dict[str, _AesGcmKeyService] = {}
+        self._stamp: tuple[int, int] | None = None
+        self._reload()
 
     @classmethod
     def create(cls, path: Path) -> LocalKeyService:
@@ -137,41 +161,127 @@ class LocalKeyService(_AesGcmKeyService):
 
         Refuses to overwrite an existing file (ConfigError): losing a KEK loses every model.
         """
-        kek = os.urandom(KEK_SIZE)
-        write_new_file(path, kek, 0o600, "key file")
+        write_new_file(path, os.urandom(KEK_SIZE), 0o600, "key file")
         fsync_directory(path.parent, "key file")
-        return cls(kek)
+        return cls(path)
 
     @classmethod
     def load(cls, path: Path) -> LocalKeyService:
-        """Load the KEK at ``path``.
+        """Load the KEK at ``path`` and the retired ones beside it.
 
-        ConfigError if the file is missing, not exactly 32 bytes, or grants any permission to
+        ConfigError if a file is missing, not exactly 32 bytes, or grants any permission to
         group or others (a key others can read is a leaked key; one others can write can be
         swapped). Messages never contain the path.
         """
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ConfigError("the key file does not exist; run `modelkeep init`") from None
-        except OSError as exc:
-            raise ConfigError("cannot open the key file") from exc
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise ConfigError("the key file is not a regular file")
-            if info.st_mode & 0o077:
-                raise ConfigError(
-                    "the key file must be accessible by its owner only (chmod 600 it)"
+        return cls(path)
+
+    @property
+    def key_id(self) -> str:
+        """The current KEK's id (see ``_AesGcmKeyService.key_id``)."""
+        return self._current.key_id
+
+    def wrap(self, data_key: bytes, context: bytes) -> bytes:
+        """AES-256-GCM under the current KEK, whose key id leads the wrapped bytes."""
+        self._reload_if_changed()
+        current = self._current
+        return _RING_FORMAT + bytes.fromhex(current.key_id) + current.wrap(data_key, context)[1:]
+
+    def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
+        """The data key; KeyServiceError if the KEK that wrapped it is gone, else IntegrityError."""
+        if wrapped[:1] == _RING_FORMAT and len(wrapped) > 1 + _KEY_ID_BYTES:
+            key_id = wrapped[1 : 1 + _KEY_ID_BYTES].hex()
+            kek = self._ring.get(key_id)
+            if kek is None:
+                self._reload()
+                kek = self._ring.get(key_id)
+            if kek is None:
+                raise KeyServiceError(
+                    f"the key file {key_id} that wrapped this data key is no longer kept "
+                    "(retired key files must stay until `modelkeep kek status` shows no "
+                    "version under them)"
                 )
-            kek = os.read(fd, KEK_SIZE + 1)
-        except OSError as exc:
-            raise ConfigError("cannot read the key file") from exc
-        finally:
-            os.close(fd)
-        if len(kek) != KEK_SIZE:
-            raise ConfigError("the key file is damaged: it must hold exactly 32 bytes")
-        return cls(kek)
+            return kek.unwrap(_FORMAT + wrapped[1 + _KEY_ID_BYTES :], context)
+        for kek in list(self._ring.values()):
+            try:
+                return kek.unwrap(wrapped, context)
+            except IntegrityError:
+                continue
+        raise IntegrityError(_FAILED)
+
+    def rewrap(self, wrapped: bytes, context: bytes) -> bytes:
+        """Unwrapped and wrapped again under the current KEK, in this process's memory."""
+        return self.wrap(self.unwrap(wrapped, context), context)
+
+    def rotate(self, *, new_key: bool) -> str:
+        """With ``new_key``: retire the current KEK file and write a new one; the current id."""
+        if not new_key:
+            self._reload_if_changed()
+            return self.key_id
+        with self._lock:
+            self._reload()
+            retired = self._path.parent / _RETIRED_DIR
+            retired.mkdir(mode=0o700, exist_ok=True)
+            kept = retired / f"{self._current.key_id}.key"
+            # 1. The current KEK is kept first: a crash after this step loses nothing.
+            if not kept.exists():
+                write_new_file(kept, self._kek, 0o600, "retired key file")
+                fsync_directory(retired, "retired key file")
+            # 2. The new KEK replaces the key file atomically (rename), durably.
+            fresh = self._path.with_name(self._path.name + ".new")
+            fresh.unlink(missing_ok=True)
+            write_new_file(fresh, os.urandom(KEK_SIZE), 0o600, "key file")
+            os.replace(fresh, self._path)
+            fsync_directory(self._path.parent, "key file")
+            self._reload()
+        return self.key_id
+
+    def close(self) -> None:
+        """Nothing to release: the KEKs are in memory."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(key_id={self.key_id!r}, retired={len(self._ring) - 1})"
+
+    def _reload_if_changed(self) -> None:
+        try:
+            info = os.stat(self._path)
+        except OSError:
+            return  # the next reload reports it
+        if (info.st_ino, info.st_mtime_ns) != self._stamp:
+            self._reload()
+
+    def _reload(self) -> None:
+        kek, stamp = _read_kek(self._path, "key file")
+        current = _AesGcmKeyService(kek)
+        ring = {current.key_id: current}
+        retired = self._path.parent / _RETIRED_DIR
+        for path in sorted(retired.glob("*.key")) if retired.is_dir() else []:
+            old = _AesGcmKeyService(_read_kek(path, "retired key file")[0])
+            ring.setdefault(old.key_id, old)
+        self._kek, self._current, self._ring, self._stamp = kek, current, ring, stamp
+
+
+def _read_kek(path: Path, what: str) -> tuple[bytes, tuple[int, int]]:
+    """32 bytes from an owner-only regular file, and its (inode, mtime) to notice changes."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ConfigError(f"the {what} does not exist; run `modelkeep init`") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot open the {what}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"the {what} is not a regular file")
+        if info.st_mode & 0o077:
+            raise ConfigError(f"the {what} must be accessible by its owner only (chmod 600 it)")
+        kek = os.read(fd, KEK_SIZE + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what}") from exc
+    finally:
+        os.close(fd)
+    if len(kek) != KEK_SIZE:
+        raise ConfigError(f"the {what} is damaged: it must hold exactly 32 bytes")
+    return kek, (info.st_ino, info.st_mtime_ns)
 
 
 class InMemoryKeyService(_AesGcmKeyService):

@@ -8,13 +8,19 @@ Stubber) that moto's server does not produce, such as a disabled key.
 from __future__ import annotations
 
 import base64
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from botocore.stub import Stubber
 
-from modelkeep.crypto import LocalKeyService, associated_data_for, new_data_key
+from modelkeep.crypto import (
+    InMemoryKeyService,
+    LocalKeyService,
+    associated_data_for,
+    new_data_key,
+)
 from modelkeep.crypto._awskms import KmsKeyService
 from modelkeep.crypto._openbao import TransitKeyService
 from modelkeep.crypto.keyservice import open_key_service
@@ -23,6 +29,7 @@ from modelkeep.errors import ConfigError, IntegrityError, InvalidInput, KeyServi
 from modelkeep.settings import Settings
 
 CONTEXT = associated_data_for("fraud", 7, "cd" * 32)
+OTHER = associated_data_for("fraud", 8, "cd" * 32)
 
 
 @pytest.fixture
@@ -42,17 +49,63 @@ def test_local_is_the_default_and_loads_the_key_file(tmp_path: Path) -> None:
     assert (LocalKeyService, created.key_id) == (type(keys), keys.key_id)
 
 
-def test_the_local_key_cannot_be_rotated_in_place_but_rewraps_under_itself(
+def test_rotating_the_key_file_keeps_the_old_kek_until_every_version_is_rewrapped(
     tmp_path: Path,
 ) -> None:
-    keys = LocalKeyService.create(tmp_path / "kek.key")
+    path = tmp_path / "kek.key"
+    keys = LocalKeyService.create(path)
+    other_worker = LocalKeyService.load(path)
     data_key = new_data_key()
-    wrapped = keys.wrap(data_key, CONTEXT)
-    rewrapped = keys.rewrap(wrapped, CONTEXT)
-    assert (rewrapped != wrapped, data_key) == (True, keys.unwrap(rewrapped, CONTEXT))
-    assert keys.key_id == keys.rotate(new_key=False)
-    with pytest.raises(InvalidInput, match="cannot be rotated in place"):
-        keys.rotate(new_key=True)
+    old_id, old = keys.key_id, keys.wrap(data_key, CONTEXT)
+    assert old[:9] == b"\x02" + bytes.fromhex(old_id)
+
+    new_id = keys.rotate(new_key=True)
+    retired = tmp_path / "kek.retired" / f"{old_id}.key"
+    assert (new_id != old_id, stat.S_IMODE(retired.stat().st_mode)) == (True, 0o600)
+    assert data_key == keys.unwrap(old, CONTEXT)
+    new = keys.rewrap(old, CONTEXT)
+    assert new[1:9].hex() == new_id
+    # Another worker process notices the new key file: it wraps under it and unwraps it.
+    assert data_key == other_worker.unwrap(new, CONTEXT)
+    assert other_worker.wrap(data_key, CONTEXT)[1:9].hex() == new_id
+    # Retired file deleted too early: what it still wraps is refused clearly, for good.
+    retired.unlink()
+    with pytest.raises(KeyServiceError, match=f"key file {old_id} .* is no longer kept") as gone:
+        LocalKeyService.load(path).unwrap(old, CONTEXT)
+    assert gone.value.retry_after is None
+
+
+def test_wraps_made_before_key_ids_were_recorded_still_open(tmp_path: Path) -> None:
+    path = tmp_path / "kek.key"
+    LocalKeyService.create(path)
+    legacy = InMemoryKeyService(path.read_bytes())
+    data_key = new_data_key()
+    wrapped = legacy.wrap(data_key, CONTEXT)
+    keys = LocalKeyService.load(path)
+    keys.rotate(new_key=True)
+    assert data_key == keys.unwrap(wrapped, CONTEXT)
+    with pytest.raises(IntegrityError):
+        keys.unwrap(wrapped, OTHER)
+
+
+def test_a_rotation_interrupted_after_keeping_the_old_kek_can_be_run_again(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "kek.key"
+    keys = LocalKeyService.create(path)
+    wrapped = keys.wrap(data_key := new_data_key(), CONTEXT)
+    retired = tmp_path / "kek.retired"
+    retired.mkdir()
+    (retired / f"{keys.key_id}.key").write_bytes(path.read_bytes())  # step 1 done, then a crash
+    (retired / f"{keys.key_id}.key").chmod(0o600)
+    (tmp_path / "kek.key.new").write_bytes(b"half")
+    keys.rotate(new_key=True)
+    assert data_key == LocalKeyService.load(path).unwrap(wrapped, CONTEXT)
+
+
+def test_a_kek_held_only_in_memory_cannot_be_rotated() -> None:
+    with pytest.raises(InvalidInput, match="cannot be rotated"):
+        InMemoryKeyService().rotate(new_key=True)
 
 
 @pytest.mark.parametrize(
