@@ -6,8 +6,9 @@ no, malformed, unknown, expired or revoked credentials get 401 with ``{"error": 
 do everything; a publisher reads, pushes and moves labels on its models; a consumer reads and runs
 inference on its models; an auditor reads metadata and lists keys; every authenticated key may
 read ``/v2``, the (filtered) model list, whoami and the OpenAPI document; only admins see and
-rotate the key-encryption key; a key bound to another model gets 403 on this model's routes. The expired and revoked keys are admin keys, so a server
-that forgot to check expiry or revocation would answer them.
+rotate the key-encryption key; a key bound to another model gets 403 on this model's routes.
+The expired and revoked keys are admin keys, so a server that forgot to check expiry or
+revocation would answer them.
 """
 
 from __future__ import annotations
