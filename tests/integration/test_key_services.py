@@ -504,3 +504,28 @@ def test_an_unreachable_key_service_fails_loads_closed_and_keeps_serving_what_is
         bao.unseal()
     # Back: the next request loads it (an outage is not remembered as a failure).
     assert _infer(server, "loaded").status_code == 200
+
+
+def test_kek_rotate_with_the_local_key_file(tmp_path: Path, iris_onnx: bytes) -> None:
+    """The embedded default rotates too (how other worker processes follow the new key file
+    is in tests/unit/crypto/test_crypto_keyservice_select.py)."""
+    server = init_server(tmp_path)
+    server.start()
+    try:
+        assert push(server, "before", iris_onnx).status_code == 201
+        (old,) = _by_key(server)
+        rotated = run_cli("kek", "rotate", env=server.cli_env())
+        new = rotated.stdout.split("every version is wrapped by ")[1].strip()
+        assert (new != old, {new: 1}) == (True, _by_key(server))
+        # Pushes after the rotation are wrapped by the new KEK.
+        for n in range(2):
+            assert push(server, f"after-{n}", iris_onnx).status_code == 201
+        assert {new: 3} == _by_key(server)
+        # Nothing needs the retired KEK any more: without it, a fresh server loads everything.
+        (server.data_dir / "kek.retired" / f"{old}.key").unlink()
+        server.stop()
+        server.start()
+        models = ["before", *(f"after-{n}" for n in range(4))]
+        assert [_infer(server, m).status_code for m in models] == [200] * 5
+    finally:
+        server.stop()
