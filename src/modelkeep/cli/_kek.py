@@ -91,10 +91,6 @@ def kek_rotate(
                 out.say(f"re-wrapped {rewrapped}, {out.clean(done.get('remaining'))} left")
             after = done.get("after")
         remaining = done.get("remaining")
-    if json_output:
-        out.print_json(
-            {"key_id": key_id, "rewrapped": rewrapped, "refused": refused, "remaining": remaining}
-        )
     for item in refused:
         out.warn(
             f"model {out.clean(item.get('model'))} version {out.clean(item.get('version'))}: "
@@ -105,5 +101,7 @@ def kek_rotate(
             f"{remaining} version(s) are still wrapped by an older key-encryption key; "
             "they will not be served until that key is back (see above)"
         )
-    if not json_output:
-        out.say(f"every version is wrapped by {out.clean(key_id)}")
+    if json_output:
+        out.print_json({"key_id": key_id, "rewrapped": rewrapped, "remaining": 0})
+        return
+    out.say(f"every version is wrapped by {out.clean(key_id)}")

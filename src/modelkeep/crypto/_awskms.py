@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
@@ -28,7 +28,9 @@ from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, Rea
 
 from modelkeep.crypto.sealed import model_and_version_of
 from modelkeep.errors import ConfigError, IntegrityError, InvalidInput, KeyServiceError
-from modelkeep.settings import Settings
+
+if TYPE_CHECKING:
+    from modelkeep.settings import Settings
 
 log = logging.getLogger(__name__)
 

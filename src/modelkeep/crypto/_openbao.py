@@ -23,13 +23,15 @@ import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from modelkeep.errors import ConfigError, IntegrityError, KeyServiceError
-from modelkeep.settings import Settings
+
+if TYPE_CHECKING:
+    from modelkeep.settings import Settings
 
 log = logging.getLogger(__name__)
 

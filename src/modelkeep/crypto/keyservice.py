@@ -26,14 +26,16 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from modelkeep.crypto.keyfiles import fsync_directory, write_new_file
 from modelkeep.errors import ConfigError, IntegrityError, InvalidInput, KeyServiceError
-from modelkeep.settings import Settings
+
+if TYPE_CHECKING:
+    from modelkeep.settings import Settings
 
 __all__ = ["InMemoryKeyService", "KeyService", "LocalKeyService", "open_key_service"]
 
