@@ -525,7 +525,7 @@ def test_kek_rotate_with_the_local_key_file(tmp_path: Path, iris_onnx: bytes) ->
         (server.data_dir / "kek.retired" / f"{old}.key").unlink()
         server.stop()
         server.start()
-        models = ["before", *(f"after-{n}" for n in range(4))]
-        assert [_infer(server, m).status_code for m in models] == [200] * 5
+        models = ["before", "after-0", "after-1"]
+        assert [_infer(server, m).status_code for m in models] == [200] * 3
     finally:
         server.stop()
