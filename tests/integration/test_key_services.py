@@ -38,8 +38,8 @@ OTHER_CONTEXT = associated_data_for("iris", 2, "ab" * 32)
 @pytest.fixture(scope="module")
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
     server = OpenBao(tmp_path_factory.mktemp("openbao"))
-    server.start()
-    try:
+    try:  # a start that fails half-way still stops the process it spawned
+        server.start()
         yield server
     finally:
         server.stop()
@@ -274,8 +274,8 @@ def kms_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoKms]:
         }.items():
             mp.setenv(name, value)
         server = MotoKms(tmp_path_factory.mktemp("moto"))
-        server.start()
         try:
+            server.start()
             yield server
         finally:
             server.stop()
