@@ -147,6 +147,20 @@ def test_transit_rotate_then_rewrap_moves_a_data_key_to_the_new_version(
     assert data_key == keys.unwrap(new, CONTEXT)
 
 
+def test_key_id_names_the_version_this_threads_wrap_used_while_another_thread_rotates(
+    keys: TransitKeyService,
+) -> None:
+    """What a push records next to its wrapped key is the version that wrapped it."""
+    wrapped = keys.wrap(new_data_key(), CONTEXT)
+    rotated: list[str] = []
+    other = threading.Thread(target=lambda: rotated.append(keys.rotate(new_key=True)))
+    other.start()
+    other.join()
+    assert (wrapped[:9], keys.key_id[-3:], rotated[0][-3:]) == (b"vault:v1:", ":v1", ":v2")
+    assert keys.wrap(new_data_key(), CONTEXT)[:9] == b"vault:v2:"
+    assert keys.key_id[-3:] == ":v2"
+
+
 def test_a_sealed_openbao_refuses_with_a_clear_retryable_error(
     bao: OpenBao, keys: TransitKeyService
 ) -> None:

@@ -64,6 +64,8 @@ class KmsKeyService:
         except BotoCoreError as exc:
             raise ConfigError("the AWS KMS client cannot be set up (region?)") from exc
         self._key_uuid: str | None = None
+        # The key of this thread's last wrap or rewrap: what ``key_id`` reports right after one.
+        self._made = threading.local()
         self._lock = threading.Lock()
 
     @classmethod
@@ -87,8 +89,9 @@ class KmsKeyService:
 
     @property
     def key_id(self) -> str:
-        """``awskms:<key uuid>`` of the key this process last used or resolved."""
-        uuid = self._key_uuid
+        """``awskms:<key uuid>`` of the key this thread's last wrap or rewrap used, else of the
+        key this process last resolved."""
+        uuid: str | None = getattr(self._made, "uuid", None) or self._key_uuid
         if uuid is None:
             return self.rotate(new_key=False)
         return f"awskms:{uuid}"
@@ -129,8 +132,10 @@ class KmsKeyService:
             )
         answer = self._call("describe_key", KeyId=self._key)
         self._seen(answer["KeyMetadata"])
-        assert self._key_uuid is not None
-        return f"awskms:{self._key_uuid}"
+        uuid: str | None = self._made.uuid
+        if uuid is None:
+            raise KeyServiceError("the key service gave a malformed answer", retry_after=_RETRY_S)
+        return f"awskms:{uuid}"
 
     def close(self) -> None:
         self._kms.close()
@@ -141,9 +146,10 @@ class KmsKeyService:
     # -- plumbing ----------------------------------------------------------------------------
 
     def _seen(self, answer: dict[str, Any]) -> None:
-        arn = str(answer.get("KeyId", ""))
+        uuid = str(answer.get("KeyId", "")).rsplit("/", 1)[-1] or None
+        self._made.uuid = uuid
         with self._lock:
-            self._key_uuid = arn.rsplit("/", 1)[-1] or self._key_uuid
+            self._key_uuid = uuid or self._key_uuid
 
     def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
         try:

@@ -66,6 +66,9 @@ class TransitKeyService:
             follow_redirects=False,
         )
         self._latest: int | None = None
+        # The version of this thread's last wrap or rewrap: what ``key_id`` reports right after
+        # one, even while another thread rotates the key.
+        self._made = threading.local()
         self._lock = threading.Lock()
         if len(self._id(999_999_999)) > _MAX_KEY_ID:
             raise ConfigError("the Transit mount and key name are too long (64 characters)")
@@ -100,7 +103,11 @@ class TransitKeyService:
 
     @property
     def key_id(self) -> str:
-        """``MOUNT/NAME:vN`` for the newest key version this process has used or seen."""
+        """``MOUNT/NAME:vN``: N is the version this thread's last wrap or rewrap used, else the
+        newest version known."""
+        made: int | None = getattr(self._made, "version", None)
+        if made is not None:
+            return self._id(made)
         latest = self._latest
         if latest is None:
             latest = self._read_latest()
@@ -145,6 +152,7 @@ class TransitKeyService:
         """``transit/keys/NAME/rotate`` when ``new_key``; then the newest version's key id."""
         if new_key:
             self._call(f"{self._mount}/keys/{self._name}/rotate", {})
+        self._made.version = None
         return self._id(self._read_latest())
 
     def close(self) -> None:
@@ -163,7 +171,9 @@ class TransitKeyService:
         found = _CIPHERTEXT.fullmatch(text)
         if found is None:
             raise KeyServiceError("the key service gave a malformed answer", retry_after=_RETRY_S)
-        self._seen(int(found["version"]))
+        version = int(found["version"])
+        self._made.version = version
+        self._seen(version)
         return text
 
     def _seen(self, version: int) -> None:
