@@ -57,7 +57,10 @@ class KeyService(Protocol):
 
     @property
     def key_id(self) -> str:
-        """A stable, non-secret name of the KEK, recorded next to every wrapped key."""
+        """A stable, non-secret name of the KEK, recorded next to every wrapped key.
+
+        Right after ``wrap`` or ``rewrap`` it names the KEK that call used, in that thread.
+        """
         ...
 
     def wrap(self, data_key: bytes, context: bytes) -> bytes:
