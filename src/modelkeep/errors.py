@@ -15,6 +15,8 @@ with ``raise ... from exc``.
     ├── ModelRefused               model_refused     an artifact modelkeep will not serve
     ├── RateLimited                rate_limited      over a limit; carries retry_after
     ├── Unavailable                unavailable       not ready, shutting down; carries retry_after
+    │   └── KeyServiceError        unavailable       key service unreachable, sealed, refusing, or
+    │                                                no longer holding the KEK that wrapped a key
     ├── IntegrityError             integrity         a sealed artifact or digest failed verification
     ├── ConfigError                config            settings or data dir unusable
     └── InternalError              internal          a bug; details are logged, never shown
@@ -79,6 +81,14 @@ class RateLimited(ModelkeepError):
 
 class Unavailable(ModelkeepError):
     code = "unavailable"
+
+
+class KeyServiceError(Unavailable):
+    """The key service could not wrap or unwrap a data key; nothing falls back to another key.
+
+    ``retry_after`` is set when the cause may pass (unreachable, sealed, credentials refused);
+    it is None when the key-encryption key that wrapped the data key is gone for good.
+    """
 
 
 class IntegrityError(ModelkeepError):

@@ -26,6 +26,7 @@ from modelkeep._service._base import SnapshotMemo, is_safe_name
 from modelkeep._service.capture import CaptureMixin
 from modelkeep._service.guard_admin import GuardAdminMixin
 from modelkeep._service.inference import PLATFORMS, InferenceMixin, InferTarget
+from modelkeep._service.kek import KekMixin
 from modelkeep._service.management import CreatedKey, ManagementMixin
 from modelkeep.audit import KEY_FILE as AUDIT_KEY_FILE
 from modelkeep.audit import AuditEvent, AuditLog, CheckpointSigner
@@ -34,12 +35,13 @@ from modelkeep.audit.capture import CaptureRecord, CaptureWriter
 from modelkeep.audit.metrics import Metrics
 from modelkeep.auth import AuthFailure, Principal, authenticate
 from modelkeep.bootstrap import BLOB_DIR, DB_FILE, KEK_FILE
-from modelkeep.crypto import KeyService, LocalKeyService
+from modelkeep.crypto import KeyService, open_key_service
 from modelkeep.crypto.signing import TrustedKey, load_public_key, verify_digests
 from modelkeep.errors import (
     ConfigError,
     Forbidden,
     IntegrityError,
+    KeyServiceError,
     ModelkeepError,
     ModelRefused,
     NotFound,
@@ -74,7 +76,7 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
+class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, KekMixin):
     """modelkeep's core, shared by every protocol adapter in one worker process.
 
     This class holds construction, change propagation, audit helpers, authentication and
@@ -147,7 +149,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
             settings,
             store=store,
             blobs=blob_store_from(settings, data_dir / BLOB_DIR),
-            keys=LocalKeyService.load(data_dir / KEK_FILE),
+            keys=open_key_service(settings, data_dir / KEK_FILE),
             audit=AuditLog(store.engine, signer=CheckpointSigner.load(data_dir / AUDIT_KEY_FILE)),
             gate=InferenceGate(
                 Admission(settings.limits_storage),
@@ -212,6 +214,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         self.metrics.close()
         if self.alerter is not None:
             self.alerter.close(timeout=10)
+        self.registry.keys.close()
         self.store.close()
 
     def settings_digest(self) -> str:
@@ -398,6 +401,13 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
                 raise failed
             try:
                 session = self._load(version)
+            except KeyServiceError as exc:
+                # Fail closed with the key service's own reason. Only a KEK that is gone for
+                # good is remembered; an outage is retried by the next request.
+                log.error("model %s version %s: %s", *key, exc.message)
+                if exc.retry_after is None:
+                    self._failed[key] = exc
+                raise
             except IntegrityError as exc:
                 self.alert("tampering", model=version.model, version=version.number)
                 self._failed[key] = Unavailable(exc.message)

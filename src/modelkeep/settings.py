@@ -140,6 +140,32 @@ class Settings(BaseSettings):
             self.tls_key_file or tls / "server-key.pem",
         )
 
+    # -- key service (docs/scale-out.md, "Key services") ------------------------------------
+    # Who wraps the per-version data keys: `local` (the key file made by `modelkeep init`),
+    # `openbao` / `openbao+https://HOST:PORT/MOUNT/keys/NAME` (OpenBao or Vault Transit), or
+    # `awskms` / `awskms:KEY` (AWS KMS key id, ARN or alias/NAME). An unreachable key service
+    # means refusal (503); nothing ever falls back to the local key file.
+    key_service: str = "local"
+    # The bare forms need these: the OpenBao address (https://HOST:PORT) and the key
+    # (MOUNT/keys/NAME for OpenBao; key id, ARN or alias/NAME for AWS KMS).
+    key_service_address: str | None = None
+    key_service_key: str | None = None
+    # CA certificate(s) that verify the key service's TLS certificate; None: the system's.
+    # TLS is always verified; plain http is accepted only to a loopback address.
+    key_service_ca_file: Path | None = None
+    # OpenBao credentials: a token file (re-read when the token is refused, so an agent can
+    # renew it), or AppRole (role id, and a file holding the secret id).
+    key_service_token_file: Path | None = None
+    key_service_approle_role_id: str | None = None
+    key_service_approle_secret_id_file: Path | None = None
+    key_service_approle_mount: str = "approle"
+    # AWS KMS: region, and an endpoint for KMS-compatible servers; credentials come from the
+    # usual AWS environment/profile chain, never from modelkeep's settings.
+    key_service_region: str | None = None
+    key_service_endpoint: str | None = None
+    # Every call to the key service gives up after this long (connect and read).
+    key_service_timeout_s: float = Field(default=5.0, gt=0, le=120)
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:

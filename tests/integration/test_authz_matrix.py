@@ -5,9 +5,10 @@ row per route and one column per credential; each cell is its own parametrized c
 no, malformed, unknown, expired or revoked credentials get 401 with ``{"error": ...}``; admin may
 do everything; a publisher reads, pushes and moves labels on its models; a consumer reads and runs
 inference on its models; an auditor reads metadata and lists keys; every authenticated key may
-read ``/v2``, the (filtered) model list, whoami and the OpenAPI document; a key bound to another
-model gets 403 on this model's routes. The expired and revoked keys are admin keys, so a server
-that forgot to check expiry or revocation would answer them.
+read ``/v2``, the (filtered) model list, whoami and the OpenAPI document; only admins see and
+rotate the key-encryption key; a key bound to another model gets 403 on this model's routes.
+The expired and revoked keys are admin keys, so a server that forgot to check expiry or
+revocation would answer them.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ GET    /api/v1/keys                           401  401 401 401 401 401 200 403 4
 DELETE /api/v1/keys/{id}                      401  401 401 401 401 401 200 403 403 403 403 403
 GET    /api/v1/whoami                         401  401 401 401 401 401 200 200 200 200 200 200
 GET    /api/v1/openapi.json                   401  401 401 401 401 401 200 200 200 200 200 200
+GET    /api/v1/kek                            401  401 401 401 401 401 200 403 403 403 403 403
+POST   /api/v1/kek/rotate                     401  401 401 401 401 401 200 403 403 403 403 403
+POST   /api/v1/kek/rewrap                     401  401 401 401 401 401 200 403 403 403 403 403
 """
 
 UNAUTHENTICATED_MESSAGE = {
@@ -118,7 +122,7 @@ def parse_matrix(text: str) -> list[Cell]:
 
 
 CELLS = parse_matrix(MATRIX)
-EXPECTED_ROUTE_COUNT = 32
+EXPECTED_ROUTE_COUNT = 35
 
 
 def test_the_matrix_covers_every_route_and_credential() -> None:
@@ -328,6 +332,10 @@ def test_cell(world: World, cell: Cell) -> None:
         assert before + (1 if allowed else 0) == len(world.keys())
     elif route == ("DELETE", "/api/v1/keys/{id}"):
         assert allowed == (world.keys()[key_id]["revoked_at"] is not None)
+    elif allowed and route == ("GET", "/api/v1/kek"):
+        assert r.json()["key_service"] == "local"
+    elif allowed and route == ("POST", "/api/v1/kek/rewrap"):
+        assert (r.json()["remaining"], r.json()["after"]) == (0, None)
     elif allowed and route == ("GET", "/api/v1/whoami"):
         assert world.key_ids[cell.credential] == r.json()["id"]
     elif allowed and route[1].endswith("/ready") and route[1].startswith("/v2/models"):

@@ -289,6 +289,15 @@ class ApiClient:
     def whoami(self) -> JSONObject:
         return self._object("GET", f"{_API}/whoami")
 
+    def kek_status(self) -> JSONObject:
+        return self._object("GET", f"{_API}/kek")
+
+    def kek_rotate(self, *, new_key: bool) -> JSONObject:
+        return self._object("POST", f"{_API}/kek/rotate", json={"new_key": new_key})
+
+    def kek_rewrap(self, *, limit: int, after: int) -> JSONObject:
+        return self._object("POST", f"{_API}/kek/rewrap", json={"limit": limit, "after": after})
+
     # -- plumbing -----------------------------------------------------------------------------
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:

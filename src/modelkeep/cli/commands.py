@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from typer.core import TyperGroup
 
-from modelkeep.cli import _audit, _models, _policy, _scan, _server, _sign
+from modelkeep.cli import _audit, _kek, _models, _policy, _scan, _server, _sign
 from modelkeep.cli import _output as out
 from modelkeep.cli._client import (
     DEFAULT_URL,
@@ -100,6 +100,7 @@ app.add_typer(label_app, name="label")
 app.add_typer(keys_app, name="keys")
 app.add_typer(_models.publishers_app, name="publishers")
 app.add_typer(_policy.policy_app, name="policy")
+app.add_typer(_kek.kek_app, name="kek")
 models_app.command("create", epilog=EPILOG)(_models.models_create)
 models_app.command("set", epilog=EPILOG)(_models.models_set)
 

@@ -4,7 +4,12 @@ Safe, high-level functions only; the wire-format details live in private modules
 to verify is one opaque :class:`~modelkeep.errors.IntegrityError`.
 """
 
-from modelkeep.crypto.keyservice import InMemoryKeyService, KeyService, LocalKeyService
+from modelkeep.crypto.keyservice import (
+    InMemoryKeyService,
+    KeyService,
+    LocalKeyService,
+    open_key_service,
+)
 from modelkeep.crypto.sealed import (
     KEY_SIZE,
     SEGMENT_SIZE,
@@ -51,6 +56,7 @@ __all__ = [
     "generate_signing_key",
     "load_public_key",
     "new_data_key",
+    "open_key_service",
     "renew_server_certificate",
     "seal",
     "sealed_size",

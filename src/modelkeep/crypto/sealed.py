@@ -29,6 +29,7 @@ __all__ = [
     "Sealer",
     "UnsealingReader",
     "associated_data_for",
+    "model_and_version_of",
     "new_data_key",
     "seal",
     "sealed_size",
@@ -71,6 +72,32 @@ def associated_data_for(model: str, version: int, sha256_hex: str) -> bytes:
             _length_prefixed(bytes.fromhex(sha256_hex)),
         )
     )
+
+
+def model_and_version_of(associated_data: bytes) -> tuple[str, int] | None:
+    """The (model, version) that :func:`associated_data_for` encoded, or None for other bytes.
+
+    For labelling only (e.g. a KMS encryption context an operator reads in CloudTrail); the
+    bytes themselves stay the binding.
+    """
+    view = memoryview(associated_data)
+    fields: list[bytes] = []
+    for width in (None, None, 8, None):
+        if width is None:
+            if len(view) < 4:
+                return None
+            width, view = int.from_bytes(view[:4], "big"), view[4:]
+            if len(view) < width:
+                return None
+        fields.append(bytes(view[:width]))
+        view = view[width:]
+    if view or fields[0] != _DOMAIN or len(fields[3]) != 32:
+        return None
+    try:
+        model = fields[1].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return model, int.from_bytes(fields[2], "big")
 
 
 def sealed_size(plaintext_size: int) -> int:

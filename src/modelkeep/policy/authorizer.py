@@ -53,6 +53,8 @@ class Action(StrEnum):
     KEY_CREATE = "key.create"
     KEY_LIST = "key.list"
     KEY_REVOKE = "key.revoke"
+    # See and rotate the key-encryption key (re-wrap every version's data key).
+    KEK_ROTATE = "kek.rotate"
 
 
 #: Actions whose resource is a model; every other action's resource is the server.

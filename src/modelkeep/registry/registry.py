@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from modelkeep.crypto import KeyService, associated_data_for, new_data_key
 from modelkeep.crypto.sealed import Sealer, unseal_segments
-from modelkeep.errors import Conflict, IntegrityError
+from modelkeep.errors import Conflict, IntegrityError, KeyServiceError
 from modelkeep.registry.blobs import BlobStore, new_blob_key
 from modelkeep.registry.records import VersionRecord, check_name
 from modelkeep.registry.store import (
@@ -169,11 +169,20 @@ class Registry:
 
         The blob streams from the store one segment at a time, each verified, hashed and
         appended to the one buffer the bytes are returned in (no second copy). Raises
-        IntegrityError naming the model and version when anything fails to verify.
+        IntegrityError naming the model and version when anything fails to verify, and
+        KeyServiceError naming them when the key service cannot unwrap the data key (down,
+        sealed, refusing, or no longer holding the KEK that wrapped it).
         """
         associated_data = associated_data_for(version.model, version.number, version.sha256)
         try:
-            data_key = self.keys.unwrap(version.wrapped_key, associated_data)
+            try:
+                data_key = self.keys.unwrap(version.wrapped_key, associated_data)
+            except KeyServiceError as exc:
+                raise KeyServiceError(
+                    f"model '{version.model}' version {version.number} cannot be loaded: "
+                    f"{exc.message}",
+                    retry_after=exc.retry_after,
+                ) from exc
             digest = hashlib.sha256()
             whole = io.BytesIO()
             with self.blobs.open(version.blob_key) as src:

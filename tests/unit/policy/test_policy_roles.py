@@ -28,6 +28,7 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_CREATE: ("-", "-", "Y"),
         Action.KEY_LIST: ("-", "-", "Y"),
         Action.KEY_REVOKE: ("-", "-", "Y"),
+        Action.KEK_ROTATE: ("-", "-", "Y"),
     },
     "publisher": {
         Action.SERVER_READ: ("-", "-", "Y"),
@@ -42,6 +43,7 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_CREATE: ("-", "-", "n"),
         Action.KEY_LIST: ("-", "-", "n"),
         Action.KEY_REVOKE: ("-", "-", "n"),
+        Action.KEK_ROTATE: ("-", "-", "n"),
     },
     "consumer": {
         Action.SERVER_READ: ("-", "-", "Y"),
@@ -56,6 +58,7 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_CREATE: ("-", "-", "n"),
         Action.KEY_LIST: ("-", "-", "n"),
         Action.KEY_REVOKE: ("-", "-", "n"),
+        Action.KEK_ROTATE: ("-", "-", "n"),
     },
     "auditor": {
         Action.SERVER_READ: ("-", "-", "Y"),
@@ -70,6 +73,7 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_CREATE: ("-", "-", "n"),
         Action.KEY_LIST: ("-", "-", "Y"),
         Action.KEY_REVOKE: ("-", "-", "n"),
+        Action.KEK_ROTATE: ("-", "-", "n"),
     },
 }
 

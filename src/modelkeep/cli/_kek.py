@@ -1,0 +1,107 @@
+"""``modelkeep kek``: see and rotate the key-encryption key that wraps every version's data key.
+
+Rotation never re-encrypts a blob: the key service makes a new KEK (Transit ``rotate``), then
+pass after pass each version's data key is re-wrapped under it. Every pass is audited and
+idempotent, so an interrupted rotation is finished with ``kek rotate --rewrap-only``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from modelkeep.cli import _output as out
+from modelkeep.cli._client import DEFAULT_URL, JSONObject, client_from
+from modelkeep.cli._errors import exit_codes_epilog
+from modelkeep.cli._params import CacertOption, JsonOption, TokenOption, UrlOption
+from modelkeep.errors import KeyServiceError
+
+__all__ = ["kek_app"]
+
+EPILOG = exit_codes_epilog()
+
+kek_app = typer.Typer(help="See and rotate the key-encryption key (admin).", no_args_is_help=True)
+
+
+@kek_app.command("status", epilog=EPILOG)
+def kek_status(
+    ctx: typer.Context,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show the key service, its current key id and how many versions each KEK wraps.
+
+    Example: modelkeep kek status
+    """
+    with client_from(ctx.obj, url, token, cacert) as client:
+        status = client.kek_status()
+    if json_output:
+        out.print_json(status)
+        return
+    out.say(f"key service {out.clean(status.get('key_service'))}")
+    out.say(f"current key {out.clean(status.get('key_id'))}")
+    counts = status.get("versions_by_key")
+    for key_id, count in sorted(counts.items()) if isinstance(counts, dict) else []:
+        out.say(f"  {out.clean(key_id)}: {out.clean(count)} version(s)")
+    out.say(f"versions to re-wrap: {out.clean(status.get('versions_to_rewrap'))}")
+
+
+@kek_app.command("rotate", epilog=EPILOG)
+def kek_rotate(
+    ctx: typer.Context,
+    rewrap_only: Annotated[
+        bool,
+        typer.Option(
+            "--rewrap-only",
+            help="Make no new KEK: re-wrap what is still under an older one (resume an "
+            "interrupted rotation, or move to the key an AWS KMS alias now names).",
+        ),
+    ] = False,
+    batch: Annotated[
+        int, typer.Option(min=1, max=500, metavar="N", help="Versions per audited pass.")
+    ] = 100,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Make a new key-encryption key and re-wrap every version's data key under it.
+
+    Blobs are not touched. Safe to interrupt: run it again with --rewrap-only to finish.
+
+    Example: modelkeep kek rotate
+    """
+    rewrapped = 0
+    refused: list[JSONObject] = []
+    with client_from(ctx.obj, url, token, cacert) as client:
+        key_id = client.kek_rotate(new_key=not rewrap_only).get("key_id")
+        if not json_output:
+            out.say(f"current key {out.clean(key_id)}")
+        after: object = 0
+        while isinstance(after, int):
+            done = client.kek_rewrap(limit=batch, after=after)
+            moved = done.get("rewrapped")
+            rewrapped += len(moved) if isinstance(moved, list) else 0
+            more = done.get("refused")
+            refused += [r for r in more if isinstance(r, dict)] if isinstance(more, list) else []
+            if not json_output:
+                out.say(f"re-wrapped {rewrapped}, {out.clean(done.get('remaining'))} left")
+            after = done.get("after")
+        remaining = done.get("remaining")
+    for item in refused:
+        out.warn(
+            f"model {out.clean(item.get('model'))} version {out.clean(item.get('version'))}: "
+            f"{out.clean(item.get('reason'))}"
+        )
+    if remaining:
+        raise KeyServiceError(
+            f"{remaining} version(s) are still wrapped by an older key-encryption key; "
+            "they will not be served until that key is back (see above)"
+        )
+    if json_output:
+        out.print_json({"key_id": key_id, "rewrapped": rewrapped, "remaining": 0})
+        return
+    out.say(f"every version is wrapped by {out.clean(key_id)}")
