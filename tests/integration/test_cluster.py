@@ -244,3 +244,39 @@ def test_killing_a_replica_under_load_loses_no_write_and_answers_no_5xx(
         check=False,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_the_tour_through_the_proxy_on_every_back_end(cluster: Cluster) -> None:
+    """PostgreSQL, Redis, S3 (SeaweedFS) and OpenBao behind three replicas: a signed push, a
+    label, a consumer key and V2 inference with tritonclient through HAProxy; no key is 401."""
+    import ssl
+
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    assert cluster.replica_env()["MODELKEEP_KEY_SERVICE"].startswith("openbao+https://")
+    assert cluster.replica_env()["MODELKEEP_BLOB_URL"].startswith("s3://")
+    model = _model(cluster)
+    with cluster.client(cluster.admin_key) as c:
+        r = c.put(f"/api/v1/models/{model}/labels/production", json={"version": 1})
+        assert r.status_code == 200, r.text
+        status = c.get("/api/v1/kek").json()
+    assert status["key_service"] == "openbao"
+    assert status["versions_to_rewrap"] == 0
+    assert sum(status["versions_by_key"].values()) >= 1
+    key = _consumer_key(cluster, model)
+    with cluster.client() as anonymous:
+        assert anonymous.post(f"/v2/models/{model}/infer", content=BODY).status_code == 401
+    client = httpclient.InferenceServerClient(
+        url=cluster.url.removeprefix("https://"),
+        ssl=True,
+        ssl_context_factory=lambda: ssl.create_default_context(cafile=str(cluster.ca)),
+    )
+    try:
+        rows = np.asarray(iris_rows(4), dtype=np.float32)
+        inp = httpclient.InferInput("input", list(rows.shape), "FP32")
+        inp.set_data_from_numpy(rows, binary_data=True)
+        result = client.infer(model, [inp], headers={"Authorization": f"Bearer {key}"})
+        assert result.as_numpy("label").shape == (4,)
+    finally:
+        client.close()

