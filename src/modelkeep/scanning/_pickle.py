@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ast
 import struct
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -41,8 +41,14 @@ _MAX_NPY_HEADER = 10_000  # numpy.load refuses longer headers by default
 def scan_pickle(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     """Analyse every pickle stream in ``data``; returns ``pickle``, ``joblib`` or
     ``pytorch-legacy``."""
+    return scan_pickle_file(scan, cast(IO[bytes], MemoryReader(data)), location, depth)
+
+
+def scan_pickle_file(scan: Scan, reader: IO[bytes], location: str, depth: int) -> str:
+    """:func:`scan_pickle` for a seekable file whose ``read(n)`` returns ``n`` bytes unless at
+    its end (a buffered file): opcodes are read one by one, storages are skipped, so only the
+    largest single value of the pickle is ever held."""
     scan.medium(location, UNSAFE_PICKLE)
-    reader = MemoryReader(data)
     first = run_stream(scan, reader, location, depth)
     if first.complete and type(first.value) is int and first.value == _TORCH_MAGIC:
         _torch_legacy(scan, reader, location, depth)
@@ -54,7 +60,7 @@ def scan_pickle(scan: Scan, data: Buffer, location: str, depth: int) -> str:
 def scan_torch_pickle(scan: Scan, data: Buffer, location: str, depth: int) -> list[StorageRef]:
     """Analyse a pickle member of a PyTorch zip (``data.pkl``...), persistent ids allowed;
     returns the storages it names."""
-    reader = MemoryReader(data)
+    reader = cast(IO[bytes], MemoryReader(data))
     first = run_stream(scan, reader, location, depth, torch=True)
     storages = list(first.storages)
     for result in _more_streams(scan, reader, first, location, depth, torch=True):
@@ -64,7 +70,7 @@ def scan_torch_pickle(scan: Scan, data: Buffer, location: str, depth: int) -> li
 
 def _more_streams(
     scan: Scan,
-    reader: MemoryReader,
+    reader: IO[bytes],
     previous: StreamResult,
     location: str,
     depth: int,
@@ -93,7 +99,7 @@ def _more_streams(
     return results
 
 
-def _torch_legacy(scan: Scan, reader: MemoryReader, location: str, depth: int) -> None:
+def _torch_legacy(scan: Scan, reader: IO[bytes], location: str, depth: int) -> None:
     # torch.save(..., _use_new_zipfile_serialization=False): magic, protocol version, system
     # info, the object (storages by persistent id), the list of storage keys, then each
     # storage as an int64 element count and its raw bytes.
