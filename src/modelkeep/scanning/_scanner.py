@@ -23,7 +23,7 @@ from modelkeep.errors import InvalidInput, ModelkeepError
 from modelkeep.scanning._archive import scan_7z, scan_tar
 from modelkeep.scanning._compressed import COMPRESSED_KINDS, scan_compressed
 from modelkeep.scanning._context import Buffer, Scan, Sibling, Siblings, show
-from modelkeep.scanning._gguf import scan_gguf
+from modelkeep.scanning._gguf import scan_gguf, scan_gguf_file
 from modelkeep.scanning._keras import scan_hdf5
 from modelkeep.scanning._pickle import scan_numpy, scan_pickle, scan_pickle_file
 from modelkeep.scanning._safetensors import scan_safetensors, scan_safetensors_file
@@ -52,6 +52,12 @@ _T = TypeVar("_T")
 # A file being scanned through a reader fails on its own (a sealed copy that stops verifying,
 # an I/O error): that is not a verdict on the content.
 _READ_ERRORS = (ModelkeepError, OSError)
+
+# Formats whose analysers read a header through a file: (scan, reader, size, location) -> format.
+_HEADER_SCANNERS: dict[str, Callable[[Scan, IO[bytes], int, str], str]] = {
+    "safetensors": scan_safetensors_file,
+    "gguf": scan_gguf_file,
+}
 
 Handler = Callable[[Scan, Buffer, str, int], str]
 
@@ -86,7 +92,7 @@ def scan_reader(
     """Scan a seekable binary file by content, reading only what its analyser needs.
 
     The report is the one :func:`scan_bytes` gives for the same bytes. The file is identified
-    from its first MiB; safetensors (its header), pickles (opcode by opcode, storages
+    from its first MiB; safetensors and GGUF (their headers), pickles (opcode by opcode, storages
     skipped over), text and unidentifiable files are then analysed through ``reader`` without
     holding the file, so a large one costs a few MiB. The other formats' analysers take a
     whole buffer: those files are read whole, as ``scan_bytes`` would hold them. ``reader``
@@ -101,22 +107,19 @@ def scan_reader(
     head = reader.read(min(size, _DETECT))
     reader.seek(0)
     kind = detect_format(head)
-    if len(head) == size or kind in ("text", "unknown"):
-        # The whole file, or a head that identifies it the same way (see _DETECT): a text or
-        # unidentifiable file at the top level is refused without reading on.
-        fmt = scan.nested(head, location, 0)
-    elif kind == "safetensors":
+    if kind in _HEADER_SCANNERS:
+        header_scanner = _HEADER_SCANNERS[kind]
         fmt = _guarded(
-            scan,
-            kind,
-            location,
-            lambda: scan_safetensors_file(scan, reader, size, location),
-            _READ_ERRORS,
+            scan, kind, location, lambda: header_scanner(scan, reader, size, location), _READ_ERRORS
         )
     elif kind == "pickle":
         fmt = _guarded(
             scan, kind, location, lambda: scan_pickle_file(scan, reader, location, 0), _READ_ERRORS
         )
+    elif len(head) == size or kind in ("text", "unknown"):
+        # The whole file, or a head that identifies it the same way (see _DETECT): a text or
+        # unidentifiable file at the top level is refused without reading on.
+        fmt = scan.nested(head, location, 0)
     else:
         del head
         fmt = scan.nested(reader.read(size), location, 0)

@@ -7,6 +7,8 @@ import json
 import struct
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 
 from modelkeep.scanning import ScanReport, Verdict, scan_path, scan_reader
@@ -85,3 +87,23 @@ def test_a_legacy_torch_checkpoint_is_scanned_without_reading_its_storages(
     assert scan_path(path) == report
     assert report.format == "pytorch-legacy"
     assert read < 4 * MiB < path.stat().st_size
+
+
+def test_a_large_gguf_file_is_scanned_from_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "big.gguf"
+    elements = 16 * MiB
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor_info("w", (elements,), np.dtype(np.float32), elements * 4)
+    writer.add_string("tokenizer.chat_template", "{{ messages }}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    with path.open("r+b") as out:  # the data, sparse, after the aligned header
+        out.truncate(-(-path.stat().st_size // 32) * 32 + elements * 4)
+
+    report, read = _scan_file(path)
+
+    assert scan_path(path) == report
+    assert (report.verdict, report.format) == (Verdict.SAFE, "gguf")
+    assert read < 2 * MiB < path.stat().st_size
