@@ -27,7 +27,7 @@ from modelkeep.errors import ModelRefused
 from modelkeep.registry.upload import Upload
 from modelkeep.runtime.loader import inspect_model
 from modelkeep.runtime.signature import ModelSignature
-from modelkeep.scanning import ScanReport, Verdict, scan_reader
+from modelkeep.scanning import FileSlice, ScanReport, Verdict, scan_reader
 
 log = logging.getLogger(__name__)
 
@@ -126,42 +126,6 @@ def _directory(upload: Upload) -> Iterator[Iterator[tuple[str, Span, IO[bytes]]]
         buffered.close()
 
 
-class _Slice(io.RawIOBase):
-    """One file's bytes inside a larger seekable file (a member of an uploaded tar)."""
-
-    def __init__(self, whole: io.RawIOBase, span: Span) -> None:
-        super().__init__()
-        self._whole = whole
-        self._start, self._size = span
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        target = memoryview(buffer).cast("B")
-        count = max(0, min(len(target), self._size - self._pos))
-        if count == 0:
-            return 0
-        self._whole.seek(self._start + self._pos)
-        count = self._whole.readinto(target[:count]) or 0
-        self._pos += count
-        return count
-
-
 def _digest(content: IO[bytes]) -> str:
     digest = hashlib.sha256()
     while chunk := content.read(_CHUNK):
@@ -223,7 +187,7 @@ def accept(
     servable: dict[str, tuple[bytes, ScanReport]] = {}
     with upload.seekable_reader() as sealed:
         for name, span in spans.items():
-            with io.BufferedReader(_Slice(sealed, span), _CHUNK) as content:
+            with io.BufferedReader(FileSlice(sealed, *span), _CHUNK) as content:
                 report = scan_reader(content, name)
                 if report.verdict is not Verdict.SAFE:
                     worst = next(f for f in report.findings if f.severity.verdict is report.verdict)

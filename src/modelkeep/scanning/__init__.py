@@ -8,6 +8,7 @@ archives are opened with limits, ONNX, safetensors, GGUF, skops, Keras, XGBoost 
 headers and structures are parsed and checked. ``docs/scanning.md`` lists every rule.
 """
 
+from modelkeep.scanning._context import FileSlice
 from modelkeep.scanning._scanner import scan_bytes, scan_path, scan_reader
 from modelkeep.scanning.detect import detect_format
 from modelkeep.scanning.report import (
@@ -21,6 +22,7 @@ from modelkeep.scanning.report import (
 
 __all__ = [
     "EXIT_CODES",
+    "FileSlice",
     "Finding",
     "ScanLimits",
     "ScanReport",

@@ -25,7 +25,12 @@ from modelkeep.scanning._compressed import COMPRESSED_KINDS, scan_compressed
 from modelkeep.scanning._context import Buffer, Scan, Sibling, Siblings, show
 from modelkeep.scanning._gguf import scan_gguf, scan_gguf_file
 from modelkeep.scanning._keras import scan_hdf5
-from modelkeep.scanning._pickle import scan_numpy, scan_pickle, scan_pickle_file
+from modelkeep.scanning._pickle import (
+    scan_numpy,
+    scan_numpy_file,
+    scan_pickle,
+    scan_pickle_file,
+)
 from modelkeep.scanning._safetensors import scan_safetensors, scan_safetensors_file
 from modelkeep.scanning._xgb_lgbm import scan_lightgbm, scan_xgboost
 from modelkeep.scanning._zip import scan_zip
@@ -57,6 +62,7 @@ _READ_ERRORS = (ModelkeepError, OSError)
 _HEADER_SCANNERS: dict[str, Callable[[Scan, IO[bytes], int, str], str]] = {
     "safetensors": scan_safetensors_file,
     "gguf": scan_gguf_file,
+    "numpy": scan_numpy_file,
 }
 
 Handler = Callable[[Scan, Buffer, str, int], str]
@@ -92,12 +98,12 @@ def scan_reader(
     """Scan a seekable binary file by content, reading only what its analyser needs.
 
     The report is the one :func:`scan_bytes` gives for the same bytes. The file is identified
-    from its first MiB; safetensors and GGUF (their headers), pickles (opcode by opcode, storages
-    skipped over), text and unidentifiable files are then analysed through ``reader`` without
-    holding the file, so a large one costs a few MiB. The other formats' analysers take a
-    whole buffer: those files are read whole, as ``scan_bytes`` would hold them. ``reader``
-    is the whole file (``seek(0, 2)`` gives its size) and its ``read(n)`` returns ``n``
-    bytes unless at the end, as buffered files do; its own errors propagate.
+    from its first MiB; safetensors, GGUF and NumPy files (their headers), pickles (opcode by
+    opcode, storages skipped over), text and unidentifiable files are then analysed through
+    ``reader`` without holding the file, so a large one costs a few MiB. The other formats'
+    analysers take a whole buffer: those files are read whole, as ``scan_bytes`` would hold
+    them. ``reader`` is the whole file (``seek(0, 2)`` gives its size) and its ``read(n)``
+    returns ``n`` bytes unless at the end, as buffered files do; its own errors propagate.
     """
     scan = Scan(limits, _dispatch)
     location = show(name, 200) or "model"

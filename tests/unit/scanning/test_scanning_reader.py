@@ -107,3 +107,14 @@ def test_a_large_gguf_file_is_scanned_from_its_header(tmp_path: Path) -> None:
     assert scan_path(path) == report
     assert (report.verdict, report.format) == (Verdict.SAFE, "gguf")
     assert read < 2 * MiB < path.stat().st_size
+
+
+def test_a_large_npy_file_is_scanned_from_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "big.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(16 * MiB,)).flush()
+
+    report, read = _scan_file(path)
+
+    assert scan_path(path) == report
+    assert (report.verdict, report.format) == (Verdict.SAFE, "numpy")
+    assert read < 2 * MiB < path.stat().st_size
