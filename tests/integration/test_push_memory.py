@@ -7,16 +7,20 @@ and read from ``VmHWM`` after it, so each test measures what that one push cost.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import sqlite3
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
-from harness import Server, ensure_model, init_server, sign_bytes
+from harness import Server, ensure_model, init_server, publisher_key, sign_bytes
 from onnx import TensorProto, helper, numpy_helper
 
+from modelkeep.crypto.signing import sign_path
 from modelkeep.testing import build_iris_onnx
 
 pytestmark = pytest.mark.integration
@@ -40,28 +44,37 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         server.stop()
 
 
-def push(server: Server, data: bytes, bundle: bytes) -> int:
+def push(
+    server: Server, data: bytes | Iterable[bytes], bundle: bytes, filename: str = "model.onnx"
+) -> int:
+    return _push(server, data, bundle, filename).status_code
+
+
+def _push(
+    server: Server, data: bytes | Iterable[bytes], bundle: bytes, filename: str
+) -> httpx.Response:
     with server.client(server.admin_key) as c:
-        r = c.post(
+        return c.post(
             f"/api/v1/models/{MODEL}/versions",
-            params={"filename": "model.onnx"},
+            params={"filename": filename},
             content=data,
             headers={
                 "Content-Type": "application/octet-stream",
                 "Modelkeep-Signature": base64.b64encode(bundle).decode(),
             },
         )
-    return r.status_code
 
 
-def peak_growth(server: Server, data: bytes, bundle: bytes) -> tuple[int, int]:
-    """Push ``data``; returns its status and how far the server's resident memory rose."""
+def peak_growth(
+    server: Server, data: bytes | Iterable[bytes], bundle: bytes, filename: str = "model.onnx"
+) -> tuple[httpx.Response, int]:
+    """Push ``data``; returns the response and how far the server's resident memory rose."""
     assert server.proc is not None
     status_file = Path(f"/proc/{server.proc.pid}/status")
     Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _kib(status_file, "VmHWM")
-    status = push(server, data, bundle)
-    return status, (_kib(status_file, "VmHWM") - before) * 1024
+    response = _push(server, data, bundle, filename)
+    return response, (_kib(status_file, "VmHWM") - before) * 1024
 
 
 def _kib(status_file: Path, field: str) -> int:
@@ -78,6 +91,22 @@ def assert_nothing_left(server: Server) -> None:
     assert stored == referenced
     assert list((server.data_dir / "blobs" / ".tmp").iterdir()) == []
     assert list((server.data_dir / "uploads").iterdir()) == []
+
+
+def sparse_safetensors(path: Path, nbytes: int) -> None:
+    """A valid safetensors file of one FP32 tensor of ``nbytes`` zeros, written sparse (fast)."""
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]}}
+    ).encode()
+    with path.open("wb") as out:
+        out.write(struct.pack("<Q", len(header)) + header)
+        out.truncate(8 + len(header) + nbytes)
+
+
+def chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(4 * MiB):
+            yield chunk
 
 
 def onnx_of(nbytes: int) -> bytes:
@@ -103,32 +132,51 @@ def test_a_wrongly_signed_upload_four_times_the_allowance_is_refused_and_leaves_
     data = os.urandom(LARGE)
     stranger_signed = sign_bytes(data[:-1] + b"x")  # a signature over other bytes
 
-    status, growth = peak_growth(srv, data, stranger_signed)
+    response, growth = peak_growth(srv, data, stranger_signed)
 
     # Streamed in sealed and hashed, refused on its digest before any byte was held whole.
-    assert status == 422
+    assert response.status_code == 422
     assert growth < LARGE // 4, f"the server grew by {growth / MiB:.0f} MiB"
     assert_nothing_left(srv)
 
 
-def test_a_corrupted_signed_upload_is_refused_by_the_scan_and_leaves_nothing(
+def test_a_corrupted_signed_upload_is_refused_by_the_scan_without_being_held(
     srv: Server,
 ) -> None:
-    data = os.urandom(LARGE)
+    data = np.random.default_rng(5).bytes(LARGE)  # fixed: random bytes that match no format
 
-    status, growth = peak_growth(srv, data, sign_bytes(data))
+    response, growth = peak_growth(srv, data, sign_bytes(data))
 
-    # The scan holds the one file it reads, never a second copy of the upload.
-    assert status == 422
-    assert growth < LARGE + 256 * MiB, f"the server grew by {growth / MiB:.0f} MiB"
+    # Identified as nothing from its first MiB, and refused on that: nothing more was read.
+    assert response.status_code == 422
+    assert "cannot identify the format" in response.json()["error"]
+    assert growth < LARGE // 4, f"the server grew by {growth / MiB:.0f} MiB"
+    assert_nothing_left(srv)
+
+
+def test_a_scan_only_file_four_times_the_allowance_is_scanned_without_being_held(
+    srv: Server, tmp_path: Path
+) -> None:
+    path = tmp_path / "model.safetensors"
+    sparse_safetensors(path, 2 * LARGE)
+    bundle = tmp_path / "bundle.sig"
+    sign_path(path, publisher_key()[0], bundle)
+
+    response, growth = peak_growth(srv, chunks(path), bundle.read_bytes(), path.name)
+
+    # The scan read the header through the sealed copy and found it safe; the push is then
+    # refused only because safetensors is a format the server does not serve.
+    assert response.status_code == 422
+    assert "exactly one servable file" in response.json()["error"]
+    assert growth < LARGE // 2, f"the server grew by {growth / MiB:.0f} MiB"
     assert_nothing_left(srv)
 
 
 def test_a_loaded_model_is_pushed_within_its_size_plus_256_mib(srv: Server) -> None:
     data = onnx_of(64 * MiB)
 
-    status, growth = peak_growth(srv, data, sign_bytes(data))
+    response, growth = peak_growth(srv, data, sign_bytes(data))
 
-    assert status == 201
+    assert response.status_code == 201
     assert growth < len(data) + 256 * MiB, f"the server grew by {growth / MiB:.0f} MiB"
     assert_nothing_left(srv)

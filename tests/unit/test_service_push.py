@@ -155,3 +155,38 @@ def test_a_signed_directory_push_is_checked_from_the_sealed_copy(
     )
     assert (version.number, version.layout, version.file_name) == (1, "directory", "iris.onnx")
     assert svc.registry.open_version(version) == packed.getvalue()
+
+
+def test_each_file_of_a_directory_is_scanned_from_its_own_bytes_in_the_tar(
+    service: tuple[Service, Principal], tmp_path: Path
+) -> None:
+    """Companions are scanned through views of the sealed tar at their data offsets: one
+    behind a long-name (PAX) header is read from the right place, a malicious one refuses."""
+    import io
+    import tarfile
+
+    svc, admin = service
+    svc.put_model(admin, "dir2", require_signature=False)
+    long_name = "weights-" + "x" * 120 + ".safetensors"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "iris.onnx").write_bytes(build_iris_onnx())
+    save({"scale": np.ones(4, dtype=np.float32)}, str(folder / long_name))
+    # A hand-made pickle that calls os.system("id") when loaded.
+    (folder / "evil.pkl").write_bytes(
+        b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93\x8c\x02id\x85R."
+    )
+
+    def pushed(names: tuple[str, ...]) -> int:
+        packed = io.BytesIO()
+        with tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name in names:
+                tar.add(folder / name, arcname=name)
+        return svc.push(
+            admin, "dir2", packed.getvalue(), file_name="model", is_directory=True
+        ).number
+
+    assert pushed(("iris.onnx", long_name)) == 1
+    with pytest.raises(ModelRefused) as info:
+        pushed((long_name, "evil.pkl", "iris.onnx"))
+    assert "the scan refused evil.pkl (malicious)" in info.value.message

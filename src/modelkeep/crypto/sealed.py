@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -27,6 +28,7 @@ __all__ = [
     "KEY_SIZE",
     "SEGMENT_SIZE",
     "Sealer",
+    "SeekableUnsealingReader",
     "UnsealingReader",
     "associated_data_for",
     "model_and_version_of",
@@ -217,6 +219,116 @@ class UnsealingReader(io.RawIOBase):
         target[:count] = self._current[:count]
         self._current = self._current[count:]
         return count
+
+
+class SeekableUnsealingReader(io.RawIOBase):
+    """A seekable, read-only file over a blob's plaintext that decrypts only what is read.
+
+    Each segment is authenticated on its own (its index and whether it is the last are bound
+    into its nonce), so any part of a blob can be verified without the rest: a read decrypts
+    and verifies the segments it touches, and keeps the last few in a small cache for readers
+    that jump back and forth (zip directories, headers, pickle opcodes). The blob's size must
+    match ``expected_size`` before anything is read, so a truncated or extended blob fails at
+    once. Any failure raises ``IntegrityError`` with the one opaque message. ``src`` must be
+    seekable and not be read by anyone else while this reader is in use.
+    """
+
+    def __init__(
+        self,
+        src: BinaryIO,
+        key: bytes,
+        associated_data: bytes,
+        *,
+        expected_size: int,
+        cached_segments: int = 4,
+    ) -> None:
+        super().__init__()
+        _check_key(key)
+        self._src = src
+        self._base = src.tell()
+        self._size = expected_size
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cached = max(1, cached_segments)
+        self._pos = 0
+        failed = False
+        try:
+            total = _remaining_length(src)
+            if total is None:
+                raise _streaming.StreamError
+            plaintext_size, count = _streaming.split_ciphertext_size(total)
+            if plaintext_size != expected_size:
+                raise _streaming.StreamError
+            self._segments = list(_streaming.layout(plaintext_size, count))
+            salt, self._nonce_prefix = _streaming.parse_header(
+                _streaming.read_exactly(src, _streaming.HEADER_SIZE)
+            )
+            self._cipher = _streaming.segment_cipher(key, salt, associated_data)
+        except _streaming.StreamError:
+            failed = True
+        if failed:
+            raise IntegrityError(_FAILED)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}.get(whence)
+        if base is None:
+            raise ValueError("invalid whence")
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        target = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(target) and self._pos < self._size:
+            segment = self._segments[self._index_of(self._pos)]
+            plaintext = self._segment(segment)
+            offset = self._pos - segment.plaintext_start
+            count = min(len(target) - filled, len(plaintext) - offset)
+            target[filled : filled + count] = plaintext[offset : offset + count]
+            filled += count
+            self._pos += count
+        return filled
+
+    def _index_of(self, position: int) -> int:
+        first = _streaming.FIRST_PLAINTEXT_SIZE
+        return 0 if position < first else 1 + (position - first) // _streaming.PLAINTEXT_SIZE
+
+    def _segment(self, segment: _streaming.Segment) -> bytes:
+        cached = self._cache.get(segment.index)
+        if cached is not None:
+            self._cache.move_to_end(segment.index)
+            return cached
+        # Ciphertext before this segment: the header, then each earlier segment and its tag.
+        start = (
+            self._base
+            + _streaming.HEADER_SIZE
+            + segment.plaintext_start
+            + segment.index * _streaming.TAG_SIZE
+        )
+        plaintext: bytes | None
+        try:
+            self._src.seek(start)
+            ciphertext = _streaming.read_exactly(self._src, segment.ciphertext_size)
+            nonce = _streaming.segment_nonce(self._nonce_prefix, segment.index, segment.last)
+            plaintext = self._cipher.decrypt(nonce, ciphertext, None)
+        except (_streaming.StreamError, InvalidTag):
+            plaintext = None
+        if plaintext is None:
+            raise IntegrityError(_FAILED)
+        self._cache[segment.index] = plaintext
+        if len(self._cache) > self._cached:
+            self._cache.popitem(last=False)
+        return plaintext
 
 
 def _open(

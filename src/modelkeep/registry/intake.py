@@ -3,8 +3,11 @@
 The order is the design's (DESIGN §2), written as a checklist. The artifact arrives as an
 :class:`~modelkeep.registry.upload.Upload`, sealed on the way in; the checks read it back from
 that sealed copy, decrypting as they read, so plaintext is never written to disk and never held
-whole: file digests are computed as the bytes stream past, and only one file at a time is in
-memory while it is scanned (plus the servable file, which the smoke run loads).
+whole: file digests are computed as the bytes stream past, and each file is scanned through a
+seekable view of the sealed copy that decrypts only the segments its analyser reads. A file
+of a format the server only scans (safetensors, pickle, text, anything unidentified) is
+therefore never in memory whole; one whose analyser takes a whole buffer is held while it is
+scanned, and the servable file once more for the smoke run.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from modelkeep.errors import ModelRefused
 from modelkeep.registry.upload import Upload
 from modelkeep.runtime.loader import inspect_model
 from modelkeep.runtime.signature import ModelSignature
-from modelkeep.scanning import ScanReport, Verdict, scan_bytes
+from modelkeep.scanning import FileSlice, ScanReport, Verdict, scan_reader
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def read_directory(data: bytes, model_file: str) -> tuple[dict[str, str], bytes]
     """
     digests: dict[str, str] = {}
     model: bytes | None = None
-    for name, content in _members(io.BytesIO(data)):
+    for name, _, content in _members(io.BytesIO(data)):
         if name == model_file:
             model = _read_whole(content)
             digests[name] = hashlib.sha256(model).hexdigest()
@@ -66,12 +69,16 @@ def read_directory(data: bytes, model_file: str) -> tuple[dict[str, str], bytes]
     return digests, model
 
 
-def _members(tar_stream: IO[bytes]) -> Iterator[tuple[str, IO[bytes]]]:
-    """Each regular file of an uploaded directory (a tar, read as a stream) and its content.
+Span = tuple[int, int]  # where a file's bytes start in the upload, and how many there are
 
-    A directory may hold only regular files with plain relative names: links, devices,
-    absolute names, ``..`` and duplicates are refused. Each content stream is valid until the
-    next member is asked for.
+
+def _members(tar_stream: IO[bytes]) -> Iterator[tuple[str, Span, IO[bytes]]]:
+    """Each regular file of an uploaded directory (a tar, read as a stream), where its bytes
+    lie in the tar, and its content.
+
+    A directory may hold only regular files with plain relative names: links, devices, sparse
+    files, absolute names, ``..`` and duplicates are refused. Each content stream is valid
+    until the next member is asked for.
     """
     seen: set[str] = set()
     try:
@@ -86,7 +93,7 @@ def _members(tar_stream: IO[bytes]) -> Iterator[tuple[str, IO[bytes]]]:
                     raise ModelRefused(
                         f"the directory holds a link ({_show(name)}); links are refused"
                     )
-                if not member.isfile():
+                if not member.isfile() or member.issparse():
                     raise ModelRefused(f"the directory holds a special file ({_show(name)})")
                 normal = posixpath.normpath(name)
                 if name.startswith("/") or normal.startswith("..") or normal != name.lstrip("./"):
@@ -96,7 +103,7 @@ def _members(tar_stream: IO[bytes]) -> Iterator[tuple[str, IO[bytes]]]:
                 seen.add(normal)
                 extracted = tar.extractfile(member)
                 assert extracted is not None
-                yield normal, extracted
+                yield normal, (member.offset_data, member.size), extracted
     except tarfile.TarError as exc:
         raise ModelRefused("the uploaded directory is not a valid tar archive") from exc
     if not seen:
@@ -104,21 +111,15 @@ def _members(tar_stream: IO[bytes]) -> Iterator[tuple[str, IO[bytes]]]:
 
 
 @contextmanager
-def _files(
-    upload: Upload, file_name: str, is_directory: bool
-) -> Iterator[Iterator[tuple[str, IO[bytes]]]]:
-    """The artifact's files as streams read from the sealed copy, in upload order.
+def _directory(upload: Upload) -> Iterator[Iterator[tuple[str, Span, IO[bytes]]]]:
+    """The files of an uploaded directory as streams read from the sealed copy, in tar order.
 
     The rest of the upload is read to its end afterwards, so the sealed copy is verified whole
     (a truncated copy fails there, not silently).
     """
-    reader = upload.reader()
-    buffered = io.BufferedReader(reader, _CHUNK)
+    buffered = io.BufferedReader(upload.reader(), _CHUNK)
     try:
-        if is_directory:
-            yield _members(buffered)
-        else:
-            yield iter([(file_name, buffered)])
+        yield _members(buffered)
         while buffered.read(_CHUNK):
             pass
     finally:
@@ -156,9 +157,12 @@ def accept(
     #    regular files of a directory's tar with clean names, each hashed as it streams from
     #    the sealed copy.
     digests = {file_name: upload.sha256}
+    spans = {file_name: (0, upload.size)}
     if is_directory:
-        with _files(upload, file_name, is_directory) as files:
-            digests = {name: _digest(content) for name, content in files}
+        digests, spans = {}, {}
+        with _directory(upload) as files:
+            for name, span, content in files:
+                digests[name], spans[name] = _digest(content), span
     # 2. Signature, against this model's trusted publishers only, offline, over those digests,
     #    before any parser looks at the content.
     signer: str | None = None
@@ -176,29 +180,31 @@ def accept(
         )
     else:
         log.warning("unsafe: unsigned push accepted for model %s (signatures not required)", model)
-    # 3. Every file is scanned by content, one at a time; any verdict but `safe` refuses the
-    #    push. The content read now must be what was hashed in step 1 (the sealed copy is
-    #    authenticated, but a second read is checked anyway).
+    # 3. Every file is scanned by content, one at a time, through a view of the sealed copy
+    #    that decrypts and verifies only the segments read (so it is what step 1 hashed: the
+    #    copy is authenticated under a key only this process holds); any verdict but `safe`
+    #    refuses the push.
     servable: dict[str, tuple[bytes, ScanReport]] = {}
-    with _files(upload, file_name, is_directory) as files:
-        for name, content in files:
-            data = _read_whole(content)
-            if hashlib.sha256(data).hexdigest() != digests.get(name):
-                raise ModelRefused("the upload changed while it was being checked")
-            report = scan_bytes(data, name)
-            if report.verdict is not Verdict.SAFE:
-                worst = next(f for f in report.findings if f.severity.verdict is report.verdict)
-                raise ModelRefused(
-                    f"the scan refused {_show(name)} ({report.verdict.value}): {worst.message}",
-                    details={"report": report.to_json()},
-                )
-            # 4. Exactly one file is the model a runtime serves; the others are signed
-            #    companions, dropped from memory once scanned.
-            if report.format in SERVABLE_FORMATS:
-                servable[name] = (data, report)
-                if len(servable) > 1:
-                    break
-            del data
+    with upload.seekable_reader() as sealed:
+        for name, span in spans.items():
+            with io.BufferedReader(FileSlice(sealed, *span), _CHUNK) as content:
+                report = scan_reader(content, name)
+                if report.verdict is not Verdict.SAFE:
+                    worst = next(f for f in report.findings if f.severity.verdict is report.verdict)
+                    raise ModelRefused(
+                        f"the scan refused {_show(name)} ({report.verdict.value}): {worst.message}",
+                        details={"report": report.to_json()},
+                    )
+                # 4. Exactly one file is the model a runtime serves; it is read whole for the
+                #    runtime (and checked against its digest once more), the others are not.
+                if report.format in SERVABLE_FORMATS:
+                    content.seek(0)
+                    data = _read_whole(content)
+                    if hashlib.sha256(data).hexdigest() != digests.get(name):
+                        raise ModelRefused("the upload changed while it was being checked")
+                    servable[name] = (data, report)
+                    if len(servable) > 1:
+                        break
     if len(servable) != 1:
         raise ModelRefused(
             "a model must hold exactly one servable file (ONNX, skops, XGBoost JSON/UBJSON,"

@@ -5,7 +5,8 @@ object, into a temporary file that has no name (``O_TMPFILE``, or created and un
 where the file system lacks it). So the plaintext never reaches disk, nothing a crash leaves
 can be read, and the kernel frees the space when the file is closed or the process dies: a
 killed push leaves no temporary data behind. The push checks then read the sealed copy back,
-decrypting as they read (``reader``), and the registry re-seals it under the version's own key.
+decrypting as they read (``reader`` from the start, ``seekable_reader`` for the parts a scan
+needs), and the registry re-seals it under the version's own key.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
-from modelkeep.crypto.sealed import Sealer, UnsealingReader, new_data_key
+from modelkeep.crypto.sealed import (
+    Sealer,
+    SeekableUnsealingReader,
+    UnsealingReader,
+    new_data_key,
+)
 
 __all__ = ["UPLOAD_DIR", "Upload", "clear_staging", "staging_dir"]
 
@@ -85,6 +91,19 @@ class Upload:
             raise ValueError("the upload is not finished")
         self._file.seek(0)
         return UnsealingReader(
+            cast(BinaryIO, self._file), self._key, _UPLOAD_CONTEXT, expected_size=self.size
+        )
+
+    def seekable_reader(self) -> SeekableUnsealingReader:
+        """The upload's bytes as a seekable file that decrypts only the segments it reads.
+
+        For checks that need a few parts of a large file, not all of it. One reader at a time,
+        as for ``reader``.
+        """
+        if self._sealer is not None:
+            raise ValueError("the upload is not finished")
+        self._file.seek(0)
+        return SeekableUnsealingReader(
             cast(BinaryIO, self._file), self._key, _UPLOAD_CONTEXT, expected_size=self.size
         )
 

@@ -17,6 +17,7 @@ from modelkeep.scanning.report import Finding, ScanLimits, ScanReport, Severity
 
 __all__ = [
     "Buffer",
+    "FileSlice",
     "MemoryReader",
     "Scan",
     "Sibling",
@@ -258,3 +259,49 @@ class MemoryReader(io.RawIOBase):
         with contextlib.suppress(BufferError):  # a slice is alive; the view goes with it
             self._view.release()
         super().close()
+
+
+class Readable(Protocol):
+    """What :class:`FileSlice` needs of the file it views (raw and buffered files have it)."""
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+
+    def read(self, size: int = ..., /) -> bytes | None: ...
+
+
+class FileSlice(io.RawIOBase):
+    """``size`` bytes of a seekable file from ``start`` on, as a file of their own (a member
+    of a tar, the pickle after a NumPy header); reads go to the file, nothing is copied."""
+
+    def __init__(self, whole: Readable, start: int, size: int) -> None:
+        super().__init__()
+        self._whole = whole
+        self._start, self._size = start, size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        target = memoryview(buffer).cast("B")
+        count = max(0, min(len(target), self._size - self._pos))
+        if count == 0:
+            return 0
+        self._whole.seek(self._start + self._pos)
+        chunk = self._whole.read(count) or b""
+        target[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)

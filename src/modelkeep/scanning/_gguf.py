@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
+from typing import IO
 
 from modelkeep.scanning._context import Buffer, Scan, show
 
-__all__ = ["scan_gguf"]
+__all__ = ["scan_gguf", "scan_gguf_file"]
 
 _INT64_MAX = 2**63 - 1
 _MAX_DIMS = 4
@@ -42,22 +44,25 @@ class _Bad(Exception):
 
 
 class _Cursor:
-    def __init__(self, view: memoryview, endian: str) -> None:
-        self.view = view
+    """Reads a GGUF file front to back through ``read(start, end)``; only what is read is held."""
+
+    def __init__(self, read: Callable[[int, int], bytes], size: int, endian: str) -> None:
+        self.read = read
+        self.size = size
         self.pos = 0
         self.endian = endian
 
     def need(self, count: int, what: str) -> None:
-        if count > len(self.view) - self.pos:
+        if count > self.size - self.pos:
             raise _Hostile(
-                f"{what} needs {count} bytes but only {len(self.view) - self.pos} remain: a "
+                f"{what} needs {count} bytes but only {self.size - self.pos} remain: a "
                 "loader that allocates before checking is overrun or exhausted"
             )
 
     def unpack(self, fmt: str, what: str) -> int:
         size = struct.calcsize(fmt)
         self.need(size, what)
-        (value,) = struct.unpack_from(self.endian + fmt, self.view, self.pos)
+        (value,) = struct.unpack(self.endian + fmt, self.read(self.pos, self.pos + size))
         self.pos += size
         return int(value)
 
@@ -68,17 +73,36 @@ class _Cursor:
     def string(self, what: str) -> bytes:
         length = self.unpack("Q", what)
         self.need(length, f"{what} (a {length}-byte string)")
-        raw = bytes(self.view[self.pos : self.pos + length])
+        raw = self.read(self.pos, self.pos + length)
         self.pos += length
         return raw
+
+    def skip_string(self, what: str) -> None:
+        length = self.unpack("Q", what)
+        self.skip(length, f"{what} (a {length}-byte string)")
 
 
 def scan_gguf(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     """Check a GGUF header, key/values, chat templates and tensor layout."""
     view = memoryview(data)
+    return _check(scan, lambda start, end: bytes(view[start:end]), len(view), location)
+
+
+def scan_gguf_file(scan: Scan, reader: IO[bytes], size: int, location: str) -> str:
+    """:func:`scan_gguf` for a seekable file of ``size`` bytes: reads the header, key/values
+    and tensor descriptors (values other than chat templates are skipped), not the data."""
+
+    def read(start: int, end: int) -> bytes:
+        reader.seek(start)
+        return reader.read(end - start)
+
+    return _check(scan, read, size, location)
+
+
+def _check(scan: Scan, read: Callable[[int, int], bytes], size: int, location: str) -> str:
     before = scan.finding_count
     try:
-        _scan(scan, view, location)
+        _scan(scan, _Cursor(read, size, "<"), location)
     except _Hostile as exc:
         scan.critical(location, str(exc))
     except _Bad as exc:
@@ -88,18 +112,17 @@ def scan_gguf(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     return "gguf"
 
 
-def _scan(scan: Scan, view: memoryview, location: str) -> None:
+def _scan(scan: Scan, cursor: _Cursor, location: str) -> None:
     # 1. Magic and version, in either byte order.
-    if len(view) < 24:
+    if cursor.size < 24:
         raise _Bad("the GGUF header is truncated")
-    (version,) = struct.unpack_from("<I", view, 4)
-    endian = "<"
-    if version not in (2, 3) and struct.unpack_from(">I", view, 4)[0] in (2, 3):
-        endian = ">"
-        (version,) = struct.unpack_from(">I", view, 4)
+    raw_version = cursor.read(4, 8)
+    (version,) = struct.unpack("<I", raw_version)
+    if version not in (2, 3) and struct.unpack(">I", raw_version)[0] in (2, 3):
+        cursor.endian = ">"
+        (version,) = struct.unpack(">I", raw_version)
     if version not in (2, 3):
         raise _Bad(f"GGUF version {version} is not supported (only 2 and 3 are)")
-    cursor = _Cursor(view, endian)
     cursor.pos = 8
     tensor_count = cursor.unpack("Q", "the tensor count")
     kv_count = cursor.unpack("Q", "the key/value count")
@@ -156,7 +179,7 @@ def _scan(scan: Scan, view: memoryview, location: str) -> None:
         tensors.append((offset, nbytes, where))
     # 5. Data: aligned, inside the file, no two tensors sharing bytes.
     start = -(-cursor.pos // alignment) * alignment
-    data_size = len(view) - start
+    data_size = cursor.size - start
     end = 0
     for offset, nbytes, where in sorted(tensors):
         if offset % alignment:
@@ -173,7 +196,7 @@ def _skip_value(cursor: _Cursor, kind: int, key: str, depth: int) -> None:
     if kind in _FIXED:
         cursor.skip(_FIXED[kind], what)
     elif kind == _STRING:
-        cursor.string(what)
+        cursor.skip_string(what)
     elif kind == _ARRAY:
         if depth >= 2:
             raise _Hostile(f"{what} nests arrays more than two deep")

@@ -13,12 +13,14 @@ by format and says how to convert it.
 from __future__ import annotations
 
 import ast
+import io
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any, cast
 
 import numpy as np
 
-from modelkeep.scanning._context import Buffer, MemoryReader, Scan
+from modelkeep.scanning._context import Buffer, FileSlice, MemoryReader, Scan
 from modelkeep.scanning._pickle_policy import TORCH_STORAGE_SIZES
 from modelkeep.scanning._pickle_vm import StorageRef, StreamResult, run_stream
 
@@ -41,8 +43,14 @@ _MAX_NPY_HEADER = 10_000  # numpy.load refuses longer headers by default
 def scan_pickle(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     """Analyse every pickle stream in ``data``; returns ``pickle``, ``joblib`` or
     ``pytorch-legacy``."""
+    return scan_pickle_file(scan, cast(IO[bytes], MemoryReader(data)), location, depth)
+
+
+def scan_pickle_file(scan: Scan, reader: IO[bytes], location: str, depth: int) -> str:
+    """:func:`scan_pickle` for a seekable file whose ``read(n)`` returns ``n`` bytes unless at
+    its end (a buffered file): opcodes are read one by one, storages are skipped, so only the
+    largest single value of the pickle is ever held."""
     scan.medium(location, UNSAFE_PICKLE)
-    reader = MemoryReader(data)
     first = run_stream(scan, reader, location, depth)
     if first.complete and type(first.value) is int and first.value == _TORCH_MAGIC:
         _torch_legacy(scan, reader, location, depth)
@@ -54,7 +62,7 @@ def scan_pickle(scan: Scan, data: Buffer, location: str, depth: int) -> str:
 def scan_torch_pickle(scan: Scan, data: Buffer, location: str, depth: int) -> list[StorageRef]:
     """Analyse a pickle member of a PyTorch zip (``data.pkl``...), persistent ids allowed;
     returns the storages it names."""
-    reader = MemoryReader(data)
+    reader = cast(IO[bytes], MemoryReader(data))
     first = run_stream(scan, reader, location, depth, torch=True)
     storages = list(first.storages)
     for result in _more_streams(scan, reader, first, location, depth, torch=True):
@@ -64,7 +72,7 @@ def scan_torch_pickle(scan: Scan, data: Buffer, location: str, depth: int) -> li
 
 def _more_streams(
     scan: Scan,
-    reader: MemoryReader,
+    reader: IO[bytes],
     previous: StreamResult,
     location: str,
     depth: int,
@@ -93,7 +101,7 @@ def _more_streams(
     return results
 
 
-def _torch_legacy(scan: Scan, reader: MemoryReader, location: str, depth: int) -> None:
+def _torch_legacy(scan: Scan, reader: IO[bytes], location: str, depth: int) -> None:
     # torch.save(..., _use_new_zipfile_serialization=False): magic, protocol version, system
     # info, the object (storages by persistent id), the list of storage keys, then each
     # storage as an int64 element count and its raw bytes.
@@ -137,25 +145,51 @@ def _torch_legacy(scan: Scan, reader: MemoryReader, location: str, depth: int) -
 def scan_numpy(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     """Check a ``.npy`` file: its header, its size, and any pickle an object array holds."""
     view = memoryview(data)
-    if len(view) < 10:
+    body = _check_npy(scan, lambda start, end: bytes(view[start:end]), len(view), location)
+    if body is not None:
+        scan_pickle(scan, view[body:], location, depth)
+    return "numpy"
+
+
+def scan_numpy_file(scan: Scan, reader: IO[bytes], size: int, location: str) -> str:
+    """:func:`scan_numpy` for a seekable file of ``size`` bytes: reads the header, and an
+    object array's pickle opcode by opcode, never the array's data."""
+
+    def read(start: int, end: int) -> bytes:
+        reader.seek(start)
+        return reader.read(end - start)
+
+    body = _check_npy(scan, read, size, location)
+    if body is not None:
+        pickled = io.BufferedReader(FileSlice(reader, body, size - body), 64 * 1024)
+        scan_pickle_file(scan, cast(IO[bytes], pickled), location, 0)
+    return "numpy"
+
+
+def _check_npy(
+    scan: Scan, read: Callable[[int, int], bytes], size: int, location: str
+) -> int | None:
+    """Check the header and size; where an object array's pickle starts, if it has one."""
+    if size < 10:
         scan.high(location, "the NumPy header is truncated")
-        return "numpy"
-    major = view[6]
+        return None
+    fixed = read(0, 12)
+    major = fixed[6]
     if major == 1:
-        (length,) = struct.unpack("<H", view[8:10])
+        (length,) = struct.unpack("<H", fixed[8:10])
         start = 10
-    elif major in (2, 3) and len(view) >= 12:
-        (length,) = struct.unpack("<I", view[8:12])
+    elif major in (2, 3) and size >= 12:
+        (length,) = struct.unpack("<I", fixed[8:12])
         start = 12
     else:
         scan.high(location, f"unsupported NumPy format version {major}")
-        return "numpy"
-    if length > _MAX_NPY_HEADER or start + length > len(view):
+        return None
+    if length > _MAX_NPY_HEADER or start + length > size:
         scan.high(location, f"the NumPy header claims {length} bytes: too long or truncated")
-        return "numpy"
-    header = _npy_header(scan, bytes(view[start : start + length]), major, location)
+        return None
+    header = _npy_header(scan, read(start, start + length), major, location)
     if header is None:
-        return "numpy"
+        return None
     dtype, shape = header
     count = 1
     for dim in shape:
@@ -166,26 +200,25 @@ def scan_numpy(scan: Scan, data: Buffer, location: str, depth: int) -> str:
             f"the array declares {count} elements, over the limit of "
             f"{scan.limits.max_tensor_elements} (an allocation bomb)",
         )
-        return "numpy"
-    body = view[start + length :]
+        return None
+    body = start + int(length)
     if dtype.hasobject:
         scan.medium(
             location,
             "an object array: its elements are a pickle that numpy.load(allow_pickle=True) "
             "runs; save numeric arrays only",
         )
-        scan_pickle(scan, body, location, depth)
-        return "numpy"
+        return body
     expected = count * dtype.itemsize
-    if len(body) != expected:
+    if size - body != expected:
         scan.high(
             location,
-            f"the array should hold {expected} bytes of data but {len(body)} follow the header "
+            f"the array should hold {expected} bytes of data but {size - body} follow the header "
             "(truncated, or extra data hidden after it)",
         )
     else:
         scan.info(location, f"NumPy array {dtype.str} {tuple(shape)}, no pickled objects")
-    return "numpy"
+    return None
 
 
 def _npy_header(

@@ -22,9 +22,9 @@ import pickletools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any, cast
+from typing import IO, Any
 
-from modelkeep.scanning._context import MemoryReader, Scan
+from modelkeep.scanning._context import Scan
 from modelkeep.scanning._pickle_libraries import LIBRARIES, library_call_problem, library_of
 from modelkeep.scanning._pickle_policy import ALLOWED, TORCH_STORAGE_SIZES, danger
 from modelkeep.scanning._pickle_stack import Broken, StackMachine
@@ -67,7 +67,7 @@ class StreamResult:
 
 def run_stream(
     scan: Scan,
-    reader: MemoryReader,
+    reader: IO[bytes],
     location: str,
     depth: int,
     *,
@@ -83,7 +83,7 @@ def run_stream(
 
 class _Machine(StackMachine):
     def __init__(
-        self, scan: Scan, reader: MemoryReader, location: str, depth: int, torch: bool
+        self, scan: Scan, reader: IO[bytes], location: str, depth: int, torch: bool
     ) -> None:
         super().__init__()
         self.scan = scan
@@ -103,9 +103,7 @@ class _Machine(StackMachine):
     def run(self) -> StreamResult:
         index = 0
         try:
-            for index, (opcode, arg, pos) in enumerate(
-                pickletools.genops(cast(IO[bytes], self.reader))
-            ):
+            for index, (opcode, arg, pos) in enumerate(pickletools.genops(self.reader)):
                 self.where = f"{self.location} @ opcode {index} (byte {pos})"
                 name = opcode.name
                 if name == "STOP":

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 from modelkeep.scanning._context import Buffer, Scan, show
 
-__all__ = ["scan_safetensors"]
+__all__ = ["scan_safetensors", "scan_safetensors_file"]
 
 # Bytes per element of each dtype the format defines (sub-byte types by their packed size).
 _DTYPE_BITS = {
@@ -49,9 +50,22 @@ _MAX_HEADER = 100_000_000
 def scan_safetensors(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     """Check a safetensors file's header and layout; SAFE when every tensor is consistent."""
     view = memoryview(data)
-    size = len(view)
+    return _check(scan, lambda start, end: bytes(view[start:end]), len(view), location)
+
+
+def scan_safetensors_file(scan: Scan, reader: IO[bytes], size: int, location: str) -> str:
+    """:func:`scan_safetensors` for a seekable file of ``size`` bytes: reads only the header."""
+
+    def read(start: int, end: int) -> bytes:
+        reader.seek(start)
+        return reader.read(end - start)
+
+    return _check(scan, read, size, location)
+
+
+def _check(scan: Scan, read: Callable[[int, int], bytes], size: int, location: str) -> str:
     # 1. The header length fits in the file and under the reference implementation's limit.
-    (length,) = struct.unpack("<Q", bytes(view[:8]))
+    (length,) = struct.unpack("<Q", read(0, 8))
     if length > _MAX_HEADER:
         scan.critical(
             location,
@@ -66,7 +80,7 @@ def scan_safetensors(scan: Scan, data: Buffer, location: str, depth: int) -> str
         )
         return "safetensors"
     # 2. The header is one JSON object with unique keys.
-    header = _parse_header(scan, bytes(view[8 : 8 + length]), location)
+    header = _parse_header(scan, read(8, 8 + length), location)
     if header is None:
         return "safetensors"
     data_size = size - 8 - length

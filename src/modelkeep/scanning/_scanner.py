@@ -1,4 +1,4 @@
-"""The entry points: bytes or a path in, a report out; and the dispatcher every level shares.
+"""The entry points: bytes, a path or a seekable file in, a report out; and the dispatcher.
 
 The dispatcher identifies content with :func:`detect_format` and hands it to the scanner of its
 family. A family scanner that fails unexpectedly turns into an ``error`` finding for that part,
@@ -17,21 +17,27 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, TypeVar
 
-from modelkeep.errors import InvalidInput
+from modelkeep.errors import InvalidInput, ModelkeepError
 from modelkeep.scanning._archive import scan_7z, scan_tar
 from modelkeep.scanning._compressed import COMPRESSED_KINDS, scan_compressed
 from modelkeep.scanning._context import Buffer, Scan, Sibling, Siblings, show
-from modelkeep.scanning._gguf import scan_gguf
+from modelkeep.scanning._gguf import scan_gguf, scan_gguf_file
 from modelkeep.scanning._keras import scan_hdf5
-from modelkeep.scanning._pickle import scan_numpy, scan_pickle
-from modelkeep.scanning._safetensors import scan_safetensors
+from modelkeep.scanning._pickle import (
+    scan_numpy,
+    scan_numpy_file,
+    scan_pickle,
+    scan_pickle_file,
+)
+from modelkeep.scanning._safetensors import scan_safetensors, scan_safetensors_file
 from modelkeep.scanning._xgb_lgbm import scan_lightgbm, scan_xgboost
 from modelkeep.scanning._zip import scan_zip
 from modelkeep.scanning.detect import detect_format
 from modelkeep.scanning.report import ScanLimits, ScanReport
 
-__all__ = ["scan_bytes", "scan_path"]
+__all__ = ["scan_bytes", "scan_path", "scan_reader"]
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +45,25 @@ log = logging.getLogger(__name__)
 DEFAULT_LIMITS = ScanLimits()
 
 _PEEK = 64 * 1024
+# Enough of a file's start for detect_format to decide exactly as on the whole file: its
+# 64 KiB peek, and the HDF5 superblock probe at offsets up to 1 MiB.
+_DETECT = (1 << 20) + 8
 _PYTHON = re.compile(
     r"^\s*(import\s+\w|from\s+[\w.]+\s+import\s|def\s+\w+\s*\(|class\s+\w+\s*[(:])", re.MULTILINE
 )
 _REMOTE_CODE = re.compile(r'"auto_map"\s*:|"trust_remote_code"\s*:\s*true')
+
+_T = TypeVar("_T")
+# A file being scanned through a reader fails on its own (a sealed copy that stops verifying,
+# an I/O error): that is not a verdict on the content.
+_READ_ERRORS = (ModelkeepError, OSError)
+
+# Formats whose analysers read a header through a file: (scan, reader, size, location) -> format.
+_HEADER_SCANNERS: dict[str, Callable[[Scan, IO[bytes], int, str], str]] = {
+    "safetensors": scan_safetensors_file,
+    "gguf": scan_gguf_file,
+    "numpy": scan_numpy_file,
+}
 
 Handler = Callable[[Scan, Buffer, str, int], str]
 
@@ -68,6 +89,46 @@ def scan_bytes(
     location = show(name, 200) or "model"
     scan.record_file(location)
     fmt = scan.nested(data, location, 0)
+    return scan.report(fmt)
+
+
+def scan_reader(
+    reader: IO[bytes], name: str = "model", *, limits: ScanLimits = DEFAULT_LIMITS
+) -> ScanReport:
+    """Scan a seekable binary file by content, reading only what its analyser needs.
+
+    The report is the one :func:`scan_bytes` gives for the same bytes. The file is identified
+    from its first MiB; safetensors, GGUF and NumPy files (their headers), pickles (opcode by
+    opcode, storages skipped over), text and unidentifiable files are then analysed through
+    ``reader`` without holding the file, so a large one costs a few MiB. The other formats'
+    analysers take a whole buffer: those files are read whole, as ``scan_bytes`` would hold
+    them. ``reader`` is the whole file (``seek(0, 2)`` gives its size) and its ``read(n)``
+    returns ``n`` bytes unless at the end, as buffered files do; its own errors propagate.
+    """
+    scan = Scan(limits, _dispatch)
+    location = show(name, 200) or "model"
+    scan.record_file(location)
+    size = reader.seek(0, os.SEEK_END)
+    reader.seek(0)
+    head = reader.read(min(size, _DETECT))
+    reader.seek(0)
+    kind = detect_format(head)
+    if kind in _HEADER_SCANNERS:
+        header_scanner = _HEADER_SCANNERS[kind]
+        fmt = _guarded(
+            scan, kind, location, lambda: header_scanner(scan, reader, size, location), _READ_ERRORS
+        )
+    elif kind == "pickle":
+        fmt = _guarded(
+            scan, kind, location, lambda: scan_pickle_file(scan, reader, location, 0), _READ_ERRORS
+        )
+    elif len(head) == size or kind in ("text", "unknown"):
+        # The whole file, or a head that identifies it the same way (see _DETECT): a text or
+        # unidentifiable file at the top level is refused without reading on.
+        fmt = scan.nested(head, location, 0)
+    else:
+        del head
+        fmt = scan.nested(reader.read(size), location, 0)
     return scan.report(fmt)
 
 
@@ -129,19 +190,59 @@ def _dispatch(
         scan.high(location, "the file is empty: cannot identify the format")
         return "unknown"
     kind = detect_format(data)
-    try:
-        if kind in _HANDLERS:
-            return _HANDLERS[kind](scan, data, location, depth)
-        if kind in COMPRESSED_KINDS:
-            return scan_compressed(scan, data, location, depth, kind)
-        if kind == "onnx":
-            from modelkeep.scanning._onnx import scan_onnx
+    handled = _guarded(
+        scan, kind, location, lambda: _handle(scan, data, kind, location, depth, siblings, base)
+    )
+    if handled is not None:
+        return handled
+    scan.high(
+        location,
+        "cannot identify the format: not ONNX, safetensors, skops, XGBoost, LightGBM, GGUF, "
+        "Keras, NumPy, pickle, or an archive of those; modelkeep refuses what it cannot check",
+    )
+    return "unknown"
 
-            return scan_onnx(scan, data, location, depth, siblings, base)
-        if kind in ("xgboost-json", "xgboost-ubj"):
-            return scan_xgboost(scan, data, location, depth, kind)
-        if kind == "text":
-            return _scan_text(scan, data, location, inside=depth > 0 or siblings is not None)
+
+def _handle(
+    scan: Scan,
+    data: Buffer,
+    kind: str,
+    location: str,
+    depth: int,
+    siblings: Siblings | None,
+    base: str,
+) -> str | None:
+    """The family scanner's format for ``data`` of ``kind``; None when no scanner takes it."""
+    if kind in _HANDLERS:
+        return _HANDLERS[kind](scan, data, location, depth)
+    if kind in COMPRESSED_KINDS:
+        return scan_compressed(scan, data, location, depth, kind)
+    if kind == "onnx":
+        from modelkeep.scanning._onnx import scan_onnx
+
+        return scan_onnx(scan, data, location, depth, siblings, base)
+    if kind in ("xgboost-json", "xgboost-ubj"):
+        return scan_xgboost(scan, data, location, depth, kind)
+    if kind == "text":
+        return _scan_text(scan, data, location, inside=depth > 0 or siblings is not None)
+    return None
+
+
+def _guarded(
+    scan: Scan,
+    kind: str,
+    location: str,
+    run: Callable[[], _T],
+    passing: tuple[type[Exception], ...] = (),
+) -> _T | str:
+    """``run()``, with a family scanner's failure turned into a finding that refuses the part.
+
+    ``passing`` errors are not the scanner's (a file's own read errors): they propagate.
+    """
+    try:
+        return run()
+    except passing:
+        raise
     except (RecursionError, MemoryError) as exc:
         scan.high(location, f"too complex to analyse ({type(exc).__name__}); refused")
         return kind
@@ -149,12 +250,6 @@ def _dispatch(
         log.warning("scanner failed on a %s part", kind, exc_info=True)
         scan.high(location, f"the scanner could not analyse this part ({type(exc).__name__})")
         return kind
-    scan.high(
-        location,
-        "cannot identify the format: not ONNX, safetensors, skops, XGBoost, LightGBM, GGUF, "
-        "Keras, NumPy, pickle, or an archive of those; modelkeep refuses what it cannot check",
-    )
-    return "unknown"
 
 
 def _scan_text(scan: Scan, data: Buffer, location: str, *, inside: bool) -> str:

@@ -1,0 +1,120 @@
+"""Scanning through a seekable file: the same reports as from bytes, read only as far as needed."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from modelkeep.scanning import ScanReport, Verdict, scan_path, scan_reader
+
+MiB = 1024 * 1024
+
+
+class CountingFile(io.RawIOBase):
+    """A file that counts the bytes read from it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._file = path.open("rb")
+        self.read_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        count = self._file.readinto(buffer)
+        self.read_bytes += count
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _scan_file(path: Path) -> tuple[ScanReport, int]:
+    raw = CountingFile(path)
+    with io.BufferedReader(raw, 64 * 1024) as reader:
+        report = scan_reader(reader, path.name)
+    return report, raw.read_bytes
+
+
+def test_every_corpus_file_gets_the_same_report_through_a_reader(corpus: Path) -> None:
+    files = sorted(p for p in corpus.rglob("*") if p.is_file() and p.name != "manifest.json")
+    mismatches = [p.name for p in files if _scan_file(p)[0] != scan_path(p)]
+    assert len(files) > 100
+    assert mismatches == []
+
+
+def test_a_large_safetensors_file_is_scanned_from_its_header(tmp_path: Path) -> None:
+    data_size = 64 * MiB
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [data_size // 4], "data_offsets": [0, data_size]}}
+    ).encode()
+    path = tmp_path / "big.safetensors"
+    with path.open("wb") as out:
+        out.write(struct.pack("<Q", len(header)) + header)
+        out.truncate(8 + len(header) + data_size)  # sparse: no time spent writing zeros
+
+    report, read = _scan_file(path)
+
+    assert (report.verdict, report.format) == (Verdict.SAFE, "safetensors")
+    assert read < 2 * MiB
+
+
+def test_a_legacy_torch_checkpoint_is_scanned_without_reading_its_storages(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(8 * MiB)}, path, _use_new_zipfile_serialization=False)
+
+    report, read = _scan_file(path)
+
+    assert scan_path(path) == report
+    assert report.format == "pytorch-legacy"
+    assert read < 4 * MiB < path.stat().st_size
+
+
+def test_a_large_gguf_file_is_scanned_from_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "big.gguf"
+    elements = 16 * MiB
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor_info("w", (elements,), np.dtype(np.float32), elements * 4)
+    writer.add_string("tokenizer.chat_template", "{{ messages }}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    with path.open("r+b") as out:  # the data, sparse, after the aligned header
+        out.truncate(-(-path.stat().st_size // 32) * 32 + elements * 4)
+
+    report, read = _scan_file(path)
+
+    assert scan_path(path) == report
+    assert (report.verdict, report.format) == (Verdict.SAFE, "gguf")
+    assert read < 2 * MiB < path.stat().st_size
+
+
+def test_a_large_npy_file_is_scanned_from_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "big.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(16 * MiB,)).flush()
+
+    report, read = _scan_file(path)
+
+    assert scan_path(path) == report
+    assert (report.verdict, report.format) == (Verdict.SAFE, "numpy")
+    assert read < 2 * MiB < path.stat().st_size
