@@ -1,7 +1,8 @@
 """Key services against real servers: OpenBao Transit over verified TLS, and AWS KMS's API.
 
-OpenBao is a real server started here (modelkeep.testing_keyservers.OpenBao); AWS KMS is moto's KMS-compatible
-server as a separate process, because no AWS account is reachable from the test machines.
+OpenBao is a real server started here (modelkeep.testing_keyservers.OpenBao); AWS KMS is moto's
+KMS-compatible server as a separate process, because no AWS account is reachable from the test
+machines.
 Every failure mode must surface as one clear KeyServiceError (or IntegrityError for a wrapped key
 that does not verify), never as a fallback or a stack trace.
 """
