@@ -408,6 +408,11 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
                 if exc.retry_after is None:
                     self._failed[key] = exc
                 raise
+            except Unavailable as exc:
+                # A back end that is down (the blob store): retried by the next request, not
+                # remembered as a failed load.
+                log.error("model %s version %s: %s", *key, exc.message)
+                raise
             except IntegrityError as exc:
                 self.alert("tampering", model=version.model, version=version.number)
                 self._failed[key] = Unavailable(exc.message)

@@ -190,3 +190,39 @@ def test_each_file_of_a_directory_is_scanned_from_its_own_bytes_in_the_tar(
     with pytest.raises(ModelRefused) as info:
         pushed((long_name, "evil.pkl", "iris.onnx"))
     assert "the scan refused evil.pkl (malicious)" in info.value.message
+
+
+class _DownOnce:
+    """A blob store that is unreachable until ``up`` is set (an object store outage)."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.up = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    def open(self, key: str) -> object:
+        from modelkeep.errors import Unavailable
+
+        if not self.up:
+            raise Unavailable("the blob store is unavailable; try again later", retry_after=5)
+        return self.real.open(key)  # type: ignore[attr-defined]
+
+
+def test_a_load_refused_by_a_blob_store_outage_is_retried_once_it_is_back(
+    service: tuple[Service, Principal],
+) -> None:
+    from modelkeep.errors import Unavailable
+
+    svc, admin = service
+    svc.push(admin, "iris", build_iris_onnx(), file_name="iris.onnx")
+    svc.refresh()
+    version = svc.snapshot.models["iris"].versions[1]
+    flaky = _DownOnce(svc.registry.blobs)
+    svc.registry.blobs = flaky  # type: ignore[assignment]
+    with pytest.raises(Unavailable) as refused:
+        svc._session(version)
+    assert refused.value.retry_after == 5
+    flaky.up = True
+    assert svc._session(version) is not None
