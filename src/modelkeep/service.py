@@ -23,6 +23,7 @@ from typing import Any
 
 from modelkeep import __version__
 from modelkeep._service._base import SnapshotMemo, is_safe_name
+from modelkeep._service.backends import Backend, BackendProbe
 from modelkeep._service.capture import CaptureMixin
 from modelkeep._service.guard_admin import GuardAdminMixin
 from modelkeep._service.inference import PLATFORMS, InferenceMixin, InferTarget
@@ -125,6 +126,9 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
         self._wake = threading.Event()
         self._poller: threading.Thread | None = None
         self._listener = store.listener(self._wake.set)
+        # Set when the first warm-up after start has loaded every default version (readiness).
+        self._warmed = True
+        self.backends = BackendProbe(self._backends(), self.metrics.set_backend_up)
         # Set on SIGTERM (api/_drain.py): not ready any more, though requests are still served.
         self.draining = False
         # Payload capture (opt-in per model): sealed and stored off the inference path.
@@ -194,6 +198,8 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
             {"pid": os.getpid(), "version": __version__, "settings_sha256": self.settings_digest()},
         )
         self._stop.clear()
+        self._warmed = False
+        self.backends.start()
         self._poller = threading.Thread(target=self._poll, name="modelkeep-refresh", daemon=True)
         self._poller.start()
         if self._listener is not None:
@@ -202,6 +208,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self.backends.stop()
         if self._listener is not None:
             self._listener.stop()
         if self._poller is not None:
@@ -280,6 +287,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
 
     def _poll(self) -> None:
         self._warm()
+        self._warmed = True
         last_checkpoint = time.monotonic()
         while True:
             # The poll interval, or sooner when a change notification arrives.
@@ -315,7 +323,30 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
                     self._session(model.versions[number])
 
     def ready(self) -> bool:
-        return not self.draining and self._snapshot.generation >= 0
+        """Serving: not draining, default versions loaded (or tried), database and limits up."""
+        return (
+            not self.draining
+            and self._snapshot.generation >= 0
+            and self._warmed
+            and self.backends.required_up()
+        )
+
+    def _backends(self) -> list[Backend]:
+        settings = self.settings
+        return [
+            Backend("database", self.store.engine.dialect.name, self.store.generation),
+            Backend("limits", self.gate.admission.storage_kind, self.gate.admission.ping),
+            Backend(
+                "blobs",
+                "s3" if settings.blob_url else "file",
+                lambda: next(iter(self.registry.blobs.keys()), None),
+            ),
+            Backend(
+                "keys",
+                settings.key_service.split("+", 1)[0].split(":", 1)[0],
+                lambda: self.registry.keys.rotate(new_key=False),
+            ),
+        ]
 
     def drain(self) -> None:
         """Report not ready from now on: the process is shutting down."""

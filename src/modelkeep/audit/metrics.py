@@ -173,6 +173,13 @@ class _Families:
             ["verdict"],
             registry=r,
         )
+        self.backend_up = Gauge(
+            "modelkeep_backend_up",
+            "Whether each back end answered its last probe (1) or not (0); smallest of any worker.",
+            ["backend", "kind"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.tls_certificate_expiry = Gauge(
             "modelkeep_tls_certificate_expiry_timestamp_seconds",
             "When the server's TLS certificate expires, in Unix seconds (alert 30 days before).",
@@ -387,6 +394,10 @@ class Metrics:
         """Count one audit log entry written."""
         outcome_l = outcome if outcome in OUTCOMES else OTHER
         self._m.audit_entries.labels(self._action(action), outcome_l).inc()
+
+    def set_backend_up(self, backend: str, kind: str, up: bool) -> None:
+        """Record whether ``backend`` (of ``kind``) answered its last probe."""
+        self._m.backend_up.labels(self._reason(backend), self._reason(kind)).set(1 if up else 0)
 
     def set_tls_certificate_expiry(self, not_after: float) -> None:
         """Record when the server certificate expires (Unix seconds)."""

@@ -97,6 +97,10 @@ class Outcome:
 
 
 class Counters(Protocol):
+    def ping(self) -> None:
+        """Unavailable unless the storage answers."""
+        ...
+
     def admit(self, now: float, checks: Sequence[Check]) -> Outcome:
         """Check every limit in order; consume all of them or none."""
         ...
@@ -147,6 +151,9 @@ class MemoryCounters:
         self._budgets: dict[str, tuple[int, float]] = {}
         self._slots: dict[str, dict[str, float]] = {}
         self._next_sweep = 0.0
+
+    def ping(self) -> None:
+        """Always reachable: the counters live in this process."""
 
     def admit(self, now: float, checks: Sequence[Check]) -> Outcome:
         with self._lock:
@@ -320,6 +327,13 @@ class RedisCounters:
             # The URI may hold a password: it is not repeated.
             raise ConfigError("the rate limit storage URI is malformed") from exc
         self._admit = self._client.register_script(_ADMIT_LUA)
+
+    def ping(self) -> None:
+        """Unavailable unless Redis answers within the timeout."""
+        try:
+            self._client.ping()
+        except redis.RedisError as exc:
+            raise Unavailable(STORAGE_UNAVAILABLE, retry_after=_UNAVAILABLE_RETRY_AFTER) from exc
 
     def admit(self, now: float, checks: Sequence[Check]) -> Outcome:
         keys: list[str] = []

@@ -268,6 +268,11 @@ class Admission:
         self._clock = clock
         self._prefix = key_prefix
         self._slot_lease = slot_lease
+        self.storage_kind = "memory" if storage_uri == "memory://" else "redis"
+
+    def ping(self) -> None:
+        """Unavailable unless the counters' storage answers (always, in memory)."""
+        self._counters.ping()
 
     def admit(
         self,

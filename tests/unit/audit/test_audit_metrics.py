@@ -63,6 +63,7 @@ def record_one_of_each(m: Metrics) -> None:
     m.scan_refused(verdict="malicious")
     m.audit_entry(action="model.push", outcome="success")
     m.set_tls_certificate_expiry(1_800_000_000.0)
+    m.set_backend_up("database", "postgresql", True)
 
 
 def test_metric_names_and_label_sets_are_exactly_the_documented_ones(metrics: Metrics) -> None:
@@ -91,6 +92,7 @@ def test_metric_names_and_label_sets_are_exactly_the_documented_ones(metrics: Me
         "modelkeep_scan_refusals_total": {"verdict"},
         "modelkeep_audit_entries_total": {"action", "outcome"},
         "modelkeep_tls_certificate_expiry_timestamp_seconds": set(),
+        "modelkeep_backend_up": {"backend", "kind"},
     }
 
 
