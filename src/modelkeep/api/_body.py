@@ -14,28 +14,38 @@ from modelkeep.errors import InvalidInput, TooLarge
 from ._limits import limit_message
 
 
-async def receive_body(receive: Receive, content_length: str | bytes | None, limit: int) -> bytes:
-    """The whole body from ASGI ``receive``, refused with TooLarge as soon as it passes ``limit``.
-
-    A declared Content-Length over the limit is refused before a byte is read.
-    """
+def check_declared_length(content_length: str | bytes | None, limit: int) -> None:
+    """Refuse a malformed Content-Length, or one over ``limit``, before a byte is read."""
     if content_length is not None:
         if not content_length.isdigit():
             raise InvalidInput("invalid Content-Length header")
         if int(content_length) > limit:
             raise TooLarge(limit_message(limit))
+
+
+async def _next_chunk(receive: Receive) -> tuple[bytes, bool]:
+    """The next piece of the body and whether more follows; InvalidInput if the client left."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise InvalidInput("the client went away")
+    return message.get("body", b""), message.get("more_body", False)
+
+
+async def receive_body(receive: Receive, content_length: str | bytes | None, limit: int) -> bytes:
+    """The whole body from ASGI ``receive``, refused with TooLarge as soon as it passes ``limit``.
+
+    A declared Content-Length over the limit is refused before a byte is read.
+    """
+    check_declared_length(content_length, limit)
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidInput("the client went away")
-        chunk = message.get("body", b"")
+        chunk, more = await _next_chunk(receive)
         size += len(chunk)
         if size > limit:
             raise TooLarge(limit_message(limit))
         chunks.append(chunk)
-        if not message.get("more_body", False):
+        if not more:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -52,26 +62,18 @@ async def stream_body(
     ``consume`` runs in a worker thread (it may hash, encrypt and write), so the event loop
     holds at most one batch. The limit is enforced as for ``receive_body``. Returns the size.
     """
-    if content_length is not None:
-        if not content_length.isdigit():
-            raise InvalidInput("invalid Content-Length header")
-        if int(content_length) > limit:
-            raise TooLarge(limit_message(limit))
+    check_declared_length(content_length, limit)
     pending: list[bytes] = []
     pending_size = 0
     size = 0
     while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidInput("the client went away")
-        chunk = message.get("body", b"")
+        chunk, more = await _next_chunk(receive)
         size += len(chunk)
         if size > limit:
             raise TooLarge(limit_message(limit))
         if chunk:
             pending.append(chunk)
             pending_size += len(chunk)
-        more = message.get("more_body", False)
         if pending and (pending_size >= batch or not more):
             await run_in_threadpool(consume, pending)
             pending, pending_size = [], 0
