@@ -79,7 +79,8 @@ class Server:
             "MODELKEEP_CACERT": str(self.ca_cert),
         }
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 60, wait_for: str = "/v2/health/ready") -> None:
+        """Start ``modelkeep serve`` and wait until ``wait_for`` answers 200."""
         self.port = free_port()
         args = ["serve", "--data-dir", str(self.data_dir), "--port", str(self.port)]
         args += ["--workers", str(self.workers)]
@@ -99,7 +100,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited early:\n{self.log()}")
             try:
-                r = httpx.get(f"{self.url}/v2/health/ready", verify=self.tls(), timeout=2)
+                r = httpx.get(f"{self.url}{wait_for}", verify=self.tls(), timeout=2)
                 if r.status_code == 200:
                     return
             except httpx.HTTPError:

@@ -317,8 +317,14 @@ def test_redis_down_means_refusal_not_unlimited(tmp_path: object) -> None:
 
     srv = init_server(Path(str(tmp_path)))
     srv.extra_env["MODELKEEP_LIMITS_STORAGE"] = "redis://127.0.0.1:1/0"  # nothing listens there
-    srv.start()
+    # Never ready while its limits storage does not answer: wait for it to be live.
+    srv.start(wait_for="/v2/health/live")
     try:
+        with srv.client() as anonymous:
+            deadline = time.monotonic() + 10
+            while anonymous.get("/v2/health/ready").status_code != 503:
+                assert time.monotonic() < deadline, "ready although Redis does not answer"
+                time.sleep(0.1)
         assert push(srv, "closed", build_iris_onnx()).status_code == 201
         with srv.client(srv.admin_key) as c:
             policy = {"limits": {"rate": "100/second", "budget": "1000/day"}}
