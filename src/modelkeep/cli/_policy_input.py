@@ -48,12 +48,15 @@ __all__ = [
 #: The most rows one calibration may send (the server's own limit).
 MAX_CALIBRATION_ROWS = 100_000
 ALARM_ACTIONS = ("log", "alert", "throttle", "block")
-DETECTORS = ("prada", "ood")
+DETECTORS = ("prada", "ood", "nearcopy")
 #: The word that removes a limit (``--budget none``) or turns detection off (``--detect none``).
 NONE = "none"
 #: ``--output-for ROLE=default``: the role gets the model's ``--output`` again.
 DEFAULT = "default"
-OUTPUT_FORMS = "full, top_k=K, round=N, label_only, reverse_sigmoid or reverse_sigmoid=BETA:GAMMA"
+OUTPUT_FORMS = (
+    "full, top_k=K, round=N, confidence=N, label_only, reverse_sigmoid or "
+    "reverse_sigmoid=BETA:GAMMA"
+)
 
 _RATE = re.compile(r"([0-9]+)\s*(?:/|\s+per\s+)\s*([0-9]+)?\s*([A-Za-z]+)", re.ASCII)
 _SHORT_UNITS = {
@@ -149,12 +152,12 @@ def parse_output_for(values: list[str]) -> dict[str, str | None]:
 
 
 def parse_detect(text: str) -> list[str]:
-    """``prada``, ``ood``, both comma-separated, or ``none``; sorted, without repeats."""
+    """``prada``, ``ood``, ``nearcopy`` comma-separated, or ``none``; sorted, no repeats."""
     if text.strip() == NONE:
         return []
     names = [name.strip() for name in text.split(",")]
     if not all(name in DETECTORS for name in names):
-        raise ValueError("give prada, ood, prada,ood or none")
+        raise ValueError("give some of prada, ood, nearcopy (comma-separated) or none")
     return sorted(set(names))
 
 

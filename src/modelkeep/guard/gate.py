@@ -20,6 +20,8 @@ from modelkeep.guard.admission import Admission, Admitted
 from modelkeep.guard.detection import (
     DetectorState,
     InMemoryDetectorState,
+    NearCopyConfig,
+    NearCopyDetector,
     OodMonitor,
     OodReference,
     PradaConfig,
@@ -68,6 +70,7 @@ class InferenceGate:
         self._policies: dict[tuple[str, str | None], ModelPolicy] = {}
         self._prada: dict[tuple[str, float | None], PradaDetector] = {}
         self._ood: dict[tuple[str, int], OodMonitor] = {}
+        self._nearcopy: dict[str, NearCopyDetector] = {}
         self._lock = threading.Lock()
 
     def policy(self, model: str, policy_json: str | None) -> ModelPolicy:
@@ -115,6 +118,10 @@ class InferenceGate:
                 )
                 if result.alarm:
                     alarms.append(Alarm("prada", result.score, result.samples))
+        if "nearcopy" in policy.detect:
+            result = self._nearcopy_for(model).observe(client, x)
+            if result.alarm:
+                alarms.append(Alarm("nearcopy", result.score, result.samples))
         if "ood" in policy.detect and policy.ood_reference is not None:
             monitor = self._ood_for(model, policy)
             result = monitor.observe(client, x)
@@ -128,6 +135,10 @@ class InferenceGate:
             if name == model:
                 for version in versions:
                     detector.reset(f"{principal}@{version}")
+        for name, nearcopy in list(self._nearcopy.items()):
+            if name == model:
+                for version in versions:
+                    nearcopy.reset(f"{principal}@{version}")
         for (name, _), monitor in list(self._ood.items()):
             if name == model:
                 for version in versions:
@@ -153,6 +164,18 @@ class InferenceGate:
             with self._lock:
                 detector = self._prada.setdefault(
                     key, PradaDetector(config, state=self._state_factory(f"{model}/prada"))
+                )
+        return detector
+
+    def _nearcopy_for(self, model: str) -> NearCopyDetector:
+        detector = self._nearcopy.get(model)
+        if detector is None:
+            with self._lock:
+                detector = self._nearcopy.setdefault(
+                    model,
+                    NearCopyDetector(
+                        NearCopyConfig(), state=self._state_factory(f"{model}/nearcopy")
+                    ),
                 )
         return detector
 

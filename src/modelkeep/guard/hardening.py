@@ -8,6 +8,8 @@ exactly), a label alone leaks far less. An :class:`OutputPolicy` is set per mode
     full             scores as the model produced them
     top_k=K          the K largest scores per row; the others are zeroed
     round=N          scores rounded to N decimals
+    confidence=N     the top score alone, rounded to the nearest of N bands (1/N, 2/N .. 1);
+                     the others zeroed. confidence=1 shows the top-1 class as a one-hot row
     label_only       score outputs removed; label outputs kept
     reverse_sigmoid  scores perturbed by the reverse sigmoid (Lee et al. 2018), renormalized
 
@@ -40,7 +42,7 @@ __all__ = [
     "score_outputs_of",
 ]
 
-PolicyKind = Literal["full", "top_k", "round", "label_only", "reverse_sigmoid"]
+PolicyKind = Literal["full", "top_k", "round", "confidence", "label_only", "reverse_sigmoid"]
 _KINDS: tuple[str, ...] = get_args(PolicyKind)
 
 # Lee et al. leave beta (size of the perturbation) and gamma (its steepness) to the operator;
@@ -64,7 +66,8 @@ _NUMBER = r"[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
 _POLICY_TEXT = re.compile(
     rf"(?P<kind>[a-z_]+)(?:=(?P<first>{_NUMBER})(?::(?P<second>{_NUMBER}))?)?", re.ASCII
 )
-_FORMS = "full, top_k=K, round=N, label_only, reverse_sigmoid or reverse_sigmoid=BETA:GAMMA"
+_FORMS = "full, top_k=K, round=N, confidence=N, label_only, reverse_sigmoid[=BETA:GAMMA]"
+_MAX_BANDS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,7 @@ class OutputPolicy:
     kind: PolicyKind
     k: int = 1
     decimals: int = 2
+    bands: int = 1
     beta: float = DEFAULT_BETA
     gamma: float = DEFAULT_GAMMA
 
@@ -87,8 +91,14 @@ class OutputPolicy:
             raise InvalidInput(f"unknown output policy; use one of: {_FORMS}")
         _check_int("k", self.k, 1, _MAX_K, applies=self.kind == "top_k", default=1)
         _check_int(
-            "decimals", self.decimals, 0, _MAX_DECIMALS, applies=self.kind == "round", default=2
+            "decimals",
+            self.decimals,
+            0,
+            _MAX_DECIMALS,
+            applies=self.kind == "round",
+            default=2,
         )
+        _check_int("bands", self.bands, 1, _MAX_BANDS, applies=self.kind == "confidence", default=1)
         for name, value, upper, default in (
             ("beta", self.beta, _MAX_BETA, DEFAULT_BETA),
             ("gamma", self.gamma, _MAX_GAMMA, DEFAULT_GAMMA),
@@ -101,7 +111,8 @@ class OutputPolicy:
 
     @classmethod
     def parse(cls, text: str) -> OutputPolicy:
-        """Read ``full``, ``top_k=K``, ``round=N``, ``label_only``, ``reverse_sigmoid`` or
+        """Read ``full``, ``top_k=K``, ``round=N``, ``confidence=N``, ``label_only``,
+        ``reverse_sigmoid`` or
         ``reverse_sigmoid=BETA:GAMMA`` (ASCII digits only; surrounding spaces are ignored).
 
         Raises ``InvalidInput``, without echoing the text, for anything else.
@@ -129,6 +140,8 @@ class OutputPolicy:
             raise InvalidInput(f"the {kind} value is out of range")
         if kind == "top_k":
             return cls(kind, k=int(first))
+        if kind == "confidence":
+            return cls(kind, bands=int(first))
         return cls(kind, decimals=int(first))
 
     def __str__(self) -> str:
@@ -136,6 +149,8 @@ class OutputPolicy:
             return f"top_k={self.k}"
         if self.kind == "round":
             return f"round={self.decimals}"
+        if self.kind == "confidence":
+            return f"confidence={self.bands}"
         if self.kind == "reverse_sigmoid" and (self.beta, self.gamma) != (
             DEFAULT_BETA,
             DEFAULT_GAMMA,
@@ -193,6 +208,8 @@ def _transform(policy: OutputPolicy, scores: np.ndarray) -> np.ndarray:
     wide = scores.astype(np.float64)
     if policy.kind == "top_k":
         result = _top_k(wide, policy.k)
+    elif policy.kind == "confidence":
+        result = _banded_top(wide, policy.bands)
     elif policy.kind == "round":
         result = np.round(wide, policy.decimals)
         # Rounding is monotone but can tie the top score with a lower-index one; one unit in
@@ -203,6 +220,26 @@ def _transform(policy: OutputPolicy, scores: np.ndarray) -> np.ndarray:
     else:
         result = _reverse_sigmoid(wide, policy.beta, policy.gamma)
     return _keep_top(scores, result.astype(scores.dtype))
+
+
+def _banded_top(scores: np.ndarray, bands: int) -> np.ndarray:
+    """The top score of each row, rounded to the nearest of 1/bands .. 1; the others as top_k=1.
+
+    The band never drops below 1/bands, so the top class stays strictly on top of the zeros;
+    logits (rows with negative scores) get the band of their softmax probability.
+    """
+    result = _top_k(scores, 1)
+    rows = np.arange(scores.shape[0])
+    top = np.argmax(scores, axis=1)
+    probabilities = scores
+    if not np.all(scores >= 0.0):
+        shifted = np.exp(scores - np.max(scores, axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    banded = np.clip(np.round(probabilities[rows, top] * bands), 1.0, bands) / bands
+    floor = np.max(np.where(np.arange(scores.shape[1]) == top[:, None], -np.inf, result), axis=1)
+    # Logit rows keep their (negative) fill below the band; probability rows are 0 elsewhere.
+    result[rows, top] = np.maximum(banded, np.nextafter(floor, np.inf))
+    return result
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -285,7 +322,7 @@ def _check_int(
     if type(value) is not int or not lower <= value <= upper:
         raise InvalidInput(f"output policy {name} must be an integer in [{lower}, {upper}]")
     if not applies and value != default:
-        owner = "top_k" if name == "k" else "round"
+        owner = {"k": "top_k", "decimals": "round", "bands": "confidence"}[name]
         raise InvalidInput(f"{name} only applies to the {owner} policy")
 
 

@@ -2,6 +2,11 @@
 
 Stored as JSON with the model (one policy per model, every version) and parsed once per snapshot.
 Every field is validated here, so a stored policy is always one the server can apply.
+
+A model with no stored policy gets :data:`DEFAULT_POLICY`, chosen to hold against membership
+inference and extraction out of the box (docs/hardening.md has the measurements): consumers see
+the top-1 answer and a coarse confidence, every key has a rate and a daily row budget, and the
+detectors raise alerts. Admins see full outputs. A stored policy is applied as written.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from modelkeep.guard.admission import Limits
 from modelkeep.guard.detection import OodReference
 from modelkeep.guard.hardening import OutputPolicy
 
-DETECTORS = frozenset({"prada", "ood"})
+DETECTORS = frozenset({"prada", "ood", "nearcopy"})
 ALARM_ACTIONS = ("log", "alert", "throttle", "block")
 ROLES = ("admin", "publisher", "consumer", "auditor")
 # A throttled caller keeps this share of its rates.
@@ -110,7 +115,7 @@ class ModelPolicy:
             raise InvalidInput(f"output_for maps roles ({', '.join(ROLES)}) to output policies")
         detect = data.get("detect") or []
         if not isinstance(detect, list) or not set(detect) <= DETECTORS:
-            raise InvalidInput("detect is a list of: prada, ood")
+            raise InvalidInput("detect is a list of: prada, ood, nearcopy")
         on_alarm = data.get("on_alarm", "log")
         if on_alarm not in ALARM_ACTIONS:
             raise InvalidInput(f"on_alarm is one of: {', '.join(ALARM_ACTIONS)}")
@@ -138,8 +143,9 @@ class ModelPolicy:
 
     @classmethod
     def loads(cls, text: str | None) -> ModelPolicy:
+        """The stored policy ``text``, or :data:`DEFAULT_POLICY` when none is stored."""
         if text is None:
-            return cls()
+            return DEFAULT_POLICY
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -151,10 +157,23 @@ class ModelPolicy:
         return ModelPolicy.from_json({**self.to_json(), **changes})
 
 
-DEFAULT_POLICY = ModelPolicy()
+# What a model with no stored policy gets; each choice is measured in bench/bench_privacy.py
+# and explained in docs/hardening.md ("The defaults").
+DEFAULT_OUTPUT = OutputPolicy.parse("confidence=1")
+DEFAULT_POLICY = ModelPolicy(
+    # A rate per key and a daily row budget: extraction and probing need many rows.
+    limits=Limits(rate="100/second", budget="100000/day"),
+    # Consumers get the top-1 answer and a coarse confidence; admins the model's own scores.
+    output=DEFAULT_OUTPUT,
+    output_for=MappingProxyType({"admin": _FULL}),
+    # The OOD monitor acts once `modelkeep policy calibrate` has fitted its reference.
+    detect=frozenset({"prada", "nearcopy", "ood"}),
+    on_alarm="alert",
+)
 
 __all__ = [
     "ALARM_ACTIONS",
+    "DEFAULT_OUTPUT",
     "DEFAULT_POLICY",
     "DETECTORS",
     "THROTTLE_FACTOR",
