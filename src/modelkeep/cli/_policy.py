@@ -1,4 +1,4 @@
-"""``modelkeep policy show|set|calibrate|unblock|reset-budget``: a model's guard policy.
+"""``modelkeep policy show|set|calibrate|assess|unblock|reset-budget``: a model's guard policy.
 
 The guard policy (``docs/limits.md``, ``docs/hardening.md``) holds a model's admission limits and
 budget, the output hardening each role gets, the extraction detectors and what an alarm does.
@@ -40,6 +40,7 @@ from modelkeep.cli._policy_input import (
     parse_output,
     parse_output_for,
     parse_rate,
+    read_assessment,
     read_rows,
 )
 
@@ -86,17 +87,35 @@ KeyIdArgument = Annotated[
 ]
 
 
+# Why each default is what it is; docs/hardening.md ("The defaults") has the measurements.
+DEFAULTS_WHY = (
+    "no policy is set for this model: these are modelkeep's defaults (docs/hardening.md)",
+    "consumers see the top-1 class only: any confidence shown let a likelihood-ratio",
+    "  membership attack find more training rows (bench/bench_privacy.py); admins see all",
+    "a rate and a daily row budget per key bound extraction and probing",
+    "detectors raise alerts; the OOD monitor starts once `policy calibrate` fits it",
+    "full outputs for everyone: modelkeep policy set MODEL --output full",
+)
+
+
 def _say_policy(title: str, policy: JSONObject) -> None:
     out.say(title)
     for line in out.policy_lines(policy):
         out.say(f"  {line}")
+    if policy.get("default") is True:
+        for line in DEFAULTS_WHY:
+            out.say(f"  # {line}")
 
 
 def _warn_idle(model: str, policy: JSONObject) -> None:
     """Say on stderr when part of the policy cannot act, so nobody relies on it by mistake."""
     detect = policy.get("detect")
     detectors = detect if isinstance(detect, list) else []
-    if "ood" in detectors and not isinstance(policy.get("ood_reference"), Mapping):
+    if (
+        "ood" in detectors
+        and not isinstance(policy.get("ood_reference"), Mapping)
+        and policy.get("default") is not True
+    ):
         out.warn(
             "warning: the OOD monitor is on but has no reference and flags nothing until "
             f"`modelkeep policy calibrate {model} --benign FILE`"
@@ -365,6 +384,99 @@ def policy_calibrate(
         return
     _say_policy(f"calibrated {out.clean(policy.get('model', model))} on {len(rows)} rows", policy)
     _warn_idle(model, policy)
+
+
+@policy_app.command("assess", epilog=EPILOG)
+def policy_assess(
+    ctx: typer.Context,
+    model: ModelArgument,
+    members: Annotated[
+        Path,
+        typer.Option(
+            "--members",
+            metavar="FILE",
+            help="Rows the model was trained on: an .npz with X (rows) and y (class indices).",
+            show_default=False,
+        ),
+    ],
+    non_members: Annotated[
+        Path,
+        typer.Option(
+            "--non-members",
+            metavar="FILE",
+            help="Rows it was not trained on, same form (e.g. a held-out test set).",
+            show_default=False,
+        ),
+    ],
+    version: Annotated[
+        str | None,
+        typer.Option(metavar="V", help="Version to assess (default: the served one)."),
+    ] = None,
+    target_auc: Annotated[
+        float,
+        typer.Option(metavar="AUC", min=0.5, max=1.0, help="Highest attack AUC to accept."),
+    ] = 0.60,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Set the recommended output policy (audited).")
+    ] = False,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Measure how much each output policy leaks about MODEL's training rows.
+
+    The server runs two membership attacks that need no shadow models against the version,
+    under each candidate output policy, and recommends the least restrictive one whose attack
+    AUC is at most the target. The rows are used in memory and not kept; the report is kept
+    with the version and audited.
+
+    Example: modelkeep policy assess digits --members train.npz --non-members test.npz --apply
+    """
+    data = read_assessment(members, non_members)
+    with client_from(ctx.obj, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client:
+        report = client.assess_policy(
+            model, data, version=version, target_auc=target_auc, apply=apply
+        )
+    if json_output:
+        out.print_json(report)
+        return
+    out.say(
+        f"membership leakage of {out.clean(report.get('model', model))} version"
+        f" {out.clean(report.get('version'))} ({out.clean(report.get('members'))} members,"
+        f" {out.clean(report.get('non_members'))} non-members)"
+    )
+    out.say(f"  {'policy':<16} {'attack AUC':>10} {'TPR@1%FPR':>10} {'top-1 kept':>10}  attack")
+    policies = report.get("policies")
+    for row in policies if isinstance(policies, list) else []:
+        if isinstance(row, dict):
+            out.say(
+                f"  {out.clean(row.get('policy')):<16} {_number(row.get('auc')):>10}"
+                f" {_percent(row.get('tpr_at_1pct_fpr')):>10}"
+                f" {_percent(row.get('top1_agreement')):>10}  {out.clean(row.get('attack'))}"
+            )
+    met = "under" if report.get("target_met") else "none under; the least leaking is"
+    out.say(
+        f"recommended ({met} AUC {out.clean(report.get('target_auc'))}):"
+        f" {out.clean(report.get('recommended'))}"
+    )
+    if report.get("applied"):
+        out.say(
+            f"applied: the output policy of {model} is now {out.clean(report.get('recommended'))}"
+        )
+    else:
+        out.say(
+            f"apply it with: modelkeep policy set {model} --output"
+            f" {out.clean(report.get('recommended'))}"
+        )
+
+
+def _number(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else "?"
+
+
+def _percent(value: object) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) else "?"
 
 
 @policy_app.command("unblock", epilog=EPILOG)
