@@ -92,7 +92,8 @@ class GuardAdminMixin(ServiceBase):
     def calibrate_policy(
         self, principal: Principal, model: str, rows: list[list[float]]
     ) -> ModelPolicy:
-        """Set the PRADA threshold and the OOD reference from benign rows of the default version.
+        """Set the PRADA threshold, the near-copy bucket width and the OOD reference from benign
+        rows run through the default version.
 
         The rows are split among simulated benign callers; the threshold sits below the lowest
         Shapiro-Wilk W any of them reaches (``calibrate_prada``).
@@ -103,9 +104,11 @@ class GuardAdminMixin(ServiceBase):
             record = self._model(principal, Action.MODEL_CONFIGURE, model)
             found = self._version(record, None)
             policy = self.gate.policy(record.name, record.policy)
-            threshold, reference = calibrate(self._session(found), found.signature, rows)
-            details["prada_threshold"] = threshold
-            updated = policy.updated(prada_threshold=threshold, ood_reference=reference.to_json())
+            threshold, width, reference = calibrate(self._session(found), found.signature, rows)
+            details.update(prada_threshold=threshold, nearcopy_width=width)
+            updated = policy.updated(
+                prada_threshold=threshold, nearcopy_width=width, ood_reference=reference.to_json()
+            )
             self.store.set_policy(model, updated.dumps(), actor=principal.key_id, now=self._clock())
         self.refresh()
         return updated

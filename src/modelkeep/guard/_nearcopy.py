@@ -20,20 +20,23 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from modelkeep.errors import ConfigError, InvalidInput
 from modelkeep.guard._detector_state import DetectionResult, DetectorState, InMemoryDetectorState
 
-__all__ = ["NearCopyConfig", "NearCopyDetector"]
+__all__ = ["NearCopyConfig", "NearCopyDetector", "calibrate_nearcopy"]
 
 _PREFIX = "nearcopy/"
 _WINDOW = _PREFIX + "w"
 # Hashes are kept below 2**52 so that the float64 store holds them exactly.
 _HASH_MASK = (1 << 52) - 1
 _SEED = 20_221_115
+# Widths tried by calibration, widest (catches the noisiest copies) first.
+_WIDTHS = (0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,20 +46,24 @@ class NearCopyConfig:
     ``threshold``: near-copies of one row within the window that raise the alarm (the row
     itself not counted). ``window``: rows remembered per client. ``tables`` and
     ``projections``: LSH tables, and projections per table. ``width``: bucket width on the
-    unit-length row; copies whose noise is a few percent of the row's length share a bucket in
+    unit-length row (calibrate it on benign rows with :func:`calibrate_nearcopy`); copies whose
+    noise is a few percent of the row's length share a bucket in
     some table almost always, distinct natural rows rarely. The defaults were chosen on digits:
     Gaussian noise of 5-15% of a row's length is caught, 50 simulated benign clients never
-    reached the threshold (``bench/bench_privacy.py``, tests/unit/guard).
+    reached the threshold (tests/unit/guard). ``min_features``: inputs with fewer features are
+    not watched (the server sets 16 for an uncalibrated detector: in few dimensions natural
+    rows are near-copies of one another at the default width).
     """
 
-    threshold: int = 8
+    threshold: int = 10
     window: int = 256
     tables: int = 6
     projections: int = 4
-    width: float = 0.5
+    width: float = 0.2
+    min_features: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("threshold", "window", "tables", "projections"):
+        for name in ("threshold", "window", "tables", "projections", "min_features"):
             value = getattr(self, name)
             if type(value) is not int or not 1 <= value <= 4096:
                 raise ConfigError(f"near-copy {name} must be an integer in [1, 4096]")
@@ -93,6 +100,9 @@ class NearCopyDetector:
         rows = np.asarray(x)
         if rows.ndim != 2 or rows.shape[0] == 0 or rows.dtype.kind not in "biuf":
             raise InvalidInput("detector queries must be a non-empty numeric rows x features array")
+        rows = rows.reshape(rows.shape[0], -1)
+        if rows.shape[1] < self.config.min_features:
+            return DetectionResult(alarm=False, score=None, samples=0)
         signatures = self._signatures(rows.astype(np.float64, copy=False))
         with self._lock:
             stored = self._state.get(client, _WINDOW)
@@ -107,7 +117,8 @@ class NearCopyDetector:
                 if np.isnan(row[0]):  # a row with non-finite values: no signature
                     continue
                 shared = np.any(earlier[:, 1:] == row[1:], axis=1) & (earlier[:, 0] != row[0])
-                worst = max(worst, int(np.count_nonzero(shared)))
+                # Distinct rows: a neighbour re-sent many times is still one near-copy.
+                worst = max(worst, len(set(earlier[shared, 0].tolist())))
             window = window[-self.config.window :]
             self._state.put(client, _WINDOW, window)
         return DetectionResult(
@@ -125,7 +136,7 @@ class NearCopyDetector:
         planes, offsets = self._planes_for(rows.shape[1])
         finite = np.all(np.isfinite(rows), axis=1)
         safe = np.where(finite[:, None], rows, 0.0)
-        norms = np.linalg.norm(safe, axis=1, keepdims=True)
+        norms = np.sqrt(np.einsum("ij,ij->i", safe, safe))[:, None]
         unit = safe / np.where(norms > 0.0, norms, 1.0)
         buckets = np.floor(unit @ planes / config.width + offsets).astype(np.int64)
         buckets = buckets.reshape(rows.shape[0], config.tables, config.projections)
@@ -156,3 +167,29 @@ class NearCopyDetector:
 def _hash(data: bytes) -> float:
     digest = hashlib.blake2b(data, digest_size=8).digest()
     return float(int.from_bytes(digest, "little") & _HASH_MASK)
+
+
+def calibrate_nearcopy(
+    benign_streams: Sequence[np.ndarray], *, config: NearCopyConfig | None = None
+) -> float:
+    """The widest bucket width at which no benign stream reaches half the alarm threshold.
+
+    Each stream is one benign client's rows, replayed one by one through a fresh detector.
+    Where natural rows are dense (few features, such as iris), near-copies are natural too, and
+    only a narrow width tells probing apart from traffic. Raises ``InvalidInput`` without rows.
+    """
+    base = NearCopyConfig() if config is None else config
+    streams = [np.asarray(s, dtype=np.float64) for s in benign_streams if len(s)]
+    if not streams:
+        raise InvalidInput("calibrating the near-copy detector needs benign rows")
+    for width in _WIDTHS:
+        detector = NearCopyDetector(replace(base, width=width))
+        worst = 0.0
+        for index, stream in enumerate(streams):
+            for row in stream:
+                worst = max(worst, detector.observe(f"benign{index}", row[None, :]).score or 0.0)
+            if 2 * worst >= base.threshold:
+                break
+        if 2 * worst < base.threshold:
+            return width
+    return _WIDTHS[-1]

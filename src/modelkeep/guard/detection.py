@@ -19,7 +19,7 @@ Key the client by caller *and* model version: streams of different models must n
 """
 
 from modelkeep.guard._detector_state import DetectionResult, DetectorState, InMemoryDetectorState
-from modelkeep.guard._nearcopy import NearCopyConfig, NearCopyDetector
+from modelkeep.guard._nearcopy import NearCopyConfig, NearCopyDetector, calibrate_nearcopy
 from modelkeep.guard._ood import OodMonitor, OodReference
 from modelkeep.guard._prada import PradaConfig, PradaDetector, calibrate_prada, shapiro_w
 
@@ -33,6 +33,7 @@ __all__ = [
     "OodReference",
     "PradaConfig",
     "PradaDetector",
+    "calibrate_nearcopy",
     "calibrate_prada",
     "shapiro_w",
 ]

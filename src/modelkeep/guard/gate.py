@@ -26,6 +26,7 @@ from modelkeep.guard.detection import (
     OodReference,
     PradaConfig,
     PradaDetector,
+    calibrate_nearcopy,
     calibrate_prada,
 )
 from modelkeep.guard.hardening import harden, score_outputs_of
@@ -35,6 +36,14 @@ from modelkeep.runtime.signature import ModelSignature, numpy_dtype
 
 log = logging.getLogger(__name__)
 
+
+# An uncalibrated near-copy detector watches inputs of at least this many features: in fewer
+# dimensions natural rows (iris, say) are near-copies of one another at the default width.
+_UNCALIBRATED_MIN_FEATURES = 16
+
+# PRADA checks W once per this many new distances: on by default, the detector must cost a
+# one-row request little (see PradaConfig.check_every).
+_PRADA_CHECK_EVERY = 8
 
 # What admission grants when a model has no limits: nothing counted, nothing to release.
 _UNLIMITED = Admitted()
@@ -70,7 +79,7 @@ class InferenceGate:
         self._policies: dict[tuple[str, str | None], ModelPolicy] = {}
         self._prada: dict[tuple[str, float | None], PradaDetector] = {}
         self._ood: dict[tuple[str, int], OodMonitor] = {}
-        self._nearcopy: dict[str, NearCopyDetector] = {}
+        self._nearcopy: dict[tuple[str, float | None], NearCopyDetector] = {}
         self._lock = threading.Lock()
 
     def policy(self, model: str, policy_json: str | None) -> ModelPolicy:
@@ -119,7 +128,7 @@ class InferenceGate:
                 if result.alarm:
                     alarms.append(Alarm("prada", result.score, result.samples))
         if "nearcopy" in policy.detect:
-            result = self._nearcopy_for(model).observe(client, x)
+            result = self._nearcopy_for(model, policy.nearcopy_width).observe(client, x)
             if result.alarm:
                 alarms.append(Alarm("nearcopy", result.score, result.samples))
         if "ood" in policy.detect and policy.ood_reference is not None:
@@ -135,7 +144,7 @@ class InferenceGate:
             if name == model:
                 for version in versions:
                     detector.reset(f"{principal}@{version}")
-        for name, nearcopy in list(self._nearcopy.items()):
+        for (name, _), nearcopy in list(self._nearcopy.items()):
             if name == model:
                 for version in versions:
                     nearcopy.reset(f"{principal}@{version}")
@@ -160,22 +169,29 @@ class InferenceGate:
         key = (model, threshold)
         detector = self._prada.get(key)
         if detector is None:
-            config = PradaConfig() if threshold is None else PradaConfig(threshold=threshold)
+            config = PradaConfig(check_every=_PRADA_CHECK_EVERY)
+            if threshold is not None:
+                config = PradaConfig(threshold=threshold, check_every=_PRADA_CHECK_EVERY)
             with self._lock:
                 detector = self._prada.setdefault(
                     key, PradaDetector(config, state=self._state_factory(f"{model}/prada"))
                 )
         return detector
 
-    def _nearcopy_for(self, model: str) -> NearCopyDetector:
-        detector = self._nearcopy.get(model)
+    def _nearcopy_for(self, model: str, width: float | None) -> NearCopyDetector:
+        key = (model, width)
+        detector = self._nearcopy.get(key)
         if detector is None:
+            # Uncalibrated, the default width suits inputs of many features only.
+            config = (
+                NearCopyConfig(min_features=_UNCALIBRATED_MIN_FEATURES)
+                if width is None
+                else NearCopyConfig(width=width)
+            )
             with self._lock:
                 detector = self._nearcopy.setdefault(
-                    model,
-                    NearCopyDetector(
-                        NearCopyConfig(), state=self._state_factory(f"{model}/nearcopy")
-                    ),
+                    key,
+                    NearCopyDetector(config, state=self._state_factory(f"{model}/nearcopy")),
                 )
         return detector
 
@@ -231,8 +247,9 @@ def calibrate(
     model: LoadedModel,
     signature: ModelSignature,
     rows: list[list[float]],
-) -> tuple[float, OodReference]:
-    """A PRADA threshold and an OOD reference from benign rows run through ``model``.
+) -> tuple[float, float, OodReference]:
+    """A PRADA threshold, a near-copy bucket width and an OOD reference from benign rows run
+    through ``model``.
 
     The rows are dealt to simulated benign callers of ``3 * min_samples`` queries each (a
     caller's first query per class yields no distance, so shorter streams never score).
@@ -257,4 +274,5 @@ def calibrate(
         raise InvalidInput("the model has no label or score output to calibrate on")
     features = x.astype(np.float64).reshape(len(x), -1)
     streams = [(features[i::clients], predicted[i::clients]) for i in range(clients)]
-    return calibrate_prada(streams), OodMonitor.fit(features)
+    width = calibrate_nearcopy([stream for stream, _ in streams])
+    return calibrate_prada(streams), width, OodMonitor.fit(features)

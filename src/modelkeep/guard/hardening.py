@@ -223,22 +223,19 @@ def _transform(policy: OutputPolicy, scores: np.ndarray) -> np.ndarray:
 
 
 def _banded_top(scores: np.ndarray, bands: int) -> np.ndarray:
-    """The top score of each row, rounded to the nearest of 1/bands .. 1; the others as top_k=1.
+    """The top score of each row, rounded to the nearest of 1/bands .. 1; the others 0.
 
-    The band never drops below 1/bands, so the top class stays strictly on top of the zeros;
-    logits (rows with negative scores) get the band of their softmax probability.
+    The band never drops below 1/bands, so the top class stays strictly on top. Rows with
+    negative scores (logits) get the band of their softmax probability. On the default
+    inference path: a handful of whole-array operations, no per-row work.
     """
-    result = _top_k(scores, 1)
     rows = np.arange(scores.shape[0])
     top = np.argmax(scores, axis=1)
-    probabilities = scores
-    if not np.all(scores >= 0.0):
-        shifted = np.exp(scores - np.max(scores, axis=1, keepdims=True))
-        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-    banded = np.clip(np.round(probabilities[rows, top] * bands), 1.0, bands) / bands
-    floor = np.max(np.where(np.arange(scores.shape[1]) == top[:, None], -np.inf, result), axis=1)
-    # Logit rows keep their (negative) fill below the band; probability rows are 0 elsewhere.
-    result[rows, top] = np.maximum(banded, np.nextafter(floor, np.inf))
+    best = scores[rows, top]
+    logits = not np.all(scores >= 0.0)
+    confidence = 1.0 / np.exp(scores - best[:, None]).sum(axis=1) if logits else best
+    result = np.zeros_like(scores)
+    result[rows, top] = np.clip(np.round(confidence * bands), 1.0, bands) / bands
     return result
 
 

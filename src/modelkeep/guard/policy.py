@@ -65,6 +65,8 @@ class ModelPolicy:
     detect: frozenset[str] = frozenset()
     on_alarm: str = "log"
     prada_threshold: float | None = None
+    # Bucket width of the near-copy detector, fitted by `policy calibrate` (None: the default).
+    nearcopy_width: float | None = None
     ood_reference: OodReference | None = None
     # Off unless set (DESIGN §1, data breaches): captured payloads are sensitive.
     capture: CapturePolicy | None = None
@@ -86,6 +88,7 @@ class ModelPolicy:
             "detect": sorted(self.detect),
             "on_alarm": self.on_alarm,
             "prada_threshold": self.prada_threshold,
+            "nearcopy_width": self.nearcopy_width,
             "ood_reference": None if self.ood_reference is None else self.ood_reference.to_json(),
             "capture": None if self.capture is None else self.capture.to_json(),
         }
@@ -105,6 +108,7 @@ class ModelPolicy:
             "detect",
             "on_alarm",
             "prada_threshold",
+            "nearcopy_width",
             "ood_reference",
             "capture",
         }
@@ -126,6 +130,11 @@ class ModelPolicy:
             or not 0 < threshold < 1
         ):
             raise InvalidInput("prada_threshold is a number between 0 and 1")
+        width = data.get("nearcopy_width")
+        if width is not None and (
+            isinstance(width, bool) or not isinstance(width, int | float) or not 0 < width <= 10
+        ):
+            raise InvalidInput("nearcopy_width is a number above 0, at most 10")
         reference = data.get("ood_reference")
         capture = data.get("capture")
         return cls(
@@ -137,6 +146,7 @@ class ModelPolicy:
             detect=frozenset(detect),
             on_alarm=on_alarm,
             prada_threshold=None if threshold is None else float(threshold),
+            nearcopy_width=None if width is None else float(width),
             ood_reference=None if reference is None else OodReference.from_json(reference),
             capture=None if capture is None else CapturePolicy.from_json(capture),
         )
