@@ -98,6 +98,16 @@ DEFAULTS_WHY = (
 )
 
 
+def pushed_note(model: str) -> str:
+    """What ``push`` says about the guard policy the version is served under (no request: a
+    publisher's key may not read the policy)."""
+    return (
+        f"served under {model}'s guard policy; with none set, modelkeep's defaults: consumers see"
+        " the top-1 class only, each key has a rate and a daily row budget, detectors alert"
+        f" (`modelkeep policy show {model}`)"
+    )
+
+
 def _say_policy(title: str, policy: JSONObject) -> None:
     out.say(title)
     for line in out.policy_lines(policy):

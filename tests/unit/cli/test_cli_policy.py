@@ -320,7 +320,7 @@ def test_set_detect_none_threshold_and_alarm_are_sent_as_given(
         (["--output", "top_k"], "an output policy is one of"),
         (["--output-for", "consumer"], "write ROLE=POLICY"),
         (["--output-for", "admin=full", "--output-for", "admin=round=1"], "given twice"),
-        (["--detect", "prada,magic"], "give prada, ood, prada,ood or none"),
+        (["--detect", "prada,magic"], "give some of prada, ood, nearcopy"),
         (["--on-alarm", "explode"], "give one of: log, alert, throttle, block"),
         (["--prada-threshold", "1"], "between 0 and 1"),
         ([], "nothing to change"),
