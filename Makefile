@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv system-deps demo test test-unit lint bench bench-scan bench-extraction bench-overload clean
+.PHONY: venv system-deps demo test test-unit lint bench bench-scan bench-extraction bench-overload bench-privacy clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-extraction: $(STAMP)
 ## Twice the sustainable rate, open loop: the p99 of admitted requests and the share shed.
 bench-overload: $(STAMP)
 	$(BIN)/python bench/bench_overload.py
+
+## A shadow-model membership attack (LiRA) through a real server, per output policy and defaults.
+bench-privacy: $(STAMP)
+	$(BIN)/python bench/bench_privacy.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
