@@ -119,6 +119,13 @@ def _parse_spec(field_name: str, spec: str, budget: bool) -> _Rate:
     return _Rate(item.amount, item.get_expiry(), period)
 
 
+@functools.lru_cache(maxsize=65_536)
+def _counter_key(prefix: str, parts: tuple[str, ...]) -> str:
+    # Quoting every part keeps keys unambiguous whatever the names contain. Remembered: the
+    # same few keys per caller and model are built on every admitted request.
+    return ":".join([prefix, *(quote(part, safe="") for part in parts)])
+
+
 def _check_count(field_name: str, value: object) -> None:
     if type(value) is not int or not 1 <= value <= _MAX_AMOUNT:
         raise InvalidInput(f"limit '{field_name}' must be a whole number of at least 1")
@@ -396,8 +403,7 @@ class Admission:
             self._counters.close()
 
     def _key(self, *parts: str) -> str:
-        # Quoting every part keeps keys unambiguous whatever the names contain.
-        return ":".join([self._prefix, *(quote(part, safe="") for part in parts)])
+        return _counter_key(self._prefix, parts)
 
     def _budget_key(self, principal: str, model: str, period: str, start: datetime) -> str:
         stamp = start.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")

@@ -201,6 +201,10 @@ def _harden_scores(policy: OutputPolicy, scores: np.ndarray) -> np.ndarray:
     # A row with non-finite scores (a broken model) has no top class to keep: its hardened
     # values are unspecified, but it must not raise, warn, or change how other rows come out.
     with np.errstate(all="ignore"):
+        if policy.kind == "confidence":
+            # The default policy, so on most requests: built in the output dtype around the
+            # model's own argmax, it needs neither the float64 round trip nor the repair.
+            return _banded_top(scores, policy.bands)
         return _transform(policy, scores)
 
 
@@ -208,8 +212,6 @@ def _transform(policy: OutputPolicy, scores: np.ndarray) -> np.ndarray:
     wide = scores.astype(np.float64)
     if policy.kind == "top_k":
         result = _top_k(wide, policy.k)
-    elif policy.kind == "confidence":
-        result = _banded_top(wide, policy.bands)
     elif policy.kind == "round":
         result = np.round(wide, policy.decimals)
         # Rounding is monotone but can tie the top score with a lower-index one; one unit in
@@ -225,17 +227,19 @@ def _transform(policy: OutputPolicy, scores: np.ndarray) -> np.ndarray:
 def _banded_top(scores: np.ndarray, bands: int) -> np.ndarray:
     """The top score of each row, rounded to the nearest of 1/bands .. 1; the others 0.
 
-    The band never drops below 1/bands, so the top class stays strictly on top. Rows with
-    negative scores (logits) get the band of their softmax probability. On the default
-    inference path: a handful of whole-array operations, no per-row work.
+    The band never drops below 1/bands and every other score is 0, so the top class is the
+    model's own in any float dtype. Rows with negative scores (logits) get the band of their
+    softmax probability. A handful of whole-array operations, no per-row work.
     """
-    rows = np.arange(scores.shape[0])
-    top = np.argmax(scores, axis=1)
-    best = scores[rows, top]
-    logits = not np.all(scores >= 0.0)
-    confidence = 1.0 / np.exp(scores - best[:, None]).sum(axis=1) if logits else best
+    # Few and cheap numpy calls (np.clip and np.round cost several times a ufunc): this runs
+    # on every default request, where each array is a row or a few.
+    top = scores.argmax(axis=1)
+    rows = np.arange(top.size)
+    confidence = scores[rows, top]
+    if (scores < 0.0).any():
+        confidence = 1.0 / np.exp(scores - confidence[:, None]).sum(axis=1)
     result = np.zeros_like(scores)
-    result[rows, top] = np.clip(np.round(confidence * bands), 1.0, bands) / bands
+    result[rows, top] = np.maximum(np.minimum(np.rint(confidence * bands), bands), 1.0) / bands
     return result
 
 
