@@ -224,7 +224,8 @@ def shared_state_factory(url: str) -> Callable[[str], DetectorState]:
 def _features(inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """The first input as a (rows, features) float matrix, if it is numeric."""
     first = next(iter(inputs.values()), None)
-    if first is None or first.ndim == 0 or first.dtype.kind not in "biuf":
+    # A batch of zero rows has nothing to watch (and cannot be reshaped to rows x features).
+    if first is None or first.ndim == 0 or first.dtype.kind not in "biuf" or first.shape[0] == 0:
         return None
     return np.asarray(first, dtype=np.float64).reshape(first.shape[0], -1)
 

@@ -123,3 +123,12 @@ def test_an_explicit_policy_is_kept_as_written() -> None:
     assert (str(explicit.output), explicit.detect, explicit.limited) == ("full", frozenset(), False)
     assert ModelPolicy.loads(None) is DEFAULT_POLICY
     assert ModelPolicy.loads(DEFAULT_POLICY.dumps()) == DEFAULT_POLICY
+
+
+def test_a_batch_of_zero_rows_under_the_defaults_is_answered(
+    service: tuple[Service, Principal, Principal],
+) -> None:
+    svc, _, consumer = service
+    shown, headers = infer(svc, consumer, np.zeros((0, 4), np.float32))
+    assert shown["probabilities"].shape == (0, 3)
+    assert headers["X-Budget-Remaining"] == "100000"
