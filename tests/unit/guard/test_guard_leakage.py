@@ -3,12 +3,14 @@ right (scikit-learn agrees), run in process against a served version, kept and a
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from skl2onnx import convert_sklearn
@@ -16,6 +18,7 @@ from skl2onnx.common.data_types import FloatTensorType, Int64TensorType
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from modelkeep.api.app import create_app
 from modelkeep.api.policy import _read_npz
 from modelkeep.auth import Principal
 from modelkeep.bootstrap import init_data_dir
@@ -199,3 +202,39 @@ def test_uploaded_npz_is_read_without_pickles_and_size_checked() -> None:
         _read_npz(pickled.getvalue(), 100)
     with pytest.raises(InvalidInput):
         _read_npz(b"not a zip", 100)
+
+
+def test_the_api_takes_an_npz_body_keeps_the_report_and_shows_it(
+    service: tuple[Service, Principal], leaky: tuple[bytes, dict[str, np.ndarray]]
+) -> None:
+    svc, principal = service
+    app = create_app(svc, manage_lifecycle=False)
+    buffer = io.BytesIO()
+    np.savez(buffer, **leaky[1])
+    token = svc.create_key(principal, role="admin", models=None, expires_at=None).token
+    admin = {"Authorization": f"Bearer {token}"}
+
+    async def calls() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mk.test") as client:
+            before = await client.get("/api/v1/models/leaky/versions/1/privacy", headers=admin)
+            made = await client.post(
+                "/api/v1/models/leaky/policy/assess?target_auc=0.7",
+                content=buffer.getvalue(),
+                headers={**admin, "Content-Type": "application/octet-stream"},
+            )
+            kept = await client.get("/api/v1/models/leaky/versions/1/privacy", headers=admin)
+            bad = await client.post(
+                "/api/v1/models/leaky/policy/assess", content=b"PK junk", headers=admin
+            )
+            return [before, made, kept, bad]
+
+    before, made, kept, bad = asyncio.run(calls())
+    assert (before.status_code, list(before.json())) == (404, ["error"])
+    assert made.status_code == 200, made.text
+    assert kept.status_code == 200
+    assert kept.json()["policies"] == made.json()["policies"]
+    assert (bad.status_code, bad.json()) == (
+        400,
+        {"error": "the body must be an .npz file of numeric arrays"},
+    )
