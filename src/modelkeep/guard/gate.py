@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -171,7 +171,7 @@ class InferenceGate:
         if detector is None:
             config = PradaConfig(check_every=_PRADA_CHECK_EVERY)
             if threshold is not None:
-                config = PradaConfig(threshold=threshold, check_every=_PRADA_CHECK_EVERY)
+                config = replace(config, threshold=threshold)
             with self._lock:
                 detector = self._prada.setdefault(
                     key, PradaDetector(config, state=self._state_factory(f"{model}/prada"))
@@ -275,5 +275,7 @@ def calibrate(
         raise InvalidInput("the model has no label or score output to calibrate on")
     features = x.astype(np.float64).reshape(len(x), -1)
     streams = [(features[i::clients], predicted[i::clients]) for i in range(clients)]
-    width = calibrate_nearcopy([stream for stream, _ in streams])
+    # Twenty simulated callers tell the natural density of the rows well enough, and keep the
+    # replay (up to one per candidate width) to seconds however many rows were sent.
+    width = calibrate_nearcopy([stream for stream, _ in streams[:20]])
     return calibrate_prada(streams), width, OodMonitor.fit(features)
