@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.datasets import load_iris
 
 from modelkeep.api.policy import policy_out
 from modelkeep.auth import Principal
@@ -132,3 +133,17 @@ def test_a_batch_of_zero_rows_under_the_defaults_is_answered(
     shown, headers = infer(svc, consumer, np.zeros((0, 4), np.float32))
     assert shown["probabilities"].shape == (0, 3)
     assert headers["X-Budget-Remaining"] == "100000"
+
+
+def test_calibration_fits_the_near_copy_width_of_dense_low_dimensional_data(
+    service: tuple[Service, Principal, Principal],
+) -> None:
+    svc, admin, _ = service
+    rows = np.random.default_rng(4).permutation(np.tile(load_iris().data, (4, 1)))
+    policy = svc.calibrate_policy(admin, "iris", rows.tolist())
+    # Natural iris rows are near-copies at the default width of 0.2; calibration narrows it.
+    assert policy.nearcopy_width is not None
+    assert policy.nearcopy_width < 0.2
+    assert "nearcopy" in policy.detect  # the rest of the defaults are kept
+    entry = svc.audit_entries(admin, action="policy.calibrate")[0]
+    assert entry.details["nearcopy_width"] == policy.nearcopy_width
