@@ -47,9 +47,9 @@ class NearCopyConfig:
     itself not counted). ``window``: rows remembered per client. ``tables`` and
     ``projections``: LSH tables, and projections per table. ``width``: bucket width on the
     unit-length row (calibrate it on benign rows with :func:`calibrate_nearcopy`); copies whose
-    noise is a few percent of the row's length share a bucket in
-    some table almost always, distinct natural rows rarely. The defaults were chosen on digits:
-    Gaussian noise of 5-15% of a row's length is caught, 50 simulated benign clients never
+    noise is a few percent of the row's length share a bucket in some table almost always,
+    distinct natural rows rarely. The defaults were chosen on digits: copies with Gaussian
+    noise up to about 10% of a row's length are caught, and 50 simulated benign clients never
     reached the threshold (tests/unit/guard). ``min_features``: inputs with fewer features are
     not watched (the server sets 16 for an uncalibrated detector: in few dimensions natural
     rows are near-copies of one another at the default width).
