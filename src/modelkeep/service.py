@@ -116,6 +116,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
         self._last_forced_refresh = 0.0
         self._alarm_seen: dict[tuple[str, str, str], float] = {}
         self.gate = gate or InferenceGate(Admission())
+        self.gate.feed.on_drop = self.metrics.detector_feed_dropped
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         # Payload capture (opt-in per model): sealed and stored off the inference path.

@@ -115,11 +115,23 @@ class PradaDetector:
         ``InvalidInput`` when the shapes disagree, a value is not numeric, or the feature count
         differs from the client's earlier queries.
         """
+        return self.observe_calls(client, x, predicted, [len(x)])
+
+    def observe_calls(
+        self, client: str, x: np.ndarray, predicted: np.ndarray, sizes: Sequence[int]
+    ) -> DetectionResult:
+        """Record several calls of ``client`` at once: ``x`` holds their rows end to end,
+        ``sizes`` the rows of each call. W is checked at the same rows as separate
+        :meth:`observe` calls would check it, so the client's state and the lowest score are the
+        same; one state read and write serve them all (how the server feeds a batch).
+        """
         _check_client(client)
         rows = _rows(x)
         labels = _labels(predicted, rows.shape[0])
+        if sum(sizes) != rows.shape[0] or min(sizes, default=1) < 1:
+            raise InvalidInput("the call sizes must be positive and add up to the rows")
         with self._lock:
-            return self._observe(client, rows, labels)
+            return self._observe(client, rows, labels, sizes)
 
     def reset(self, client: str) -> None:
         """Forget everything about ``client`` (after an operator cleared an alarm, say)."""
@@ -127,18 +139,16 @@ class PradaDetector:
         with self._lock:
             self._state.clear(client, _PREFIX)
 
-    def _observe(self, client: str, rows: np.ndarray, labels: list[str]) -> DetectionResult:
+    def _observe(
+        self, client: str, rows: np.ndarray, labels: list[str], sizes: Sequence[int]
+    ) -> DetectionResult:
         config = self.config
         stream = _Stream(self._state, client, config)
-        # W is checked after every row of a small batch and at evenly spaced rows of a large
-        # one: packing an attack into one request must not average its telltale dip away.
-        stride = max(1, -(-rows.shape[0] // config.checks_per_call))
+        checks = _check_rows(sizes, config.checks_per_call)
         lowest: float | None = None
         for index, (row, label) in enumerate(zip(rows, labels, strict=True)):
             stream.add(row, label)
-            if (
-                (index + 1) % stride == 0 or index == rows.shape[0] - 1
-            ) and stream.recorded - stream.checked >= config.check_every:
+            if checks[index] and stream.recorded - stream.checked >= config.check_every:
                 stream.checked = stream.recorded
                 window = stream.window()
                 if window.size >= config.min_samples:
@@ -147,6 +157,19 @@ class PradaDetector:
         window = stream.save()
         alarm = lowest is not None and lowest < config.threshold
         return DetectionResult(alarm=alarm, score=lowest, samples=int(window.size))
+
+
+def _check_rows(sizes: Sequence[int], checks_per_call: int) -> list[bool]:
+    """Per row of calls of ``sizes`` rows: whether W may be checked after it.
+
+    W is checked after every row of a small call and at evenly spaced rows of a large one:
+    packing an attack into one request must not average its telltale dip away.
+    """
+    checks: list[bool] = []
+    for size in sizes:
+        stride = max(1, -(-size // checks_per_call))
+        checks.extend((i + 1) % stride == 0 or i == size - 1 for i in range(size))
+    return checks
 
 
 class _Stream:
@@ -287,7 +310,7 @@ def calibrate_prada(
         labels = _labels(predicted, rows.shape[0])
         # One call that checks W after every row: the same scores as row-by-row calls.
         probe = replace(base, threshold=0.0, checks_per_call=rows.shape[0])
-        score = PradaDetector(probe)._observe("benign", rows, labels).score
+        score = PradaDetector(probe)._observe("benign", rows, labels, [rows.shape[0]]).score
         if score is not None:
             lowest.append(score)
     if not lowest:

@@ -15,9 +15,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from modelkeep.errors import InvalidInput
+from modelkeep.guard._deferred import DeferredFeed
 from modelkeep.guard._redis_state import RedisDetectorState
 from modelkeep.guard.admission import Admission, Admitted
 from modelkeep.guard.detection import (
+    DetectionResult,
     DetectorState,
     InMemoryDetectorState,
     NearCopyConfig,
@@ -48,12 +50,34 @@ _PRADA_CHECK_EVERY = 8
 # What admission grants when a model has no limits: nothing counted, nothing to release.
 _UNLIMITED = Admitted()
 
+# Alarm actions that never change the answer being sent: their detectors are fed off the
+# request path (see InferenceGate.observe).
+_DEFERRABLE = frozenset({"log", "alert"})
+
 
 @dataclass(frozen=True, slots=True)
 class Alarm:
     detector: str
     score: float | None
     samples: int
+
+
+# Where deferred alarms go: (caller key, model, policy, alarms).
+AlarmSink = Callable[[str, str, ModelPolicy, list[Alarm]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Observation:
+    """One request queued for the detectors: what the caller sent and what the model said."""
+
+    principal: str
+    model: str
+    version: int
+    policy: ModelPolicy
+    inputs: Mapping[str, np.ndarray]
+    outputs: Mapping[str, np.ndarray]
+    signature: ModelSignature
+    sink: AlarmSink
 
 
 def request_rows(inputs: Mapping[str, np.ndarray]) -> int:
@@ -81,6 +105,8 @@ class InferenceGate:
         self._ood: dict[tuple[str, int], OodMonitor] = {}
         self._nearcopy: dict[tuple[str, float | None], NearCopyDetector] = {}
         self._lock = threading.Lock()
+        # Requests waiting for the detectors (log and alert modes), fed in batches.
+        self.feed: DeferredFeed[_Observation] = DeferredFeed(self._feed_batch)
 
     def policy(self, model: str, policy_json: str | None) -> ModelPolicy:
         """The parsed policy, cached per stored text (parsed once, not per request)."""
@@ -110,32 +136,100 @@ class InferenceGate:
         inputs: Mapping[str, np.ndarray],
         outputs: Mapping[str, np.ndarray],
         signature: ModelSignature,
+        *,
+        sink: AlarmSink | None = None,
     ) -> list[Alarm]:
-        """Feed the enabled detectors; returns the alarms raised by this request."""
+        """Feed the enabled detectors; returns the alarms raised by this request.
+
+        With a ``sink`` and a policy whose alarms only log or alert, the request is queued
+        for the background feeder instead (see ``guard._deferred``): the alarms go to ``sink``
+        within a bounded delay and this returns no alarm. ``throttle`` and ``block`` act on the
+        request that raised the alarm, so they are fed here, synchronously.
+        """
         if not policy.detect:
             return []
-        x = _features(inputs)
-        if x is None:
+        if sink is not None and policy.on_alarm in _DEFERRABLE:
+            self.feed.put(
+                _Observation(principal, model, version, policy, inputs, outputs, signature, sink)
+            )
+            return []
+        return self._observe(principal, model, version, policy, [(inputs, outputs)], signature)
+
+    def _feed_batch(self, batch: list[_Observation]) -> None:
+        """Feed a batch of queued requests: each caller's requests in one call per detector."""
+        groups: dict[tuple[str, str, int, int], list[_Observation]] = {}
+        for item in batch:
+            key = (item.principal, item.model, item.version, id(item.policy))
+            groups.setdefault(key, []).append(item)
+        for items in groups.values():
+            first = items[0]
+            calls = [(item.inputs, item.outputs) for item in items]
+            try:
+                alarms = self._observe(
+                    first.principal,
+                    first.model,
+                    first.version,
+                    first.policy,
+                    calls,
+                    first.signature,
+                )
+            except InvalidInput as exc:
+                log.warning("detectors skipped %d requests on %s: %s", len(items), first.model, exc)
+                continue
+            if alarms:
+                first.sink(first.principal, first.model, first.policy, alarms)
+
+    def _observe(
+        self,
+        principal: str,
+        model: str,
+        version: int,
+        policy: ModelPolicy,
+        calls: list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+        signature: ModelSignature,
+    ) -> list[Alarm]:
+        """Feed one caller's consecutive calls, as if made one by one, to the detectors."""
+        xs: list[np.ndarray] = []
+        labelled: list[tuple[np.ndarray, np.ndarray]] = []
+        for inputs, outputs in calls:
+            x = _features(inputs)
+            # Rows of another width cannot join the caller's stream (PRADA refuses them).
+            if x is None or (xs and x.shape[1] != xs[0].shape[1]):
+                continue
+            xs.append(x)
+            if "prada" in policy.detect:
+                predicted = _predicted(outputs, signature)
+                if predicted is not None and len(predicted) == len(x):
+                    labelled.append((x, predicted))
+        if not xs:
             return []
         client = f"{principal}@{version}"
         alarms: list[Alarm] = []
-        if "prada" in policy.detect:
-            predicted = _predicted(outputs, signature)
-            if predicted is not None and len(predicted) == len(x):
-                result = self._prada_for(model, policy.prada_threshold).observe(
-                    client, x, predicted
-                )
-                if result.alarm:
-                    alarms.append(Alarm("prada", result.score, result.samples))
+        if labelled:
+            prada = self._prada_for(model, policy.prada_threshold)
+            result = prada.observe_calls(
+                client,
+                _stack([x for x, _ in labelled]),
+                _stack([predicted for _, predicted in labelled]),
+                [len(x) for x, _ in labelled],
+            )
+            if result.alarm:
+                alarms.append(Alarm("prada", result.score, result.samples))
         if "nearcopy" in policy.detect:
-            result = self._nearcopy_for(model, policy.nearcopy_width).observe(client, x)
+            # Rows of one call are already taken as if sent one by one: the same for several.
+            result = self._nearcopy_for(model, policy.nearcopy_width).observe(client, _stack(xs))
             if result.alarm:
                 alarms.append(Alarm("nearcopy", result.score, result.samples))
         if "ood" in policy.detect and policy.ood_reference is not None:
             monitor = self._ood_for(model, policy)
-            result = monitor.observe(client, x)
-            if result.alarm:
-                alarms.append(Alarm("ood", result.score, result.samples))
+            # The OOD verdict is the share after each call: fed call by call.
+            worst: DetectionResult | None = None
+            for x in xs:
+                result = monitor.observe(client, x)
+                if result.alarm and (worst is None or (result.score or 0) > (worst.score or 0)):
+                    worst = result
+            if worst is not None:
+                alarms.append(Alarm("ood", worst.score, worst.samples))
         return alarms
 
     def reset(self, principal: str, model: str, versions: list[int]) -> None:
@@ -219,6 +313,10 @@ def shared_state_factory(url: str) -> Callable[[str], DetectorState]:
         return RedisDetectorState(url, namespace=f"modelkeep:detector:{namespace}")
 
     return factory
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def _features(inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
