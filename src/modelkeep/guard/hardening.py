@@ -235,10 +235,15 @@ def _banded_top(scores: np.ndarray, bands: int) -> np.ndarray:
     # on every default request, where each array is a row or a few.
     top = scores.argmax(axis=1)
     rows = np.arange(top.size)
+    result = np.zeros_like(scores)
+    if bands == 1:
+        # One band (the default, confidence=1): every top score shows as 1, a one-hot row,
+        # whatever its value; nothing to compute.
+        result[rows, top] = 1.0
+        return result
     confidence = scores[rows, top]
     if (scores < 0.0).any():
         confidence = 1.0 / np.exp(scores - confidence[:, None]).sum(axis=1)
-    result = np.zeros_like(scores)
     result[rows, top] = np.maximum(np.minimum(np.rint(confidence * bands), bands), 1.0) / bands
     return result
 
