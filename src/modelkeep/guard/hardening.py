@@ -198,13 +198,13 @@ def harden(
 def _harden_scores(policy: OutputPolicy, scores: np.ndarray) -> np.ndarray:
     if scores.shape[0] == 0:
         return scores.copy()
+    if policy.kind == "confidence":
+        # The default policy, so on most requests: built in the output dtype around the
+        # model's own argmax, it needs neither the float64 round trip nor the repair.
+        return _banded_top(scores, policy.bands)
     # A row with non-finite scores (a broken model) has no top class to keep: its hardened
     # values are unspecified, but it must not raise, warn, or change how other rows come out.
     with np.errstate(all="ignore"):
-        if policy.kind == "confidence":
-            # The default policy, so on most requests: built in the output dtype around the
-            # model's own argmax, it needs neither the float64 round trip nor the repair.
-            return _banded_top(scores, policy.bands)
         return _transform(policy, scores)
 
 
@@ -235,16 +235,19 @@ def _banded_top(scores: np.ndarray, bands: int) -> np.ndarray:
     # on every default request, where each array is a row or a few.
     top = scores.argmax(axis=1)
     rows = np.arange(top.size)
-    result = np.zeros_like(scores)
+    result = np.zeros(scores.shape, scores.dtype)
     if bands == 1:
         # One band (the default, confidence=1): every top score shows as 1, a one-hot row,
-        # whatever its value; nothing to compute.
+        # whatever its value; no arithmetic, so no floating-point state to set either.
         result[rows, top] = 1.0
         return result
     confidence = scores[rows, top]
-    if (scores < 0.0).any():
-        confidence = 1.0 / np.exp(scores - confidence[:, None]).sum(axis=1)
-    result[rows, top] = np.maximum(np.minimum(np.rint(confidence * bands), bands), 1.0) / bands
+    # Non-finite scores (a broken model) must not raise or warn; their rows are unspecified.
+    with np.errstate(all="ignore"):
+        if (scores < 0.0).any():
+            confidence = 1.0 / np.exp(scores - confidence[:, None]).sum(axis=1)
+        band = np.maximum(np.minimum(np.rint(confidence * bands), bands), 1.0) / bands
+    result[rows, top] = band
     return result
 
 
