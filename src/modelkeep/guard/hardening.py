@@ -22,11 +22,12 @@ valid V2 response for the model's signature. Which outputs are scores comes from
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast, get_args
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
@@ -234,13 +235,13 @@ def _banded_top(scores: np.ndarray, bands: int) -> np.ndarray:
     # Few and cheap numpy calls (np.clip and np.round cost several times a ufunc): this runs
     # on every default request, where each array is a row or a few.
     top = scores.argmax(axis=1)
-    rows = np.arange(top.size)
-    result = np.zeros(scores.shape, scores.dtype)
     if bands == 1:
         # One band (the default, confidence=1): every top score shows as 1, a one-hot row,
-        # whatever its value; no arithmetic, so no floating-point state to set either.
-        result[rows, top] = 1.0
-        return result
+        # whatever its value; rows of an identity matrix, no arithmetic at all.
+        one_hot: np.ndarray = _identity(scores.shape[1], scores.dtype)[top]
+        return one_hot
+    rows = np.arange(top.size)
+    result = np.zeros(scores.shape, scores.dtype)
     confidence = scores[rows, top]
     # Non-finite scores (a broken model) must not raise or warn; their rows are unspecified.
     with np.errstate(all="ignore"):
@@ -249,6 +250,14 @@ def _banded_top(scores: np.ndarray, bands: int) -> np.ndarray:
         band = np.maximum(np.minimum(np.rint(confidence * bands), bands), 1.0) / bands
     result[rows, top] = band
     return result
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(classes: int, dtype: np.dtype[Any]) -> np.ndarray:
+    """A read-only identity matrix; indexing it with rows makes a new array."""
+    identity = np.eye(classes, dtype=dtype)
+    identity.setflags(write=False)
+    return identity
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
