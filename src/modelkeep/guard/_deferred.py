@@ -7,8 +7,9 @@ several requests gather, then hands the whole queue to ``process`` at once: the 
 caller's rows of the batch to each detector in one call, which pays the detector's fixed cost
 (state read and write, signature setup, locks) once per caller and batch instead of once per
 request. An item waits at most ``linger`` plus the time to process the batch before it with a
-full queue; the queue holds ``capacity`` items and, when full, forgets its oldest (counted,
-``on_drop`` called) rather than ever blocking a request.
+full queue; the queue holds ``capacity`` items of at most ``max_cost`` total cost (the caller's
+measure of an item's memory, tensor elements for the gate) and, when full, forgets its oldest
+(counted, ``on_drop`` called) rather than ever blocking a request.
 
 Hand-written rather than ``queue.Queue``: that one blocks or refuses when full, and we need
 drop-oldest with a counter and a take-everything drain.
@@ -37,12 +38,15 @@ class DeferredFeed(Generic[T]):
         process: Callable[[list[T]], None],
         *,
         capacity: int = 4096,
+        max_cost: int = 1 << 22,
         linger: float = 0.02,
         on_drop: Callable[[], None] | None = None,
     ) -> None:
         self._process = process
-        self._items: deque[T] = deque()
+        self._items: deque[tuple[int, T]] = deque()
         self._capacity = capacity
+        self._max_cost = max_cost
+        self._cost = 0
         self._linger = linger
         self.on_drop = on_drop
         self.dropped = 0
@@ -51,16 +55,19 @@ class DeferredFeed(Generic[T]):
         self._busy = False
         self._thread: threading.Thread | None = None
 
-    def put(self, item: T) -> None:
-        """Queue ``item``; never blocks. A full queue forgets its oldest item."""
+    def put(self, item: T, cost: int = 1) -> None:
+        """Queue ``item`` (``cost`` at most ``max_cost``); never blocks. A full queue forgets its
+        oldest items until this one fits."""
+        dropped = 0
         with self._lock:
-            if len(self._items) >= self._capacity:
-                self._items.popleft()
-                self.dropped += 1
-                dropped = True
-            else:
-                dropped = False
-            self._items.append(item)
+            while self._items and (
+                len(self._items) >= self._capacity or self._cost + cost > self._max_cost
+            ):
+                self._cost -= self._items.popleft()[0]
+                dropped += 1
+            self.dropped += dropped
+            self._items.append((cost, item))
+            self._cost += cost
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="modelkeep-detectors", daemon=True
@@ -68,8 +75,9 @@ class DeferredFeed(Generic[T]):
                 self._thread.start()
             elif len(self._items) == 1:
                 self._wake.notify_all()
-        if dropped and self.on_drop is not None:
-            self.on_drop()
+        if self.on_drop is not None:
+            for _ in range(dropped):
+                self.on_drop()
 
     def pending(self) -> int:
         with self._lock:
@@ -82,11 +90,16 @@ class DeferredFeed(Generic[T]):
 
     def drain(self) -> None:
         """Process what is queued now, in the calling thread (tests, shutdown)."""
-        with self._lock:
-            batch = list(self._items)
-            self._items.clear()
+        batch = self._take()
         if batch:
             self._process(batch)
+
+    def _take(self) -> list[T]:
+        with self._lock:
+            batch = [item for _, item in self._items]
+            self._items.clear()
+            self._cost = 0
+        return batch
 
     def _run(self) -> None:
         while True:
@@ -95,9 +108,7 @@ class DeferredFeed(Generic[T]):
                 self._busy = True
             # Let a few more requests arrive: the batch is what makes feeding cheap.
             threading.Event().wait(self._linger)
-            with self._lock:
-                batch = list(self._items)
-                self._items.clear()
+            batch = self._take()
             try:
                 self._process(batch)
             except Exception:  # one bad batch must not stop detection for good

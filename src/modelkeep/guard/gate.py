@@ -53,6 +53,9 @@ _UNLIMITED = Admitted()
 # Alarm actions that never change the answer being sent: their detectors are fed off the
 # request path (see InferenceGate.observe).
 _DEFERRABLE = frozenset({"log", "alert"})
+# Requests of more tensor elements (inputs and outputs) than this are fed on the request path;
+# the queue holds at most DeferredFeed's max_cost (4M) elements.
+_DEFER_MAX_ELEMENTS = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,10 +152,16 @@ class InferenceGate:
         if not policy.detect:
             return []
         if sink is not None and policy.on_alarm in _DEFERRABLE:
-            self.feed.put(
-                _Observation(principal, model, version, policy, inputs, outputs, signature, sink)
-            )
-            return []
+            cost = sum(value.size for value in inputs.values())
+            cost += sum(value.size for value in outputs.values())
+            # A large request is fed here: the queue's memory stays small, and one big call
+            # already pays the detectors' fixed cost once for many rows.
+            if cost <= _DEFER_MAX_ELEMENTS:
+                item = _Observation(
+                    principal, model, version, policy, inputs, outputs, signature, sink
+                )
+                self.feed.put(item, cost)
+                return []
         return self._observe(principal, model, version, policy, [(inputs, outputs)], signature)
 
     def _feed_batch(self, batch: list[_Observation]) -> None:

@@ -266,3 +266,31 @@ def test_throttle_and_block_are_fed_on_the_request_path() -> None:
         )
     assert gate.feed.pending() == 0
     assert "nearcopy" in {alarm.detector for alarm in alarms}
+
+
+def test_the_queue_is_bounded_in_cost_too() -> None:
+    feed: DeferredFeed[int] = DeferredFeed(lambda _batch: None, max_cost=100, linger=3600.0)
+    for item in range(10):
+        feed.put(item, cost=30)
+    # Three items of 30 fit in 100; the seven oldest were forgotten.
+    assert (feed.pending(), feed.dropped) == (3, 7)
+
+
+def test_a_large_request_is_fed_on_the_request_path() -> None:
+    gate = InferenceGate(Admission())
+    policy = ModelPolicy(detect=frozenset({"nearcopy"}), on_alarm="alert")
+    # One request of 40 noisy copies of 1,700 features: more elements than the queue takes.
+    base = np.tile(DIGITS[5], 27)[:1700] + 1.0
+    rows = base + np.random.default_rng(0).normal(size=(40, 1700)) * 0.001
+    alarms = gate.observe(
+        "k1",
+        "m",
+        1,
+        policy,
+        {"x": rows},
+        {"label": np.ones(40, dtype=np.int64)},
+        SIGNATURE,
+        sink=lambda *_: pytest.fail("a large request went to the queue"),
+    )
+    assert gate.feed.pending() == 0
+    assert "nearcopy" in {alarm.detector for alarm in alarms}
