@@ -190,6 +190,8 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin):
 
     def stop(self) -> None:
         self._stop.set()
+        # Requests queued for the detectors are fed, and their alarms audited, before the end.
+        self.gate.feed.flush(timeout=5)
         if self._poller is not None:
             self._poller.join(timeout=5)
             with suppress(ModelkeepError):

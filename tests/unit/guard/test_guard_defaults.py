@@ -147,3 +147,18 @@ def test_calibration_fits_the_near_copy_width_of_dense_low_dimensional_data(
     assert "nearcopy" in policy.detect  # the rest of the defaults are kept
     entry = svc.audit_entries(admin, action="policy.calibrate")[0]
     assert entry.details["nearcopy_width"] == policy.nearcopy_width
+
+
+def test_under_the_defaults_an_extraction_walk_is_alarmed_and_audited_off_the_request_path(
+    service: tuple[Service, Principal, Principal],
+) -> None:
+    svc, _, consumer = service
+    # A fixed-step walk, one row a request: PRADA's least normal stream.
+    for step in range(80):
+        infer(svc, consumer, np.array([[5.0, 3.0, 1.5, 0.2]], np.float32) + 0.01 * step)
+    assert svc.gate.feed.flush(timeout=30.0)
+    alarms = list(svc.audit.entries(action="detector.alarm", model="iris"))
+    assert alarms, "no detector alarm was audited"
+    assert alarms[0].actor == consumer.key_id
+    assert alarms[0].details["detector"] == "prada"
+    assert alarms[0].details["action"] == "alert"

@@ -1,0 +1,1002 @@
+"""`make bench`: modelkeep's full inference path against a bare ONNX Runtime endpoint.
+
+One run starts two servers on this machine and puts the same load on each, in turn:
+
+* modelkeep, as a user runs it: ``modelkeep init`` then ``modelkeep serve --workers 1`` (HTTPS),
+  the iris model pushed through the management API and called with a consumer key, so each
+  request pays for TLS, key check, Cedar authorization, tensor validation and inference;
+* bench/bare_server.py: plain HTTP, V2 JSON parsing and the same ONNX Runtime session, nothing else.
+
+The load is wrk (installed with apt-get when missing; a small Python load generator otherwise)
+with keep-alive connections at several concurrencies for a fixed time after a warm-up, in
+rounds that alternate the two servers (the table shows medians). The servers are pinned to one
+core and the load generator to the other. Results go to the terminal and to
+bench/results/infer.json (raw wrk output in bench/results/wrk/). Targets missed print FAIL but
+exit 0 (a measurement, not a test); a harness that could not measure (a server that does not
+start, non-2xx answers) exits 1.
+
+Usage: python bench/bench_infer.py [--duration 10] [--warmup 2] [--rounds 3] [--concurrency 1,8,64]
+       (quick look: --duration 2 --warmup 1 --rounds 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results" / "infer.json"
+BIN = Path(sys.executable).parent
+MODEL = "iris"
+INFER_PATH = f"/v2/models/{MODEL}/infer"
+
+# The targets this bench reports on (docs: bench/README.md).
+RATIO_TARGET = 0.6  # modelkeep rps >= 0.6 x bare rps ...
+RATIO_CONCURRENCY = 8  # ... at this concurrency
+P99_TARGET_MS = 5.0  # modelkeep p99 latency < 5 ms ...
+P99_CONCURRENCY = 1  # ... at this concurrency
+
+START_TIMEOUT_S = 60.0
+BODY_ROWS = 16  # distinct one-row bodies, cycled, so no layer can cache a single answer
+
+
+# The model runs under modelkeep's default guard policy (hardened output for the consumer,
+# PRADA, near-copy and OOD detectors in alert mode, admission counted), with the default rate
+# and budget raised out of the load's reach: they would refuse it, and the bench measures what
+# each request costs, not how many a key may send.
+BENCH_POLICY = {"limits": {}, "output": "full", "detect": []}
+
+
+class HarnessError(Exception):
+    """The bench could not measure (not a missed target)."""
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    """One measured run of one server at one concurrency."""
+
+    requests: int
+    duration_s: float
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    non_200: int
+    socket_errors: dict[str, int]
+    # Filled in when the server is pinned: its own CPU and how busy its core was (% of one core).
+    server_cpu_pct: float | None = None
+    server_core_busy_pct: float | None = None
+    load_core_busy_pct: float | None = None
+    cpu_us_per_request: float | None = None
+    # wrk's own CPU (% of one core): near 100 would mean the client, not the server, is the limit.
+    client_cpu_pct: float | None = None
+
+    @property
+    def failures(self) -> list[str]:
+        found = [f"{self.non_200} non-200 responses"] if self.non_200 else []
+        found += [f"{n} socket {kind} errors" for kind, n in self.socket_errors.items() if n]
+        if self.requests == 0:
+            found.append("no request completed")
+        return found
+
+
+SUMMARY_FIELDS = (
+    "rps",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "cpu_us_per_request",
+    "server_cpu_pct",
+    "server_core_busy_pct",
+    "client_cpu_pct",
+    "load_core_busy_pct",
+)
+
+
+@dataclass
+class Point:
+    """One concurrency: every round of both servers, and the errors seen."""
+
+    concurrency: int
+    rounds: dict[str, list[LoadResult]] = field(default_factory=dict)
+    errors: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, name: str, result: LoadResult, *, warmup: bool = False) -> None:
+        if result.failures:
+            prefix = "warm-up: " if warmup else ""
+            self.errors.setdefault(name, []).extend(prefix + f for f in result.failures)
+        if not warmup:
+            self.rounds.setdefault(name, []).append(result)
+
+    def summary(self, name: str) -> dict[str, float] | None:
+        """Median of each number over the rounds; None when not measured cleanly."""
+        runs = self.rounds.get(name)
+        if not runs or name in self.errors:
+            return None
+        found: dict[str, float] = {}
+        for key in SUMMARY_FIELDS:
+            values = [v for v in (getattr(r, key) for r in runs) if v is not None]
+            if values:
+                found[key] = statistics.median(values)
+        return found
+
+    def ratio(self) -> float | None:
+        mk, bare = self.summary("modelkeep"), self.summary("bare")
+        if mk is None or bare is None or not bare["rps"]:
+            return None
+        return mk["rps"] / bare["rps"]
+
+
+# -- processes and clean-up --------------------------------------------------------------------
+
+
+class Processes:
+    """The servers this run started; all stopped on exit, Ctrl-C or SIGTERM."""
+
+    def __init__(self) -> None:
+        self._running: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, command: Sequence[str], log: Path, env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
+        print(f"  $ {' '.join(command)}", flush=True)
+        with log.open("wb") as sink:
+            # Own session: the terminal's Ctrl-C reaches us, and we stop the server in order.
+            proc = subprocess.Popen(
+                command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self._running.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own group: only what it started
+                proc.wait()
+        if proc in self._running:
+            self._running.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(self._running):
+            self.stop(proc)
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_for(
+    what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path
+) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise HarnessError(f"server exited ({proc.returncode}) before {what}:\n{tail(log)}")
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise HarnessError(f"timed out after {START_TIMEOUT_S:.0f} s waiting for {what}:\n{tail(log)}")
+
+
+# -- CPU pinning and tools ---------------------------------------------------------------------
+
+
+@dataclass
+class Pinning:
+    server_cpu: int | None
+    load_cpu: int | None
+
+    def server(self, command: list[str]) -> list[str]:
+        return (
+            command
+            if self.server_cpu is None
+            else ["taskset", "-c", str(self.server_cpu), *command]
+        )
+
+    def load(self, command: list[str]) -> list[str]:
+        return command if self.load_cpu is None else ["taskset", "-c", str(self.load_cpu), *command]
+
+    def describe(self) -> str:
+        if self.server_cpu is None:
+            return "none (servers and load generator share the CPUs)"
+        return f"server on CPU {self.server_cpu}, load generator on CPU {self.load_cpu}"
+
+
+def choose_pinning(enabled: bool) -> Pinning:
+    cpus = sorted(os.sched_getaffinity(0))
+    if not enabled:
+        return Pinning(None, None)
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        print("note: no pinning (needs taskset and 2 CPUs); server and load share the CPUs")
+        return Pinning(None, None)
+    return Pinning(cpus[0], cpus[1])
+
+
+Ticks = tuple[int, int, int, int, int]
+
+
+class CpuMeter:
+    """CPU ticks of both pinned cores and of the server process, from /proc (Linux)."""
+
+    def __init__(self, server_cpu: int, load_cpu: int, pid: int) -> None:
+        self.server_cpu, self.load_cpu, self.pid = server_cpu, load_cpu, pid
+
+    def snapshot(self) -> Ticks | None:
+        """(server core busy, server core total, load core busy, load core total, process)."""
+        try:
+            with open("/proc/stat") as stat:
+                lines = {line.split()[0]: line.split()[1:9] for line in stat}
+            server = [int(x) for x in lines[f"cpu{self.server_cpu}"]]
+            load = [int(x) for x in lines[f"cpu{self.load_cpu}"]]
+            # After the ")" that ends the command name: utime and stime are the 12th and 13th.
+            own = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, KeyError, ValueError, IndexError):
+            return None
+        return (
+            sum(server) - server[3] - server[4],  # all but idle and iowait
+            sum(server),
+            sum(load) - load[3] - load[4],
+            sum(load),
+            int(own[11]) + int(own[12]),
+        )
+
+    @staticmethod
+    def fill(result: LoadResult, before: Ticks | None, after: Ticks | None) -> None:
+        if before is None or after is None or after[1] <= before[1] or after[3] <= before[3]:
+            return
+        elapsed = after[1] - before[1]
+        result.server_core_busy_pct = round(100 * (after[0] - before[0]) / elapsed, 1)
+        result.load_core_busy_pct = round(100 * (after[2] - before[2]) / (after[3] - before[3]), 1)
+        result.server_cpu_pct = round(100 * (after[4] - before[4]) / elapsed, 1)
+        if result.requests:
+            seconds = (after[4] - before[4]) / os.sysconf("SC_CLK_TCK")
+            result.cpu_us_per_request = round(seconds / result.requests * 1e6, 1)
+
+
+def ensure_wrk() -> str | None:
+    """wrk's path, installing it with apt-get when missing and possible; None otherwise."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        print("wrk is not installed and cannot be installed here (needs root and apt-get)")
+        return None
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "wrk"]):
+        print(f"wrk is not installed; running: {' '.join(command)}", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+        if done.returncode != 0:
+            print(f"  failed ({done.returncode}):\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
+            return None
+    return shutil.which("wrk")
+
+
+# -- the two servers ---------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    url: str  # base URL
+    headers: dict[str, str]
+    ssl_context: ssl.SSLContext | None
+    proc: subprocess.Popen[bytes]
+    admin: dict[str, str] = field(default_factory=dict)  # modelkeep's admin key header
+
+
+def server_env() -> dict[str, str]:
+    # Defaults only: a MODELKEEP_* variable in the caller's shell must not change what we measure.
+    return {k: v for k, v in os.environ.items() if not k.startswith("MODELKEEP_")}
+
+
+def start_modelkeep(
+    tmp: Path,
+    model: bytes,
+    procs: Processes,
+    pin: Pinning,
+    *,
+    name: str = MODEL,
+    settings: Mapping[str, str] | None = None,
+    policy: Mapping[str, Any] | None = None,
+) -> Target:
+    """A fresh data dir under ``tmp``, ``modelkeep serve`` on it, ``model`` pushed as ``name``
+    (unsigned) and a consumer key for it. ``settings``: MODELKEEP_* variables for the server,
+    on top of the defaults (none by default). ``policy``: fields of the model's guard policy
+    set over its defaults (none: the defaults, as a new model gets them)."""
+    cli = BIN / "modelkeep"
+    if not cli.exists():
+        raise HarnessError(f"{cli} not found; run `make venv` first")
+    data_dir = tmp / "modelkeep-data"
+    command = [str(cli), "init", "--data-dir", str(data_dir), "--json"]
+    print(f"  $ {' '.join(command)}", flush=True)
+    init = subprocess.run(command, capture_output=True, text=True, env=server_env(), timeout=120)
+    if init.returncode != 0:
+        raise HarnessError(f"modelkeep init failed ({init.returncode}):\n{init.stderr[-2000:]}")
+    created = json.loads(init.stdout)
+    admin = {"Authorization": f"Bearer {created['admin_key']}"}
+    context = ssl.create_default_context(cafile=created["ca_cert"])
+
+    port = free_port()
+    log = tmp / "modelkeep.log"
+    serve = [str(cli), "serve", "--data-dir", str(data_dir), "--port", str(port), "--workers", "1"]
+    proc = procs.start(pin.server(serve), log, {**server_env(), **(settings or {})})
+    base = f"https://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, verify=context, timeout=60) as client:
+        wait_for(
+            "/v2/health/live",
+            lambda: client.get("/v2/health/live").status_code == 200,
+            proc,
+            log,
+        )
+        # Signatures are checked at push time only; the inference path is the same for a
+        # signed model, so the bench spares itself the publisher key and signing steps.
+        created_model = client.put(
+            f"/api/v1/models/{name}",
+            json={"description": "bench", "require_signature": False},
+            headers=admin,
+        )
+        if created_model.status_code not in (200, 201):
+            raise HarnessError(
+                f"model creation answered {created_model.status_code}: "
+                f"{created_model.text[:500]}\n{tail(log)}"
+            )
+        pushed = client.post(
+            f"/api/v1/models/{name}/versions",
+            params={"filename": f"{name}.onnx"},
+            content=model,
+            headers={**admin, "Content-Type": "application/octet-stream"},
+        )
+        if pushed.status_code not in (200, 201):
+            raise HarnessError(
+                f"push answered {pushed.status_code}: {pushed.text[:500]}\n{tail(log)}"
+            )
+        if policy is not None:
+            current = client.get(f"/api/v1/models/{name}/policy", headers=admin).json()
+            changed = client.put(
+                f"/api/v1/models/{name}/policy", json={**current, **policy}, headers=admin
+            )
+            if changed.status_code != 200:
+                raise HarnessError(f"policy answered {changed.status_code}: {changed.text[:500]}")
+        made = client.post(
+            "/api/v1/keys", json={"role": "consumer", "models": [name]}, headers=admin
+        )
+        if made.status_code not in (200, 201):
+            raise HarnessError(
+                f"key creation answered {made.status_code}: {made.text[:500]}\n{tail(log)}"
+            )
+        consumer = {"Authorization": f"Bearer {made.json()['key']}"}
+        wait_for(
+            f"/v2/models/{name}/ready",
+            lambda: client.get(f"/v2/models/{name}/ready", headers=consumer).status_code == 200,
+            proc,
+            log,
+        )
+    return Target("modelkeep", base, consumer, context, proc, admin)
+
+
+def start_bare(tmp: Path, model_path: Path, procs: Processes, pin: Pinning) -> Target:
+    port = free_port()
+    log = tmp / "bare.log"
+    command = [
+        sys.executable,
+        str(BENCH_DIR / "bare_server.py"),
+        "--model",
+        str(model_path),
+        "--port",
+        str(port),
+    ]
+    proc = procs.start(pin.server(command), log, server_env())
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=60) as client:
+        wait_for(
+            "/v2/health/ready",
+            lambda: client.get("/v2/health/ready").status_code == 200,
+            proc,
+            log,
+        )
+    return Target("bare", base, {}, None, proc)
+
+
+def infer_bodies(rows: list[list[float]]) -> list[bytes]:
+    return [
+        json.dumps(
+            {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": row}]},
+            separators=(",", ":"),
+        ).encode()
+        for row in rows
+    ]
+
+
+def smoke_outputs(target: Target, bodies: list[bytes]) -> list[dict[str, Any]]:
+    """Each body once through the target; 200 and the decoded outputs, or HarnessError."""
+    verify: ssl.SSLContext | bool = target.ssl_context or True
+    answers: list[dict[str, Any]] = []
+    with httpx.Client(base_url=target.url, verify=verify, timeout=30) as client:
+        for body in bodies:
+            reply = client.post(
+                INFER_PATH,
+                content=body,
+                headers={**target.headers, "Content-Type": "application/json"},
+            )
+            if reply.status_code != 200:
+                raise HarnessError(
+                    f"{target.name}: infer answered {reply.status_code}: {reply.text[:500]}"
+                )
+            answers.append({o["name"]: o["data"] for o in reply.json()["outputs"]})
+    return answers
+
+
+def check_same_answers(modelkeep: list[dict[str, Any]], bare: list[dict[str, Any]]) -> None:
+    """Both servers must compute the same thing, or the comparison means nothing. The consumer
+    sees modelkeep's default output (the top-1 class as a one-hot row), so the probabilities
+    are compared through their top class."""
+    for mk, ref in zip(modelkeep, bare, strict=True):
+        if mk.get("label") != ref.get("label"):
+            raise HarnessError(f"labels differ: modelkeep {mk.get('label')} vs bare {ref['label']}")
+        shown, full = mk.get("probabilities", []), ref["probabilities"]
+        if len(shown) != len(full) or shown.index(max(shown)) != full.index(max(full)):
+            raise HarnessError("the top class differs between modelkeep and bare")
+
+
+# -- load generation: wrk ----------------------------------------------------------------------
+
+_LUA = """-- written by bench/bench_infer.py
+local bodies = { %(bodies)s }
+local headers = { %(headers)s }
+local prepared = {}
+local next_index = 0
+non200 = 0  -- global: done() reads it per thread with thread:get
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  for k, body in ipairs(bodies) do
+    prepared[k] = wrk.format("POST", "%(path)s", headers, body)
+  end
+end
+
+function request()
+  next_index = next_index %% #prepared + 1
+  return prepared[next_index]
+end
+
+function response(status, response_headers, body)
+  if status ~= 200 then
+    non200 = non200 + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local bad = 0
+  for _, thread in ipairs(threads) do
+    bad = bad + thread:get("non200")
+  end
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH_RESULT %%d %%d %%d %%d %%d %%d %%d %%d %%d %%d %%d %%d\\n",
+    summary.requests, summary.duration, bad, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def write_lua(path: Path, bodies: list[bytes], headers: dict[str, str]) -> None:
+    all_headers = {**headers, "Content-Type": "application/json"}
+    path.write_text(
+        _LUA
+        % {
+            "bodies": ", ".join(f"[==[{body.decode()}]==]" for body in bodies),
+            "headers": ", ".join(f'["{k}"] = "{v}"' for k, v in all_headers.items()),
+            "path": INFER_PATH,
+        }
+    )
+
+
+def run_wrk(wrk: str, pin: Pinning, url: str, script: Path, concurrency: int, seconds: int) -> str:
+    """wrk's whole output (its --latency text and our BENCH_RESULT line)."""
+    command = pin.load(
+        [
+            wrk,
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "--latency",
+            "-s",
+            str(script),
+            url + INFER_PATH,
+        ]
+    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    if done.returncode != 0:
+        raise HarnessError(f"wrk failed ({done.returncode}): {done.stderr[-1000:]}")
+    return done.stdout
+
+
+def parse_wrk(output: str) -> LoadResult:
+    """The numbers from the BENCH_RESULT line our Lua ``done`` prints (exact, in microseconds)."""
+    for line in output.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            fields = [int(float(x)) for x in line.split()[1:]]
+            requests, duration_us, non200, status, connect, read, write, timeout = fields[:8]
+            p50, p90, p99, top = (us / 1000 for us in fields[8:12])
+            seconds = duration_us / 1e6
+            return LoadResult(
+                requests=requests,
+                duration_s=round(seconds, 3),
+                rps=requests / seconds if seconds else 0.0,
+                p50_ms=p50,
+                p90_ms=p90,
+                p99_ms=p99,
+                max_ms=top,
+                non_200=max(non200, status),
+                socket_errors={
+                    "connect": connect,
+                    "read": read,
+                    "write": write,
+                    "timeout": timeout,
+                },
+            )
+    raise HarnessError(f"no result line in wrk's output:\n{output[-1500:]}")
+
+
+# -- load generation: the Python fallback ------------------------------------------------------
+
+
+def address(target: Target) -> tuple[str, int]:
+    parts = urlsplit(target.url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def post_requests(target: Target, bodies: list[bytes], path: str = INFER_PATH) -> list[bytes]:
+    """One whole HTTP/1.1 POST request (head and JSON body) per body, with the target's headers."""
+    host, port = address(target)
+    headers = "".join(f"{k}: {v}\r\n" for k, v in target.headers.items())
+    return [
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+        for body in bodies
+    ]
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """One HTTP/1.1 response: its head, its header fields (names lower-case) and its body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    fields = dict(line.partition(b":")[::2] for line in head.split(b"\r\n")[1:])
+    fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
+    if b"content-length" in fields:
+        return head, fields, await reader.readexactly(int(fields[b"content-length"]))
+    chunks: list[bytes] = []  # chunked: size line, data, CRLF ... up to the empty last chunk
+    while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+        chunks.append((await reader.readexactly(size + 2))[:-2])
+    await reader.readuntil(b"\r\n")
+    return head, fields, b"".join(chunks)
+
+
+def run_python_load(
+    target: Target,
+    bodies: list[bytes],
+    concurrency: int,
+    seconds: float,
+    path: str = INFER_PATH,
+) -> LoadResult:
+    """Keep-alive HTTP/1.1 clients on asyncio; used only when wrk is not available.
+
+    It is much slower than wrk, so at high concurrency it may measure itself: the results say so.
+    """
+    host, port = address(target)
+    prepared = post_requests(target, bodies, path)
+    latencies: list[float] = []
+    counts = {"non_200": 0, "read": 0, "connect": 0}
+
+    async def client(index: int, deadline: float) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(host, port, ssl=target.ssl_context)
+        except OSError:
+            counts["connect"] += 1
+            return
+        try:
+            while time.perf_counter() < deadline:
+                request = prepared[index % len(prepared)]
+                index += 1
+                started = time.perf_counter()
+                writer.write(request)
+                head, _, _ = await read_response(reader)
+                latencies.append(time.perf_counter() - started)
+                if head[9:12] != b"200":
+                    counts["non_200"] += 1
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            counts["read"] += 1
+        finally:
+            writer.close()
+
+    async def main() -> float:
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(client(k, deadline) for k in range(concurrency)))
+        return time.perf_counter() - started
+
+    try:
+        import uvloop  # installed with uvicorn[standard]; a faster client, like the servers
+
+        elapsed = uvloop.run(main())
+    except ImportError:
+        elapsed = asyncio.run(main())
+    ordered = sorted(latencies)
+
+    def percentile(q: float) -> float:
+        if not ordered:
+            return 0.0
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
+
+    return LoadResult(
+        requests=len(ordered),
+        duration_s=round(elapsed, 3),
+        rps=len(ordered) / elapsed,
+        p50_ms=percentile(50),
+        p90_ms=percentile(90),
+        p99_ms=percentile(99),
+        max_ms=ordered[-1] * 1000 if ordered else 0.0,
+        non_200=counts["non_200"],
+        socket_errors={"connect": counts["connect"], "read": counts["read"]},
+    )
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    duration: int
+    warmup: int
+    rounds: int
+    concurrency: list[int]
+    loadgen: str
+    pin: bool
+    output: Path
+
+
+class Loader:
+    """Runs one load point against one target, with wrk or the fallback, and meters the CPU."""
+
+    def __init__(
+        self, opts: Options, wrk: str | None, pin: Pinning, bodies: list[bytes], tmp: Path
+    ) -> None:
+        self.opts, self.wrk, self.pin, self.bodies, self.tmp = opts, wrk, pin, bodies, tmp
+        self.raw_dir = opts.output.parent / "wrk"
+        for stale in self.raw_dir.glob("*.txt"):  # one run's raw output at a time
+            stale.unlink()
+
+    def run(self, target: Target, concurrency: int, seconds: int, tag: str) -> LoadResult:
+        meter = None
+        if self.pin.server_cpu is not None:
+            assert self.pin.load_cpu is not None
+            meter = CpuMeter(self.pin.server_cpu, self.pin.load_cpu, target.proc.pid)
+        before = meter.snapshot() if meter else None
+        if self.wrk is None:
+            result = run_python_load(target, self.bodies, concurrency, seconds)
+        else:
+            script = self.tmp / f"{target.name}.lua"
+            if not script.exists():
+                write_lua(script, self.bodies, target.headers)
+            used_before = _children_cpu_s()
+            output = run_wrk(self.wrk, self.pin, target.url, script, concurrency, seconds)
+            used = _children_cpu_s() - used_before
+            self.raw_dir.mkdir(parents=True, exist_ok=True)
+            (self.raw_dir / f"{target.name}-c{concurrency}-{tag}.txt").write_text(output)
+            result = parse_wrk(output)
+            if result.duration_s:
+                result.client_cpu_pct = round(100 * used / result.duration_s, 1)
+        if meter:
+            meter.fill(result, before, meter.snapshot())
+        return result
+
+
+def _children_cpu_s() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def measure_all(targets: list[Target], points: dict[int, Point], loader: Loader) -> None:
+    """Rounds x concurrencies x targets, alternating the targets so that drift in the machine's
+    background load touches both alike."""
+    opts = loader.opts
+    for round_no in range(1, opts.rounds + 1):
+        print(f"\nround {round_no}/{opts.rounds}")
+        for concurrency in opts.concurrency:
+            point = points[concurrency]
+            for target in targets:
+                if opts.warmup:
+                    warm = loader.run(target, concurrency, opts.warmup, f"r{round_no}-warmup")
+                    point.add(target.name, warm, warmup=True)
+                result = loader.run(target, concurrency, opts.duration, f"r{round_no}")
+                point.add(target.name, result)
+                line = (
+                    f"{result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
+                    f"p99 {result.p99_ms:7.2f} ms"
+                )
+                if result.cpu_us_per_request is not None:
+                    line += (
+                        f"  server {result.cpu_us_per_request:4.0f} us CPU/req"
+                        f" (its core {result.server_core_busy_pct:3.0f}% busy)"
+                    )
+                if result.client_cpu_pct is not None:
+                    line += f"  wrk {result.client_cpu_pct:3.0f}% CPU"
+                if result.load_core_busy_pct is not None:
+                    line += f" (its core {result.load_core_busy_pct:3.0f}% busy)"
+                if result.failures:
+                    line += f"  FAILED: {'; '.join(result.failures)}"
+                print(f"  c={concurrency:<3} {target.name:<9} {line}", flush=True)
+
+
+def _cell(summary: dict[str, float] | None, width: int) -> str:
+    if summary is None:
+        return f"{'FAILED':>{width}} {'-':>7} {'-':>7} {'-':>6}"
+    cpu = summary.get("cpu_us_per_request")
+    cpu_text = f"{cpu:>6.0f}" if cpu is not None else f"{'-':>6}"
+    return (
+        f"{summary['rps']:>{width},.0f} {summary['p50_ms']:>7.2f} {summary['p99_ms']:>7.2f} "
+        f"{cpu_text}"
+    )
+
+
+def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> bool:
+    """Print the table and the verdicts, write the JSON; True when every point measured cleanly."""
+    rounds = f"median of {opts.rounds} rounds" if opts.rounds > 1 else "1 round"
+    print(f"\nresults ({rounds}; cpu = server CPU microseconds per request):")
+    header = (
+        f"{'conc':>4} | {'modelkeep rps':>13} {'p50 ms':>7} {'p99 ms':>7} {'cpu':>6} | "
+        f"{'bare rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu':>6} | {'mk/bare':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for concurrency, point in sorted(points.items()):
+        ratio = point.ratio()
+        shown = f"{ratio:>6.2f}x" if ratio is not None else f"{'-':>7}"
+        print(
+            f"{concurrency:>4} | {_cell(point.summary('modelkeep'), 13)} | "
+            f"{_cell(point.summary('bare'), 9)} | {shown}"
+        )
+
+    ratio_point = points.get(RATIO_CONCURRENCY)
+    ratio = ratio_point.ratio() if ratio_point else None
+    p99_point = points.get(P99_CONCURRENCY)
+    p99_summary = p99_point.summary("modelkeep") if p99_point else None
+    p99 = p99_summary["p99_ms"] if p99_summary else None
+    targets = [
+        {
+            "name": f"modelkeep/bare throughput at concurrency {RATIO_CONCURRENCY}",
+            "target": f">= {RATIO_TARGET}",
+            "value": None if ratio is None else round(ratio, 3),
+            "pass": ratio is not None and ratio >= RATIO_TARGET,
+        },
+        {
+            "name": f"modelkeep p99 latency at concurrency {P99_CONCURRENCY} (ms)",
+            "target": f"< {P99_TARGET_MS}",
+            "value": None if p99 is None else round(p99, 3),
+            "pass": p99 is not None and p99 < P99_TARGET_MS,
+        },
+    ]
+    print("\ntargets:")
+    for t in targets:
+        value = "not measured" if t["value"] is None else t["value"]
+        print(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['name']}: {value} (target {t['target']})")
+    clean = not any(point.errors for point in points.values())
+    verdict = "PASS" if all(t["pass"] for t in targets) and clean else "FAIL"
+    print(f"\nbench verdict: {verdict}")
+    if not clean:
+        print("some points FAILED (errors above): their numbers are not a valid measurement")
+
+    document = {
+        **meta,
+        "verdict": verdict,
+        "targets": targets,
+        "points": [
+            {
+                "concurrency": c,
+                "ratio": None if (r := p.ratio()) is None else round(r, 4),
+                "errors": p.errors,
+                "median": {name: p.summary(name) for name in ("modelkeep", "bare")},
+                "rounds": {name: [asdict(x) for x in runs] for name, runs in p.rounds.items()},
+            }
+            for c, p in sorted(points.items())
+        ],
+    }
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    opts.output.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"results written to {opts.output}")
+    return clean
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("modelkeep", "onnxruntime", "uvicorn", "uvloop", "httptools", "starlette"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "missing"
+    return found
+
+
+@contextmanager
+def workspace() -> Iterator[tuple[Path, Processes]]:
+    procs = Processes()
+    # SIGINT too: a shell that starts us in the background leaves it ignored otherwise.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="modelkeep-bench-") as tmp:
+            try:
+                yield Path(tmp), procs
+            finally:
+                procs.stop_all()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(opts: Options) -> int:
+    from modelkeep.testing import build_iris_onnx, iris_rows
+
+    pin = choose_pinning(opts.pin)
+    wrk = ensure_wrk() if opts.loadgen in ("auto", "wrk") else None
+    if wrk is None and opts.loadgen == "wrk":
+        raise HarnessError("wrk was asked for and is not available")
+    if wrk is None:
+        print("load generator: Python fallback (slower than wrk; high-concurrency numbers may be")
+        print("bound by the client, not the server)")
+    if pin.load_cpu is not None:
+        # The harness only waits while the load runs; keep it off the server's core too.
+        os.sched_setaffinity(0, {pin.load_cpu})
+    load_before = os.getloadavg()[0]
+    print(f"load generator: {'wrk' if wrk else 'python'}; pinning: {pin.describe()}")
+    print(
+        f"per point: {opts.warmup} s warm-up + {opts.duration} s measured, keep-alive connections;"
+        f" {opts.rounds} round(s), the two servers alternating"
+    )
+    if load_before > 0.5:
+        print(f"note: load average is {load_before:.2f} before we start: other processes are")
+        print("      running: expect noisy numbers (see 'its core ... busy' on each run)")
+
+    model = build_iris_onnx()
+    bodies = infer_bodies(iris_rows(BODY_ROWS))
+    points = {c: Point(c) for c in opts.concurrency}
+    with workspace() as (tmp, procs):
+        model_path = tmp / "iris.onnx"
+        model_path.write_bytes(model)
+        print("\nstarting the bare endpoint (plain HTTP, no checks):")
+        bare = start_bare(tmp, model_path, procs, pin)
+        print("starting modelkeep (HTTPS, API key, Cedar, validation):")
+        modelkeep = start_modelkeep(tmp, model, procs, pin, policy=BENCH_POLICY)
+        check_same_answers(smoke_outputs(modelkeep, bodies), smoke_outputs(bare, bodies))
+        print(f"both servers give the same answers on {len(bodies)} sample rows")
+        # Both stay up for the whole run; only the one under load does work.
+        measure_all([modelkeep, bare], points, Loader(opts, wrk, pin, bodies, tmp))
+        procs.stop_all()
+
+    meta = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "pinning": pin.describe(),
+            "load_average_before": round(load_before, 2),
+            "load_average_after": round(os.getloadavg()[0], 2),
+        },
+        "load": {
+            "generator": "wrk" if wrk else "python-fallback",
+            "duration_s": opts.duration,
+            "warmup_s": opts.warmup,
+            "rounds": opts.rounds,
+            "body": f"one-row V2 JSON (FP32 [1,4]), {BODY_ROWS} rows cycled",
+        },
+        "versions": versions(),
+    }
+    return 0 if report(points, opts, meta) else 1
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--duration", type=int, default=10, help="seconds measured per point")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per point")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds over all points; the table shows medians"
+    )
+    parser.add_argument("--concurrency", default="1,8,64", help="comma-separated connection counts")
+    parser.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="auto: wrk (installed with apt-get if missing), else the Python fallback",
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin CPUs with taskset")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
+    args = parser.parse_args(argv)
+    try:
+        concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    except ValueError:
+        parser.error("--concurrency takes integers, e.g. 1,8,64")
+    if not concurrency or min(concurrency) < 1 or args.duration < 1 or args.warmup < 0:
+        parser.error("need concurrency >= 1, --duration >= 1 and --warmup >= 0")
+    if args.rounds < 1:
+        parser.error("need --rounds >= 1")
+    return Options(
+        duration=args.duration,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        concurrency=concurrency,
+        loadgen=args.loadgen,
+        pin=not args.no_pin,
+        output=args.output,
+    )
+
+
+def main() -> int:
+    opts = parse_args()
+    try:
+        return run(opts)
+    except HarnessError as exc:
+        print(f"\nbench could not measure: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; servers stopped, temporary files removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
