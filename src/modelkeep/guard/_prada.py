@@ -146,8 +146,11 @@ class PradaDetector:
         stream = _Stream(self._state, client, config)
         checks = _check_rows(sizes, config.checks_per_call)
         lowest: float | None = None
+        # Rows with non-finite values are ignored; told apart for the whole call at once.
+        finite = np.isfinite(rows).all(axis=1).tolist()
         for index, (row, label) in enumerate(zip(rows, labels, strict=True)):
-            stream.add(row, label)
+            if finite[index]:
+                stream.add(row, label)
             if checks[index] and stream.recorded - stream.checked >= config.check_every:
                 stream.checked = stream.recorded
                 window = stream.window()
@@ -193,8 +196,7 @@ class _Stream:
         self._touched: set[str] = set()
 
     def add(self, row: np.ndarray, label: str) -> None:
-        if not np.all(np.isfinite(row)):
-            return
+        """Record a row of finite values."""
         if label not in self._members and not self._load(label, row):
             return
         group, history = self._members[label], self._admitted[label]
