@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -39,7 +40,8 @@ class DeferredFeed(Generic[T]):
         *,
         capacity: int = 4096,
         max_cost: int = 1 << 22,
-        linger: float = 0.02,
+        linger: float = 0.1,
+        chunk: int = 128,
         on_drop: Callable[[], None] | None = None,
     ) -> None:
         self._process = process
@@ -48,6 +50,7 @@ class DeferredFeed(Generic[T]):
         self._max_cost = max_cost
         self._cost = 0
         self._linger = linger
+        self._chunk = chunk
         self.on_drop = on_drop
         self.dropped = 0
         self._lock = threading.Lock()
@@ -94,6 +97,12 @@ class DeferredFeed(Generic[T]):
         if batch:
             self._process(batch)
 
+    def _process_slice(self, items: list[T]) -> None:
+        try:
+            self._process(items)
+        except Exception:  # one bad batch must not stop detection for good
+            log.exception("extraction detectors failed on a batch of %d requests", len(items))
+
     def _take(self) -> list[T]:
         with self._lock:
             batch = [item for _, item in self._items]
@@ -110,9 +119,12 @@ class DeferredFeed(Generic[T]):
             threading.Event().wait(self._linger)
             batch = self._take()
             try:
-                self._process(batch)
-            except Exception:  # one bad batch must not stop detection for good
-                log.exception("extraction detectors failed on a batch of %d requests", len(batch))
+                for start in range(0, len(batch), self._chunk):
+                    if start:
+                        # Between slices the request thread gets the GIL back: a large batch
+                        # must not hold up requests for more than one slice's worth.
+                        time.sleep(0)
+                    self._process_slice(batch[start : start + self._chunk])
             finally:
                 with self._wake:
                     self._busy = False
