@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv system-deps image test-deploy demo test test-unit lint bench bench-scan bench-extraction bench-overload bench-storage cluster-demo clean
+.PHONY: venv system-deps image test-deploy demo test test-unit lint bench bench-scan bench-extraction bench-overload bench-storage bench-privacy cluster-demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ bench-overload: $(STAMP)
 ## Loading a sealed 1 GiB model from SeaweedFS (S3) against a raw read of it; push peak RSS.
 bench-storage: $(STAMP)
 	$(BIN)/python bench/bench_storage.py
+
+## A shadow-model membership attack (LiRA) through a real server, per output policy and defaults.
+bench-privacy: $(STAMP)
+	$(BIN)/python bench/bench_privacy.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

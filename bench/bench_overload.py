@@ -563,7 +563,17 @@ def run(opts: Options) -> int:
             print(f"\nmax_queue {bound} ({shown}): starting modelkeep", flush=True)
             home = tmp / f"q{bound}"
             home.mkdir()
-            target = start_modelkeep(home, model, procs, pin, name=MODEL, settings=settings)
+            # No admission limit and full outputs: only the queue may shed, and the answers
+            # are compared with ONNX Runtime's (a new model's defaults would do neither).
+            target = start_modelkeep(
+                home,
+                model,
+                procs,
+                pin,
+                name=MODEL,
+                settings=settings,
+                policy={"limits": {}, "output": "full", "detect": []},
+            )
             log = home / "modelkeep.log"  # where start_modelkeep sends the server's output
             check_server(target, model, rows[0], bodies[0], log)
             if rate is None:

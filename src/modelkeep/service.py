@@ -121,6 +121,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
         self._last_forced_refresh = 0.0
         self._alarm_seen: dict[tuple[str, str, str], float] = {}
         self.gate = gate or InferenceGate(Admission())
+        self.gate.feed.on_drop = self.metrics.detector_feed_dropped
         self._stop = threading.Event()
         # Set by a change notification (PostgreSQL) to refresh before the poll interval is up.
         self._wake = threading.Event()
@@ -207,6 +208,8 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
 
     def stop(self) -> None:
         self._stop.set()
+        # Requests queued for the detectors are fed, and their alarms audited, before the end.
+        self.gate.feed.flush(timeout=5)
         self._wake.set()
         self.backends.stop()
         if self._listener is not None:

@@ -155,7 +155,8 @@ class InferenceMixin(ServiceBase):
             )
         finally:
             admitted.release()
-        # 4. Watch the caller's query stream; an alarm acts before the answer leaves.
+        # 4. Watch the caller's query stream. Throttle and block act before the answer leaves;
+        # log and alert are fed off the request path and reach _on_alarms within a bounded delay.
         alarms = self.gate.observe(
             principal.key_id,
             record.name,
@@ -164,9 +165,10 @@ class InferenceMixin(ServiceBase):
             request.inputs,
             outputs,
             found.signature,
+            sink=self._on_alarms,
         )
         if alarms:
-            self._on_alarms(principal, record.name, policy, alarms)
+            self._on_alarms(principal.key_id, record.name, policy, alarms)
         # 5. Harden what the caller's role may see.
         hardened = self.gate.harden(policy, principal.role, outputs, found.signature)
         content, headers = encode_infer_response(
@@ -217,10 +219,12 @@ class InferenceMixin(ServiceBase):
             self._targets.remember(targets, key, found)
         return found
 
-    def _on_alarms(
-        self, principal: Principal, model: str, policy: ModelPolicy, alarms: list[Alarm]
-    ) -> None:
-        """Apply the model's alarm action; audit each alarm at most once a minute per caller."""
+    def _on_alarms(self, key_id: str, model: str, policy: ModelPolicy, alarms: list[Alarm]) -> None:
+        """Apply the model's alarm action; audit each alarm at most once a minute per caller.
+
+        Called on the request path (throttle, block) or by the gate's detector thread (log,
+        alert).
+        """
         action = policy.on_alarm
         now = time.monotonic()
         for alarm in alarms:
@@ -228,12 +232,12 @@ class InferenceMixin(ServiceBase):
             if action != "log":
                 self.alert(
                     "detector_alarm",
-                    principal=principal.key_id,
+                    principal=key_id,
                     model=model,
                     detector=alarm.detector,
                     score=alarm.score,
                 )
-            key = (principal.key_id, model, alarm.detector)
+            key = (key_id, model, alarm.detector)
             if now - self._alarm_seen.get(key, -1e9) < 60.0 and action in ("log", "alert"):
                 continue
             self._alarm_seen[key] = now
@@ -241,12 +245,12 @@ class InferenceMixin(ServiceBase):
                 "extraction alarm: detector %s on model %s for key %s (score %s, action %s)",
                 alarm.detector,
                 model,
-                principal.key_id,
+                key_id,
                 alarm.score,
                 action,
             )
             self.record(
-                principal.key_id,
+                key_id,
                 "detector.alarm",
                 model_target(model),
                 "success",
@@ -259,9 +263,7 @@ class InferenceMixin(ServiceBase):
             )
         if action in ("throttle", "block"):
             reason = ", ".join(f"{a.detector} alarm (score {a.score})" for a in alarms)
-            self.store.restrict_key(
-                model, principal.key_id, kind=action, reason=reason, now=self._clock()
-            )
+            self.store.restrict_key(model, key_id, kind=action, reason=reason, now=self._clock())
             self.refresh()
             if action == "block":
                 raise Forbidden(

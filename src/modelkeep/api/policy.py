@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+import io
+import zipfile
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+import numpy as np
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from modelkeep.errors import InvalidInput, NotFound, TooLarge
 from modelkeep.guard.policy import ModelPolicy
 from modelkeep.registry.records import ModelRecord
 from modelkeep.service import Service
 
 from ._auth import principal_of
+from ._body import read_body
+
+# Rows of an assessment, once unpacked: a compressed .npz must not unpack into more than this.
+_MAX_ASSESS_BYTES = 256 * 1024 * 1024
 
 
 class CalibrateIn(BaseModel):
@@ -24,7 +32,10 @@ class CalibrateIn(BaseModel):
 def policy_out(
     model: str, policy: ModelPolicy, record: ModelRecord | None = None
 ) -> dict[str, Any]:
-    body = {"model": model, **policy.to_json()}
+    body: dict[str, Any] = {"model": model, **policy.to_json()}
+    if record is not None:
+        # No stored policy: the server's defaults apply (docs/hardening.md, "The defaults").
+        body["default"] = record.policy is None
     if body.get("ood_reference") is not None:
         body["ood_reference"] = {"fitted": True}  # statistics of training data stay server-side
     if record is not None:
@@ -51,6 +62,7 @@ def policy_router(service: Service) -> APIRouter:
         detect [prada, ood], on_alarm (log|alert|throttle|block), prada_threshold."""
         body.pop("restrictions", None)
         body.pop("model", None)
+        body.pop("default", None)
         current, _ = await run_in_threadpool(service.get_policy, principal_of(request), model)
         if body.get("ood_reference") == {"fitted": True}:
             # Round trip of a shown policy: keep the stored reference.
@@ -68,6 +80,42 @@ def policy_router(service: Service) -> APIRouter:
         )
         return policy_out(model, policy)
 
+    @router.post("/policy/assess")
+    async def assess(
+        request: Request,
+        model: str,
+        version: Annotated[str | None, Query(max_length=32)] = None,
+        target_auc: Annotated[float, Query(ge=0.5, le=1.0)] = 0.60,
+        apply: bool = False,
+    ) -> dict[str, Any]:
+        """Measure membership leakage of a version under each candidate output policy (admin).
+
+        The body is an ``.npz`` (``application/octet-stream``) with ``members_X``,
+        ``members_y``, ``non_members_X``, ``non_members_y``; it is used in memory and not kept.
+        The report is kept with the version and audited; ``apply`` sets the recommended output.
+        """
+        body = await read_body(request, service.settings.max_request_bytes)
+        data = _read_npz(body, service.settings.max_tensor_elements)
+        return await run_in_threadpool(
+            service.assess_policy,
+            principal_of(request),
+            model,
+            version,
+            data,
+            target_auc=target_auc,
+            apply=apply,
+        )
+
+    @router.get("/versions/{version}/privacy")
+    async def privacy_report(request: Request, model: str, version: str) -> dict[str, Any]:
+        """The kept leakage report of a version (``policy assess``); 404 when never assessed."""
+        report = await run_in_threadpool(
+            service.privacy_report, principal_of(request), model, version
+        )
+        if report is None:
+            raise NotFound(f"version {version[:32]} of '{model[:64]}' was never assessed")
+        return report
+
     @router.delete("/restrictions/{key_id}", status_code=204)
     async def unblock(request: Request, model: str, key_id: str) -> Response:
         """Lift a detector's block or throttle of a key on this model (admin)."""
@@ -81,3 +129,19 @@ def policy_router(service: Service) -> APIRouter:
         return Response(status_code=204)
 
     return router
+
+
+def _read_npz(body: bytes, max_elements: int) -> dict[str, np.ndarray]:
+    """The arrays of an uploaded .npz: sizes checked before unpacking, never unpickled."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            infos = archive.infolist()
+            if len(infos) > 16 or sum(info.file_size for info in infos) > _MAX_ASSESS_BYTES:
+                raise TooLarge("the assessment data unpacks to more than the server accepts")
+        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise InvalidInput("the body must be an .npz file of numeric arrays") from exc
+    if sum(int(a.size) for a in arrays.values()) > max_elements:
+        raise TooLarge(f"the assessment data holds more than {max_elements} values")
+    return arrays

@@ -154,6 +154,11 @@ class _Families:
             ["model", "detector"],
             registry=r,
         )
+        self.detector_feed_dropped = Counter(
+            "modelkeep_detector_feed_dropped",
+            "Requests the extraction detectors never saw: their queue was full.",
+            registry=r,
+        )
         self.models_loaded = Gauge(
             "modelkeep_models_loaded",
             "Model versions loaded in memory (largest of any worker).",
@@ -375,6 +380,10 @@ class Metrics:
     def detector_alarm(self, *, model: str | None, detector: str) -> None:
         """Count an extraction-detector alarm (``detector``: e.g. ``prada``, ``ood``)."""
         self._m.detector_alarms.labels(self.model_label(model), self._detector(detector)).inc()
+
+    def detector_feed_dropped(self) -> None:
+        """Count a request dropped from the full detector queue (never seen by the detectors)."""
+        self._m.detector_feed_dropped.inc()
 
     def set_models_loaded(self, count: int) -> None:
         """This worker's number of loaded model versions."""

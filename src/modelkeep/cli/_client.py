@@ -252,6 +252,27 @@ class ApiClient:
         path = f"{_API}/models/{_segment(model)}/policy/calibrate"
         return self._object("POST", path, json={"rows": rows})
 
+    def assess_policy(
+        self,
+        model: str,
+        data: bytes,
+        *,
+        version: str | None,
+        target_auc: float,
+        apply: bool,
+    ) -> JSONObject:
+        """Run ``policy assess`` on the server with ``data`` (an .npz of the four arrays)."""
+        params: dict[str, str] = {"target_auc": repr(target_auc), "apply": str(apply).lower()}
+        if version is not None:
+            params["version"] = version
+        return self._object(
+            "POST",
+            f"{_API}/models/{_segment(model)}/policy/assess",
+            params=params,
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+
     def unblock_key(self, model: str, key_id: str) -> None:
         """Lift a detector's block or throttle of ``key_id`` on ``model``."""
         self._send("DELETE", f"{_API}/models/{_segment(model)}/restrictions/{_segment(key_id)}")

@@ -1,4 +1,4 @@
-"""``modelkeep policy show|set|calibrate|unblock|reset-budget``: a model's guard policy.
+"""``modelkeep policy show|set|calibrate|assess|unblock|reset-budget``: a model's guard policy.
 
 The guard policy (``docs/limits.md``, ``docs/hardening.md``) holds a model's admission limits and
 budget, the output hardening each role gets, the extraction detectors and what an alarm does.
@@ -28,6 +28,7 @@ from modelkeep.cli._client import (
 from modelkeep.cli._errors import exit_codes_epilog
 from modelkeep.cli._models import ModelArgument
 from modelkeep.cli._params import CacertOption, JsonOption, TokenOption, UrlOption
+from modelkeep.cli._policy_assess import policy_assess
 from modelkeep.cli._policy_input import (
     ALARM_ACTIONS,
     MAX_CALIBRATION_ROWS,
@@ -86,17 +87,45 @@ KeyIdArgument = Annotated[
 ]
 
 
+# Why each default is what it is; docs/hardening.md ("The defaults") has the measurements.
+DEFAULTS_WHY = (
+    "no policy is set for this model: these are modelkeep's defaults (docs/hardening.md)",
+    "consumers see the top-1 class only: any confidence shown let a likelihood-ratio",
+    "  membership attack find more training rows (bench/bench_privacy.py); admins see all",
+    "a rate and a daily row budget per key bound extraction and probing",
+    "detectors raise alerts; the OOD monitor starts once `policy calibrate` fits it",
+    "full outputs for everyone: modelkeep policy set MODEL --output full",
+)
+
+
+def pushed_note(model: str) -> str:
+    """What ``push`` says about the guard policy the version is served under (no request: a
+    publisher's key may not read the policy)."""
+    return (
+        f"served under {model}'s guard policy; with none set, modelkeep's defaults: consumers see"
+        " the top-1 class only, each key has a rate and a daily row budget, detectors alert"
+        f" (`modelkeep policy show {model}`)"
+    )
+
+
 def _say_policy(title: str, policy: JSONObject) -> None:
     out.say(title)
     for line in out.policy_lines(policy):
         out.say(f"  {line}")
+    if policy.get("default") is True:
+        for line in DEFAULTS_WHY:
+            out.say(f"  # {line}")
 
 
 def _warn_idle(model: str, policy: JSONObject) -> None:
     """Say on stderr when part of the policy cannot act, so nobody relies on it by mistake."""
     detect = policy.get("detect")
     detectors = detect if isinstance(detect, list) else []
-    if "ood" in detectors and not isinstance(policy.get("ood_reference"), Mapping):
+    if (
+        "ood" in detectors
+        and not isinstance(policy.get("ood_reference"), Mapping)
+        and policy.get("default") is not True
+    ):
         out.warn(
             "warning: the OOD monitor is on but has no reference and flags nothing until "
             f"`modelkeep policy calibrate {model} --benign FILE`"
@@ -365,6 +394,9 @@ def policy_calibrate(
         return
     _say_policy(f"calibrated {out.clean(policy.get('model', model))} on {len(rows)} rows", policy)
     _warn_idle(model, policy)
+
+
+policy_app.command("assess", epilog=EPILOG)(policy_assess)
 
 
 @policy_app.command("unblock", epilog=EPILOG)

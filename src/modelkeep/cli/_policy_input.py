@@ -17,6 +17,7 @@ refused without being unpickled.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from modelkeep.cli import _output as out
 from modelkeep.cli._client import JSONObject
@@ -48,12 +51,15 @@ __all__ = [
 #: The most rows one calibration may send (the server's own limit).
 MAX_CALIBRATION_ROWS = 100_000
 ALARM_ACTIONS = ("log", "alert", "throttle", "block")
-DETECTORS = ("prada", "ood")
+DETECTORS = ("prada", "ood", "nearcopy")
 #: The word that removes a limit (``--budget none``) or turns detection off (``--detect none``).
 NONE = "none"
 #: ``--output-for ROLE=default``: the role gets the model's ``--output`` again.
 DEFAULT = "default"
-OUTPUT_FORMS = "full, top_k=K, round=N, label_only, reverse_sigmoid or reverse_sigmoid=BETA:GAMMA"
+OUTPUT_FORMS = (
+    "full, top_k=K, round=N, confidence=N, label_only, reverse_sigmoid or "
+    "reverse_sigmoid=BETA:GAMMA"
+)
 
 _RATE = re.compile(r"([0-9]+)\s*(?:/|\s+per\s+)\s*([0-9]+)?\s*([A-Za-z]+)", re.ASCII)
 _SHORT_UNITS = {
@@ -149,12 +155,12 @@ def parse_output_for(values: list[str]) -> dict[str, str | None]:
 
 
 def parse_detect(text: str) -> list[str]:
-    """``prada``, ``ood``, both comma-separated, or ``none``; sorted, without repeats."""
+    """``prada``, ``ood``, ``nearcopy`` comma-separated, or ``none``; sorted, no repeats."""
     if text.strip() == NONE:
         return []
     names = [name.strip() for name in text.split(",")]
     if not all(name in DETECTORS for name in names):
-        raise ValueError("give prada, ood, prada,ood or none")
+        raise ValueError("give some of prada, ood, nearcopy (comma-separated) or none")
     return sorted(set(names))
 
 
@@ -377,3 +383,28 @@ def _check_table(rows: list[list[float]], name: str) -> None:
             )
         if not all(math.isfinite(value) for value in row):
             raise InvalidInput(f"{name}: row {number} holds a NaN or infinite value")
+
+
+def read_assessment(members: Path, non_members: Path) -> bytes:
+    """The two .npz files (each with ``X`` and ``y``) as one .npz for ``policy assess``.
+
+    Read without unpickling; a missing file, a pickled or malformed array is InvalidInput.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for side, path in (("members", members), ("non_members", non_members)):
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise InvalidInput(f"{path.name[:64]}: not a readable .npz file of arrays") from exc
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise InvalidInput(f"{path.name[:64]}: give an .npz file with arrays X and y")
+        with loaded:
+            if set(loaded.files) != {"X", "y"}:
+                raise InvalidInput(f"{path.name[:64]}: the .npz must hold exactly X and y")
+            try:
+                arrays[f"{side}_X"], arrays[f"{side}_y"] = loaded["X"], loaded["y"]
+            except (OSError, ValueError, EOFError) as exc:
+                raise InvalidInput(f"{path.name[:64]}: X or y cannot be read") from exc
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    return buffer.getvalue()

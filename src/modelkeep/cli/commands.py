@@ -185,6 +185,7 @@ def push(
         out.say(f"signed by {out.clean(signer)}")
     elif "signer" in version:
         out.warn(f"warning: version {number} is unsigned: model {model} accepts unsigned pushes")
+    out.say(_policy.pushed_note(model))
     out.say(f"point a label at it: modelkeep label set {model} production {number}")
 
 

@@ -56,9 +56,12 @@ class PradaConfig:
     below about 50 the W of natural traffic scatters too widely (down to 0.78 with under 30).
     ``max_samples``: the sliding window of distances. ``max_growing``: members kept per class
     growing set. ``max_classes``: classes tracked per client. ``checks_per_call``: how many
-    times W is checked within one call (after every row of a batch up to that size). A
-    client's memory is at most ``max_samples + max_classes * (max_growing * (features + 1) + 1)``
-    floats.
+    times W is checked within one call (after every row of a batch up to that size).
+    ``check_every``: distances recorded between two checks of W (the server uses 8, so a
+    one-row request pays for a Shapiro-Wilk test on average once in 8 calls, and an alarm
+    comes at most 7 distances late). A
+    client's memory is at most
+    ``max_samples + max_classes * (max_growing * (features + 1) + 1) + 3`` floats.
     """
 
     threshold: float = 0.80
@@ -67,6 +70,7 @@ class PradaConfig:
     max_growing: int = 256
     max_classes: int = 1000
     checks_per_call: int = 16
+    check_every: int = 1
 
     def __post_init__(self) -> None:
         if type(self.threshold) not in (int, float) or not 0.0 <= self.threshold <= 1.0:
@@ -80,7 +84,7 @@ class PradaConfig:
             raise ConfigError(
                 f"PRADA max_samples must be an integer in [min_samples, {_MAX_WINDOW}]"
             )
-        for name in ("max_growing", "max_classes", "checks_per_call"):
+        for name in ("max_growing", "max_classes", "checks_per_call", "check_every"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ConfigError(f"PRADA {name} must be a positive integer")
@@ -111,11 +115,23 @@ class PradaDetector:
         ``InvalidInput`` when the shapes disagree, a value is not numeric, or the feature count
         differs from the client's earlier queries.
         """
+        return self.observe_calls(client, x, predicted, [len(x)])
+
+    def observe_calls(
+        self, client: str, x: np.ndarray, predicted: np.ndarray, sizes: Sequence[int]
+    ) -> DetectionResult:
+        """Record several calls of ``client`` at once: ``x`` holds their rows end to end,
+        ``sizes`` the rows of each call. W is checked at the same rows as separate
+        :meth:`observe` calls would check it, so the client's state and the lowest score are the
+        same; one state read and write serve them all (how the server feeds a batch).
+        """
         _check_client(client)
         rows = _rows(x)
         labels = _labels(predicted, rows.shape[0])
+        if sum(sizes) != rows.shape[0] or min(sizes, default=1) < 1:
+            raise InvalidInput("the call sizes must be positive and add up to the rows")
         with self._lock:
-            return self._observe(client, rows, labels)
+            return self._observe(client, rows, labels, sizes)
 
     def reset(self, client: str) -> None:
         """Forget everything about ``client`` (after an operator cleared an alarm, say)."""
@@ -123,16 +139,20 @@ class PradaDetector:
         with self._lock:
             self._state.clear(client, _PREFIX)
 
-    def _observe(self, client: str, rows: np.ndarray, labels: list[str]) -> DetectionResult:
+    def _observe(
+        self, client: str, rows: np.ndarray, labels: list[str], sizes: Sequence[int]
+    ) -> DetectionResult:
         config = self.config
         stream = _Stream(self._state, client, config)
-        # W is checked after every row of a small batch and at evenly spaced rows of a large
-        # one: packing an attack into one request must not average its telltale dip away.
-        stride = max(1, -(-rows.shape[0] // config.checks_per_call))
+        checks = _check_rows(sizes, config.checks_per_call)
         lowest: float | None = None
+        # Rows with non-finite values are ignored; told apart for the whole call at once.
+        finite = np.isfinite(rows).all(axis=1).tolist()
         for index, (row, label) in enumerate(zip(rows, labels, strict=True)):
-            stream.add(row, label)
-            if (index + 1) % stride == 0 or index == rows.shape[0] - 1:
+            if finite[index]:
+                stream.add(row, label)
+            if checks[index] and stream.recorded - stream.checked >= config.check_every:
+                stream.checked = stream.recorded
                 window = stream.window()
                 if window.size >= config.min_samples:
                     score = shapiro_w(window)
@@ -142,23 +162,41 @@ class PradaDetector:
         return DetectionResult(alarm=alarm, score=lowest, samples=int(window.size))
 
 
+def _check_rows(sizes: Sequence[int], checks_per_call: int) -> list[bool]:
+    """Per row of calls of ``sizes`` rows: whether W may be checked after it.
+
+    W is checked after every row of a small call and at evenly spaced rows of a large one:
+    packing an attack into one request must not average its telltale dip away.
+    """
+    checks: list[bool] = []
+    for size in sizes:
+        stride = max(1, -(-size // checks_per_call))
+        checks.extend((i + 1) % stride == 0 or i == size - 1 for i in range(size))
+    return checks
+
+
 class _Stream:
     """One client's PRADA state for the length of one call: read lazily, written once."""
 
     def __init__(self, state: DetectorState, client: str, config: PradaConfig) -> None:
         self._state, self._client, self._config = state, client, config
         stored = state.get(client, _DISTANCES)
-        self.distances: list[float] = [] if stored is None else stored.tolist()
+        # The stored window stays an array; this call's new distances are appended to a list
+        # (converting a 2000-value window to a list and back cost more than the rest).
+        self._stored: np.ndarray = np.zeros(0) if stored is None else stored
+        self._new: list[float] = []
+        # [classes tracked, distances ever recorded, recorded at the last check of W]
         count = state.get(client, _CLASS_COUNT)
         self._class_count = 0 if count is None else int(count[0])
+        self.recorded = 0 if count is None or count.size < 3 else int(count[1])
+        self.checked = 0 if count is None or count.size < 3 else int(count[2])
         # Per class: the growing set, and [T_c, distances that admitted its members...].
         self._members: dict[str, np.ndarray] = {}
         self._admitted: dict[str, np.ndarray] = {}
         self._touched: set[str] = set()
 
     def add(self, row: np.ndarray, label: str) -> None:
-        if not np.all(np.isfinite(row)):
-            return
+        """Record a row of finite values."""
         if label not in self._members and not self._load(label, row):
             return
         group, history = self._members[label], self._admitted[label]
@@ -167,9 +205,10 @@ class _Stream:
             nearest = float(np.sqrt(np.min(np.sum((group - row) ** 2, axis=1))))
         if nearest == 0.0 or not math.isfinite(nearest):
             return
-        self.distances.append(nearest)
-        if len(self.distances) > 2 * self._config.max_samples:
-            del self.distances[: -self._config.max_samples]
+        self._new.append(nearest)
+        self.recorded += 1
+        if len(self._new) > 2 * self._config.max_samples:
+            del self._new[: -self._config.max_samples]
         # 3. Far enough from every member: the query joins the set and T_c moves up.
         if nearest > history[0]:
             limit = self._config.max_growing
@@ -204,7 +243,12 @@ class _Stream:
         return True
 
     def window(self) -> np.ndarray:
-        return np.asarray(self.distances[-self._config.max_samples :], dtype=np.float64)
+        limit = self._config.max_samples
+        if not self._new:
+            return self._stored[-limit:]
+        recent = np.asarray(self._new[-limit:], dtype=np.float64)
+        older = self._stored[max(0, self._stored.size - (limit - recent.size)) :]
+        return np.concatenate([older, recent])
 
     def save(self) -> np.ndarray:
         for label in self._touched:
@@ -212,7 +256,8 @@ class _Stream:
             self._state.put(self._client, _admitted_key(label), self._admitted[label])
         window = self.window()
         self._state.put(self._client, _DISTANCES, window)
-        self._state.put(self._client, _CLASS_COUNT, np.array([self._class_count], np.float64))
+        counts = np.array([self._class_count, self.recorded, self.checked], np.float64)
+        self._state.put(self._client, _CLASS_COUNT, counts)
         return window
 
 
@@ -230,7 +275,9 @@ def shapiro_w(values: np.ndarray) -> float:
     scaled = (values - np.mean(values)) / spread
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # p-value accuracy warnings; only W is used
-        return float(stats.shapiro(scaled).statistic)
+        # scipy's axis/NaN-policy decorator costs about 2 ms a call, ten times the test itself,
+        # on the inference path; what it would check (a finite 1-D array) holds here.
+        return float(stats.shapiro(scaled, _no_deco=True)[0])
 
 
 def calibrate_prada(
@@ -265,7 +312,7 @@ def calibrate_prada(
         labels = _labels(predicted, rows.shape[0])
         # One call that checks W after every row: the same scores as row-by-row calls.
         probe = replace(base, threshold=0.0, checks_per_call=rows.shape[0])
-        score = PradaDetector(probe)._observe("benign", rows, labels).score
+        score = PradaDetector(probe)._observe("benign", rows, labels, [rows.shape[0]]).score
         if score is not None:
             lowest.append(score)
     if not lowest:

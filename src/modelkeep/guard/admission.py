@@ -24,6 +24,7 @@ it is parsed here, and the windows themselves are kept by :mod:`modelkeep.guard.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import re
@@ -117,6 +118,13 @@ def _parse_spec(field_name: str, spec: str, budget: bool) -> _Rate:
             "use 'budget' for daily or monthly quotas"
         )
     return _Rate(item.amount, item.get_expiry(), period)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _counter_key(prefix: str, parts: tuple[str, ...]) -> str:
+    # Quoting every part keeps keys unambiguous whatever the names contain. Remembered: the
+    # same few keys per caller and model are built on every admitted request.
+    return ":".join([prefix, *(quote(part, safe="") for part in parts)])
 
 
 def _check_count(field_name: str, value: object) -> None:
@@ -268,6 +276,13 @@ class Admission:
         self._clock = clock
         self._prefix = key_prefix
         self._slot_lease = slot_lease
+        # Request ids tell one request's entries apart in the shared counters: a random
+        # prefix per process and a counter are unique across replicas, without a call to the
+        # OS random source per request.
+        self._instance = secrets.token_hex(8)
+        self._requests = itertools.count()
+        # The current calendar window per budget period: (start, end, start time, end time).
+        self._windows: dict[str, tuple[float, float, datetime, datetime]] = {}
         self.storage_kind = "memory" if storage_uri == "memory://" else "redis"
 
     def ping(self) -> None:
@@ -295,7 +310,7 @@ class Admission:
         if not 0.0 < throttle_factor <= 1.0:
             raise ValueError("throttle_factor must be in (0, 1]")
         now = self._clock()
-        request = secrets.token_hex(8)
+        request = f"{self._instance}{next(self._requests):x}"
         checks: list[Check] = []
         names: list[LimitName] = []
 
@@ -340,7 +355,7 @@ class Admission:
                     f"{rows} rows; the {_ADJECTIVE[budget.period]} budget for model "
                     f"'{model}' is {budget.amount} rows"
                 )
-            start, budget_reset = _calendar_window(budget.period, now)
+            start, budget_reset = self._calendar_window(budget.period, now)
             key = self._budget_key(principal, model, budget.period, start)
             checks.append(
                 BudgetCheck(key, budget.amount, rows, int(budget_reset.timestamp()) + _BUDGET_GRACE)
@@ -400,12 +415,22 @@ class Admission:
         if isinstance(self._counters, RedisCounters):
             self._counters.close()
 
+    def _calendar_window(self, period: str, now: float) -> tuple[datetime, datetime]:
+        """:func:`_calendar_window`, remembered until ``now`` leaves the window."""
+        found = self._windows.get(period)
+        if found is None or not found[0] <= now < found[1]:
+            start, end = _calendar_window(period, now)
+            found = (start.timestamp(), end.timestamp(), start, end)
+            self._windows[period] = found
+        return found[2], found[3]
+
     def _key(self, *parts: str) -> str:
-        # Quoting every part keeps keys unambiguous whatever the names contain.
-        return ":".join([self._prefix, *(quote(part, safe="") for part in parts)])
+        return _counter_key(self._prefix, parts)
 
     def _budget_key(self, principal: str, model: str, period: str, start: datetime) -> str:
-        stamp = start.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
+        # An f-string: strftime costs several times as much, on every request with a budget.
+        month = f"{start.year:04d}-{start.month:02d}"
+        stamp = f"{month}-{start.day:02d}" if period == "day" else month
         return self._key("budget", period, stamp, model, principal)
 
     def _refusal(

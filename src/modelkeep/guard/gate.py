@@ -10,20 +10,25 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from modelkeep.errors import InvalidInput
+from modelkeep.guard._deferred import DeferredFeed
 from modelkeep.guard._redis_state import RedisDetectorState
 from modelkeep.guard.admission import Admission, Admitted
 from modelkeep.guard.detection import (
+    DetectionResult,
     DetectorState,
     InMemoryDetectorState,
+    NearCopyConfig,
+    NearCopyDetector,
     OodMonitor,
     OodReference,
     PradaConfig,
     PradaDetector,
+    calibrate_nearcopy,
     calibrate_prada,
 )
 from modelkeep.guard.hardening import harden, score_outputs_of
@@ -34,8 +39,23 @@ from modelkeep.runtime.signature import ModelSignature, numpy_dtype
 log = logging.getLogger(__name__)
 
 
+# An uncalibrated near-copy detector watches inputs of at least this many features: in fewer
+# dimensions natural rows (iris, say) are near-copies of one another at the default width.
+_UNCALIBRATED_MIN_FEATURES = 16
+
+# PRADA checks W once per this many new distances: on by default, the detector must cost a
+# one-row request little (see PradaConfig.check_every).
+_PRADA_CHECK_EVERY = 8
+
 # What admission grants when a model has no limits: nothing counted, nothing to release.
 _UNLIMITED = Admitted()
+
+# Alarm actions that never change the answer being sent: their detectors are fed off the
+# request path (see InferenceGate.observe).
+_DEFERRABLE = frozenset({"log", "alert"})
+# Requests of more tensor elements (inputs and outputs) than this are fed on the request path;
+# the queue holds at most DeferredFeed's max_cost (4M) elements.
+_DEFER_MAX_ELEMENTS = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +63,24 @@ class Alarm:
     detector: str
     score: float | None
     samples: int
+
+
+# Where deferred alarms go: (caller key, model, policy, alarms).
+AlarmSink = Callable[[str, str, ModelPolicy, list[Alarm]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Observation:
+    """One request queued for the detectors: what the caller sent and what the model said."""
+
+    principal: str
+    model: str
+    version: int
+    policy: ModelPolicy
+    inputs: Mapping[str, np.ndarray]
+    outputs: Mapping[str, np.ndarray]
+    signature: ModelSignature
+    sink: AlarmSink
 
 
 def request_rows(inputs: Mapping[str, np.ndarray]) -> int:
@@ -68,7 +106,10 @@ class InferenceGate:
         self._policies: dict[tuple[str, str | None], ModelPolicy] = {}
         self._prada: dict[tuple[str, float | None], PradaDetector] = {}
         self._ood: dict[tuple[str, int], OodMonitor] = {}
+        self._nearcopy: dict[tuple[str, float | None], NearCopyDetector] = {}
         self._lock = threading.Lock()
+        # Requests waiting for the detectors (log and alert modes), fed in batches.
+        self.feed: DeferredFeed[_Observation] = DeferredFeed(self._feed_batch)
 
     def policy(self, model: str, policy_json: str | None) -> ModelPolicy:
         """The parsed policy, cached per stored text (parsed once, not per request)."""
@@ -98,28 +139,106 @@ class InferenceGate:
         inputs: Mapping[str, np.ndarray],
         outputs: Mapping[str, np.ndarray],
         signature: ModelSignature,
+        *,
+        sink: AlarmSink | None = None,
     ) -> list[Alarm]:
-        """Feed the enabled detectors; returns the alarms raised by this request."""
+        """Feed the enabled detectors; returns the alarms raised by this request.
+
+        With a ``sink`` and a policy whose alarms only log or alert, the request is queued
+        for the background feeder instead (see ``guard._deferred``): the alarms go to ``sink``
+        within a bounded delay and this returns no alarm. ``throttle`` and ``block`` act on the
+        request that raised the alarm, so they are fed here, synchronously.
+        """
         if not policy.detect:
             return []
-        x = _features(inputs)
-        if x is None:
+        if sink is not None and policy.on_alarm in _DEFERRABLE:
+            cost = sum(value.size for value in inputs.values())
+            cost += sum(value.size for value in outputs.values())
+            # A large request is fed here: the queue's memory stays small, and one big call
+            # already pays the detectors' fixed cost once for many rows.
+            if cost <= _DEFER_MAX_ELEMENTS:
+                item = _Observation(
+                    principal, model, version, policy, inputs, outputs, signature, sink
+                )
+                self.feed.put(item, cost)
+                return []
+        return self._observe(principal, model, version, policy, [(inputs, outputs)], signature)
+
+    def _feed_batch(self, batch: list[_Observation]) -> None:
+        """Feed a batch of queued requests: each caller's requests in one call per detector."""
+        groups: dict[tuple[str, str, int, int], list[_Observation]] = {}
+        for item in batch:
+            key = (item.principal, item.model, item.version, id(item.policy))
+            groups.setdefault(key, []).append(item)
+        for items in groups.values():
+            first = items[0]
+            calls = [(item.inputs, item.outputs) for item in items]
+            try:
+                alarms = self._observe(
+                    first.principal,
+                    first.model,
+                    first.version,
+                    first.policy,
+                    calls,
+                    first.signature,
+                )
+            except InvalidInput as exc:
+                log.warning("detectors skipped %d requests on %s: %s", len(items), first.model, exc)
+                continue
+            if alarms:
+                first.sink(first.principal, first.model, first.policy, alarms)
+
+    def _observe(
+        self,
+        principal: str,
+        model: str,
+        version: int,
+        policy: ModelPolicy,
+        calls: list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+        signature: ModelSignature,
+    ) -> list[Alarm]:
+        """Feed one caller's consecutive calls, as if made one by one, to the detectors."""
+        xs: list[np.ndarray] = []
+        labelled: list[tuple[np.ndarray, np.ndarray]] = []
+        for inputs, outputs in calls:
+            x = _features(inputs)
+            # Rows of another width cannot join the caller's stream (PRADA refuses them).
+            if x is None or (xs and x.shape[1] != xs[0].shape[1]):
+                continue
+            xs.append(x)
+            if "prada" in policy.detect:
+                predicted = _predicted(outputs, signature)
+                if predicted is not None and len(predicted) == len(x):
+                    labelled.append((x, predicted))
+        if not xs:
             return []
         client = f"{principal}@{version}"
         alarms: list[Alarm] = []
-        if "prada" in policy.detect:
-            predicted = _predicted(outputs, signature)
-            if predicted is not None and len(predicted) == len(x):
-                result = self._prada_for(model, policy.prada_threshold).observe(
-                    client, x, predicted
-                )
-                if result.alarm:
-                    alarms.append(Alarm("prada", result.score, result.samples))
+        if labelled:
+            prada = self._prada_for(model, policy.prada_threshold)
+            result = prada.observe_calls(
+                client,
+                _stack([x for x, _ in labelled]),
+                _stack([predicted for _, predicted in labelled]),
+                [len(x) for x, _ in labelled],
+            )
+            if result.alarm:
+                alarms.append(Alarm("prada", result.score, result.samples))
+        if "nearcopy" in policy.detect:
+            # Rows of one call are already taken as if sent one by one: the same for several.
+            result = self._nearcopy_for(model, policy.nearcopy_width).observe(client, _stack(xs))
+            if result.alarm:
+                alarms.append(Alarm("nearcopy", result.score, result.samples))
         if "ood" in policy.detect and policy.ood_reference is not None:
             monitor = self._ood_for(model, policy)
-            result = monitor.observe(client, x)
-            if result.alarm:
-                alarms.append(Alarm("ood", result.score, result.samples))
+            # The OOD verdict is the share after each call: fed call by call.
+            worst: DetectionResult | None = None
+            for x in xs:
+                result = monitor.observe(client, x)
+                if result.alarm and (worst is None or (result.score or 0) > (worst.score or 0)):
+                    worst = result
+            if worst is not None:
+                alarms.append(Alarm("ood", worst.score, worst.samples))
         return alarms
 
     def reset(self, principal: str, model: str, versions: list[int]) -> None:
@@ -128,6 +247,10 @@ class InferenceGate:
             if name == model:
                 for version in versions:
                     detector.reset(f"{principal}@{version}")
+        for (name, _), nearcopy in list(self._nearcopy.items()):
+            if name == model:
+                for version in versions:
+                    nearcopy.reset(f"{principal}@{version}")
         for (name, _), monitor in list(self._ood.items()):
             if name == model:
                 for version in versions:
@@ -149,10 +272,29 @@ class InferenceGate:
         key = (model, threshold)
         detector = self._prada.get(key)
         if detector is None:
-            config = PradaConfig() if threshold is None else PradaConfig(threshold=threshold)
+            config = PradaConfig(check_every=_PRADA_CHECK_EVERY)
+            if threshold is not None:
+                config = replace(config, threshold=threshold)
             with self._lock:
                 detector = self._prada.setdefault(
                     key, PradaDetector(config, state=self._state_factory(f"{model}/prada"))
+                )
+        return detector
+
+    def _nearcopy_for(self, model: str, width: float | None) -> NearCopyDetector:
+        key = (model, width)
+        detector = self._nearcopy.get(key)
+        if detector is None:
+            # Uncalibrated, the default width suits inputs of many features only.
+            config = (
+                NearCopyConfig(min_features=_UNCALIBRATED_MIN_FEATURES)
+                if width is None
+                else NearCopyConfig(width=width)
+            )
+            with self._lock:
+                detector = self._nearcopy.setdefault(
+                    key,
+                    NearCopyDetector(config, state=self._state_factory(f"{model}/nearcopy")),
                 )
         return detector
 
@@ -182,10 +324,15 @@ def shared_state_factory(url: str) -> Callable[[str], DetectorState]:
     return factory
 
 
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
 def _features(inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """The first input as a (rows, features) float matrix, if it is numeric."""
     first = next(iter(inputs.values()), None)
-    if first is None or first.ndim == 0 or first.dtype.kind not in "biuf":
+    # A batch of zero rows has nothing to watch (and cannot be reshaped to rows x features).
+    if first is None or first.ndim == 0 or first.dtype.kind not in "biuf" or first.shape[0] == 0:
         return None
     return np.asarray(first, dtype=np.float64).reshape(first.shape[0], -1)
 
@@ -208,8 +355,9 @@ def calibrate(
     model: LoadedModel,
     signature: ModelSignature,
     rows: list[list[float]],
-) -> tuple[float, OodReference]:
-    """A PRADA threshold and an OOD reference from benign rows run through ``model``.
+) -> tuple[float, float, OodReference]:
+    """A PRADA threshold, a near-copy bucket width and an OOD reference from benign rows run
+    through ``model``.
 
     The rows are dealt to simulated benign callers of ``3 * min_samples`` queries each (a
     caller's first query per class yields no distance, so shorter streams never score).
@@ -234,4 +382,7 @@ def calibrate(
         raise InvalidInput("the model has no label or score output to calibrate on")
     features = x.astype(np.float64).reshape(len(x), -1)
     streams = [(features[i::clients], predicted[i::clients]) for i in range(clients)]
-    return calibrate_prada(streams), OodMonitor.fit(features)
+    # Twenty simulated callers tell the natural density of the rows well enough, and keep the
+    # replay (up to one per candidate width) to seconds however many rows were sent.
+    width = calibrate_nearcopy([stream for stream, _ in streams[:20]])
+    return calibrate_prada(streams), width, OodMonitor.fit(features)

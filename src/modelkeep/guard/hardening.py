@@ -8,6 +8,8 @@ exactly), a label alone leaks far less. An :class:`OutputPolicy` is set per mode
     full             scores as the model produced them
     top_k=K          the K largest scores per row; the others are zeroed
     round=N          scores rounded to N decimals
+    confidence=N     the top score alone, rounded to the nearest of N bands (1/N, 2/N .. 1);
+                     the others zeroed. confidence=1 shows the top-1 class as a one-hot row
     label_only       score outputs removed; label outputs kept
     reverse_sigmoid  scores perturbed by the reverse sigmoid (Lee et al. 2018), renormalized
 
@@ -20,11 +22,12 @@ valid V2 response for the model's signature. Which outputs are scores comes from
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast, get_args
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
@@ -40,7 +43,7 @@ __all__ = [
     "score_outputs_of",
 ]
 
-PolicyKind = Literal["full", "top_k", "round", "label_only", "reverse_sigmoid"]
+PolicyKind = Literal["full", "top_k", "round", "confidence", "label_only", "reverse_sigmoid"]
 _KINDS: tuple[str, ...] = get_args(PolicyKind)
 
 # Lee et al. leave beta (size of the perturbation) and gamma (its steepness) to the operator;
@@ -64,7 +67,8 @@ _NUMBER = r"[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
 _POLICY_TEXT = re.compile(
     rf"(?P<kind>[a-z_]+)(?:=(?P<first>{_NUMBER})(?::(?P<second>{_NUMBER}))?)?", re.ASCII
 )
-_FORMS = "full, top_k=K, round=N, label_only, reverse_sigmoid or reverse_sigmoid=BETA:GAMMA"
+_FORMS = "full, top_k=K, round=N, confidence=N, label_only, reverse_sigmoid[=BETA:GAMMA]"
+_MAX_BANDS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,7 @@ class OutputPolicy:
     kind: PolicyKind
     k: int = 1
     decimals: int = 2
+    bands: int = 1
     beta: float = DEFAULT_BETA
     gamma: float = DEFAULT_GAMMA
 
@@ -87,8 +92,14 @@ class OutputPolicy:
             raise InvalidInput(f"unknown output policy; use one of: {_FORMS}")
         _check_int("k", self.k, 1, _MAX_K, applies=self.kind == "top_k", default=1)
         _check_int(
-            "decimals", self.decimals, 0, _MAX_DECIMALS, applies=self.kind == "round", default=2
+            "decimals",
+            self.decimals,
+            0,
+            _MAX_DECIMALS,
+            applies=self.kind == "round",
+            default=2,
         )
+        _check_int("bands", self.bands, 1, _MAX_BANDS, applies=self.kind == "confidence", default=1)
         for name, value, upper, default in (
             ("beta", self.beta, _MAX_BETA, DEFAULT_BETA),
             ("gamma", self.gamma, _MAX_GAMMA, DEFAULT_GAMMA),
@@ -101,7 +112,8 @@ class OutputPolicy:
 
     @classmethod
     def parse(cls, text: str) -> OutputPolicy:
-        """Read ``full``, ``top_k=K``, ``round=N``, ``label_only``, ``reverse_sigmoid`` or
+        """Read ``full``, ``top_k=K``, ``round=N``, ``confidence=N``, ``label_only``,
+        ``reverse_sigmoid`` or
         ``reverse_sigmoid=BETA:GAMMA`` (ASCII digits only; surrounding spaces are ignored).
 
         Raises ``InvalidInput``, without echoing the text, for anything else.
@@ -129,6 +141,8 @@ class OutputPolicy:
             raise InvalidInput(f"the {kind} value is out of range")
         if kind == "top_k":
             return cls(kind, k=int(first))
+        if kind == "confidence":
+            return cls(kind, bands=int(first))
         return cls(kind, decimals=int(first))
 
     def __str__(self) -> str:
@@ -136,6 +150,8 @@ class OutputPolicy:
             return f"top_k={self.k}"
         if self.kind == "round":
             return f"round={self.decimals}"
+        if self.kind == "confidence":
+            return f"confidence={self.bands}"
         if self.kind == "reverse_sigmoid" and (self.beta, self.gamma) != (
             DEFAULT_BETA,
             DEFAULT_GAMMA,
@@ -183,6 +199,10 @@ def harden(
 def _harden_scores(policy: OutputPolicy, scores: np.ndarray) -> np.ndarray:
     if scores.shape[0] == 0:
         return scores.copy()
+    if policy.kind == "confidence":
+        # The default policy, so on most requests: built in the output dtype around the
+        # model's own argmax, it needs neither the float64 round trip nor the repair.
+        return _banded_top(scores, policy.bands)
     # A row with non-finite scores (a broken model) has no top class to keep: its hardened
     # values are unspecified, but it must not raise, warn, or change how other rows come out.
     with np.errstate(all="ignore"):
@@ -203,6 +223,41 @@ def _transform(policy: OutputPolicy, scores: np.ndarray) -> np.ndarray:
     else:
         result = _reverse_sigmoid(wide, policy.beta, policy.gamma)
     return _keep_top(scores, result.astype(scores.dtype))
+
+
+def _banded_top(scores: np.ndarray, bands: int) -> np.ndarray:
+    """The top score of each row, rounded to the nearest of 1/bands .. 1; the others 0.
+
+    The band never drops below 1/bands and every other score is 0, so the top class is the
+    model's own in any float dtype. Rows with negative scores (logits) get the band of their
+    softmax probability. A handful of whole-array operations, no per-row work.
+    """
+    # Few and cheap numpy calls (np.clip and np.round cost several times a ufunc): this runs
+    # on every default request, where each array is a row or a few.
+    top = scores.argmax(axis=1)
+    if bands == 1:
+        # One band (the default, confidence=1): every top score shows as 1, a one-hot row,
+        # whatever its value; rows of an identity matrix, no arithmetic at all.
+        one_hot: np.ndarray = _identity(scores.shape[1], scores.dtype)[top]
+        return one_hot
+    rows = np.arange(top.size)
+    result = np.zeros(scores.shape, scores.dtype)
+    confidence = scores[rows, top]
+    # Non-finite scores (a broken model) must not raise or warn; their rows are unspecified.
+    with np.errstate(all="ignore"):
+        if (scores < 0.0).any():
+            confidence = 1.0 / np.exp(scores - confidence[:, None]).sum(axis=1)
+        band = np.maximum(np.minimum(np.rint(confidence * bands), bands), 1.0) / bands
+    result[rows, top] = band
+    return result
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(classes: int, dtype: np.dtype[Any]) -> np.ndarray:
+    """A read-only identity matrix; indexing it with rows makes a new array."""
+    identity = np.eye(classes, dtype=dtype)
+    identity.setflags(write=False)
+    return identity
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -285,7 +340,7 @@ def _check_int(
     if type(value) is not int or not lower <= value <= upper:
         raise InvalidInput(f"output policy {name} must be an integer in [{lower}, {upper}]")
     if not applies and value != default:
-        owner = "top_k" if name == "k" else "round"
+        owner = {"k": "top_k", "decimals": "round", "bands": "confidence"}[name]
         raise InvalidInput(f"{name} only applies to the {owner} policy")
 
 

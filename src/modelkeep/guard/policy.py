@@ -2,6 +2,11 @@
 
 Stored as JSON with the model (one policy per model, every version) and parsed once per snapshot.
 Every field is validated here, so a stored policy is always one the server can apply.
+
+A model with no stored policy gets :data:`DEFAULT_POLICY`, chosen to hold against membership
+inference and extraction out of the box (docs/hardening.md has the measurements): consumers see
+the top-1 answer and a coarse confidence, every key has a rate and a daily row budget, and the
+detectors raise alerts. Admins see full outputs. A stored policy is applied as written.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from modelkeep.guard.admission import Limits
 from modelkeep.guard.detection import OodReference
 from modelkeep.guard.hardening import OutputPolicy
 
-DETECTORS = frozenset({"prada", "ood"})
+DETECTORS = frozenset({"prada", "ood", "nearcopy"})
 ALARM_ACTIONS = ("log", "alert", "throttle", "block")
 ROLES = ("admin", "publisher", "consumer", "auditor")
 # A throttled caller keeps this share of its rates.
@@ -60,6 +65,8 @@ class ModelPolicy:
     detect: frozenset[str] = frozenset()
     on_alarm: str = "log"
     prada_threshold: float | None = None
+    # Bucket width of the near-copy detector, fitted by `policy calibrate` (None: the default).
+    nearcopy_width: float | None = None
     ood_reference: OodReference | None = None
     # Off unless set (DESIGN §1, data breaches): captured payloads are sensitive.
     capture: CapturePolicy | None = None
@@ -81,6 +88,7 @@ class ModelPolicy:
             "detect": sorted(self.detect),
             "on_alarm": self.on_alarm,
             "prada_threshold": self.prada_threshold,
+            "nearcopy_width": self.nearcopy_width,
             "ood_reference": None if self.ood_reference is None else self.ood_reference.to_json(),
             "capture": None if self.capture is None else self.capture.to_json(),
         }
@@ -100,6 +108,7 @@ class ModelPolicy:
             "detect",
             "on_alarm",
             "prada_threshold",
+            "nearcopy_width",
             "ood_reference",
             "capture",
         }
@@ -110,7 +119,7 @@ class ModelPolicy:
             raise InvalidInput(f"output_for maps roles ({', '.join(ROLES)}) to output policies")
         detect = data.get("detect") or []
         if not isinstance(detect, list) or not set(detect) <= DETECTORS:
-            raise InvalidInput("detect is a list of: prada, ood")
+            raise InvalidInput("detect is a list of: prada, ood, nearcopy")
         on_alarm = data.get("on_alarm", "log")
         if on_alarm not in ALARM_ACTIONS:
             raise InvalidInput(f"on_alarm is one of: {', '.join(ALARM_ACTIONS)}")
@@ -121,6 +130,11 @@ class ModelPolicy:
             or not 0 < threshold < 1
         ):
             raise InvalidInput("prada_threshold is a number between 0 and 1")
+        width = data.get("nearcopy_width")
+        if width is not None and (
+            isinstance(width, bool) or not isinstance(width, int | float) or not 0 < width <= 10
+        ):
+            raise InvalidInput("nearcopy_width is a number above 0, at most 10")
         reference = data.get("ood_reference")
         capture = data.get("capture")
         return cls(
@@ -132,14 +146,16 @@ class ModelPolicy:
             detect=frozenset(detect),
             on_alarm=on_alarm,
             prada_threshold=None if threshold is None else float(threshold),
+            nearcopy_width=None if width is None else float(width),
             ood_reference=None if reference is None else OodReference.from_json(reference),
             capture=None if capture is None else CapturePolicy.from_json(capture),
         )
 
     @classmethod
     def loads(cls, text: str | None) -> ModelPolicy:
+        """The stored policy ``text``, or :data:`DEFAULT_POLICY` when none is stored."""
         if text is None:
-            return cls()
+            return DEFAULT_POLICY
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -151,10 +167,23 @@ class ModelPolicy:
         return ModelPolicy.from_json({**self.to_json(), **changes})
 
 
-DEFAULT_POLICY = ModelPolicy()
+# What a model with no stored policy gets; each choice is measured in bench/bench_privacy.py
+# and explained in docs/hardening.md ("The defaults").
+DEFAULT_OUTPUT = OutputPolicy.parse("confidence=1")
+DEFAULT_POLICY = ModelPolicy(
+    # A rate per key and a daily row budget: extraction and probing need many rows.
+    limits=Limits(rate="100/second", budget="100000/day"),
+    # Consumers get the top-1 answer and a coarse confidence; admins the model's own scores.
+    output=DEFAULT_OUTPUT,
+    output_for=MappingProxyType({"admin": _FULL}),
+    # The OOD monitor acts once `modelkeep policy calibrate` has fitted its reference.
+    detect=frozenset({"prada", "nearcopy", "ood"}),
+    on_alarm="alert",
+)
 
 __all__ = [
     "ALARM_ACTIONS",
+    "DEFAULT_OUTPUT",
     "DEFAULT_POLICY",
     "DETECTORS",
     "THROTTLE_FACTOR",

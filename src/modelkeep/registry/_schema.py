@@ -229,3 +229,16 @@ push_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False, index=True),
 )
+
+# The leakage report of `modelkeep policy assess` per model version (modelkeep.guard.leakage):
+# attack AUCs per output policy, never the rows it was measured on. The latest run replaces
+# the previous one; every run is in the audit log.
+privacy_reports = Table(
+    "privacy_reports",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("report", Text, nullable=False),
+    Column("created_by", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)

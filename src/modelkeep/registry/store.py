@@ -303,6 +303,41 @@ class MetadataStore:
                 )
             )
 
+    def save_privacy_report(
+        self, model: str, version: int, report_json: str, *, actor: str, now: datetime
+    ) -> None:
+        """Keep the leakage report of a model version, replacing an earlier one."""
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            where = (t.privacy_reports.c.model_id == model_id) & (
+                t.privacy_reports.c.version == version
+            )
+            conn.execute(sa.delete(t.privacy_reports).where(where))
+            conn.execute(
+                sa.insert(t.privacy_reports).values(
+                    model_id=model_id,
+                    version=version,
+                    report=report_json,
+                    created_by=actor,
+                    created_at=now,
+                )
+            )
+
+    def privacy_report(self, model: str, version: int) -> dict[str, Any] | None:
+        """The kept leakage report of a model version, with who made it and when, or None."""
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            row = conn.execute(
+                sa.select(t.privacy_reports).where(
+                    (t.privacy_reports.c.model_id == model_id)
+                    & (t.privacy_reports.c.version == version)
+                )
+            ).first()
+        if row is None:
+            return None
+        report: dict[str, Any] = json.loads(row.report)
+        return {**report, "created_by": row.created_by, "created_at": row.created_at.isoformat()}
+
     def restrict_key(
         self, model: str, key_id: str, *, kind: str, reason: str, now: datetime
     ) -> None:

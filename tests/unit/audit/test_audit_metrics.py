@@ -58,6 +58,7 @@ def record_one_of_each(m: Metrics) -> None:
     m.shed(model="iris")
     m.auth_failure(reason="invalid")
     m.detector_alarm(model="iris", detector="prada")
+    m.detector_feed_dropped()
     m.set_models_loaded(2)
     m.set_model_memory(model="iris", version=1, nbytes=1024)
     m.scan_refused(verdict="malicious")
@@ -87,6 +88,7 @@ def test_metric_names_and_label_sets_are_exactly_the_documented_ones(metrics: Me
         "modelkeep_shed_total": {"model"},
         "modelkeep_auth_failures_total": {"reason"},
         "modelkeep_detector_alarms_total": {"model", "detector"},
+        "modelkeep_detector_feed_dropped_total": set(),
         "modelkeep_models_loaded": set(),
         "modelkeep_model_memory_bytes": {"model", "version"},
         "modelkeep_scan_refusals_total": {"verdict"},

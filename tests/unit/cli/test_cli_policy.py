@@ -53,11 +53,30 @@ def _default_policy() -> dict[str, Any]:
     }
 
 
+ASSESS_REPORT = {
+    "model": "digits",
+    "version": 3,
+    "target_auc": 0.6,
+    "members": 40,
+    "non_members": 30,
+    "policies": [
+        {"policy": "full", "auc": 0.81, "tpr_at_1pct_fpr": 0.12, "attack": "calibrated",
+         "top1_agreement": 1.0},
+        {"policy": "round=1", "auc": 0.57, "tpr_at_1pct_fpr": 0.0, "attack": "threshold",
+         "top1_agreement": 1.0},
+    ],
+    "recommended": "round=1",
+    "target_met": True,
+}  # fmt: skip
+
+
 @dataclass
 class PolicyServer(FakeServer):
     """The fake management API plus the guard policy routes, as api/policy.py answers them."""
 
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    assessed: dict[str, Any] = field(default_factory=dict)
+    assess_params: dict[str, str] = field(default_factory=dict)
     restrictions: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
     budget_resets: list[tuple[str, str]] = field(default_factory=list)
 
@@ -67,6 +86,7 @@ class PolicyServer(FakeServer):
             ("GET", rf"{m}/policy", self._get_policy),
             ("PUT", rf"{m}/policy", self._put_policy),
             ("POST", rf"{m}/policy/calibrate", self._calibrate),
+            ("POST", rf"{m}/policy/assess", self._assess),
             ("DELETE", rf"{m}/restrictions/([^/]+)", self._unblock),
             ("POST", rf"{m}/budgets/([^/]+)/reset", self._reset_budget),
             *super()._routes(),
@@ -104,6 +124,14 @@ class PolicyServer(FakeServer):
         self.policies[name]["prada_threshold"] = CALIBRATED_THRESHOLD
         self.policies[name]["ood_reference"] = STORED_REFERENCE
         return httpx.Response(200, json=self._shown(name))
+
+    def _assess(
+        self, request: httpx.Request, body: bytes, caller: str, name: str
+    ) -> httpx.Response:
+        with np.load(BytesIO(body), allow_pickle=False) as npz:
+            self.assessed = {key: npz[key] for key in npz.files}
+        self.assess_params = dict(request.url.params)
+        return httpx.Response(200, json=ASSESS_REPORT)
 
     def _unblock(
         self, request: httpx.Request, body: bytes, caller: str, name: str, key_id: str
@@ -320,7 +348,7 @@ def test_set_detect_none_threshold_and_alarm_are_sent_as_given(
         (["--output", "top_k"], "an output policy is one of"),
         (["--output-for", "consumer"], "write ROLE=POLICY"),
         (["--output-for", "admin=full", "--output-for", "admin=round=1"], "given twice"),
-        (["--detect", "prada,magic"], "give prada, ood, prada,ood or none"),
+        (["--detect", "prada,magic"], "give some of prada, ood, nearcopy"),
         (["--on-alarm", "explode"], "give one of: log, alert, throttle, block"),
         (["--prada-threshold", "1"], "between 0 and 1"),
         ([], "nothing to change"),
@@ -694,3 +722,59 @@ def test_policy_help_works(command: list[str]) -> None:
 
     assert result.exit_code == 0, result.output
     assert f"Usage: modelkeep {' '.join(command)}" in result.stdout
+
+
+# -- the defaults and policy assess -------------------------------------------------------------
+
+
+def test_show_marks_the_defaults_and_says_why(invoke: Invoke, server: PolicyServer) -> None:
+    server.policies["digits"] = {
+        **_default_policy(),
+        "limits": {"rate": "100/second", "budget": "100000/day"},
+        "output": "confidence=1",
+        "output_for": {"admin": "full"},
+        "detect": ["nearcopy", "ood", "prada"],
+        "on_alarm": "alert",
+        "default": True,
+    }
+    result = invoke("policy", "show", "digits")
+    assert result.exit_code == 0, result.output
+    assert "  output:           confidence=1" in result.stdout.splitlines()
+    assert "no policy is set for this model: these are modelkeep's defaults" in result.stdout
+    assert "modelkeep policy set MODEL --output full" in result.stdout
+    # The OOD monitor of the defaults waits for calibration, which the notes say already.
+    assert result.stderr == ""
+
+
+def test_assess_sends_both_files_as_one_npz_and_prints_the_report(
+    invoke: Invoke, server: PolicyServer, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(0)
+    members, non_members = tmp_path / "train.npz", tmp_path / "test.npz"
+    np.savez(members, X=rng.normal(size=(40, 4)), y=rng.integers(0, 3, 40))
+    np.savez(non_members, X=rng.normal(size=(30, 4)), y=rng.integers(0, 3, 30))
+    result = invoke(
+        "policy", "assess", "digits", "--members", str(members), "--non-members",
+        str(non_members), "--target-auc", "0.6", "--version", "3",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(server.assessed) == ["members_X", "members_y", "non_members_X", "non_members_y"]
+    assert server.assessed["members_X"].shape == (40, 4)
+    assert server.assess_params == {"target_auc": "0.6", "apply": "false", "version": "3"}
+    lines = result.stdout.splitlines()
+    assert lines[0] == "membership leakage of digits version 3 (40 members, 30 non-members)"
+    assert lines[2].split() == ["full", "0.810", "12.0%", "100.0%", "calibrated"]
+    assert "recommended (under AUC 0.6): round=1" in lines
+    assert "apply it with: modelkeep policy set digits --output round=1" in lines
+
+
+def test_assess_refuses_a_file_that_is_not_an_npz_of_x_and_y(
+    invoke: Invoke, server: PolicyServer, tmp_path: Path
+) -> None:
+    good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
+    np.savez(good, X=np.zeros((3, 2)), y=np.zeros(3, dtype=int))
+    np.savez(bad, rows=np.zeros((3, 2)))
+    result = invoke("policy", "assess", "digits", "--members", str(good), "--non-members", str(bad))
+    assert result.exit_code == 1
+    assert _one_error_line(result.stderr) == "error: bad.npz: the .npz must hold exactly X and y"
+    assert server.requests == []

@@ -165,6 +165,9 @@ def test_push_human_output_names_version_and_digest_and_warns_when_unsigned(
     assert result.exit_code == 0, result.output
     expected = [
         f"pushed iris version 2 (2.0 kB, sha256 {hashlib.sha256(content).hexdigest()})",
+        "served under iris's guard policy; with none set, modelkeep's defaults: consumers see the"
+        " top-1 class only, each key has a rate and a daily row budget, detectors alert"
+        " (`modelkeep policy show iris`)",
         "point a label at it: modelkeep label set iris production 2",
     ]
     assert expected == result.stdout.splitlines()

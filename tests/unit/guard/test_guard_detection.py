@@ -319,7 +319,8 @@ def test_memory_per_client_is_bounded() -> None:
     for _ in range(20):
         rows = rng.normal(size=(250, features)) * rng.uniform(0.1, 10.0)
         detector.observe("c", rows, rng.integers(0, 9, size=250))
-    bound = config.max_samples + config.max_classes * (config.max_growing * (features + 1) + 1) + 1
+    # + 3: the counts (classes, distances recorded, recorded at the last check of W)
+    bound = config.max_samples + config.max_classes * (config.max_growing * (features + 1) + 1) + 3
     assert 0 < state.size("c") <= bound
     assert len(state.get("c", "prada/d")) == config.max_samples  # type: ignore[arg-type]
 
@@ -347,7 +348,8 @@ def test_string_labels_are_tracked_per_class() -> None:
     state = InMemoryDetectorState()
     result = PradaDetector(PradaConfig(), state=state).observe("c", rows, labels)
     assert result.samples == 57
-    assert state.get("c", "prada/classes").tolist() == [3.0]  # type: ignore[union-attr]
+    # classes tracked, distances recorded, recorded when W was last checked
+    assert state.get("c", "prada/classes").tolist() == [3.0, 57.0, 57.0]  # type: ignore[union-attr]
 
 
 def test_rows_with_non_finite_values_are_ignored() -> None:
