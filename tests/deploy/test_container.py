@@ -191,11 +191,17 @@ def test_the_logs_are_json_lines(container: tuple[str, Server]) -> None:
 
 
 def test_sigterm_drains_loses_no_accepted_request_and_exits_0(
-    container: tuple[str, Server],
+    container: tuple[str, Server], iris_onnx: bytes
 ) -> None:
     """Not ready at once, still serving during the delay, every accepted request answered,
     access lines flushed, exit status 0 within delay + grace."""
     name, server = container
+    # No rate limit or budget (a new model's defaults allow 100/s): this measures the drain.
+    with server.client(server.admin_key) as admin:
+        if admin.get("/api/v1/models/iris/versions").status_code != 200:
+            assert push(server, "iris", iris_onnx).status_code == 201  # run without the tour
+        policy = {"limits": {}, "output": "full", "detect": []}
+        assert admin.put("/api/v1/models/iris/policy", json=policy).status_code == 200
     key = create_key(server, "consumer", ["iris"])
     consumer = str(key["key"])
     body = {

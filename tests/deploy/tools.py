@@ -56,14 +56,19 @@ def podman_env() -> dict[str, str]:
 def podman(
     *args: str, check: bool = True, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    proc = subprocess.run(
         ["podman", *args],
         capture_output=True,
         text=True,
-        check=check,
+        check=False,
         timeout=timeout,
         env=podman_env(),
     )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"podman {' '.join(args[:2])} exited {proc.returncode}: {proc.stderr[-2000:]}"
+        )
+    return proc
 
 
 def render(*values: str, release: str = "mk", set_values: tuple[str, ...] = ()) -> str:

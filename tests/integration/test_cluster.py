@@ -166,6 +166,9 @@ def test_killing_a_replica_under_load_loses_no_write_and_answers_no_5xx(
     model = _model(cluster)
     with cluster.client(cluster.admin_key) as c:
         assert c.put(f"/api/v1/models/{model}/labels/production", json={"version": 1}).is_success
+        # No rate limit or budget (a new model's defaults allow 100/s): this measures failover.
+        policy = {"limits": {}, "output": "full", "detect": []}
+        assert c.put(f"/api/v1/models/{model}/policy", json=policy).status_code == 200
     key = _consumer_key(cluster, model)
     connections = 4
     statuses: Counter[int] = Counter()

@@ -182,7 +182,8 @@ def test_128_mb_headers_get_431_without_memory_growth_or_slowing_others(server: 
         stop.set()
         attacker.join(timeout=120)
 
-    assert len(results) >= 4
+    # At least one wave of two attackers at once ran while the normal client was measured.
+    assert len(results) >= 2
     for answer, sent in results:
         status, headers = parse_head(answer)
         assert status == 431
