@@ -67,7 +67,12 @@ BODY_ROWS = 16  # distinct one-row bodies, cycled, so no layer can cache a singl
 # PRADA, near-copy and OOD detectors in alert mode, admission counted), with the default rate
 # and budget raised out of the load's reach: they would refuse it, and the bench measures what
 # each request costs, not how many a key may send.
-BENCH_POLICY = {"limits": {"rate": "1000000/second", "budget": "1000000000000/day"}}
+BENCH_POLICY: dict[str, Any] = json.loads(
+    os.environ.get(
+        "BENCH_POLICY",
+        '{"limits": {"rate": "1000000/second", "budget": "1000000000000/day"}}',
+    )
+)
 
 
 class HarnessError(Exception):
@@ -804,8 +809,12 @@ def measure_workers(
     """
     opts = loader.opts
     print(f"\nworkers: --workers 1 and 2 at concurrency {WORKERS_CONCURRENCY}, unpinned")
-    one = start_modelkeep(tmp / "w1", model, procs, NO_PIN, workers=1, label="mk-1worker")
-    two = start_modelkeep(tmp / "w2", model, procs, NO_PIN, workers=2, label="mk-2workers")
+    one = start_modelkeep(
+        tmp / "w1", model, procs, NO_PIN, workers=1, label="mk-1worker", policy=BENCH_POLICY
+    )
+    two = start_modelkeep(
+        tmp / "w2", model, procs, NO_PIN, workers=2, label="mk-2workers", policy=BENCH_POLICY
+    )
     point = Point(WORKERS_CONCURRENCY)
     for round_no in range(1, opts.rounds + 1):
         for target in (one, two):
