@@ -149,3 +149,27 @@ def build_slow_onnx(width: int = 1024) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return bytes(model.SerializeToString())
+
+
+def build_big_onnx(nbytes: int, *, seed: int = 7) -> bytes:
+    """A model of about ``nbytes``: ``y = input + sum(w)`` with ``w`` ``nbytes`` of random FP32.
+
+    Same input and output shapes as the iris model (FP32 ``[N, 4]``); for tests of large pushes
+    and loads (memory, crashes, retries). Random weights do not compress.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.random.default_rng(seed).random(nbytes // 4, dtype=np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["w"], ["s"], keepdims=0),
+            helper.make_node("Add", ["input", "s"], ["y"]),
+        ],
+        "big",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        initializer=[numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return bytes(model.SerializeToString())

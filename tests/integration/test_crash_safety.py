@@ -20,13 +20,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from harness import Server, create_key, init_server, push
-from onnx import TensorProto, helper, numpy_helper
 
 from modelkeep.registry.store import MetadataStore
-from modelkeep.testing import build_iris_onnx, iris_rows
+from modelkeep.testing import build_big_onnx, build_iris_onnx, iris_rows
 
 pytestmark = pytest.mark.integration
 
@@ -35,26 +33,9 @@ BIG_BYTES = 200 * 1024 * 1024
 CHUNK = 1024 * 1024
 
 
-def build_big_onnx() -> bytes:
-    """``y = input + sum(w)`` with ``w`` 200 MiB of random FP32: same I/O as the iris model."""
-    weights = np.random.default_rng(7).random(BIG_BYTES // 4, dtype=np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceSum", ["w"], ["s"], keepdims=0),
-            helper.make_node("Add", ["input", "s"], ["y"]),
-        ],
-        "big",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
-        initializer=[numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    return bytes(model.SerializeToString())
-
-
 @pytest.fixture(scope="module")
 def big_onnx() -> bytes:
-    return build_big_onnx()
+    return build_big_onnx(BIG_BYTES)
 
 
 @pytest.fixture(scope="module")

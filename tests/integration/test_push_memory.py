@@ -18,10 +18,9 @@ import httpx
 import numpy as np
 import pytest
 from harness import Server, ensure_model, init_server, publisher_key, sign_bytes
-from onnx import TensorProto, helper, numpy_helper
 
 from modelkeep.crypto.signing import sign_path
-from modelkeep.testing import build_iris_onnx
+from modelkeep.testing import build_big_onnx, build_iris_onnx
 
 pytestmark = pytest.mark.integration
 
@@ -109,23 +108,6 @@ def chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
-def onnx_of(nbytes: int) -> bytes:
-    """``y = input + sum(w)`` with ``w`` ``nbytes`` of random FP32."""
-    weights = np.random.default_rng(3).random(nbytes // 4, dtype=np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceSum", ["w"], ["s"], keepdims=0),
-            helper.make_node("Add", ["input", "s"], ["y"]),
-        ],
-        "big",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
-        initializer=[numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    return bytes(model.SerializeToString())
-
-
 def test_a_wrongly_signed_upload_four_times_the_allowance_is_refused_and_leaves_nothing(
     srv: Server,
 ) -> None:
@@ -173,7 +155,7 @@ def test_a_scan_only_file_four_times_the_allowance_is_scanned_without_being_held
 
 
 def test_a_loaded_model_is_pushed_within_its_size_plus_256_mib(srv: Server) -> None:
-    data = onnx_of(64 * MiB)
+    data = build_big_onnx(64 * MiB, seed=3)
 
     response, growth = peak_growth(srv, data, sign_bytes(data))
 

@@ -19,12 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from harness import Server, ensure_model, init_server, run_cli, sign_bytes
-from onnx import TensorProto, helper, numpy_helper
 
-from modelkeep.testing import build_iris_onnx
+from modelkeep.testing import build_big_onnx, build_iris_onnx
 
 pytestmark = pytest.mark.integration
 
@@ -32,26 +30,9 @@ MODEL = "m"
 BIG_BYTES = 96 * 1024 * 1024
 
 
-def build_big_onnx(seed: int = 7) -> bytes:
-    """``y = input + sum(w)`` with ``w`` 96 MiB of random FP32: the iris model's inputs."""
-    weights = np.random.default_rng(seed).random(BIG_BYTES // 4, dtype=np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceSum", ["w"], ["s"], keepdims=0),
-            helper.make_node("Add", ["input", "s"], ["y"]),
-        ],
-        "big",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
-        initializer=[numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    return bytes(model.SerializeToString())
-
-
 @pytest.fixture(scope="module")
 def big() -> tuple[bytes, bytes]:
-    data = build_big_onnx()
+    data = build_big_onnx(BIG_BYTES)
     return data, sign_bytes(data)
 
 
