@@ -43,7 +43,18 @@ def pod(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     manifest.write_text(yaml.safe_dump_all(docs))
     name = deployment["metadata"]["name"]
     try:
-        podman("kube", "play", str(manifest), timeout=180)
+        # podman 4.3 sometimes fails to remove a "once" init container that is still exiting
+        # ("cannot remove container ... as it is running"): take the pod down and play again.
+        for attempt in range(3):
+            played = podman("kube", "play", str(manifest), check=False, timeout=180)
+            if played.returncode == 0 or "failed to remove once init container" not in (
+                played.stderr
+            ):
+                break
+            podman("kube", "down", str(manifest), check=False, timeout=120)
+            podman("volume", "rm", "--force", name, check=False)
+            time.sleep(1 + attempt)
+        assert played.returncode == 0, played.stderr[-2000:]
         yield _container_of(name), deployment
     finally:
         podman("kube", "down", str(manifest), check=False, timeout=120)
