@@ -29,6 +29,7 @@ from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
 from .audit import audit_router
 from .capture import capture_router
+from .grpc.server import GrpcListener
 from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
@@ -41,12 +42,15 @@ def create_app(
     manage_lifecycle: bool = True,
     drain_on_sigterm: bool = False,
     tls_certfile: Path | None = None,
+    serve_grpc: bool = False,
 ) -> ASGIApp:
     """Build the app. With ``manage_lifecycle`` the app starts and stops the service's poller;
     with ``drain_on_sigterm`` (the server) SIGTERM drains it first (``api/_drain.py``); with
-    ``tls_certfile`` it watches when that certificate expires (metric and log warning)."""
+    ``tls_certfile`` it watches when that certificate expires (metric and log warning); with
+    ``serve_grpc`` its lifespan also runs the gRPC listener on ``grpc_port`` (``api/grpc/``)."""
 
     access_log = AccessLog() if service.settings.access_log else None
+    grpc_listener: GrpcListener | None = None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -57,9 +61,13 @@ def create_app(
         watch = None
         if tls_certfile is not None:
             watch = asyncio.create_task(watch_certificate(tls_certfile, service.metrics))
+        if grpc_listener is not None:
+            await grpc_listener.start()
         try:
             yield
         finally:
+            if grpc_listener is not None:
+                await grpc_listener.stop(service.settings.shutdown_grace_s)
             if watch is not None:
                 watch.cancel()
             if access_log is not None:
@@ -101,6 +109,8 @@ def create_app(
         return Response(body, media_type=content_type)
 
     observed = ObserveMiddleware(app, service.metrics, access_log=access_log)
+    if serve_grpc:
+        grpc_listener = GrpcListener(service, service.settings, observed)
     return FastInfer(observed, service, InferRunner(service), observer=observed)
 
 
@@ -113,5 +123,8 @@ def create_app_from_env() -> ASGIApp:
     if settings.tracing:
         tracing.enable()
     return create_app(
-        Service.open(settings), drain_on_sigterm=True, tls_certfile=settings.tls_files[0]
+        Service.open(settings),
+        drain_on_sigterm=True,
+        tls_certfile=settings.tls_files[0],
+        serve_grpc=settings.grpc_port != 0,
     )
