@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from modelkeep import __version__
 from modelkeep.audit.access import bind_request, input_digest, new_request_id, reset_request
 from modelkeep.auth import AuthFailure, Principal
-from modelkeep.errors import ModelkeepError
+from modelkeep.errors import InvalidInput, ModelkeepError
 from modelkeep.service import Service
 
 from .._errors import STATUS_BY_CODE as HTTP_STATUS_BY_CODE
@@ -116,6 +116,7 @@ class InferenceServicer:
     ) -> pb.ModelReadyResponse:
         call.model, call.version = request.name, request.version or None
         principal = await self._authenticate(call, context)
+        _named(request.name)
         ready = self.dataplane.model_ready(principal, request.name, request.version or None)
         return pb.ModelReadyResponse(ready=ready)
 
@@ -124,6 +125,7 @@ class InferenceServicer:
     ) -> pb.ModelMetadataResponse:
         call.model, call.version = request.name, request.version or None
         principal = await self._authenticate(call, context)
+        _named(request.name)
         metadata = self.dataplane.model_metadata(principal, request.name, request.version or None)
         return model_metadata_response(metadata)
 
@@ -137,6 +139,7 @@ class InferenceServicer:
         # use that model (the decoder runs inside the data plane, after authorization).
         message = parse_infer_request(body)
         call.model, call.version = message.model_name, message.model_version or None
+        _named(message.model_name)
 
         def decode(signature: Any, max_elements: int) -> GrpcInferRequest:
             return decode_infer_request(message, signature, max_elements)
@@ -320,6 +323,12 @@ def _refusal(exc: ModelkeepError) -> _Refusal:
     if exc.retry_after is not None:
         trailers = (("retry-after", str(max(1, int(-(-exc.retry_after // 1))))),)
     return _Refusal(code, exc.message if shown else "internal error", http_status, trailers)
+
+
+def _named(model: str) -> None:
+    # proto3 cannot tell an absent name from an empty one; either is the caller's mistake.
+    if not model:
+        raise InvalidInput("the request names no model")
 
 
 def _peer_host(peer: str | None) -> str | None:
