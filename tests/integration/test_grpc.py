@@ -385,3 +385,30 @@ def test_the_kserve_sdk_grpc_client_works(world: World) -> None:
     np.testing.assert_allclose(
         answer["outputs"]["probabilities"], expected["probabilities"], rtol=1e-6
     )
+
+
+def test_every_worker_serves_grpc_on_the_shared_port(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    port = free_port()
+    server = init_server(
+        tmp_path_factory.mktemp("grpc-workers"),
+        workers=2,
+        extra_env={"MODELKEEP_GRPC_PORT": str(port)},
+    )
+    server.start()
+    try:
+        assert push(server, "iris", build_iris_onnx()).status_code == 201
+        time.sleep(1.0)  # the other worker learns of the push at its next refresh
+        headers = {"authorization": f"Bearer {server.admin_key}"}
+        rows = np.asarray(iris_rows(1), dtype=np.float32)
+        for _ in range(12):  # a new connection each time: the kernel spreads them
+            with tgrpc.InferenceServerClient(
+                f"127.0.0.1:{port}", ssl=True, root_certificates=str(server.ca_cert)
+            ) as client:
+                result = client.infer("iris", triton_inputs(rows), headers=headers)
+                assert result.as_numpy("label") is not None
+        listening = [line for line in server.log().splitlines() if "serving gRPC" in line]
+        assert len(listening) == 2, server.log()
+    finally:
+        server.stop()
