@@ -18,6 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from modelkeep.api._infer import INLINE_BUDGET_S
 from modelkeep.auth import Principal
 from modelkeep.errors import Forbidden, NotFound, RateLimited, Unavailable
 from modelkeep.guard.gate import request_rows
@@ -64,6 +65,12 @@ class ShimDataPlane:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.in_flight = 0
+        settings = service.settings
+        # As InferRunner: small calls to fast models run inline on the event loop.
+        self.inline_max_bytes = (
+            settings.inline_max_bytes if settings.limits_storage == "memory://" else -1
+        )
+        self._cost: dict[str, float] = {}
 
     def model_metadata(
         self, principal: Principal, model: str, version: str | None = None
@@ -88,13 +95,29 @@ class ShimDataPlane:
             self.service.metrics.shed(model=model)
             raise Unavailable("the server is overloaded; retry shortly", retry_after=1)
         self.in_flight += 1
+        inline = (
+            len(call.body) <= self.inline_max_bytes and self._cost.get(model, 0.0) < INLINE_BUDGET_S
+        )
         try:
+            if inline:
+                return self._timed(principal, model, call, version)
             async with asyncio.timeout(settings.inference_timeout_s):
-                return await asyncio.to_thread(self._infer, principal, model, call, version)
+                return await asyncio.to_thread(self._timed, principal, model, call, version)
         except TimeoutError:
             raise Unavailable("inference timed out", retry_after=1) from None
         finally:
             self.in_flight -= 1
+
+    def _timed(
+        self, principal: Principal, model: str, call: InferCall[R], version: str | None
+    ) -> InferResult[R]:
+        started = time.perf_counter()
+        try:
+            return self._infer(principal, model, call, version)
+        finally:
+            elapsed = time.perf_counter() - started
+            if len(self._cost) < 10_000 or model in self._cost:
+                self._cost[model] = 0.8 * self._cost.get(model, elapsed) + 0.2 * elapsed
 
     def _infer(
         self, principal: Principal, model: str, call: InferCall[R], version: str | None
