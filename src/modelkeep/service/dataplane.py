@@ -1,22 +1,48 @@
-"""The Open Inference Protocol calls of ``Service``: metadata, readiness and inference."""
+"""The protocol-neutral data plane: metadata, readiness and inference (the hot path).
+
+Every protocol adapter (V2 REST today, more under ``api/``) decodes nothing itself before the
+caller is authorized: it hands ``DataPlane.infer`` the body as received and a decoder, and
+encodes the ``InferResult`` it gets back. Authorization, the block check, decoding against the
+signature, admission, the bounded queue, the runtime, the detectors, hardening, metrics and
+payload capture all happen here, in that order, for every protocol alike. The contract is
+written down in docs/architecture.md ("Adding a protocol").
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import numpy as np
 
 from modelkeep import __version__
-from modelkeep._service._base import ServiceBase, SnapshotMemo, log, model_target
 from modelkeep.audit import tracing
 from modelkeep.auth import Principal
-from modelkeep.errors import Forbidden, RateLimited, Unavailable
+from modelkeep.errors import Forbidden, InvalidInput, NotFound, RateLimited, Unavailable
 from modelkeep.guard.gate import Alarm, request_rows
 from modelkeep.guard.policy import ModelPolicy
-from modelkeep.guard.tensors import InferRequest, decode_infer_request, encode_infer_response
 from modelkeep.policy import Action
 from modelkeep.registry.records import ModelRecord, VersionRecord
 from modelkeep.runtime.base import LoadedModel
+from modelkeep.runtime.signature import ModelSignature
+from modelkeep.service._base import SnapshotMemo, is_safe_name, log, model_target
+from modelkeep.service._runner import InferRunner
+
+if TYPE_CHECKING:
+    from modelkeep.service.core import Service
+
+__all__ = [
+    "PLATFORMS",
+    "Budget",
+    "DataPlane",
+    "Decoded",
+    "InferCall",
+    "InferResult",
+    "Observed",
+]
 
 PLATFORMS = {
     "onnx": "onnxruntime_onnx",
@@ -25,6 +51,70 @@ PLATFORMS = {
     "xgboost-ubj": "xgboost",
     "lightgbm-text": "lightgbm",
 }
+
+# Resolved infer targets kept per snapshot, at most this many (model and version come from URLs).
+_MAX_TARGETS = 4096
+
+
+class Decoded(Protocol):
+    """What a decoder returns; V2's ``InferRequest`` fits."""
+
+    @property
+    def inputs(self) -> Mapping[str, np.ndarray]:
+        """Exactly the signature's inputs, in signature order."""
+        ...
+
+    def output_names(self) -> list[str] | None:
+        """The outputs the caller asked for; ``None`` means all of them."""
+        ...
+
+
+R = TypeVar("R", bound=Decoded)
+
+
+@dataclass(slots=True)
+class Observed:
+    """What the access log needs from a call, filled in as the data plane learns it (also for a
+    call refused after decoding): the rows and the version served."""
+
+    rows: int | None = None
+    version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InferCall(Generic[R]):
+    """One inference request as a protocol adapter hands it over.
+
+    ``decode(signature, max_elements)`` builds tensors checked against the signature, refusing
+    with ``InvalidInput`` / ``TooLarge`` before allocating tensors larger than ``max_elements``
+    elements. It runs only after authentication and authorization succeeded.
+    """
+
+    body: bytes  # the payload as received (its size and capture use it as is)
+    decode: Callable[[ModelSignature, int], R]
+    protocol: str = "v2"  # "v2", "v2-grpc", "tfserving", "sagemaker", "azureml", "vertex"
+    observed: Observed | None = None  # filled in for the access log, when given
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The caller's row budget on the model after this call."""
+
+    limit: int
+    remaining: int
+    reset: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class InferResult(Generic[R]):
+    model: str  # the model's name
+    version: int  # the version that answered
+    request: R  # what decode returned
+    # Hardened for the caller's role, in signature order; outputs removed by hardening are
+    # absent; only those of request.output_names() when it names some.
+    outputs: dict[str, np.ndarray]
+    rows: int
+    budget: Budget | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,22 +128,50 @@ class InferTarget:
     policy: ModelPolicy
 
 
-class InferenceMixin(ServiceBase):
-    """Server and model metadata, readiness and inference (the hot path)."""
+class DataPlane:
+    """Server and model metadata, readiness and inference, for every protocol alike."""
 
-    _targets: SnapshotMemo[tuple[Any, ...], InferTarget]
+    def __init__(self, core: Service) -> None:
+        self._core = core
+        self.settings = core.settings
+        self.metrics = core.metrics
+        self.gate = core.gate
+        self.authorizer = core.authorizer
+        self.max_elements = core.settings.max_tensor_elements
+        self.runner = InferRunner(core.settings, core.metrics)
+        # What an infer call resolves before it runs, per (caller, model, version, label),
+        # valid for one snapshot (see _target).
+        self._targets: SnapshotMemo[tuple[Any, ...], InferTarget] = SnapshotMemo(_MAX_TARGETS)
+        self._alarm_seen: dict[tuple[str, str, str], float] = {}
 
-    # -- Open Inference Protocol -------------------------------------------------------------
+    # -- metadata and readiness --------------------------------------------------------------
 
     def server_metadata(self, principal: Principal) -> dict[str, Any]:
         self.authorizer.check(principal, Action.SERVER_READ)
         return {"name": "modelkeep", "version": __version__, "extensions": ["binary_tensor_data"]}
 
+    def signature(
+        self,
+        principal: Principal,
+        model: str,
+        version: str | None = None,
+        label: str | None = None,
+    ) -> tuple[VersionRecord, ModelSignature]:
+        """The version ``version`` or ``label`` names (else the default) and its signature."""
+        record = self._core._model(principal, Action.MODEL_READ, model)
+        found = resolve_version(record, version, label)
+        return found, found.signature
+
     def model_metadata(
-        self, principal: Principal, model: str, version: str | None
+        self,
+        principal: Principal,
+        model: str,
+        version: str | None = None,
+        label: str | None = None,
     ) -> dict[str, Any]:
-        record = self._model(principal, Action.MODEL_READ, model)
-        found = self._version(record, version)
+        """Name, versions, platform and signature (V2 JSON form), and the version meant."""
+        record = self._core._model(principal, Action.MODEL_READ, model)
+        found = resolve_version(record, version, label)
         signature = found.signature.to_json()
         return {
             "name": record.name,
@@ -61,50 +179,70 @@ class InferenceMixin(ServiceBase):
             "platform": PLATFORMS.get(found.format, found.format),
             "inputs": signature["inputs"],
             "outputs": signature["outputs"],
+            "version": found.number,
         }
 
-    def model_ready(self, principal: Principal, model: str, version: str | None) -> bool:
-        record = self._model(principal, Action.MODEL_READ, model)
-        found = self._version(record, version)
+    def model_ready(
+        self,
+        principal: Principal,
+        model: str,
+        version: str | None = None,
+        label: str | None = None,
+    ) -> bool:
+        record = self._core._model(principal, Action.MODEL_READ, model)
+        found = resolve_version(record, version, label)
         try:
-            self._session(found)
+            self._core._session(found)
         except Unavailable:
             return False
         return True
 
-    def infer(
+    # -- inference ---------------------------------------------------------------------------
+
+    async def infer(
         self,
         principal: Principal,
         model: str,
-        version: str | None,
-        body: bytes,
-        *,
-        header_length: int | None = None,
-        stats: dict[str, Any] | None = None,
-    ) -> tuple[bytes, dict[str, str]]:
-        """Validate a V2 request, admit it, run it, watch it, harden the answer, encode it.
+        call: InferCall[R],
+        version: str | None = None,
+        label: str | None = None,
+    ) -> InferResult[R]:
+        """Authorize, decode, admit, queue, run, watch and harden one call.
 
-        ``stats`` (the request's ASGI state) receives the rows and version for the access log.
+        Raises only ``ModelkeepError`` subclasses. At most one of ``version`` (digits) and
+        ``label`` (a modelkeep label) names the version; neither means the default one.
         """
+        return await self.runner.run(
+            model, len(call.body), self.infer_now, principal, model, call, version, label
+        )
+
+    def infer_now(
+        self,
+        principal: Principal,
+        model: str,
+        call: InferCall[R],
+        version: str | None = None,
+        label: str | None = None,
+    ) -> InferResult[R]:
+        """``infer`` without the queue: runs in the caller's thread, now."""
         if not tracing.enabled():
-            return self._infer(principal, model, version, body, header_length, stats, False)
+            return self._infer(principal, model, call, version, label, False)
         with tracing.span("modelkeep.infer", model=model, principal=principal.key_id):
-            return self._infer(principal, model, version, body, header_length, stats, True)
+            return self._infer(principal, model, call, version, label, True)
 
     def _infer(
         self,
         principal: Principal,
         model: str,
+        call: InferCall[R],
         version: str | None,
-        body: bytes,
-        header_length: int | None,
-        stats: dict[str, Any] | None,
+        label: str | None,
         traced: bool,
-    ) -> tuple[bytes, dict[str, str]]:
+    ) -> InferResult[R]:
         # ``traced``: spans are set up only when tracing is on, since on the request path even
         # a no-op context manager costs its two calls.
         # 1. Who may run what: Cedar, then any detector restriction on this key and model.
-        target = self._target(principal, model, version)
+        target = self._target(principal, model, version, label)
         record, found, session, policy = (
             target.record,
             target.version,
@@ -120,36 +258,38 @@ class InferenceMixin(ServiceBase):
         # 2. The request must fit the signature before anything is counted or run.
         if traced:
             with tracing.span("modelkeep.decode"):
-                request = self._decode(body, found, header_length)
+                request = call.decode(found.signature, self.max_elements)
         else:
-            request = self._decode(body, found, header_length)
-        rows = request_rows(request.inputs)
-        if stats is not None:
-            stats["rows"] = rows
-            stats["version"] = found.number
+            request = call.decode(found.signature, self.max_elements)
+        inputs = request.inputs
+        rows = request_rows(inputs)
+        observed = call.observed
+        if observed is not None:
+            observed.rows = rows
+            observed.version = found.number
         # 3. Admission: rows per request, rates, budget, concurrency (counted across replicas).
+        gate = self.gate
         try:
-            admitted = self.gate.admit(
+            admitted = gate.admit(
                 principal.key_id, record.name, rows, policy, throttled=restriction is not None
             )
         except RateLimited as exc:
             limit = str((exc.details or {}).get("limit", "other"))
             self.metrics.rate_limited(model=record.name, reason=limit)
             if limit == "budget":
-                self.alert("budget_spent", principal=principal.key_id, model=record.name)
+                self._core.alert("budget_spent", principal=principal.key_id, model=record.name)
             raise
+        wanted = request.output_names()
         try:
             # Detectors need every output (the predicted label) even when the caller asked
-            # for fewer; the encoder applies the caller's filter.
-            names = None
-            if request.outputs is not None and not policy.detect:
-                names = [o.name for o in request.outputs]
+            # for fewer; the filter is applied after hardening.
+            names = wanted if not policy.detect else None
             started = time.perf_counter()
             if traced:
                 with tracing.span("modelkeep.run", version=found.number):
-                    outputs = session.run(request.inputs, names)
+                    outputs = session.run(inputs, names)
             else:
-                outputs = session.run(request.inputs, names)
+                outputs = session.run(inputs, names)
             self.metrics.observe_inference(
                 model=record.name, version=found.number, seconds=time.perf_counter() - started
             )
@@ -157,63 +297,55 @@ class InferenceMixin(ServiceBase):
             admitted.release()
         # 4. Watch the caller's query stream. Throttle and block act before the answer leaves;
         # log and alert are fed off the request path and reach _on_alarms within a bounded delay.
-        alarms = self.gate.observe(
+        alarms = gate.observe(
             principal.key_id,
             record.name,
             found.number,
             policy,
-            request.inputs,
+            inputs,
             outputs,
             found.signature,
             sink=self._on_alarms,
         )
         if alarms:
             self._on_alarms(principal.key_id, record.name, policy, alarms)
-        # 5. Harden what the caller's role may see.
-        hardened = self.gate.harden(policy, principal.role, outputs, found.signature)
-        content, headers = encode_infer_response(
-            model_name=record.name,
-            model_version=str(found.number),
-            request=request,
-            outputs=hardened,
-        )
+        # 5. Harden what the caller's role may see, then keep what the caller asked for.
+        hardened = gate.harden(policy, principal.role, outputs, found.signature)
+        if wanted is not None:
+            hardened = {name: value for name, value in hardened.items() if name in wanted}
+        budget = None
         if admitted.budget_limit is not None:
-            headers["X-Budget-Limit"] = str(admitted.budget_limit)
-            headers["X-Budget-Remaining"] = str(admitted.budget_remaining)
-            if admitted.budget_reset is not None:
-                headers["X-Budget-Reset"] = admitted.budget_reset.isoformat()
+            budget = Budget(
+                admitted.budget_limit, admitted.budget_remaining or 0, admitted.budget_reset
+            )
+        # 6. Payload capture (sampled, sealed and stored off the request path).
         if policy.capture is not None:
-            self._capture(principal, found, policy.capture, body, content)
-        return content, headers
+            self._core._capture(principal, found, policy.capture, call.body, hardened)
+        return InferResult(record.name, found.number, request, hardened, rows, budget)
 
-    def _decode(self, body: bytes, found: VersionRecord, header_length: int | None) -> InferRequest:
-        return decode_infer_request(
-            body,
-            found.signature,
-            header_length=header_length,
-            max_elements=self.settings.max_tensor_elements,
-        )
-
-    def _target(self, principal: Principal, model: str, version: str | None) -> InferTarget:
+    def _target(
+        self, principal: Principal, model: str, version: str | None, label: str | None
+    ) -> InferTarget:
         """Authorize ``principal`` to infer on ``model`` and resolve what the call runs.
 
-        The same answer as ``_model``, ``_version``, ``_session`` and the gate's policy give,
-        remembered until the snapshot changes (any key, label, version or policy change), so
-        that a request that was allowed and found once costs one lookup afterwards. Refusals
-        and failures are not remembered.
+        The same answer as ``_model``, ``resolve_version``, ``_session`` and the gate's policy
+        give, remembered until the snapshot changes (any key, label, version or policy change),
+        so that a request that was allowed and found once costs one lookup afterwards.
+        Refusals and failures are not remembered.
         """
+        core = self._core
         # Targets are only ever resolved from this snapshot or a newer one, so none can
         # outlive the snapshot it came from.
-        targets = self._targets.table(self._snapshot)
-        key = (principal.key_id, principal.role, principal.models, model, version)
+        targets = self._targets.table(core._snapshot)
+        key = (principal.key_id, principal.role, principal.models, model, version, label)
         found = targets.get(key)
         if found is None:
-            record = self._model(principal, Action.MODEL_INFER, model)
-            served = self._version(record, version)
+            record = core._model(principal, Action.MODEL_INFER, model)
+            served = resolve_version(record, version, label)
             found = InferTarget(
                 record=record,
                 version=served,
-                session=self._session(served),
+                session=core._session(served),
                 policy=self.gate.policy(record.name, record.policy),
             )
             self._targets.remember(targets, key, found)
@@ -225,12 +357,13 @@ class InferenceMixin(ServiceBase):
         Called on the request path (throttle, block) or by the gate's detector thread (log,
         alert).
         """
+        core = self._core
         action = policy.on_alarm
         now = time.monotonic()
         for alarm in alarms:
             self.metrics.detector_alarm(model=model, detector=alarm.detector)
             if action != "log":
-                self.alert(
+                core.alert(
                     "detector_alarm",
                     principal=key_id,
                     model=model,
@@ -249,7 +382,7 @@ class InferenceMixin(ServiceBase):
                 alarm.score,
                 action,
             )
-            self.record(
+            core.record(
                 key_id,
                 "detector.alarm",
                 model_target(model),
@@ -263,10 +396,38 @@ class InferenceMixin(ServiceBase):
             )
         if action in ("throttle", "block"):
             reason = ", ".join(f"{a.detector} alarm (score {a.score})" for a in alarms)
-            self.store.restrict_key(model, key_id, kind=action, reason=reason, now=self._clock())
-            self.refresh()
+            core.store.restrict_key(model, key_id, kind=action, reason=reason, now=core._clock())
+            core.refresh()
             if action == "block":
                 raise Forbidden(
                     f"access to model '{model}' is suspended for this key; an admin can lift it"
                     " with `modelkeep policy unblock`"
                 )
+
+
+def resolve_version(
+    record: ModelRecord, version: str | int | None, label: str | None = None
+) -> VersionRecord:
+    """The version ``version`` (digits) or ``label`` names; neither: the default version (the
+    ``production`` label, else the newest). ``NotFound`` for anything that names none."""
+    if label is not None:
+        if version is not None:
+            raise InvalidInput("name a version or a label, not both")
+        number = record.labels.get(label)
+        if number is None:
+            shown = f"'{label}'" if is_safe_name(label) else "of that name"
+            raise NotFound(f"model '{record.name}' has no label {shown}")
+    elif version is None:
+        default = record.default_version()
+        if default is None:
+            raise NotFound(f"model '{record.name}' has no versions")
+        number = default
+    else:
+        text = str(version)
+        if not text.isdigit() or len(text) > 9:
+            raise NotFound(f"model '{record.name}' has no such version")
+        number = int(text)
+    found = record.versions.get(number)
+    if found is None:
+        raise NotFound(f"model '{record.name}' has no version {number}")
+    return found
