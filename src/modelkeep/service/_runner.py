@@ -9,7 +9,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -23,7 +23,6 @@ INLINE_BUDGET_S = 0.002
 # Bounds the per-model cost table (model names in the path come from clients).
 _MAX_TRACKED = 10_000
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -58,15 +57,11 @@ class InferRunner:
         self.compute_threads = settings.inference_threads or usable_cpus()
         self._compute = anyio.CapacityLimiter(self.compute_threads)
 
-    async def run(
-        self,
-        model: str,
-        size: int,
-        call: Callable[P, T],
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> T:
-        """``call(*args, **kwargs)`` for a request of ``size`` bytes to ``model``, queued."""
+    async def run(self, model: str, size: int, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` for a request of ``size`` bytes to ``model``, queued.
+
+        (Positional arguments only: a ``**kwargs`` dict per request costs for nothing.)
+        """
         metrics = self.metrics
         if self.in_flight >= self.max_queue:
             metrics.shed(model=model)
@@ -78,9 +73,9 @@ class InferRunner:
             if inline:
                 # Runs to the end without yielding the loop, so nothing (a /metrics scrape
                 # included) can see the queue in between: the gauge need not move.
-                return self._timed(model, call, *args, **kwargs)
+                return self._timed(model, call, *args)
             metrics.set_queue_depth(self.in_flight)
-            timed = functools.partial(self._timed, model, call, *args, **kwargs)
+            timed = functools.partial(self._timed, model, call, *args)
             with anyio.fail_after(self.timeout):
                 # Abandoned on timeout: the caller gets its 503 now, the thread finishes later
                 # (and keeps its compute slot until then).
@@ -94,11 +89,11 @@ class InferRunner:
             if not inline:
                 metrics.set_queue_depth(self.in_flight)
 
-    def _timed(self, model: str, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    def _timed(self, model: str, call: Callable[..., T], *args: Any) -> T:
         """The call, its duration (not its wait in the queue) added to the model's cost."""
         started = time.perf_counter()
         try:
-            return call(*args, **kwargs)
+            return call(*args)
         finally:
             elapsed = time.perf_counter() - started
             if len(self._cost) < _MAX_TRACKED or model in self._cost:
