@@ -6,8 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import ASGIApp
@@ -24,7 +26,6 @@ from ._auth import AuthenticationMiddleware, principal_of
 from ._certwatch import watch_certificate
 from ._errors import install_error_handlers
 from ._fast import FastInfer
-from ._infer import InferRunner
 from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
 from .audit import audit_router
@@ -33,7 +34,7 @@ from .grpc.server import GrpcListener
 from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
-from .v2 import v2_router
+from .v2 import infer_openapi_paths, v2_router
 
 
 def create_app(
@@ -100,6 +101,21 @@ def create_app(
     )
     app.add_middleware(AuthenticationMiddleware, service=service)
 
+    def openapi() -> dict[str, Any]:
+        # The infer routes are served by the fast entry before routing; documented here.
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            schema["paths"] = {**infer_openapi_paths(), **schema.get("paths", {})}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint(request: Request) -> Response:
         """Prometheus metrics, for auditor and admin keys."""
@@ -111,7 +127,7 @@ def create_app(
     observed = ObserveMiddleware(app, service.metrics, access_log=access_log)
     if serve_grpc:
         grpc_listener = GrpcListener(service, service.settings, observed)
-    return FastInfer(observed, service, InferRunner(service), observer=observed)
+    return FastInfer(observed, service, observer=observed)
 
 
 def create_app_from_env() -> ASGIApp:

@@ -22,14 +22,15 @@ from typing import Any
 
 import grpc
 from grpc import aio
-from starlette.concurrency import run_in_threadpool
 
 from modelkeep import __version__
 from modelkeep.audit.access import bind_request, input_digest, new_request_id, reset_request
-from modelkeep.auth import AuthFailure, Principal
+from modelkeep.auth import Principal
 from modelkeep.errors import InvalidInput, ModelkeepError
-from modelkeep.service import Service
+from modelkeep.runtime.signature import ModelSignature
+from modelkeep.service import InferCall, Observed, Service
 
+from .._auth import authenticate_request
 from .._errors import STATUS_BY_CODE as HTTP_STATUS_BY_CODE
 from .._observe import ObserveMiddleware
 from . import grpc_predict_v2_pb2 as pb
@@ -40,7 +41,6 @@ from ._codec import (
     model_metadata_response,
     parse_infer_request,
 )
-from ._shim import InferCall, ShimDataPlane
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class InferenceServicer:
 
     def __init__(self, service: Service, observer: ObserveMiddleware | None = None) -> None:
         self.service = service
-        self.dataplane = ShimDataPlane(service)
+        self.dataplane = service.dataplane
         self.observer = observer
 
     # -- the RPCs ------------------------------------------------------------------------
@@ -104,7 +104,7 @@ class InferenceServicer:
         self, _request: pb.ServerMetadataRequest, call: _Call, context: Context
     ) -> pb.ServerMetadataResponse:
         principal = await self._authenticate(call, context)
-        metadata = self.service.server_metadata(principal)
+        metadata = self.dataplane.server_metadata(principal)
         return pb.ServerMetadataResponse(
             name=metadata.get("name", "modelkeep"),
             version=metadata.get("version", __version__),
@@ -141,16 +141,22 @@ class InferenceServicer:
         call.model, call.version = message.model_name, message.model_version or None
         _named(message.model_name)
 
-        def decode(signature: Any, max_elements: int) -> GrpcInferRequest:
+        def decode(signature: ModelSignature, max_elements: int) -> GrpcInferRequest:
             return decode_infer_request(message, signature, max_elements)
 
-        result = await self.dataplane.infer(
-            principal,
-            message.model_name,
-            InferCall(body=body, decode=decode, protocol="v2-grpc"),
-            version=message.model_version or None,
-        )
-        call.version, call.rows = result.version, result.rows
+        observed = Observed()
+        try:
+            result = await self.dataplane.infer(
+                principal,
+                message.model_name,
+                InferCall(body, decode, "v2-grpc", observed),
+                message.model_version or None,
+            )
+        finally:
+            # Known once decoded, also when admission then refused the call.
+            if observed.version is not None:
+                call.version = observed.version
+            call.rows = observed.rows
         if result.budget is not None:
             call.trailers.append(("x-budget-limit", str(result.budget.limit)))
             call.trailers.append(("x-budget-remaining", str(result.budget.remaining)))
@@ -179,12 +185,8 @@ class InferenceServicer:
             if key == "authorization":
                 authorization = value if isinstance(value, str) else None
                 break
-        try:
-            principal = self.service.authenticate(authorization)
-        except AuthFailure as exc:
-            # A security event: durable in the audit log before the refusal leaves.
-            await run_in_threadpool(self.service.record_auth_failure, exc, call.peer)
-            raise
+        # A refusal is audited durably before it is raised.
+        principal = await authenticate_request(self.service, authorization, call.peer)
         call.principal = principal
         return principal
 
