@@ -8,6 +8,7 @@ on a plain gRPC channel, so that no client library tidies them up first.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import httpx
@@ -412,3 +414,20 @@ def test_every_worker_serves_grpc_on_the_shared_port(
         assert len(listening) == 2, server.log()
     finally:
         server.stop()
+
+
+def test_the_docs_tritonclient_example_works(world: World) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocols.md").read_text()
+    section = text[text.index("### Example: tritonclient") :]
+    example = section[section.index("```python\n") + 10 : section.index("```\n", 10)]
+    example = example.replace("localhost:8081", f"localhost:{world.grpc_port}")
+    env = {
+        **os.environ,
+        "MODELKEEP_TOKEN": world.consumer("iris"),
+        "MODELKEEP_CACERT": str(world.server.ca_cert),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", example], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("[0 2]"), proc.stdout
