@@ -8,7 +8,8 @@ connections, checked at most every ``tls_reload_interval_s``.
 
 gRPC core (BoringSSL) negotiates TLS 1.2 or 1.3 with forward-secret AEAD suites only, the same
 profile as ``crypto/tls.py`` gives the HTTPS listener. Message size is capped at the REST body
-limit (``max_request_bytes``) and metadata at the header limit (``max_header_bytes``).
+limit (``max_request_bytes``), metadata at the header limit (``max_header_bytes``), the TLS
+handshake at ``tls_handshake_timeout_s`` and calls in progress at ``max_connections``.
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ class GrpcListener:
                 ("grpc.max_receive_message_length", settings.max_request_bytes),
                 ("grpc.max_metadata_size", settings.max_header_bytes),
                 ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+                # A client must finish the TLS handshake in the time HTTPS allows (gRPC's
+                # default is 120 s).
+                ("grpc.server_handshake_timeout_ms", int(settings.tls_handshake_timeout_s * 1000)),
                 # Several workers share the port (each its own socket); one alone holds it.
                 ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ],
