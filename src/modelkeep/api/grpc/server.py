@@ -24,6 +24,7 @@ from typing import cast
 import grpc
 from grpc import aio
 
+from modelkeep.crypto import server_ssl_context
 from modelkeep.errors import ConfigError
 from modelkeep.service import Service
 from modelkeep.settings import Settings
@@ -62,6 +63,9 @@ class _CertificateSource:
             chain, key = certfile.read_bytes(), keyfile.read_bytes()
         except OSError as exc:
             raise ConfigError("the TLS certificate or key cannot be read") from exc
+        # The pair must load together (a key that does not match, half a write): gRPC core
+        # would only find out at the next handshake.
+        server_ssl_context(certfile, keyfile)
         return grpc.ssl_server_certificate_configuration([(key, chain)])
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
@@ -76,7 +80,7 @@ class _CertificateSource:
         try:
             config = self._load()
         except ConfigError:
-            log.warning("the replaced TLS certificate or key cannot be read; keeping the old")
+            log.warning("the replaced TLS certificate or key cannot be loaded; keeping the old")
             return None
         self._identity = current
         log.info("TLS certificate reloaded for gRPC")
