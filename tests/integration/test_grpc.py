@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -431,3 +433,35 @@ def test_the_docs_tritonclient_example_works(world: World) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("[0 2]"), proc.stdout
+
+
+def _client_context(world: World, tls12_cipher: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(world.server.ca_cert))
+    context.set_alpn_protocols(["h2"])
+    if tls12_cipher is not None:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(tls12_cipher)
+    return context
+
+
+def _handshake(world: World, *, tls12_cipher: str | None = None) -> str:
+    """Connect to the gRPC port with TLS 1.2 (and only ``tls12_cipher``) or any version."""
+    context = _client_context(world, tls12_cipher)
+    with (
+        socket.create_connection(("127.0.0.1", world.grpc_port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        return f"{tls.version()} {tls.cipher()[0]}"
+
+
+def test_the_grpc_port_speaks_only_modern_tls(world: World) -> None:
+    assert _handshake(world).startswith("TLSv1.3")
+    assert _handshake(world, tls12_cipher="ECDHE-ECDSA-AES128-GCM-SHA256") == (
+        "TLSv1.2 ECDHE-ECDSA-AES128-GCM-SHA256"
+    )
+    for weak in ("ECDHE-ECDSA-AES128-SHA", "AES128-GCM-SHA256"):  # CBC; no forward secrecy
+        # The client can offer it: the refusal below is the server's.
+        offered = [c["name"] for c in _client_context(world, weak).get_ciphers()]
+        assert [name for name in offered if not name.startswith("TLS_")] == [weak]
+        with pytest.raises(ssl.SSLError):
+            _handshake(world, tls12_cipher=weak)
