@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -465,3 +466,30 @@ def test_the_grpc_port_speaks_only_modern_tls(world: World) -> None:
         assert [name for name in offered if not name.startswith("TLS_")] == [weak]
         with pytest.raises(ssl.SSLError):
             _handshake(world, tls12_cipher=weak)
+
+
+def test_sigterm_makes_grpc_not_ready_then_stops_cleanly(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    port = free_port()
+    server = init_server(
+        tmp_path_factory.mktemp("grpc-drain"),
+        extra_env={"MODELKEEP_GRPC_PORT": str(port), "MODELKEEP_SHUTDOWN_DELAY_S": "3"},
+    )
+    server.start()
+    try:
+        assert server.proc is not None
+        with tgrpc.InferenceServerClient(
+            f"127.0.0.1:{port}", ssl=True, root_certificates=str(server.ca_cert)
+        ) as client:
+            assert client.is_server_ready()
+            os.killpg(server.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 2.5
+            while client.is_server_ready() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            # Draining: not ready, still live and still answering.
+            assert not client.is_server_ready()
+            assert client.is_server_live()
+        assert server.proc.wait(timeout=30) == 0
+    finally:
+        server.stop()
