@@ -7,6 +7,12 @@ One run starts two servers on this machine and puts the same load on each, in tu
   request pays for TLS, key check, Cedar authorization, tensor validation and inference;
 * bench/bare_server.py: plain HTTP, V2 JSON parsing and the same ONNX Runtime session, nothing else.
 
+The same modelkeep server also listens for the Open Inference Protocol over gRPC (TLS, the same
+key), measured as a third row (``mk-grpc``) at the same concurrencies: one HTTP/2 connection per
+client, one call in flight on each, the one-row tensor in ``raw_input_contents`` as tritonclient
+sends it. wrk speaks no gRPC, so that load comes from a grpc.aio client in this process; its CPU
+is shown, and near 100% means the client, not the server, set the number.
+
 The load is wrk (installed with apt-get when missing; a small Python load generator otherwise)
 with keep-alive connections at several concurrencies for a fixed time after a warm-up, in
 rounds that alternate the two servers (the table shows medians). The servers are pinned to one
@@ -334,6 +340,8 @@ class Target:
     ssl_context: ssl.SSLContext | None
     proc: subprocess.Popen[bytes]
     admin: dict[str, str] = field(default_factory=dict)  # modelkeep's admin key header
+    ca_cert: str | None = None  # modelkeep's CA, for the gRPC client
+    grpc: str | None = None  # host:port of the gRPC listener, for a gRPC target
 
 
 def server_env() -> dict[str, str]:
@@ -428,7 +436,7 @@ def start_modelkeep(
             proc,
             log,
         )
-    return Target(label, base, consumer, context, proc, admin)
+    return Target(label, base, consumer, context, proc, admin, ca_cert=created["ca_cert"])
 
 
 def start_bare(tmp: Path, model_path: Path, procs: Processes, pin: Pinning) -> Target:
@@ -706,6 +714,82 @@ def run_python_load(
     )
 
 
+def grpc_requests(rows: list[list[float]]) -> list[bytes]:
+    """One serialized ModelInferRequest per row: FP32 [1, 4] in raw_input_contents."""
+    import numpy as np
+
+    from modelkeep.api.grpc import grpc_predict_v2_pb2 as pb
+
+    requests = []
+    for row in rows:
+        request = pb.ModelInferRequest(model_name=MODEL)
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(np.asarray([row], dtype="<f4").tobytes())
+        requests.append(request.SerializeToString())
+    return requests
+
+
+def run_grpc_load(
+    target: Target, rows: list[list[float]], concurrency: int, seconds: float
+) -> LoadResult:
+    """``concurrency`` gRPC clients over TLS, each its own connection and one call at a time."""
+    import grpc
+    from grpc import aio
+
+    assert target.grpc is not None
+    assert target.ca_cert is not None
+    prepared = grpc_requests(rows)
+    credentials = grpc.ssl_channel_credentials(Path(target.ca_cert).read_bytes())
+    metadata = (("authorization", target.headers["Authorization"]),)
+    latencies: list[float] = []
+    counts = {"non_200": 0, "read": 0, "connect": 0}
+
+    async def client(index: int, deadline: float) -> None:
+        # A channel option of its own keeps gRPC from sharing one connection between clients.
+        options = [("grpc.channel_id", index)]
+        async with aio.secure_channel(target.grpc, credentials, options=options) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            while time.perf_counter() < deadline:
+                request = prepared[index % len(prepared)]
+                index += 1
+                started = time.perf_counter()
+                try:
+                    await call(request, metadata=metadata, timeout=30)
+                except aio.AioRpcError:
+                    counts["non_200"] += 1
+                latencies.append(time.perf_counter() - started)
+
+    async def main() -> float:
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(client(k, deadline) for k in range(concurrency)))
+        return time.perf_counter() - started
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    elapsed = asyncio.run(main())
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    ordered = sorted(latencies)
+
+    def percentile(q: float) -> float:
+        if not ordered:
+            return 0.0
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
+
+    return LoadResult(
+        requests=len(ordered),
+        duration_s=round(elapsed, 3),
+        rps=len(ordered) / elapsed,
+        p50_ms=percentile(50),
+        p90_ms=percentile(90),
+        p99_ms=percentile(99),
+        max_ms=ordered[-1] * 1000 if ordered else 0.0,
+        non_200=counts["non_200"],
+        socket_errors={"connect": counts["connect"], "read": counts["read"]},
+        client_cpu_pct=round(100 * used / elapsed, 1) if elapsed else None,
+    )
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -724,9 +808,16 @@ class Loader:
     """Runs one load point against one target, with wrk or the fallback, and meters the CPU."""
 
     def __init__(
-        self, opts: Options, wrk: str | None, pin: Pinning, bodies: list[bytes], tmp: Path
+        self,
+        opts: Options,
+        wrk: str | None,
+        pin: Pinning,
+        bodies: list[bytes],
+        tmp: Path,
+        rows: list[list[float]] | None = None,
     ) -> None:
         self.opts, self.wrk, self.pin, self.bodies, self.tmp = opts, wrk, pin, bodies, tmp
+        self.rows = rows or []
         self.raw_dir = opts.output.parent / "wrk"
         for stale in self.raw_dir.glob("*.txt"):  # one run's raw output at a time
             stale.unlink()
@@ -737,7 +828,9 @@ class Loader:
             assert self.pin.load_cpu is not None
             meter = CpuMeter(self.pin.server_cpu, self.pin.load_cpu, target.proc.pid)
         before = meter.snapshot() if meter else None
-        if self.wrk is None:
+        if target.grpc is not None:
+            result = run_grpc_load(target, self.rows, concurrency, seconds)
+        elif self.wrk is None:
             result = run_python_load(target, self.bodies, concurrency, seconds)
         else:
             script = self.tmp / f"{target.name}.lua"
@@ -795,6 +888,8 @@ def measure_all(targets: list[Target], points: dict[int, Point], loader: Loader)
 
 WORKERS_CONCURRENCY = 8
 NO_PIN = Pinning(None, None)
+GRPC_ROW = "mk-grpc"
+GRPC_TARGET = 0.85  # V2 gRPC req/s >= 0.85 x V2 REST req/s (issue 13) ...
 
 
 def measure_workers(
@@ -869,8 +964,29 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
             f"{_cell(point.summary('bare'), 9)} | {shown}"
         )
 
+    print(f"\nV2 gRPC on the same modelkeep server ({GRPC_ROW}; client = the gRPC client's CPU %):")
+    grpc_header = f"{'conc':>4} | {'gRPC rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu':>6} | "
+    grpc_header += f"{'client':>6} | {'grpc/rest':>9}"
+    print(grpc_header)
+    print("-" * len(grpc_header))
+    grpc_ratios: dict[int, float | None] = {}
+    for concurrency, point in sorted(points.items()):
+        over, rest = point.summary(GRPC_ROW), point.summary("modelkeep")
+        grpc_ratios[concurrency] = (
+            over["rps"] / rest["rps"] if over and rest and rest["rps"] else None
+        )
+        client = over.get("client_cpu_pct") if over else None
+        ratio_text = grpc_ratios[concurrency]
+        print(
+            f"{concurrency:>4} | {_cell(over, 9)} | "
+            + (f"{client:>5.0f}%" if client is not None else f"{'-':>6}")
+            + " | "
+            + (f"{ratio_text:>8.2f}x" if ratio_text is not None else f"{'-':>9}")
+        )
+
     ratio_point = points.get(RATIO_CONCURRENCY)
     ratio = ratio_point.ratio() if ratio_point else None
+    grpc_ratio = grpc_ratios.get(RATIO_CONCURRENCY)
     p99_point = points.get(P99_CONCURRENCY)
     p99_summary = p99_point.summary("modelkeep") if p99_point else None
     p99 = p99_summary["p99_ms"] if p99_summary else None
@@ -880,6 +996,12 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
             "target": f">= {RATIO_TARGET}",
             "value": None if ratio is None else round(ratio, 3),
             "pass": ratio is not None and ratio >= RATIO_TARGET,
+        },
+        {
+            "name": f"V2 gRPC/V2 REST throughput at concurrency {RATIO_CONCURRENCY}",
+            "target": f">= {GRPC_TARGET}",
+            "value": None if grpc_ratio is None else round(grpc_ratio, 3),
+            "pass": grpc_ratio is not None and grpc_ratio >= GRPC_TARGET,
         },
         {
             "name": f"modelkeep p99 latency at concurrency {P99_CONCURRENCY} (ms)",
@@ -907,7 +1029,7 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
                 "concurrency": c,
                 "ratio": None if (r := p.ratio()) is None else round(r, 4),
                 "errors": p.errors,
-                "median": {name: p.summary(name) for name in ("modelkeep", "bare")},
+                "median": {name: p.summary(name) for name in ("modelkeep", GRPC_ROW, "bare")},
                 "rounds": {name: [asdict(x) for x in runs] for name, runs in p.rounds.items()},
             }
             for c, p in sorted(points.items())
@@ -978,12 +1100,31 @@ def run(opts: Options) -> int:
         model_path.write_bytes(model)
         print("\nstarting the bare endpoint (plain HTTP, no checks):")
         bare = start_bare(tmp, model_path, procs, pin)
-        print("starting modelkeep (HTTPS, API key, Cedar, validation):")
-        modelkeep = start_modelkeep(tmp, model, procs, pin, policy=BENCH_POLICY)
+        print("starting modelkeep (HTTPS and gRPC, API key, Cedar, validation):")
+        grpc_port = free_port()
+        modelkeep = start_modelkeep(
+            tmp,
+            model,
+            procs,
+            pin,
+            policy=BENCH_POLICY,
+            settings={"MODELKEEP_GRPC_PORT": str(grpc_port)},
+        )
+        over_grpc = Target(
+            GRPC_ROW,
+            modelkeep.url,
+            modelkeep.headers,
+            None,
+            modelkeep.proc,
+            ca_cert=modelkeep.ca_cert,
+            grpc=f"127.0.0.1:{grpc_port}",
+        )
         check_same_answers(smoke_outputs(modelkeep, bodies), smoke_outputs(bare, bodies))
         print(f"both servers give the same answers on {len(bodies)} sample rows")
         # Both stay up for the whole run; only the one under load does work.
-        measure_all([modelkeep, bare], points, Loader(opts, wrk, pin, bodies, tmp))
+        rows = iris_rows(BODY_ROWS)
+        loader = Loader(opts, wrk, pin, bodies, tmp, rows)
+        measure_all([modelkeep, over_grpc, bare], points, loader)
         procs.stop_all()
         workers = None
         if WORKERS_CONCURRENCY in opts.concurrency:

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
+    # The Open Inference Protocol over gRPC (docs/protocols.md): a port of its own on the same
+    # host, always TLS with the HTTPS certificate, the same keys and checks. 0 (the default)
+    # leaves it off: a fresh install listens on one port only. KServe's usual port is 8081.
+    grpc_port: int = Field(default=0, ge=0, le=65535)
     # None means the embedded SQLite database inside data_dir.
     database_url: str | None = None
     # Pushes are streamed and refused with 413 as soon as this many bytes have arrived.

@@ -6,8 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import ASGIApp
@@ -24,15 +26,15 @@ from ._auth import AuthenticationMiddleware, principal_of
 from ._certwatch import watch_certificate
 from ._errors import install_error_handlers
 from ._fast import FastInfer
-from ._infer import InferRunner
 from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
 from .audit import audit_router
 from .capture import capture_router
+from .grpc.server import GrpcListener
 from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
-from .v2 import v2_router
+from .v2 import infer_openapi_paths, v2_router
 
 
 def create_app(
@@ -41,12 +43,15 @@ def create_app(
     manage_lifecycle: bool = True,
     drain_on_sigterm: bool = False,
     tls_certfile: Path | None = None,
+    serve_grpc: bool = False,
 ) -> ASGIApp:
     """Build the app. With ``manage_lifecycle`` the app starts and stops the service's poller;
     with ``drain_on_sigterm`` (the server) SIGTERM drains it first (``api/_drain.py``); with
-    ``tls_certfile`` it watches when that certificate expires (metric and log warning)."""
+    ``tls_certfile`` it watches when that certificate expires (metric and log warning); with
+    ``serve_grpc`` its lifespan also runs the gRPC listener on ``grpc_port`` (``api/grpc/``)."""
 
     access_log = AccessLog() if service.settings.access_log else None
+    grpc_listener: GrpcListener | None = None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -57,9 +62,13 @@ def create_app(
         watch = None
         if tls_certfile is not None:
             watch = asyncio.create_task(watch_certificate(tls_certfile, service.metrics))
+        if grpc_listener is not None:
+            await grpc_listener.start()
         try:
             yield
         finally:
+            if grpc_listener is not None:
+                await grpc_listener.stop(service.settings.shutdown_grace_s)
             if watch is not None:
                 watch.cancel()
             if access_log is not None:
@@ -92,6 +101,21 @@ def create_app(
     )
     app.add_middleware(AuthenticationMiddleware, service=service)
 
+    def openapi() -> dict[str, Any]:
+        # The infer routes are served by the fast entry before routing; documented here.
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            schema["paths"] = {**infer_openapi_paths(), **schema.get("paths", {})}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint(request: Request) -> Response:
         """Prometheus metrics, for auditor and admin keys."""
@@ -101,7 +125,9 @@ def create_app(
         return Response(body, media_type=content_type)
 
     observed = ObserveMiddleware(app, service.metrics, access_log=access_log)
-    return FastInfer(observed, service, InferRunner(service), observer=observed)
+    if serve_grpc:
+        grpc_listener = GrpcListener(service, service.settings, observed)
+    return FastInfer(observed, service, observer=observed)
 
 
 def create_app_from_env() -> ASGIApp:
@@ -113,5 +139,8 @@ def create_app_from_env() -> ASGIApp:
     if settings.tracing:
         tracing.enable()
     return create_app(
-        Service.open(settings), drain_on_sigterm=True, tls_certfile=settings.tls_files[0]
+        Service.open(settings),
+        drain_on_sigterm=True,
+        tls_certfile=settings.tls_files[0],
+        serve_grpc=settings.grpc_port != 0,
     )

@@ -170,6 +170,17 @@ def _serve(settings: Settings, cert: Path, key: Path) -> None:
         reserved, port = reserve_port(settings.host, settings.port)
     except OSError as exc:
         raise ConfigError(f"could not listen on {settings.host}:{settings.port}") from exc
+    # The gRPC port likewise: held here, so that it is refused early if taken and no other
+    # process joins the workers' group while they restart.
+    grpc_reserved = None
+    if settings.grpc_port:
+        try:
+            grpc_reserved, _ = reserve_port(settings.host, settings.grpc_port)
+        except OSError as exc:
+            reserved.close()
+            raise ConfigError(
+                f"could not listen for gRPC on {settings.host}:{settings.grpc_port}"
+            ) from exc
     try:
         log.info(
             "serving https://%s:%d with %d workers, one socket each",
@@ -181,6 +192,8 @@ def _serve(settings: Settings, cert: Path, key: Path) -> None:
         Multiprocess(config, sockets=sockets).run()
     finally:
         reserved.close()
+        if grpc_reserved is not None:
+            grpc_reserved.close()
 
 
 def _allow_open_files(max_connections: int) -> None:

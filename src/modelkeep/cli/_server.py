@@ -35,6 +35,7 @@ _SETTING_SOURCES = {
     "host": "--host / MODELKEEP_HOST",
     "port": "--port / MODELKEEP_PORT",
     "workers": "--workers / MODELKEEP_WORKERS",
+    "grpc_port": "--grpc-port / MODELKEEP_GRPC_PORT",
     "database_url": "--database-url / MODELKEEP_DATABASE_URL",
 }
 
@@ -135,6 +136,16 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(
+            "--grpc-port",
+            metavar="PORT",
+            help="Also serve the Open Inference Protocol over gRPC (TLS, same keys) on this "
+            "port, e.g. 8081 (env MODELKEEP_GRPC_PORT; default 0: off).",
+            show_default=False,
+        ),
+    ] = None,
     database_url: Annotated[
         str | None,
         typer.Option(
@@ -148,7 +159,7 @@ def serve(
 ) -> None:
     """Run the server over HTTPS until interrupted.
 
-    Example: modelkeep serve --data-dir ./data --port 8443
+    Example: modelkeep serve --data-dir ./data --port 8443 --grpc-port 8081
     """
     given: dict[str, Any] = {
         name: value
@@ -157,6 +168,7 @@ def serve(
             "host": host,
             "port": port,
             "workers": workers,
+            "grpc_port": grpc_port,
             "database_url": database_url,
         }.items()
         if value is not None

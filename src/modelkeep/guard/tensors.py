@@ -38,6 +38,7 @@ __all__ = [
     "JSON_CONTENT_TYPE",
     "InferRequest",
     "RequestedOutput",
+    "check_declared",
     "decode_infer_request",
     "encode_infer_response",
 ]
@@ -266,6 +267,17 @@ def _declared_shape(
             f"input {shown(name)} declares {count} elements; the limit is {max_elements}"
         )
     return tuple(shape), count
+
+
+def check_declared(
+    spec: TensorSpec, datatype: object, shape: object, max_elements: int
+) -> tuple[tuple[int, ...], int]:
+    """Check an input's declared datatype and shape against its ``spec``, for any protocol.
+
+    Returns the shape and its element count. ``InvalidInput`` for a datatype or shape the
+    signature does not accept; ``TooLarge`` past ``max_elements``, before any data is read.
+    """
+    return _declared_shape({"datatype": datatype, "shape": shape}, spec, max_elements)
 
 
 def _bad_shape(name: str) -> str:
