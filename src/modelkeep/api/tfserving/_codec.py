@@ -284,11 +284,12 @@ def _decode_examples(
     method: Literal["classify", "regress"],
 ) -> ExamplesRequest:
     # The model must fit the method before the body is read: the answer names no data.
+    label: str | None = None
+    scores: str | None = None
+    value: str | None = None
     if method == "classify":
         label, scores = _classify_outputs(signature)
-        value = None
     else:
-        label = scores = None
         value = _regress_output(signature)
     document = _document(body)
     rows = _examples(document, signature)
@@ -315,7 +316,8 @@ def encode_classify(request: ExamplesRequest, outputs: Mapping[str, np.ndarray])
     (``label_only``), each example holds one pair: the predicted label and ``0.0``, as TF
     Serving writes a result that has classes but no scores.
     """
-    assert request.label is not None and request.scores is not None
+    assert request.label is not None
+    assert request.scores is not None
     labels = outputs.get(request.label)
     if labels is None:
         raise InvalidInput("the model's label output is not available to this caller")
