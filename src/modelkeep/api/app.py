@@ -22,6 +22,8 @@ from modelkeep.settings import Settings
 from . import _drain
 from ._auth import AuthenticationMiddleware, principal_of
 from ._certwatch import watch_certificate
+from ._dataplane_shim import DataPlane
+from ._entry import ProtocolEntry
 from ._errors import install_error_handlers
 from ._fast import FastInfer
 from ._infer import InferRunner
@@ -32,7 +34,9 @@ from .capture import capture_router
 from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
+from .tfserving import tfserving_matcher
 from .v2 import v2_router
+from .vertex import vertex_matcher
 
 
 def create_app(
@@ -101,7 +105,15 @@ def create_app(
         return Response(body, media_type=content_type)
 
     observed = ObserveMiddleware(app, service.metrics, access_log=access_log)
-    return FastInfer(observed, service, InferRunner(service), observer=observed)
+    runner = InferRunner(service)
+    dataplane = DataPlane(service, runner)
+    # The other protocols' ways in, each recognising its own paths in pure ASGI; the V2 infer
+    # entry goes first, so V2 requests pay nothing for them.
+    entry: ASGIApp = ProtocolEntry(observed, service, tfserving_matcher(dataplane), observed)
+    vertex = vertex_matcher(service, dataplane)
+    if vertex is not None:
+        entry = ProtocolEntry(entry, service, vertex, observed)
+    return FastInfer(entry, service, runner, observer=observed)
 
 
 def create_app_from_env() -> ASGIApp:

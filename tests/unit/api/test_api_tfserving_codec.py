@@ -170,7 +170,7 @@ IRIS_OUT = {
 
 def test_row_form_answers_one_object_per_row_for_several_outputs() -> None:
     request = decode_predict(body({"instances": [[1, 2, 3, 4]] * 2}), IRIS, MAX)
-    answer = orjson.loads(encode_predict(request, IRIS_OUT, IRIS))
+    answer = orjson.loads(encode_predict(request, IRIS_OUT))
     assert answer == {
         "predictions": [
             {"label": 2, "probabilities": [0.1, 0.2, 0.7]},
@@ -181,13 +181,13 @@ def test_row_form_answers_one_object_per_row_for_several_outputs() -> None:
 
 def test_row_form_keeps_objects_when_hardening_removed_an_output() -> None:
     request = decode_predict(body({"instances": [[1, 2, 3, 4]] * 2}), IRIS, MAX)
-    answer = orjson.loads(encode_predict(request, {"label": IRIS_OUT["label"]}, IRIS))
+    answer = orjson.loads(encode_predict(request, {"label": IRIS_OUT["label"]}))
     assert answer == {"predictions": [{"label": 2}, {"label": 0}]}
 
 
 def test_columnar_form_answers_an_object_of_outputs() -> None:
     request = decode_predict(body({"inputs": [[1, 2, 3, 4]] * 2}), IRIS, MAX)
-    answer = orjson.loads(encode_predict(request, IRIS_OUT, IRIS))
+    answer = orjson.loads(encode_predict(request, IRIS_OUT))
     assert answer == {
         "outputs": {"label": [2, 0], "probabilities": [[0.1, 0.2, 0.7], [0.8, 0.1, 0.1]]}
     }
@@ -196,15 +196,15 @@ def test_columnar_form_answers_an_object_of_outputs() -> None:
 def test_a_single_output_is_written_without_its_name() -> None:
     request = decode_predict(body({"instances": [[1.0], [2.0]]}), REGRESSOR, MAX)
     out = {"y": np.array([3.5, 4.0], dtype=np.float32)}
-    assert orjson.loads(encode_predict(request, out, REGRESSOR)) == {"predictions": [3.5, 4.0]}
+    assert orjson.loads(encode_predict(request, out)) == {"predictions": [3.5, 4.0]}
     columnar = decode_predict(body({"inputs": [[1.0], [2.0]]}), REGRESSOR, MAX)
-    assert orjson.loads(encode_predict(columnar, out, REGRESSOR)) == {"outputs": [3.5, 4.0]}
+    assert orjson.loads(encode_predict(columnar, out)) == {"outputs": [3.5, 4.0]}
 
 
 def test_non_finite_floats_are_written_as_tf_serving_tokens() -> None:
     request = decode_predict(body({"instances": [[1.0], [2.0], [3.0]]}), REGRESSOR, MAX)
     out = {"y": np.array([np.nan, np.inf, 0.1], dtype=np.float32)}
-    raw = encode_predict(request, out, REGRESSOR)
+    raw = encode_predict(request, out)
     assert raw == b'{"predictions":[NaN,Infinity,0.1]}'
 
 
@@ -214,7 +214,7 @@ def test_bytes_outputs_are_b64_objects_and_text_stays_text() -> None:
         "out_bytes": np.array(["hi"], dtype=object),
         "out": np.array([b"\xff", "ok"][:1], dtype=object),
     }
-    answer = orjson.loads(encode_predict(request, out, TEXT))
+    answer = orjson.loads(encode_predict(request, out))
     assert answer == {
         "predictions": [
             {"out_bytes": {"b64": base64.b64encode(b"hi").decode()}, "out": {"b64": "/w=="}}

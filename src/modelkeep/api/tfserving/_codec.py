@@ -40,8 +40,10 @@ __all__ = [
     "decode_predict",
     "decode_regress",
     "encode_classify",
+    "encode_columns",
     "encode_predict",
     "encode_regress",
+    "encode_rows",
     "instances_inputs",
 ]
 
@@ -51,10 +53,12 @@ _FLOATS = frozenset({"FP16", "FP32", "FP64"})
 
 @dataclass(frozen=True, slots=True)
 class PredictRequest:
-    """A decoded ``:predict`` body: the inputs in signature order, and which form it used."""
+    """A decoded ``:predict`` body: the inputs in signature order, which form it used, and
+    whether the model's answer names its outputs (it has more than one)."""
 
     inputs: dict[str, np.ndarray]
     columnar: bool
+    named_outputs: bool
 
     def output_names(self) -> list[str] | None:
         """TF Serving's REST API has no output filter: every output."""
@@ -100,10 +104,11 @@ def decode_predict(body: bytes, signature: ModelSignature, max_elements: int) ->
     columns = document.get("inputs")
     if instances is not None and columns is not None:
         raise InvalidInput("send either 'instances' (rows) or 'inputs' (columns), not both")
+    named = len(signature.outputs) > 1
     if instances is not None:
-        return PredictRequest(instances_inputs(instances, signature, max_elements), False)
+        return PredictRequest(instances_inputs(instances, signature, max_elements), False, named)
     if columns is not None:
-        return PredictRequest(_columnar_inputs(columns, signature, max_elements), True)
+        return PredictRequest(_columnar_inputs(columns, signature, max_elements), True, named)
     raise InvalidInput("missing 'inputs' or 'instances' key")
 
 
@@ -173,26 +178,42 @@ def _columnar_inputs(
     }
 
 
-def encode_predict(
-    request: PredictRequest, outputs: Mapping[str, np.ndarray], signature: ModelSignature
-) -> bytes:
+def encode_predict(request: PredictRequest, outputs: Mapping[str, np.ndarray]) -> bytes:
     """The ``:predict`` answer for ``outputs`` (hardened, in signature order)."""
-    named = len(signature.outputs) > 1
+    if request.columnar:
+        return encode_columns(outputs, named=request.named_outputs)
+    return encode_rows(outputs, named=request.named_outputs)
+
+
+def encode_columns(outputs: Mapping[str, np.ndarray], *, named: bool) -> bytes:
+    """``{"outputs": ...}``: the one output's value, or an object of outputs when ``named``."""
+    values, non_finite = _values(outputs)
+    if named:
+        return dumps({"outputs": values}, non_finite)
+    return dumps({"outputs": next(iter(values.values()), None)}, non_finite)
+
+
+def encode_rows(
+    outputs: Mapping[str, np.ndarray], *, named: bool, key: str = "predictions"
+) -> bytes:
+    """``{"predictions": [...]}``: per row the one output's value, or an object of outputs when
+    ``named``. Every output must have the same first dimension (TF Serving's rule)."""
+    rows = _batch_size(outputs)
+    values, non_finite = _values(outputs)
+    if not named:
+        only = next(iter(values.values()), None)
+        return dumps({key: [] if only is None else only}, non_finite)
+    predictions = [{name: value[row] for name, value in values.items()} for row in range(rows)]
+    return dumps({key: predictions}, non_finite)
+
+
+def _values(outputs: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], bool]:
     values: dict[str, Any] = {}
     non_finite = False
     for name, array in outputs.items():
         values[name], odd = tensor_to_json(name, array)
         non_finite = non_finite or odd
-    if request.columnar:
-        if named:
-            return dumps({"outputs": values}, non_finite)
-        return dumps({"outputs": next(iter(values.values()), None)}, non_finite)
-    rows = _batch_size(outputs)
-    if not named:
-        only = next(iter(values.values()), None)
-        return dumps({"predictions": [] if only is None else only}, non_finite)
-    predictions = [{name: value[row] for name, value in values.items()} for row in range(rows)]
-    return dumps({"predictions": predictions}, non_finite)
+    return values, non_finite
 
 
 def _batch_size(outputs: Mapping[str, np.ndarray]) -> int:
