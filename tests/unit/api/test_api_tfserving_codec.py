@@ -308,3 +308,13 @@ def test_model_metadata_is_a_signature_def_map() -> None:
         "name": "input",
     }
     assert signature["outputs"]["label"]["dtype"] == "DT_INT64"
+
+
+def test_int64_aliases_from_runtimes_are_written() -> None:
+    request = decode_predict(body({"instances": [[1, 2, 3, 4]]}), IRIS, MAX)
+    out = {
+        "label": np.array([2], dtype=np.longlong),
+        "probabilities": np.array([[0.1, 0.2, 0.7]], dtype=">f4"),
+    }
+    answer = orjson.loads(encode_predict(request, out))
+    assert answer == {"predictions": [{"label": 2, "probabilities": [0.1, 0.2, 0.7]}]}

@@ -118,8 +118,10 @@ def tensor_to_json(name: str, array: np.ndarray) -> tuple[Any, bool]:
     """
     kind = array.dtype.kind
     if kind in "biuf":
-        flat = array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
-        flat = np.ascontiguousarray(flat)
+        # The canonical native dtype: orjson refuses aliases such as ONNX Runtime's longlong
+        # for int64 (in row slices, which are numpy scalars).
+        canonical = np.dtype(array.dtype.str).newbyteorder("=")
+        flat = np.ascontiguousarray(array, dtype=canonical)
         finite = kind != "f" or bool(np.isfinite(flat).all())
         return flat, not finite
     if kind in "OSU":
