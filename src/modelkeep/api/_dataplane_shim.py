@@ -40,11 +40,18 @@ class Decoded(Protocol):
 R = TypeVar("R", bound=Decoded)
 
 
+@dataclass(slots=True)
+class Observed:
+    rows: int | None = None
+    version: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class InferCall(Generic[R]):
     body: bytes
     decode: Callable[[ModelSignature, int], R]
     protocol: str = "v2"
+    observed: Observed | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,14 +101,13 @@ class DataPlane:
         call: InferCall[R],
         version: str | None = None,
         label: str | None = None,
-        stats: dict[str, Any] | None = None,
     ) -> InferResult[R]:
         runner = self.runner
         if runner.in_flight >= runner.max_queue:
             self.service.metrics.shed(model=model)
             raise Unavailable("the server is overloaded; retry shortly", retry_after=1)
         runner.in_flight += 1
-        run = functools.partial(self._infer, principal, model, call, version, label, stats)
+        run = functools.partial(self._infer, principal, model, call, version, label)
         try:
             if len(call.body) <= runner.inline_max_bytes:
                 return run()
@@ -119,7 +125,6 @@ class DataPlane:
         call: InferCall[R],
         version: str | None,
         label: str | None,
-        stats: dict[str, Any] | None,
     ) -> InferResult[R]:
         service = self.service
         version = self._resolve(principal, Action.MODEL_INFER, model, version, label)
@@ -138,9 +143,9 @@ class DataPlane:
             )
         request = call.decode(found.signature, service.settings.max_tensor_elements)
         rows = request_rows(dict(request.inputs))
-        if stats is not None:
-            stats["rows"] = rows
-            stats["version"] = found.number
+        if call.observed is not None:
+            call.observed.rows = rows
+            call.observed.version = found.number
         try:
             admitted = service.gate.admit(
                 principal.key_id, record.name, rows, policy, throttled=restriction is not None

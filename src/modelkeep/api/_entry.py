@@ -35,6 +35,7 @@ from modelkeep.errors import ModelkeepError
 from modelkeep.service import Service
 
 from ._body import receive_body
+from ._dataplane_shim import Observed
 from ._errors import STATUS_BY_CODE
 from ._observe import NO_RESPONSE, ObserveMiddleware
 from ._observe import REQUEST_ID_HEADER as REQUEST_ID
@@ -50,7 +51,7 @@ class Exchange:
 
     principal: Principal | None
     body: bytes
-    stats: dict[str, Any] = field(default_factory=dict)  # rows, version (the data plane's)
+    observed: Observed = field(default_factory=Observed)  # rows, version served
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,11 +177,15 @@ class ProtocolEntry:
                         method=scope["method"],
                         route=route.template,
                         model=route.model,
-                        version=exchange.stats.get("version", route.version),
+                        version=(
+                            route.version
+                            if exchange.observed.version is None
+                            else exchange.observed.version
+                        ),
                         status=status,
                         started=started,
                         principal=None if principal is None else principal.key_id,
-                        rows=exchange.stats.get("rows"),
+                        rows=exchange.observed.rows,
                         input_digest=digest,
                         bytes_in=len(exchange.body),
                         bytes_out=bytes_out,

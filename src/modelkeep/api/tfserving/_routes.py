@@ -100,10 +100,9 @@ async def _infer(
     result = await dataplane.infer(
         exchange.principal,
         model,
-        InferCall(exchange.body, decode, "tfserving"),
+        InferCall(exchange.body, decode, "tfserving", exchange.observed),
         version=version,
         label=label,
-        stats=exchange.stats,
     )
     request = result.request
     if isinstance(request, PredictRequest):
@@ -129,7 +128,7 @@ async def _status(
     found, _ = dataplane.signature(principal, model, version, label)
     # Loading a runtime may decrypt and read a large file: not on the event loop.
     ready = await run_in_threadpool(dataplane.model_ready, principal, model, str(found.number))
-    exchange.stats["version"] = found.number
+    exchange.observed.version = found.number
     return Answer(200, model_status([(found.number, ready)]))
 
 
@@ -138,5 +137,5 @@ async def _metadata(
 ) -> Answer:
     assert exchange.principal is not None
     found, signature = dataplane.signature(exchange.principal, model, version, label)
-    exchange.stats["version"] = found.number
+    exchange.observed.version = found.number
     return Answer(200, model_metadata(found.model, found.number, signature))

@@ -59,8 +59,7 @@ async def _predict(dataplane: DataPlane, model: str, exchange: Exchange) -> Answ
     result = await dataplane.infer(
         exchange.principal,
         model,
-        InferCall(exchange.body, decode, "vertex"),
-        stats=exchange.stats,
+        InferCall(exchange.body, decode, "vertex", exchange.observed),
     )
     return Answer(200, encode_vertex(result.request, result.outputs), budget_headers(result.budget))
 
