@@ -4,6 +4,7 @@ answered by ``{"predictions": [...]}``.
 Instances are rows as in TensorFlow Serving's row form (Vertex's own prebuilt containers serve
 TF Serving behind this contract), so the row codec of ``api/tfserving`` decodes and encodes them.
 ``parameters`` must be an object when present; modelkeep models take none, so it is not used.
+Any other key is refused, so that a body meant for another protocol is not half understood.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from modelkeep.errors import InvalidInput
-from modelkeep.guard._v2json import parse_json
+from modelkeep.guard._v2json import parse_json, shown
 from modelkeep.runtime.signature import ModelSignature
 
 from ..tfserving._codec import encode_rows, instances_inputs
@@ -40,6 +41,12 @@ def decode_vertex(body: bytes, signature: ModelSignature, max_elements: int) -> 
     document = parse_json(body)
     if type(document) is not dict:
         raise InvalidInput("the request body must be a JSON object")
+    unknown = next((key for key in document if key not in ("instances", "parameters")), None)
+    if unknown is not None:
+        raise InvalidInput(
+            f"unknown key {shown(unknown)}: a Vertex AI request holds 'instances' and "
+            "'parameters' only"
+        )
     parameters = document.get("parameters")
     if parameters is not None and type(parameters) is not dict:
         raise InvalidInput("'parameters' must be an object")
