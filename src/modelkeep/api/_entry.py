@@ -23,19 +23,17 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelkeep.audit.access import bind_request, input_digest, new_request_id, reset_request
-from modelkeep.auth import AuthFailure, Principal
+from modelkeep.auth import Principal
 from modelkeep.errors import ModelkeepError
-from modelkeep.service import Service
+from modelkeep.service import Budget, Observed, Service
 
+from ._auth import authenticate_request
 from ._body import receive_body
-from ._dataplane_shim import Observed
 from ._errors import STATUS_BY_CODE
 from ._observe import NO_RESPONSE, ObserveMiddleware
 from ._observe import REQUEST_ID_HEADER as REQUEST_ID
@@ -95,16 +93,6 @@ def error_answer(exc: ModelkeepError) -> Answer:
     return Answer(status, orjson.dumps({"error": message}), headers)
 
 
-async def authenticate(service: Service, scope: Scope, authorization: str | None) -> Principal:
-    """The caller's principal; a refused credential is audited durably before AuthFailure."""
-    try:
-        return service.authenticate(authorization)
-    except AuthFailure as exc:
-        client = scope.get("client")
-        await run_in_threadpool(service.record_auth_failure, exc, client[0] if client else None)
-        raise
-
-
 class ProtocolEntry:
     """Serves the requests ``match`` recognises (by method and path); passes the rest on."""
 
@@ -146,7 +134,10 @@ class ProtocolEntry:
                         content_length = value
                 # 1. Authentication.
                 if not route.public:
-                    exchange.principal = await authenticate(self.service, scope, authorization)
+                    client = scope.get("client")
+                    exchange.principal = await authenticate_request(
+                        self.service, authorization, client[0] if client else None
+                    )
                 # 2. The body, refused as soon as it passes the limit.
                 if route.reads_body:
                     exchange.body = await receive_body(receive, content_length, self.max_body)
@@ -196,7 +187,7 @@ class ProtocolEntry:
             reset_request(token)
 
 
-def budget_headers(budget: Any) -> list[tuple[bytes, bytes]]:
+def budget_headers(budget: Budget | None) -> list[tuple[bytes, bytes]]:
     """``X-Budget-*`` headers, as V2 answers carry them, for a result's budget (or none)."""
     if budget is None:
         return []

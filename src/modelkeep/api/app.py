@@ -6,8 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import ASGIApp
@@ -22,11 +24,9 @@ from modelkeep.settings import Settings
 from . import _drain
 from ._auth import AuthenticationMiddleware, principal_of
 from ._certwatch import watch_certificate
-from ._dataplane_shim import DataPlane
 from ._entry import ProtocolEntry
 from ._errors import install_error_handlers
 from ._fast import FastInfer
-from ._infer import InferRunner
 from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
 from .audit import audit_router
@@ -35,7 +35,7 @@ from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
 from .tfserving import tfserving_matcher
-from .v2 import v2_router
+from .v2 import infer_openapi_paths, v2_router
 from .vertex import vertex_matcher
 
 
@@ -96,6 +96,21 @@ def create_app(
     )
     app.add_middleware(AuthenticationMiddleware, service=service)
 
+    def openapi() -> dict[str, Any]:
+        # The infer routes are served by the fast entry before routing; documented here.
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            schema["paths"] = {**infer_openapi_paths(), **schema.get("paths", {})}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint(request: Request) -> Response:
         """Prometheus metrics, for auditor and admin keys."""
@@ -105,15 +120,13 @@ def create_app(
         return Response(body, media_type=content_type)
 
     observed = ObserveMiddleware(app, service.metrics, access_log=access_log)
-    runner = InferRunner(service)
-    dataplane = DataPlane(service, runner)
     # The other protocols' ways in, each recognising its own paths in pure ASGI; the V2 infer
     # entry goes first, so V2 requests pay nothing for them.
-    entry: ASGIApp = ProtocolEntry(observed, service, tfserving_matcher(dataplane), observed)
-    vertex = vertex_matcher(service, dataplane)
+    entry: ASGIApp = ProtocolEntry(observed, service, tfserving_matcher(service), observed)
+    vertex = vertex_matcher(service)
     if vertex is not None:
         entry = ProtocolEntry(entry, service, vertex, observed)
-    return FastInfer(entry, service, runner, observer=observed)
+    return FastInfer(entry, service, observer=observed)
 
 
 def create_app_from_env() -> ASGIApp:

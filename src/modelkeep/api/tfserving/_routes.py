@@ -19,8 +19,8 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from modelkeep.errors import InvalidInput
+from modelkeep.service import DataPlane, InferCall, Service
 
-from .._dataplane_shim import DataPlane, InferCall
 from .._entry import Answer, Exchange, Route, budget_headers
 from ._codec import (
     ExamplesRequest,
@@ -57,8 +57,9 @@ def _template(version: str | None, label: str | None, suffix: str) -> str:
     return "/v1/models/{model}" + suffix
 
 
-def tfserving_matcher(dataplane: DataPlane) -> Callable[[str, str], Route | None]:
-    """The matcher for ``ProtocolEntry``: TF Serving's routes over ``dataplane``."""
+def tfserving_matcher(service: Service) -> Callable[[str, str], Route | None]:
+    """The matcher for ``ProtocolEntry``: TF Serving's routes over the service's data plane."""
+    dataplane = service.dataplane
 
     def match(method: str, path: str) -> Route | None:
         if not path.startswith("/v1/models/"):
@@ -127,7 +128,9 @@ async def _status(
         return Answer(200, model_status((int(v), True) for v in metadata["versions"]))
     found, _ = dataplane.signature(principal, model, version, label)
     # Loading a runtime may decrypt and read a large file: not on the event loop.
-    ready = await run_in_threadpool(dataplane.model_ready, principal, model, str(found.number))
+    ready = await run_in_threadpool(
+        dataplane.model_ready, principal, model, str(found.number), None
+    )
     exchange.observed.version = found.number
     return Answer(200, model_status([(found.number, ready)]))
 

@@ -13,9 +13,8 @@ import functools
 from collections.abc import Callable
 
 from modelkeep.errors import Unavailable
-from modelkeep.service import Service
+from modelkeep.service import DataPlane, InferCall, Service
 
-from .._dataplane_shim import DataPlane, InferCall
 from .._entry import Answer, Exchange, Route, budget_headers
 from ._codec import decode_vertex, encode_vertex
 
@@ -25,10 +24,9 @@ PREDICT_TEMPLATE = "vertex:predict"
 HEALTH_TEMPLATE = "vertex:health"
 
 
-def vertex_matcher(
-    service: Service, dataplane: DataPlane
-) -> Callable[[str, str], Route | None] | None:
+def vertex_matcher(service: Service) -> Callable[[str, str], Route | None] | None:
     """The matcher for ``ProtocolEntry``, or None when no Vertex route is configured."""
+    dataplane = service.dataplane
     settings = service.settings
     predict_route = settings.vertex_predict_route
     health_route = settings.vertex_health_route
