@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 __all__ = ["world"]  # re-exported: pytest finds the fixture in this module
 
-VERTEX_PREDICT = "/vertex/predict"
+VERTEX_PREDICT = "/vertex:predict"
 VERTEX_HEALTH = "/vertex/health"
 
 # {m} = MODEL, {v} = 1, production = the label pinned to version 1 by the world.
@@ -45,7 +45,7 @@ GET    /v1/models/{m}/labels/production             401  401 401 401 401 401 200
 GET    /v1/models/{m}/metadata                      401  401 401 401 401 401 200 200 200 200 403 403
 GET    /v1/models/{m}/versions/{v}/metadata         401  401 401 401 401 401 200 200 200 200 403 403
 GET    /v1/models/{m}/labels/production/metadata    401  401 401 401 401 401 200 200 200 200 403 403
-POST   /vertex/predict                              401  401 401 401 401 401 200 403 200 403 403 403
+POST   /vertex:predict                              401  401 401 401 401 401 200 403 200 403 403 403
 GET    /vertex/health                               200  200 200 200 200 200 200 200 200 200 200 200
 """
 
