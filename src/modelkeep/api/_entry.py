@@ -41,6 +41,7 @@ from ._observe import REQUEST_ID_HEADER as REQUEST_ID
 log = logging.getLogger(__name__)
 
 JSON = b"application/json"
+_MAX_ROUTES = 4096
 
 
 @dataclass(slots=True)
@@ -52,7 +53,7 @@ class Exchange:
     observed: Observed = field(default_factory=Observed)  # rows, version served
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, and frozen costs a setattr per field
 class Answer:
     status: int
     body: bytes
@@ -108,15 +109,25 @@ class ProtocolEntry:
         self.match = match
         self.observer = observer
         self.max_body = service.settings.max_request_bytes
+        # Routes already matched, by method and path: a client calls the same few paths again
+        # and again, and this spares each call the regular expressions and the handler's
+        # binding. Bounded, since paths come from clients.
+        self._routes: dict[tuple[str, str], Route] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = self.match(scope["method"], scope["path"])
+        key = (scope["method"], scope["path"])
+        route = self._routes.get(key)
         if route is None:
-            await self.app(scope, receive, send)
-            return
+            route = self.match(*key)
+            if route is None:
+                await self.app(scope, receive, send)
+                return
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()
+            self._routes[key] = route
         started = time.perf_counter()
         request_id = new_request_id()
         exchange = Exchange(None, b"")

@@ -187,10 +187,10 @@ def encode_predict(request: PredictRequest, outputs: Mapping[str, np.ndarray]) -
 
 def encode_columns(outputs: Mapping[str, np.ndarray], *, named: bool) -> bytes:
     """``{"outputs": ...}``: the one output's value, or an object of outputs when ``named``."""
-    values, non_finite = _values(outputs)
+    values = _values(outputs)
     if named:
-        return dumps({"outputs": values}, non_finite)
-    return dumps({"outputs": next(iter(values.values()), None)}, non_finite)
+        return dumps({"outputs": values})
+    return dumps({"outputs": next(iter(values.values()), None)})
 
 
 def encode_rows(
@@ -199,21 +199,16 @@ def encode_rows(
     """``{"predictions": [...]}``: per row the one output's value, or an object of outputs when
     ``named``. Every output must have the same first dimension (TF Serving's rule)."""
     rows = _batch_size(outputs)
-    values, non_finite = _values(outputs)
+    values = _values(outputs)
     if not named:
         only = next(iter(values.values()), None)
-        return dumps({key: [] if only is None else only}, non_finite)
+        return dumps({key: [] if only is None else only})
     predictions = [{name: value[row] for name, value in values.items()} for row in range(rows)]
-    return dumps({key: predictions}, non_finite)
+    return dumps({key: predictions})
 
 
-def _values(outputs: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], bool]:
-    values: dict[str, Any] = {}
-    non_finite = False
-    for name, array in outputs.items():
-        values[name], odd = tensor_to_json(name, array)
-        non_finite = non_finite or odd
-    return values, non_finite
+def _values(outputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {name: tensor_to_json(name, array) for name, array in outputs.items()}
 
 
 def _batch_size(outputs: Mapping[str, np.ndarray]) -> int:
@@ -347,10 +342,9 @@ def encode_classify(request: ExamplesRequest, outputs: Mapping[str, np.ndarray])
     results: list[list[list[Any]]] = []
     if scores is None:
         results = [[[name, 0.0]] for name in names]
-        return dumps({"results": results}, False)
+        return dumps({"results": results})
     matrix = _shortest(np.asarray(scores).reshape(len(names), -1))
     top = np.argmax(matrix, axis=1) if matrix.size else np.zeros(len(names), dtype=np.int64)
-    non_finite = not bool(np.isfinite(matrix).all())
     for row, name in enumerate(names):
         best = int(top[row])
         results.append(
@@ -359,7 +353,7 @@ def encode_classify(request: ExamplesRequest, outputs: Mapping[str, np.ndarray])
                 for column, value in enumerate(matrix[row].tolist())
             ]
         )
-    return dumps({"results": results}, non_finite)
+    return dumps({"results": results})
 
 
 def _shortest(scores: np.ndarray) -> np.ndarray:
@@ -382,5 +376,4 @@ def encode_regress(request: ExamplesRequest, outputs: Mapping[str, np.ndarray]) 
     if values is None:
         raise InvalidInput("the model's output is not available to this caller")
     flat = np.asarray(values).reshape(-1)
-    encoded, non_finite = tensor_to_json(request.value, flat)
-    return dumps({"results": encoded}, non_finite)
+    return dumps({"results": tensor_to_json(request.value, flat)})

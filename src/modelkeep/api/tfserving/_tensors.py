@@ -109,25 +109,40 @@ def _b64_text(name: str, text: str) -> str:
         ) from None
 
 
-def tensor_to_json(name: str, array: np.ndarray) -> tuple[Any, bool]:
-    """A value orjson writes as TF Serving writes ``array``, and whether it holds a non-finite
-    float (which JSON cannot carry: ``dumps`` then writes TF Serving's ``NaN`` tokens).
+def tensor_to_json(name: str, array: np.ndarray) -> Any:
+    """A value orjson writes as TF Serving writes ``array``.
 
-    Numbers stay numpy arrays (orjson writes them natively, float32 in its shortest form);
-    strings become nested lists, bytes ``{"b64": ...}`` as TF Serving writes them.
+    Numbers stay numpy arrays (orjson writes them natively, float32 in its shortest form;
+    non-finite floats are handled by ``dumps``); strings become nested lists, bytes
+    ``{"b64": ...}`` as TF Serving writes them.
     """
-    kind = array.dtype.kind
-    if kind in "biuf":
-        # The canonical native dtype: orjson refuses aliases such as ONNX Runtime's longlong
-        # for int64 (in row slices, which are numpy scalars).
-        canonical = np.dtype(array.dtype.str).newbyteorder("=")
-        flat = np.ascontiguousarray(array, dtype=canonical)
-        finite = kind != "f" or bool(np.isfinite(flat).all())
-        return flat, not finite
-    if kind in "OSU":
-        as_bytes = name.endswith(BYTES_SUFFIX)
-        return _text_leaves(array.tolist(), as_bytes), False
-    raise InternalError(f"output {shown(name)} has a dtype JSON cannot carry")
+    dtype = array.dtype
+    canonical = _CANONICAL.get(dtype)
+    if canonical is None:
+        canonical = _canonical(name, dtype)
+    if canonical is not _TEXT:
+        if dtype is canonical and array.flags.c_contiguous:
+            return array
+        return np.ascontiguousarray(array, dtype=canonical)
+    return _text_leaves(array.tolist(), name.endswith(BYTES_SUFFIX))
+
+
+# The dtype orjson is given for each numeric dtype met (native order, canonical type: orjson
+# refuses aliases such as ONNX Runtime's longlong for int64 in row slices, which are numpy
+# scalars); _TEXT for strings. Few dtypes exist, so the table stays small.
+_TEXT = np.dtype(object)
+_CANONICAL: dict[np.dtype[Any], np.dtype[Any]] = {}
+
+
+def _canonical(name: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
+    if dtype.kind in "biuf":
+        canonical = np.dtype(dtype.str).newbyteorder("=")
+    elif dtype.kind in "OSU":
+        canonical = _TEXT
+    else:
+        raise InternalError(f"output {shown(name)} has a dtype JSON cannot carry")
+    _CANONICAL[dtype] = canonical
+    return canonical
 
 
 def _text_leaves(value: Any, as_bytes: bool) -> Any:
@@ -148,11 +163,25 @@ def _text_leaves(value: Any, as_bytes: bool) -> Any:
     raise InternalError("an output string tensor holds a value that is neither text nor bytes")
 
 
-def dumps(document: Mapping[str, Any], non_finite: bool) -> bytes:
-    """The JSON body; with ``non_finite``, floats are written with TF Serving's NaN tokens."""
-    if not non_finite:
-        return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
-    return json.dumps(_plain(document), allow_nan=True, separators=(",", ":")).encode("utf-8")
+def dumps(document: Mapping[str, Any]) -> bytes:
+    """The JSON body; floats that are NaN or infinite are written as TF Serving writes them
+    (``NaN``, ``Infinity``, ``-Infinity``), which JSON proper cannot carry."""
+    content = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    # orjson writes non-finite floats as null, and nothing else in these documents is null
+    # but an absent value: one substring search spares the usual answer a scan of its floats.
+    if b"null" in content and _non_finite(document):
+        return json.dumps(_plain(document), allow_nan=True, separators=(",", ":")).encode()
+    return content
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, np.ndarray | np.floating):
+        return value.dtype.kind == "f" and not bool(np.isfinite(value).all())
+    if type(value) is dict:
+        return any(_non_finite(item) for item in value.values())
+    if type(value) is list:
+        return any(_non_finite(item) for item in value)
+    return type(value) is float and not math.isfinite(value)
 
 
 def _plain(value: Any) -> Any:
