@@ -194,11 +194,17 @@ class Settings(BaseSettings):
     vertex_model: str | None = None
 
     @model_validator(mode="after")
-    def _vertex_needs_a_model(self) -> Settings:
+    def _vertex_routes(self) -> Settings:
         if self.vertex_predict_route is not None and self.vertex_model is None:
             raise ValueError(
                 "AIP_PREDICT_ROUTE is set: set MODELKEEP_VERTEX_MODEL to the model it serves"
             )
+        # A Vertex route must not hide one of modelkeep's own.
+        for route in (self.vertex_predict_route, self.vertex_health_route):
+            if route is not None and (
+                route.startswith(("/api/", "/v2/", "/v1/models/")) or route in ("/v2", "/metrics")
+            ):
+                raise ValueError(f"the Vertex AI route {route!r} would hide a modelkeep route")
         return self
 
     @property

@@ -20,9 +20,6 @@ from ._codec import decode_vertex, encode_vertex
 
 __all__ = ["vertex_matcher"]
 
-PREDICT_TEMPLATE = "vertex:predict"
-HEALTH_TEMPLATE = "vertex:health"
-
 
 def vertex_matcher(service: Service) -> Callable[[str, str], Route | None] | None:
     """The matcher for ``ProtocolEntry``, or None when no Vertex route is configured."""
@@ -36,9 +33,11 @@ def vertex_matcher(service: Service) -> Callable[[str, str], Route | None] | Non
     predict = None
     if predict_route is not None and model is not None:
         handler = functools.partial(_predict, dataplane, model)
-        predict = Route(PREDICT_TEMPLATE, handler, model)
+        # The configured paths are the templates metrics and the access log show: fixed at
+        # start, so they add one label value each.
+        predict = Route(predict_route, handler, model)
     health = Route(
-        HEALTH_TEMPLATE, functools.partial(_health, service), public=True, reads_body=False
+        health_route or "", functools.partial(_health, service), public=True, reads_body=False
     )
 
     def match(method: str, path: str) -> Route | None:
