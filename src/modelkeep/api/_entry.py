@@ -41,7 +41,10 @@ from ._observe import REQUEST_ID_HEADER as REQUEST_ID
 log = logging.getLogger(__name__)
 
 JSON = b"application/json"
-_MAX_ROUTES = 4096
+# The route table's bounds: paths come from clients, before authentication, so at most this
+# many of at most this length (a model name is at most 63 characters) are remembered.
+_MAX_ROUTES = 1024
+_MAX_REMEMBERED_PATH = 256
 
 
 @dataclass(slots=True)
@@ -111,7 +114,7 @@ class ProtocolEntry:
         self.max_body = service.settings.max_request_bytes
         # Routes already matched, by method and path: a client calls the same few paths again
         # and again, and this spares each call the regular expressions and the handler's
-        # binding. Bounded, since paths come from clients.
+        # binding (bounded: see _MAX_ROUTES).
         self._routes: dict[tuple[str, str], Route] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -125,9 +128,10 @@ class ProtocolEntry:
             if route is None:
                 await self.app(scope, receive, send)
                 return
-            if len(self._routes) >= _MAX_ROUTES:
-                self._routes.clear()
-            self._routes[key] = route
+            if len(key[1]) <= _MAX_REMEMBERED_PATH:
+                if len(self._routes) >= _MAX_ROUTES:
+                    self._routes.clear()
+                self._routes[key] = route
         started = time.perf_counter()
         request_id = new_request_id()
         exchange = Exchange(None, b"")
