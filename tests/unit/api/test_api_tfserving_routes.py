@@ -13,10 +13,8 @@ import httpx
 import pytest
 
 from modelkeep.api.app import create_app
-from modelkeep.bootstrap import init_data_dir
 from modelkeep.service import Service
-from modelkeep.settings import Settings
-from modelkeep.testing import build_iris_onnx, iris_rows
+from modelkeep.testing import build_iris_onnx, iris_rows, open_service
 
 
 @dataclass
@@ -40,23 +38,22 @@ class App:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    data = tmp_path_factory.mktemp("data") / "data"
-    init = init_data_dir(data)
     settings = {
         "vertex_predict_route": "/predict",
         "vertex_health_route": "/health",
         "vertex_model": "iris",
     }
-    service = Service.open(Settings(data_dir=data, access_log=False, **settings))
+    data = tmp_path_factory.mktemp("data") / "data"
+    service, admin_key = open_service(data, access_log=False, **settings)
     try:
-        admin = service.authenticate(f"Bearer {init.admin_key}")
+        admin = service.authenticate(f"Bearer {admin_key}")
         service.put_model(admin, "iris", require_signature=False)
         service.push(admin, "iris", build_iris_onnx(seed=0), file_name="iris.onnx")
         service.push(admin, "iris", build_iris_onnx(seed=1), file_name="iris.onnx")
         service.set_label(admin, "iris", "canary", 2)
         service.set_policy(admin, "iris", {"limits": {"rate": "100000/second"}})
         consumer = service.create_key(admin, role="consumer", models=["iris"], expires_at=None)
-        yield App(service, init.admin_key, consumer.token, settings)
+        yield App(service, admin_key, consumer.token, settings)
     finally:
         service.stop()
 
@@ -123,10 +120,9 @@ def test_vertex_routes_serve_the_configured_model(app: App) -> None:
 
 
 def test_without_vertex_settings_its_routes_do_not_exist(tmp_path: Path) -> None:
-    init = init_data_dir(tmp_path / "data")
-    service = Service.open(Settings(data_dir=tmp_path / "data", access_log=False))
+    service, admin_key = open_service(tmp_path / "data", access_log=False)
     try:
-        bare = App(service, init.admin_key, "", {})
-        assert bare.call("GET", "/health", init.admin_key).status_code == 404
+        bare = App(service, admin_key, "", {})
+        assert bare.call("GET", "/health", admin_key).status_code == 404
     finally:
         service.stop()
