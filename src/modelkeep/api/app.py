@@ -34,7 +34,7 @@ from .capture import capture_router
 from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
-from .tfserving import tfserving_matcher
+from .tfserving import protocol_openapi_paths, tfserving_matcher
 from .v2 import infer_openapi_paths, v2_router
 from .vertex import vertex_matcher
 
@@ -105,7 +105,10 @@ def create_app(
                 description=app.description,
                 routes=app.routes,
             )
-            schema["paths"] = {**infer_openapi_paths(), **schema.get("paths", {})}
+            protocols = protocol_openapi_paths(
+                service.settings.vertex_predict_route, service.settings.vertex_health_route
+            )
+            schema["paths"] = {**infer_openapi_paths(), **protocols, **schema.get("paths", {})}
             app.openapi_schema = schema
         return app.openapi_schema
 

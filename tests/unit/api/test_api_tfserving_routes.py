@@ -126,3 +126,20 @@ def test_without_vertex_settings_its_routes_do_not_exist(tmp_path: Path) -> None
         assert bare.call("GET", "/health", admin_key).status_code == 404
     finally:
         service.stop()
+
+
+def test_openapi_lists_every_protocol_route_with_its_statuses(app: App) -> None:
+    paths = app.call("GET", "/api/v1/openapi.json", app.admin_key).json()["paths"]
+    predict = paths["/v1/models/{model}/labels/{label}:predict"]["post"]
+    assert set(predict["responses"]) == {"200", "400", "401", "403", "404", "413", "429", "503"}
+    assert set(paths["/v1/models/{model}/versions/{version}/metadata"]["get"]["responses"]) == {
+        "200",
+        "401",
+        "403",
+        "404",
+        "503",
+    }
+    tf_paths = [path for path in paths if path.startswith("/v1/models/")]
+    assert len(tf_paths) == 15
+    assert "post" in paths["/predict"]
+    assert "get" in paths["/health"]
