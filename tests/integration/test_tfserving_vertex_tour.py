@@ -269,3 +269,19 @@ def test_the_access_log_names_the_protocols_routes(world: World) -> None:
     assert access, "no access log line for the request"
     assert access[0]["route"] == "/v1/models/{model}:predict"
     assert (access[0]["model"], access[0]["rows"], access[0]["status"]) == (MODEL, 2, 200)
+
+
+def test_vertex_answers_are_hardened_and_rate_limited_too(world: World) -> None:
+    """The Vertex route serves one model; its policy applies there as on every route."""
+    world.policy(MODEL, output="label_only", limits={"rate": "3/minute"})
+    try:
+        with world.consumer(MODEL) as client:
+            answers = [
+                client.post(VERTEX_PREDICT, json={"instances": iris_rows(2)}) for _ in range(4)
+            ]
+        assert [r.status_code for r in answers] == [200, 200, 200, 429]
+        assert all(set(p) == {"label"} for p in answers[0].json()["predictions"])
+        assert list(answers[3].json()) == ["error"]
+        assert int(answers[3].headers["Retry-After"]) >= 1
+    finally:
+        world.policy(MODEL, output="confidence=1", limits={"rate": "1000/second"})
