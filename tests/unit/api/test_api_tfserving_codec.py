@@ -318,3 +318,14 @@ def test_int64_aliases_from_runtimes_are_written() -> None:
     }
     answer = orjson.loads(encode_predict(request, out))
     assert answer == {"predictions": [{"label": 2, "probabilities": [0.1, 0.2, 0.7]}]}
+
+
+def test_int64_and_its_longlong_alias_both_encode_whichever_comes_first() -> None:
+    request = decode_predict(body({"instances": [[1, 2, 3, 4]] * 2}), IRIS, MAX)
+    for dtype in (np.int64, np.longlong, np.int64):
+        out = {
+            "label": np.array([2, 1], dtype=dtype),
+            "probabilities": np.zeros((2, 3), dtype=np.float32),
+        }
+        answer = orjson.loads(encode_predict(request, out))
+        assert [row["label"] for row in answer["predictions"]] == [2, 1]

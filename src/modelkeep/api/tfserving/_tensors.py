@@ -121,6 +121,7 @@ def tensor_to_json(name: str, array: np.ndarray) -> Any:
     if canonical is None:
         canonical = _canonical(name, dtype)
     if canonical is not _TEXT:
+        # Identity, not equality: longlong compares equal to int64 yet orjson refuses it.
         if dtype is canonical and array.flags.c_contiguous:
             return array
         return np.ascontiguousarray(array, dtype=canonical)
