@@ -25,7 +25,6 @@ from . import _drain
 from ._auth import AuthenticationMiddleware, principal_of
 from ._certwatch import watch_certificate
 from ._errors import install_error_handlers
-from ._fast import FastInfer
 from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
 from .audit import audit_router
@@ -33,7 +32,8 @@ from .capture import capture_router
 from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
-from .v2 import infer_openapi_paths, v2_router
+from .v2.infer import FastInfer
+from .v2.routes import infer_openapi_paths, v2_router
 
 
 def create_app(
