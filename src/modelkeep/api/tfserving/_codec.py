@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from modelkeep.api.v2._json import parse_json, shown
 from modelkeep.errors import InvalidInput
-from modelkeep.guard._v2json import parse_json, shown
 from modelkeep.guard.hardening import score_outputs_of
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 

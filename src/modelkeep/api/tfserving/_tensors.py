@@ -2,7 +2,7 @@
 
 Decoding checks each value against the model's ``TensorSpec`` from its nested shape alone (rank,
 fixed dimensions, element count against ``max_elements``) before a tensor is built, then builds
-it with the V2 codec's JSON converter (``guard/_v2json.py``), so TF Serving, Vertex AI and V2
+it with the V2 codec's JSON converter (``api/v2/_json.py``), so TF Serving, Vertex AI and V2
 callers meet the same datatype rules. Encoding follows TF Serving's ``json_tensor.cc``: tensors
 as nested lists, ``NaN``/``Infinity`` as those tokens, strings as JSON strings, and bytes
 (strings of tensors named ``*_bytes``, or bytes that are not UTF-8) as ``{"b64": ...}``.
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from modelkeep.api.v2._json import json_array, shown
 from modelkeep.errors import InternalError, InvalidInput, TooLarge
-from modelkeep.guard._v2json import json_array, shown
 from modelkeep.runtime.signature import MAX_RANK, TensorSpec, numpy_dtype
 
 __all__ = ["B64_KEY", "dumps", "is_b64", "tensor_from_json", "tensor_to_json"]

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modelkeep.api.v2._json import parse_json, shown
 from modelkeep.errors import InvalidInput
-from modelkeep.guard._v2json import parse_json, shown
 from modelkeep.runtime.signature import ModelSignature
 
 from ..tfserving._codec import encode_rows, instances_inputs
