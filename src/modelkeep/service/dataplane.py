@@ -277,7 +277,8 @@ class DataPlane:
         version: str | None = None,
         label: str | None = None,
     ) -> InferResult[R]:
-        """``infer`` without the queue: runs in the caller's thread, now."""
+        """``infer`` without the queue, in the caller's thread, now: for tests. Protocol
+        adapters await ``infer``, so that every protocol is queued and shed alike."""
         if not tracing.enabled():
             return self._infer(principal, model, call, version, label, False)
         with tracing.span("modelkeep.infer", model=model, principal=principal.key_id):
