@@ -58,6 +58,9 @@ RESULTS = BENCH_DIR / "results" / "infer.json"
 BIN = Path(sys.executable).parent
 MODEL = "iris"
 INFER_PATH = f"/v2/models/{MODEL}/infer"
+TFSERVING_PATH = f"/v1/models/{MODEL}:predict"
+# Each other protocol's throughput against V2 REST's, at RATIO_CONCURRENCY, in the same run.
+PROTOCOL_TARGET = 0.85
 
 # The targets this bench reports on (docs: bench/README.md).
 RATIO_TARGET = 0.6  # modelkeep rps >= 0.6 x bare rps ...
@@ -163,6 +166,13 @@ class Point:
         if mk is None or bare is None or not bare["rps"]:
             return None
         return mk["rps"] / bare["rps"]
+
+    def protocol_ratio(self, name: str) -> float | None:
+        """Another protocol's throughput against V2 REST's on the same server."""
+        other, v2 = self.summary(name), self.summary("modelkeep")
+        if other is None or v2 is None or not v2["rps"]:
+            return None
+        return other["rps"] / v2["rps"]
 
 
 # -- processes and clean-up --------------------------------------------------------------------
@@ -342,6 +352,9 @@ class Target:
     admin: dict[str, str] = field(default_factory=dict)  # modelkeep's admin key header
     ca_cert: str | None = None  # modelkeep's CA, for the gRPC client
     grpc: str | None = None  # host:port of the gRPC listener, for a gRPC target
+    # What the load posts: V2 infer bodies by default; another protocol's path and bodies.
+    path: str = INFER_PATH
+    bodies: list[bytes] | None = None
 
 
 def server_env() -> dict[str, str]:
@@ -472,6 +485,41 @@ def infer_bodies(rows: list[list[float]]) -> list[bytes]:
     ]
 
 
+def tfserving_bodies(rows: list[list[float]]) -> list[bytes]:
+    """The same rows as TF Serving REST row-form bodies."""
+    return [json.dumps({"instances": [row]}, separators=(",", ":")).encode() for row in rows]
+
+
+def tfserving_target(modelkeep: Target, rows: list[list[float]]) -> Target:
+    """The same modelkeep server, model, key and rows, through TF Serving's REST API; its
+    answers are checked against V2's before anything is measured."""
+    target = Target(
+        "tfserving",
+        modelkeep.url,
+        modelkeep.headers,
+        modelkeep.ssl_context,
+        modelkeep.proc,
+        modelkeep.admin,
+        TFSERVING_PATH,
+        tfserving_bodies(rows),
+    )
+    v2 = smoke_outputs(modelkeep, infer_bodies(rows))
+    assert target.bodies is not None
+    with httpx.Client(verify=target.ssl_context or True, timeout=60) as client:
+        for body, expected in zip(target.bodies, v2, strict=True):
+            reply = client.post(
+                target.url + TFSERVING_PATH,
+                content=body,
+                headers={**target.headers, "Content-Type": "application/json"},
+            )
+            if reply.status_code != 200:
+                raise HarnessError(f"tfserving: predict answered {reply.status_code}: {reply.text}")
+            (got,) = reply.json()["predictions"]
+            if [got["label"]] != expected["label"]:
+                raise HarnessError("tfserving and V2 answers differ")
+    return target
+
+
 def smoke_outputs(target: Target, bodies: list[bytes]) -> list[dict[str, Any]]:
     """Each body once through the target; 200 and the decoded outputs, or HarnessError."""
     verify: ssl.SSLContext | bool = target.ssl_context or True
@@ -548,14 +596,16 @@ end
 """
 
 
-def write_lua(path: Path, bodies: list[bytes], headers: dict[str, str]) -> None:
+def write_lua(
+    path: Path, bodies: list[bytes], headers: dict[str, str], url_path: str = INFER_PATH
+) -> None:
     all_headers = {**headers, "Content-Type": "application/json"}
     path.write_text(
         _LUA
         % {
             "bodies": ", ".join(f"[==[{body.decode()}]==]" for body in bodies),
             "headers": ", ".join(f'["{k}"] = "{v}"' for k, v in all_headers.items()),
-            "path": INFER_PATH,
+            "path": url_path,
         }
     )
 
@@ -828,14 +878,15 @@ class Loader:
             assert self.pin.load_cpu is not None
             meter = CpuMeter(self.pin.server_cpu, self.pin.load_cpu, target.proc.pid)
         before = meter.snapshot() if meter else None
+        bodies = target.bodies or self.bodies
         if target.grpc is not None:
             result = run_grpc_load(target, self.rows, concurrency, seconds)
         elif self.wrk is None:
-            result = run_python_load(target, self.bodies, concurrency, seconds)
+            result = run_python_load(target, bodies, concurrency, seconds, target.path)
         else:
             script = self.tmp / f"{target.name}.lua"
             if not script.exists():
-                write_lua(script, self.bodies, target.headers)
+                write_lua(script, bodies, target.headers, target.path)
             used_before = _children_cpu_s()
             output = run_wrk(self.wrk, self.pin, target.url, script, concurrency, seconds)
             used = _children_cpu_s() - used_before
@@ -984,8 +1035,19 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
             + (f"{ratio_text:>8.2f}x" if ratio_text is not None else f"{'-':>9}")
         )
 
+    print("\nprotocols (same server, model, key and rows; ratio to V2 REST):")
+    print(
+        f"{'conc':>4} | {'protocol':<10} {'rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu':>6} | ratio"
+    )
+    for concurrency, point in sorted(points.items()):
+        for name in ("tfserving",):
+            against = point.protocol_ratio(name)
+            shown = f"{against:>5.2f}x" if against is not None else f"{'-':>6}"
+            print(f"{concurrency:>4} | {name:<10} {_cell(point.summary(name), 9)} | {shown}")
+
     ratio_point = points.get(RATIO_CONCURRENCY)
     ratio = ratio_point.ratio() if ratio_point else None
+    protocol_ratio = ratio_point.protocol_ratio("tfserving") if ratio_point else None
     grpc_ratio = grpc_ratios.get(RATIO_CONCURRENCY)
     p99_point = points.get(P99_CONCURRENCY)
     p99_summary = p99_point.summary("modelkeep") if p99_point else None
@@ -1009,6 +1071,12 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
             "value": None if p99 is None else round(p99, 3),
             "pass": p99 is not None and p99 < P99_TARGET_MS,
         },
+        {
+            "name": f"TF Serving REST/V2 REST throughput at concurrency {RATIO_CONCURRENCY}",
+            "target": f">= {PROTOCOL_TARGET}",
+            "value": None if protocol_ratio is None else round(protocol_ratio, 3),
+            "pass": protocol_ratio is not None and protocol_ratio >= PROTOCOL_TARGET,
+        },
     ]
     print("\ntargets:")
     for t in targets:
@@ -1029,7 +1097,9 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
                 "concurrency": c,
                 "ratio": None if (r := p.ratio()) is None else round(r, 4),
                 "errors": p.errors,
-                "median": {name: p.summary(name) for name in ("modelkeep", GRPC_ROW, "bare")},
+                "median": {
+                    name: p.summary(name) for name in ("modelkeep", GRPC_ROW, "tfserving", "bare")
+                },
                 "rounds": {name: [asdict(x) for x in runs] for name, runs in p.rounds.items()},
             }
             for c, p in sorted(points.items())
@@ -1086,7 +1156,7 @@ def run(opts: Options) -> int:
     print(f"load generator: {'wrk' if wrk else 'python'}; pinning: {pin.describe()}")
     print(
         f"per point: {opts.warmup} s warm-up + {opts.duration} s measured, keep-alive connections;"
-        f" {opts.rounds} round(s), the two servers alternating"
+        f" {opts.rounds} round(s), the targets alternating"
     )
     if load_before > 0.5:
         print(f"note: load average is {load_before:.2f} before we start: other processes are")
@@ -1121,10 +1191,12 @@ def run(opts: Options) -> int:
         )
         check_same_answers(smoke_outputs(modelkeep, bodies), smoke_outputs(bare, bodies))
         print(f"both servers give the same answers on {len(bodies)} sample rows")
+        # The same server, model, key and rows through TF Serving's REST API.
+        tfserving = tfserving_target(modelkeep, iris_rows(BODY_ROWS))
         # Both stay up for the whole run; only the one under load does work.
         rows = iris_rows(BODY_ROWS)
         loader = Loader(opts, wrk, pin, bodies, tmp, rows)
-        measure_all([modelkeep, over_grpc, bare], points, loader)
+        measure_all([modelkeep, over_grpc, tfserving, bare], points, loader)
         procs.stop_all()
         workers = None
         if WORKERS_CONCURRENCY in opts.concurrency:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -24,7 +24,13 @@ class Settings(BaseSettings):
     data_dir: Path = Field(description="Directory made by `modelkeep init` (keys, TLS, blobs).")
     # Loopback unless told otherwise: a fresh install is not reachable from the network.
     host: str = "127.0.0.1"
-    port: int = Field(default=8443, ge=0, le=65535)
+    # Vertex AI tells a custom container its port in AIP_HTTP_PORT, which wins when set.
+    port: int = Field(
+        default=8443,
+        ge=0,
+        le=65535,
+        validation_alias=AliasChoices("port", "AIP_HTTP_PORT", "MODELKEEP_PORT"),
+    )
     workers: int = Field(default=1, ge=1, le=64)
     # The Open Inference Protocol over gRPC (docs/protocols.md): a port of its own on the same
     # host, always TLS with the HTTPS certificate, the same keys and checks. 0 (the default)
@@ -169,6 +175,41 @@ class Settings(BaseSettings):
     key_service_endpoint: str | None = None
     # Every call to the key service gives up after this long (connect and read).
     key_service_timeout_s: float = Field(default=5.0, gt=0, le=120)
+
+    # -- Vertex AI custom container (docs/protocols.md, "Vertex AI") --------------------------
+    # The routes Vertex sends predictions and health checks to (it sets AIP_PREDICT_ROUTE and
+    # AIP_HEALTH_ROUTE in the container); None serves neither. The predict route serves one
+    # model, vertex_model, at its default version, with the same key, policy and limits as
+    # every route; the health route is public, as /v2/health/* is.
+    vertex_predict_route: str | None = Field(
+        default=None,
+        pattern=r"^/[A-Za-z0-9._~:@!$&'()*+,;=%/-]*$",
+        validation_alias=AliasChoices(
+            "vertex_predict_route", "AIP_PREDICT_ROUTE", "MODELKEEP_VERTEX_PREDICT_ROUTE"
+        ),
+    )
+    vertex_health_route: str | None = Field(
+        default=None,
+        pattern=r"^/[A-Za-z0-9._~:@!$&'()*+,;=%/-]*$",
+        validation_alias=AliasChoices(
+            "vertex_health_route", "AIP_HEALTH_ROUTE", "MODELKEEP_VERTEX_HEALTH_ROUTE"
+        ),
+    )
+    vertex_model: str | None = None
+
+    @model_validator(mode="after")
+    def _vertex_routes(self) -> Settings:
+        if self.vertex_predict_route is not None and self.vertex_model is None:
+            raise ValueError(
+                "AIP_PREDICT_ROUTE is set: set MODELKEEP_VERTEX_MODEL to the model it serves"
+            )
+        # A Vertex route must not hide one of modelkeep's own.
+        for route in (self.vertex_predict_route, self.vertex_health_route):
+            if route is not None and (
+                route.startswith(("/api/", "/v2/", "/v1/models/")) or route in ("/v2", "/metrics")
+            ):
+                raise ValueError(f"the Vertex AI route {route!r} would hide a modelkeep route")
+        return self
 
     @property
     def effective_database_url(self) -> str:

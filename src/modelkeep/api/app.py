@@ -24,8 +24,8 @@ from modelkeep.settings import Settings
 from . import _drain
 from ._auth import AuthenticationMiddleware, principal_of
 from ._certwatch import watch_certificate
+from ._entry import ProtocolEntry
 from ._errors import install_error_handlers
-from ._fast import FastInfer
 from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
 from .audit import audit_router
@@ -34,7 +34,10 @@ from .grpc.server import GrpcListener
 from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
-from .v2 import infer_openapi_paths, v2_router
+from .tfserving import protocol_openapi_paths, tfserving_matcher
+from .v2.infer import FastInfer
+from .v2.routes import infer_openapi_paths, v2_router
+from .vertex import vertex_matcher
 
 
 def create_app(
@@ -110,7 +113,10 @@ def create_app(
                 description=app.description,
                 routes=app.routes,
             )
-            schema["paths"] = {**infer_openapi_paths(), **schema.get("paths", {})}
+            protocols = protocol_openapi_paths(
+                service.settings.vertex_predict_route, service.settings.vertex_health_route
+            )
+            schema["paths"] = {**infer_openapi_paths(), **protocols, **schema.get("paths", {})}
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -127,7 +133,13 @@ def create_app(
     observed = ObserveMiddleware(app, service.metrics, access_log=access_log)
     if serve_grpc:
         grpc_listener = GrpcListener(service, service.settings, observed)
-    return FastInfer(observed, service, observer=observed)
+    # The other protocols' ways in, each recognising its own paths in pure ASGI; the V2 infer
+    # entry goes first, so V2 requests pay nothing for them.
+    entry: ASGIApp = ProtocolEntry(observed, service, tfserving_matcher(service), observed)
+    vertex = vertex_matcher(service)
+    if vertex is not None:
+        entry = ProtocolEntry(entry, service, vertex, observed)
+    return FastInfer(entry, service, observer=observed)
 
 
 def create_app_from_env() -> ASGIApp:

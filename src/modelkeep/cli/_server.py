@@ -33,7 +33,7 @@ class _InitResult(Protocol):
 _SETTING_SOURCES = {
     "data_dir": "--data-dir / MODELKEEP_DATA_DIR",
     "host": "--host / MODELKEEP_HOST",
-    "port": "--port / MODELKEEP_PORT",
+    "port": "--port / AIP_HTTP_PORT / MODELKEEP_PORT",
     "workers": "--workers / MODELKEEP_WORKERS",
     "grpc_port": "--grpc-port / MODELKEEP_GRPC_PORT",
     "database_url": "--database-url / MODELKEEP_DATABASE_URL",
@@ -125,7 +125,10 @@ def serve(
     port: Annotated[
         int | None,
         typer.Option(
-            metavar="PORT", help="TCP port (env MODELKEEP_PORT; default 8443).", show_default=False
+            metavar="PORT",
+            help="TCP port (env AIP_HTTP_PORT, as Vertex AI sets it, else MODELKEEP_PORT; "
+            "default 8443).",
+            show_default=False,
         ),
     ] = None,
     workers: Annotated[

@@ -2,10 +2,10 @@
 
 Every protocol adapter (V2 REST today, more under ``api/``) decodes nothing itself before the
 caller is authorized: it hands ``DataPlane.infer`` the body as received and a decoder, and
-encodes the ``InferResult`` it gets back. Authorization, the block check, decoding against the
-signature, admission, the bounded queue, the runtime, the detectors, hardening, metrics and
-payload capture all happen here, in that order, for every protocol alike. The contract is
-written down in docs/architecture.md ("Adding a protocol").
+encodes the ``InferResult`` it gets back. The bounded queue (which sheds before anything else),
+authorization, the block check, decoding against the signature, admission, the runtime, the
+detectors, hardening, metrics and payload capture all happen here, in that order, for every
+protocol alike. How an adapter uses it: docs/architecture.md ("Adding a protocol").
 """
 
 from __future__ import annotations
@@ -277,7 +277,8 @@ class DataPlane:
         version: str | None = None,
         label: str | None = None,
     ) -> InferResult[R]:
-        """``infer`` without the queue: runs in the caller's thread, now."""
+        """``infer`` without the queue, in the caller's thread, now: for tests. Protocol
+        adapters await ``infer``, so that every protocol is queued and shed alike."""
         if not tracing.enabled():
             return self._infer(principal, model, call, version, label, False)
         with tracing.span("modelkeep.infer", model=model, principal=principal.key_id):
