@@ -27,6 +27,7 @@ from ._fast import FastInfer
 from ._infer import InferRunner
 from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
+from ._openapi import install_openapi
 from .audit import audit_router
 from .capture import capture_router
 from .kek import kek_router
@@ -77,6 +78,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(v2_router(service))
     app.include_router(management_router(service))
     app.include_router(policy_router(service))

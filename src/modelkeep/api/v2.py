@@ -15,6 +15,7 @@ from ._auth import principal_of
 from ._body import header_length, read_body
 from ._errors import error_response
 from ._infer import InferRunner
+from ._openapi import errors
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -27,21 +28,21 @@ def v2_router(service: Service) -> APIRouter:
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @router.get("/health/ready")
+    @router.get("/health/ready", responses=errors(503))
     async def ready() -> Response:
         if service.ready():
             return JSONResponse({"ready": True})
         return error_response(503, "not ready", {"Retry-After": "1"})
 
-    @router.get("")
+    @router.get("", responses=errors(403))
     async def server_metadata(request: Request) -> dict[str, Any]:
         return service.server_metadata(principal_of(request))
 
-    @router.get("/models/{model}")
+    @router.get("/models/{model}", responses=errors(403, 404))
     async def model_metadata(request: Request, model: str) -> dict[str, Any]:
         return service.model_metadata(principal_of(request), model, None)
 
-    @router.get("/models/{model}/versions/{version}")
+    @router.get("/models/{model}/versions/{version}", responses=errors(403, 404))
     async def version_metadata(request: Request, model: str, version: str) -> dict[str, Any]:
         return service.model_metadata(principal_of(request), model, version)
 
@@ -52,11 +53,11 @@ def v2_router(service: Service) -> APIRouter:
             return JSONResponse({"name": model, "ready": True})
         return error_response(503, f"model '{model}' is not ready", {"Retry-After": "1"})
 
-    @router.get("/models/{model}/ready")
+    @router.get("/models/{model}/ready", responses=errors(403, 404, 503))
     async def model_ready(request: Request, model: str) -> Response:
         return await _ready(request, model, None)
 
-    @router.get("/models/{model}/versions/{version}/ready")
+    @router.get("/models/{model}/versions/{version}/ready", responses=errors(403, 404, 503))
     async def version_ready(request: Request, model: str, version: str) -> Response:
         return await _ready(request, model, version)
 
