@@ -14,7 +14,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match
 
 from modelkeep.errors import ModelkeepError
 
@@ -69,17 +68,6 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def allowed_methods(request: Request) -> str:
-    """Every method some route answers on this path. Starlette's 405 names only the methods of
-    the first route whose path matched, and a path (``/api/v1/keys``) may have several."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods.update(getattr(route, "methods", None) or ())
-    return ", ".join(sorted(methods))
-
-
 def install_error_handlers(app: FastAPI) -> None:
     async def on_modelkeep_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ModelkeepError)
@@ -91,14 +79,11 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return error_response(400, _validation_message(exc))
 
-    async def on_http_error(request: Request, exc: Exception) -> Response:
+    async def on_http_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         messages = {404: "not found", 405: "method not allowed"}
         message = messages.get(exc.status_code, "request refused")
-        headers = exc.headers
-        if exc.status_code == 405:
-            headers = {**(headers or {}), "Allow": allowed_methods(request)}
-        return error_response(exc.status_code, message, headers)
+        return error_response(exc.status_code, message, exc.headers)
 
     async def on_unexpected(_request: Request, exc: Exception) -> Response:
         log.error("unhandled error", exc_info=exc)

@@ -11,6 +11,9 @@ Routes declare the statuses their own handlers and the service can raise (``erro
 - 400 instead of FastAPI's 422 for a request that fails validation: ``_errors`` answers 400 with
   the error body, and 422 is kept for what it means here, a model modelkeep refuses.
 
+A 405's ``Allow`` names every method of the path, as the description does (Starlette's names
+only those of the first route whose path matched).
+
 Every error has the same body, :class:`ErrorOut`.
 """
 
@@ -20,13 +23,16 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path
+from fastapi import FastAPI, Path, Request
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from modelkeep.registry.records import NAME_PATTERN
 
 from ._auth import PUBLIC_PATHS
+from ._errors import error_response
 
 #: What a model or label name may be. Documented, not checked by FastAPI: the service checks
 #: names where it matters (an unknown name is 404, a bad new name 400, as the routes say).
@@ -157,8 +163,22 @@ def truthful_schema(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+def path_methods(schema: dict[str, Any]) -> list[tuple[re.Pattern[str], frozenset[str]]]:
+    """Each path template of ``schema`` as a pattern, with the methods it answers (HEAD too
+    where GET is, as Starlette answers it)."""
+    found = []
+    for path, operations in schema.get("paths", {}).items():
+        pattern = re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)))
+        methods = {method.upper() for method in operations}
+        if "GET" in methods:
+            methods.add("HEAD")
+        found.append((pattern, frozenset(methods)))
+    return found
+
+
 def install_openapi(app: FastAPI) -> None:
-    """Serve :func:`truthful_schema` (built once) as the app's OpenAPI description."""
+    """Serve :func:`truthful_schema` (built once) as the app's OpenAPI description, and give
+    each 405 an ``Allow`` header that names every method of the path."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -166,3 +186,18 @@ def install_openapi(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    templates: list[tuple[re.Pattern[str], frozenset[str]]] = []
+
+    async def on_method_not_allowed(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if not templates:
+            templates.extend(path_methods(openapi()))
+        path = request.scope["path"]
+        methods = set((exc.headers or {}).get("Allow", "").replace(" ", "").split(","))
+        for pattern, answered in templates:
+            if pattern.fullmatch(path):
+                methods |= answered
+        allow = ", ".join(sorted(m for m in methods if m))
+        return error_response(405, "method not allowed", {**(exc.headers or {}), "Allow": allow})
+
+    app.add_exception_handler(405, on_method_not_allowed)
