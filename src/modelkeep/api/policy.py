@@ -29,13 +29,21 @@ _MAX_ASSESS_BYTES = 256 * 1024 * 1024
 
 # The forms the guard accepts, as documented patterns; guard/ checks every value (ranges included)
 # and answers 400 naming the field at fault.
-_RATE: JsonDict = {"pattern": r"^[1-9][0-9]{0,11}/(second|minute|hour|day)$"}
-_BUDGET: JsonDict = {"pattern": r"^[1-9][0-9]{0,11}/(day|month)$"}
+# A rate's window is at most a day ("10/5second", "100/minute", "1000/24hour", "5000/day").
+_RATE: JsonDict = {
+    "pattern": (
+        r"^[1-9][0-9]{0,11}/(([1-9][0-9]{0,3})?seconds?|([1-9][0-9]{0,2})?minutes?"
+        r"|([1-9]|1[0-9]|2[0-4])?hours?|days?)$"
+    )
+}
+_BUDGET: JsonDict = {"pattern": r"^[1-9][0-9]{0,11}/(days?|months?)$"}
+# reverse_sigmoid's BETA and GAMMA lie in (0, 100]; the pattern shows those from 1 up.
+_BETA = r"([1-9][0-9]?(\.[0-9]{1,6})?|100(\.0{1,6})?)"
 _OUTPUT: JsonDict = {
     "pattern": (
-        r"^(full|label_only|reverse_sigmoid|top_k=([1-9][0-9]{0,4}|100000)"
+        r"^(full|label_only|reverse_sigmoid(=_N:_N)?|top_k=([1-9][0-9]{0,4}|100000)"
         r"|round=([0-9]|10)|confidence=([1-9][0-9]?|100))$"
-    )
+    ).replace("_N", _BETA)
 }
 
 
