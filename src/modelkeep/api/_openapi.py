@@ -142,7 +142,17 @@ def truthful_schema(app: FastAPI) -> dict[str, Any]:
         description=app.description,
         routes=app.routes,
     )
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    # Every path but the health checks needs an API key as a bearer token (the middleware).
+    schema["components"] = schema.get("components", {})
+    schema["components"]["securitySchemes"] = {
+        "apiKey": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key, `mk_<id>_<secret>` (`modelkeep keys create`)",
+        }
+    }
+    schema["security"] = [{"apiKey": []}]
+    components = schema["components"].setdefault("schemas", {})
     components.setdefault("ErrorOut", ErrorOut.model_json_schema())
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
@@ -155,7 +165,9 @@ def truthful_schema(app: FastAPI) -> dict[str, Any]:
                 responses.setdefault("400", _error_response(400))
             responses.setdefault("431", _error_response(431))
             responses.setdefault("503", _error_response(503))
-            if path not in PUBLIC_PATHS:
+            if path in PUBLIC_PATHS:
+                operation["security"] = []
+            else:
                 responses.setdefault("401", _error_response(401))
             if "requestBody" in operation:
                 responses.setdefault("413", _error_response(413))

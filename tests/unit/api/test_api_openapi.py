@@ -190,3 +190,12 @@ def test_the_served_signature_header_limit_is_the_servers(schema: dict[str, Any]
         bundle_header_limit(Settings(data_dir=Path("x")).max_header_bytes)
         == header["schema"]["maxLength"]
     )
+
+
+def test_the_api_key_is_the_security_scheme_of_every_path_but_health(
+    schema: dict[str, Any],
+) -> None:
+    assert schema["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    assert schema["security"] == [{"apiKey": []}]
+    for path, _method, operation in operations(schema):
+        assert (operation.get("security") == []) is path.startswith("/v2/health/")
