@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,7 +12,7 @@ from modelkeep.registry.rotation import MAX_BATCH, RewrapPass
 from modelkeep.service import Service
 
 from ._auth import principal_of
-from ._openapi import WholeNumber, errors
+from ._openapi import WHOLE_NUMBER, WholeNumber, errors
 
 
 class RotateIn(BaseModel):
@@ -24,12 +24,20 @@ class RotateIn(BaseModel):
     )
 
 
+_Cursor = Annotated[int, Field(ge=0, le=2**63 - 1), WHOLE_NUMBER]
+
+
 class RewrapIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    limit: WholeNumber = Field(default=100, ge=1, le=MAX_BATCH, description="Versions in this pass")
+    limit: WholeNumber = Field(default=100, ge=1, le=MAX_BATCH, description="Rows in this pass")
     # A version's row id: past SQL's 64-bit integers the database cannot compare it (a 500).
-    after: WholeNumber = Field(
-        default=0, ge=0, le=2**63 - 1, description="Cursor from the previous pass"
+    after: _Cursor | None = Field(
+        default=0, description="Versions cursor from the previous pass (null: done)"
+    )
+    capture_after: str | None = Field(
+        default="",
+        max_length=32,
+        description="Captures cursor from the previous pass (null: done)",
     )
 
 
@@ -37,11 +45,16 @@ def _pass_out(done: RewrapPass) -> dict[str, Any]:
     return {
         "key_id": done.key_id,
         "rewrapped": [{"model": m, "version": v} for m, v in done.rewrapped],
+        "rewrapped_captures": done.rewrapped_captures,
         "refused": [
-            {"model": r.model, "version": r.version, "reason": r.reason} for r in done.refused
+            {"model": r.model, "version": r.version, "reason": r.reason}
+            | ({} if r.capture is None else {"capture": r.capture})
+            for r in done.refused
         ],
         "remaining": done.remaining,
+        "remaining_captures": done.remaining_captures,
         "after": done.after,
+        "capture_after": done.capture_after,
     }
 
 
@@ -50,7 +63,8 @@ def kek_router(service: Service) -> APIRouter:
 
     @router.get("", responses=errors(403))
     async def status(request: Request) -> dict[str, Any]:
-        """The key service, its current key id, and how many versions each KEK wraps."""
+        """The key service, its current key id, and how many versions and captured payloads
+        each KEK wraps."""
         return await run_in_threadpool(service.kek_status, principal_of(request))
 
     @router.post("/rotate", responses=errors(400, 403))
@@ -64,10 +78,16 @@ def kek_router(service: Service) -> APIRouter:
 
     @router.post("/rewrap", responses=errors(400, 403))
     async def rewrap(request: Request, body: RewrapIn | None = None) -> dict[str, Any]:
-        """One pass: re-wrap up to `limit` versions still under an older KEK (resumable)."""
+        """One pass: re-wrap up to `limit` versions, then captured payloads, still under an
+        older KEK (resumable: hand back `after` and `capture_after` until both are null)."""
         given = body or RewrapIn()
         done = await run_in_threadpool(
-            lambda: service.kek_rewrap(principal_of(request), limit=given.limit, after=given.after)
+            lambda: service.kek_rewrap(
+                principal_of(request),
+                limit=given.limit,
+                after=given.after,
+                capture_after=given.capture_after,
+            )
         )
         return _pass_out(done)
 
