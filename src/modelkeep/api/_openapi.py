@@ -98,9 +98,9 @@ _DESCRIPTIONS: dict[int, tuple[str, dict[str, Any] | None]] = {
     404: ("No such model, version, label, key or record", None),
     409: ("Conflict: it already exists, or a concurrent change won", None),
     413: ("The request body is over the server's limit", None),
-    431: ("The request head is over the server's limit (size or number of fields)", None),
     422: ("The model is refused: not a servable format, unsafe content, bad signature", None),
     429: ("Over a rate, concurrency or budget limit", _RETRY_AFTER),
+    431: ("The request head is over the server's limit (size or number of fields)", None),
     503: (
         "Unavailable: not ready, draining, or the audit log or key service cannot be reached",
         _RETRY_AFTER,
