@@ -199,3 +199,16 @@ def test_the_api_key_is_the_security_scheme_of_every_path_but_health(
     assert schema["security"] == [{"apiKey": []}]
     for path, _method, operation in operations(schema):
         assert (operation.get("security") == []) is path.startswith("/v2/health/")
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", b"\xc2\xb2"])
+def test_a_length_header_in_non_ascii_digits_is_invalid_input_not_a_500(
+    value: str | bytes,
+) -> None:
+    from modelkeep.api._body import check_declared_length, header_length
+    from modelkeep.errors import InvalidInput
+
+    with pytest.raises(InvalidInput):
+        header_length(value)
+    with pytest.raises(InvalidInput):
+        check_declared_length(value, 1000)
