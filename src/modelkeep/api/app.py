@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import ASGIApp
@@ -28,6 +27,7 @@ from ._entry import ProtocolEntry
 from ._errors import install_error_handlers
 from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
+from ._openapi import install_openapi
 from .audit import audit_router
 from .capture import capture_router
 from .grpc.server import GrpcListener
@@ -89,6 +89,15 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    settings = service.settings
+
+    def protocol_paths() -> dict[str, Any]:
+        # The infer routes of every protocol are served by pure-ASGI entries before routing;
+        # documented here.
+        vertex = protocol_openapi_paths(settings.vertex_predict_route, settings.vertex_health_route)
+        return {**infer_openapi_paths(), **vertex}
+
+    install_openapi(app, protocol_paths)
     app.include_router(v2_router(service))
     app.include_router(management_router(service))
     app.include_router(policy_router(service))
@@ -104,23 +113,6 @@ def create_app(
     )
     app.add_middleware(AuthenticationMiddleware, service=service)
 
-    def openapi() -> dict[str, Any]:
-        # The infer routes are served by the fast entry before routing; documented here.
-        if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title,
-                version=app.version,
-                description=app.description,
-                routes=app.routes,
-            )
-            protocols = protocol_openapi_paths(
-                service.settings.vertex_predict_route, service.settings.vertex_health_route
-            )
-            schema["paths"] = {**infer_openapi_paths(), **protocols, **schema.get("paths", {})}
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint(request: Request) -> Response:

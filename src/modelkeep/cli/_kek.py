@@ -12,14 +12,14 @@ from typing import Annotated
 import typer
 
 from modelkeep.cli import _output as out
-from modelkeep.cli._client import DEFAULT_URL, JSONObject, client_from
-from modelkeep.cli._errors import exit_codes_epilog
-from modelkeep.cli._params import CacertOption, JsonOption, TokenOption, UrlOption
+from modelkeep.cli._client import JSONObject, client_from
+from modelkeep.cli._errors import SEE_EXIT_CODES
+from modelkeep.cli._params import JsonOption
 from modelkeep.errors import KeyServiceError
 
 __all__ = ["kek_app"]
 
-EPILOG = exit_codes_epilog()
+EPILOG = SEE_EXIT_CODES
 
 kek_app = typer.Typer(help="See and rotate the key-encryption key (admin).", no_args_is_help=True)
 
@@ -27,16 +27,13 @@ kek_app = typer.Typer(help="See and rotate the key-encryption key (admin).", no_
 @kek_app.command("status", epilog=EPILOG)
 def kek_status(
     ctx: typer.Context,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show the key service, its current key id and how many versions each KEK wraps.
 
     Example: modelkeep kek status
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         status = client.kek_status()
     if json_output:
         out.print_json(status)
@@ -67,9 +64,6 @@ def kek_rotate(
     batch: Annotated[
         int, typer.Option(min=1, max=500, metavar="N", help="Rows per audited pass.")
     ] = 100,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Make a new key-encryption key and re-wrap every version's and every captured payload's
@@ -82,7 +76,7 @@ def kek_rotate(
     """
     rewrapped = captures = 0
     refused: list[JSONObject] = []
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         key_id = client.kek_rotate(new_key=not rewrap_only).get("key_id")
         if not json_output:
             out.say(f"current key {out.clean(key_id)}")

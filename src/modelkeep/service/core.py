@@ -471,7 +471,8 @@ def resolve_version(
         number = default
     else:
         text = str(version)
-        if not text.isdigit() or len(text) > 9:
+        # isdigit() alone admits '²' and other digits int() refuses (a 500 once).
+        if not (text.isascii() and text.isdigit()) or len(text) > 9:
             raise NotFound(f"model '{record.name}' has no such version")
         number = int(text)
     found = record.versions.get(number)

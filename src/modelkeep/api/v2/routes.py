@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from modelkeep.api._auth import principal_of
 from modelkeep.api._errors import error_response
+from modelkeep.api._openapi import errors
 from modelkeep.service import Service
 
 # The infer routes are served by the fast entry (``infer.py``) and only documented here.
@@ -92,21 +93,21 @@ def v2_router(service: Service) -> APIRouter:
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @router.get("/health/ready")
+    @router.get("/health/ready", responses=errors(503))
     async def ready() -> Response:
         if service.ready():
             return JSONResponse({"ready": True})
         return error_response(503, "not ready", {"Retry-After": "1"})
 
-    @router.get("")
+    @router.get("", responses=errors(403))
     async def server_metadata(request: Request) -> dict[str, Any]:
         return service.dataplane.server_metadata(principal_of(request))
 
-    @router.get("/models/{model}")
+    @router.get("/models/{model}", responses=errors(403, 404))
     async def model_metadata(request: Request, model: str) -> dict[str, Any]:
         return _v2_metadata(service.dataplane.model_metadata(principal_of(request), model))
 
-    @router.get("/models/{model}/versions/{version}")
+    @router.get("/models/{model}/versions/{version}", responses=errors(403, 404))
     async def version_metadata(request: Request, model: str, version: str) -> dict[str, Any]:
         meta = service.dataplane.model_metadata(principal_of(request), model, version)
         return _v2_metadata(meta)
@@ -118,11 +119,11 @@ def v2_router(service: Service) -> APIRouter:
             return JSONResponse({"name": model, "ready": True})
         return error_response(503, f"model '{model}' is not ready", {"Retry-After": "1"})
 
-    @router.get("/models/{model}/ready")
+    @router.get("/models/{model}/ready", responses=errors(403, 404, 503))
     async def model_ready(request: Request, model: str) -> Response:
         return await _ready(request, model, None)
 
-    @router.get("/models/{model}/versions/{version}/ready")
+    @router.get("/models/{model}/versions/{version}/ready", responses=errors(403, 404, 503))
     async def version_ready(request: Request, model: str, version: str) -> Response:
         return await _ready(request, model, version)
 
