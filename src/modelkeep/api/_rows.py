@@ -1,0 +1,206 @@
+"""The row form that cloud model-server contracts share: one entry per instance, in and out.
+
+TensorFlow Serving's ``instances``, SageMaker's JSON and CSV, and Azure ML's ``data`` all send a
+batch as a list of rows and expect a list of predictions back. This module turns such rows into
+tensors checked against a :class:`~modelkeep.runtime.signature.ModelSignature` and turns output
+tensors back into rows. The tensor rules are the V2 codec's own (``guard/tensors.py`` for the
+declared shape and element limit, ``guard/_v2json.py`` for converting lists into numpy arrays),
+so every protocol refuses the same inputs with the same messages; nothing here builds an array
+before its shape has been checked against the signature and ``max_elements``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from modelkeep.errors import InternalError, InvalidInput
+from modelkeep.guard._v2json import json_array, json_data, shown
+from modelkeep.guard.tensors import _declared_shape
+from modelkeep.runtime.signature import MAX_RANK, ModelSignature, TensorSpec, numpy_dtype
+
+__all__ = [
+    "RowRequest",
+    "checked_tensor",
+    "columns_to_inputs",
+    "flat_rows",
+    "nested_shape",
+    "only_input",
+    "prediction_rows",
+    "rows_to_inputs",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RowRequest:
+    """A decoded row-form request: the inputs in signature order, every output wanted.
+
+    ``form`` records how the caller spoke (``"instances"``, ``"csv"``, ``"npy"``...) so the
+    adapter can answer in kind; the data plane never looks at it.
+    """
+
+    inputs: dict[str, np.ndarray]
+    form: str
+
+    def output_names(self) -> list[str] | None:
+        return None
+
+
+def nested_shape(data: Any) -> tuple[int, ...]:
+    """The shape a nested list declares, read along its first elements (at most MAX_RANK deep).
+
+    Raggedness elsewhere is found when the array is built (``json_array``), after the declared
+    shape passed the element limit.
+    """
+    shape: list[int] = []
+    probe = data
+    while isinstance(probe, list):
+        shape.append(len(probe))
+        if len(shape) > MAX_RANK:
+            raise InvalidInput(f"the data is nested more than {MAX_RANK} levels deep")
+        if not probe:
+            break
+        probe = probe[0]
+    return tuple(shape)
+
+
+def checked_tensor(spec: TensorSpec, data: Any, max_elements: int) -> np.ndarray:
+    """The tensor for ``spec`` from nested-list ``data``: shape and size checked first.
+
+    Rank, fixed dimensions and the element limit are checked on the declared shape (the V2
+    codec's check) before numpy sees the data; then the V2 JSON conversion builds the array
+    with its range and type rules.
+    """
+    if not isinstance(data, list):
+        raise InvalidInput(f"input {shown(spec.name)} needs a list of values")
+    shape, count = _declared_shape(
+        {"datatype": spec.datatype, "shape": list(nested_shape(data))}, spec, max_elements
+    )
+    return json_array(spec.name, data, spec.datatype, numpy_dtype(spec.datatype), shape, count)
+
+
+def only_input(signature: ModelSignature, form: str) -> TensorSpec:
+    """The single input of ``signature``; forms without names need a one-input model."""
+    if len(signature.inputs) != 1:
+        names = ", ".join(shown(spec.name) for spec in signature.inputs)
+        raise InvalidInput(
+            f"{form} carries one unnamed tensor, but this model has inputs {names}: "
+            "send JSON with a value per input name"
+        )
+    return signature.inputs[0]
+
+
+def rows_to_inputs(
+    signature: ModelSignature, rows: Any, max_elements: int, form: str = "instances"
+) -> dict[str, np.ndarray]:
+    """Tensors from a list of instances.
+
+    For a one-input model each instance is that input's row (``[[5.1, 3.5, 1.4, 0.2], ...]``);
+    otherwise, or when instances are objects, each instance maps every input name to its row.
+    """
+    if not isinstance(rows, list) or not rows:
+        raise InvalidInput(f"'{form}' must be a non-empty list")
+    if not isinstance(rows[0], dict):
+        spec = only_input(signature, f"'{form}' as a list of rows")
+        return {spec.name: checked_tensor(spec, rows, max_elements)}
+    if not all(isinstance(row, dict) for row in rows):
+        raise InvalidInput(f"'{form}' mixes objects and other values")
+    wanted = {spec.name for spec in signature.inputs}
+    for index, row in enumerate(rows):
+        if row.keys() != wanted:
+            unknown = sorted(set(row) - wanted)
+            if unknown:
+                raise InvalidInput(f"instance #{index} has unknown input {shown(str(unknown[0]))}")
+            missing = next(spec.name for spec in signature.inputs if spec.name not in row)
+            raise InvalidInput(f"instance #{index} lacks input {shown(missing)}")
+    return columns_to_inputs(
+        signature,
+        {spec.name: [row[spec.name] for row in rows] for spec in signature.inputs},
+        max_elements,
+    )
+
+
+def columns_to_inputs(
+    signature: ModelSignature, columns: Mapping[str, Any], max_elements: int
+) -> dict[str, np.ndarray]:
+    """Tensors from a value per input name (the columnar form), in signature order."""
+    if not isinstance(columns, Mapping):
+        raise InvalidInput("the inputs must be an object of input names")
+    for name in columns:
+        if not any(spec.name == name for spec in signature.inputs):
+            raise InvalidInput(f"unknown input {shown(str(name))}")
+    inputs: dict[str, np.ndarray] = {}
+    for spec in signature.inputs:
+        if spec.name not in columns:
+            raise InvalidInput(f"missing input {shown(spec.name)}")
+        inputs[spec.name] = checked_tensor(spec, columns[spec.name], max_elements)
+    return inputs
+
+
+def prediction_rows(outputs: Mapping[str, np.ndarray]) -> list[Any]:
+    """Outputs as one prediction per row, as TensorFlow Serving's row form answers.
+
+    One output: its rows (``[0, 2, 1]``). Several: an object per row naming each output
+    (``[{"label": 0, "probabilities": [...]}, ...]``). Every output must share the batch axis.
+    Outputs absent from ``outputs`` (removed by hardening) are simply not there.
+    """
+    if not outputs:
+        return []
+    columns = {name: _plain(name, array) for name, array in outputs.items()}
+    if len(columns) == 1:
+        return next(iter(columns.values()))
+    lengths = {len(values) for values in columns.values()}
+    if len(lengths) != 1:
+        raise InvalidInput(
+            "this model's outputs do not share a batch axis; ask for the V2 JSON form"
+        )
+    names = list(columns)
+    return [{name: columns[name][row] for name in names} for row in range(lengths.pop())]
+
+
+def _plain(name: str, array: np.ndarray) -> list[Any]:
+    """An output as nested Python lists (JSON-ready); non-finite floats become ``None``."""
+    array = np.asarray(array)
+    if array.ndim == 0:
+        array = array.reshape(1)
+    if array.dtype.kind in "OSU":
+        flat = json_data(name, array, "BYTES")
+        return np.asarray(flat, dtype=object).reshape(array.shape).tolist()  # type: ignore[no-any-return]
+    if array.dtype.kind not in "biuf":
+        raise InternalError(f"output {shown(name)} has a dtype JSON cannot carry")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        values = array.astype(object)
+        values[~np.isfinite(array)] = None
+        return values.tolist()  # type: ignore[no-any-return]
+    return array.tolist()  # type: ignore[no-any-return]
+
+
+def flat_rows(outputs: Mapping[str, np.ndarray]) -> list[list[Any]]:
+    """One flat list of values per row: each output's row values, in output order.
+
+    The form of CSV answers (``label,prob0,prob1,prob2``). Every output must share the batch
+    axis; a rank-0 output counts as one row.
+    """
+    parts: list[Sequence[Any]] = []
+    rows: int | None = None
+    for name, array in outputs.items():
+        plain = _plain(name, array)
+        if rows is None:
+            rows = len(plain)
+        elif len(plain) != rows:
+            raise InvalidInput(
+                "this model's outputs do not share a batch axis; ask for application/json"
+            )
+        parts.append([_flatten(value) for value in plain])
+    if rows is None:
+        return []
+    return [[value for part in parts for value in part[row]] for row in range(rows)]
+
+
+def _flatten(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        return [value]
+    return [item for element in value for item in _flatten(element)]
