@@ -78,7 +78,9 @@ def _split_form(
         raise InvalidInput("'input_data.columns' must be a list of column names")
     width = len(columns)
     if any(len(row) != width for row in rows):
-        raise InvalidInput(f"every row of 'input_data.data' must have {width} values")
+        raise InvalidInput(
+            f"'input_data.columns' names {width} columns; every row must have as many values"
+        )
     names = [spec.name for spec in signature.inputs]
     if len(names) > 1:
         # Columns name the model's inputs: each column is one input's values.

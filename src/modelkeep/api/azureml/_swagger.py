@@ -106,7 +106,7 @@ def swagger_document(model: str, version: int, signature: ModelSignature) -> dic
             "/score": {
                 "post": {
                     "operationId": "RunMLService",
-                    "description": "Run the model on the rows given and return one prediction per row.",
+                    "description": "Run the model on the rows given; one prediction per row.",
                     "security": [{"Bearer": []}],
                     "parameters": [
                         {
