@@ -11,11 +11,12 @@ before its shape has been checked against the signature and ``max_elements``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from modelkeep.errors import InternalError, InvalidInput
 from modelkeep.guard._v2json import json_array, json_data, shown
@@ -26,6 +27,7 @@ __all__ = [
     "RowRequest",
     "checked_tensor",
     "columns_to_inputs",
+    "dumps",
     "flat_rows",
     "nested_shape",
     "only_input",
@@ -140,67 +142,72 @@ def columns_to_inputs(
     return inputs
 
 
-def prediction_rows(outputs: Mapping[str, np.ndarray]) -> list[Any]:
+def prediction_rows(outputs: Mapping[str, np.ndarray]) -> list[Any] | np.ndarray:
     """Outputs as one prediction per row, as TensorFlow Serving's row form answers.
 
     One output: its rows (``[0, 2, 1]``). Several: an object per row naming each output
     (``[{"label": 0, "probabilities": [...]}, ...]``). Every output must share the batch axis.
-    Outputs absent from ``outputs`` (removed by hardening) are simply not there.
+    Outputs absent from ``outputs`` (removed by hardening) are simply not there. Numbers stay
+    numpy arrays and scalars: write the result with :func:`dumps`, which turns them into JSON
+    natively (and non-finite floats into ``null``, as the V2 codec does).
     """
     if not outputs:
         return []
-    columns = {name: _plain(name, array) for name, array in outputs.items()}
+    columns = {name: _json_ready(name, array) for name, array in outputs.items()}
     if len(columns) == 1:
         return next(iter(columns.values()))
     lengths = {len(values) for values in columns.values()}
     if len(lengths) != 1:
-        raise InvalidInput(
-            "this model's outputs do not share a batch axis; ask for the V2 JSON form"
-        )
+        raise InvalidInput("this model's outputs do not share a batch axis; ask for the V2 form")
     names = list(columns)
     return [{name: columns[name][row] for name in names} for row in range(lengths.pop())]
 
 
-def _plain(name: str, array: np.ndarray) -> list[Any]:
-    """An output as nested Python lists (JSON-ready); non-finite floats become ``None``."""
+def dumps(value: Any) -> bytes:
+    """JSON bytes for row-form answers, numpy arrays and scalars included."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _json_ready(name: str, array: np.ndarray) -> Any:
+    """An output orjson can write: a native, C-contiguous numeric array, or lists of text."""
     array = np.asarray(array)
     if array.ndim == 0:
         array = array.reshape(1)
     if array.dtype.kind in "OSU":
         flat = json_data(name, array, "BYTES")
-        return np.asarray(flat, dtype=object).reshape(array.shape).tolist()  # type: ignore[no-any-return]
+        return np.asarray(flat, dtype=object).reshape(array.shape).tolist()
     if array.dtype.kind not in "biuf":
         raise InternalError(f"output {shown(name)} has a dtype JSON cannot carry")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        values = array.astype(object)
-        values[~np.isfinite(array)] = None
-        return values.tolist()  # type: ignore[no-any-return]
-    return array.tolist()  # type: ignore[no-any-return]
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return np.ascontiguousarray(array)
 
 
-def flat_rows(outputs: Mapping[str, np.ndarray]) -> list[list[Any]]:
-    """One flat list of values per row: each output's row values, in output order.
+def flat_rows(outputs: Mapping[str, np.ndarray]) -> list[list[str]]:
+    """One list of values per row, as text: each output's row values, in output order.
 
-    The form of CSV answers (``label,prob0,prob1,prob2``). Every output must share the batch
-    axis; a rank-0 output counts as one row.
+    The form of CSV answers (``label,prob0,prob1,prob2``). Floats are written as numpy writes
+    them (the shortest text that reads back to the same value, ``nan`` and ``inf`` included),
+    booleans as 0 and 1. Every output must share the batch axis; a rank-0 output is one row.
     """
-    parts: list[Sequence[Any]] = []
-    rows: int | None = None
+    parts: list[np.ndarray] = []
     for name, array in outputs.items():
-        plain = _plain(name, array)
-        if rows is None:
-            rows = len(plain)
-        elif len(plain) != rows:
-            raise InvalidInput(
-                "this model's outputs do not share a batch axis; ask for application/json"
-            )
-        parts.append([_flatten(value) for value in plain])
-    if rows is None:
+        array = np.asarray(array)
+        if array.ndim == 0:
+            array = array.reshape(1)
+        if array.dtype.kind == "b":
+            array = array.astype(np.uint8)
+        if array.dtype.kind in "OSU":
+            text = np.asarray(json_data(name, array, "BYTES"), dtype=object)
+        elif array.dtype.kind in "iuf":
+            text = array.astype(str)
+        else:
+            raise InternalError(f"output {shown(name)} has a dtype CSV cannot carry")
+        parts.append(text.reshape(array.shape[0], -1) if array.size else text.reshape(0, 0))
+    if not parts:
         return []
-    return [[value for part in parts for value in part[row]] for row in range(rows)]
-
-
-def _flatten(value: Any) -> list[Any]:
-    if not isinstance(value, list):
-        return [value]
-    return [item for element in value for item in _flatten(element)]
+    if len({part.shape[0] for part in parts}) != 1:
+        raise InvalidInput(
+            "this model's outputs do not share a batch axis; ask for application/json"
+        )
+    return np.concatenate(parts, axis=1).tolist()  # type: ignore[no-any-return]

@@ -22,16 +22,20 @@ from modelkeep.settings import Settings
 from . import _drain
 from ._auth import AuthenticationMiddleware, principal_of
 from ._certwatch import watch_certificate
+from ._dataplane_shim import ShimDataPlane
+from ._entry import ProtocolEntry
 from ._errors import install_error_handlers
 from ._fast import FastInfer
 from ._infer import InferRunner
 from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
 from .audit import audit_router
+from .azureml._routes import azureml_routes
 from .capture import capture_router
 from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
+from .sagemaker._routes import plaintext_guard, sagemaker_routes
 from .v2 import v2_router
 
 
@@ -101,7 +105,15 @@ def create_app(
         return Response(body, media_type=content_type)
 
     observed = ObserveMiddleware(app, service.metrics, access_log=access_log)
-    return FastInfer(observed, service, InferRunner(service), observer=observed)
+    # The cloud contracts' routes (docs/protocols.md), each a pure-ASGI handler over the data
+    # plane, before FastAPI like the V2 infer entry.
+    dataplane = ShimDataPlane(service)
+    routes = {**sagemaker_routes(service, dataplane), **azureml_routes(service, dataplane)}
+    protocols = ProtocolEntry(observed, routes, observer=observed)
+    entry = FastInfer(protocols, service, InferRunner(service), observer=observed)
+    if service.settings.sagemaker_unsafe_plaintext:
+        return plaintext_guard(entry)
+    return entry
 
 
 def create_app_from_env() -> ASGIApp:

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 
-from modelkeep.api._rows import checked_tensor, flat_rows, prediction_rows, rows_to_inputs
+from modelkeep.api._rows import (
+    checked_tensor,
+    dumps,
+    flat_rows,
+    prediction_rows,
+    rows_to_inputs,
+)
 from modelkeep.errors import InvalidInput, TooLarge
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 
@@ -69,16 +76,24 @@ def test_the_element_limit_is_checked_on_the_declared_shape() -> None:
 def test_one_output_answers_its_rows_and_several_answer_objects() -> None:
     label = np.array([0, 2], dtype=np.int64)
     probabilities = np.array([[0.5, 0.25, 0.25], [0, 0, 1]], dtype=np.float32)
-    assert prediction_rows({"label": label}) == [0, 2]
-    assert prediction_rows({"label": label, "probabilities": probabilities}) == [
+    assert orjson.loads(dumps(prediction_rows({"label": label}))) == [0, 2]
+    both = prediction_rows({"label": label, "probabilities": probabilities})
+    assert orjson.loads(dumps(both)) == [
         {"label": 0, "probabilities": [0.5, 0.25, 0.25]},
         {"label": 2, "probabilities": [0.0, 0.0, 1.0]},
     ]
     assert flat_rows({"label": label, "probabilities": probabilities}) == [
-        [0, 0.5, 0.25, 0.25],
-        [2, 0.0, 0.0, 1.0],
+        ["0", "0.5", "0.25", "0.25"],
+        ["2", "0.0", "0.0", "1.0"],
     ]
 
 
 def test_non_finite_outputs_become_null() -> None:
-    assert prediction_rows({"y": np.array([np.nan, 1.0, np.inf])}) == [None, 1.0, None]
+    rows = prediction_rows({"y": np.array([np.nan, 1.0, np.inf])})
+    assert orjson.loads(dumps(rows)) == [None, 1.0, None]
+
+
+def test_float32_answers_are_written_as_float32_reads_them() -> None:
+    rows = prediction_rows({"y": np.float32([0.1, 1e-8])})
+    assert dumps(rows) == b"[0.1,1e-8]"
+    assert flat_rows({"y": np.float32([0.1, 1e-8])}) == [["0.1"], ["1e-08"]]

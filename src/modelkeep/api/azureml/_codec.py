@@ -21,13 +21,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import orjson
 
 from modelkeep.errors import InvalidInput
 from modelkeep.guard._v2json import parse_json, shown
 from modelkeep.runtime.signature import ModelSignature
 
-from .._rows import RowRequest, columns_to_inputs, prediction_rows, rows_to_inputs
+from .._rows import RowRequest, columns_to_inputs, dumps, prediction_rows, rows_to_inputs
 
 __all__ = ["JSON_CONTENT_TYPE", "encode_answer", "request_decoder"]
 
@@ -103,4 +102,4 @@ def _split_form(
 
 def encode_answer(outputs: Mapping[str, np.ndarray]) -> bytes:
     """The JSON list of predictions for ``outputs`` (already hardened)."""
-    return orjson.dumps(prediction_rows(outputs))
+    return dumps(prediction_rows(outputs))

@@ -18,14 +18,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import orjson
 
 from modelkeep.errors import InvalidInput
 from modelkeep.guard._v2json import parse_json
 from modelkeep.guard.tensors import InferRequest, decode_infer_request, encode_infer_response
 from modelkeep.runtime.signature import ModelSignature
 
-from .._rows import RowRequest, columns_to_inputs, prediction_rows, rows_to_inputs
+from .._rows import RowRequest, columns_to_inputs, dumps, prediction_rows, rows_to_inputs
 from ._csv import CSV_CONTENT_TYPE, read_csv, write_csv
 from ._npy import NPY_CONTENT_TYPE, read_npy, write_npy
 
@@ -160,6 +159,6 @@ def encode_answer(
     if request.form == "columns":
         columns = {name: prediction_rows({name: array}) for name, array in outputs.items()}
         value: Any = next(iter(columns.values())) if len(columns) == 1 else columns
-        return orjson.dumps({"outputs": value}), {"content-type": JSON_CONTENT_TYPE}
-    body = orjson.dumps({"predictions": prediction_rows(outputs)})
+        return dumps({"outputs": value}), {"content-type": JSON_CONTENT_TYPE}
+    body = dumps({"predictions": prediction_rows(outputs)})
     return body, {"content-type": JSON_CONTENT_TYPE}

@@ -103,6 +103,5 @@ def write_csv(outputs: Mapping[str, np.ndarray]) -> bytes:
     """One CSV line per row: every output's values for that row, in output order."""
     stream = io.StringIO()
     writer = csv.writer(stream, lineterminator="\n")
-    for row in flat_rows(outputs):
-        writer.writerow(["nan" if value is None else value for value in row])
+    writer.writerows(flat_rows(outputs))
     return stream.getvalue().encode("utf-8")
