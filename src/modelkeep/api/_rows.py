@@ -142,7 +142,7 @@ def columns_to_inputs(
     return inputs
 
 
-def prediction_rows(outputs: Mapping[str, np.ndarray]) -> list[Any] | np.ndarray:
+def prediction_rows(outputs: Mapping[str, np.ndarray]) -> Any:
     """Outputs as one prediction per row, as TensorFlow Serving's row form answers.
 
     One output: its rows (``[0, 2, 1]``). Several: an object per row naming each output
