@@ -124,6 +124,5 @@ def create_app_from_env() -> ASGIApp:
         configure_access_log(cache=True)
     if settings.tracing:
         tracing.enable()
-    return create_app(
-        Service.open(settings), drain_on_sigterm=True, tls_certfile=settings.tls_files[0]
-    )
+    certfile = None if settings.sagemaker_unsafe_plaintext else settings.tls_files[0]
+    return create_app(Service.open(settings), drain_on_sigterm=True, tls_certfile=certfile)
