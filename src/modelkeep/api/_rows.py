@@ -178,8 +178,11 @@ def _json_ready(name: str, array: np.ndarray) -> Any:
         return np.asarray(flat, dtype=object).reshape(array.shape).tolist()
     if array.dtype.kind not in "biuf":
         raise InternalError(f"output {shown(name)} has a dtype JSON cannot carry")
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
+    # Native order, and the canonical type of each size (ONNX Runtime answers INT64 as
+    # numpy.longlong, whose scalars orjson does not write; int64 is the same bytes).
+    canonical = np.dtype(array.dtype.str).newbyteorder("=")
+    if array.dtype != canonical or array.dtype.type is not canonical.type:
+        array = array.astype(canonical) if not array.dtype.isnative else array.view(canonical)
     return np.ascontiguousarray(array)
 
 

@@ -97,3 +97,10 @@ def test_float32_answers_are_written_as_float32_reads_them() -> None:
     rows = prediction_rows({"y": np.float32([0.1, 1e-8])})
     assert dumps(rows) == b"[0.1,1e-8]"
     assert flat_rows({"y": np.float32([0.1, 1e-8])}) == [["0.1"], ["1e-08"]]
+
+
+def test_longlong_outputs_are_written_like_int64() -> None:
+    # ONNX Runtime answers INT64 outputs as numpy.longlong arrays.
+    label = np.array([0, 2], dtype=np.longlong)
+    both = prediction_rows({"label": label, "p": np.float32([[1.0], [0.5]])})
+    assert dumps(both) == b'[{"label":0,"p":[1.0]},{"label":2,"p":[0.5]}]'
