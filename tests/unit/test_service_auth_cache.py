@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import modelkeep.service as service_module
-from modelkeep._service._base import SnapshotMemo
+import modelkeep.service.core as service_module
 from modelkeep.auth import AuthFailure, Principal
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.service import Service
+from modelkeep.service._base import SnapshotMemo
 from modelkeep.settings import Settings
 
 

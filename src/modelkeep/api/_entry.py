@@ -24,10 +24,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from modelkeep.audit.access import bind_request, input_digest, new_request_id, reset_request
 from modelkeep.auth import Principal
 from modelkeep.errors import ModelkeepError
-from modelkeep.service import Service
+from modelkeep.service import Observed, Service
 
+from ._auth import authenticate_request
 from ._body import receive_body
-from ._dataplane_shim import authenticate_request
 from ._errors import error_response, modelkeep_error_response
 from ._observe import NO_RESPONSE, ObserveMiddleware
 from ._observe import REQUEST_ID_HEADER as REQUEST_ID
@@ -47,7 +47,7 @@ class Exchange:
     version: int | str | None = None
     bytes_in: int = 0
     digest: str | None = None
-    stats: dict[str, Any] = field(default_factory=dict)  # rows and version, from the data plane
+    observed: Observed = field(default_factory=Observed)  # rows and version, from the data plane
 
     def header(self, name: bytes) -> str | None:
         return self.headers.get(name)
@@ -170,11 +170,11 @@ class ProtocolEntry:
             method=exchange.scope["method"],
             route=route.template,
             model=exchange.model,
-            version=exchange.stats.get("version", exchange.version),
+            version=exchange.observed.version or exchange.version,
             status=status,
             started=started,
             principal=None if principal is None else principal.key_id,
-            rows=exchange.stats.get("rows"),
+            rows=exchange.observed.rows,
             input_digest=exchange.digest,
             bytes_in=exchange.bytes_in,
             bytes_out=bytes_out,

@@ -11,7 +11,7 @@ before its shape has been checked against the signature and ``max_elements``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,14 +25,17 @@ from modelkeep.runtime.signature import MAX_RANK, ModelSignature, TensorSpec, nu
 
 __all__ = [
     "RowRequest",
+    "checked_shape",
     "checked_tensor",
     "columns_to_inputs",
     "dumps",
     "flat_rows",
+    "list_tensor",
     "nested_shape",
     "only_input",
     "prediction_rows",
     "rows_to_inputs",
+    "shown",
 ]
 
 
@@ -69,6 +72,21 @@ def nested_shape(data: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def checked_shape(
+    spec: TensorSpec, shape: Sequence[int], max_elements: int
+) -> tuple[tuple[int, ...], int]:
+    """``shape`` checked as the V2 codec checks a declared shape (rank, fixed dimensions,
+    ``max_elements``, else InvalidInput / TooLarge); returns it and its element count."""
+    return _declared_shape({"datatype": spec.datatype, "shape": list(shape)}, spec, max_elements)
+
+
+def list_tensor(
+    spec: TensorSpec, data: list[Any], shape: tuple[int, ...], count: int
+) -> np.ndarray:
+    """The tensor from nested lists of an already checked ``shape``, by the V2 JSON rules."""
+    return json_array(spec.name, data, spec.datatype, numpy_dtype(spec.datatype), shape, count)
+
+
 def checked_tensor(spec: TensorSpec, data: Any, max_elements: int) -> np.ndarray:
     """The tensor for ``spec`` from nested-list ``data``: shape and size checked first.
 
@@ -78,10 +96,8 @@ def checked_tensor(spec: TensorSpec, data: Any, max_elements: int) -> np.ndarray
     """
     if not isinstance(data, list):
         raise InvalidInput(f"input {shown(spec.name)} needs a list of values")
-    shape, count = _declared_shape(
-        {"datatype": spec.datatype, "shape": list(nested_shape(data))}, spec, max_elements
-    )
-    return json_array(spec.name, data, spec.datatype, numpy_dtype(spec.datatype), shape, count)
+    shape, count = checked_shape(spec, nested_shape(data), max_elements)
+    return list_tensor(spec, data, shape, count)
 
 
 def only_input(signature: ModelSignature, form: str) -> TensorSpec:

@@ -6,8 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import ASGIApp
@@ -22,11 +24,9 @@ from modelkeep.settings import Settings
 from . import _drain
 from ._auth import AuthenticationMiddleware, principal_of
 from ._certwatch import watch_certificate
-from ._dataplane_shim import ShimDataPlane
 from ._entry import ProtocolEntry
 from ._errors import install_error_handlers
 from ._fast import FastInfer
-from ._infer import InferRunner
 from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
 from .audit import audit_router
@@ -36,7 +36,7 @@ from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
 from .sagemaker._routes import plaintext_guard, sagemaker_routes
-from .v2 import v2_router
+from .v2 import infer_openapi_paths, v2_router
 
 
 def create_app(
@@ -96,6 +96,21 @@ def create_app(
     )
     app.add_middleware(AuthenticationMiddleware, service=service)
 
+    def openapi() -> dict[str, Any]:
+        # The infer routes are served by the fast entry before routing; documented here.
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            schema["paths"] = {**infer_openapi_paths(), **schema.get("paths", {})}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint(request: Request) -> Response:
         """Prometheus metrics, for auditor and admin keys."""
@@ -107,10 +122,9 @@ def create_app(
     observed = ObserveMiddleware(app, service.metrics, access_log=access_log)
     # The cloud contracts' routes (docs/protocols.md), each a pure-ASGI handler over the data
     # plane, before FastAPI like the V2 infer entry.
-    dataplane = ShimDataPlane(service)
-    routes = {**sagemaker_routes(service, dataplane), **azureml_routes(service, dataplane)}
+    routes = {**sagemaker_routes(service), **azureml_routes(service)}
     protocols = ProtocolEntry(observed, routes, observer=observed)
-    entry = FastInfer(protocols, service, InferRunner(service), observer=observed)
+    entry = FastInfer(protocols, service, observer=observed)
     if service.settings.sagemaker_unsafe_plaintext:
         return plaintext_guard(entry)
     return entry

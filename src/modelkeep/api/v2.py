@@ -8,20 +8,86 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from modelkeep.audit.access import input_digest
 from modelkeep.service import Service
 
 from ._auth import principal_of
-from ._body import header_length, read_body
 from ._errors import error_response
-from ._infer import InferRunner
 
-HEADER_LENGTH = "inference-header-content-length"
+# The infer routes are served by the fast entry (``_fast.py``) and only documented here.
+INFER_DOC = "Run the model (Open Inference Protocol v2 infer: JSON or binary tensor data)."
+
+
+def _v2_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """V2's model metadata: the data plane's without the version it would serve."""
+    meta.pop("version", None)
+    return meta
+
+
+def infer_openapi_paths() -> dict[str, Any]:
+    """OpenAPI path items for the two infer routes, which no FastAPI route serves: the fast
+    entry (``_fast.py``) answers them before routing."""
+    model = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    body = {"type": "string", "format": "binary"}
+    errors = {
+        "400": "the request does not fit the model's signature",
+        "401": "missing or invalid API key",
+        "403": "the key may not run this model, or is suspended",
+        "404": "no such model or version",
+        "413": "the body or a tensor is too large",
+        "429": "over a rate, row or budget limit",
+        "503": "overloaded, timed out, or the model could not be loaded",
+    }
+
+    def item(params: list[dict[str, Any]], operation_id: str) -> dict[str, Any]:
+        responses: dict[str, Any] = {
+            "200": {
+                "description": "the outputs, hardened for the caller's role",
+                "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "application/octet-stream": {"schema": body},
+                },
+            }
+        }
+        for status, text in errors.items():
+            responses[status] = {
+                "description": text,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"error": {"type": "string"}},
+                            "required": ["error"],
+                        }
+                    }
+                },
+            }
+        return {
+            "post": {
+                "tags": ["inference (Open Inference Protocol v2)"],
+                "summary": "Infer",
+                "description": INFER_DOC,
+                "operationId": operation_id,
+                "parameters": params,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        "application/octet-stream": {"schema": body},
+                    },
+                },
+                "responses": responses,
+            }
+        }
+
+    return {
+        "/v2/models/{model}/infer": item([model], "infer"),
+        "/v2/models/{model}/versions/{version}/infer": item([model, version], "infer_version"),
+    }
 
 
 def v2_router(service: Service) -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["inference (Open Inference Protocol v2)"])
-    max_body = service.settings.max_request_bytes
 
     @router.get("/health/live")
     async def live() -> dict[str, bool]:
@@ -35,19 +101,20 @@ def v2_router(service: Service) -> APIRouter:
 
     @router.get("")
     async def server_metadata(request: Request) -> dict[str, Any]:
-        return service.server_metadata(principal_of(request))
+        return service.dataplane.server_metadata(principal_of(request))
 
     @router.get("/models/{model}")
     async def model_metadata(request: Request, model: str) -> dict[str, Any]:
-        return service.model_metadata(principal_of(request), model, None)
+        return _v2_metadata(service.dataplane.model_metadata(principal_of(request), model))
 
     @router.get("/models/{model}/versions/{version}")
     async def version_metadata(request: Request, model: str, version: str) -> dict[str, Any]:
-        return service.model_metadata(principal_of(request), model, version)
+        meta = service.dataplane.model_metadata(principal_of(request), model, version)
+        return _v2_metadata(meta)
 
     async def _ready(request: Request, model: str, version: str | None) -> Response:
         principal = principal_of(request)
-        ok = await run_in_threadpool(service.model_ready, principal, model, version)
+        ok = await run_in_threadpool(service.dataplane.model_ready, principal, model, version)
         if ok:
             return JSONResponse({"name": model, "ready": True})
         return error_response(503, f"model '{model}' is not ready", {"Retry-After": "1"})
@@ -59,27 +126,5 @@ def v2_router(service: Service) -> APIRouter:
     @router.get("/models/{model}/versions/{version}/ready")
     async def version_ready(request: Request, model: str, version: str) -> Response:
         return await _ready(request, model, version)
-
-    runner = InferRunner(service)
-
-    async def _infer(request: Request, model: str, version: str | None) -> Response:
-        # Served by the fast path (_fast.py) in a running server; kept for the OpenAPI
-        # description and for apps built without it.
-        length = header_length(request.headers.get(HEADER_LENGTH))
-        body = await read_body(request, max_body)
-        request.state.input_digest = input_digest(body)
-        content, headers = await runner.run(
-            principal_of(request), model, version, body, length, stats=request.scope["state"]
-        )
-        media_type = headers.pop("content-type", "application/json")
-        return Response(content, media_type=media_type, headers=headers)
-
-    @router.post("/models/{model}/infer")
-    async def infer(request: Request, model: str) -> Response:
-        return await _infer(request, model, None)
-
-    @router.post("/models/{model}/versions/{version}/infer")
-    async def infer_version(request: Request, model: str, version: str) -> Response:
-        return await _infer(request, model, version)
 
     return router

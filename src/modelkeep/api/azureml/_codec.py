@@ -23,10 +23,17 @@ from typing import Any
 import numpy as np
 
 from modelkeep.errors import InvalidInput
-from modelkeep.guard._v2json import parse_json, shown
+from modelkeep.guard._v2json import parse_json
 from modelkeep.runtime.signature import ModelSignature
 
-from .._rows import RowRequest, columns_to_inputs, dumps, prediction_rows, rows_to_inputs
+from .._rows import (
+    RowRequest,
+    columns_to_inputs,
+    dumps,
+    prediction_rows,
+    rows_to_inputs,
+    shown,
+)
 
 __all__ = ["JSON_CONTENT_TYPE", "encode_answer", "request_decoder"]
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import orjson
 
 from modelkeep.errors import NotFound
-from modelkeep.service import Service
+from modelkeep.service import InferCall, Service
 
-from .._dataplane_shim import InferCall, ShimDataPlane
 from .._entry import Answer, Exchange, Route, budget_headers
 from ._codec import JSON_CONTENT_TYPE, encode_answer, request_decoder
 from ._swagger import swagger_document
@@ -23,8 +22,9 @@ __all__ = ["azureml_routes"]
 _DEPLOYMENT = b"azureml-model-deployment"
 
 
-def azureml_routes(service: Service, dataplane: ShimDataPlane) -> dict[tuple[str, str], Route]:
+def azureml_routes(service: Service) -> dict[tuple[str, str], Route]:
     settings = service.settings
+    dataplane = service.dataplane
     max_body = settings.max_request_bytes
 
     def served_model() -> str:
@@ -47,8 +47,8 @@ def azureml_routes(service: Service, dataplane: ShimDataPlane) -> dict[tuple[str
         # 2. The body, refused as soon as it passes the limit.
         body = await exchange.body(max_body)
         # 3. The data plane: queue, authorization, decoding, admission, runtime, guard.
-        call = InferCall(body, request_decoder(body), "azureml")
-        result = await dataplane.infer(principal, model, call, label=label, stats=exchange.stats)
+        call = InferCall(body, request_decoder(body), "azureml", exchange.observed)
+        result = await dataplane.infer(principal, model, call, label=label)
         return Answer(
             encode_answer(result.outputs), JSON_CONTENT_TYPE, budget_headers(result.budget)
         )

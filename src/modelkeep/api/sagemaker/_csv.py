@@ -19,11 +19,9 @@ from typing import Any
 import numpy as np
 
 from modelkeep.errors import InvalidInput, TooLarge
-from modelkeep.guard._v2json import json_array, shown
-from modelkeep.guard.tensors import _declared_shape
 from modelkeep.runtime.signature import ModelSignature, numpy_dtype
 
-from .._rows import RowRequest, flat_rows, only_input
+from .._rows import RowRequest, checked_shape, flat_rows, list_tensor, only_input, shown
 
 __all__ = ["CSV_CONTENT_TYPE", "MAX_CSV_COLUMNS", "read_csv", "write_csv"]
 
@@ -77,9 +75,7 @@ def read_csv(body: bytes, signature: ModelSignature, max_elements: int) -> RowRe
     shape = [len(lines), columns] if rank2 else [len(lines) * columns]
     if not rank2 and columns != 1:
         raise InvalidInput(f"input {shown(spec.name)} takes one value per row; rows have more")
-    declared, count = _declared_shape(
-        {"datatype": spec.datatype, "shape": shape}, spec, max_elements
-    )
+    declared, count = checked_shape(spec, shape, max_elements)
     # 3. Every line: the same number of columns (counted before it is split), then whole
     # against the number pattern.
     pattern, number = (_INT_LINE, int) if dtype.kind in "iu" else (_FLOAT_LINE, float)
@@ -95,7 +91,7 @@ def read_csv(body: bytes, signature: ModelSignature, max_elements: int) -> RowRe
         rows.append([number(field) for field in line.split(",")])
     data: list[Any] = rows if rank2 else [row[0] for row in rows]
     # 4. The tensor, by the V2 JSON conversion (ranges, overflow, dtype).
-    array = json_array(spec.name, data, spec.datatype, dtype, declared, count)
+    array = list_tensor(spec, data, declared, count)
     return RowRequest(inputs={spec.name: array}, form="csv")
 
 

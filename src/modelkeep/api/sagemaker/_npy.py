@@ -17,11 +17,9 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from modelkeep.errors import InvalidInput
-from modelkeep.guard._v2json import shown
-from modelkeep.guard.tensors import _declared_shape
 from modelkeep.runtime.signature import MAX_RANK, ModelSignature, numpy_dtype
 
-from .._rows import RowRequest, only_input
+from .._rows import RowRequest, checked_shape, only_input, shown
 
 __all__ = ["NPY_CONTENT_TYPE", "read_npy", "write_npy"]
 
@@ -59,9 +57,7 @@ def read_npy(body: bytes, signature: ModelSignature, max_elements: int) -> RowRe
         raise InvalidInput(f"the .npy array has more than {MAX_RANK} dimensions")
     if spec.datatype == "BYTES":
         raise InvalidInput(f"input {shown(spec.name)} takes text; send JSON")
-    declared, count = _declared_shape(
-        {"datatype": spec.datatype, "shape": list(shape)}, spec, max_elements
-    )
+    declared, count = checked_shape(spec, shape, max_elements)
     # 4. The data is exactly as long as the header says.
     offset = stream.tell()
     size = math.prod(declared) * dtype.itemsize

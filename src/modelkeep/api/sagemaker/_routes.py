@@ -14,9 +14,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelkeep.errors import InvalidInput, ModelkeepError
-from modelkeep.service import Service
+from modelkeep.service import InferCall, Service
 
-from .._dataplane_shim import InferCall, ShimDataPlane
 from .._entry import Answer, Exchange, Route, budget_headers
 from .._errors import error_response, modelkeep_error_response
 from ._attributes import CUSTOM_ATTRIBUTES, parse_custom_attributes, target_model
@@ -37,8 +36,9 @@ def render_error(exc: ModelkeepError) -> Response:
     return modelkeep_error_response(exc)
 
 
-def sagemaker_routes(service: Service, dataplane: ShimDataPlane) -> dict[tuple[str, str], Route]:
+def sagemaker_routes(service: Service) -> dict[tuple[str, str], Route]:
     settings = service.settings
+    dataplane = service.dataplane
     max_body = settings.max_request_bytes
 
     async def ping(_exchange: Exchange) -> Answer:
@@ -67,8 +67,9 @@ def sagemaker_routes(service: Service, dataplane: ShimDataPlane) -> dict[tuple[s
         # 4. The body, refused as soon as it passes the limit.
         body = await exchange.body(max_body)
         # 5. The data plane: queue, authorization, decoding, admission, runtime, guard.
-        call = InferCall(body, request_decoder(body, content_type), "sagemaker")
-        result = await dataplane.infer(principal, model, call, stats=exchange.stats)
+        decode = request_decoder(body, content_type)
+        call = InferCall(body, decode, "sagemaker", exchange.observed)
+        result = await dataplane.infer(principal, model, call)
         content, headers = encode_answer(
             answer, result.request, result.outputs, model=result.model, version=result.version
         )

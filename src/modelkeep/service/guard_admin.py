@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from modelkeep._service._base import ServiceBase, model_target
 from modelkeep.audit import KEY_FILE as AUDIT_KEY_FILE
 from modelkeep.audit import AuditEntry, VerifyResult, public_key_path, verify_chain
 from modelkeep.audit import load_public_key as load_audit_public_key
@@ -21,6 +20,7 @@ from modelkeep.guard.policy import ModelPolicy
 from modelkeep.policy import Action
 from modelkeep.registry.records import ModelRecord
 from modelkeep.runtime.signature import numpy_dtype
+from modelkeep.service._base import ServiceBase, model_target
 
 
 class GuardAdminMixin(ServiceBase):

@@ -22,13 +22,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from modelkeep import __version__
-from modelkeep._service._base import SnapshotMemo, is_safe_name
-from modelkeep._service.backends import Backend, BackendProbe
-from modelkeep._service.capture import CaptureMixin
-from modelkeep._service.guard_admin import GuardAdminMixin
-from modelkeep._service.inference import PLATFORMS, InferenceMixin, InferTarget
-from modelkeep._service.kek import KekMixin
-from modelkeep._service.management import CreatedKey, ManagementMixin
 from modelkeep.audit import KEY_FILE as AUDIT_KEY_FILE
 from modelkeep.audit import AuditEvent, AuditLog, CheckpointSigner
 from modelkeep.audit.alerts import Alerter, AlertRule, Webhook
@@ -59,30 +52,36 @@ from modelkeep.registry.store import CaptureStore, MetadataStore
 from modelkeep.registry.upload import staging_dir
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.runtime.loader import load_model
+from modelkeep.service._base import SnapshotMemo, is_safe_name
+from modelkeep.service.backends import Backend, BackendProbe
+from modelkeep.service.capture import CaptureMixin
+from modelkeep.service.dataplane import PLATFORMS, DataPlane, resolve_version
+from modelkeep.service.guard_admin import GuardAdminMixin
+from modelkeep.service.kek import KekMixin
+from modelkeep.service.management import CreatedKey, ManagementMixin
 from modelkeep.settings import Settings
 
 # CreatedKey and PLATFORMS are defined with the calls that use them and re-exported here.
 __all__ = ["PLATFORMS", "CreatedKey", "Service", "alerter_from"]
 
-log = logging.getLogger(__name__)
+# Log records keep the name they had before the service became a package.
+log = logging.getLogger("modelkeep.service")
 
 
 # Verified Authorization headers kept per snapshot, at most this many (one per valid key in use).
 _MAX_VERIFIED = 4096
-# Resolved infer targets kept per snapshot, at most this many (model and version come from URLs).
-_MAX_TARGETS = 4096
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, KekMixin):
+class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
     """modelkeep's core, shared by every protocol adapter in one worker process.
 
     This class holds construction, change propagation, audit helpers, authentication and
-    model loading; the calls for management, guard administration, payload capture and
-    inference live in the mixins under ``modelkeep._service``.
+    model loading; the calls for management, guard administration and payload capture live in
+    the mixins beside it, inference and model metadata in ``self.dataplane``.
     """
 
     def __init__(
@@ -110,16 +109,12 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
         self._snapshot: Snapshot = empty_snapshot()
         self._refresh_lock = threading.Lock()
         self._sessions: dict[tuple[str, int], LoadedModel] = {}
-        # What an infer call resolves before it runs, per (caller, model, version), valid for
-        # one snapshot (see InferenceMixin._target).
-        self._targets: SnapshotMemo[tuple[Any, ...], InferTarget] = SnapshotMemo(_MAX_TARGETS)
         # Authorization headers already verified against one snapshot (see authenticate).
         self._verified: SnapshotMemo[str, Principal] = SnapshotMemo(_MAX_VERIFIED)
         self._failed: dict[tuple[str, int], ModelkeepError] = {}
         self._load_locks: dict[tuple[str, int], threading.Lock] = {}
         self._locks_lock = threading.Lock()
         self._last_forced_refresh = 0.0
-        self._alarm_seen: dict[tuple[str, str, str], float] = {}
         self.gate = gate or InferenceGate(Admission())
         self.gate.feed.on_drop = self.metrics.detector_feed_dropped
         self._stop = threading.Event()
@@ -139,6 +134,8 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
         )
         self.capture_random: Callable[[], float] = random.random
         self._last_capture_purge = -float("inf")
+        # Inference and model metadata for every protocol (``dataplane.py``).
+        self.dataplane = DataPlane(self)
 
     @classmethod
     def open(cls, settings: Settings) -> Service:
@@ -405,19 +402,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
         return record
 
     def _version(self, record: ModelRecord, version: str | int | None) -> VersionRecord:
-        if version is None:
-            number = record.default_version()
-            if number is None:
-                raise NotFound(f"model '{record.name}' has no versions")
-        else:
-            text = str(version)
-            if not text.isdigit() or len(text) > 9:
-                raise NotFound(f"model '{record.name}' has no such version")
-            number = int(text)
-        found = record.versions.get(number)
-        if found is None:
-            raise NotFound(f"model '{record.name}' has no version {number}")
-        return found
+        return resolve_version(record, version)
 
     def _session(self, version: VersionRecord) -> LoadedModel:
         key = (version.model, version.number)

@@ -8,7 +8,7 @@ declarations exist for the type checker only and never shadow the core's at run 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -27,6 +27,8 @@ from modelkeep.registry.store import CaptureStore, MetadataStore
 from modelkeep.settings import Settings
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from modelkeep.crypto.signing import TrustedKey
     from modelkeep.runtime.base import LoadedModel
 
@@ -79,7 +81,6 @@ class ServiceBase:
     capture_random: Callable[[], float]
     _clock: Callable[[], datetime]
     _snapshot: Snapshot
-    _alarm_seen: dict[tuple[str, str, str], float]
     _last_capture_purge: float
 
     if TYPE_CHECKING:
@@ -116,7 +117,7 @@ class ServiceBase:
             version: VersionRecord,
             capture: CapturePolicy,
             body: bytes,
-            content: bytes,
+            outputs: Mapping[str, np.ndarray],
         ) -> None: ...
 
 

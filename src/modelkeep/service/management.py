@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from modelkeep._service._base import ServiceBase, log, model_target
 from modelkeep.auth import KeyRecord, Principal, generate_api_key
 from modelkeep.auth.principal import ROLES
 from modelkeep.crypto.signing import TrustedKey, load_public_key
@@ -19,6 +18,7 @@ from modelkeep.registry.intake import accept
 from modelkeep.registry.records import ModelRecord, VersionRecord, check_name
 from modelkeep.registry.store import PushKey, VersionDetails
 from modelkeep.registry.upload import Upload
+from modelkeep.service._base import ServiceBase, log, model_target
 
 _MAX_DESCRIPTION = 1000
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from modelkeep._service._base import ServiceBase, log, model_target
+import numpy as np
+
 from modelkeep.audit.capture import (
     MAX_CAPTURE_BYTES,
     CaptureRecord,
@@ -23,9 +25,25 @@ from modelkeep.audit.capture import (
 from modelkeep.auth import Principal
 from modelkeep.errors import InvalidInput, ModelkeepError, NotFound
 from modelkeep.guard.policy import CapturePolicy
+from modelkeep.guard.tensors import InferRequest, encode_infer_response
 from modelkeep.policy import Action
 from modelkeep.registry.records import VersionRecord
 from modelkeep.registry.store import CaptureInfo, NewCapture
+from modelkeep.service._base import ServiceBase, log, model_target
+
+# Every output in JSON: the neutral form a captured response is kept in.
+_ALL_JSON = InferRequest(id=None, inputs={}, outputs=None, binary_outputs_default=False)
+
+
+def encode_capture_output(version: VersionRecord, outputs: Mapping[str, np.ndarray]) -> bytes:
+    """The outputs a caller got, as a V2 JSON response body (every output as JSON data)."""
+    content, _ = encode_infer_response(
+        model_name=version.model,
+        model_version=str(version.number),
+        request=_ALL_JSON,
+        outputs=outputs,
+    )
+    return content
 
 
 class CaptureMixin(ServiceBase):
@@ -39,11 +57,16 @@ class CaptureMixin(ServiceBase):
         version: VersionRecord,
         capture: CapturePolicy,
         body: bytes,
-        content: bytes,
+        outputs: Mapping[str, np.ndarray],
     ) -> None:
-        """Queue a sampled request for sealing and storage; never blocks or fails inference."""
+        """Queue a sampled request for sealing and storage; never blocks or fails inference.
+
+        The request is kept as received; the response as the hardened outputs the caller got,
+        in V2 JSON whatever the protocol (``encode_capture_output``).
+        """
         if not should_capture(capture.sample, self.capture_random):
             return
+        content = encode_capture_output(version, outputs)
         if len(body) + len(content) > MAX_CAPTURE_BYTES:
             self.capture_writer.skip_too_large()
             return

@@ -10,17 +10,15 @@ from typing import Any
 
 import pytest
 
-from modelkeep.api._infer import INLINE_BUDGET_S, InferRunner, usable_cpus
 from modelkeep.audit.metrics import Metrics
-from modelkeep.auth import Principal
 from modelkeep.errors import Unavailable
+from modelkeep.service._runner import INLINE_BUDGET_S, InferRunner, usable_cpus
 from modelkeep.settings import Settings
-
-PRINCIPAL = Principal("key:abcdefghijkl", "consumer", None)
 
 
 class SlowService:
-    """Stands in for Service: each call sleeps, and the most calls running at once is kept."""
+    """Stands in for the data plane: each call sleeps, and the most calls running at once is
+    kept."""
 
     def __init__(self, settings: Settings, seconds: float) -> None:
         self.settings = settings
@@ -31,7 +29,7 @@ class SlowService:
         self.threads: set[int] = set()
         self._lock = threading.Lock()
 
-    def infer(self, *_args: Any, **_kwargs: Any) -> tuple[bytes, dict[str, str]]:
+    def infer(self) -> tuple[bytes, dict[str, str]]:
         with self._lock:
             self.running += 1
             self.most = max(self.most, self.running)
@@ -44,11 +42,11 @@ class SlowService:
 
 def runner(tmp_path: Path, seconds: float, **settings: Any) -> tuple[InferRunner, SlowService]:
     service = SlowService(Settings(data_dir=tmp_path, **settings), seconds)
-    return InferRunner(service), service  # type: ignore[arg-type]
+    return InferRunner(service.settings, service.metrics), service
 
 
-async def many(infer: InferRunner, count: int, body: bytes) -> list[object]:
-    calls = [infer.run(PRINCIPAL, "m", None, body, None) for _ in range(count)]
+async def many(infer: InferRunner, service: SlowService, count: int, body: bytes) -> list[object]:
+    calls = [infer.run("m", len(body), service.infer) for _ in range(count)]
     return await asyncio.gather(*calls, return_exceptions=True)
 
 
@@ -57,7 +55,7 @@ def test_slow_calls_run_at_most_inference_threads_at_once_and_the_rest_wait(
 ) -> None:
     infer, service = runner(tmp_path, 0.05, inference_threads=2, max_queue=16)
     big = b"x" * (service.settings.inline_max_bytes + 1)  # large: always threaded, limited
-    results = asyncio.run(many(infer, 8, big))
+    results = asyncio.run(many(infer, service, 8, big))
     assert results == [(b"{}", {})] * 8  # all answered: they waited, none was shed
     assert service.most == 2
 
@@ -72,13 +70,13 @@ def test_a_model_found_slow_moves_from_the_loop_to_the_limited_threads(tmp_path:
 
     async def main() -> None:
         loop_thread = threading.get_ident()
-        await infer.run(PRINCIPAL, "m", None, b"{}", None)  # unknown cost: inline, on the loop
+        await infer.run("m", 2, service.infer)  # unknown cost: inline, on the loop
         assert service.threads == {loop_thread}
         for _ in range(4):  # the moving average passes the budget
-            await infer.run(PRINCIPAL, "m", None, b"{}", None)
+            await infer.run("m", 2, service.infer)
         service.threads.clear()
         service.most = 0
-        await many(infer, 4, b"{}")
+        await many(infer, service, 4, b"{}")
         assert loop_thread not in service.threads
         assert service.most == 1
 
@@ -89,7 +87,7 @@ def test_calls_threaded_only_for_redis_admission_are_not_limited(tmp_path: Path)
     infer, service = runner(
         tmp_path, 0.05, inference_threads=1, max_queue=16, limits_storage="redis://127.0.0.1:1/0"
     )
-    results = asyncio.run(many(infer, 4, b"{}"))  # small and fast, but threaded (Redis)
+    results = asyncio.run(many(infer, service, 4, b"{}"))  # small and fast, but threaded (Redis)
     assert results == [(b"{}", {})] * 4
     assert service.most > 1
 
@@ -97,7 +95,7 @@ def test_calls_threaded_only_for_redis_admission_are_not_limited(tmp_path: Path)
 def test_past_the_queue_bound_requests_are_shed_with_503(tmp_path: Path) -> None:
     infer, service = runner(tmp_path, 0.05, inference_threads=1, max_queue=3)
     big = b"x" * (service.settings.inline_max_bytes + 1)
-    results = asyncio.run(many(infer, 6, big))
+    results = asyncio.run(many(infer, service, 6, big))
     shed = [r for r in results if isinstance(r, Unavailable)]
     assert len(shed) == 3
     assert all(r.retry_after == 1 and "overloaded" in r.message for r in shed)
@@ -111,5 +109,5 @@ def test_a_call_past_the_timeout_is_answered_503_and_frees_its_place(tmp_path: P
     )
     big = b"x" * (service.settings.inline_max_bytes + 1)
     with pytest.raises(Unavailable, match="timed out"):
-        asyncio.run(infer.run(PRINCIPAL, "m", None, big, None))
+        asyncio.run(infer.run("m", len(big), service.infer))
     assert infer.in_flight == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -12,7 +13,9 @@ import pytest
 from modelkeep.auth import Principal
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.errors import Forbidden, NotFound
-from modelkeep.service import Service
+from modelkeep.guard.tensors import InferRequest, decode_infer_request
+from modelkeep.runtime.signature import ModelSignature
+from modelkeep.service import InferCall, Service
 from modelkeep.settings import Settings
 from modelkeep.testing import build_iris_onnx, iris_rows
 
@@ -36,8 +39,12 @@ def service(tmp_path: Path) -> Iterator[tuple[Service, Principal]]:
 
 
 def served_version(service: Service, principal: Principal, version: str | None = None) -> str:
-    content, _ = service.infer(principal, "iris", version, BODY)
-    return str(json.loads(content)["model_version"])
+    call = InferCall(BODY, functools.partial(decode, BODY))
+    return str(service.dataplane.infer_now(principal, "iris", call, version).version)
+
+
+def decode(body: bytes, signature: ModelSignature, max_elements: int) -> InferRequest:
+    return decode_infer_request(body, signature, max_elements=max_elements)
 
 
 def consumer(service: Service, admin: Principal, models: list[str] | None) -> Principal:

@@ -1,7 +1,6 @@
-"""Running one V2 inference call: the bounded queue, inline or threaded execution, the timeout.
+"""Running one inference call: the bounded queue, inline or threaded execution, the timeout.
 
-Shared by the fast path (``_fast.py``), which serves every infer request, and the FastAPI
-routes that describe them in the OpenAPI document.
+Part of the data plane (``dataplane.py``), so that every protocol is queued and shed the same way.
 """
 
 from __future__ import annotations
@@ -9,19 +8,22 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from modelkeep.auth import Principal
+from modelkeep.audit.metrics import Metrics
 from modelkeep.errors import Unavailable
-from modelkeep.service import Service
+from modelkeep.settings import Settings
 
 # A model whose calls take longer than this runs in the thread pool, not on the event loop.
 INLINE_BUDGET_S = 0.002
 # Bounds the per-model cost table (model names in the path come from clients).
 _MAX_TRACKED = 10_000
+
+T = TypeVar("T")
 
 
 class InferRunner:
@@ -41,9 +43,8 @@ class InferRunner:
     they mostly wait on the network.
     """
 
-    def __init__(self, service: Service) -> None:
-        settings = service.settings
-        self.service = service
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.metrics = metrics
         self.in_flight = 0
         self.max_queue = settings.max_queue
         self.timeout = settings.inference_timeout_s
@@ -56,44 +57,30 @@ class InferRunner:
         self.compute_threads = settings.inference_threads or usable_cpus()
         self._compute = anyio.CapacityLimiter(self.compute_threads)
 
-    async def run(
-        self,
-        principal: Principal,
-        model: str,
-        version: str | None,
-        body: bytes,
-        header_length: int | None,
-        stats: dict[str, Any] | None = None,
-    ) -> tuple[bytes, dict[str, str]]:
-        metrics = self.service.metrics
+    async def run(self, model: str, size: int, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` for a request of ``size`` bytes to ``model``, queued.
+
+        (Positional arguments only: a ``**kwargs`` dict per request costs for nothing.)
+        """
+        metrics = self.metrics
         if self.in_flight >= self.max_queue:
             metrics.shed(model=model)
             raise Unavailable("the server is overloaded; retry shortly", retry_after=1)
         self.in_flight += 1
-        heavy = len(body) > self.heavy_bytes or (self._cost.get(model, 0.0) >= INLINE_BUDGET_S)
-        inline = not heavy and len(body) <= self.inline_max_bytes
+        heavy = size > self.heavy_bytes or (self._cost.get(model, 0.0) >= INLINE_BUDGET_S)
+        inline = not heavy and size <= self.inline_max_bytes
         try:
             if inline:
                 # Runs to the end without yielding the loop, so nothing (a /metrics scrape
                 # included) can see the queue in between: the gauge need not move.
-                return self._timed(
-                    model, principal, version, body, header_length=header_length, stats=stats
-                )
+                return self._timed(model, call, *args)
             metrics.set_queue_depth(self.in_flight)
-            call = functools.partial(
-                self._timed,
-                model,
-                principal,
-                version,
-                body,
-                header_length=header_length,
-                stats=stats,
-            )
+            timed = functools.partial(self._timed, model, call, *args)
             with anyio.fail_after(self.timeout):
                 # Abandoned on timeout: the caller gets its 503 now, the thread finishes later
                 # (and keeps its compute slot until then).
                 return await anyio.to_thread.run_sync(
-                    call, abandon_on_cancel=True, limiter=self._compute if heavy else None
+                    timed, abandon_on_cancel=True, limiter=self._compute if heavy else None
                 )
         except TimeoutError:
             raise Unavailable("inference timed out", retry_after=1) from None
@@ -102,22 +89,11 @@ class InferRunner:
             if not inline:
                 metrics.set_queue_depth(self.in_flight)
 
-    def _timed(
-        self,
-        model: str,
-        principal: Principal,
-        version: str | None,
-        body: bytes,
-        *,
-        header_length: int | None,
-        stats: dict[str, Any] | None,
-    ) -> tuple[bytes, dict[str, str]]:
-        """The service call, its duration (not its wait in the queue) added to the model's cost."""
+    def _timed(self, model: str, call: Callable[..., T], *args: Any) -> T:
+        """The call, its duration (not its wait in the queue) added to the model's cost."""
         started = time.perf_counter()
         try:
-            return self.service.infer(
-                principal, model, version, body, header_length=header_length, stats=stats
-            )
+            return call(*args)
         finally:
             elapsed = time.perf_counter() - started
             if len(self._cost) < _MAX_TRACKED or model in self._cost:

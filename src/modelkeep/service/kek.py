@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelkeep._service._base import ServiceBase
 from modelkeep.auth import Principal
 from modelkeep.policy import Action
 from modelkeep.registry.rotation import KeyRotation, RewrapPass
+from modelkeep.service._base import ServiceBase
 
 
 class KekMixin(ServiceBase):
