@@ -41,7 +41,7 @@ class Exchange:
 
     scope: Scope
     receive: Receive
-    headers: dict[bytes, str]  # lower-case names; the last value of a repeated header wins
+    headers: dict[bytes, bytes]  # lower-case names; the last value of a repeated header wins
     principal: Principal | None = None
     model: str | None = None
     version: int | str | None = None
@@ -50,7 +50,9 @@ class Exchange:
     observed: Observed = field(default_factory=Observed)  # rows and version, from the data plane
 
     def header(self, name: bytes) -> str | None:
-        return self.headers.get(name)
+        """A header's value (``name`` in lower case), decoded only when asked for."""
+        value = self.headers.get(name)
+        return None if value is None else value.decode("latin-1")
 
     @property
     def client(self) -> str | None:
@@ -115,8 +117,7 @@ class ProtocolEntry:
         started = time.perf_counter()
         request_id = new_request_id()
         id_header = (REQUEST_ID, request_id.encode("ascii"))
-        headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
-        exchange = Exchange(scope=scope, receive=receive, headers=headers)
+        exchange = Exchange(scope=scope, receive=receive, headers=dict(scope["headers"]))
         status, bytes_out = NO_RESPONSE, 0
         token = bind_request(request_id)
         try:

@@ -11,6 +11,8 @@ before its shape has been checked against the signature and ``max_elements``.
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +30,8 @@ __all__ = [
     "checked_shape",
     "checked_tensor",
     "columns_to_inputs",
+    "csv_lines",
     "dumps",
-    "flat_rows",
     "list_tensor",
     "nested_shape",
     "only_input",
@@ -194,39 +196,60 @@ def _json_ready(name: str, array: np.ndarray) -> Any:
         return np.asarray(flat, dtype=object).reshape(array.shape).tolist()
     if array.dtype.kind not in "biuf":
         raise InternalError(f"output {shown(name)} has a dtype JSON cannot carry")
-    # Native order, and the canonical type of each size (ONNX Runtime answers INT64 as
-    # numpy.longlong, whose scalars orjson does not write; int64 is the same bytes).
-    canonical = np.dtype(array.dtype.str).newbyteorder("=")
-    if array.dtype != canonical or array.dtype.type is not canonical.type:
-        array = array.astype(canonical) if not array.dtype.isnative else array.view(canonical)
+    dtype = array.dtype
+    canonical = _CANONICAL.get(dtype)
+    if canonical is None:
+        canonical = _CANONICAL[dtype] = np.dtype(dtype.str).newbyteorder("=")
+    if dtype is not canonical:
+        array = array.view(canonical) if dtype.isnative else array.astype(canonical)
     return np.ascontiguousarray(array)
 
 
-def flat_rows(outputs: Mapping[str, np.ndarray]) -> list[list[str]]:
-    """One list of values per row, as text: each output's row values, in output order.
+# Each numeric dtype's canonical, native-order form, worked out once per dtype: ONNX Runtime
+# answers INT64 as numpy.longlong, whose scalars orjson does not write (int64 is the same bytes).
+_CANONICAL: dict[np.dtype[Any], np.dtype[Any]] = {}
 
-    The form of CSV answers (``label,prob0,prob1,prob2``). Floats are written as numpy writes
-    them (the shortest text that reads back to the same value, ``nan`` and ``inf`` included),
-    booleans as 0 and 1. Every output must share the batch axis; a rank-0 output is one row.
+
+def csv_lines(outputs: Mapping[str, np.ndarray]) -> list[bytes]:
+    """One CSV line per row (no line end): each output's values for that row, in output order.
+
+    The form of CSV answers (``label,prob0,prob1,prob2``). Numbers are written as JSON writes
+    them (the shortest text that reads back to the same value; ``nan``, ``inf`` and ``-inf``
+    spelled so), booleans as 0 and 1, text quoted as CSV quotes it. Every output must share
+    the batch axis; a rank-0 output is one row.
     """
-    parts: list[np.ndarray] = []
-    for name, array in outputs.items():
-        array = np.asarray(array)
-        if array.ndim == 0:
-            array = array.reshape(1)
-        if array.dtype.kind == "b":
-            array = array.astype(np.uint8)
-        if array.dtype.kind in "OSU":
-            text = np.asarray(json_data(name, array, "BYTES"), dtype=object)
-        elif array.dtype.kind in "iuf":
-            text = array.astype(str)
-        else:
-            raise InternalError(f"output {shown(name)} has a dtype CSV cannot carry")
-        parts.append(text.reshape(array.shape[0], -1) if array.size else text.reshape(0, 0))
-    if not parts:
+    columns = [_csv_cells(name, array) for name, array in outputs.items()]
+    if not columns:
         return []
-    if len({part.shape[0] for part in parts}) != 1:
+    if len({len(cells) for cells in columns}) != 1:
         raise InvalidInput(
             "this model's outputs do not share a batch axis; ask for application/json"
         )
-    return np.concatenate(parts, axis=1).tolist()  # type: ignore[no-any-return]
+    return [b",".join(row) for row in zip(*columns, strict=True)]
+
+
+def _csv_cells(name: str, array: np.ndarray) -> list[bytes]:
+    """One cell group per row of ``array``: its values for that row, comma-separated."""
+    array = np.asarray(array)
+    if array.ndim == 0:
+        array = array.reshape(1)
+    rows = array.shape[0]
+    if rows == 0:
+        return []
+    if array.dtype.kind in "OSU":
+        text = json_data(name, array, "BYTES")
+        width = len(text) // rows
+        stream = io.StringIO()
+        csv.writer(stream, lineterminator="\n").writerows(
+            text[row * width : (row + 1) * width] for row in range(rows)
+        )
+        return [line.encode("utf-8") for line in stream.getvalue().split("\n")[:-1]]
+    if array.dtype.kind == "b":
+        array = array.astype(np.uint8)
+    table = _json_ready(name, array).reshape(rows, -1)
+    if table.dtype.kind == "f" and not np.isfinite(table).all():
+        return [b",".join(str(v).encode("ascii") for v in row) for row in table.tolist()]
+    if table.shape[1] == 0:
+        return [b""] * rows
+    # orjson writes [[a,b],[c,d]]: the rows are what lies between the inner brackets.
+    return dumps(table)[2:-2].split(b"],[")

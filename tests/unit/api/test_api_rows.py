@@ -8,8 +8,8 @@ import pytest
 
 from modelkeep.api._rows import (
     checked_tensor,
+    csv_lines,
     dumps,
-    flat_rows,
     prediction_rows,
     rows_to_inputs,
 )
@@ -82,9 +82,9 @@ def test_one_output_answers_its_rows_and_several_answer_objects() -> None:
         {"label": 0, "probabilities": [0.5, 0.25, 0.25]},
         {"label": 2, "probabilities": [0.0, 0.0, 1.0]},
     ]
-    assert flat_rows({"label": label, "probabilities": probabilities}) == [
-        ["0", "0.5", "0.25", "0.25"],
-        ["2", "0.0", "0.0", "1.0"],
+    assert csv_lines({"label": label, "probabilities": probabilities}) == [
+        b"0,0.5,0.25,0.25",
+        b"2,0.0,0.0,1.0",
     ]
 
 
@@ -96,7 +96,19 @@ def test_non_finite_outputs_become_null() -> None:
 def test_float32_answers_are_written_as_float32_reads_them() -> None:
     rows = prediction_rows({"y": np.float32([0.1, 1e-8])})
     assert dumps(rows) == b"[0.1,1e-8]"
-    assert flat_rows({"y": np.float32([0.1, 1e-8])}) == [["0.1"], ["1e-08"]]
+    assert csv_lines({"y": np.float32([0.1, 1e-8])}) == [b"0.1", b"1e-8"]
+
+
+def test_csv_lines_spell_non_finite_values_and_quote_text() -> None:
+    assert csv_lines({"y": np.float32([[np.nan, 1.5], [np.inf, -np.inf]])}) == [
+        b"nan,1.5",
+        b"inf,-inf",
+    ]
+    text = np.array([["a,b", 'say "hi"'], ["c", "d"]], dtype=object)
+    assert csv_lines({"t": text, "n": np.array([True, False])}) == [
+        b'"a,b","say ""hi""",1',
+        b"c,d,0",
+    ]
 
 
 def test_longlong_outputs_are_written_like_int64() -> None:

@@ -125,6 +125,16 @@ def test_csv_rows_become_the_input() -> None:
     np.testing.assert_array_equal(request.inputs["input"], np.float32(ROWS))
 
 
+def test_csv_floats_overflow_to_inf_and_keep_nan() -> None:
+    request = read_csv(b"1e39,nan,-inf,-1\n", IRIS, 100)
+    values = request.inputs["input"]
+    assert values.dtype == np.float32
+    assert values.shape == (1, 4)
+    assert np.isinf(values[0, 0])
+    assert np.isnan(values[0, 1])
+    assert values[0, 2:].tolist() == [-np.inf, -1.0]
+
+
 def test_csv_for_a_rank_one_integer_input() -> None:
     request = read_csv(b"1\n-2\n3", COUNTS, 100)
     assert request.inputs["n"].dtype == np.int32

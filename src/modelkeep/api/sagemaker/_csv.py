@@ -10,8 +10,6 @@ V2 JSON conversion builds the tensor with its range rules.
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +19,7 @@ import numpy as np
 from modelkeep.errors import InvalidInput, TooLarge
 from modelkeep.runtime.signature import ModelSignature, numpy_dtype
 
-from .._rows import RowRequest, checked_shape, flat_rows, list_tensor, only_input, shown
+from .._rows import RowRequest, checked_shape, csv_lines, list_tensor, only_input, shown
 
 __all__ = ["CSV_CONTENT_TYPE", "MAX_CSV_COLUMNS", "read_csv", "write_csv"]
 
@@ -79,7 +77,7 @@ def read_csv(body: bytes, signature: ModelSignature, max_elements: int) -> RowRe
     # 3. Every line: the same number of columns (counted before it is split), then whole
     # against the number pattern.
     pattern, number = (_INT_LINE, int) if dtype.kind in "iu" else (_FLOAT_LINE, float)
-    rows: list[list[Any]] = []
+    values: list[Any] = []
     for index, line in enumerate(lines, start=1):
         line = line.removesuffix("\r")
         found = line.count(",") + 1
@@ -88,16 +86,28 @@ def read_csv(body: bytes, signature: ModelSignature, max_elements: int) -> RowRe
         if pattern.fullmatch(line) is None:
             kind = "integers" if number is int else "numbers"
             raise InvalidInput(f"CSV row {index} is not a row of {kind} separated by commas")
-        rows.append([number(field) for field in line.split(",")])
-    data: list[Any] = rows if rank2 else [row[0] for row in rows]
-    # 4. The tensor, by the V2 JSON conversion (ranges, overflow, dtype).
-    array = list_tensor(spec, data, declared, count)
+        values.extend(map(number, line.split(",")))
+    # 4. The tensor. Integers by the V2 JSON conversion (exact range checks); floats straight
+    # from float64, where overflow to inf is the IEEE answer, as for JSON.
+    if number is int:
+        array = list_tensor(spec, values, (count,), count).reshape(declared)
+    else:
+        array = _floats(values, dtype).reshape(declared)
     return RowRequest(inputs={spec.name: array}, form="csv")
+
+
+def _floats(values: list[float], dtype: np.dtype[Any]) -> np.ndarray:
+    exact = np.array(values, dtype=np.float64)
+    if dtype == exact.dtype:
+        return exact
+    # NaN makes the peak NaN, which compares False: such tables take the guarded cast.
+    if exact.size == 0 or np.abs(exact).max() <= np.finfo(dtype).max:
+        return exact.astype(dtype)
+    with np.errstate(over="ignore"):
+        return exact.astype(dtype)
 
 
 def write_csv(outputs: Mapping[str, np.ndarray]) -> bytes:
     """One CSV line per row: every output's values for that row, in output order."""
-    stream = io.StringIO()
-    writer = csv.writer(stream, lineterminator="\n")
-    writer.writerows(flat_rows(outputs))
-    return stream.getvalue().encode("utf-8")
+    lines = csv_lines(outputs)
+    return b"\n".join(lines) + b"\n" if lines else b""
