@@ -1,11 +1,12 @@
 """modelkeep's core: the ``Service`` every adapter (HTTP, CLI) calls, and its data plane.
 
-``Service`` (``core.py``) orders authentication, authorization, validation, runtime and storage;
-``service.dataplane`` (``dataplane.py``) is the protocol-neutral inference path every protocol
-adapter under ``api/`` calls. Nothing here imports HTTP.
+``Service`` (``facade.py``) is composed of a small core (``core.py``: snapshot, audit records,
+authentication, lookups, model loading) and its parts: ``service.dataplane`` (``dataplane.py``),
+the protocol-neutral inference path every protocol adapter under ``api/`` calls, management,
+guard administration, audit reading, captures and the key service. Nothing here imports HTTP.
 """
 
-from modelkeep.service.core import Service, alerter_from
+from modelkeep.service.core import alerter_from
 from modelkeep.service.dataplane import (
     PLATFORMS,
     Budget,
@@ -15,6 +16,7 @@ from modelkeep.service.dataplane import (
     InferResult,
     Observed,
 )
+from modelkeep.service.facade import Service
 from modelkeep.service.management import CreatedKey
 
 __all__ = [

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 from modelkeep.audit.capture import (
     MAX_CAPTURE_BYTES,
     CaptureRecord,
+    CaptureWriter,
     current_request_id,
     expires_at,
     is_capture_id,
@@ -28,8 +30,9 @@ from modelkeep.guard.policy import CapturePolicy
 from modelkeep.guard.tensors import InferRequest, encode_infer_response
 from modelkeep.policy import Action
 from modelkeep.registry.records import VersionRecord
-from modelkeep.registry.store import CaptureInfo, NewCapture
-from modelkeep.service._base import ServiceBase, log, model_target
+from modelkeep.registry.store import CaptureInfo, CaptureStore, NewCapture
+from modelkeep.service._shared import log, model_target
+from modelkeep.service.core import Core
 
 # Every output in JSON: the neutral form a captured response is kept in.
 _ALL_JSON = InferRequest(id=None, inputs={}, outputs=None, binary_outputs_default=False)
@@ -46,12 +49,27 @@ def encode_capture_output(version: VersionRecord, outputs: Mapping[str, np.ndarr
     return content
 
 
-class CaptureMixin(ServiceBase):
-    """Payload capture calls of ``Service`` (opt-in per model through its guard policy)."""
+class Captures:
+    """Payload capture (opt-in per model through its guard policy): the data plane hands it
+    sampled calls; auditors list and read them back."""
 
-    # -- payload capture -----------------------------------------------------------------
+    def __init__(self, core: Core) -> None:
+        self.registry = core.registry
+        self.authorizer = core.authorizer
+        self.refresh = core.refresh
+        self._model = core.authorized_model
+        self._audited = core.audited
+        self._clock = core.clock
+        self.store = CaptureStore(core.store)
+        self.capture_writer: CaptureWriter[tuple[CaptureRecord, datetime]] = CaptureWriter(
+            self._store_capture
+        )
+        self.capture_random: Callable[[], float] = random.random
+        self._last_capture_purge = -float("inf")
+        core.on_poll(self.purge_captures)
+        core.on_stop(lambda: self.capture_writer.close(timeout=5))
 
-    def _capture(
+    def capture(
         self,
         principal: Principal,
         version: VersionRecord,
@@ -88,7 +106,7 @@ class CaptureMixin(ServiceBase):
         record, expiry = item
         capture_id = new_capture_id()
         sealed = seal_record(record, capture_id, self.registry.keys)
-        self.captures.add(
+        self.store.add(
             NewCapture(
                 id=capture_id,
                 model=record.model,
@@ -110,7 +128,7 @@ class CaptureMixin(ServiceBase):
             return 0
         self._last_capture_purge = time.monotonic()
         try:
-            purged = self.captures.purge(self._clock())
+            purged = self.store.purge(self._clock())
         except ModelkeepError as exc:
             log.warning("purging expired captures failed: %s", exc.message)
             return 0
@@ -134,7 +152,7 @@ class CaptureMixin(ServiceBase):
         for bound in (since, until):
             if bound is not None and bound.tzinfo is None:
                 raise InvalidInput("since and until need a time zone (e.g. a trailing Z)")
-        found = self.captures.find(record.name, since=since, until=until, limit=limit)
+        found = self.store.find(record.name, since=since, until=until, limit=limit)
         now = self._clock()
         return [info for info in found if not is_expired(info.expires_at, now)]
 
@@ -149,7 +167,7 @@ class CaptureMixin(ServiceBase):
             record = self._model(principal, Action.MODEL_READ, model)
             if not is_capture_id(capture_id):
                 raise NotFound(f"model '{record.name}' has no such capture")
-            info, wrapped_key, sealed = self.captures.get(record.name, capture_id)
+            info, wrapped_key, sealed = self.store.get(record.name, capture_id)
             if is_expired(info.expires_at, self._clock()):
                 raise NotFound(f"model '{record.name}' has no such capture")
             opened = open_record(record.name, capture_id, wrapped_key, sealed, self.registry.keys)

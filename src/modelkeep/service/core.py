@@ -1,7 +1,7 @@
-"""The one place that orders authentication, authorization, validation, runtime and storage.
+"""The service's core: snapshot and refresh, audit records, authentication, lookups, loading.
 
 Nothing here imports HTTP. ``api/`` and ``cli/`` translate requests into calls on ``Service`` and
-its errors into status codes. The hot path (``authenticate`` then ``infer``) reads only the
+its errors into status codes. The hot path (``authenticate``, ``dataplane.infer``) reads only the
 in-memory snapshot and loaded sessions; a background thread per worker polls the metadata store's
 change counter and swaps in a fresh snapshot, which bounds how long a revoked key keeps working.
 On PostgreSQL a change notification wakes that thread at once (``registry/_changes.py``).
@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,19 +21,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from modelkeep import __version__
-from modelkeep.audit import KEY_FILE as AUDIT_KEY_FILE
-from modelkeep.audit import AuditEvent, AuditLog, CheckpointSigner
+from modelkeep.audit import AuditEvent, AuditLog
 from modelkeep.audit.alerts import Alerter, AlertRule, Webhook
-from modelkeep.audit.capture import CaptureRecord, CaptureWriter
 from modelkeep.audit.metrics import Metrics
 from modelkeep.auth import AuthFailure, Principal, authenticate
-from modelkeep.bootstrap import BLOB_DIR, DB_FILE, KEK_FILE
-from modelkeep.crypto import KeyService, open_key_service
+from modelkeep.crypto import KeyService
 from modelkeep.crypto.signing import TrustedKey, load_public_key, verify_digests
 from modelkeep.errors import (
     ConfigError,
     Forbidden,
     IntegrityError,
+    InvalidInput,
     KeyServiceError,
     ModelkeepError,
     ModelRefused,
@@ -42,27 +39,20 @@ from modelkeep.errors import (
     Unavailable,
 )
 from modelkeep.guard.admission import Admission
-from modelkeep.guard.gate import InferenceGate, shared_state_factory
+from modelkeep.guard.gate import InferenceGate
 from modelkeep.policy import Action, Authorizer
-from modelkeep.registry.blobs import BlobStore, blob_store_from
+from modelkeep.registry.blobs import BlobStore
 from modelkeep.registry.intake import read_directory
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord, empty_snapshot
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import CaptureStore, MetadataStore
-from modelkeep.registry.upload import staging_dir
+from modelkeep.registry.store import MetadataStore
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.runtime.loader import load_model
-from modelkeep.service._base import SnapshotMemo, is_safe_name
+from modelkeep.service._shared import SnapshotMemo, is_safe_name
 from modelkeep.service.backends import Backend, BackendProbe
-from modelkeep.service.capture import CaptureMixin
-from modelkeep.service.dataplane import PLATFORMS, DataPlane, resolve_version
-from modelkeep.service.guard_admin import GuardAdminMixin
-from modelkeep.service.kek import KekMixin
-from modelkeep.service.management import CreatedKey, ManagementMixin
 from modelkeep.settings import Settings
 
-# CreatedKey and PLATFORMS are defined with the calls that use them and re-exported here.
-__all__ = ["PLATFORMS", "CreatedKey", "Service", "alerter_from"]
+__all__ = ["Core", "alerter_from", "resolve_version"]
 
 # Log records keep the name they had before the service became a package.
 log = logging.getLogger("modelkeep.service")
@@ -76,12 +66,13 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
-    """modelkeep's core, shared by every protocol adapter in one worker process.
+class Core:
+    """What every part of the service shares in one worker process: the snapshot and its
+    refresh, audited records and alerts, authentication, lookups and model loading.
 
-    This class holds construction, change propagation, audit helpers, authentication and
-    model loading; the calls for management, guard administration and payload capture live in
-    the mixins beside it, inference and model metadata in ``self.dataplane``.
+    The parts (data plane, management, guard administration, audit, captures, key service)
+    are built over it by the ``Service`` facade (``facade.py``); they hook into its poll loop
+    and its shutdown with ``on_poll`` and ``on_stop``.
     """
 
     def __init__(
@@ -105,7 +96,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
         self.alerter = alerter
         self.registry = Registry(store, blobs, keys, clock=clock)
         self.authorizer = authorizer or Authorizer()
-        self._clock = clock
+        self.clock = clock
         self._snapshot: Snapshot = empty_snapshot()
         self._refresh_lock = threading.Lock()
         self._sessions: dict[tuple[str, int], LoadedModel] = {}
@@ -127,44 +118,17 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
         self.backends = BackendProbe(self._backends(), self.metrics.set_backend_up)
         # Set on SIGTERM (api/_drain.py): not ready any more, though requests are still served.
         self.draining = False
-        # Payload capture (opt-in per model): sealed and stored off the inference path.
-        self.captures = CaptureStore(store)
-        self.capture_writer: CaptureWriter[tuple[CaptureRecord, datetime]] = CaptureWriter(
-            self._store_capture
-        )
-        self.capture_random: Callable[[], float] = random.random
-        self._last_capture_purge = -float("inf")
-        # Inference and model metadata for every protocol (``dataplane.py``).
-        self.dataplane = DataPlane(self)
+        # Work of the parts: after each poll, and at shutdown before the store closes.
+        self._poll_hooks: list[Callable[[], object]] = []
+        self._stop_hooks: list[Callable[[], object]] = []
 
-    @classmethod
-    def open(cls, settings: Settings) -> Service:
-        """Open the data dir made by ``modelkeep init``; ConfigError if it is not usable."""
-        data_dir = settings.data_dir
-        if not (data_dir / KEK_FILE).is_file():
-            raise ConfigError("not a modelkeep data directory (run `modelkeep init` first)")
-        if settings.database_url is None and not (data_dir / DB_FILE).is_file():
-            raise ConfigError("the data directory has no database (run `modelkeep init` first)")
-        store = MetadataStore(settings.effective_database_url)
-        store.migrate()
-        service = cls(
-            settings,
-            store=store,
-            blobs=blob_store_from(settings, data_dir / BLOB_DIR),
-            keys=open_key_service(settings, data_dir / KEK_FILE),
-            audit=AuditLog(store.engine, signer=CheckpointSigner.load(data_dir / AUDIT_KEY_FILE)),
-            gate=InferenceGate(
-                Admission(settings.limits_storage),
-                # With Redis for limits, detector histories are shared through it too.
-                state_factory=None
-                if settings.limits_storage == "memory://"
-                else shared_state_factory(settings.limits_storage),
-            ),
-            alerter=alerter_from(settings),
-        )
-        service.registry.staging_dir = staging_dir(data_dir)
-        service.refresh()
-        return service
+    def on_poll(self, hook: Callable[[], object]) -> None:
+        """Call ``hook`` after each poll of the store (on the poller thread)."""
+        self._poll_hooks.append(hook)
+
+    def on_stop(self, hook: Callable[[], object]) -> None:
+        """Call ``hook`` on ``stop``, after the last audit record, before the store closes."""
+        self._stop_hooks.append(hook)
 
     # -- change propagation --------------------------------------------------------------
 
@@ -217,7 +181,8 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
                 details = {"pid": os.getpid(), "settings_sha256": self.settings_digest()}
                 self.record("server", "server.stop", "server", "success", details)
                 self.audit.checkpoint()
-        self.capture_writer.close(timeout=5)
+        for hook in self._stop_hooks:
+            hook()
         self.metrics.close()
         if self.alerter is not None:
             self.alerter.close(timeout=10)
@@ -249,7 +214,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
         self.metrics.audit_entry(action=action, outcome=outcome)
 
     @contextmanager
-    def _audited(
+    def audited(
         self, principal: Principal, action: str, target: str, details: dict[str, Any]
     ) -> Iterator[dict[str, Any]]:
         """Record the outcome of a management action, success or refusal, before answering.
@@ -311,7 +276,8 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
                 log.warning("refresh failed: %s", exc.message)
             except Exception:
                 log.exception("refresh failed")
-            self.purge_captures()
+            for hook in self._poll_hooks:
+                hook()
 
     def _warm(self) -> None:
         """Load every model's default version so the first request does not pay for it."""
@@ -320,7 +286,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
             if number is not None and not self._stop.is_set():
                 # A failure is recorded in _failed and reported when the version is used.
                 with suppress(ModelkeepError):
-                    self._session(model.versions[number])
+                    self.session(model.versions[number])
 
     def ready(self) -> bool:
         """Serving: not draining, default versions loaded (or tried), database and limits up."""
@@ -369,7 +335,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
         verified = self._verified.table(snapshot)
         if authorization is not None:
             known = verified.get(authorization)
-            if known is not None and (known.expires_at is None or self._clock() < known.expires_at):
+            if known is not None and (known.expires_at is None or self.clock() < known.expires_at):
                 return known
         principal = self._verify(authorization, snapshot)
         if authorization is not None:
@@ -378,7 +344,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
 
     def _verify(self, authorization: str | None, snapshot: Snapshot) -> Principal:
         try:
-            return authenticate(authorization, snapshot.keys, now=self._clock())
+            return authenticate(authorization, snapshot.keys, now=self.clock())
         except AuthFailure as exc:
             # A key created on another worker moments ago: look once more, at most every
             # 100 ms per worker so that floods of bad keys cannot turn into database load.
@@ -388,11 +354,11 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
             self._last_forced_refresh = now
             if not self.refresh():
                 raise
-            return authenticate(authorization, self._snapshot.keys, now=self._clock())
+            return authenticate(authorization, self._snapshot.keys, now=self.clock())
 
     # -- lookups -------------------------------------------------------------------------
 
-    def _model(self, principal: Principal, action: Action, model: str) -> ModelRecord:
+    def authorized_model(self, principal: Principal, action: Action, model: str) -> ModelRecord:
         # Authorize before looking up, so a caller bound to other models learns nothing about
         # which names exist.
         self.authorizer.check(principal, action, model)
@@ -401,10 +367,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
             raise NotFound(f"no model named '{model}'" if is_safe_name(model) else "no such model")
         return record
 
-    def _version(self, record: ModelRecord, version: str | int | None) -> VersionRecord:
-        return resolve_version(record, version)
-
-    def _session(self, version: VersionRecord) -> LoadedModel:
+    def session(self, version: VersionRecord) -> LoadedModel:
         key = (version.model, version.number)
         session = self._sessions.get(key)
         if session is not None:
@@ -465,7 +428,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
         model = self._snapshot.models.get(version.model)
         if version.bundle is not None:
             try:
-                verified = verify_digests(digests, version.bundle, self._trusted(model))
+                verified = verify_digests(digests, version.bundle, self.trusted(model))
             except ModelRefused as exc:
                 log.error("%s: signature verification failed at load", where)
                 raise IntegrityError(f"{where} failed signature verification at load") from exc
@@ -483,10 +446,38 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, KekMixin):
         )
 
     @staticmethod
-    def _trusted(model: ModelRecord | None) -> list[TrustedKey]:
+    def trusted(model: ModelRecord | None) -> list[TrustedKey]:
         if model is None:
             return []
         return [load_public_key(pem) for pem in model.publishers.values()]
+
+
+def resolve_version(
+    record: ModelRecord, version: str | int | None, label: str | None = None
+) -> VersionRecord:
+    """The version ``version`` (digits) or ``label`` names; neither: the default version (the
+    ``production`` label, else the newest). ``NotFound`` for anything that names none."""
+    if label is not None:
+        if version is not None:
+            raise InvalidInput("name a version or a label, not both")
+        number = record.labels.get(label)
+        if number is None:
+            shown = f"'{label}'" if is_safe_name(label) else "of that name"
+            raise NotFound(f"model '{record.name}' has no label {shown}")
+    elif version is None:
+        default = record.default_version()
+        if default is None:
+            raise NotFound(f"model '{record.name}' has no versions")
+        number = default
+    else:
+        text = str(version)
+        if not text.isdigit() or len(text) > 9:
+            raise NotFound(f"model '{record.name}' has no such version")
+        number = int(text)
+    found = record.versions.get(number)
+    if found is None:
+        raise NotFound(f"model '{record.name}' has no version {number}")
+    return found
 
 
 def alerter_from(settings: Settings) -> Alerter | None:

@@ -21,18 +21,19 @@ import numpy as np
 from modelkeep import __version__
 from modelkeep.audit import tracing
 from modelkeep.auth import Principal
-from modelkeep.errors import Forbidden, InvalidInput, NotFound, RateLimited, Unavailable
+from modelkeep.errors import Forbidden, RateLimited, Unavailable
 from modelkeep.guard.gate import Alarm, request_rows
 from modelkeep.guard.policy import ModelPolicy
 from modelkeep.policy import Action
 from modelkeep.registry.records import ModelRecord, VersionRecord
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.runtime.signature import ModelSignature
-from modelkeep.service._base import SnapshotMemo, is_safe_name, log, model_target
 from modelkeep.service._runner import InferRunner
+from modelkeep.service._shared import SnapshotMemo, log, model_target
+from modelkeep.service.core import Core, resolve_version
 
 if TYPE_CHECKING:
-    from modelkeep.service.core import Service
+    from modelkeep.service.capture import Captures
 
 __all__ = [
     "PLATFORMS",
@@ -181,8 +182,9 @@ class InferTarget:
 class DataPlane:
     """Server and model metadata, readiness and inference, for every protocol alike."""
 
-    def __init__(self, core: Service) -> None:
+    def __init__(self, core: Core, captures: Captures) -> None:
         self._core = core
+        self.captures = captures
         self.settings = core.settings
         self.metrics = core.metrics
         self.gate = core.gate
@@ -208,7 +210,7 @@ class DataPlane:
         label: str | None = None,
     ) -> tuple[VersionRecord, ModelSignature]:
         """The version ``version`` or ``label`` names (else the default) and its signature."""
-        record = self._core._model(principal, Action.MODEL_READ, model)
+        record = self._core.authorized_model(principal, Action.MODEL_READ, model)
         found = resolve_version(record, version, label)
         return found, found.signature
 
@@ -220,7 +222,7 @@ class DataPlane:
         label: str | None = None,
     ) -> dict[str, Any]:
         """Name, versions, platform and signature (V2 JSON form), and the version meant."""
-        record = self._core._model(principal, Action.MODEL_READ, model)
+        record = self._core.authorized_model(principal, Action.MODEL_READ, model)
         found = resolve_version(record, version, label)
         signature = found.signature.to_json()
         return {
@@ -239,10 +241,10 @@ class DataPlane:
         version: str | None = None,
         label: str | None = None,
     ) -> bool:
-        record = self._core._model(principal, Action.MODEL_READ, model)
+        record = self._core.authorized_model(principal, Action.MODEL_READ, model)
         found = resolve_version(record, version, label)
         try:
-            self._core._session(found)
+            self._core.session(found)
         except Unavailable:
             return False
         return True
@@ -371,7 +373,7 @@ class DataPlane:
             )
         # 6. Payload capture (sampled, sealed and stored off the request path).
         if policy.capture is not None:
-            self._core._capture(principal, found, policy.capture, call.body, hardened)
+            self.captures.capture(principal, found, policy.capture, call.body, hardened)
         return InferResult(record.name, found.number, request, hardened, rows, budget)
 
     def _target(
@@ -387,16 +389,16 @@ class DataPlane:
         core = self._core
         # Targets are only ever resolved from this snapshot or a newer one, so none can
         # outlive the snapshot it came from.
-        targets = self._targets.table(core._snapshot)
+        targets = self._targets.table(core.snapshot)
         key = (principal.key_id, principal.role, principal.models, model, version, label)
         found = targets.get(key)
         if found is None:
-            record = core._model(principal, Action.MODEL_INFER, model)
+            record = core.authorized_model(principal, Action.MODEL_INFER, model)
             served = resolve_version(record, version, label)
             found = InferTarget(
                 record=record,
                 version=served,
-                session=core._session(served),
+                session=core.session(served),
                 policy=self.gate.policy(record.name, record.policy),
             )
             self._targets.remember(targets, key, found)
@@ -447,38 +449,10 @@ class DataPlane:
             )
         if action in ("throttle", "block"):
             reason = ", ".join(f"{a.detector} alarm (score {a.score})" for a in alarms)
-            core.store.restrict_key(model, key_id, kind=action, reason=reason, now=core._clock())
+            core.store.restrict_key(model, key_id, kind=action, reason=reason, now=core.clock())
             core.refresh()
             if action == "block":
                 raise Forbidden(
                     f"access to model '{model}' is suspended for this key; an admin can lift it"
                     " with `modelkeep policy unblock`"
                 )
-
-
-def resolve_version(
-    record: ModelRecord, version: str | int | None, label: str | None = None
-) -> VersionRecord:
-    """The version ``version`` (digits) or ``label`` names; neither: the default version (the
-    ``production`` label, else the newest). ``NotFound`` for anything that names none."""
-    if label is not None:
-        if version is not None:
-            raise InvalidInput("name a version or a label, not both")
-        number = record.labels.get(label)
-        if number is None:
-            shown = f"'{label}'" if is_safe_name(label) else "of that name"
-            raise NotFound(f"model '{record.name}' has no label {shown}")
-    elif version is None:
-        default = record.default_version()
-        if default is None:
-            raise NotFound(f"model '{record.name}' has no versions")
-        number = default
-    else:
-        text = str(version)
-        if not text.isdigit() or len(text) > 9:
-            raise NotFound(f"model '{record.name}' has no such version")
-        number = int(text)
-    found = record.versions.get(number)
-    if found is None:
-        raise NotFound(f"model '{record.name}' has no version {number}")
-    return found

@@ -1,16 +1,12 @@
-"""Guard policy administration, audit reading and verification, metrics exposition."""
+"""Guard policy administration: policies, calibration, leakage assessment, blocks, budgets."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
 
 import numpy as np
 
-from modelkeep.audit import KEY_FILE as AUDIT_KEY_FILE
-from modelkeep.audit import AuditEntry, VerifyResult, public_key_path, verify_chain
-from modelkeep.audit import load_public_key as load_audit_public_key
 from modelkeep.auth import Principal
 from modelkeep.errors import InvalidInput
 from modelkeep.guard.gate import calibrate
@@ -20,53 +16,21 @@ from modelkeep.guard.policy import ModelPolicy
 from modelkeep.policy import Action
 from modelkeep.registry.records import ModelRecord
 from modelkeep.runtime.signature import numpy_dtype
-from modelkeep.service._base import ServiceBase, model_target
+from modelkeep.service._shared import model_target
+from modelkeep.service.core import Core, resolve_version
 
 
-class GuardAdminMixin(ServiceBase):
-    """Auditor and admin calls of ``Service`` that read the audit trail or tune the guard."""
+class GuardAdmin:
+    """Admin calls that tune a model's guard: policies, calibration, assessment, blocks."""
 
-    # -- audit ---------------------------------------------------------------------------
-
-    def audit_entries(
-        self,
-        principal: Principal,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        actor: str | None = None,
-        action: str | None = None,
-        model: str | None = None,
-        limit: int = 1000,
-    ) -> list[AuditEntry]:
-        """Audit entries matching the filters, newest first (auditors and admins)."""
-        self.authorizer.check(principal, Action.AUDIT_READ)
-        return list(
-            self.audit.entries(
-                since=since,
-                until=until,
-                actor=actor,
-                action=action,
-                model=model,
-                limit=limit,
-                newest_first=True,
-            )
-        )
-
-    def metrics_exposition(self, principal: Principal) -> tuple[bytes, str]:
-        """Prometheus text exposition (auditors and admins)."""
-        self.authorizer.check(principal, Action.AUDIT_READ)
-        return self.metrics.render()
-
-    def audit_verify(self, principal: Principal) -> VerifyResult:
-        """Verify the whole chain and its signed checkpoints (auditors and admins)."""
-        self.authorizer.check(principal, Action.AUDIT_READ)
-        public_key = None
-        if self.settings.data_dir is not None:
-            public_key = load_audit_public_key(
-                public_key_path(self.settings.data_dir / AUDIT_KEY_FILE)
-            )
-        return verify_chain(self.store.engine, public_key)
+    def __init__(self, core: Core) -> None:
+        self.store = core.store
+        self.gate = core.gate
+        self.refresh = core.refresh
+        self._model = core.authorized_model
+        self._session = core.session
+        self._audited = core.audited
+        self._clock = core.clock
 
     # -- guard policy --------------------------------------------------------------------
 
@@ -102,7 +66,7 @@ class GuardAdminMixin(ServiceBase):
         details: dict[str, Any] = {"rows": len(rows)}
         with self._audited(principal, "policy.calibrate", model_target(model), details):
             record = self._model(principal, Action.MODEL_CONFIGURE, model)
-            found = self._version(record, None)
+            found = resolve_version(record, None)
             policy = self.gate.policy(record.name, record.policy)
             threshold, width, reference = calibrate(self._session(found), found.signature, rows)
             details.update(prada_threshold=threshold, nearcopy_width=width)
@@ -134,7 +98,7 @@ class GuardAdminMixin(ServiceBase):
         details: dict[str, Any] = {}
         with self._audited(principal, "policy.assess", model_target(model), details):
             record = self._model(principal, Action.MODEL_CONFIGURE, model)
-            found = self._version(record, version)
+            found = resolve_version(record, version)
             details["version"] = found.number
             x, y, is_member = _assessment_rows(data, found.signature)
             scores = score_outputs_of(found.signature)
@@ -164,7 +128,7 @@ class GuardAdminMixin(ServiceBase):
         """The kept leakage report of a version, or None when it was never assessed."""
         self.refresh()
         record = self._model(principal, Action.POLICY_READ, model)
-        found = self._version(record, version)
+        found = resolve_version(record, version)
         return self.store.privacy_report(record.name, found.number)
 
     def unblock(self, principal: Principal, model: str, key_id: str) -> None:

@@ -13,11 +13,19 @@ from typing import Any
 from modelkeep.auth import Principal
 from modelkeep.policy import Action
 from modelkeep.registry.rotation import KeyRotation, RewrapPass
-from modelkeep.service._base import ServiceBase
+from modelkeep.service.core import Core
 
 
-class KekMixin(ServiceBase):
-    """Admin calls of ``Service`` over the key service."""
+class KekAdmin:
+    """Admin calls over the key service."""
+
+    def __init__(self, core: Core) -> None:
+        self.settings = core.settings
+        self.store = core.store
+        self.registry = core.registry
+        self.authorizer = core.authorizer
+        self.refresh = core.refresh
+        self._audited = core.audited
 
     def kek_status(self, principal: Principal) -> dict[str, Any]:
         """The key service, its current key id, and how many versions each KEK wraps."""

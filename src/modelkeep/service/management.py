@@ -1,4 +1,4 @@
-"""Models, versions, labels, publishers, API keys and pushes: the management half of ``Service``."""
+"""Models, versions, labels, publishers, API keys and pushes: the management part of the service."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from modelkeep.registry.intake import accept
 from modelkeep.registry.records import ModelRecord, VersionRecord, check_name
 from modelkeep.registry.store import PushKey, VersionDetails
 from modelkeep.registry.upload import Upload
-from modelkeep.service._base import ServiceBase, log, model_target
+from modelkeep.service._shared import log, model_target
+from modelkeep.service.core import Core, resolve_version
 
 _MAX_DESCRIPTION = 1000
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
@@ -32,8 +33,21 @@ class CreatedKey:
     token: str
 
 
-class ManagementMixin(ServiceBase):
-    """Management calls of ``Service``: models, versions, labels, publishers, keys, pushes."""
+class Management:
+    """Management calls: models, versions, labels, publishers, keys, pushes."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.settings = core.settings
+        self.store = core.store
+        self.registry = core.registry
+        self.authorizer = core.authorizer
+        self.metrics = core.metrics
+        self.refresh = core.refresh
+        self._model = core.authorized_model
+        self._audited = core.audited
+        self._clock = core.clock
+        self._trusted = core.trusted
 
     # -- management ----------------------------------------------------------------------
     # Management calls refresh first: each worker's snapshot may lag other workers' writes
@@ -92,7 +106,7 @@ class ManagementMixin(ServiceBase):
                     details.update(version=number, replayed=True)
                     # Another worker may have made it since this one last looked.
                     self.refresh()
-                    return self._snapshot.models[model].versions[number]
+                    return self.core.snapshot.models[model].versions[number]
             try:
                 accepted = accept(
                     data,
@@ -131,7 +145,7 @@ class ManagementMixin(ServiceBase):
             )
             details["version"] = number
         self.refresh()
-        return self._snapshot.models[model].versions[number]
+        return self.core.snapshot.models[model].versions[number]
 
     def _push_key(
         self,
@@ -192,7 +206,7 @@ class ManagementMixin(ServiceBase):
             )
             details["created"] = created
         self.refresh()
-        return self._snapshot.models[model], created
+        return self.core.snapshot.models[model], created
 
     def add_publisher(self, principal: Principal, model: str, pem: str) -> TrustedKey:
         """Trust a publisher's public key (EC P-256/P-384) for ``model``."""
@@ -221,7 +235,7 @@ class ManagementMixin(ServiceBase):
         self.authorizer.check(principal, Action.SERVER_READ)
         return [
             m
-            for name, m in sorted(self._snapshot.models.items())
+            for name, m in sorted(self.core.snapshot.models.items())
             if self.authorizer.is_allowed(principal, Action.MODEL_READ, name)
         ]
 
@@ -231,7 +245,7 @@ class ManagementMixin(ServiceBase):
 
     def get_version(self, principal: Principal, model: str, version: str) -> VersionRecord:
         self.refresh()
-        return self._version(self._model(principal, Action.MODEL_READ, model), version)
+        return resolve_version(self._model(principal, Action.MODEL_READ, model), version)
 
     def set_label(self, principal: Principal, model: str, label: str, version: int) -> None:
         self.refresh()
@@ -239,7 +253,7 @@ class ManagementMixin(ServiceBase):
         with self._audited(principal, "label.set", model_target(model), details):
             self._model(principal, Action.LABEL_SET, model)
             check_name("label", label)
-            previous = self._snapshot.models[model].labels.get(label)
+            previous = self.core.snapshot.models[model].labels.get(label)
             details["previous"] = previous
             self.store.set_label(model, label, version, actor=principal.key_id, now=self._clock())
         self.refresh()
@@ -311,7 +325,7 @@ class ManagementMixin(ServiceBase):
     def list_keys(self, principal: Principal) -> list[KeyRecord]:
         self.refresh()
         self.authorizer.check(principal, Action.KEY_LIST)
-        return sorted(self._snapshot.keys.values(), key=lambda k: (k.created_at, k.key_id))
+        return sorted(self.core.snapshot.keys.values(), key=lambda k: (k.created_at, k.key_id))
 
     def revoke_key(self, principal: Principal, key_id: str) -> KeyRecord:
         self.refresh()
@@ -320,13 +334,13 @@ class ManagementMixin(ServiceBase):
             self.authorizer.check(principal, Action.KEY_REVOKE)
             self.store.revoke_key(key_id, now=self._clock())
         self.refresh()
-        found = self._snapshot.keys.get(key_id)
+        found = self.core.snapshot.keys.get(key_id)
         if found is None:
             raise NotFound("no such API key")
         return found
 
     def whoami(self, principal: Principal) -> KeyRecord:
-        found = self._snapshot.keys.get(principal.key_id)
+        found = self.core.snapshot.keys.get(principal.key_id)
         if found is None:
             raise NotFound("no such API key")
         return found
