@@ -149,6 +149,7 @@ def test_csv_for_a_rank_one_integer_input() -> None:
     ("body", "message"),
     [
         (b"", "no rows"),
+        (b"\r\n", "no rows"),
         (b"a,b,c,d\n1,2,3,4\n", "row 1 is not a row of numbers"),
         (b'"1","2","3","4"', "row 1 is not"),
         (b"1_0,2,3,4", "row 1 is not"),

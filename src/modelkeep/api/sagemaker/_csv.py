@@ -56,12 +56,10 @@ def read_csv(body: bytes, signature: ModelSignature, max_elements: int) -> RowRe
     first = text if first_end < 0 else text[:first_end]
     rows_count = text.count("\n") + (0 if text.endswith("\n") else 1)
     columns = first.count(",") + 1
-    if not text or columns > MAX_CSV_COLUMNS:
-        raise InvalidInput(
-            "the CSV body has no rows"
-            if not text
-            else f"the CSV rows have more than {MAX_CSV_COLUMNS} columns"
-        )
+    if not text.strip("\r\n"):
+        raise InvalidInput("the CSV body has no rows")
+    if columns > MAX_CSV_COLUMNS:
+        raise InvalidInput(f"the CSV rows have more than {MAX_CSV_COLUMNS} columns")
     if rows_count * columns > max_elements:
         raise TooLarge(
             f"the CSV table holds {rows_count * columns} values; the limit is {max_elements}"
