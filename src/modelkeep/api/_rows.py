@@ -3,8 +3,8 @@
 TensorFlow Serving's ``instances``, SageMaker's JSON and CSV, and Azure ML's ``data`` all send a
 batch as a list of rows and expect a list of predictions back. This module turns such rows into
 tensors checked against a :class:`~modelkeep.runtime.signature.ModelSignature` and turns output
-tensors back into rows. The tensor rules are the V2 codec's own (``guard/tensors.py`` for the
-declared shape and element limit, ``guard/_v2json.py`` for converting lists into numpy arrays),
+tensors back into rows. The tensor rules are the V2 codec's own (``api/v2/codec.py`` for the
+declared shape and element limit, ``api/v2/_json.py`` for converting lists into numpy arrays),
 so every protocol refuses the same inputs with the same messages; nothing here builds an array
 before its shape has been checked against the signature and ``max_elements``.
 """
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from modelkeep.api.v2._json import json_array, json_data, shown
+from modelkeep.api.v2.codec import _declared_shape
 from modelkeep.errors import InternalError, InvalidInput
-from modelkeep.guard._v2json import json_array, json_data, shown
-from modelkeep.guard.tensors import _declared_shape
 from modelkeep.runtime.signature import MAX_RANK, ModelSignature, TensorSpec, numpy_dtype
 
 __all__ = [

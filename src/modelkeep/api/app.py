@@ -26,7 +26,6 @@ from ._auth import AuthenticationMiddleware, principal_of
 from ._certwatch import watch_certificate
 from ._entry import ProtocolEntry
 from ._errors import install_error_handlers
-from ._fast import FastInfer
 from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
 from .audit import audit_router
@@ -36,7 +35,8 @@ from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
 from .sagemaker._routes import plaintext_guard, sagemaker_routes
-from .v2 import infer_openapi_paths, v2_router
+from .v2.infer import FastInfer
+from .v2.routes import infer_openapi_paths, v2_router
 
 
 def create_app(

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from modelkeep.api.v2.codec import InferRequest, encode_infer_response
 from modelkeep.audit.capture import (
     MAX_CAPTURE_BYTES,
     CaptureRecord,
@@ -27,14 +28,14 @@ from modelkeep.audit.capture import (
 from modelkeep.auth import Principal
 from modelkeep.errors import InvalidInput, ModelkeepError, NotFound
 from modelkeep.guard.policy import CapturePolicy
-from modelkeep.guard.tensors import InferRequest, encode_infer_response
 from modelkeep.policy import Action
 from modelkeep.registry.records import VersionRecord
 from modelkeep.registry.store import CaptureInfo, CaptureStore, NewCapture
 from modelkeep.service._shared import log, model_target
 from modelkeep.service.core import Core
 
-# Every output in JSON: the neutral form a captured response is kept in.
+# Every output in JSON: the neutral form a captured response is kept in, whatever protocol the
+# caller spoke. The V2 codec is pure (numpy and orjson, no web stack), so the service may use it.
 _ALL_JSON = InferRequest(id=None, inputs={}, outputs=None, binary_outputs_default=False)
 
 

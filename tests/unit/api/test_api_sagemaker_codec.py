@@ -20,8 +20,8 @@ from modelkeep.api.sagemaker._codec import (
 )
 from modelkeep.api.sagemaker._csv import read_csv
 from modelkeep.api.sagemaker._npy import read_npy, write_npy
+from modelkeep.api.v2.codec import InferRequest
 from modelkeep.errors import InvalidInput, TooLarge
-from modelkeep.guard.tensors import InferRequest
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 
 IRIS = ModelSignature(

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from modelkeep.api._fast import v2_call
+from modelkeep.api.v2.infer import v2_call
 from modelkeep.audit import tracing
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.service import Service

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_iris
 
-from modelkeep.api._fast import v2_call
 from modelkeep.api.policy import policy_out
+from modelkeep.api.v2.infer import v2_call
 from modelkeep.auth import Principal
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.guard.policy import DEFAULT_POLICY, ModelPolicy

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from modelkeep.api.v2.codec import InferRequest, decode_infer_request
 from modelkeep.auth import Principal
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.errors import Forbidden, InvalidInput, NotFound, RateLimited, TooLarge, Unavailable
-from modelkeep.guard.tensors import InferRequest, decode_infer_request
 from modelkeep.runtime.signature import ModelSignature
 from modelkeep.service import InferCall, Observed, Service
 from modelkeep.settings import Settings

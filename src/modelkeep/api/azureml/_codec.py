@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from modelkeep.api.v2._json import parse_json
 from modelkeep.errors import InvalidInput
-from modelkeep.guard._v2json import parse_json
 from modelkeep.runtime.signature import ModelSignature
 
 from .._rows import (

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from modelkeep.api.v2._json import parse_json
+from modelkeep.api.v2.codec import InferRequest, decode_infer_request, encode_infer_response
 from modelkeep.errors import InvalidInput
-from modelkeep.guard._v2json import parse_json
-from modelkeep.guard.tensors import InferRequest, decode_infer_request, encode_infer_response
 from modelkeep.runtime.signature import ModelSignature
 
 from .._rows import RowRequest, columns_to_inputs, dumps, prediction_rows, rows_to_inputs

@@ -10,13 +10,13 @@ import numpy as np
 import orjson
 import pytest
 
-from modelkeep.errors import InternalError, InvalidInput
-from modelkeep.guard.tensors import (
+from modelkeep.api.v2.codec import (
     INFERENCE_HEADER_CONTENT_LENGTH,
     InferRequest,
     RequestedOutput,
     encode_infer_response,
 )
+from modelkeep.errors import InternalError, InvalidInput
 
 OUTPUTS = {
     "label": np.array([0, 2], dtype=np.int64),

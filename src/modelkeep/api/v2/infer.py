@@ -16,23 +16,22 @@ import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modelkeep.audit.access import bind_request, input_digest, new_request_id, reset_request
-from modelkeep.auth import Principal
-from modelkeep.errors import ModelkeepError
-from modelkeep.guard.tensors import (
+from modelkeep.api._auth import authenticate_request
+from modelkeep.api._body import header_length, receive_body
+from modelkeep.api._errors import error_response, modelkeep_error_response
+from modelkeep.api._observe import NO_RESPONSE, ObserveMiddleware
+from modelkeep.api._observe import REQUEST_ID_HEADER as REQUEST_ID
+from modelkeep.api.v2.codec import (
     INFERENCE_HEADER_CONTENT_LENGTH,
     InferRequest,
     decode_infer_request,
     encode_infer_response,
 )
+from modelkeep.audit.access import bind_request, input_digest, new_request_id, reset_request
+from modelkeep.auth import Principal
+from modelkeep.errors import ModelkeepError
 from modelkeep.runtime.signature import ModelSignature
 from modelkeep.service import InferCall, InferResult, Observed, Service
-
-from ._auth import authenticate_request
-from ._body import header_length, receive_body
-from ._errors import error_response, modelkeep_error_response
-from ._observe import NO_RESPONSE, ObserveMiddleware
-from ._observe import REQUEST_ID_HEADER as REQUEST_ID
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from modelkeep.api.v2._json import shown
 from modelkeep.errors import InvalidInput
-from modelkeep.guard._v2json import shown
 
 _LENGTH = struct.Struct("<I")
 

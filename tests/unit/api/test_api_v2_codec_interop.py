@@ -15,7 +15,7 @@ import tritonclient.http as triton
 from kserve import InferInput, InferRequest, InferResponse
 from kserve.protocol.infer_type import RequestedOutput as KserveRequestedOutput
 
-from modelkeep.guard.tensors import (
+from modelkeep.api.v2.codec import (
     INFERENCE_HEADER_CONTENT_LENGTH,
     decode_infer_request,
     encode_infer_response,

@@ -1,6 +1,6 @@
 """JSON side of the V2 tensor codec: parsing the header and converting tensor ``data`` lists.
 
-Kept apart from the request rules in ``tensors.py`` so each half stays readable. Every function
+Kept apart from the request rules in ``codec.py`` so each half stays readable. Every function
 here is handed a tensor whose name, datatype, shape and element count were already checked.
 """
 

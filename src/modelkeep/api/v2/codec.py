@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from modelkeep.api.v2._binary import binary_array, binary_bytes, binary_size
+from modelkeep.api.v2._json import json_array, json_data, parse_json, shown
 from modelkeep.errors import InternalError, InvalidInput, TooLarge
-from modelkeep.guard._v2binary import binary_array, binary_bytes, binary_size
-from modelkeep.guard._v2json import json_array, json_data, parse_json, shown
 from modelkeep.runtime.signature import (
     MAX_RANK,
     V2_DATATYPES,

@@ -12,8 +12,8 @@ import numpy as np
 import orjson
 import pytest
 
+from modelkeep.api.v2.codec import InferRequest, RequestedOutput, decode_infer_request
 from modelkeep.errors import InvalidInput, TooLarge
-from modelkeep.guard.tensors import InferRequest, RequestedOutput, decode_infer_request
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 
 IRIS = ModelSignature(

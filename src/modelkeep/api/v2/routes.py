@@ -8,12 +8,11 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from modelkeep.api._auth import principal_of
+from modelkeep.api._errors import error_response
 from modelkeep.service import Service
 
-from ._auth import principal_of
-from ._errors import error_response
-
-# The infer routes are served by the fast entry (``_fast.py``) and only documented here.
+# The infer routes are served by the fast entry (``infer.py``) and only documented here.
 INFER_DOC = "Run the model (Open Inference Protocol v2 infer: JSON or binary tensor data)."
 
 
@@ -25,7 +24,7 @@ def _v2_metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 def infer_openapi_paths() -> dict[str, Any]:
     """OpenAPI path items for the two infer routes, which no FastAPI route serves: the fast
-    entry (``_fast.py``) answers them before routing."""
+    entry (``infer.py``) answers them before routing."""
     model = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
     version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
     body = {"type": "string", "format": "binary"}
