@@ -126,7 +126,7 @@ def create_app(
     protocols = ProtocolEntry(observed, routes, observer=observed)
     entry = FastInfer(protocols, service, observer=observed)
     if service.settings.sagemaker_unsafe_plaintext:
-        return plaintext_guard(entry)
+        return plaintext_guard(entry, observed)
     return entry
 
 

@@ -197,6 +197,12 @@ def test_the_plaintext_listener_serves_only_sagemaker(tmp_path: Path) -> None:
         ):
             r = world.call(world.admin, method, path)
             assert r.status_code == 404, (method, path)
+            assert "x-request-id" in r.headers
+        # The refusals are counted like any request (an unmatched route).
+        metrics = world.service.metrics_exposition(
+            world.service.authenticate(f"Bearer {world.admin}")
+        )[0].decode()
+        assert 'status="404"' in metrics
     finally:
         world.service.stop()
 

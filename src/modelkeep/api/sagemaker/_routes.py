@@ -10,14 +10,19 @@ hardening, capture), then the answer in the type Accept asked for.
 
 from __future__ import annotations
 
+import time
+
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from modelkeep.audit.access import new_request_id
 from modelkeep.errors import InvalidInput, ModelkeepError
 from modelkeep.service import InferCall, Service
 
 from .._entry import Answer, Exchange, Route, budget_headers
 from .._errors import error_response, modelkeep_error_response
+from .._observe import REQUEST_ID_HEADER as REQUEST_ID
+from .._observe import ObserveMiddleware
 from ._attributes import CUSTOM_ATTRIBUTES, parse_custom_attributes, target_model
 from ._codec import NotAcceptable, UnsupportedMediaType, answer_type, encode_answer, request_decoder
 
@@ -89,16 +94,37 @@ def sagemaker_routes(service: Service) -> dict[tuple[str, str], Route]:
 PLAINTEXT_PATHS = frozenset({"/ping", "/invocations"})
 
 
-def plaintext_guard(app: ASGIApp) -> ASGIApp:
+def plaintext_guard(app: ASGIApp, observer: ObserveMiddleware | None = None) -> ASGIApp:
     """With ``sagemaker_unsafe_plaintext``: 404 for every path but ``/ping`` and
     ``/invocations``, before authentication, so management, V2, metrics and the console are
-    never reachable without TLS (not even to be refused with a key in clear)."""
+    never reachable without TLS (not even to be refused with a key in clear). Each refusal is
+    still counted and in the access log."""
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in PLAINTEXT_PATHS:
-            response = error_response(404, "not found: this listener serves SageMaker only")
-            await response(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] in PLAINTEXT_PATHS:
+            await app(scope, receive, send)
             return
-        await app(scope, receive, send)
+        started = time.perf_counter()
+        request_id = new_request_id()
+        response = error_response(404, "not found: this listener serves SageMaker only")
+        response.raw_headers.append((REQUEST_ID, request_id.encode("ascii")))
+        await response(scope, receive, send)
+        if observer is not None:
+            client = scope.get("client")
+            observer.record(
+                request_id=request_id,
+                method=scope["method"],
+                route=None,
+                model=None,
+                version=None,
+                status=404,
+                started=started,
+                principal=None,
+                rows=None,
+                input_digest=None,
+                bytes_in=0,
+                bytes_out=len(response.body),
+                client=str(client[0]) if client else None,
+            )
 
     return guarded
