@@ -123,7 +123,9 @@ def create_app(
     # The cloud contracts' routes (docs/protocols.md), each a pure-ASGI handler over the data
     # plane, before FastAPI like the V2 infer entry.
     routes = {**sagemaker_routes(service), **azureml_routes(service)}
-    protocols = ProtocolEntry(observed, routes, observer=observed)
+    protocols = ProtocolEntry(
+        observed, service, lambda method, path: routes.get((method, path)), observed
+    )
     entry = FastInfer(protocols, service, observer=observed)
     if service.settings.sagemaker_unsafe_plaintext:
         return plaintext_guard(entry, observed)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import orjson
 
-from modelkeep.errors import NotFound
+from modelkeep.auth import Principal
+from modelkeep.errors import NotFound, Unauthenticated
 from modelkeep.service import InferCall, Service
 
 from .._entry import Answer, Exchange, Route, budget_headers
-from ._codec import JSON_CONTENT_TYPE, encode_answer, request_decoder
+from ._codec import encode_answer, request_decoder
 from ._swagger import swagger_document
 
 __all__ = ["azureml_routes"]
@@ -23,9 +24,9 @@ _DEPLOYMENT = b"azureml-model-deployment"
 
 
 def azureml_routes(service: Service) -> dict[tuple[str, str], Route]:
+    """``GET /`` (public), ``POST /score`` and ``GET /swagger.json``, by method and path."""
     settings = service.settings
     dataplane = service.dataplane
-    max_body = settings.max_request_bytes
 
     def served_model() -> str:
         if settings.azureml_model is None:
@@ -36,34 +37,37 @@ def azureml_routes(service: Service) -> dict[tuple[str, str], Route]:
         value = exchange.header(_DEPLOYMENT)
         return value.strip() or None if value is not None else None
 
+    def caller(exchange: Exchange) -> Principal:
+        if exchange.principal is None:  # unreachable: the route is not public; fail closed
+            raise Unauthenticated("missing credentials")
+        return exchange.principal
+
     async def live(_exchange: Exchange) -> Answer:
-        return Answer(b"Healthy", "text/plain")
+        return Answer(200, b"Healthy", content_type=b"text/plain")
 
     async def score(exchange: Exchange) -> Answer:
-        # 1. Authentication (a refusal is audited before the 401 leaves).
-        principal = await exchange.authenticate(service, exchange.header(b"authorization"))
+        # Authenticated (ProtocolEntry), body read within the limit; then the data plane:
+        # queue, authorization, decoding, admission, runtime, guard.
         model = exchange.model = served_model()
-        label = deployment_label(exchange)
-        # 2. The body, refused as soon as it passes the limit.
-        body = await exchange.body(max_body)
-        # 3. The data plane: queue, authorization, decoding, admission, runtime, guard.
-        call = InferCall(body, request_decoder(body), "azureml", exchange.observed)
-        result = await dataplane.infer(principal, model, call, label=label)
-        return Answer(
-            encode_answer(result.outputs), JSON_CONTENT_TYPE, budget_headers(result.budget)
+        call = InferCall(
+            exchange.body, request_decoder(exchange.body), "azureml", exchange.observed
         )
+        result = await dataplane.infer(
+            caller(exchange), model, call, label=deployment_label(exchange)
+        )
+        return Answer(200, encode_answer(result.outputs), budget_headers(result.budget))
 
     async def swagger(exchange: Exchange) -> Answer:
-        principal = await exchange.authenticate(service, exchange.header(b"authorization"))
         model = exchange.model = served_model()
         # Authorized (model read) like the model's V2 metadata.
-        found, signature = dataplane.signature(principal, model, label=deployment_label(exchange))
-        exchange.version = found.number
-        document = swagger_document(found.model, found.number, signature)
-        return Answer(orjson.dumps(document), JSON_CONTENT_TYPE)
+        found, signature = dataplane.signature(
+            caller(exchange), model, label=deployment_label(exchange)
+        )
+        exchange.observed.version = found.number
+        return Answer(200, orjson.dumps(swagger_document(found.model, found.number, signature)))
 
     return {
-        ("GET", "/"): Route(live, "/"),
-        ("POST", "/score"): Route(score, "/score"),
-        ("GET", "/swagger.json"): Route(swagger, "/swagger.json"),
+        ("GET", "/"): Route("/", live, public=True, reads_body=False),
+        ("POST", "/score"): Route("/score", score),
+        ("GET", "/swagger.json"): Route("/swagger.json", swagger, reads_body=False),
     }

@@ -11,8 +11,9 @@ hardening, capture), then the answer in the type Accept asked for.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
-from starlette.responses import Response
+import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelkeep.audit.access import new_request_id
@@ -20,73 +21,90 @@ from modelkeep.errors import InvalidInput, ModelkeepError
 from modelkeep.service import InferCall, Service
 
 from .._entry import Answer, Exchange, Route, budget_headers
-from .._errors import error_response, modelkeep_error_response
+from .._errors import error_response
 from .._observe import REQUEST_ID_HEADER as REQUEST_ID
 from .._observe import ObserveMiddleware
 from ._attributes import CUSTOM_ATTRIBUTES, parse_custom_attributes, target_model
 from ._codec import NotAcceptable, UnsupportedMediaType, answer_type, encode_answer, request_decoder
 
-__all__ = ["sagemaker_routes"]
+__all__ = ["PLAINTEXT_PATHS", "credentials", "plaintext_guard", "sagemaker_routes"]
 
 _CUSTOM_ATTRIBUTES = CUSTOM_ATTRIBUTES.lower().encode("latin-1")
+_ECHO = CUSTOM_ATTRIBUTES.lower().encode("latin-1")
 _TARGET_MODEL = b"x-amzn-sagemaker-target-model"
 
 
-def render_error(exc: ModelkeepError) -> Response:
-    """modelkeep's error body; 415 and 406 for media types /invocations does not speak."""
-    if isinstance(exc, UnsupportedMediaType):
-        return error_response(415, exc.message)
-    if isinstance(exc, NotAcceptable):
-        return error_response(406, exc.message)
-    return modelkeep_error_response(exc)
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+def credentials(headers: Mapping[bytes, bytes]) -> str | None:
+    """The key: in ``Authorization``, or as the ``modelkeep-key`` custom attribute (SageMaker's
+    front end forwards no Authorization header); both at once is refused."""
+    authorization = _text(headers.get(b"authorization"))
+    key = parse_custom_attributes(_text(headers.get(_CUSTOM_ATTRIBUTES))).key
+    if key is None:
+        return authorization
+    if authorization is not None:
+        raise InvalidInput(
+            "send the key in Authorization or as the modelkeep-key custom attribute, not both"
+        )
+    return f"Bearer {key}"
+
+
+def _refusal(status: int, exc: ModelkeepError) -> Answer:
+    """415 and 406, which modelkeep's error codes do not name: media types /invocations does
+    not speak."""
+    return Answer(status, orjson.dumps({"error": exc.message}))
 
 
 def sagemaker_routes(service: Service) -> dict[tuple[str, str], Route]:
+    """``GET /ping`` (public) and ``POST /invocations``, by method and path."""
     settings = service.settings
     dataplane = service.dataplane
-    max_body = settings.max_request_bytes
 
     async def ping(_exchange: Exchange) -> Answer:
         if service.ready():
-            return Answer(b"", "text/plain")
-        return Answer(b"not ready", "text/plain", {"Retry-After": "1"}, status=503)
+            return Answer(200, b"", content_type=b"text/plain")
+        return Answer(503, b"not ready", [(b"retry-after", b"1")], b"text/plain")
 
     async def invocations(exchange: Exchange) -> Answer:
-        # 1. The key: in Authorization, or as a custom attribute (never both, never echoed).
-        attributes = parse_custom_attributes(exchange.header(_CUSTOM_ATTRIBUTES))
-        authorization = exchange.header(b"authorization")
-        if attributes.key is not None:
-            if authorization is not None:
-                raise InvalidInput(
-                    "send the key in Authorization or as the modelkeep-key custom attribute, "
-                    "not both"
-                )
-            authorization = f"Bearer {attributes.key}"
-        # 2. Authentication (a refusal is audited before the 401 leaves).
-        principal = await exchange.authenticate(service, authorization)
-        # 3. What to answer in and how to read the body, before the body is read.
-        answer = answer_type(exchange.header(b"accept"))
-        content_type = exchange.header(b"content-type")
-        model = target_model(exchange.header(_TARGET_MODEL), settings.sagemaker_model)
-        exchange.model = model
-        # 4. The body, refused as soon as it passes the limit.
-        body = await exchange.body(max_body)
-        # 5. The data plane: queue, authorization, decoding, admission, runtime, guard.
-        decode = request_decoder(body, content_type)
-        call = InferCall(body, decode, "sagemaker", exchange.observed)
-        result = await dataplane.infer(principal, model, call)
-        content, headers = encode_answer(
-            answer, result.request, result.outputs, model=result.model, version=result.version
+        # Authenticated (ProtocolEntry, with ``credentials``), body read within the limit.
+        principal = exchange.principal
+        if principal is None:  # unreachable: the route is not public; fail closed
+            raise InvalidInput("missing credentials")
+        # 1. How to read the body and what to answer in, before any work.
+        try:
+            answer = answer_type(exchange.header(b"accept"))
+            decode = request_decoder(exchange.body, exchange.header(b"content-type"))
+        except UnsupportedMediaType as exc:
+            return _refusal(415, exc)
+        except NotAcceptable as exc:
+            return _refusal(406, exc)
+        model = exchange.model = target_model(
+            exchange.header(_TARGET_MODEL), settings.sagemaker_model
         )
-        media = headers.pop("content-type")
-        headers.update(budget_headers(result.budget))
-        if attributes.echo is not None:
-            headers[CUSTOM_ATTRIBUTES] = attributes.echo
-        return Answer(content, media, headers)
+        # 2. The data plane: queue, authorization, decoding, admission, runtime, guard.
+        call = InferCall(exchange.body, decode, "sagemaker", exchange.observed)
+        result = await dataplane.infer(principal, model, call)
+        try:
+            content, headers = encode_answer(
+                answer, result.request, result.outputs, model=result.model, version=result.version
+            )
+        except NotAcceptable as exc:
+            return _refusal(406, exc)
+        media = headers.pop("content-type").encode("latin-1")
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        raw += budget_headers(result.budget)
+        # 3. The custom attributes back, as SageMaker returns them to the caller, key cut out.
+        echo = parse_custom_attributes(exchange.header(_CUSTOM_ATTRIBUTES)).echo
+        if echo is not None:
+            raw.append((_ECHO, echo.encode("latin-1")))
+        return Answer(200, content, raw, media)
 
     return {
-        ("GET", "/ping"): Route(ping, "/ping"),
-        ("POST", "/invocations"): Route(invocations, "/invocations", render_error),
+        ("GET", "/ping"): Route("/ping", ping, public=True, reads_body=False),
+        ("POST", "/invocations"): Route("/invocations", invocations, credentials=credentials),
     }
 
 
