@@ -72,9 +72,11 @@ USER 10001:10001
 WORKDIR /var/lib/modelkeep
 EXPOSE 8443
 
-# Liveness only (the process answers); the certificate is not checked for this local probe.
+# Liveness only (the process answers); the certificate is not checked for this local probe. As a
+# SageMaker container (MODELKEEP_SAGEMAKER, docs/protocols.md) it asks /ping where SageMaker
+# does: SAGEMAKER_BIND_TO_PORT or 8080, over plain HTTP when that listener is plaintext.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["/opt/modelkeep/bin/python", "-c", "import os, ssl, urllib.request as r; c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE; r.urlopen('https://127.0.0.1:' + os.environ.get('MODELKEEP_PORT', '8443') + '/v2/health/live', context=c, timeout=4)"]
+    CMD ["/opt/modelkeep/bin/python", "-c", "import os, ssl, urllib.request as r; on = lambda n: os.environ.get(n, '').lower() in ('1', 'true', 'yes', 'on'); sm = on('MODELKEEP_SAGEMAKER'); plain = sm and on('MODELKEEP_SAGEMAKER_UNSAFE_PLAINTEXT'); port = os.environ.get('SAGEMAKER_BIND_TO_PORT', '8080') if sm else os.environ.get('MODELKEEP_PORT', '8443'); c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE; r.urlopen(('http' if plain else 'https') + '://127.0.0.1:' + port + ('/ping' if sm else '/v2/health/live'), context=None if plain else c, timeout=4)"]
 
 # Last, so that a new revision reuses every layer above.
 ARG VERSION=0.1.0

@@ -141,6 +141,28 @@ class Settings(BaseSettings):
     shutdown_delay_s: float = Field(default=0.0, ge=0, le=60)
     shutdown_grace_s: int = Field(default=20, ge=1, le=300)
 
+    # -- cloud container contracts (docs/protocols.md) ---------------------------------------
+    # SageMaker container mode (`docker run IMAGE serve` under SageMaker): listen on every
+    # interface on the port SageMaker uses (SAGEMAKER_BIND_TO_PORT, else 8080) instead of
+    # host/port. TLS and keys stay required; see sagemaker_unsafe_plaintext.
+    sagemaker: bool = False
+    # The model /invocations serves when a request names none (X-Amzn-SageMaker-Target-Model).
+    sagemaker_model: str | None = Field(default=None, min_length=1, max_length=200)
+    # SageMaker's front end talks plain HTTP to the container. Only with sagemaker=true, and
+    # then the listener serves /ping and /invocations only: every other route (management,
+    # V2, metrics) answers 404, so no key is ever created or read over plaintext. Keys,
+    # authorization, limits and audit still apply to /invocations. A warning is logged at start.
+    sagemaker_unsafe_plaintext: bool = False
+    # The model Azure ML's /score and /swagger.json serve; the azureml-model-deployment header
+    # picks one of its labels (none: the default version).
+    azureml_model: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _plaintext_needs_sagemaker(self) -> Settings:
+        if self.sagemaker_unsafe_plaintext and not self.sagemaker:
+            raise ValueError("sagemaker_unsafe_plaintext is allowed only with sagemaker=true")
+        return self
+
     @property
     def tls_files(self) -> tuple[Path, Path]:
         """The server certificate chain and key files in use."""

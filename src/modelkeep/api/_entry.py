@@ -1,11 +1,14 @@
 """A protocol's way in: a few lines of pure ASGI in front of FastAPI, as the V2 infer entry.
 
 Routing and dependency handling in FastAPI cost several times a small model's inference
-(bench/README.md), so each protocol adapter (``api/tfserving/``, ``api/vertex/``) recognises its
-own paths here and answers them itself, with the same steps in the same order as every entry:
+(bench/README.md), so each protocol adapter (``api/tfserving/``, ``api/vertex/``,
+``api/sagemaker/``, ``api/azureml/``) recognises its own paths here and answers them itself, with
+the same steps in the same order as every entry:
 
 1. authentication (the one ``authenticate_request``; a refusal is audited before the 401),
-   unless the route is public (a health check);
+   unless the route is public (a health check); the credential is the ``Authorization``
+   header, or what the route's ``credentials`` takes from the headers for a protocol that
+   carries it elsewhere (SageMaker's custom attributes);
 2. the body, refused as soon as it passes ``max_request_bytes``;
 3. the adapter's handler, which calls the data plane (authorization, decoding against the
    signature, admission, the queue, runtime, detectors, hardening, audit);
@@ -21,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -54,6 +57,15 @@ class Exchange:
     principal: Principal | None
     body: bytes
     observed: Observed = field(default_factory=Observed)  # rows, version served
+    # The request's headers (lower-case names; the last of a repeated header wins).
+    headers: Mapping[bytes, bytes] = field(default_factory=dict)
+    # The model the handler served, when the path does not name it (for the access log).
+    model: str | None = None
+
+    def header(self, name: bytes) -> str | None:
+        """A header's value (``name`` in lower case), decoded only when asked for."""
+        value = self.headers.get(name)
+        return None if value is None else value.decode("latin-1")
 
 
 @dataclass(slots=True)  # not frozen: one per request, and frozen costs a setattr per field
@@ -65,6 +77,9 @@ class Answer:
 
 
 Handler = Callable[[Exchange], Awaitable[Answer]]
+# Takes a protocol's credential from the request headers, as an ``Authorization`` value (or
+# None); may refuse a malformed header with InvalidInput. Runs before authentication.
+Credentials = Callable[[Mapping[bytes, bytes]], str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +92,7 @@ class Route:
     version: str | None = None
     public: bool = False
     reads_body: bool = True
+    credentials: Credentials | None = None  # None: the Authorization header
 
 
 Matcher = Callable[[str, str], Route | None]
@@ -134,28 +150,29 @@ class ProtocolEntry:
                 self._routes[key] = route
         started = time.perf_counter()
         request_id = new_request_id()
-        exchange = Exchange(None, b"")
+        request_headers = dict(scope["headers"])
+        exchange = Exchange(None, b"", headers=request_headers)
         digest: str | None = None
         status, bytes_out = NO_RESPONSE, 0
         token = bind_request(request_id)
         try:
             try:
-                authorization = None
-                content_length = None
-                for name, value in scope["headers"]:
-                    if name == b"authorization":
-                        authorization = value.decode("latin-1")
-                    elif name == b"content-length":
-                        content_length = value
                 # 1. Authentication.
                 if not route.public:
+                    if route.credentials is None:
+                        value = request_headers.get(b"authorization")
+                        authorization = None if value is None else value.decode("latin-1")
+                    else:
+                        authorization = route.credentials(request_headers)
                     client = scope.get("client")
                     exchange.principal = await authenticate_request(
                         self.service, authorization, client[0] if client else None
                     )
                 # 2. The body, refused as soon as it passes the limit.
                 if route.reads_body:
-                    exchange.body = await receive_body(receive, content_length, self.max_body)
+                    exchange.body = await receive_body(
+                        receive, request_headers.get(b"content-length"), self.max_body
+                    )
                     digest = input_digest(exchange.body)
                 # 3. The adapter, over the data plane.
                 answer = await route.handler(exchange)
@@ -182,7 +199,7 @@ class ProtocolEntry:
                         request_id=request_id,
                         method=scope["method"],
                         route=route.template,
-                        model=route.model,
+                        model=route.model if exchange.model is None else exchange.model,
                         version=(
                             route.version
                             if exchange.observed.version is None

@@ -29,11 +29,13 @@ from ._limits import BodyLimitMiddleware
 from ._observe import ObserveMiddleware
 from ._openapi import install_openapi
 from .audit import audit_router
+from .azureml._routes import azureml_routes
 from .capture import capture_router
 from .grpc.server import GrpcListener
 from .kek import kek_router
 from .management import management_router
 from .policy import policy_router
+from .sagemaker._routes import plaintext_guard, sagemaker_routes
 from .tfserving import protocol_openapi_paths, tfserving_matcher
 from .v2.infer import FastInfer
 from .v2.routes import infer_openapi_paths, v2_router
@@ -126,12 +128,20 @@ def create_app(
     if serve_grpc:
         grpc_listener = GrpcListener(service, service.settings, observed)
     # The other protocols' ways in, each recognising its own paths in pure ASGI; the V2 infer
-    # entry goes first, so V2 requests pay nothing for them.
-    entry: ASGIApp = ProtocolEntry(observed, service, tfserving_matcher(service), observed)
+    # entry goes first, so V2 requests pay nothing for them. The cloud contracts' routes
+    # (SageMaker, Azure ML; docs/protocols.md) are a fixed table.
+    cloud = {**sagemaker_routes(service), **azureml_routes(service)}
+    entry: ASGIApp = ProtocolEntry(
+        observed, service, lambda method, path: cloud.get((method, path)), observed
+    )
+    entry = ProtocolEntry(entry, service, tfserving_matcher(service), observed)
     vertex = vertex_matcher(service)
     if vertex is not None:
         entry = ProtocolEntry(entry, service, vertex, observed)
-    return FastInfer(entry, service, observer=observed)
+    entry = FastInfer(entry, service, observer=observed)
+    if service.settings.sagemaker_unsafe_plaintext:
+        return plaintext_guard(entry, observed)
+    return entry
 
 
 def create_app_from_env() -> ASGIApp:
@@ -142,9 +152,10 @@ def create_app_from_env() -> ASGIApp:
         configure_access_log(cache=True)
     if settings.tracing:
         tracing.enable()
+    certfile = None if settings.sagemaker_unsafe_plaintext else settings.tls_files[0]
     return create_app(
         Service.open(settings),
         drain_on_sigterm=True,
-        tls_certfile=settings.tls_files[0],
+        tls_certfile=certfile,
         serve_grpc=settings.grpc_port != 0,
     )

@@ -162,6 +162,9 @@ def serve(
 ) -> None:
     """Run the server over HTTPS until interrupted.
 
+    As a SageMaker container (`docker run IMAGE serve`), set MODELKEEP_SAGEMAKER=true: it then
+    listens on 0.0.0.0, port SAGEMAKER_BIND_TO_PORT or 8080 (docs/protocols.md).
+
     Example: modelkeep serve --data-dir ./data --port 8443 --grpc-port 8081
     """
     given: dict[str, Any] = {
