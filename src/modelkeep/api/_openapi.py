@@ -19,9 +19,8 @@ Every error has the same body, :class:`ErrorOut`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -195,9 +194,7 @@ def path_methods(schema: dict[str, Any]) -> list[tuple[re.Pattern[str], frozense
     return found
 
 
-def install_openapi(
-    app: FastAPI, extra_paths: Callable[[], dict[str, Any]] | None = None
-) -> None:
+def install_openapi(app: FastAPI, extra_paths: Callable[[], dict[str, Any]] | None = None) -> None:
     """Serve :func:`truthful_schema` (built once, with ``extra_paths()``) as the app's OpenAPI
     description, and give each 405 an ``Allow`` header that names every method of the path."""
 

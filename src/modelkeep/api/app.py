@@ -115,7 +115,6 @@ def create_app(
     )
     app.add_middleware(AuthenticationMiddleware, service=service)
 
-
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint(request: Request) -> Response:
         """Prometheus metrics, for auditor and admin keys."""

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from modelkeep.api.v2._binary import binary_array, binary_bytes, binary_size
+from modelkeep.api.v2._json import shown
+from modelkeep.api.v2.codec import check_declared
 from modelkeep.errors import InternalError, InvalidInput
-from modelkeep.guard._v2binary import binary_array, binary_bytes, binary_size
-from modelkeep.guard._v2json import shown
-from modelkeep.guard.tensors import check_declared
 from modelkeep.runtime.signature import ModelSignature, TensorSpec, numpy_dtype, v2_datatype
 
 from . import grpc_predict_v2_pb2 as pb
