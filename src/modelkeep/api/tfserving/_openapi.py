@@ -11,15 +11,8 @@ from typing import Any
 __all__ = ["protocol_openapi_paths"]
 
 _TAG = "inference (TensorFlow Serving REST)"
-_ERROR = {
-    "application/json": {
-        "schema": {
-            "type": "object",
-            "properties": {"error": {"type": "string"}},
-            "required": ["error"],
-        }
-    }
-}
+# The one error schema of every route (api/_openapi.py adds it to the components).
+_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
 _INFER_ERRORS = {
     "400": "the body does not fit the protocol or the model's signature",
     "401": "missing or invalid API key",

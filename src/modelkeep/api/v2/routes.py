@@ -52,14 +52,9 @@ def infer_openapi_paths() -> dict[str, Any]:
         for status, text in errors.items():
             responses[status] = {
                 "description": text,
+                # The one error schema of every route (api/_openapi.py adds the component).
                 "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {"error": {"type": "string"}},
-                            "required": ["error"],
-                        }
-                    }
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}
                 },
             }
         return {
