@@ -116,9 +116,9 @@ def _plan(signature: ModelSignature) -> _Plan:
 def decode_infer_request(
     body: bytes,
     signature: ModelSignature,
+    max_elements: int,
     *,
     header_length: int | None = None,
-    max_elements: int,
 ) -> InferRequest:
     """Decode a V2 infer request body and check it against ``signature``.
 

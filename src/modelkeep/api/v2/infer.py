@@ -30,7 +30,6 @@ from modelkeep.api.v2.codec import (
 from modelkeep.audit.access import bind_request, input_digest, new_request_id, reset_request
 from modelkeep.auth import Principal
 from modelkeep.errors import ModelkeepError
-from modelkeep.runtime.signature import ModelSignature
 from modelkeep.service import InferCall, InferResult, Observed, Service
 
 log = logging.getLogger(__name__)
@@ -40,17 +39,15 @@ INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{versio
 _HEADER_LENGTH = INFERENCE_HEADER_CONTENT_LENGTH.lower().encode("latin-1")
 
 
-def _decode(
-    body: bytes, length: int | None, signature: ModelSignature, max_elements: int
-) -> InferRequest:
-    return decode_infer_request(body, signature, header_length=length, max_elements=max_elements)
-
-
 def v2_call(
     body: bytes, header_length: int | None = None, observed: Observed | None = None
 ) -> InferCall[InferRequest]:
     """A V2 REST infer request as the data plane takes it (decoded only once authorized)."""
-    return InferCall(body, functools.partial(_decode, body, header_length), "v2", observed)
+    if header_length is None:
+        decode = functools.partial(decode_infer_request, body)
+    else:
+        decode = functools.partial(decode_infer_request, body, header_length=header_length)
+    return InferCall(body, decode, "v2", observed)
 
 
 def encode_result(result: InferResult[InferRequest]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -132,7 +129,13 @@ class FastInfer:
                 bytes_in = len(body)
                 digest = input_digest(body)
                 # 3. The data plane: queue, authorization, validation, admission, runtime, guard.
-                call = v2_call(body, header_length(length_header), observed)
+                length = header_length(length_header)
+                if length is None:
+                    decode = functools.partial(decode_infer_request, body)
+                else:
+                    decode = functools.partial(decode_infer_request, body, header_length=length)
+                # (v2_call, inlined: this is every request's path.)
+                call = InferCall(body, decode, "v2", observed)
                 result = await self.dataplane.infer(principal, model, call, version)
                 content, raw = encode_result(result)
             except ModelkeepError as exc:
