@@ -17,6 +17,7 @@ import pytest
 
 from modelkeep.api._errors import STATUS_BY_CODE, modelkeep_error_response
 from modelkeep.api.app import create_app
+from modelkeep.api.v2.infer import FastInfer
 from modelkeep.errors import (
     Conflict,
     Forbidden,
@@ -216,3 +217,43 @@ def test_each_error_maps_to_its_status_and_a_safe_body(error: ModelkeepError, st
         assert body["error"] == "x"
     if error.retry_after is not None:
         assert response.headers["retry-after"] == str(int(-(-error.retry_after // 1)))
+
+
+class Recorder:
+    """Stands in for the observer: keeps what the V2 entry reports for the access log."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def record(self, **fields: Any) -> None:
+        self.records.append(fields)
+
+
+def test_the_access_log_gets_rows_and_version_also_for_a_refused_call(world: World) -> None:
+    svc = world.service
+    admin = svc.authenticate(f"Bearer {world.admin}")
+    svc.set_policy(admin, "iris", {"limits": {"budget": "1/day"}, "detect": []})
+    recorder = Recorder()
+    fast = FastInfer(world.app, svc, observer=recorder)  # type: ignore[arg-type]
+    statuses = [
+        World(svc, fast, world.admin, world.consumer, world.stranger)
+        .post(world.consumer, "/v2/models/iris/infer")
+        .status_code
+        for _ in range(2)
+    ]
+    assert statuses == [200, 429]
+    consumer = svc.authenticate(f"Bearer {world.consumer}")
+    for record, status in zip(recorder.records, statuses, strict=True):
+        assert record["status"] == status
+        assert (record["rows"], record["version"]) == (1, 1)
+        assert record["principal"] == consumer.key_id
+        assert record["route"] == "/v2/models/{model}/infer"
+        assert record["bytes_in"] == len(BODY)
+        assert isinstance(record["input_digest"], str)
+    # Refused before anything was known: no principal, no rows, the version as asked.
+    World(svc, fast, world.admin, world.consumer, world.stranger).post(
+        None, "/v2/models/iris/versions/1/infer"
+    )
+    refused = recorder.records[-1]
+    assert (refused["status"], refused["principal"], refused["rows"]) == (401, None, None)
+    assert refused["version"] == "1"

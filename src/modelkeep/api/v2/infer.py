@@ -13,6 +13,7 @@ import functools
 import logging
 import re
 import time
+from datetime import datetime
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
 _HEADER_LENGTH = INFERENCE_HEADER_CONTENT_LENGTH.lower().encode("latin-1")
+
+
+# The last X-Budget-Reset value formatted, and its text (one pair, replaced whole).
+_reset_header: list[tuple[datetime | None, bytes]] = [(None, b"")]
 
 
 def v2_call(
@@ -68,8 +73,14 @@ def encode_result(result: InferResult[InferRequest]) -> tuple[bytes, list[tuple[
     if budget is not None:
         raw.append((b"x-budget-limit", b"%d" % budget.limit))
         raw.append((b"x-budget-remaining", b"%d" % budget.remaining))
-        if budget.reset is not None:
-            raw.append((b"x-budget-reset", budget.reset.isoformat().encode("latin-1")))
+        reset = budget.reset
+        if reset is not None:
+            # The reset is the same for a day (or month): format it once, not per request.
+            known, text = _reset_header[0]
+            if reset != known:
+                text = reset.isoformat().encode("latin-1")
+                _reset_header[0] = (reset, text)
+            raw.append((b"x-budget-reset", text))
     return content, raw
 
 
