@@ -184,6 +184,26 @@ class Limits:
         spec = getattr(self, name)
         return None if spec is None else _parse_rate(name, spec, budget=name == "budget")
 
+    @functools.cached_property
+    def _moving_windows(self) -> tuple[tuple[LimitName, _Rate, bool], ...]:
+        """The moving windows that are set, in checking order, each with whether it is counted
+        per principal: worked out once per policy, not on every request."""
+        windows: list[tuple[LimitName, _Rate, bool]] = []
+        kinds: tuple[tuple[LimitName, bool], ...] = (
+            ("rate", True),
+            ("row_rate", True),
+            ("model_rate", False),
+        )
+        for name, per_principal in kinds:
+            rate = self._rate(name)
+            if rate is not None:
+                windows.append((name, rate, per_principal))
+        return tuple(windows)
+
+    @functools.cached_property
+    def _budget(self) -> _Rate | None:
+        return self._rate("budget")
+
 
 class _Slot:
     """One held concurrency slot; released at most once."""
@@ -282,7 +302,7 @@ class Admission:
         self._instance = secrets.token_hex(8)
         self._requests = itertools.count()
         # The current calendar window per budget period: (start, end, start time, end time).
-        self._windows: dict[str, tuple[float, float, datetime, datetime]] = {}
+        self._windows: dict[str, tuple[float, float, str, datetime]] = {}
         self.storage_kind = "memory" if storage_uri == "memory://" else "redis"
 
     def ping(self) -> None:
@@ -320,14 +340,9 @@ class Admission:
 
         # 2-4. Moving windows. A cost over the whole limit could never pass: say so now
         # instead of promising a retry time.
-        windows: tuple[tuple[LimitName, int, bool], ...] = (
-            ("rate", 1, True),
-            ("row_rate", rows, True),
-            ("model_rate", 1, False),
-        )
-        for name, cost, per_principal in windows:
-            rate = limits._rate(name)
-            if rate is None or cost == 0:
+        for name, rate, per_principal in limits._moving_windows:
+            cost = rows if name == "row_rate" else 1
+            if cost == 0:
                 continue
             amount = rate.amount
             if per_principal and throttle_factor < 1.0:
@@ -347,7 +362,7 @@ class Admission:
             names.append(name)
 
         # 5. Budget: one counter per calendar window, keyed by the window's start.
-        budget = limits._rate("budget")
+        budget = limits._budget
         budget_reset: datetime | None = None
         if budget is not None and rows > 0:
             if rows > budget.amount:
@@ -355,8 +370,8 @@ class Admission:
                     f"{rows} rows; the {_ADJECTIVE[budget.period]} budget for model "
                     f"'{model}' is {budget.amount} rows"
                 )
-            start, budget_reset = self._calendar_window(budget.period, now)
-            key = self._budget_key(principal, model, budget.period, start)
+            stamp, budget_reset = self._calendar_window(budget.period, now)
+            key = self._key("budget", budget.period, stamp, model, principal)
             checks.append(
                 BudgetCheck(key, budget.amount, rows, int(budget_reset.timestamp()) + _BUDGET_GRACE)
             )
@@ -415,12 +430,13 @@ class Admission:
         if isinstance(self._counters, RedisCounters):
             self._counters.close()
 
-    def _calendar_window(self, period: str, now: float) -> tuple[datetime, datetime]:
-        """:func:`_calendar_window`, remembered until ``now`` leaves the window."""
+    def _calendar_window(self, period: str, now: float) -> tuple[str, datetime]:
+        """The stamp of the budget key (:meth:`_budget_key`) and the end of the calendar
+        window of ``now``, remembered until ``now`` leaves the window."""
         found = self._windows.get(period)
         if found is None or not found[0] <= now < found[1]:
             start, end = _calendar_window(period, now)
-            found = (start.timestamp(), end.timestamp(), start, end)
+            found = (start.timestamp(), end.timestamp(), _budget_stamp(period, start), end)
             self._windows[period] = found
         return found[2], found[3]
 
@@ -428,10 +444,7 @@ class Admission:
         return _counter_key(self._prefix, parts)
 
     def _budget_key(self, principal: str, model: str, period: str, start: datetime) -> str:
-        # An f-string: strftime costs several times as much, on every request with a budget.
-        month = f"{start.year:04d}-{start.month:02d}"
-        stamp = f"{month}-{start.day:02d}" if period == "day" else month
-        return self._key("budget", period, stamp, model, principal)
+        return self._key("budget", period, _budget_stamp(period, start), model, principal)
 
     def _refusal(
         self, name: LimitName, model: str, now: float, retry_after: float | None, limits: Limits
@@ -463,6 +476,12 @@ class Admission:
         return RateLimited(
             what, retry_after=max(_MIN_RETRY_AFTER, retry_after or 0.0), details=details
         )
+
+
+def _budget_stamp(period: str, start: datetime) -> str:
+    """How a budget key names its calendar window: ``2026-12-06`` or ``2026-12``."""
+    month = f"{start.year:04d}-{start.month:02d}"
+    return f"{month}-{start.day:02d}" if period == "day" else month
 
 
 def _calendar_window(period: str, now: float) -> tuple[datetime, datetime]:
