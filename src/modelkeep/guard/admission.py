@@ -185,10 +185,11 @@ class Limits:
         return None if spec is None else _parse_rate(name, spec, budget=name == "budget")
 
     @functools.cached_property
-    def _moving_windows(self) -> tuple[tuple[LimitName, _Rate, bool], ...]:
+    def _moving_windows(self) -> tuple[tuple[LimitName, _Rate, bool, str], ...]:
         """The moving windows that are set, in checking order, each with whether it is counted
-        per principal: worked out once per policy, not on every request."""
-        windows: list[tuple[LimitName, _Rate, bool]] = []
+        per principal and its length as its key spells it: worked out once per policy, not on
+        every request."""
+        windows: list[tuple[LimitName, _Rate, bool, str]] = []
         kinds: tuple[tuple[LimitName, bool], ...] = (
             ("rate", True),
             ("row_rate", True),
@@ -197,7 +198,7 @@ class Limits:
         for name, per_principal in kinds:
             rate = self._rate(name)
             if rate is not None:
-                windows.append((name, rate, per_principal))
+                windows.append((name, rate, per_principal, str(rate.window)))
         return tuple(windows)
 
     @functools.cached_property
@@ -302,7 +303,7 @@ class Admission:
         self._instance = secrets.token_hex(8)
         self._requests = itertools.count()
         # The current calendar window per budget period: (start, end, start time, end time).
-        self._windows: dict[str, tuple[float, float, str, datetime]] = {}
+        self._windows: dict[str, tuple[float, float, str, datetime, int]] = {}
         self.storage_kind = "memory" if storage_uri == "memory://" else "redis"
 
     def ping(self) -> None:
@@ -340,7 +341,7 @@ class Admission:
 
         # 2-4. Moving windows. A cost over the whole limit could never pass: say so now
         # instead of promising a retry time.
-        for name, rate, per_principal in limits._moving_windows:
+        for name, rate, per_principal, length in limits._moving_windows:
             cost = rows if name == "row_rate" else 1
             if cost == 0:
                 continue
@@ -357,7 +358,7 @@ class Admission:
                     else f"{rows} rows is more than model '{model}' accepts in one window now; "
                     "send smaller batches"
                 )
-            parts = (name, str(rate.window), model) + ((principal,) if per_principal else ())
+            parts = (name, length, model, principal) if per_principal else (name, length, model)
             checks.append(WindowCheck(self._key(*parts), amount, float(rate.window), cost, request))
             names.append(name)
 
@@ -370,11 +371,9 @@ class Admission:
                     f"{rows} rows; the {_ADJECTIVE[budget.period]} budget for model "
                     f"'{model}' is {budget.amount} rows"
                 )
-            stamp, budget_reset = self._calendar_window(budget.period, now)
+            stamp, budget_reset, expires_at = self._calendar_window(budget.period, now)
             key = self._key("budget", budget.period, stamp, model, principal)
-            checks.append(
-                BudgetCheck(key, budget.amount, rows, int(budget_reset.timestamp()) + _BUDGET_GRACE)
-            )
+            checks.append(BudgetCheck(key, budget.amount, rows, expires_at))
             names.append("budget")
 
         # 6. Concurrency: a leased slot, freed by Admitted.release or by the lease running out.
@@ -430,15 +429,17 @@ class Admission:
         if isinstance(self._counters, RedisCounters):
             self._counters.close()
 
-    def _calendar_window(self, period: str, now: float) -> tuple[str, datetime]:
-        """The stamp of the budget key (:meth:`_budget_key`) and the end of the calendar
-        window of ``now``, remembered until ``now`` leaves the window."""
+    def _calendar_window(self, period: str, now: float) -> tuple[str, datetime, int]:
+        """For the calendar window of ``now``: the stamp of its budget keys, its end, and when
+        its counter may expire; remembered until ``now`` leaves the window."""
         found = self._windows.get(period)
         if found is None or not found[0] <= now < found[1]:
             start, end = _calendar_window(period, now)
-            found = (start.timestamp(), end.timestamp(), _budget_stamp(period, start), end)
+            stamp = _budget_stamp(period, start)
+            expires_at = int(end.timestamp()) + _BUDGET_GRACE
+            found = (start.timestamp(), end.timestamp(), stamp, end, expires_at)
             self._windows[period] = found
-        return found[2], found[3]
+        return found[2], found[3], found[4]
 
     def _key(self, *parts: str) -> str:
         return _counter_key(self._prefix, parts)
