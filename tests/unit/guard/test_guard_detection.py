@@ -415,6 +415,13 @@ def test_shapiro_w_is_high_for_normal_samples_and_low_for_spikes() -> None:
     assert shapiro_w(np.full(10, 3.0)) == 0.0
 
 
+@pytest.mark.parametrize("size", [2, 5001])
+def test_shapiro_w_refuses_sizes_scipy_would_warn_about(size: int) -> None:
+    # W is computed without a warning filter: sizes scipy warns about must not reach it.
+    with pytest.raises(InvalidInput, match="3 to 5000"):
+        shapiro_w(np.random.default_rng(0).normal(size=size))
+
+
 def test_in_memory_state_forgets_the_least_recent_client_past_its_limit() -> None:
     state = InMemoryDetectorState(max_clients=2)
     state.put("a", "k", np.ones(1))
