@@ -10,7 +10,7 @@ consumer key, and the detectors' state is warmed up first (PRADA's window and gr
 over a few thousand requests, and cost more once full).
 
     .venv/bin/python bench/bench_guard_cpu.py [--requests 8000] [--warmup 3000] [--rounds 3]
-        [--policies defaults,none] [--profile DIR]
+        [--policies defaults,none] [--profile DIR] [--cpu 0 | --no-pin]
 
 Per policy and round it prints the CPU per request, the share of it spent by the detector feeder
 thread, and the garbage collector's passes and time during the run; then the lowest CPU per
@@ -230,7 +230,16 @@ def main() -> None:
         "--policies", default="defaults,none", help=f"comma-separated: {', '.join(POLICIES)}"
     )
     parser.add_argument("--profile", type=Path, help="write DIR/POLICY.prof (cProfile)")
+    parser.add_argument(
+        "--cpu", type=int, default=0, help="the one CPU to run on, as make bench pins its server"
+    )
+    parser.add_argument("--no-pin", action="store_true", help="run on every CPU")
     opts = parser.parse_args()
+    if not opts.no_pin:
+        # One CPU, like the server under `make bench`: the detector feeder thread then takes
+        # its CPU from the requests' thread instead of running beside it on another core
+        # (which, on this VM, also slows the requests' thread and inflates its CPU time).
+        os.sched_setaffinity(0, {opts.cpu})
     names = [name.strip() for name in opts.policies.split(",") if name.strip()]
     unknown = [name for name in names if name not in POLICIES]
     if unknown or not names or opts.requests < 1 or opts.warmup < 0 or opts.rounds < 1:

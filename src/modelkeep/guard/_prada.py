@@ -233,33 +233,41 @@ class _Stream:
         with np.errstate(over="ignore", invalid="ignore"):  # absurd rows: inf, skipped below
             to_group = cdist(block, group)
             within = cdist(block, block)
-        # A set grown past ``limit`` loses its oldest members: row i of the block is measured
-        # against group[evicted:], whose minimum is suffix[i][evicted].
-        suffix = np.minimum.accumulate(to_group[:, ::-1], axis=1)[:, ::-1].tolist()
-        # The distance of each row to the rows of the block admitted before it.
-        nearest_admitted = np.full(block.shape[0], np.inf)
+        # A set grown past ``limit`` loses its oldest members: a row is measured against
+        # group[evicted:], whose minimum is its row of suffix[:, evicted].
+        suffix = np.minimum.accumulate(to_group[:, ::-1], axis=1)[:, ::-1]
+        # Each row's distance to the rows of the block admitted before it.
+        to_admitted = np.full(block.shape[0], np.inf)
+        # Each row's distance to the set as it stands: one flat list, read row by row and
+        # remade after each admission (rare once a set has grown), not a list per row.
+        nearest_now = suffix[:, 0].tolist()
         threshold = float(history[0])
         spread = history[1:].tolist()
         admitted: list[int] = []
-        result = np.full(block.shape[0], np.nan)
+        result = [math.nan] * block.shape[0]
         for i in range(block.shape[0]):
-            evicted = max(0, group.shape[0] + len(admitted) - limit)
-            nearest = min(suffix[i][evicted], float(nearest_admitted[i]))
+            nearest = nearest_now[i]
             if nearest == 0.0 or not math.isfinite(nearest):
                 continue
             result[i] = nearest
             # 3. Far enough from every member: the query joins the set and T_c moves up.
             if nearest > threshold:
                 admitted.append(i)
-                np.minimum(nearest_admitted, within[:, i], out=nearest_admitted)
                 spread = [*spread, nearest][-limit:]
                 values = np.asarray(spread)
                 threshold = max(threshold, float(values.mean() - values.std()))
+                if i + 1 < block.shape[0]:
+                    np.minimum(to_admitted, within[:, i], out=to_admitted)
+                    # At most block size - 1 < limit admitted so far: evicted < len(group).
+                    evicted = max(0, group.shape[0] + len(admitted) - limit)
+                    nearest_now[i + 1 :] = np.minimum(
+                        suffix[i + 1 :, evicted], to_admitted[i + 1 :]
+                    ).tolist()
         if admitted:
             self._members[label] = np.concatenate([group, block[admitted]])[-limit:]
             self._admitted[label] = np.asarray([threshold, *spread])
             self._touched.add(label)
-        return result
+        return np.asarray(result)
 
     def _load(self, label: str, row: np.ndarray) -> bool:
         # True when the class has a growing set to measure against, False when the row was
