@@ -179,7 +179,9 @@ class MemoryCounters:
             budget_used: int | None = None
             for check in checks:
                 if isinstance(check, WindowCheck):
-                    window = self._windows.setdefault(check.key, _Window(check.window))
+                    window = self._windows.get(check.key)
+                    if window is None:  # not setdefault: that would build one every time
+                        window = self._windows[check.key] = _Window(check.window)
                     window.entries.append((now, check.cost))
                     window.total += check.cost
                 elif isinstance(check, BudgetCheck):
