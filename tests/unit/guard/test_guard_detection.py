@@ -325,6 +325,34 @@ def test_memory_per_client_is_bounded() -> None:
     assert len(state.get("c", "prada/d")) == config.max_samples  # type: ignore[arg-type]
 
 
+def test_one_call_of_many_rows_grows_the_sets_as_one_row_calls_do() -> None:
+    """A call's rows are measured a block at a time (guard/_prada.py, ``_grow``); a call of
+    one row is the row-by-row update itself. Both must leave the same state and lowest W,
+    with sets that evict members, a class limit, exact repeats and non-finite rows."""
+    config = PradaConfig(min_samples=5, max_samples=60, max_growing=3, max_classes=2)
+    rng = np.random.default_rng(11)
+    rows = np.round(rng.normal(size=(300, 3)), 1)
+    rows[rng.random(300) < 0.05, 1] = np.nan
+    rows[150:160] = rows[140]  # exact repeats
+    labels = rng.integers(0, 3, size=300)
+    one_by_one_state, at_once_state = InMemoryDetectorState(), InMemoryDetectorState()
+    one_by_one = PradaDetector(config, state=one_by_one_state)
+    scores = [
+        one_by_one.observe("c", row[None, :], label[None]).score
+        for row, label in zip(rows, labels, strict=True)
+    ]
+    at_once = PradaDetector(config, state=at_once_state)
+    result = at_once.observe_calls("c", rows, labels, [1] * len(rows))
+    assert result.score == min(score for score in scores if score is not None)
+    assert result.alarm == (result.score is not None and result.score < config.threshold)
+    expected, actual = dict(one_by_one_state._clients["c"]), dict(at_once_state._clients["c"])
+    assert sorted(expected) == sorted(actual)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(value, actual[key], err_msg=key)
+    assert int(actual["prada/classes"][0]) == 2  # the class limit held
+    assert len([key for key in actual if key.startswith("prada/g/")]) == 2
+
+
 def test_exact_repeats_are_not_recorded() -> None:
     detector = PradaDetector(PradaConfig())
     row = np.arange(8, dtype=np.float64)[None, :]
