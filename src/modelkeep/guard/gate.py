@@ -53,8 +53,8 @@ _UNLIMITED = Admitted()
 # Alarm actions that never change the answer being sent: their detectors are fed off the
 # request path (see InferenceGate.observe).
 _DEFERRABLE = frozenset({"log", "alert"})
-# Requests of more tensor elements (inputs and outputs) than this are fed on the request path;
-# the queue holds at most DeferredFeed's max_cost (4M) elements.
+# Requests whose watched tensors (the first input and the answer) hold more elements than this
+# are fed on the request path; the queue holds at most DeferredFeed's max_cost (4M) elements.
 _DEFER_MAX_ELEMENTS = 1 << 16
 
 
