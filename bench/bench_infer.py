@@ -7,6 +7,12 @@ One run starts two servers on this machine and puts the same load on each, in tu
   request pays for TLS, key check, Cedar authorization, tensor validation and inference;
 * bench/bare_server.py: plain HTTP, V2 JSON parsing and the same ONNX Runtime session, nothing else.
 
+The same modelkeep server also listens for the Open Inference Protocol over gRPC (TLS, the same
+key), measured as a third row (``mk-grpc``) at the same concurrencies: one HTTP/2 connection per
+client, one call in flight on each, the one-row tensor in ``raw_input_contents`` as tritonclient
+sends it. wrk speaks no gRPC, so that load comes from a grpc.aio client in this process; its CPU
+is shown, and near 100% means the client, not the server, set the number.
+
 The load is wrk (installed with apt-get when missing; a small Python load generator otherwise)
 with keep-alive connections at several concurrencies for a fixed time after a warm-up, in
 rounds that alternate the two servers (the table shows medians). The servers are pinned to one
@@ -52,6 +58,9 @@ RESULTS = BENCH_DIR / "results" / "infer.json"
 BIN = Path(sys.executable).parent
 MODEL = "iris"
 INFER_PATH = f"/v2/models/{MODEL}/infer"
+TFSERVING_PATH = f"/v1/models/{MODEL}:predict"
+# Each other protocol's throughput against V2 REST's, at RATIO_CONCURRENCY, in the same run.
+PROTOCOL_TARGET = 0.85
 
 # The targets this bench reports on (docs: bench/README.md).
 RATIO_TARGET = 0.6  # modelkeep rps >= 0.6 x bare rps ...
@@ -157,6 +166,13 @@ class Point:
         if mk is None or bare is None or not bare["rps"]:
             return None
         return mk["rps"] / bare["rps"]
+
+    def protocol_ratio(self, name: str) -> float | None:
+        """Another protocol's throughput against V2 REST's on the same server."""
+        other, v2 = self.summary(name), self.summary("modelkeep")
+        if other is None or v2 is None or not v2["rps"]:
+            return None
+        return other["rps"] / v2["rps"]
 
 
 # -- processes and clean-up --------------------------------------------------------------------
@@ -334,6 +350,11 @@ class Target:
     ssl_context: ssl.SSLContext | None
     proc: subprocess.Popen[bytes]
     admin: dict[str, str] = field(default_factory=dict)  # modelkeep's admin key header
+    ca_cert: str | None = None  # modelkeep's CA, for the gRPC client
+    grpc: str | None = None  # host:port of the gRPC listener, for a gRPC target
+    # What the load posts: V2 infer bodies by default; another protocol's path and bodies.
+    path: str = INFER_PATH
+    bodies: list[bytes] | None = None
 
 
 def server_env() -> dict[str, str]:
@@ -428,7 +449,7 @@ def start_modelkeep(
             proc,
             log,
         )
-    return Target(label, base, consumer, context, proc, admin)
+    return Target(label, base, consumer, context, proc, admin, ca_cert=created["ca_cert"])
 
 
 def start_bare(tmp: Path, model_path: Path, procs: Processes, pin: Pinning) -> Target:
@@ -462,6 +483,41 @@ def infer_bodies(rows: list[list[float]]) -> list[bytes]:
         ).encode()
         for row in rows
     ]
+
+
+def tfserving_bodies(rows: list[list[float]]) -> list[bytes]:
+    """The same rows as TF Serving REST row-form bodies."""
+    return [json.dumps({"instances": [row]}, separators=(",", ":")).encode() for row in rows]
+
+
+def tfserving_target(modelkeep: Target, rows: list[list[float]]) -> Target:
+    """The same modelkeep server, model, key and rows, through TF Serving's REST API; its
+    answers are checked against V2's before anything is measured."""
+    target = Target(
+        "tfserving",
+        modelkeep.url,
+        modelkeep.headers,
+        modelkeep.ssl_context,
+        modelkeep.proc,
+        modelkeep.admin,
+        TFSERVING_PATH,
+        tfserving_bodies(rows),
+    )
+    v2 = smoke_outputs(modelkeep, infer_bodies(rows))
+    assert target.bodies is not None
+    with httpx.Client(verify=target.ssl_context or True, timeout=60) as client:
+        for body, expected in zip(target.bodies, v2, strict=True):
+            reply = client.post(
+                target.url + TFSERVING_PATH,
+                content=body,
+                headers={**target.headers, "Content-Type": "application/json"},
+            )
+            if reply.status_code != 200:
+                raise HarnessError(f"tfserving: predict answered {reply.status_code}: {reply.text}")
+            (got,) = reply.json()["predictions"]
+            if [got["label"]] != expected["label"]:
+                raise HarnessError("tfserving and V2 answers differ")
+    return target
 
 
 def smoke_outputs(target: Target, bodies: list[bytes]) -> list[dict[str, Any]]:
@@ -540,14 +596,16 @@ end
 """
 
 
-def write_lua(path: Path, bodies: list[bytes], headers: dict[str, str]) -> None:
+def write_lua(
+    path: Path, bodies: list[bytes], headers: dict[str, str], url_path: str = INFER_PATH
+) -> None:
     all_headers = {**headers, "Content-Type": "application/json"}
     path.write_text(
         _LUA
         % {
             "bodies": ", ".join(f"[==[{body.decode()}]==]" for body in bodies),
             "headers": ", ".join(f'["{k}"] = "{v}"' for k, v in all_headers.items()),
-            "path": INFER_PATH,
+            "path": url_path,
         }
     )
 
@@ -706,6 +764,82 @@ def run_python_load(
     )
 
 
+def grpc_requests(rows: list[list[float]]) -> list[bytes]:
+    """One serialized ModelInferRequest per row: FP32 [1, 4] in raw_input_contents."""
+    import numpy as np
+
+    from modelkeep.api.grpc import grpc_predict_v2_pb2 as pb
+
+    requests = []
+    for row in rows:
+        request = pb.ModelInferRequest(model_name=MODEL)
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(np.asarray([row], dtype="<f4").tobytes())
+        requests.append(request.SerializeToString())
+    return requests
+
+
+def run_grpc_load(
+    target: Target, rows: list[list[float]], concurrency: int, seconds: float
+) -> LoadResult:
+    """``concurrency`` gRPC clients over TLS, each its own connection and one call at a time."""
+    import grpc
+    from grpc import aio
+
+    assert target.grpc is not None
+    assert target.ca_cert is not None
+    prepared = grpc_requests(rows)
+    credentials = grpc.ssl_channel_credentials(Path(target.ca_cert).read_bytes())
+    metadata = (("authorization", target.headers["Authorization"]),)
+    latencies: list[float] = []
+    counts = {"non_200": 0, "read": 0, "connect": 0}
+
+    async def client(index: int, deadline: float) -> None:
+        # A channel option of its own keeps gRPC from sharing one connection between clients.
+        options = [("grpc.channel_id", index)]
+        async with aio.secure_channel(target.grpc, credentials, options=options) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            while time.perf_counter() < deadline:
+                request = prepared[index % len(prepared)]
+                index += 1
+                started = time.perf_counter()
+                try:
+                    await call(request, metadata=metadata, timeout=30)
+                except aio.AioRpcError:
+                    counts["non_200"] += 1
+                latencies.append(time.perf_counter() - started)
+
+    async def main() -> float:
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(client(k, deadline) for k in range(concurrency)))
+        return time.perf_counter() - started
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    elapsed = asyncio.run(main())
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    ordered = sorted(latencies)
+
+    def percentile(q: float) -> float:
+        if not ordered:
+            return 0.0
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
+
+    return LoadResult(
+        requests=len(ordered),
+        duration_s=round(elapsed, 3),
+        rps=len(ordered) / elapsed,
+        p50_ms=percentile(50),
+        p90_ms=percentile(90),
+        p99_ms=percentile(99),
+        max_ms=ordered[-1] * 1000 if ordered else 0.0,
+        non_200=counts["non_200"],
+        socket_errors={"connect": counts["connect"], "read": counts["read"]},
+        client_cpu_pct=round(100 * used / elapsed, 1) if elapsed else None,
+    )
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -724,9 +858,16 @@ class Loader:
     """Runs one load point against one target, with wrk or the fallback, and meters the CPU."""
 
     def __init__(
-        self, opts: Options, wrk: str | None, pin: Pinning, bodies: list[bytes], tmp: Path
+        self,
+        opts: Options,
+        wrk: str | None,
+        pin: Pinning,
+        bodies: list[bytes],
+        tmp: Path,
+        rows: list[list[float]] | None = None,
     ) -> None:
         self.opts, self.wrk, self.pin, self.bodies, self.tmp = opts, wrk, pin, bodies, tmp
+        self.rows = rows or []
         self.raw_dir = opts.output.parent / "wrk"
         for stale in self.raw_dir.glob("*.txt"):  # one run's raw output at a time
             stale.unlink()
@@ -737,12 +878,15 @@ class Loader:
             assert self.pin.load_cpu is not None
             meter = CpuMeter(self.pin.server_cpu, self.pin.load_cpu, target.proc.pid)
         before = meter.snapshot() if meter else None
-        if self.wrk is None:
-            result = run_python_load(target, self.bodies, concurrency, seconds)
+        bodies = target.bodies or self.bodies
+        if target.grpc is not None:
+            result = run_grpc_load(target, self.rows, concurrency, seconds)
+        elif self.wrk is None:
+            result = run_python_load(target, bodies, concurrency, seconds, target.path)
         else:
             script = self.tmp / f"{target.name}.lua"
             if not script.exists():
-                write_lua(script, self.bodies, target.headers)
+                write_lua(script, bodies, target.headers, target.path)
             used_before = _children_cpu_s()
             output = run_wrk(self.wrk, self.pin, target.url, script, concurrency, seconds)
             used = _children_cpu_s() - used_before
@@ -795,6 +939,8 @@ def measure_all(targets: list[Target], points: dict[int, Point], loader: Loader)
 
 WORKERS_CONCURRENCY = 8
 NO_PIN = Pinning(None, None)
+GRPC_ROW = "mk-grpc"
+GRPC_TARGET = 0.85  # V2 gRPC req/s >= 0.85 x V2 REST req/s (issue 13) ...
 
 
 def measure_workers(
@@ -869,8 +1015,40 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
             f"{_cell(point.summary('bare'), 9)} | {shown}"
         )
 
+    print(f"\nV2 gRPC on the same modelkeep server ({GRPC_ROW}; client = the gRPC client's CPU %):")
+    grpc_header = f"{'conc':>4} | {'gRPC rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu':>6} | "
+    grpc_header += f"{'client':>6} | {'grpc/rest':>9}"
+    print(grpc_header)
+    print("-" * len(grpc_header))
+    grpc_ratios: dict[int, float | None] = {}
+    for concurrency, point in sorted(points.items()):
+        over, rest = point.summary(GRPC_ROW), point.summary("modelkeep")
+        grpc_ratios[concurrency] = (
+            over["rps"] / rest["rps"] if over and rest and rest["rps"] else None
+        )
+        client = over.get("client_cpu_pct") if over else None
+        ratio_text = grpc_ratios[concurrency]
+        print(
+            f"{concurrency:>4} | {_cell(over, 9)} | "
+            + (f"{client:>5.0f}%" if client is not None else f"{'-':>6}")
+            + " | "
+            + (f"{ratio_text:>8.2f}x" if ratio_text is not None else f"{'-':>9}")
+        )
+
+    print("\nprotocols (same server, model, key and rows; ratio to V2 REST):")
+    print(
+        f"{'conc':>4} | {'protocol':<10} {'rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu':>6} | ratio"
+    )
+    for concurrency, point in sorted(points.items()):
+        for name in ("tfserving",):
+            against = point.protocol_ratio(name)
+            shown = f"{against:>5.2f}x" if against is not None else f"{'-':>6}"
+            print(f"{concurrency:>4} | {name:<10} {_cell(point.summary(name), 9)} | {shown}")
+
     ratio_point = points.get(RATIO_CONCURRENCY)
     ratio = ratio_point.ratio() if ratio_point else None
+    protocol_ratio = ratio_point.protocol_ratio("tfserving") if ratio_point else None
+    grpc_ratio = grpc_ratios.get(RATIO_CONCURRENCY)
     p99_point = points.get(P99_CONCURRENCY)
     p99_summary = p99_point.summary("modelkeep") if p99_point else None
     p99 = p99_summary["p99_ms"] if p99_summary else None
@@ -882,10 +1060,22 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
             "pass": ratio is not None and ratio >= RATIO_TARGET,
         },
         {
+            "name": f"V2 gRPC/V2 REST throughput at concurrency {RATIO_CONCURRENCY}",
+            "target": f">= {GRPC_TARGET}",
+            "value": None if grpc_ratio is None else round(grpc_ratio, 3),
+            "pass": grpc_ratio is not None and grpc_ratio >= GRPC_TARGET,
+        },
+        {
             "name": f"modelkeep p99 latency at concurrency {P99_CONCURRENCY} (ms)",
             "target": f"< {P99_TARGET_MS}",
             "value": None if p99 is None else round(p99, 3),
             "pass": p99 is not None and p99 < P99_TARGET_MS,
+        },
+        {
+            "name": f"TF Serving REST/V2 REST throughput at concurrency {RATIO_CONCURRENCY}",
+            "target": f">= {PROTOCOL_TARGET}",
+            "value": None if protocol_ratio is None else round(protocol_ratio, 3),
+            "pass": protocol_ratio is not None and protocol_ratio >= PROTOCOL_TARGET,
         },
     ]
     print("\ntargets:")
@@ -907,7 +1097,9 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
                 "concurrency": c,
                 "ratio": None if (r := p.ratio()) is None else round(r, 4),
                 "errors": p.errors,
-                "median": {name: p.summary(name) for name in ("modelkeep", "bare")},
+                "median": {
+                    name: p.summary(name) for name in ("modelkeep", GRPC_ROW, "tfserving", "bare")
+                },
                 "rounds": {name: [asdict(x) for x in runs] for name, runs in p.rounds.items()},
             }
             for c, p in sorted(points.items())
@@ -964,7 +1156,7 @@ def run(opts: Options) -> int:
     print(f"load generator: {'wrk' if wrk else 'python'}; pinning: {pin.describe()}")
     print(
         f"per point: {opts.warmup} s warm-up + {opts.duration} s measured, keep-alive connections;"
-        f" {opts.rounds} round(s), the two servers alternating"
+        f" {opts.rounds} round(s), the targets alternating"
     )
     if load_before > 0.5:
         print(f"note: load average is {load_before:.2f} before we start: other processes are")
@@ -978,12 +1170,33 @@ def run(opts: Options) -> int:
         model_path.write_bytes(model)
         print("\nstarting the bare endpoint (plain HTTP, no checks):")
         bare = start_bare(tmp, model_path, procs, pin)
-        print("starting modelkeep (HTTPS, API key, Cedar, validation):")
-        modelkeep = start_modelkeep(tmp, model, procs, pin, policy=BENCH_POLICY)
+        print("starting modelkeep (HTTPS and gRPC, API key, Cedar, validation):")
+        grpc_port = free_port()
+        modelkeep = start_modelkeep(
+            tmp,
+            model,
+            procs,
+            pin,
+            policy=BENCH_POLICY,
+            settings={"MODELKEEP_GRPC_PORT": str(grpc_port)},
+        )
+        over_grpc = Target(
+            GRPC_ROW,
+            modelkeep.url,
+            modelkeep.headers,
+            None,
+            modelkeep.proc,
+            ca_cert=modelkeep.ca_cert,
+            grpc=f"127.0.0.1:{grpc_port}",
+        )
         check_same_answers(smoke_outputs(modelkeep, bodies), smoke_outputs(bare, bodies))
         print(f"both servers give the same answers on {len(bodies)} sample rows")
+        # The same server, model, key and rows through TF Serving's REST API.
+        tfserving = tfserving_target(modelkeep, iris_rows(BODY_ROWS))
         # Both stay up for the whole run; only the one under load does work.
-        measure_all([modelkeep, bare], points, Loader(opts, wrk, pin, bodies, tmp))
+        rows = iris_rows(BODY_ROWS)
+        loader = Loader(opts, wrk, pin, bodies, tmp, rows)
+        measure_all([modelkeep, over_grpc, tfserving, bare], points, loader)
         procs.stop_all()
         workers = None
         if WORKERS_CONCURRENCY in opts.concurrency:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -24,8 +24,18 @@ class Settings(BaseSettings):
     data_dir: Path = Field(description="Directory made by `modelkeep init` (keys, TLS, blobs).")
     # Loopback unless told otherwise: a fresh install is not reachable from the network.
     host: str = "127.0.0.1"
-    port: int = Field(default=8443, ge=0, le=65535)
+    # Vertex AI tells a custom container its port in AIP_HTTP_PORT, which wins when set.
+    port: int = Field(
+        default=8443,
+        ge=0,
+        le=65535,
+        validation_alias=AliasChoices("port", "AIP_HTTP_PORT", "MODELKEEP_PORT"),
+    )
     workers: int = Field(default=1, ge=1, le=64)
+    # The Open Inference Protocol over gRPC (docs/protocols.md): a port of its own on the same
+    # host, always TLS with the HTTPS certificate, the same keys and checks. 0 (the default)
+    # leaves it off: a fresh install listens on one port only. KServe's usual port is 8081.
+    grpc_port: int = Field(default=0, ge=0, le=65535)
     # None means the embedded SQLite database inside data_dir.
     database_url: str | None = None
     # Pushes are streamed and refused with 413 as soon as this many bytes have arrived.
@@ -131,6 +141,28 @@ class Settings(BaseSettings):
     shutdown_delay_s: float = Field(default=0.0, ge=0, le=60)
     shutdown_grace_s: int = Field(default=20, ge=1, le=300)
 
+    # -- cloud container contracts (docs/protocols.md) ---------------------------------------
+    # SageMaker container mode (`docker run IMAGE serve` under SageMaker): listen on every
+    # interface on the port SageMaker uses (SAGEMAKER_BIND_TO_PORT, else 8080) instead of
+    # host/port. TLS and keys stay required; see sagemaker_unsafe_plaintext.
+    sagemaker: bool = False
+    # The model /invocations serves when a request names none (X-Amzn-SageMaker-Target-Model).
+    sagemaker_model: str | None = Field(default=None, min_length=1, max_length=200)
+    # SageMaker's front end talks plain HTTP to the container. Only with sagemaker=true, and
+    # then the listener serves /ping and /invocations only: every other route (management,
+    # V2, metrics) answers 404, so no key is ever created or read over plaintext. Keys,
+    # authorization, limits and audit still apply to /invocations. A warning is logged at start.
+    sagemaker_unsafe_plaintext: bool = False
+    # The model Azure ML's /score and /swagger.json serve; the azureml-model-deployment header
+    # picks one of its labels (none: the default version).
+    azureml_model: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _plaintext_needs_sagemaker(self) -> Settings:
+        if self.sagemaker_unsafe_plaintext and not self.sagemaker:
+            raise ValueError("sagemaker_unsafe_plaintext is allowed only with sagemaker=true")
+        return self
+
     @property
     def tls_files(self) -> tuple[Path, Path]:
         """The server certificate chain and key files in use."""
@@ -165,6 +197,41 @@ class Settings(BaseSettings):
     key_service_endpoint: str | None = None
     # Every call to the key service gives up after this long (connect and read).
     key_service_timeout_s: float = Field(default=5.0, gt=0, le=120)
+
+    # -- Vertex AI custom container (docs/protocols.md, "Vertex AI") --------------------------
+    # The routes Vertex sends predictions and health checks to (it sets AIP_PREDICT_ROUTE and
+    # AIP_HEALTH_ROUTE in the container); None serves neither. The predict route serves one
+    # model, vertex_model, at its default version, with the same key, policy and limits as
+    # every route; the health route is public, as /v2/health/* is.
+    vertex_predict_route: str | None = Field(
+        default=None,
+        pattern=r"^/[A-Za-z0-9._~:@!$&'()*+,;=%/-]*$",
+        validation_alias=AliasChoices(
+            "vertex_predict_route", "AIP_PREDICT_ROUTE", "MODELKEEP_VERTEX_PREDICT_ROUTE"
+        ),
+    )
+    vertex_health_route: str | None = Field(
+        default=None,
+        pattern=r"^/[A-Za-z0-9._~:@!$&'()*+,;=%/-]*$",
+        validation_alias=AliasChoices(
+            "vertex_health_route", "AIP_HEALTH_ROUTE", "MODELKEEP_VERTEX_HEALTH_ROUTE"
+        ),
+    )
+    vertex_model: str | None = None
+
+    @model_validator(mode="after")
+    def _vertex_routes(self) -> Settings:
+        if self.vertex_predict_route is not None and self.vertex_model is None:
+            raise ValueError(
+                "AIP_PREDICT_ROUTE is set: set MODELKEEP_VERTEX_MODEL to the model it serves"
+            )
+        # A Vertex route must not hide one of modelkeep's own.
+        for route in (self.vertex_predict_route, self.vertex_health_route):
+            if route is not None and (
+                route.startswith(("/api/", "/v2/", "/v1/models/")) or route in ("/v2", "/metrics")
+            ):
+                raise ValueError(f"the Vertex AI route {route!r} would hide a modelkeep route")
+        return self
 
     @property
     def effective_database_url(self) -> str:

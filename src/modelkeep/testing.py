@@ -1,4 +1,5 @@
-"""Helpers for tests, shipped with the package: tiny model builders and sample rows.
+"""Helpers for tests, shipped with the package: tiny model builders, sample rows, a service
+over a fresh data directory and an in-process HTTP client for the app.
 
 The scikit-learn and skl2onnx imports stay inside the functions: they are test-only
 dependencies and importing this module must not need them.
@@ -6,14 +7,23 @@ dependencies and importing this module must not need them.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
+    from starlette.types import ASGIApp
+
+    from modelkeep.service import Service
 
 __all__ = [
+    "app_client",
     "build_custom_domain_onnx",
     "build_external_data_onnx",
     "build_iris_onnx",
     "build_slow_onnx",
     "iris_rows",
+    "open_service",
 ]
 
 # Pinned so the bytes do not change when a newer skl2onnx or onnx picks a newer default opset.
@@ -173,3 +183,32 @@ def build_big_onnx(nbytes: int, *, seed: int = 7) -> bytes:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     return bytes(model.SerializeToString())
+
+
+def open_service(data_dir: Path, **settings: Any) -> tuple[Service, str]:
+    """``modelkeep init`` in ``data_dir`` (which must not exist yet), then ``Service.open``
+    with ``settings`` (``Settings`` fields, e.g. ``max_queue=4``): the service and the admin
+    key. Unit tests use SQLite in ``data_dir``: no PostgreSQL needed. Stop the service after.
+    """
+    from modelkeep.bootstrap import init_data_dir
+    from modelkeep.service import Service
+    from modelkeep.settings import Settings
+
+    init = init_data_dir(data_dir)
+    return Service.open(Settings(data_dir=data_dir, **settings)), init.admin_key
+
+
+def app_client(
+    app: ASGIApp, key: str | None = None, *, client_host: str = "127.0.0.1"
+) -> httpx.AsyncClient:
+    """An httpx client that calls ``app`` in this process (no socket, no TLS), sending
+    ``Authorization: Bearer key`` when a key is given. Use it as ``async with``.
+
+    The app's lifespan does not run: build it with ``create_app(service,
+    manage_lifecycle=False)`` and stop the service yourself.
+    """
+    import httpx
+
+    transport = httpx.ASGITransport(app=app, client=(client_host, 50000))
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    return httpx.AsyncClient(transport=transport, base_url="http://modelkeep.test", headers=headers)

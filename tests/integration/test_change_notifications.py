@@ -38,8 +38,8 @@ def pair(tmp_path: Path, postgres_url: str) -> Iterator[tuple[Service, Service, 
     second = _open(tmp_path / "data", postgres_url)
     try:
         for service in (first, second):
-            assert service._listener is not None
-            assert service._listener.listening.wait(10), "the listener did not connect"
+            assert service.core._listener is not None
+            assert service.core._listener.listening.wait(10), "the listener did not connect"
         yield first, second, first.authenticate(f"Bearer {init.admin_key}")
     finally:
         second.stop()
@@ -81,7 +81,7 @@ def test_a_listener_whose_connection_is_killed_reconnects_and_catches_up(
     pair: tuple[Service, Service, Principal], postgres_base_url: str
 ) -> None:
     first, second, admin = pair
-    listener = second._listener
+    listener = second.core._listener
     assert listener is not None
     engine = sa.create_engine(postgres_base_url, isolation_level="AUTOCOMMIT")
     try:
@@ -108,7 +108,7 @@ def test_sqlite_has_no_listener_and_polling_still_applies_changes(tmp_path: Path
     other = Service.open(Settings(data_dir=tmp_path / "data", refresh_interval_s=0.05))
     service.start()
     try:
-        assert service._listener is None
+        assert service.core._listener is None
         admin = other.authenticate(f"Bearer {init.admin_key}")
         other.put_model(admin, "polled")
         assert _seconds_until(lambda: "polled" in service.snapshot.models, 2.0) < 2.0

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import modelkeep.service as service_module
-from modelkeep._service._base import SnapshotMemo
+import modelkeep.service.core as service_module
 from modelkeep.auth import AuthFailure, Principal
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.service import Service
+from modelkeep.service._shared import SnapshotMemo
 from modelkeep.settings import Settings
 
 
@@ -86,7 +86,7 @@ def test_expiry_is_checked_on_every_request(service: tuple[Service, Principal]) 
     expires = datetime.now(UTC) + timedelta(hours=1)
     header = new_key(svc, admin, expires_at=expires)
     assert svc.authenticate(header).expires_at == expires
-    svc._clock = lambda: expires  # valid strictly before expires_at
+    svc.core.clock = lambda: expires  # valid strictly before expires_at
     with pytest.raises(AuthFailure) as refused:
         svc.authenticate(header)
     assert refused.value.reason == "expired"
@@ -115,13 +115,13 @@ def test_the_cache_is_bounded_and_stays_right_past_the_bound(
     service: tuple[Service, Principal],
 ) -> None:
     svc, admin = service
-    svc._verified = SnapshotMemo(3)
+    svc.core._verified = SnapshotMemo(3)
     headers = [new_key(svc, admin) for _ in range(7)]
     principals = [svc.authenticate(header) for header in headers]
     for _ in range(2):
         for header, principal in zip(headers, principals, strict=True):
             assert svc.authenticate(header) == principal
-            assert len(svc._verified.table(svc.snapshot)) <= 3
+            assert len(svc.core._verified.table(svc.snapshot)) <= 3
 
 
 def test_concurrent_callers_see_a_revocation_made_while_they_run(

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from modelkeep._service.backends import Backend, BackendProbe
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.errors import Unavailable
 from modelkeep.service import Service
+from modelkeep.service.backends import Backend, BackendProbe
 from modelkeep.settings import Settings
 
 

@@ -222,7 +222,7 @@ def test_a_load_refused_by_a_blob_store_outage_is_retried_once_it_is_back(
     flaky = _DownOnce(svc.registry.blobs)
     svc.registry.blobs = flaky  # type: ignore[assignment]
     with pytest.raises(Unavailable) as refused:
-        svc._session(version)
+        svc.core.session(version)
     assert refused.value.retry_after == 5
     flaky.up = True
-    assert svc._session(version) is not None
+    assert svc.core.session(version) is not None

@@ -1,7 +1,10 @@
-"""Authentication for every route but health, as a thin pure-ASGI middleware.
+"""Authentication: the one function every entry point calls, and the middleware for routes.
 
-It runs before routing, so no route (including unknown ones) answers a caller without a valid
-key. Decisions about what the caller may do stay in the service (Cedar).
+``authenticate_request`` is how every protocol adapter (and the middleware) turns an
+``Authorization`` header into a principal; a refusal is audited durably before it is raised.
+The middleware runs it for every route but health, before routing, so no route (including
+unknown ones) answers a caller without a valid key. Decisions about what the caller may do stay
+in the service (Cedar).
 """
 
 from __future__ import annotations
@@ -19,6 +22,22 @@ from ._errors import modelkeep_error_response
 PUBLIC_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 
+async def authenticate_request(
+    service: Service, authorization: str | None, client_host: str | None
+) -> Principal:
+    """The principal of an ``Authorization`` header value, or ``AuthFailure`` (401).
+
+    A refused credential is a security event: it is in the audit log, durably, before this
+    raises (if writing it fails, that error is raised instead, and nothing is answered as if
+    the caller were known).
+    """
+    try:
+        return service.authenticate(authorization)
+    except AuthFailure as exc:
+        await run_in_threadpool(service.record_auth_failure, exc, client_host)
+        raise
+
+
 class AuthenticationMiddleware:
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
@@ -33,17 +52,12 @@ class AuthenticationMiddleware:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
                 break
+        client = scope.get("client")
         try:
-            principal = self.service.authenticate(authorization)
-        except AuthFailure as exc:
-            client = scope.get("client")
-            source = client[0] if client else None
-            # A security event: durable in the audit log before the 401 leaves.
-            try:
-                await run_in_threadpool(self.service.record_auth_failure, exc, source)
-            except ModelkeepError as audit_error:
-                await modelkeep_error_response(audit_error)(scope, receive, send)
-                return
+            principal = await authenticate_request(
+                self.service, authorization, client[0] if client else None
+            )
+        except ModelkeepError as exc:
             await modelkeep_error_response(exc)(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal

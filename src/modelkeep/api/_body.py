@@ -17,7 +17,7 @@ from ._limits import limit_message
 def check_declared_length(content_length: str | bytes | None, limit: int) -> None:
     """Refuse a malformed Content-Length, or one over ``limit``, before a byte is read."""
     if content_length is not None:
-        if not content_length.isdigit():
+        if not (content_length.isascii() and content_length.isdigit()):
             raise InvalidInput("invalid Content-Length header")
         if int(content_length) > limit:
             raise TooLarge(limit_message(limit))
@@ -94,6 +94,7 @@ def header_length(value: str | bytes | None) -> int | None:
     """The ``Inference-Header-Content-Length`` value, if any; InvalidInput unless digits."""
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 12:
+    # isdigit() alone admits '²' and other digits int() refuses.
+    if not (value.isascii() and value.isdigit()) or len(value) > 12:
         raise InvalidInput("invalid Inference-Header-Content-Length header")
     return int(value)

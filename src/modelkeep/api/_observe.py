@@ -1,16 +1,16 @@
 """Request observation as a thin pure-ASGI middleware: access log, metrics, X-Request-Id.
 
 It wraps the FastAPI app, outside authentication and the body limit, so that it also sees
-requests they refuse. The infer fast path (``_fast.py``), which runs before it, calls ``record``
-itself with what it knows: wrapping every ASGI message in closures, then reading the values back
-from the scope, costs more than a small model's inference.
+requests they refuse. The V2 infer entry (``v2/infer.py``), which runs before it, calls
+``record`` itself with what it knows: wrapping every ASGI message in closures, then reading the
+values back from the scope, costs more than a small model's inference.
 It reads what the inner layers left in the ASGI scope, which Starlette mutates in place:
 
 - ``scope["route"].path``: the route template, set by the router once a route matched (or
   ``scope["state"]["route"]``, set by a handler that bypasses the router);
 - ``scope["path_params"]``: ``model`` and ``version`` as the client wrote them;
-- ``scope["state"]``: ``principal`` (set by authentication), and from the service ``rows``,
-  ``input_digest`` and optionally ``version`` (the version actually served).
+- ``scope["state"]``: ``principal`` (set by authentication), and optionally ``rows``,
+  ``input_digest`` and ``version`` (the version actually served), set by a handler.
 
 It never reads a header value or a body byte: it only counts bytes, and it takes only these
 named keys from the state (which may hold other things, the body included).

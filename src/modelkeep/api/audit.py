@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -11,16 +10,17 @@ from starlette.concurrency import run_in_threadpool
 from modelkeep.service import Service
 
 from ._auth import principal_of
+from ._openapi import DateTime, errors
 
 
 def audit_router(service: Service) -> APIRouter:
     router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
-    @router.get("/entries")
+    @router.get("/entries", responses=errors(400, 403))
     async def entries(
         request: Request,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: DateTime | None = None,
+        until: DateTime | None = None,
         actor: str | None = Query(default=None, max_length=64),
         action: str | None = Query(default=None, max_length=64),
         model: str | None = Query(default=None, max_length=63),
@@ -40,7 +40,7 @@ def audit_router(service: Service) -> APIRouter:
         )
         return {"entries": [entry.to_json() for entry in found]}
 
-    @router.get("/verify")
+    @router.get("/verify", responses=errors(403))
     async def verify(request: Request) -> dict[str, Any]:
         """Verify the hash chain and signed checkpoints; `ok` false names the first bad entry."""
         result = await run_in_threadpool(service.audit_verify, principal_of(request))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -12,6 +11,7 @@ from modelkeep.registry.store import CaptureInfo
 from modelkeep.service import Service
 
 from ._auth import principal_of
+from ._openapi import DateTime, ModelName, errors
 
 
 def capture_info_out(info: CaptureInfo) -> dict[str, Any]:
@@ -31,12 +31,12 @@ def capture_info_out(info: CaptureInfo) -> dict[str, Any]:
 def capture_router(service: Service) -> APIRouter:
     router = APIRouter(prefix="/api/v1/models/{model}/captures", tags=["payload capture"])
 
-    @router.get("")
+    @router.get("", responses=errors(400, 403, 404))
     async def list_captures(
         request: Request,
-        model: str,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        model: ModelName,
+        since: DateTime | None = None,
+        until: DateTime | None = None,
         limit: int = Query(default=100, ge=1, le=1000),
     ) -> dict[str, Any]:
         """Captured requests of the model, newest first: metadata only (auditors, admins)."""
@@ -47,8 +47,8 @@ def capture_router(service: Service) -> APIRouter:
         )
         return {"model": model, "captures": [capture_info_out(info) for info in found]}
 
-    @router.get("/{capture_id}")
-    async def read_capture(request: Request, model: str, capture_id: str) -> dict[str, Any]:
+    @router.get("/{capture_id}", responses=errors(403, 404))
+    async def read_capture(request: Request, model: ModelName, capture_id: str) -> dict[str, Any]:
         """One captured request and response, decrypted (auditors, admins); every read is
         recorded in the audit log before the answer is sent."""
         info, record = await run_in_threadpool(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,43 +12,62 @@ from modelkeep.registry.rotation import MAX_BATCH, RewrapPass
 from modelkeep.service import Service
 
 from ._auth import principal_of
+from ._openapi import WHOLE_NUMBER, WholeNumber, errors
 
 
 class RotateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     new_key: bool = Field(
         default=True,
+        strict=True,
         description="Make a new KEK in the key service first (false: only look up the newest)",
     )
 
 
+_Cursor = Annotated[int, Field(ge=0, le=2**63 - 1), WHOLE_NUMBER]
+
+
 class RewrapIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    limit: int = Field(default=100, ge=1, le=MAX_BATCH, description="Versions in this pass")
-    after: int = Field(default=0, ge=0, description="Cursor from the previous pass")
+    limit: WholeNumber = Field(default=100, ge=1, le=MAX_BATCH, description="Rows in this pass")
+    # A version's row id: past SQL's 64-bit integers the database cannot compare it (a 500).
+    after: _Cursor | None = Field(
+        default=0, description="Versions cursor from the previous pass (null: done)"
+    )
+    capture_after: str | None = Field(
+        default="",
+        max_length=32,
+        description="Captures cursor from the previous pass (null: done)",
+    )
 
 
 def _pass_out(done: RewrapPass) -> dict[str, Any]:
     return {
         "key_id": done.key_id,
         "rewrapped": [{"model": m, "version": v} for m, v in done.rewrapped],
+        "rewrapped_captures": done.rewrapped_captures,
         "refused": [
-            {"model": r.model, "version": r.version, "reason": r.reason} for r in done.refused
+            {"model": r.model, "version": r.version, "reason": r.reason}
+            | ({} if r.capture is None else {"capture": r.capture})
+            for r in done.refused
         ],
         "remaining": done.remaining,
+        "remaining_captures": done.remaining_captures,
         "after": done.after,
+        "capture_after": done.capture_after,
     }
 
 
 def kek_router(service: Service) -> APIRouter:
     router = APIRouter(prefix="/api/v1/kek", tags=["key-encryption key"])
 
-    @router.get("")
+    @router.get("", responses=errors(403))
     async def status(request: Request) -> dict[str, Any]:
-        """The key service, its current key id, and how many versions each KEK wraps."""
+        """The key service, its current key id, and how many versions and captured payloads
+        each KEK wraps."""
         return await run_in_threadpool(service.kek_status, principal_of(request))
 
-    @router.post("/rotate")
+    @router.post("/rotate", responses=errors(400, 403))
     async def rotate(request: Request, body: RotateIn | None = None) -> dict[str, Any]:
         """Make a new KEK current in the key service; then re-wrap with /rewrap passes."""
         new_key = True if body is None else body.new_key
@@ -57,12 +76,18 @@ def kek_router(service: Service) -> APIRouter:
         )
         return {"key_id": key_id}
 
-    @router.post("/rewrap")
+    @router.post("/rewrap", responses=errors(400, 403))
     async def rewrap(request: Request, body: RewrapIn | None = None) -> dict[str, Any]:
-        """One pass: re-wrap up to `limit` versions still under an older KEK (resumable)."""
+        """One pass: re-wrap up to `limit` versions, then captured payloads, still under an
+        older KEK (resumable: hand back `after` and `capture_after` until both are null)."""
         given = body or RewrapIn()
         done = await run_in_threadpool(
-            lambda: service.kek_rewrap(principal_of(request), limit=given.limit, after=given.after)
+            lambda: service.kek_rewrap(
+                principal_of(request),
+                limit=given.limit,
+                after=given.after,
+                capture_after=given.capture_after,
+            )
         )
         return _pass_out(done)
 

@@ -5,20 +5,21 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from modelkeep.auth import KeyRecord
+from modelkeep.auth import ROLES, KeyRecord
 from modelkeep.errors import InvalidInput
 from modelkeep.registry.records import ModelRecord, VersionRecord
 from modelkeep.service import Service
 
 from ._auth import principal_of
 from ._body import stream_body
+from ._openapi import NAME_SCHEMA, DateTime, LabelName, ModelName, WholeNumber, errors
 
 
 class TensorOut(BaseModel):
@@ -66,7 +67,7 @@ class ModelOut(BaseModel):
 class ModelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: str | None = Field(default=None, max_length=1000)
-    require_signature: bool | None = None
+    require_signature: bool | None = Field(default=None, strict=True)
 
 
 class PublisherIn(BaseModel):
@@ -90,7 +91,7 @@ class ModelList(BaseModel):
 
 class LabelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1, le=2**31 - 1, strict=True)
+    version: WholeNumber = Field(ge=1, le=2**31 - 1)
 
 
 class LabelOut(BaseModel):
@@ -100,10 +101,24 @@ class LabelOut(BaseModel):
 
 
 class KeyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: str = Field(max_length=32)
-    models: list[str] | None = Field(default=None, max_length=1000)
-    expires_at: datetime | None = None
+    model_config = ConfigDict(
+        extra="forbid",
+        # Admin keys are never limited to models (the service refuses it with 400).
+        json_schema_extra={
+            "if": {"properties": {"role": {"const": "admin"}}, "required": ["role"]},
+            "then": {"properties": {"models": {"type": "null"}}},
+        },
+    )
+    role: str = Field(max_length=32, json_schema_extra={"enum": list(ROLES)})
+    models: list[Annotated[str, Field(json_schema_extra=NAME_SCHEMA)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="The models the key may use; null (the default) for every model",
+    )
+    expires_at: DateTime | None = Field(
+        default=None, description="A time in the future, with a time zone; null never expires"
+    )
     description: str = Field(default="", max_length=1000)
 
 
@@ -171,13 +186,20 @@ SIGNATURE_HEADER = "modelkeep-signature"
 IDEMPOTENCY_HEADER = "idempotency-key"
 # A key-signed bundle for one file is a few KiB; directories with many files grow it.
 MAX_BUNDLE_HEADER = 64 * 1024
+# Room the request line and the other headers of a push need beside the signature header.
+_HEAD_ROOM = 2 * 1024
 
 
-def _bundle(request: Request) -> bytes | None:
-    value = request.headers.get(SIGNATURE_HEADER)
+def bundle_header_limit(max_header_bytes: int) -> int:
+    """The longest Modelkeep-Signature header a push can carry: the whole request head must
+    also fit in ``max_header_bytes`` (the connection layer answers 431 past it)."""
+    return max(0, min(MAX_BUNDLE_HEADER, max_header_bytes - _HEAD_ROOM))
+
+
+def _bundle(value: str | None, limit: int) -> bytes | None:
     if value is None:
         return None
-    if len(value) > MAX_BUNDLE_HEADER:
+    if len(value) > limit:
         raise InvalidInput("the Modelkeep-Signature header is too large")
     try:
         return base64.b64decode(value, validate=True)
@@ -188,11 +210,13 @@ def _bundle(request: Request) -> bytes | None:
 def management_router(service: Service) -> APIRouter:
     router = APIRouter(prefix="/api/v1", tags=["management"])
     max_upload = service.settings.max_upload_bytes
+    bundle_limit = bundle_header_limit(service.settings.max_header_bytes)
 
     @router.post(
         "/models/{model}/versions",
         status_code=201,
         response_model=VersionOut,
+        responses=errors(400, 403, 404, 409, 422),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -202,8 +226,28 @@ def management_router(service: Service) -> APIRouter:
     )
     async def push(
         request: Request,
-        model: str,
-        filename: str = Query(default="model", max_length=255),
+        model: ModelName,
+        # Defaults, not Annotated: the signature's limit is this server's, known only here.
+        signature: str | None = Header(
+            default=None,
+            alias=SIGNATURE_HEADER,
+            description=(
+                "The signature bundle (model-signing), base64. Its length is bounded by the"
+                " server's request head limit (MODELKEEP_MAX_HEADER_BYTES)"
+            ),
+            json_schema_extra={"maxLength": bundle_limit, "format": "byte"},
+        ),
+        idempotency_key: str | None = Header(
+            default=None,
+            alias=IDEMPOTENCY_HEADER,
+            description="Makes a retried push answer with the version the first one made",
+            json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._:+=/-]{7,127}$"},
+        ),
+        filename: str = Query(
+            default="model",
+            max_length=255,
+            json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$"},
+        ),
         layout: Literal["file", "directory"] = "file",
     ) -> VersionOut:
         """Push a new version: the raw model file (or a tar of a directory) as the body,
@@ -214,8 +258,7 @@ def management_router(service: Service) -> APIRouter:
         principal = principal_of(request)
         # Authorize before reading a possibly huge body.
         service.authorize_push(principal, model)
-        bundle = _bundle(request)
-        idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
+        bundle = _bundle(signature, bundle_limit)
         # The body is sealed into an unnamed staging file as it arrives, never held whole.
         upload = service.registry.new_upload()
         try:
@@ -241,8 +284,12 @@ def management_router(service: Service) -> APIRouter:
             upload.close()
         return version_out(record)
 
-    @router.put("/models/{model}", response_model=ModelOut)
-    async def put_model(request: Request, model: str, body: ModelIn) -> Response:
+    @router.put(
+        "/models/{model}",
+        response_model=ModelOut,
+        responses={201: {"model": ModelOut, "description": "Created"}, **errors(400, 403, 409)},
+    )
+    async def put_model(request: Request, model: ModelName, body: ModelIn) -> Response:
         """Create a model, or change its description or signature requirement (admin)."""
         record, created = await run_in_threadpool(
             lambda: service.put_model(
@@ -256,8 +303,10 @@ def management_router(service: Service) -> APIRouter:
             model_out(record).model_dump(mode="json"), status_code=201 if created else 200
         )
 
-    @router.get("/models/{model}/publishers", response_model=PublisherList)
-    async def list_publishers(request: Request, model: str) -> PublisherList:
+    @router.get(
+        "/models/{model}/publishers", response_model=PublisherList, responses=errors(403, 404)
+    )
+    async def list_publishers(request: Request, model: ModelName) -> PublisherList:
         record = service.get_model(principal_of(request), model)
         return PublisherList(
             publishers=[
@@ -266,49 +315,70 @@ def management_router(service: Service) -> APIRouter:
             ]
         )
 
-    @router.post("/models/{model}/publishers", status_code=201, response_model=PublisherOut)
-    async def add_publisher(request: Request, model: str, body: PublisherIn) -> PublisherOut:
+    @router.post(
+        "/models/{model}/publishers",
+        status_code=201,
+        response_model=PublisherOut,
+        responses=errors(400, 403, 404, 409),
+    )
+    async def add_publisher(request: Request, model: ModelName, body: PublisherIn) -> PublisherOut:
         """Trust a publisher key for this model (admin)."""
         key = await run_in_threadpool(
             service.add_publisher, principal_of(request), model, body.public_key
         )
         return PublisherOut(model=model, fingerprint=key.fingerprint, public_key=key.pem)
 
-    @router.delete("/models/{model}/publishers/{fingerprint}", status_code=204)
-    async def remove_publisher(request: Request, model: str, fingerprint: str) -> Response:
+    @router.delete(
+        "/models/{model}/publishers/{fingerprint}",
+        status_code=204,
+        responses=errors(403, 404),
+    )
+    async def remove_publisher(request: Request, model: ModelName, fingerprint: str) -> Response:
         await run_in_threadpool(service.remove_publisher, principal_of(request), model, fingerprint)
         return Response(status_code=204)
 
-    @router.get("/models", response_model=ModelList)
+    @router.get("/models", response_model=ModelList, responses=errors(403))
     async def list_models(request: Request) -> ModelList:
         models = service.list_models(principal_of(request))
         return ModelList(models=[model_out(m) for m in models])
 
-    @router.get("/models/{model}", response_model=ModelOut)
-    async def get_model(request: Request, model: str) -> ModelOut:
+    @router.get("/models/{model}", response_model=ModelOut, responses=errors(403, 404))
+    async def get_model(request: Request, model: ModelName) -> ModelOut:
         return model_out(service.get_model(principal_of(request), model))
 
-    @router.get("/models/{model}/versions", response_model=VersionList)
-    async def list_versions(request: Request, model: str) -> VersionList:
+    @router.get("/models/{model}/versions", response_model=VersionList, responses=errors(403, 404))
+    async def list_versions(request: Request, model: ModelName) -> VersionList:
         record = service.get_model(principal_of(request), model)
         return VersionList(versions=[version_out(v) for _, v in sorted(record.versions.items())])
 
-    @router.get("/models/{model}/versions/{version}", response_model=VersionOut)
-    async def get_version(request: Request, model: str, version: str) -> VersionOut:
+    @router.get(
+        "/models/{model}/versions/{version}", response_model=VersionOut, responses=errors(403, 404)
+    )
+    async def get_version(request: Request, model: ModelName, version: str) -> VersionOut:
         return version_out(service.get_version(principal_of(request), model, version))
 
-    @router.put("/models/{model}/labels/{label}", response_model=LabelOut)
-    async def set_label(request: Request, model: str, label: str, body: LabelIn) -> LabelOut:
+    @router.put(
+        "/models/{model}/labels/{label}",
+        response_model=LabelOut,
+        responses=errors(400, 403, 404, 409),
+    )
+    async def set_label(
+        request: Request, model: ModelName, label: LabelName, body: LabelIn
+    ) -> LabelOut:
         principal = principal_of(request)
         await run_in_threadpool(service.set_label, principal, model, label, body.version)
         return LabelOut(model=model, label=label, version=body.version)
 
-    @router.delete("/models/{model}/labels/{label}", status_code=204)
-    async def delete_label(request: Request, model: str, label: str) -> Response:
+    @router.delete(
+        "/models/{model}/labels/{label}", status_code=204, responses=errors(400, 403, 404)
+    )
+    async def delete_label(request: Request, model: ModelName, label: LabelName) -> Response:
         await run_in_threadpool(service.delete_label, principal_of(request), model, label)
         return Response(status_code=204)
 
-    @router.post("/keys", status_code=201, response_model=CreatedKeyOut)
+    @router.post(
+        "/keys", status_code=201, response_model=CreatedKeyOut, responses=errors(400, 403, 409)
+    )
     async def create_key(request: Request, body: KeyIn) -> dict[str, Any]:
         created = await run_in_threadpool(
             lambda: service.create_key(
@@ -321,16 +391,16 @@ def management_router(service: Service) -> APIRouter:
         )
         return {**key_out(created.record), "key": created.token}
 
-    @router.get("/keys", response_model=KeyList)
+    @router.get("/keys", response_model=KeyList, responses=errors(403))
     async def list_keys(request: Request) -> dict[str, Any]:
         return {"keys": [key_out(k) for k in service.list_keys(principal_of(request))]}
 
-    @router.delete("/keys/{key_id}", response_model=KeyOut)
+    @router.delete("/keys/{key_id}", response_model=KeyOut, responses=errors(403, 404))
     async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
         record = await run_in_threadpool(service.revoke_key, principal_of(request), key_id)
         return key_out(record)
 
-    @router.get("/whoami", response_model=KeyOut)
+    @router.get("/whoami", response_model=KeyOut, responses=errors(404))
     async def whoami(request: Request) -> dict[str, Any]:
         return key_out(service.whoami(principal_of(request)))
 

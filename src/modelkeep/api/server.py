@@ -12,7 +12,7 @@ import signal
 import socket
 import ssl
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -109,12 +109,32 @@ def prepare(settings: Settings) -> None:
         service.stop()
 
 
+def sagemaker_listener(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """In SageMaker mode, the address SageMaker calls: every interface, on the port it names in
+    SAGEMAKER_BIND_TO_PORT (inference pipelines) or else 8080 (the container contract)."""
+    if not settings.sagemaker:
+        return settings
+    value = environ.get("SAGEMAKER_BIND_TO_PORT", "8080")
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ConfigError("SAGEMAKER_BIND_TO_PORT must be a TCP port number")
+    return settings.model_copy(update={"host": "0.0.0.0", "port": int(value)})  # noqa: S104
+
+
 def run_server(settings: Settings) -> None:
-    """Serve HTTPS until interrupted."""
+    """Serve HTTPS until interrupted (plain HTTP only for an explicit SageMaker listener)."""
+    settings = sagemaker_listener(settings, os.environ)
     cert, key = settings.tls_files
-    if not cert.is_file() or not key.is_file():
+    plaintext = settings.sagemaker_unsafe_plaintext
+    if not plaintext and (not cert.is_file() or not key.is_file()):
         raise ConfigError("no TLS certificate and key (run `modelkeep init` or mount them)")
     configure_json_logging()
+    if plaintext:
+        log.warning(
+            "serving PLAIN HTTP on %s:%d for SageMaker (MODELKEEP_SAGEMAKER_UNSAFE_PLAINTEXT): "
+            "only /ping and /invocations are served; keys are still required",
+            settings.host,
+            settings.port,
+        )
     prepare(settings)
     _export(settings)
     metrics_dir = None
@@ -134,6 +154,13 @@ def run_server(settings: Settings) -> None:
 
 def _serve(settings: Settings, cert: Path, key: Path) -> None:
     _allow_open_files(settings.max_connections)
+    tls: dict[str, Any] = {
+        "ssl_certfile": str(cert),
+        "ssl_keyfile": str(key),
+        "ssl_context_factory": tls_context_factory,
+    }
+    if settings.sagemaker_unsafe_plaintext:
+        tls = {}
     config = uvicorn.Config(
         APP_FACTORY,
         factory=True,
@@ -143,9 +170,7 @@ def _serve(settings: Settings, cert: Path, key: Path) -> None:
         http=LimitedHttpToolsProtocol,
         loop=LOOP_FACTORY,
         ws="none",
-        ssl_certfile=str(cert),
-        ssl_keyfile=str(key),
-        ssl_context_factory=tls_context_factory,
+        **tls,
         server_header=False,
         headers=SECURITY_HEADERS,
         proxy_headers=False,
@@ -170,6 +195,17 @@ def _serve(settings: Settings, cert: Path, key: Path) -> None:
         reserved, port = reserve_port(settings.host, settings.port)
     except OSError as exc:
         raise ConfigError(f"could not listen on {settings.host}:{settings.port}") from exc
+    # The gRPC port likewise: held here, so that it is refused early if taken and no other
+    # process joins the workers' group while they restart.
+    grpc_reserved = None
+    if settings.grpc_port:
+        try:
+            grpc_reserved, _ = reserve_port(settings.host, settings.grpc_port)
+        except OSError as exc:
+            reserved.close()
+            raise ConfigError(
+                f"could not listen for gRPC on {settings.host}:{settings.grpc_port}"
+            ) from exc
     try:
         log.info(
             "serving https://%s:%d with %d workers, one socket each",
@@ -181,6 +217,8 @@ def _serve(settings: Settings, cert: Path, key: Path) -> None:
         Multiprocess(config, sockets=sockets).run()
     finally:
         reserved.close()
+        if grpc_reserved is not None:
+            grpc_reserved.close()
 
 
 def _allow_open_files(max_connections: int) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "ApiClient",
     "ClientOverrides",
     "Connection",
+    "Invocation",
     "JSONObject",
     "client_from",
 ]
@@ -76,23 +77,26 @@ class ClientOverrides:
     sleep: Callable[[float], None] = time.sleep
 
 
-def client_from(
-    obj: object,
-    url: str,
-    token: str | None,
-    cacert: Path | None,
-    *,
-    read_timeout: float = READ_TIMEOUT_S,
-) -> ApiClient:
-    """The ``ApiClient`` for one command, from its connection options; ``obj`` is the command
-    line's context object, which tests set to ``ClientOverrides`` to replace the network."""
-    overrides = obj if isinstance(obj, ClientOverrides) else ClientOverrides()
-    connection = Connection(url=url, token=token, cacert=cacert)
+@dataclass(frozen=True)
+class Invocation:
+    """What the ``modelkeep`` group's options say for every command under it: where the server
+    is and how to reach it, given once (``modelkeep --url ... models ls``) or by environment."""
+
+    connection: Connection
+    overrides: ClientOverrides = ClientOverrides()
+
+
+def client_from(obj: object, *, read_timeout: float = READ_TIMEOUT_S) -> ApiClient:
+    """The ``ApiClient`` for one command. ``obj`` is the command line's context object, which
+    the ``modelkeep`` group sets to an :class:`Invocation` from its connection options (tests
+    pass ``ClientOverrides`` in, which it keeps, to replace the network)."""
+    if not isinstance(obj, Invocation):  # every client command runs under the group
+        raise InternalError("a client command ran without the modelkeep group's options")
     return ApiClient(
-        connection,
+        obj.connection,
         read_timeout=read_timeout,
-        transport=overrides.transport,
-        sleep=overrides.sleep,
+        transport=obj.overrides.transport,
+        sleep=obj.overrides.sleep,
     )
 
 
@@ -316,8 +320,9 @@ class ApiClient:
     def kek_rotate(self, *, new_key: bool) -> JSONObject:
         return self._object("POST", f"{_API}/kek/rotate", json={"new_key": new_key})
 
-    def kek_rewrap(self, *, limit: int, after: int) -> JSONObject:
-        return self._object("POST", f"{_API}/kek/rewrap", json={"limit": limit, "after": after})
+    def kek_rewrap(self, *, limit: int, after: object, capture_after: object) -> JSONObject:
+        body = {"limit": limit, "after": after, "capture_after": capture_after}
+        return self._object("POST", f"{_API}/kek/rewrap", json=body)
 
     # -- plumbing -----------------------------------------------------------------------------
 

@@ -63,6 +63,10 @@ def exit_code_for(error: ModelkeepError) -> int:
     return _EXIT_BY_CODE.get(error.code, EXIT_FAILURE)
 
 
+#: What a command's own help says of exit codes; the table is in ``modelkeep --help`` only.
+SEE_EXIT_CODES = "Exit codes: 0 on success; the others are listed once, in `modelkeep --help`."
+
+
 def exit_codes_epilog() -> str:
     """The exit code table as help text, built from ``ERROR_TABLE`` so the two never disagree."""
     lines = [

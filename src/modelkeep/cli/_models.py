@@ -23,15 +23,17 @@ from typing import IO, Annotated, Literal
 import typer
 
 from modelkeep.cli import _output as out
-from modelkeep.cli._client import DEFAULT_URL, JSONObject, client_from
-from modelkeep.cli._errors import exit_codes_epilog
-from modelkeep.cli._params import CacertOption, JsonOption, TokenOption, UrlOption, check_name
+from modelkeep.cli._client import JSONObject, client_from
+from modelkeep.cli._errors import SEE_EXIT_CODES
+from modelkeep.cli._params import JsonOption, check_name
 from modelkeep.crypto.signing import MAX_BUNDLE_SIZE, load_public_key, sign_path
 from modelkeep.errors import Conflict, InvalidInput, ModelkeepError, NotFound
 
 __all__ = [
     "Artifact",
+    "models_app",
     "models_create",
+    "models_ls",
     "models_set",
     "open_artifact",
     "publishers_app",
@@ -39,7 +41,12 @@ __all__ = [
     "refused_report",
 ]
 
-EPILOG = exit_codes_epilog()
+EPILOG = SEE_EXIT_CODES
+
+models_app = typer.Typer(
+    help="Create, configure and list models (signature requirement, description).",
+    no_args_is_help=True,
+)
 
 # As `modelkeep sign` and `model_signing sign`: top-level git files are not part of the model.
 _GIT_NAMES = frozenset({".git", ".github", ".gitattributes", ".gitignore"})
@@ -253,14 +260,12 @@ def _warn_unsafe(model: str) -> None:
     )
 
 
+@models_app.command("create", epilog=EPILOG)
 def models_create(
     ctx: typer.Context,
     model: ModelArgument,
     description: DescriptionOption = None,
     unsafe_allow_unsigned: UnsafeAllowUnsignedOption = False,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create MODEL; pushes to it must be signed by a trusted publisher unless told otherwise.
@@ -271,7 +276,7 @@ def models_create(
     """
     if unsafe_allow_unsigned:
         _warn_unsafe(model)
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         # The API's PUT creates or updates; reading first keeps `create` from changing a model.
         try:
             client.get_model(model)
@@ -293,6 +298,7 @@ def models_create(
         out.say(f"next: trust a publisher key with `modelkeep publishers add {model} PUBKEY_FILE`")
 
 
+@models_app.command("set", epilog=EPILOG)
 def models_set(
     ctx: typer.Context,
     model: ModelArgument,
@@ -304,9 +310,6 @@ def models_set(
         ),
     ] = False,
     unsafe_allow_unsigned: UnsafeAllowUnsignedOption = False,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Change the description of MODEL or whether its pushes must be signed.
@@ -322,7 +325,7 @@ def models_set(
     if unsafe_allow_unsigned:
         _warn_unsafe(model)
     required = True if require_signature else (False if unsafe_allow_unsigned else None)
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         # The API's PUT would create a missing model; `set` only changes an existing one.
         client.get_model(model)
         changed = client.put_model(model, description=description, require_signature=required)
@@ -331,6 +334,25 @@ def models_set(
         return
     out.say(f"updated model {out.clean(changed.get('name', model))}")
     _describe_model(changed)
+
+
+@models_app.command("ls", epilog=EPILOG)
+def models_ls(
+    ctx: typer.Context,
+    json_output: JsonOption = False,
+) -> None:
+    """List the models this key may read.
+
+    Example: modelkeep models ls --json
+    """
+    with client_from(ctx.obj) as client:
+        models = client.list_models()
+    if json_output:
+        out.print_json(models)
+    elif not models:
+        out.say("no models yet: create one with `modelkeep models create NAME`")
+    else:
+        out.stdout_console().print(out.models_table(models))
 
 
 def _describe_model(model: JSONObject) -> None:
@@ -380,9 +402,6 @@ def publishers_add(
             show_default=False,
         ),
     ],
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Trust the public key in PUBKEY_FILE to sign pushes of MODEL.
@@ -392,7 +411,7 @@ def publishers_add(
     Example: modelkeep publishers add iris publisher.pub
     """
     trusted_pem = _read_public_key(public_key_file)
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         publisher = client.add_publisher(model, trusted_pem)
     if json_output:
         out.print_json(publisher)
@@ -425,16 +444,13 @@ def _read_public_key(path: Path) -> str:
 def publishers_ls(
     ctx: typer.Context,
     model: ModelArgument,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """List the publisher keys MODEL trusts, by fingerprint.
 
     Example: modelkeep publishers ls iris
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         publishers = client.list_publishers(model)
     if json_output:
         out.print_json(publishers)
@@ -459,16 +475,13 @@ def publishers_rm(
             callback=_check_fingerprint,
         ),
     ],
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Stop trusting a publisher key for MODEL; versions it signed stay.
 
     Example: modelkeep publishers rm iris sha256:4f0c...
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         client.remove_publisher(model, fingerprint)
     if json_output:
         out.print_json({"model": model, "fingerprint": fingerprint})

@@ -1,5 +1,8 @@
 """Options shared by the client commands, and parsing of the values people type.
 
+The connection options (``--url``, ``--token``, ``--cacert``) belong to the ``modelkeep`` group
+and are given once, before the command (``modelkeep --url URL models ls``), or by environment.
+
 A value that cannot be right (a name the server would refuse, an expiry in the past) is a usage
 error caught here, before any request, so it exits with typer's code 2 and says what is expected.
 """
@@ -25,6 +28,7 @@ UrlOption = Annotated[
         envvar="MODELKEEP_URL",
         help="Server address.",
         show_default=True,
+        rich_help_panel="Connection (commands that talk to a server)",
     ),
 ]
 TokenOption = Annotated[
@@ -35,6 +39,7 @@ TokenOption = Annotated[
         envvar="MODELKEEP_TOKEN",
         help="API key (mk_...). Prefer the environment variable: arguments show up in `ps`.",
         show_default=False,
+        rich_help_panel="Connection (commands that talk to a server)",
     ),
 ]
 CacertOption = Annotated[
@@ -47,6 +52,7 @@ CacertOption = Annotated[
         "default: the system trust store.",
         show_default=False,
         dir_okay=False,
+        rich_help_panel="Connection (commands that talk to a server)",
     ),
 ]
 JsonOption = Annotated[

@@ -20,14 +20,13 @@ import typer
 
 from modelkeep.cli import _output as out
 from modelkeep.cli._client import (
-    DEFAULT_URL,
     PUSH_READ_TIMEOUT_S,
     JSONObject,
     client_from,
 )
-from modelkeep.cli._errors import exit_codes_epilog
+from modelkeep.cli._errors import SEE_EXIT_CODES
 from modelkeep.cli._models import ModelArgument
-from modelkeep.cli._params import CacertOption, JsonOption, TokenOption, UrlOption
+from modelkeep.cli._params import JsonOption
 from modelkeep.cli._policy_assess import policy_assess
 from modelkeep.cli._policy_input import (
     ALARM_ACTIONS,
@@ -46,7 +45,7 @@ from modelkeep.cli._policy_input import (
 
 __all__ = ["policy_app"]
 
-EPILOG = exit_codes_epilog()
+EPILOG = SEE_EXIT_CODES
 
 # A full API key, pasted where its id belongs, would end up in URLs and server logs.
 _API_KEY = re.compile(r"mk_[a-z2-7]{12}_.+", re.ASCII | re.DOTALL)
@@ -141,16 +140,13 @@ def _warn_idle(model: str, policy: JSONObject) -> None:
 def policy_show(
     ctx: typer.Context,
     model: ModelArgument,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show the guard policy of MODEL and the keys its detectors blocked or throttled.
 
     Example: modelkeep policy show digits
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         policy = client.get_policy(model)
     if json_output:
         out.print_json(policy)
@@ -271,9 +267,6 @@ def policy_set(
             help="Remove every limit and the budget first; limit options given with it apply.",
         ),
     ] = False,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Change the guard policy of MODEL: only what is given changes, the rest stays.
@@ -297,7 +290,7 @@ def policy_set(
         on_alarm=on_alarm,
         prada_threshold=prada_threshold,
     )
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         current = client.get_policy(model)
         updated = client.put_policy(model, merged_policy(current, changes))
     if json_output:
@@ -374,9 +367,6 @@ def policy_calibrate(
             show_default=False,
         ),
     ],
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Set the PRADA threshold and the OOD reference of MODEL from benign rows.
@@ -387,7 +377,7 @@ def policy_calibrate(
     """
     rows = read_rows(benign)
     # The server runs every row through the model before it answers.
-    with client_from(ctx.obj, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client:
+    with client_from(ctx.obj, read_timeout=PUSH_READ_TIMEOUT_S) as client:
         policy = client.calibrate_policy(model, rows)
     if json_output:
         out.print_json(policy)
@@ -404,16 +394,13 @@ def policy_unblock(
     ctx: typer.Context,
     model: ModelArgument,
     key_id: KeyIdArgument,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Lift a detector's block or throttle of KEY_ID on MODEL and forget its query history.
 
     Example: modelkeep policy unblock digits abcdefgh2345
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         client.unblock_key(model, key_id)
     if json_output:
         out.print_json({"model": model, "key": key_id})
@@ -426,16 +413,13 @@ def policy_reset_budget(
     ctx: typer.Context,
     model: ModelArgument,
     key_id: KeyIdArgument,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Give KEY_ID its whole daily and monthly budget on MODEL back.
 
     Example: modelkeep policy reset-budget digits abcdefgh2345
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         client.reset_budget(model, key_id)
     if json_output:
         out.print_json({"model": model, "key": key_id})

@@ -13,9 +13,9 @@ from typing import Annotated
 import typer
 
 from modelkeep.cli import _output as out
-from modelkeep.cli._client import DEFAULT_URL, PUSH_READ_TIMEOUT_S, client_from
+from modelkeep.cli._client import PUSH_READ_TIMEOUT_S, client_from
 from modelkeep.cli._models import ModelArgument
-from modelkeep.cli._params import CacertOption, JsonOption, TokenOption, UrlOption
+from modelkeep.cli._params import JsonOption
 from modelkeep.cli._policy_input import read_assessment
 
 __all__ = ["policy_assess"]
@@ -53,9 +53,6 @@ def policy_assess(
     apply: Annotated[
         bool, typer.Option("--apply", help="Set the recommended output policy (audited).")
     ] = False,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Measure how much each output policy leaks about MODEL's training rows.
@@ -68,7 +65,7 @@ def policy_assess(
     Example: modelkeep policy assess digits --members train.npz --non-members test.npz --apply
     """
     data = read_assessment(members, non_members)
-    with client_from(ctx.obj, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client:
+    with client_from(ctx.obj, read_timeout=PUSH_READ_TIMEOUT_S) as client:
         report = client.assess_policy(
             model, data, version=version, target_auc=target_auc, apply=apply
         )

@@ -33,8 +33,9 @@ class _InitResult(Protocol):
 _SETTING_SOURCES = {
     "data_dir": "--data-dir / MODELKEEP_DATA_DIR",
     "host": "--host / MODELKEEP_HOST",
-    "port": "--port / MODELKEEP_PORT",
+    "port": "--port / AIP_HTTP_PORT / MODELKEEP_PORT",
     "workers": "--workers / MODELKEEP_WORKERS",
+    "grpc_port": "--grpc-port / MODELKEEP_GRPC_PORT",
     "database_url": "--database-url / MODELKEEP_DATABASE_URL",
 }
 
@@ -124,7 +125,10 @@ def serve(
     port: Annotated[
         int | None,
         typer.Option(
-            metavar="PORT", help="TCP port (env MODELKEEP_PORT; default 8443).", show_default=False
+            metavar="PORT",
+            help="TCP port (env AIP_HTTP_PORT, as Vertex AI sets it, else MODELKEEP_PORT; "
+            "default 8443).",
+            show_default=False,
         ),
     ] = None,
     workers: Annotated[
@@ -132,6 +136,16 @@ def serve(
         typer.Option(
             metavar="N",
             help="Worker processes (env MODELKEEP_WORKERS; default 1).",
+            show_default=False,
+        ),
+    ] = None,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(
+            "--grpc-port",
+            metavar="PORT",
+            help="Also serve the Open Inference Protocol over gRPC (TLS, same keys) on this "
+            "port, e.g. 8081 (env MODELKEEP_GRPC_PORT; default 0: off).",
             show_default=False,
         ),
     ] = None,
@@ -148,7 +162,10 @@ def serve(
 ) -> None:
     """Run the server over HTTPS until interrupted.
 
-    Example: modelkeep serve --data-dir ./data --port 8443
+    As a SageMaker container (`docker run IMAGE serve`), set MODELKEEP_SAGEMAKER=true: it then
+    listens on 0.0.0.0, port SAGEMAKER_BIND_TO_PORT or 8080 (docs/protocols.md).
+
+    Example: modelkeep serve --data-dir ./data --port 8443 --grpc-port 8081
     """
     given: dict[str, Any] = {
         name: value
@@ -157,6 +174,7 @@ def serve(
             "host": host,
             "port": port,
             "workers": workers,
+            "grpc_port": grpc_port,
             "database_url": database_url,
         }.items()
         if value is not None

@@ -34,10 +34,18 @@ from modelkeep.cli._client import (
     PUSH_READ_TIMEOUT_S,
     PUSH_RETRIES,
     ApiClient,
+    ClientOverrides,
+    Connection,
+    Invocation,
     JSONObject,
     client_from,
 )
-from modelkeep.cli._errors import EXIT_FAILURE, exit_code_for, exit_codes_epilog
+from modelkeep.cli._errors import (
+    EXIT_FAILURE,
+    SEE_EXIT_CODES,
+    exit_code_for,
+    exit_codes_epilog,
+)
 from modelkeep.cli._params import (
     CacertOption,
     JsonOption,
@@ -52,7 +60,7 @@ from modelkeep.errors import ModelkeepError, ModelRefused
 #: Push reads and sends the model in pieces of this size, so no file is ever held in memory.
 CHUNK_SIZE = 1024 * 1024
 
-EPILOG = exit_codes_epilog()
+EPILOG = SEE_EXIT_CODES
 
 
 class _Group(TyperGroup):
@@ -80,29 +88,37 @@ app = typer.Typer(
     name="modelkeep",
     cls=_Group,
     help="modelkeep: a secure model server. Push models, move labels, manage API keys.",
-    epilog=EPILOG,
+    # The one full table of exit codes; each command's help points here.
+    epilog=exit_codes_epilog(),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-)
-models_app = typer.Typer(
-    help="Create, configure and list models (signature requirement, description).",
-    no_args_is_help=True,
 )
 versions_app = typer.Typer(help="List the versions of a model.", no_args_is_help=True)
 label_app = typer.Typer(
     help="Point labels (production, staging...) at versions.", no_args_is_help=True
 )
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
+app.add_typer(_models.models_app, name="models")
 app.add_typer(versions_app, name="versions")
 app.add_typer(label_app, name="label")
 app.add_typer(keys_app, name="keys")
 app.add_typer(_models.publishers_app, name="publishers")
 app.add_typer(_policy.policy_app, name="policy")
 app.add_typer(_kek.kek_app, name="kek")
-models_app.command("create", epilog=EPILOG)(_models.models_create)
-models_app.command("set", epilog=EPILOG)(_models.models_set)
+
+
+@app.callback()
+def connection_options(
+    ctx: typer.Context,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    cacert: CacertOption = None,
+) -> None:
+    """Where the server is, given once for every command that talks to it."""
+    overrides = ctx.obj if isinstance(ctx.obj, ClientOverrides) else ClientOverrides()
+    ctx.obj = Invocation(Connection(url=url, token=token, cacert=cacert), overrides)
+
 
 ModelArgument = Annotated[str, typer.Argument(help="Model name.", callback=check_name)]
 LabelArgument = Annotated[str, typer.Argument(help="Label name.", callback=check_name)]
@@ -144,9 +160,6 @@ def push(
     ],
     signature: SignatureOption = None,
     sign_key: SignKeyOption = None,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Upload PATH, with its signature, as the next version of MODEL (create MODEL first).
@@ -160,7 +173,7 @@ def push(
         raise typer.BadParameter(
             "give --signature or --sign-key, not both", param_hint="'--signature'"
         )
-    with client_from(ctx.obj, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client:
+    with client_from(ctx.obj, read_timeout=PUSH_READ_TIMEOUT_S) as client:
         bundle = _models.push_signature(path, signature=signature, sign_key=sign_key)
         with _models.open_artifact(path, leave_out=signature) as artifact:
             try:
@@ -256,42 +269,17 @@ def _push_with_progress(
 # -- models, versions, labels -----------------------------------------------------------------
 
 
-@models_app.command("ls", epilog=EPILOG)
-def models_ls(
-    ctx: typer.Context,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
-    json_output: JsonOption = False,
-) -> None:
-    """List the models this key may read.
-
-    Example: modelkeep models ls --json
-    """
-    with client_from(ctx.obj, url, token, cacert) as client:
-        models = client.list_models()
-    if json_output:
-        out.print_json(models)
-    elif not models:
-        out.say("no models yet: create one with `modelkeep models create NAME`")
-    else:
-        out.stdout_console().print(out.models_table(models))
-
-
 @versions_app.command("ls", epilog=EPILOG)
 def versions_ls(
     ctx: typer.Context,
     model: ModelArgument,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """List the versions of MODEL, oldest first.
 
     Example: modelkeep versions ls iris
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         versions = client.list_versions(model)
         if json_output:
             out.print_json(versions)
@@ -310,16 +298,13 @@ def label_set(
     model: ModelArgument,
     label: LabelArgument,
     version: Annotated[int, typer.Argument(help="Version number.", min=1)],
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Point LABEL of MODEL at VERSION (creating or moving the label).
 
     Example: modelkeep label set iris production 3
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         answer = client.set_label(model, label, version)
     if json_output:
         out.print_json(answer)
@@ -335,16 +320,13 @@ def label_rm(
     ctx: typer.Context,
     model: ModelArgument,
     label: LabelArgument,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Remove LABEL from MODEL; the version it pointed at stays.
 
     Example: modelkeep label rm iris staging
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         client.remove_label(model, label)
     if json_output:
         out.print_json({"model": model, "label": label})
@@ -386,9 +368,6 @@ def keys_create(
         ),
     ] = None,
     description: Annotated[str, typer.Option(metavar="TEXT", help="What the key is for.")] = "",
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create an API key; its secret is printed once and cannot be shown again.
@@ -401,7 +380,7 @@ def keys_create(
             expires_at = parse_expires(expires, now=datetime.now(UTC))
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--expires'") from exc
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         key = client.create_key(
             role=role, models=model, expires_at=expires_at, description=description
         )
@@ -420,16 +399,13 @@ def keys_create(
 @keys_app.command("ls", epilog=EPILOG)
 def keys_ls(
     ctx: typer.Context,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """List every API key (never their secrets).
 
     Example: modelkeep keys ls
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         keys = client.list_keys()
     if json_output:
         out.print_json(keys)
@@ -443,16 +419,13 @@ def keys_ls(
 def keys_revoke(
     ctx: typer.Context,
     key_id: Annotated[str, typer.Argument(metavar="ID", help="The key's id (see keys ls).")],
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Revoke a key; every server refuses it within a second.
 
     Example: modelkeep keys revoke abcdefgh2345
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         key = client.revoke_key(key_id)
     if json_output:
         out.print_json(key)
@@ -465,16 +438,13 @@ def keys_revoke(
 @app.command(epilog=EPILOG)
 def whoami(
     ctx: typer.Context,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    cacert: CacertOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show the key in use: its id, role, models and expiry.
 
     Example: modelkeep whoami
     """
-    with client_from(ctx.obj, url, token, cacert) as client:
+    with client_from(ctx.obj) as client:
         key = client.whoami()
     if json_output:
         out.print_json(key)

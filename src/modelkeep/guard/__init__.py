@@ -1,21 +1,4 @@
-"""Admission and tensor validation in front of the runtime; output hardening after it."""
+"""Admission in front of the runtime; detection and output hardening after it.
 
-from modelkeep.guard.tensors import (
-    BINARY_CONTENT_TYPE,
-    INFERENCE_HEADER_CONTENT_LENGTH,
-    JSON_CONTENT_TYPE,
-    InferRequest,
-    RequestedOutput,
-    decode_infer_request,
-    encode_infer_response,
-)
-
-__all__ = [
-    "BINARY_CONTENT_TYPE",
-    "INFERENCE_HEADER_CONTENT_LENGTH",
-    "JSON_CONTENT_TYPE",
-    "InferRequest",
-    "RequestedOutput",
-    "decode_infer_request",
-    "encode_infer_response",
-]
+(The V2 tensor codec is the V2 protocol's: ``modelkeep.api.v2.codec``.)
+"""

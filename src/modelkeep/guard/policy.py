@@ -18,6 +18,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
+from modelkeep.auth.principal import ROLES
 from modelkeep.errors import InvalidInput
 from modelkeep.guard.admission import Limits
 from modelkeep.guard.detection import OodReference
@@ -25,7 +26,6 @@ from modelkeep.guard.hardening import OutputPolicy
 
 DETECTORS = frozenset({"prada", "ood", "nearcopy"})
 ALARM_ACTIONS = ("log", "alert", "throttle", "block")
-ROLES = ("admin", "publisher", "consumer", "auditor")
 # A throttled caller keeps this share of its rates.
 THROTTLE_FACTOR = 0.1
 _FULL = OutputPolicy.parse("full")

@@ -1,13 +1,16 @@
 """What a push must pass before anything is stored: structure, signature, scan, runtime.
 
-The order is the design's (DESIGN §2), written as a checklist. The artifact arrives as an
-:class:`~modelkeep.registry.upload.Upload`, sealed on the way in; the checks read it back from
-that sealed copy, decrypting as they read, so plaintext is never written to disk and never held
-whole: file digests are computed as the bytes stream past, and each file is scanned through a
-seekable view of the sealed copy that decrypts only the segments its analyser reads. A file
-of a format the server only scans (safetensors, pickle, text, anything unidentified) is
-therefore never in memory whole; one whose analyser takes a whole buffer is held while it is
-scanned, and the servable file once more for the smoke run.
+Written as a numbered checklist. The order is not quite DESIGN §2's, which scans before it verifies
+the signature: here the signature is verified first, over digests taken as the bytes streamed in,
+so that no parser looks at the content of a push that is not signed by a trusted publisher
+(docs/architecture.md, "Where the code and the design differ"). The artifact arrives as an
+:class:`~modelkeep.registry.upload.Upload`, sealed on the way in; the checks read it back from that
+sealed copy, decrypting as they read, so plaintext is never written to disk and never held whole:
+file digests are computed as the bytes stream past, and each file is scanned through a seekable
+view of the sealed copy that decrypts only the segments its analyser reads. A file of a format the
+server only scans (safetensors, pickle, text, anything unidentified) is therefore never in memory
+whole; one whose analyser takes a whole buffer is held while it is scanned, and the servable file
+once more for the smoke run.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Any
 
 from modelkeep.scanning._archive import Member, scan_members
 from modelkeep.scanning._context import Buffer, MemoryReader, Scan, join
-from modelkeep.scanning._zip import OpenZip, read_json
+from modelkeep.scanning._zip_archive import OpenZip, read_json
 from modelkeep.scanning.detect import hdf5_superblock_offset
 
 __all__ = ["scan_hdf5", "scan_keras_zip"]

@@ -58,7 +58,8 @@ def scan_onnx(
 
     model = onnx.ModelProto()
     try:
-        model.ParseFromString(memoryview(data))
+        # protobuf parses any buffer without a copy; its stubs say bytes only.
+        model.ParseFromString(memoryview(data))  # type: ignore[arg-type]
     except Exception as exc:  # DecodeError, RuntimeError or ValueError by protobuf backend
         scan.high(location, f"not a valid ONNX model ({type(exc).__name__})")
         return "onnx"

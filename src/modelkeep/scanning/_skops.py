@@ -19,7 +19,7 @@ from typing import Any
 from modelkeep.scanning._archive import scan_members
 from modelkeep.scanning._context import Scan, join
 from modelkeep.scanning._pickle_policy import danger
-from modelkeep.scanning._zip import OpenZip, read_json
+from modelkeep.scanning._zip_archive import OpenZip, read_json
 
 __all__ = ["APPROVED_SKLEARN_TYPES", "scan_skops"]
 

@@ -17,158 +17,27 @@ reader can load is an error.
 
 from __future__ import annotations
 
-import json
 import posixpath
-import stat
 import struct
 import zipfile
 from collections.abc import Callable
 
 from modelkeep.scanning._archive import Member, check_members, scan_members
-from modelkeep.scanning._context import Buffer, MemoryReader, Scan, join, show
+from modelkeep.scanning._context import Buffer, MemoryReader, Scan, join
+from modelkeep.scanning._keras import scan_keras_zip
 from modelkeep.scanning._pickle import UNSAFE_PICKLE, scan_torch_pickle
 from modelkeep.scanning._pickle_policy import TORCH_STORAGE_SIZES
-from modelkeep.scanning._zip_readers import (
-    TooLarge,
-    Unreadable,
-    local_header,
-    read_central,
-    read_local,
-    scan_hidden,
-)
+from modelkeep.scanning._skops import scan_skops
+from modelkeep.scanning._zip_archive import OpenZip, read_json, short_error
+from modelkeep.scanning._zip_readers import local_header, scan_hidden
 from modelkeep.scanning.report import Severity
 
-__all__ = ["OpenZip", "scan_zip"]
+__all__ = ["OpenZip", "read_json", "scan_zip"]
 
 _LOCAL = b"PK\x03\x04"
 _DESCRIPTOR = b"PK\x07\x08"
 _END = b"PK\x05\x06"
 _END64_LOCATOR = b"PK\x06\x07"
-_PEEK = 64 * 1024
-_CHUNK = 1 << 20
-
-
-class OpenZip:
-    """An opened, layout-checked zip; the family scanners read members through it."""
-
-    def __init__(self, scan: Scan, zf: zipfile.ZipFile, location: str, view: memoryview) -> None:
-        self.scan = scan
-        self.zf = zf
-        self.location = location
-        self.view = view
-        self.infos = list(zf.infolist())
-        # Members only a streaming reader could read, analysed that way already.
-        self.read_locally: set[str] = set()
-
-    def read(self, info: zipfile.ZipInfo, keep: bool = True) -> bytes | None:
-        """The member's bytes as loaders read them, or None after a finding. ``keep=False``
-        only verifies it, in pieces, and returns b""."""
-        where = join(self.location, info.filename)
-        if info.compress_type != zipfile.ZIP_STORED and not self.scan.charge(info.file_size, where):
-            return None
-        # 1. As Python's zipfile reads it (numpy, skops, Keras): CRC-32 and headers checked.
-        try:
-            with self.zf.open(info) as handle:
-                if keep:
-                    return handle.read()
-                while handle.read(_CHUNK):
-                    pass
-                return b""
-        except Exception as exc:  # BadZipFile, NotImplementedError, RuntimeError, zlib.error...
-            refused = show(_short(exc), 160)  # zipfile's message quotes the member's name
-        # 2. As PyTorch's reader and lenient unzip tools read it: no CRC-32, central sizes.
-        try:
-            content = read_central(self.view, info)
-        except Unreadable as exc:
-            lenient = str(exc)
-        else:
-            self.scan.add(
-                Severity.LOW,
-                where,
-                f"Python's zipfile (numpy, skops, Keras) refuses this member ({refused}), but "
-                "PyTorch's reader and lenient unzip tools read it: what they read was analysed",
-            )
-            return content if keep else b""
-        # 3. As streaming unzip tools read it: the local header's method, sizes and flags.
-        self.read_locally.add(info.filename)
-        try:
-            local = read_local(
-                self.view, info, self.scan.limits.max_total_bytes - self.scan.unpacked
-            )
-        except (Unreadable, TooLarge):
-            local = None
-        if local is None:
-            self.scan.high(
-                where,
-                f"no reader can load this member: Python's zipfile refuses it ({refused}) and "
-                f"readers that check less cannot decode it ({lenient}); it was not analysed",
-            )
-            return None
-        self.scan.add(
-            Severity.LOW,
-            where,
-            f"only streaming unzip tools, which trust the local header, can read this member "
-            f"(Python's zipfile: {refused}; PyTorch's reader: {lenient}): what they read was "
-            "analysed",
-        )
-        return local if keep else b""
-
-    def local_readings(self) -> list[tuple[zipfile.ZipInfo, bytes]]:
-        """What streaming readers get from local headers that disagree with the central
-        directory (method, sizes, flags): each such member with the bytes read its local way."""
-        readings: list[tuple[zipfile.ZipInfo, bytes]] = []
-        for info in self.infos:
-            if info.filename in self.read_locally:
-                continue
-            where = join(self.location, info.filename)
-            cap = self.scan.limits.max_total_bytes - self.scan.unpacked
-            try:
-                content = read_local(self.view, info, cap)
-            except Unreadable:
-                continue  # that reader fails on it; nothing it could load
-            except TooLarge as exc:
-                self.scan.critical(
-                    where,
-                    f"read by its local header, the member unpacks past max_total_bytes "
-                    f"({exc}): a decompression bomb for streaming unzip tools",
-                )
-                continue
-            if content is not None and self.scan.charge(len(content), where):
-                readings.append((info, content))
-        return readings
-
-    def peek(self, info: zipfile.ZipInfo) -> bytes:
-        try:
-            with self.zf.open(info) as handle:
-                return handle.read(_PEEK)
-        except Exception:  # reported when the member is read in full
-            return b""
-
-    def members(self) -> list[Member]:
-        return [self._member(info) for info in self.infos]
-
-    def _member(self, info: zipfile.ZipInfo) -> Member:
-        mode = (info.external_attr >> 16) & 0o170000 if info.create_system == 3 else 0
-        if info.is_dir():
-            kind = "dir"
-        elif stat.S_ISLNK(mode):
-            kind = "symlink"
-        elif mode and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-            kind = "special"
-        else:
-            kind = "file"
-        link = ""
-        if kind == "symlink":
-            target = self.read(info) if info.file_size <= 4096 else None
-            link = target.decode("utf-8", "replace") if target is not None else "/"
-
-        def read(keep: bool) -> bytes | None:
-            return self.read(info, keep)
-
-        def peek() -> bytes:
-            return self.peek(info)
-
-        return Member(info.filename, info.file_size, kind, read, link=link, peek=peek)
 
 
 def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
@@ -184,7 +53,7 @@ def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
         ValueError,
         EOFError,
     ) as exc:
-        scan.high(location, f"not a readable zip archive ({_short(exc)})")
+        scan.high(location, f"not a readable zip archive ({short_error(exc)})")
         return "zip"
     with zf:
         archive = OpenZip(scan, zf, location, view)
@@ -420,16 +289,12 @@ def _scan_pytorch(
 def _scan_skops(
     scan: Scan, archive: OpenZip, members: list[Member], data: Buffer, depth: int
 ) -> None:
-    from modelkeep.scanning._skops import scan_skops
-
     scan_skops(scan, bytes(data), archive, depth)
 
 
 def _scan_keras(
     scan: Scan, archive: OpenZip, members: list[Member], data: Buffer, depth: int
 ) -> None:
-    from modelkeep.scanning._keras import scan_keras_zip
-
     scan_keras_zip(scan, archive, members, depth)
 
 
@@ -438,26 +303,3 @@ _FAMILIES: dict[str, Callable[[Scan, OpenZip, list[Member], Buffer, int], None]]
     "skops": _scan_skops,
     "keras": _scan_keras,
 }
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:120] if text else type(exc).__name__).replace("\x00", "")
-
-
-def read_json(scan: Scan, archive: OpenZip, name: str) -> object | None:
-    """A JSON member, parsed; None after a finding when it is missing or not JSON."""
-    info = next((i for i in archive.infos if i.filename == name), None)
-    where = join(archive.location, name)
-    if info is None:
-        scan.high(where, "this member is missing")
-        return None
-    content = archive.read(info)
-    if content is None:
-        return None
-    try:
-        parsed: object = json.loads(content)
-    except (ValueError, RecursionError) as exc:
-        scan.high(where, f"not valid JSON ({type(exc).__name__})")
-        return None
-    return parsed

@@ -502,7 +502,7 @@ def test_non_http_scopes_pass_through_untouched() -> None:
 
 
 def test_fast_path_state_gives_route_and_served_version_and_body_in_state_stays_out() -> None:
-    """A pure-ASGI handler that bypasses the router (like api._fast) reports through the state."""
+    """A pure-ASGI handler that bypasses the router reports through the state."""
 
     async def fast_infer(scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()

@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from modelkeep.api.v2.infer import v2_call
 from modelkeep.audit import tracing
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.service import Service
@@ -46,10 +47,10 @@ def test_spans_cover_the_inference_path(tmp_path: Path) -> None:
         ).encode()
         tracing.enable()
         try:
-            service.infer(admin, "iris", None, body)
+            service.dataplane.infer_now(admin, "iris", v2_call(body))
         finally:
             tracing.disable()
-        service.infer(admin, "iris", None, body)  # off again: no new spans
+        service.dataplane.infer_now(admin, "iris", v2_call(body))  # off again: no new spans
     finally:
         service.stop()
     names = [s.name for s in EXPORTER.get_finished_spans()]

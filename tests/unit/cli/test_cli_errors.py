@@ -187,7 +187,7 @@ def test_url_comes_from_the_environment_with_its_path_prefix(
 
 
 def test_plain_http_to_another_host_is_refused(invoke: Invoke, server: FakeServer) -> None:
-    result = invoke("whoami", "--url", "http://models.example:8080")
+    result = invoke("--url", "http://models.example:8080", "whoami")
 
     assert result.exit_code == 1
     assert result.stderr.startswith("error: refusing to send an API key over plain http")
@@ -195,7 +195,7 @@ def test_plain_http_to_another_host_is_refused(invoke: Invoke, server: FakeServe
 
 
 def test_plain_http_to_loopback_is_allowed(invoke: Invoke, server: FakeServer) -> None:
-    result = invoke("whoami", "--url", "http://127.0.0.1:8080")
+    result = invoke("--url", "http://127.0.0.1:8080", "whoami")
 
     assert result.exit_code == 0, result.output
 
@@ -204,7 +204,7 @@ def test_unreadable_ca_file_is_reported(invoke: Invoke, tmp_path: Path) -> None:
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate")
 
-    result = invoke("whoami", "--cacert", str(bad))
+    result = invoke("--cacert", str(bad), "whoami")
 
     assert result.exit_code == 1
     assert f"error: CA certificate '{bad}' is not a readable PEM file\n" == result.stderr
@@ -224,7 +224,7 @@ def closed_port() -> Iterator[int]:
 def test_connection_refused_gets_a_human_message(invoke: Invoke, closed_port: int) -> None:
     url = f"https://127.0.0.1:{closed_port}"
 
-    result = invoke("whoami", "--url", url, transport=None)
+    result = invoke("--url", url, "whoami", transport=None)
 
     assert result.exit_code == 1
     expected = f"error: cannot connect to {url}: connection refused (is the server running?)\n"
@@ -379,7 +379,7 @@ def test_cacert_lets_the_client_trust_the_servers_certificate(
 ) -> None:
     url, ca_file, _ = tls_server
 
-    result = invoke("whoami", "--url", url, "--cacert", str(ca_file), "--json", transport=None)
+    result = invoke("--url", url, "--cacert", str(ca_file), "whoami", "--json", transport=None)
 
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["id"] == "tlskey"
@@ -405,7 +405,7 @@ def test_untrusted_certificate_gets_a_human_message(
     invoke: Invoke, tls_server: tuple[str, Path, Path], use_other_ca: bool
 ) -> None:
     url, _, other_ca = tls_server
-    args = ["whoami", "--url", url] + (["--cacert", str(other_ca)] if use_other_ca else [])
+    args = ["--url", url] + (["--cacert", str(other_ca)] if use_other_ca else []) + ["whoami"]
 
     result = invoke(*args, transport=None)
 

@@ -45,23 +45,46 @@ def test_help_works_for_every_command(command: list[str]) -> None:
     assert f"Usage: modelkeep {' '.join(command)}".rstrip() in result.stdout
 
 
+def _lines(command: list[str]) -> list[str]:
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
+    return [line.strip("│ ").strip() for line in result.stdout.splitlines()]
+
+
+def test_the_root_help_lists_every_exit_code() -> None:
+    lines = _lines([])
+
+    assert "Exit codes:" in lines
+    for row in ERROR_TABLE:
+        if row.exit_code != 1:
+            assert f"{row.exit_code}  {row.meaning} (HTTP {row.status})" in lines
+
+
 @pytest.mark.parametrize(
     "command",
     [
         c
         for c in COMMANDS
-        if c not in (["models"], ["versions"], ["label"], ["keys"], ["publishers"])
+        if c not in ([], ["models"], ["versions"], ["label"], ["keys"], ["publishers"])
     ],
-    ids=lambda c: " ".join(c) or "modelkeep",
+    ids=" ".join,
 )
-def test_help_epilog_lists_the_exit_codes(command: list[str]) -> None:
-    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
+def test_a_commands_help_points_at_the_exit_codes_instead_of_repeating_them(
+    command: list[str],
+) -> None:
+    text = " ".join(_lines(command))
 
-    lines = [line.strip() for line in result.stdout.splitlines()]
-    assert "Exit codes:" in lines
+    assert "listed once, in `modelkeep --help`" in text
     for row in ERROR_TABLE:
-        if row.exit_code != 1:
-            assert f"{row.exit_code}  {row.meaning} (HTTP {row.status})" in lines
+        assert row.meaning not in text
+
+
+def test_the_connection_options_are_given_once_on_the_group_not_on_each_command() -> None:
+    root = " ".join(_lines([]))
+    whoami = " ".join(_lines(["whoami"]))
+
+    for option in ("--url", "--token", "--cacert"):
+        assert option in root
+        assert option not in whoami
 
 
 def test_root_help_lists_every_command() -> None:
@@ -84,7 +107,7 @@ def test_root_help_lists_every_command() -> None:
 
 def test_help_never_shows_the_token_from_the_environment() -> None:
     result = CliRunner().invoke(
-        app, ["whoami", "--help"], env={"MODELKEEP_TOKEN": "mk_zzzz_topsecretvalue"}
+        app, ["--help"], env={"MODELKEEP_TOKEN": "mk_zzzz_topsecretvalue", "COLUMNS": "200"}
     )
 
     assert "MODELKEEP_TOKEN" in result.stdout
@@ -115,3 +138,12 @@ def test_help_does_not_import_the_server_side() -> None:
     )
 
     assert finished.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_models_ls_create_and_set_are_one_group_in_one_module() -> None:
+    from modelkeep.cli import _models
+
+    names = {command.name for command in _models.models_app.registered_commands}
+    assert names == {"ls", "create", "set"}
+    lines = _lines(["models"])
+    assert {"ls", "create", "set"} <= {line.split(" ")[0] for line in lines}

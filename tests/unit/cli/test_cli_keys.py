@@ -228,7 +228,7 @@ def test_whoami_human_output(invoke: Invoke) -> None:
 
 
 def test_token_option_wins_over_the_environment(invoke: Invoke, server: FakeServer) -> None:
-    result = invoke("whoami", "--token", ADMIN_TOKEN, "--json", token="mk_other_key")
+    result = invoke("--token", ADMIN_TOKEN, "whoami", "--json", token="mk_other_key")
 
     assert result.exit_code == 0, result.output
     assert f"Bearer {ADMIN_TOKEN}" == server.requests[0].headers["authorization"]

@@ -12,10 +12,11 @@ import pytest
 from sklearn.datasets import load_iris
 
 from modelkeep.api.policy import policy_out
+from modelkeep.api.v2.infer import v2_call
 from modelkeep.auth import Principal
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.guard.policy import DEFAULT_POLICY, ModelPolicy
-from modelkeep.service import Service
+from modelkeep.service import Budget, Service
 from modelkeep.settings import Settings
 from modelkeep.testing import build_iris_onnx
 
@@ -39,7 +40,7 @@ def service(tmp_path: Path) -> Iterator[tuple[Service, Principal, Principal]]:
 
 def infer(
     svc: Service, principal: Principal, rows: np.ndarray
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+) -> tuple[dict[str, np.ndarray], Budget | None]:
     body = json.dumps(
         {
             "inputs": [
@@ -52,11 +53,8 @@ def infer(
             ]
         }
     ).encode()
-    content, headers = svc.infer(principal, "iris", None, body)
-    outputs = {
-        o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in json.loads(content)["outputs"]
-    }
-    return outputs, headers
+    result = svc.dataplane.infer_now(principal, "iris", v2_call(body))
+    return result.outputs, result.budget
 
 
 def test_a_new_model_gets_the_defaults_and_the_api_says_so(
@@ -89,7 +87,7 @@ def test_admin_sees_full_outputs_and_consumer_only_what_the_default_allows_on_th
     for start in range(0, ROWS, BATCH):
         batch = rows[start : start + BATCH]
         full, _ = infer(svc, admin, batch)
-        shown, headers = infer(svc, consumer, batch)
+        shown, budget = infer(svc, consumer, batch)
         # Admin: the model's own probabilities (rows of a distribution, not one-hot).
         assert np.allclose(full["probabilities"].sum(axis=1), 1.0, atol=1e-5)
         assert np.count_nonzero(full["probabilities"], axis=1).max() > 1
@@ -100,8 +98,9 @@ def test_admin_sees_full_outputs_and_consumer_only_what_the_default_allows_on_th
         assert np.array_equal(shown["label"], full["label"])
         assert np.array_equal(np.argmax(scores, axis=1), np.argmax(full["probabilities"], axis=1))
         # Every key has a daily row budget.
-        assert headers["X-Budget-Limit"] == "100000"
-    assert int(headers["X-Budget-Remaining"]) == 100000 - ROWS
+        assert budget is not None
+        assert budget.limit == 100000
+    assert budget.remaining == 100000 - ROWS
 
 
 def test_output_full_is_one_change_kept_with_the_other_defaults_and_audited(
@@ -130,9 +129,10 @@ def test_a_batch_of_zero_rows_under_the_defaults_is_answered(
     service: tuple[Service, Principal, Principal],
 ) -> None:
     svc, _, consumer = service
-    shown, headers = infer(svc, consumer, np.zeros((0, 4), np.float32))
+    shown, budget = infer(svc, consumer, np.zeros((0, 4), np.float32))
     assert shown["probabilities"].shape == (0, 3)
-    assert headers["X-Budget-Remaining"] == "100000"
+    assert budget is not None
+    assert budget.remaining == 100000
 
 
 def test_calibration_fits_the_near_copy_width_of_dense_low_dimensional_data(

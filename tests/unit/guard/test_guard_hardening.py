@@ -13,6 +13,7 @@ import orjson
 import pytest
 from sklearn.datasets import load_iris
 
+from modelkeep.api.v2.codec import decode_infer_request, encode_infer_response
 from modelkeep.errors import InternalError, InvalidInput
 from modelkeep.guard.hardening import (
     DEFAULT_BETA,
@@ -21,7 +22,6 @@ from modelkeep.guard.hardening import (
     harden,
     score_outputs_of,
 )
-from modelkeep.guard.tensors import decode_infer_request, encode_infer_response
 from modelkeep.runtime.onnx import OnnxModel
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 from modelkeep.testing import build_iris_onnx

@@ -1,0 +1,2 @@
+"""The Azure ML online endpoint contract: ``POST /score``, ``GET /``, ``/swagger.json``
+(docs/protocols.md)."""

@@ -1,0 +1,1 @@
+"""The SageMaker container contract: ``GET /ping`` and ``POST /invocations`` (docs/protocols.md)."""
