@@ -500,8 +500,8 @@ def tfserving_target(modelkeep: Target, rows: list[list[float]]) -> Target:
         modelkeep.ssl_context,
         modelkeep.proc,
         modelkeep.admin,
-        TFSERVING_PATH,
-        tfserving_bodies(rows),
+        path=TFSERVING_PATH,
+        bodies=tfserving_bodies(rows),
     )
     v2 = smoke_outputs(modelkeep, infer_bodies(rows))
     assert target.bodies is not None

@@ -45,7 +45,10 @@ class DeferredFeed(Generic[T]):
         on_drop: Callable[[], None] | None = None,
     ) -> None:
         self._process = process
-        self._items: deque[tuple[int, T]] = deque()
+        # Items and their costs side by side: a (cost, item) pair per request would be one
+        # more object for the garbage collector to track while it waits (see gate.py).
+        self._items: deque[T] = deque()
+        self._costs: deque[int] = deque()
         self._capacity = capacity
         self._max_cost = max_cost
         self._cost = 0
@@ -66,10 +69,12 @@ class DeferredFeed(Generic[T]):
             while self._items and (
                 len(self._items) >= self._capacity or self._cost + cost > self._max_cost
             ):
-                self._cost -= self._items.popleft()[0]
+                self._items.popleft()
+                self._cost -= self._costs.popleft()
                 dropped += 1
             self.dropped += dropped
-            self._items.append((cost, item))
+            self._items.append(item)
+            self._costs.append(cost)
             self._cost += cost
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -105,8 +110,9 @@ class DeferredFeed(Generic[T]):
 
     def _take(self) -> list[T]:
         with self._lock:
-            batch = [item for _, item in self._items]
+            batch = list(self._items)
             self._items.clear()
+            self._costs.clear()
             self._cost = 0
         return batch
 

@@ -37,6 +37,9 @@ _HASH_MASK = (1 << 52) - 1
 _SEED = 20_221_115
 # Widths tried by calibration, widest (catches the noisiest copies) first.
 _WIDTHS = (0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
+# New rows compared at once with the rows they can see: at most _BLOCK x (window + _BLOCK) x
+# tables booleans at a time, however many rows one call brings.
+_BLOCK = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,15 +113,7 @@ class NearCopyDetector:
             window = np.empty((0, width)) if stored is None else stored.reshape(-1, width)
             window = np.concatenate([window, signatures])
             start = window.shape[0] - signatures.shape[0]
-            worst = 0
-            for index in range(start, window.shape[0]):
-                earlier = window[max(0, index - self.config.window) : index]
-                row = window[index]
-                if np.isnan(row[0]):  # a row with non-finite values: no signature
-                    continue
-                shared = np.any(earlier[:, 1:] == row[1:], axis=1) & (earlier[:, 0] != row[0])
-                # Distinct rows: a neighbour re-sent many times is still one near-copy.
-                worst = max(worst, len(set(earlier[shared, 0].tolist())))
+            worst = _most_near_copies(window, start, self.config.window)
             window = window[-self.config.window :]
             self._state.put(client, _WINDOW, window)
         return DetectionResult(
@@ -145,10 +140,17 @@ class NearCopyDetector:
         mixed = (buckets.view(np.uint64) * self._mixers).sum(axis=2, dtype=np.uint64)
         result = np.full((rows.shape[0], config.tables + 1), np.nan)
         result[:, 1:] = (mixed & np.uint64(_HASH_MASK)).astype(np.float64)
-        for i in np.flatnonzero(finite):
-            # A cryptographic hash here: rows an attacker made to collide with each other would
-            # pass as exact repeats, which are not counted.
-            result[i, 0] = _hash(np.ascontiguousarray(rows[i]).tobytes())
+        # A cryptographic hash here: rows an attacker made to collide with each other would
+        # pass as exact repeats, which are not counted. One pass over the rows' bytes, the
+        # digests gathered into one array.
+        data = memoryview(np.ascontiguousarray(rows, dtype=np.float64).tobytes())
+        size = rows.shape[1] * 8
+        kept = np.flatnonzero(finite).tolist()
+        digests = b"".join(
+            hashlib.blake2b(data[i * size : (i + 1) * size], digest_size=8).digest() for i in kept
+        )
+        exact = np.frombuffer(digests, dtype="<u8") & np.uint64(_HASH_MASK)
+        result[kept, 0] = exact.astype(np.float64)
         result[~finite] = np.nan
         return result
 
@@ -164,9 +166,38 @@ class NearCopyDetector:
         return found
 
 
-def _hash(data: bytes) -> float:
-    digest = hashlib.blake2b(data, digest_size=8).digest()
-    return float(int.from_bytes(digest, "little") & _HASH_MASK)
+def _most_near_copies(window: np.ndarray, start: int, span: int) -> int:
+    """The most distinct near-copies that a row of ``window`` from ``start`` on has among the
+    ``span`` rows before it (rows are signatures: exact hash, then one hash per table).
+
+    A near-copy shares a table's hash with the row without being an exact repeat of it; a
+    neighbour re-sent many times is still one near-copy. Compared a block of rows against all
+    the rows they can see at once, instead of row by row; the row-by-row numpy calls were
+    the near-copy detector's cost. Repeats of one row have one signature, so a neighbour is
+    counted at its first appearance in the row's span: where the last earlier row with its
+    exact hash (``previous``) falls before the span.
+    """
+    exact, hashes = window[:, 0], window[:, 1:]
+    order = np.argsort(exact, kind="stable")
+    same = exact[order[1:]] == exact[order[:-1]]  # NaN (no signature) never equals
+    previous = np.full(exact.shape[0], -1)
+    previous[order[1:][same]] = order[:-1][same]
+    worst = 0
+    for first in range(start, window.shape[0], _BLOCK):
+        rows = np.arange(first, min(first + _BLOCK, window.shape[0]))
+        lowest = np.maximum(0, rows - span)
+        seen = np.arange(lowest[0], rows[-1])
+        if seen.size == 0:
+            continue
+        # Rows with non-finite values have NaN hashes: they share nothing with anything.
+        near = np.zeros((rows.size, seen.size), dtype=bool)
+        for table in range(hashes.shape[1]):
+            near |= hashes[rows, table][:, None] == hashes[seen, table]
+        near &= (seen >= lowest[:, None]) & (seen < rows[:, None])
+        near &= exact[seen] != exact[rows][:, None]
+        near &= previous[seen] < lowest[:, None]
+        worst = max(worst, int(near.sum(axis=1).max()))
+    return worst
 
 
 def calibrate_nearcopy(

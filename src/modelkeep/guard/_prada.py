@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
+from scipy.spatial.distance import cdist
 
 from modelkeep.errors import ConfigError, InvalidInput
 from modelkeep.guard._detector_state import DetectionResult, DetectorState, InMemoryDetectorState
@@ -144,20 +144,26 @@ class PradaDetector:
     ) -> DetectionResult:
         config = self.config
         stream = _Stream(self._state, client, config)
-        checks = _check_rows(sizes, config.checks_per_call)
-        lowest: float | None = None
         # Rows with non-finite values are ignored; told apart for the whole call at once.
-        finite = np.isfinite(rows).all(axis=1).tolist()
-        for index, (row, label) in enumerate(zip(rows, labels, strict=True)):
-            if finite[index]:
-                stream.add(row, label)
-            if checks[index] and stream.recorded - stream.checked >= config.check_every:
-                stream.checked = stream.recorded
-                window = stream.window()
+        finite = np.isfinite(rows).all(axis=1)
+        # Each row's distance (NaN: not recorded), one class at a time: a row's distance only
+        # depends on earlier rows of its own class.
+        distances = stream.measure(rows, labels, finite)
+        recorded = ~np.isnan(distances)
+        new = distances[recorded]
+        # Distances recorded up to and including each row; W is checked where the rows of
+        # separate calls would have checked it.
+        through = np.cumsum(recorded).tolist()
+        lowest: float | None = None
+        checked = stream.checked - stream.recorded
+        for index, check in enumerate(_check_rows(sizes, config.checks_per_call)):
+            if check and through[index] - checked >= config.check_every:
+                checked = through[index]
+                window = stream.window(new[:checked])
                 if window.size >= config.min_samples:
                     score = shapiro_w(window)
                     lowest = score if lowest is None else min(lowest, score)
-        window = stream.save()
+        window = stream.save(new, stream.recorded + checked)
         alarm = lowest is not None and lowest < config.threshold
         return DetectionResult(alarm=alarm, score=lowest, samples=int(window.size))
 
@@ -181,10 +187,7 @@ class _Stream:
     def __init__(self, state: DetectorState, client: str, config: PradaConfig) -> None:
         self._state, self._client, self._config = state, client, config
         stored = state.get(client, _DISTANCES)
-        # The stored window stays an array; this call's new distances are appended to a list
-        # (converting a 2000-value window to a list and back cost more than the rest).
         self._stored: np.ndarray = np.zeros(0) if stored is None else stored
-        self._new: list[float] = []
         # [classes tracked, distances ever recorded, recorded at the last check of W]
         count = state.get(client, _CLASS_COUNT)
         self._class_count = 0 if count is None else int(count[0])
@@ -195,29 +198,76 @@ class _Stream:
         self._admitted: dict[str, np.ndarray] = {}
         self._touched: set[str] = set()
 
-    def add(self, row: np.ndarray, label: str) -> None:
-        """Record a row of finite values."""
-        if label not in self._members and not self._load(label, row):
-            return
-        group, history = self._members[label], self._admitted[label]
-        # 2. The query's minimum distance to the growing set of its predicted class.
-        with np.errstate(over="ignore"):  # absurdly large rows give inf, skipped below
-            nearest = float(np.sqrt(np.min(np.sum((group - row) ** 2, axis=1))))
-        if nearest == 0.0 or not math.isfinite(nearest):
-            return
-        self._new.append(nearest)
-        self.recorded += 1
-        if len(self._new) > 2 * self._config.max_samples:
-            del self._new[: -self._config.max_samples]
-        # 3. Far enough from every member: the query joins the set and T_c moves up.
-        if nearest > history[0]:
+    def measure(self, rows: np.ndarray, labels: list[str], finite: np.ndarray) -> np.ndarray:
+        """Each row's minimum distance to its class's growing set (NaN where none is
+        recorded), growing the sets as the rows, taken in order, would one by one."""
+        distances = np.full(rows.shape[0], np.nan)
+        by_class: dict[str, list[int]] = {}
+        for index in np.flatnonzero(finite).tolist():
+            by_class.setdefault(labels[index], []).append(index)
+        # Classes in order of first appearance: the order in which they would be founded.
+        for label, indices in by_class.items():
+            if not self._load(label, rows[indices[0]]):
+                if label not in self._members:  # no room for another class
+                    continue
+                indices = indices[1:]  # the founding row has no distance
+            # Blocks no longer than a growing set: a block's own members are never evicted
+            # while the block is measured.
             limit = self._config.max_growing
-            group = np.vstack([group, row])[-limit:]
-            spread = np.append(history[1:], nearest)[-limit:]
-            threshold = max(float(history[0]), float(np.mean(spread) - np.std(spread)))
-            self._members[label] = group
-            self._admitted[label] = np.concatenate([[threshold], spread])
+            for start in range(0, len(indices), limit):
+                block = indices[start : start + limit]
+                distances[block] = self._grow(label, rows[block])
+        return distances
+
+    def _grow(self, label: str, block: np.ndarray) -> np.ndarray:
+        """The distances of ``block`` (rows of one class, in order), and the class's growing
+        set and threshold moved on past them.
+
+        The distances to the stored set and among the block's rows are computed in two
+        matrix calls; only the admissions, which change what later rows are measured
+        against, are taken row by row. Saves the per-row numpy calls of a row-by-row update
+        (most of the detectors' cost on a stream of one-row requests).
+        """
+        limit = self._config.max_growing
+        group, history = self._members[label], self._admitted[label]
+        with np.errstate(over="ignore", invalid="ignore"):  # absurd rows: inf, skipped below
+            to_group = cdist(block, group)
+            within = cdist(block, block)
+        # A set grown past ``limit`` loses its oldest members: a row is measured against
+        # group[evicted:], whose minimum is its row of suffix[:, evicted].
+        suffix = np.minimum.accumulate(to_group[:, ::-1], axis=1)[:, ::-1]
+        # Each row's distance to the rows of the block admitted before it.
+        to_admitted = np.full(block.shape[0], np.inf)
+        # Each row's distance to the set as it stands: one flat list, read row by row and
+        # remade after each admission (rare once a set has grown), not a list per row.
+        nearest_now = suffix[:, 0].tolist()
+        threshold = float(history[0])
+        spread = history[1:].tolist()
+        admitted: list[int] = []
+        result = [math.nan] * block.shape[0]
+        for i in range(block.shape[0]):
+            nearest = nearest_now[i]
+            if nearest == 0.0 or not math.isfinite(nearest):
+                continue
+            result[i] = nearest
+            # 3. Far enough from every member: the query joins the set and T_c moves up.
+            if nearest > threshold:
+                admitted.append(i)
+                spread = [*spread, nearest][-limit:]
+                values = np.asarray(spread)
+                threshold = max(threshold, float(values.mean() - values.std()))
+                if i + 1 < block.shape[0]:
+                    np.minimum(to_admitted, within[:, i], out=to_admitted)
+                    # At most block size - 1 < limit admitted so far: evicted < len(group).
+                    evicted = max(0, group.shape[0] + len(admitted) - limit)
+                    nearest_now[i + 1 :] = np.minimum(
+                        suffix[i + 1 :, evicted], to_admitted[i + 1 :]
+                    ).tolist()
+        if admitted:
+            self._members[label] = np.concatenate([group, block[admitted]])[-limit:]
+            self._admitted[label] = np.asarray([threshold, *spread])
             self._touched.add(label)
+        return np.asarray(result)
 
     def _load(self, label: str, row: np.ndarray) -> bool:
         # True when the class has a growing set to measure against, False when the row was
@@ -242,42 +292,50 @@ class _Stream:
         self._admitted[label] = np.zeros(1) if admitted is None or admitted.size == 0 else admitted
         return True
 
-    def window(self) -> np.ndarray:
+    def window(self, new: np.ndarray) -> np.ndarray:
+        """The sliding window once ``new`` distances (in order) follow the stored ones."""
         limit = self._config.max_samples
-        if not self._new:
+        if not new.size:
             return self._stored[-limit:]
-        recent = np.asarray(self._new[-limit:], dtype=np.float64)
+        recent = new[-limit:]
         older = self._stored[max(0, self._stored.size - (limit - recent.size)) :]
         return np.concatenate([older, recent])
 
-    def save(self) -> np.ndarray:
+    def save(self, new: np.ndarray, checked: int) -> np.ndarray:
+        """Write the grown sets, the window with ``new`` and the counts; return the window."""
         for label in self._touched:
             self._state.put(self._client, _members_key(label), self._members[label])
             self._state.put(self._client, _admitted_key(label), self._admitted[label])
-        window = self.window()
+        window = self.window(new)
         self._state.put(self._client, _DISTANCES, window)
-        counts = np.array([self._class_count, self.recorded, self.checked], np.float64)
+        recorded = self.recorded + int(new.size)
+        counts = np.array([self._class_count, recorded, checked], np.float64)
         self._state.put(self._client, _CLASS_COUNT, counts)
         return window
 
 
 def shapiro_w(values: np.ndarray) -> float:
-    """The Shapiro-Wilk W of ``values`` (at least 3); 0.0 when they are all equal.
+    """The Shapiro-Wilk W of ``values`` (3 to 5000); 0.0 when they are all equal.
 
     Equal distances come from a grid or a fixed-step walk, the least normal stream there is.
     """
-    if values.size < 3:
-        raise InvalidInput("the Shapiro-Wilk statistic needs at least 3 values")
-    spread = float(np.max(values) - np.min(values))
-    if spread <= 1e-12 * max(1.0, float(np.max(np.abs(values)))):
+    if not 3 <= values.size <= _MAX_WINDOW:
+        raise InvalidInput(
+            f"the Shapiro-Wilk statistic takes 3 to {_MAX_WINDOW} values, not {values.size}"
+        )
+    # Array methods, not np.max and friends: this runs every few rows a server watches, and
+    # the wrappers' dispatch cost about a fifth of the whole test on a 2000-value window.
+    low, high = float(values.min()), float(values.max())
+    spread = high - low
+    if spread <= 1e-12 * max(1.0, abs(low), abs(high)):
         return 0.0
     # W does not depend on location or scale; standardizing keeps huge distances finite.
-    scaled = (values - np.mean(values)) / spread
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # p-value accuracy warnings; only W is used
-        # scipy's axis/NaN-policy decorator costs about 2 ms a call, ten times the test itself,
-        # on the inference path; what it would check (a finite 1-D array) holds here.
-        return float(stats.shapiro(scaled, _no_deco=True)[0])
+    scaled = (values - values.mean()) / spread
+    # scipy's axis/NaN-policy decorator costs about 2 ms a call, ten times the test itself,
+    # on the inference path; what it would check (a finite 1-D array) holds here. No warning
+    # filter either (it cost a tenth of the test): scipy warns only for fewer than 3 or more
+    # than 5000 values or a zero range, all excluded above.
+    return float(stats.shapiro(scaled, _no_deco=True)[0])
 
 
 def calibrate_prada(

@@ -184,6 +184,27 @@ class Limits:
         spec = getattr(self, name)
         return None if spec is None else _parse_rate(name, spec, budget=name == "budget")
 
+    @functools.cached_property
+    def _moving_windows(self) -> tuple[tuple[LimitName, _Rate, bool, str], ...]:
+        """The moving windows that are set, in checking order, each with whether it is counted
+        per principal and its length as its key spells it: worked out once per policy, not on
+        every request."""
+        windows: list[tuple[LimitName, _Rate, bool, str]] = []
+        kinds: tuple[tuple[LimitName, bool], ...] = (
+            ("rate", True),
+            ("row_rate", True),
+            ("model_rate", False),
+        )
+        for name, per_principal in kinds:
+            rate = self._rate(name)
+            if rate is not None:
+                windows.append((name, rate, per_principal, str(rate.window)))
+        return tuple(windows)
+
+    @functools.cached_property
+    def _budget(self) -> _Rate | None:
+        return self._rate("budget")
+
 
 class _Slot:
     """One held concurrency slot; released at most once."""
@@ -282,7 +303,7 @@ class Admission:
         self._instance = secrets.token_hex(8)
         self._requests = itertools.count()
         # The current calendar window per budget period: (start, end, start time, end time).
-        self._windows: dict[str, tuple[float, float, datetime, datetime]] = {}
+        self._windows: dict[str, tuple[float, float, str, datetime, int]] = {}
         self.storage_kind = "memory" if storage_uri == "memory://" else "redis"
 
     def ping(self) -> None:
@@ -320,14 +341,9 @@ class Admission:
 
         # 2-4. Moving windows. A cost over the whole limit could never pass: say so now
         # instead of promising a retry time.
-        windows: tuple[tuple[LimitName, int, bool], ...] = (
-            ("rate", 1, True),
-            ("row_rate", rows, True),
-            ("model_rate", 1, False),
-        )
-        for name, cost, per_principal in windows:
-            rate = limits._rate(name)
-            if rate is None or cost == 0:
+        for name, rate, per_principal, length in limits._moving_windows:
+            cost = rows if name == "row_rate" else 1
+            if cost == 0:
                 continue
             amount = rate.amount
             if per_principal and throttle_factor < 1.0:
@@ -342,12 +358,12 @@ class Admission:
                     else f"{rows} rows is more than model '{model}' accepts in one window now; "
                     "send smaller batches"
                 )
-            parts = (name, str(rate.window), model) + ((principal,) if per_principal else ())
+            parts = (name, length, model, principal) if per_principal else (name, length, model)
             checks.append(WindowCheck(self._key(*parts), amount, float(rate.window), cost, request))
             names.append(name)
 
         # 5. Budget: one counter per calendar window, keyed by the window's start.
-        budget = limits._rate("budget")
+        budget = limits._budget
         budget_reset: datetime | None = None
         if budget is not None and rows > 0:
             if rows > budget.amount:
@@ -355,11 +371,9 @@ class Admission:
                     f"{rows} rows; the {_ADJECTIVE[budget.period]} budget for model "
                     f"'{model}' is {budget.amount} rows"
                 )
-            start, budget_reset = self._calendar_window(budget.period, now)
-            key = self._budget_key(principal, model, budget.period, start)
-            checks.append(
-                BudgetCheck(key, budget.amount, rows, int(budget_reset.timestamp()) + _BUDGET_GRACE)
-            )
+            stamp, budget_reset, expires_at = self._calendar_window(budget.period, now)
+            key = self._key("budget", budget.period, stamp, model, principal)
+            checks.append(BudgetCheck(key, budget.amount, rows, expires_at))
             names.append("budget")
 
         # 6. Concurrency: a leased slot, freed by Admitted.release or by the lease running out.
@@ -415,23 +429,23 @@ class Admission:
         if isinstance(self._counters, RedisCounters):
             self._counters.close()
 
-    def _calendar_window(self, period: str, now: float) -> tuple[datetime, datetime]:
-        """:func:`_calendar_window`, remembered until ``now`` leaves the window."""
+    def _calendar_window(self, period: str, now: float) -> tuple[str, datetime, int]:
+        """For the calendar window of ``now``: the stamp of its budget keys, its end, and when
+        its counter may expire; remembered until ``now`` leaves the window."""
         found = self._windows.get(period)
         if found is None or not found[0] <= now < found[1]:
             start, end = _calendar_window(period, now)
-            found = (start.timestamp(), end.timestamp(), start, end)
+            stamp = _budget_stamp(period, start)
+            expires_at = int(end.timestamp()) + _BUDGET_GRACE
+            found = (start.timestamp(), end.timestamp(), stamp, end, expires_at)
             self._windows[period] = found
-        return found[2], found[3]
+        return found[2], found[3], found[4]
 
     def _key(self, *parts: str) -> str:
         return _counter_key(self._prefix, parts)
 
     def _budget_key(self, principal: str, model: str, period: str, start: datetime) -> str:
-        # An f-string: strftime costs several times as much, on every request with a budget.
-        month = f"{start.year:04d}-{start.month:02d}"
-        stamp = f"{month}-{start.day:02d}" if period == "day" else month
-        return self._key("budget", period, stamp, model, principal)
+        return self._key("budget", period, _budget_stamp(period, start), model, principal)
 
     def _refusal(
         self, name: LimitName, model: str, now: float, retry_after: float | None, limits: Limits
@@ -463,6 +477,12 @@ class Admission:
         return RateLimited(
             what, retry_after=max(_MIN_RETRY_AFTER, retry_after or 0.0), details=details
         )
+
+
+def _budget_stamp(period: str, start: datetime) -> str:
+    """How a budget key names its calendar window: ``2026-12-06`` or ``2026-12``."""
+    month = f"{start.year:04d}-{start.month:02d}"
+    return f"{month}-{start.day:02d}" if period == "day" else month
 
 
 def _calendar_window(period: str, now: float) -> tuple[datetime, datetime]:

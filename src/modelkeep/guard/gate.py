@@ -53,8 +53,8 @@ _UNLIMITED = Admitted()
 # Alarm actions that never change the answer being sent: their detectors are fed off the
 # request path (see InferenceGate.observe).
 _DEFERRABLE = frozenset({"log", "alert"})
-# Requests of more tensor elements (inputs and outputs) than this are fed on the request path;
-# the queue holds at most DeferredFeed's max_cost (4M) elements.
+# Requests whose watched tensors (the first input and the answer) hold more elements than this
+# are fed on the request path; the queue holds at most DeferredFeed's max_cost (4M) elements.
 _DEFER_MAX_ELEMENTS = 1 << 16
 
 
@@ -71,15 +71,20 @@ AlarmSink = Callable[[str, str, ModelPolicy, list[Alarm]], None]
 
 @dataclass(frozen=True, slots=True)
 class _Observation:
-    """One request queued for the detectors: what the caller sent and what the model said."""
+    """One request queued for the detectors: its rows and the model's answer to them.
+
+    Only the two arrays the detectors read are kept, not the request's dicts: every object
+    the garbage collector tracks that a queued request keeps alive moves the collector toward
+    a full pass over the server's heap (a pause of 100 ms or more, measured with the defaults
+    on: bench/README.md), so a queued request holds as few as it can.
+    """
 
     principal: str
     model: str
     version: int
     policy: ModelPolicy
-    inputs: Mapping[str, np.ndarray]
-    outputs: Mapping[str, np.ndarray]
-    signature: ModelSignature
+    x: np.ndarray | None
+    answer: np.ndarray | None
     sink: AlarmSink
 
 
@@ -151,18 +156,17 @@ class InferenceGate:
         """
         if not policy.detect:
             return []
+        x, answer = _watched(inputs, outputs, signature)
         if sink is not None and policy.on_alarm in _DEFERRABLE:
-            cost = sum(value.size for value in inputs.values())
-            cost += sum(value.size for value in outputs.values())
+            cost = (0 if x is None else x.size) + (0 if answer is None else answer.size)
             # A large request is fed here: the queue's memory stays small, and one big call
             # already pays the detectors' fixed cost once for many rows.
             if cost <= _DEFER_MAX_ELEMENTS:
-                item = _Observation(
-                    principal, model, version, policy, inputs, outputs, signature, sink
+                self.feed.put(
+                    _Observation(principal, model, version, policy, x, answer, sink), cost
                 )
-                self.feed.put(item, cost)
                 return []
-        return self._observe(principal, model, version, policy, [(inputs, outputs)], signature)
+        return self._observe(principal, model, version, policy, [(x, answer)])
 
     def _feed_batch(self, batch: list[_Observation]) -> None:
         """Feed a batch of queued requests: each caller's requests in one call per detector."""
@@ -172,15 +176,10 @@ class InferenceGate:
             groups.setdefault(key, []).append(item)
         for items in groups.values():
             first = items[0]
-            calls = [(item.inputs, item.outputs) for item in items]
+            calls = [(item.x, item.answer) for item in items]
             try:
                 alarms = self._observe(
-                    first.principal,
-                    first.model,
-                    first.version,
-                    first.policy,
-                    calls,
-                    first.signature,
+                    first.principal, first.model, first.version, first.policy, calls
                 )
             except InvalidInput as exc:
                 log.warning("detectors skipped %d requests on %s: %s", len(items), first.model, exc)
@@ -194,47 +193,54 @@ class InferenceGate:
         model: str,
         version: int,
         policy: ModelPolicy,
-        calls: list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
-        signature: ModelSignature,
+        calls: list[tuple[np.ndarray | None, np.ndarray | None]],
     ) -> list[Alarm]:
-        """Feed one caller's consecutive calls, as if made one by one, to the detectors."""
+        """Feed one caller's consecutive calls (``_watched`` of each), as if made one by one,
+        to the detectors. The calls' rows are converted and stacked in one go, so a batch of
+        one-row requests costs the detectors a few numpy calls, not a few per request."""
         xs: list[np.ndarray] = []
-        labelled: list[tuple[np.ndarray, np.ndarray]] = []
-        for inputs, outputs in calls:
-            x = _features(inputs)
+        answers: list[np.ndarray] = []
+        labelled: list[np.ndarray] = []
+        for x, answer in calls:
+            if x is None:
+                continue
+            x = x.reshape(x.shape[0], -1)
             # Rows of another width cannot join the caller's stream (PRADA refuses them).
-            if x is None or (xs and x.shape[1] != xs[0].shape[1]):
+            if xs and x.shape[1] != xs[0].shape[1]:
                 continue
             xs.append(x)
-            if "prada" in policy.detect:
-                predicted = _predicted(outputs, signature)
-                if predicted is not None and len(predicted) == len(x):
-                    labelled.append((x, predicted))
+            if "prada" in policy.detect and answer is not None and len(answer) == len(x):
+                answers.append(answer)
+                labelled.append(x)
         if not xs:
             return []
+        rows = _stack(xs).astype(np.float64, copy=False)
         client = f"{principal}@{version}"
         alarms: list[Alarm] = []
         if labelled:
             prada = self._prada_for(model, policy.prada_threshold)
+            stacked = _stack(answers)
             result = prada.observe_calls(
                 client,
-                _stack([x for x, _ in labelled]),
-                _stack([predicted for _, predicted in labelled]),
-                [len(x) for x, _ in labelled],
+                rows if len(labelled) == len(xs) else _stack(labelled).astype(np.float64),
+                stacked if stacked.ndim == 1 else stacked.argmax(axis=1),
+                [len(x) for x in labelled],
             )
             if result.alarm:
                 alarms.append(Alarm("prada", result.score, result.samples))
         if "nearcopy" in policy.detect:
             # Rows of one call are already taken as if sent one by one: the same for several.
-            result = self._nearcopy_for(model, policy.nearcopy_width).observe(client, _stack(xs))
+            result = self._nearcopy_for(model, policy.nearcopy_width).observe(client, rows)
             if result.alarm:
                 alarms.append(Alarm("nearcopy", result.score, result.samples))
         if "ood" in policy.detect and policy.ood_reference is not None:
             monitor = self._ood_for(model, policy)
             # The OOD verdict is the share after each call: fed call by call.
             worst: DetectionResult | None = None
+            start = 0
             for x in xs:
-                result = monitor.observe(client, x)
+                result = monitor.observe(client, rows[start : start + len(x)])
+                start += len(x)
                 if result.alarm and (worst is None or (result.score or 0) > (worst.score or 0)):
                     worst = result
             if worst is not None:
@@ -328,17 +334,21 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
-def _features(inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    """The first input as a (rows, features) float matrix, if it is numeric."""
+def _watched(
+    inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], signature: ModelSignature
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """What the detectors read of one request: its first input, if it is numeric rows, and
+    the output its predicted classes come from (:func:`_answer`)."""
     first = next(iter(inputs.values()), None)
     # A batch of zero rows has nothing to watch (and cannot be reshaped to rows x features).
     if first is None or first.ndim == 0 or first.dtype.kind not in "biuf" or first.shape[0] == 0:
-        return None
-    return np.asarray(first, dtype=np.float64).reshape(first.shape[0], -1)
+        first = None
+    return first, _answer(outputs, signature)
 
 
-def _predicted(outputs: Mapping[str, np.ndarray], signature: ModelSignature) -> np.ndarray | None:
-    """The predicted class per row: an integer or string label output, else the top score."""
+def _answer(outputs: Mapping[str, np.ndarray], signature: ModelSignature) -> np.ndarray | None:
+    """An integer or string label output (one label per row), else the first score output
+    (one row of scores per row, the top one is the predicted class)."""
     for spec in signature.outputs:
         value = outputs.get(spec.name)
         if value is not None and value.ndim == 1 and value.dtype.kind in "iuO":
@@ -346,9 +356,17 @@ def _predicted(outputs: Mapping[str, np.ndarray], signature: ModelSignature) -> 
     for name in score_outputs_of(signature):
         value = outputs.get(name)
         if value is not None and value.ndim == 2:
-            top: np.ndarray = np.argmax(value, axis=1)
-            return top
+            return value
     return None
+
+
+def _predicted(outputs: Mapping[str, np.ndarray], signature: ModelSignature) -> np.ndarray | None:
+    """The predicted class per row: an integer or string label output, else the top score."""
+    answer = _answer(outputs, signature)
+    if answer is None or answer.ndim == 1:
+        return answer
+    top: np.ndarray = answer.argmax(axis=1)
+    return top
 
 
 def calibrate(

@@ -325,6 +325,34 @@ def test_memory_per_client_is_bounded() -> None:
     assert len(state.get("c", "prada/d")) == config.max_samples  # type: ignore[arg-type]
 
 
+def test_one_call_of_many_rows_grows_the_sets_as_one_row_calls_do() -> None:
+    """A call's rows are measured a block at a time (guard/_prada.py, ``_grow``); a call of
+    one row is the row-by-row update itself. Both must leave the same state and lowest W,
+    with sets that evict members, a class limit, exact repeats and non-finite rows."""
+    config = PradaConfig(min_samples=5, max_samples=60, max_growing=3, max_classes=2)
+    rng = np.random.default_rng(11)
+    rows = np.round(rng.normal(size=(300, 3)), 1)
+    rows[rng.random(300) < 0.05, 1] = np.nan
+    rows[150:160] = rows[140]  # exact repeats
+    labels = rng.integers(0, 3, size=300)
+    one_by_one_state, at_once_state = InMemoryDetectorState(), InMemoryDetectorState()
+    one_by_one = PradaDetector(config, state=one_by_one_state)
+    scores = [
+        one_by_one.observe("c", row[None, :], label[None]).score
+        for row, label in zip(rows, labels, strict=True)
+    ]
+    at_once = PradaDetector(config, state=at_once_state)
+    result = at_once.observe_calls("c", rows, labels, [1] * len(rows))
+    assert result.score == min(score for score in scores if score is not None)
+    assert result.alarm == (result.score is not None and result.score < config.threshold)
+    expected, actual = dict(one_by_one_state._clients["c"]), dict(at_once_state._clients["c"])
+    assert sorted(expected) == sorted(actual)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(value, actual[key], err_msg=key)
+    assert int(actual["prada/classes"][0]) == 2  # the class limit held
+    assert len([key for key in actual if key.startswith("prada/g/")]) == 2
+
+
 def test_exact_repeats_are_not_recorded() -> None:
     detector = PradaDetector(PradaConfig())
     row = np.arange(8, dtype=np.float64)[None, :]
@@ -413,6 +441,13 @@ def test_shapiro_w_is_high_for_normal_samples_and_low_for_spikes() -> None:
     spiky = np.concatenate([np.full(150, 2.0), rng.normal(10.0, 0.1, size=50)])
     assert shapiro_w(spiky) < 0.7
     assert shapiro_w(np.full(10, 3.0)) == 0.0
+
+
+@pytest.mark.parametrize("size", [2, 5001])
+def test_shapiro_w_refuses_sizes_scipy_would_warn_about(size: int) -> None:
+    # W is computed without a warning filter: sizes scipy warns about must not reach it.
+    with pytest.raises(InvalidInput, match="3 to 5000"):
+        shapiro_w(np.random.default_rng(0).normal(size=size))
 
 
 def test_in_memory_state_forgets_the_least_recent_client_past_its_limit() -> None:

@@ -131,3 +131,34 @@ def test_two_replicas_sharing_redis_see_one_window(redis_url: str) -> None:
     assert results[-1].score == COPIES - 1
     replicas[0].reset("c")
     assert replicas[1].observe("c", copies[0][None, :]).score == 0.0
+
+
+def test_one_call_of_many_rows_counts_as_one_row_calls_do() -> None:
+    """A call's rows are compared with the window a block at a time; the window and the most
+    near-copies must be what one-row calls give, past the window and across blocks."""
+    config = NearCopyConfig(window=40, threshold=5)
+    rng = np.random.default_rng(3)
+    base = DIGITS[rng.integers(0, len(DIGITS), size=600)]
+    rows = base + rng.normal(size=base.shape) * (rng.random((600, 1)) < 0.5)
+    # One row sent again and again, exactly and with a little noise: a noisy copy's exact
+    # neighbours count once each, however often they were sent.
+    rows[rng.integers(0, 600, size=100)] = DIGITS[7]
+    noisy = rng.integers(0, 600, size=100)
+    rows[noisy] = DIGITS[7] + rng.normal(size=(100, DIGITS.shape[1])) * 0.1
+    rows[rng.random(600) < 0.02, 0] = np.inf
+    one_by_one = NearCopyDetector(config)
+    worst = max(one_by_one.observe("c", row[None, :]).score or 0.0 for row in rows)
+    at_once = NearCopyDetector(config)
+    assert at_once.observe("c", rows).score == worst
+    np.testing.assert_array_equal(
+        one_by_one._state.get("c", "nearcopy/w"), at_once._state.get("c", "nearcopy/w")
+    )
+
+
+def test_a_neighbour_sent_many_times_is_one_near_copy() -> None:
+    detector = NearCopyDetector(NearCopyConfig())
+    point = DIGITS[7]
+    scores = [detector.observe("c", point[None, :]).score for _ in range(20)]
+    assert scores == [0.0] * 20  # exact repeats are not near-copies of each other
+    noisy = point + np.random.default_rng(4).normal(size=point.size) * 0.001 * np.linalg.norm(point)
+    assert detector.observe("c", noisy[None, :]).score == 1.0
