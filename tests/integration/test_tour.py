@@ -6,6 +6,8 @@ import json
 import os
 import ssl
 import stat
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -182,33 +184,56 @@ def test_tritonclient_http_works_unchanged(iris_server: Server) -> None:
         client.close()
 
 
+# The KServe SDK's REST client, run in a process of its own: importing kserve registers its
+# generated protobuf messages in the default pool, where tritonclient.grpc (tests/integration/
+# test_grpc.py, same pytest process) registers the same names, and the second import fails.
+KSERVE_REST_CLIENT = """
+import asyncio, json, sys
+
+import numpy as np
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+url, ca, key, rows = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+
+
+async def call():
+    client = InferenceRESTClient(config=RESTConfig(protocol="v2", verify=ca))
+    try:
+        inp = InferInput(name="input", shape=[len(rows), len(rows[0])], datatype="FP32")
+        inp.set_data_from_numpy(np.asarray(rows, dtype=np.float32), binary_data=False)
+        request = InferRequest(model_name="iris", infer_inputs=[inp])
+        return await client.infer(
+            url, request, model_name="iris", headers={"Authorization": f"Bearer {key}"}
+        )
+    finally:
+        await client.close()
+
+
+response = asyncio.run(call())
+print(json.dumps({o.name: list(map(int, o.data)) for o in response.outputs if o.name == "label"}))
+"""
+
+
 def test_kserve_sdk_works_unchanged(iris_server: Server) -> None:
-    import asyncio
-
-    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-
     consumer = create_key(iris_server, "consumer", ["iris"])
-    rows = np.asarray(iris_rows(2), dtype=np.float32)
-
-    async def call() -> object:
-        config = RESTConfig(protocol="v2", verify=iris_server.tls())
-        client = InferenceRESTClient(config=config)
-        try:
-            inp = InferInput(name="input", shape=list(rows.shape), datatype="FP32")
-            inp.set_data_from_numpy(rows, binary_data=False)
-            request = InferRequest(model_name="iris", infer_inputs=[inp])
-            return await client.infer(
-                iris_server.url,
-                request,
-                model_name="iris",
-                headers={"Authorization": f"Bearer {consumer['key']}"},
-            )
-        finally:
-            await client.close()
-
-    response = asyncio.run(call())
-    outputs = {o.name: o for o in response.outputs}  # type: ignore[attr-defined]
-    assert list(outputs["label"].data) == local_labels(build_iris_onnx(), iris_rows(2))
+    rows = iris_rows(2)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KSERVE_REST_CLIENT,
+            iris_server.url,
+            str(iris_server.ca_cert),
+            consumer["key"],
+            json.dumps(np.asarray(rows, dtype=np.float32).tolist()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer["label"] == local_labels(build_iris_onnx(), rows)
 
 
 def test_no_file_in_the_data_dir_holds_model_plaintext(
