@@ -25,10 +25,13 @@ from modelkeep import __version__
 from modelkeep._service._base import SnapshotMemo, is_safe_name
 from modelkeep._service.backends import Backend, BackendProbe
 from modelkeep._service.capture import CaptureMixin
+from modelkeep._service.drift import DriftMixin
 from modelkeep._service.guard_admin import GuardAdminMixin
 from modelkeep._service.inference import PLATFORMS, InferenceMixin, InferTarget
 from modelkeep._service.kek import KekMixin
+from modelkeep._service.lineage import LineageMixin
 from modelkeep._service.management import CreatedKey, ManagementMixin
+from modelkeep._service.retention import RetentionMixin
 from modelkeep.audit import KEY_FILE as AUDIT_KEY_FILE
 from modelkeep.audit import AuditEvent, AuditLog, CheckpointSigner
 from modelkeep.audit.alerts import Alerter, AlertRule, Webhook
@@ -49,6 +52,7 @@ from modelkeep.errors import (
     Unavailable,
 )
 from modelkeep.guard.admission import Admission
+from modelkeep.guard.drift import DriftMonitor
 from modelkeep.guard.gate import InferenceGate, shared_state_factory
 from modelkeep.policy import Action, Authorizer
 from modelkeep.registry.blobs import BlobStore, blob_store_from
@@ -77,7 +81,16 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, KekMixin):
+class Service(
+    ManagementMixin,
+    GuardAdminMixin,
+    CaptureMixin,
+    InferenceMixin,
+    KekMixin,
+    LineageMixin,
+    RetentionMixin,
+    DriftMixin,
+):
     """modelkeep's core, shared by every protocol adapter in one worker process.
 
     This class holds construction, change propagation, audit helpers, authentication and
@@ -139,6 +152,12 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
         )
         self.capture_random: Callable[[], float] = random.random
         self._last_capture_purge = -float("inf")
+        # Lifecycle: retention rules applied by the poller; population drift fed off the
+        # request path, shed before the detectors when the server is busy.
+        self._last_retention = -float("inf")
+        self.drift = DriftMonitor(
+            self._on_drift, shed=self._drift_busy, on_drop=self.metrics.drift_feed_dropped
+        )
 
     @classmethod
     def open(cls, settings: Settings) -> Service:
@@ -187,6 +206,9 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
             self.authorizer.clear_cache()
             # Publishers or settings may have changed: failed loads get another chance.
             self._failed.clear()
+            # Versions deleted elsewhere are unloaded; drift references follow the snapshot.
+            self.forget_unlisted_sessions()
+            self.configure_drift_monitor()
             return True
 
     def start(self) -> None:
@@ -210,6 +232,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
         self._stop.set()
         # Requests queued for the detectors are fed, and their alarms audited, before the end.
         self.gate.feed.flush(timeout=5)
+        self.drift.feed.flush(timeout=5)
         self._wake.set()
         self.backends.stop()
         if self._listener is not None:
@@ -315,6 +338,7 @@ class Service(ManagementMixin, GuardAdminMixin, CaptureMixin, InferenceMixin, Ke
             except Exception:
                 log.exception("refresh failed")
             self.purge_captures()
+            self.apply_retention()
 
     def _warm(self) -> None:
         """Load every model's default version so the first request does not pay for it."""
@@ -521,6 +545,7 @@ def alerter_from(settings: Settings) -> Alerter | None:
         AlertRule("budget-spent", "budget_spent"),
         AlertRule("tampering", "tampering"),
         AlertRule("audit-verify-failed", "audit_verify_failed"),
+        AlertRule("drift", "drift"),
     ]
     hooks = [Webhook(url, settings.alert_webhook_secret) for url in settings.alert_webhooks]
     return Alerter(hooks, rules)

@@ -18,6 +18,7 @@ from modelkeep.audit.capture import CaptureRecord, CaptureWriter
 from modelkeep.audit.metrics import Metrics
 from modelkeep.auth import Principal
 from modelkeep.errors import InvalidInput
+from modelkeep.guard.drift import DriftMonitor
 from modelkeep.guard.gate import InferenceGate
 from modelkeep.guard.policy import CapturePolicy
 from modelkeep.policy import Action, Authorizer
@@ -28,6 +29,7 @@ from modelkeep.settings import Settings
 
 if TYPE_CHECKING:
     from modelkeep.crypto.signing import TrustedKey
+    from modelkeep.registry.lineage import Lineage
     from modelkeep.runtime.base import LoadedModel
 
 # The core's logger: log records keep the name they had before the service was split up.
@@ -81,6 +83,10 @@ class ServiceBase:
     _snapshot: Snapshot
     _alarm_seen: dict[tuple[str, str, str], float]
     _last_capture_purge: float
+    # Lifecycle (issue 16): loaded sessions, the drift monitor, the last retention run.
+    _sessions: dict[tuple[str, int], LoadedModel]
+    drift: DriftMonitor
+    _last_retention: float
 
     if TYPE_CHECKING:
 
@@ -109,6 +115,13 @@ class ServiceBase:
 
         @staticmethod
         def _trusted(model: ModelRecord | None) -> list[TrustedKey]: ...
+
+        def _calibrate_drift(
+            self, principal: Principal, model: str, rows: list[list[float]]
+        ) -> None: ...
+
+        @staticmethod
+        def check_lineage(record: ModelRecord, lineage: Lineage) -> None: ...
 
         def _capture(
             self,

@@ -110,6 +110,7 @@ class GuardAdminMixin(ServiceBase):
                 prada_threshold=threshold, nearcopy_width=width, ood_reference=reference.to_json()
             )
             self.store.set_policy(model, updated.dumps(), actor=principal.key_id, now=self._clock())
+        self._calibrate_drift(principal, model, rows)
         self.refresh()
         return updated
 

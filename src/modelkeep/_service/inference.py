@@ -169,6 +169,8 @@ class InferenceMixin(ServiceBase):
         )
         if alarms:
             self._on_alarms(principal.key_id, record.name, policy, alarms)
+        # Population drift: queued for the drift monitor's thread (a lookup when not monitored).
+        self.drift.offer(record.name, request.inputs)
         # 5. Harden what the caller's role may see.
         hardened = self.gate.harden(policy, principal.role, outputs, found.signature)
         content, headers = encode_infer_response(

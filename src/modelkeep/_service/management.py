@@ -16,6 +16,7 @@ from modelkeep.crypto.signing import TrustedKey, load_public_key
 from modelkeep.errors import InvalidInput, ModelRefused, NotFound
 from modelkeep.policy import Action
 from modelkeep.registry.intake import accept
+from modelkeep.registry.lineage import Lineage
 from modelkeep.registry.records import ModelRecord, VersionRecord, check_name
 from modelkeep.registry.store import PushKey, VersionDetails
 from modelkeep.registry.upload import Upload
@@ -54,6 +55,7 @@ class ManagementMixin(ServiceBase):
         is_directory: bool = False,
         bundle: bytes | None = None,
         idempotency_key: str | None = None,
+        lineage: Lineage | None = None,
     ) -> VersionRecord:
         """Verify, scan, seal, store and record a new version; all or nothing, audited.
 
@@ -72,6 +74,7 @@ class ManagementMixin(ServiceBase):
                     is_directory=is_directory,
                     bundle=bundle,
                     idempotency_key=idempotency_key,
+                    lineage=lineage,
                 )
         self.refresh()
         details: dict[str, Any] = {"size": data.size, "signed": bundle is not None}
@@ -81,6 +84,10 @@ class ManagementMixin(ServiceBase):
                 raise InvalidInput("invalid file name: use letters, digits, '.', '_', '+', '-'")
             if not data.size:
                 raise InvalidInput("the upload is empty")
+            if lineage is not None:
+                # Declared lineage (registry/lineage.py): its digest is audited, it is kept.
+                self.check_lineage(record, lineage)
+                details["lineage_sha256"] = hashlib.sha256(lineage.dumps().encode()).hexdigest()
             push_key = self._push_key(
                 principal, data, file_name, is_directory, bundle, idempotency_key
             )
@@ -125,6 +132,7 @@ class ManagementMixin(ServiceBase):
                 bundle=bundle,
                 scan_report=json.dumps(accepted.report.to_json(), sort_keys=True),
                 trusted_types=accepted.trusted_types,
+                lineage=None if lineage is None else lineage.dumps(),
             )
             number = self.registry.add_version(
                 model, data, version, uploaded_by=principal.key_id, push_key=push_key

@@ -60,7 +60,11 @@ class KeyRotation:
         """How many versions each KEK (by key id) wraps now."""
         v = t.versions.c
         with self._store._connect(self._store.engine) as conn:
-            rows = conn.execute(sa.select(v.kek_id, sa.func.count()).group_by(v.kek_id)).all()
+            rows = conn.execute(
+                sa.select(v.kek_id, sa.func.count())
+                .where(v.deleted_at.is_(None))
+                .group_by(v.kek_id)
+            ).all()
         return {str(row[0]): int(row[1]) for row in rows}
 
     def rewrap(self, *, limit: int = 100, after: int = 0) -> RewrapPass:
@@ -76,7 +80,8 @@ class KeyRotation:
         query = (
             sa.select(v.id, t.models.c.name, v.number, v.sha256, v.wrapped_key)
             .select_from(t.versions.join(t.models))
-            .where(v.kek_id != current, v.id > after)
+            # A crypto-shredded version has no data key left to re-wrap.
+            .where(v.kek_id != current, v.id > after, v.deleted_at.is_(None))
             .order_by(v.id)
             .limit(limit)
         )
