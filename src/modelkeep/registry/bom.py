@@ -17,6 +17,7 @@ with cyclonedx-python-lib 6 or later, ``_SCHEMA`` and ``_MODEL_TYPE`` move to 1.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -170,7 +171,11 @@ def version_bom(
     for component in dependencies:
         bom.components.add(component)
     bom.register_dependency(subject, dependencies)
-    text: str = JsonV1Dot4(bom).output_as_string()
+    with warnings.catch_warnings():
+        # A version declared without data or frameworks has no dependencies, and the library
+        # warns that the graph is "incomplete": it is complete, there is nothing to add.
+        warnings.filterwarnings("ignore", message=".*no defined dependencies.*")
+        text: str = JsonV1Dot4(bom).output_as_string()
     # Never hand out a document that does not validate: that is a bug, not bad input.
     problem = JsonStrictValidator(_SCHEMA).validate_str(text)
     if problem is not None:
