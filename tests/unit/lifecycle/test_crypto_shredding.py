@@ -18,9 +18,7 @@ from modelkeep.errors import Conflict, Forbidden, IntegrityError, KeyServiceErro
 from modelkeep.registry import _schema as t
 from modelkeep.testing import build_iris_onnx
 
-INFER = (
-    b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
-)
+INFER = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
 
 
 def unseal(path: Path, key: bytes, context: bytes, size: int) -> bytes:
@@ -50,7 +48,9 @@ def database_bytes(data_dir: Path) -> bytes:
     return found
 
 
-def test_a_deleted_version_cannot_be_opened_from_a_copy_of_its_blob(env: Env, tmp_path: Path) -> None:
+def test_a_deleted_version_cannot_be_opened_from_a_copy_of_its_blob(
+    env: Env, tmp_path: Path
+) -> None:
     svc = env.service
     assert (push(env, 0), push(env, 1)) == (1, 2)
     victim = svc.snapshot.models["iris"].versions[1]
@@ -67,7 +67,11 @@ def test_a_deleted_version_cannot_be_opened_from_a_copy_of_its_blob(env: Env, tm
 
     deleted = svc.delete_version(env.admin, "iris", "1")
 
-    assert (deleted.number, deleted.sha256, deleted.deleted_by) == (1, victim.sha256, env.admin.key_id)
+    assert (deleted.number, deleted.sha256, deleted.deleted_by) == (
+        1,
+        victim.sha256,
+        env.admin.key_id,
+    )
     assert deleted.deleted_at is not None
     # Every wrapped key left in the database fails to unwrap under the version's context, or
     # unwraps to a key that does not open the copy.

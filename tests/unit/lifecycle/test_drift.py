@@ -125,7 +125,12 @@ def test_bad_drift_settings_and_roles_are_refused(env: Env) -> None:
     with pytest.raises(InvalidInput, match="rectangular"):
         svc.configure_drift(env.admin, "iris", rows=[[1.0, 2.0], [1.0]])
     reference = rows(100, seed=0).tolist()
-    for bad in ({"window": 10}, {"psi_threshold": -1.0}, {"ks_alpha": 2.0}, {"psi_threshold": float("nan")}):
+    for bad in (
+        {"window": 10},
+        {"psi_threshold": -1.0},
+        {"ks_alpha": 2.0},
+        {"psi_threshold": float("nan")},
+    ):
         with pytest.raises(InvalidInput):
             svc.configure_drift(env.admin, "iris", rows=reference, **bad)  # type: ignore[arg-type]
     consumer = env.key("consumer")[0]

@@ -12,9 +12,7 @@ from modelkeep.audit.verify import verify_chain
 from modelkeep.errors import Forbidden, InvalidInput
 from modelkeep.testing import build_iris_onnx
 
-INFER = (
-    b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
-)
+INFER = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
 
 
 def push_versions(env: Env, count: int) -> None:
@@ -33,7 +31,10 @@ def test_keep_last_n_shreds_older_unlabelled_versions_and_audits_it(env: Env) ->
     model = svc.snapshot.models["iris"]
     assert (sorted(model.versions), sorted(model.deleted)) == ([1, 4, 5], [2, 3])
     entries = list(svc.audit.entries(action="version.delete"))
-    assert [(e.actor, e.details["version"]) for e in entries] == [("retention", 2), ("retention", 3)]
+    assert [(e.actor, e.details["version"]) for e in entries] == [
+        ("retention", 2),
+        ("retention", 3),
+    ]
     assert svc.apply_retention(force=True) == 0  # idempotent
     assert svc.apply_retention() == 0  # not due again within the interval
     assert verify_chain(svc.store.engine, None).ok
