@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from typer.core import TyperGroup
 
-from modelkeep.cli import _audit, _kek, _models, _policy, _scan, _server, _sign
+from modelkeep.cli import _audit, _kek, _lifecycle, _models, _policy, _scan, _server, _sign
 from modelkeep.cli import _output as out
 from modelkeep.cli._client import (
     DEFAULT_URL,
@@ -89,7 +89,10 @@ models_app = typer.Typer(
     help="Create, configure and list models (signature requirement, description).",
     no_args_is_help=True,
 )
-versions_app = typer.Typer(help="List the versions of a model.", no_args_is_help=True)
+versions_app = typer.Typer(
+    help="List the versions of a model, export their bill of materials, delete them.",
+    no_args_is_help=True,
+)
 label_app = typer.Typer(
     help="Point labels (production, staging...) at versions.", no_args_is_help=True
 )
@@ -103,6 +106,11 @@ app.add_typer(_policy.policy_app, name="policy")
 app.add_typer(_kek.kek_app, name="kek")
 models_app.command("create", epilog=EPILOG)(_models.models_create)
 models_app.command("set", epilog=EPILOG)(_models.models_set)
+models_app.command("delete", epilog=EPILOG)(_lifecycle.models_delete)
+versions_app.command("bom", epilog=EPILOG)(_lifecycle.versions_bom)
+versions_app.command("delete", epilog=EPILOG)(_lifecycle.versions_delete)
+app.add_typer(_lifecycle.retention_app, name="retention")
+app.add_typer(_lifecycle.drift_app, name="drift")
 
 ModelArgument = Annotated[str, typer.Argument(help="Model name.", callback=check_name)]
 LabelArgument = Annotated[str, typer.Argument(help="Label name.", callback=check_name)]
@@ -144,6 +152,7 @@ def push(
     ],
     signature: SignatureOption = None,
     sign_key: SignKeyOption = None,
+    lineage: _lifecycle.LineageOption = None,
     url: UrlOption = DEFAULT_URL,
     token: TokenOption = None,
     cacert: CacertOption = None,
@@ -160,15 +169,17 @@ def push(
         raise typer.BadParameter(
             "give --signature or --sign-key, not both", param_hint="'--signature'"
         )
+    declared = _lifecycle.read_lineage(lineage)
     with client_from(ctx.obj, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client:
         bundle = _models.push_signature(path, signature=signature, sign_key=sign_key)
         with _models.open_artifact(path, leave_out=signature) as artifact:
             try:
                 if json_output:
-                    version = _send(client, model, artifact, bundle, _chunks(artifact.handle))
+                    chunks = _chunks(artifact.handle)
+                    version = _send(client, model, artifact, bundle, chunks, declared)
                     out.print_json(version)
                     return
-                version = _push_with_progress(client, model, artifact, bundle)
+                version = _push_with_progress(client, model, artifact, bundle, declared)
             except ModelRefused as exc:
                 report = _models.refused_report(exc)
                 if report is not None and not json_output:
@@ -195,6 +206,7 @@ def _send(
     artifact: _models.Artifact,
     bundle: bytes | None,
     chunks: Callable[[], Iterator[bytes]],
+    lineage: bytes | None = None,
 ) -> JSONObject:
     # One fresh key per `modelkeep push`, the same for each of its retries.
     return client.push(
@@ -207,6 +219,7 @@ def _send(
         idempotency_key=str(uuid.uuid4()),
         # A pipe cannot be read twice: it is sent once.
         retries=PUSH_RETRIES if artifact.handle.seekable() else 0,
+        lineage=lineage,
     )
 
 
@@ -224,7 +237,11 @@ def _chunks(handle: IO[bytes]) -> Callable[[], Iterator[bytes]]:
 
 
 def _push_with_progress(
-    client: ApiClient, model: str, artifact: _models.Artifact, bundle: bytes | None
+    client: ApiClient,
+    model: str,
+    artifact: _models.Artifact,
+    bundle: bytes | None,
+    lineage: bytes | None = None,
 ) -> JSONObject:
     console = out.stderr_console()
     progress = Progress(
@@ -250,7 +267,7 @@ def _push_with_progress(
             # The answer comes after the server has scanned, encrypted and smoke-tested it.
             progress.update(task, description=f"{model}: server is checking the model")
 
-        return _send(client, model, artifact, bundle, chunks)
+        return _send(client, model, artifact, bundle, chunks, lineage)
 
 
 # -- models, versions, labels -----------------------------------------------------------------
