@@ -89,7 +89,13 @@ class ManagementMixin(ServiceBase):
                 self.check_lineage(record, lineage)
                 details["lineage_sha256"] = hashlib.sha256(lineage.dumps().encode()).hexdigest()
             push_key = self._push_key(
-                principal, data, file_name, is_directory, bundle, idempotency_key
+                principal,
+                data,
+                file_name,
+                is_directory,
+                bundle,
+                idempotency_key,
+                None if lineage is None else lineage.dumps(),
             )
             details["sha256"] = data.sha256
             if push_key is not None:
@@ -149,6 +155,7 @@ class ManagementMixin(ServiceBase):
         is_directory: bool,
         bundle: bytes | None,
         key: str | None,
+        lineage: str | None = None,
     ) -> PushKey | None:
         if key is None:
             return None
@@ -163,6 +170,9 @@ class ManagementMixin(ServiceBase):
                 is_directory,
                 None if bundle is None else hashlib.sha256(bundle).hexdigest(),
             ]
+            # Declared lineage is part of the request (a key reused with another is refused);
+            # without it the fingerprint stays what it was before lineage existed.
+            + ([] if lineage is None else [hashlib.sha256(lineage.encode()).hexdigest()])
         )
         return PushKey(
             principal=principal.key_id,

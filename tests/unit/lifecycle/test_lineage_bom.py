@@ -136,3 +136,28 @@ def test_a_parent_that_is_not_a_version_is_refused_and_nothing_is_stored(env: En
             lineage=parse_lineage('{"parent_version": 7}'),
         )
     assert dict(svc.snapshot.models["iris"].versions) == {}
+
+
+def test_an_idempotency_key_reused_with_other_lineage_is_a_conflict(env: Env) -> None:
+    from modelkeep.errors import Conflict
+
+    svc = env.service
+    key = "3f1c7a52-9b8e-4c1d-a2f0-5e6d7c8b9a01"
+    model = build_iris_onnx()
+    first = parse_lineage('{"code_revision": "a"}')
+    made = svc.push(
+        env.admin, "iris", model, file_name="m.onnx", idempotency_key=key, lineage=first
+    )
+    again = svc.push(
+        env.admin, "iris", model, file_name="m.onnx", idempotency_key=key, lineage=first
+    )
+    assert again.number == made.number == 1
+    with pytest.raises(Conflict):
+        svc.push(
+            env.admin,
+            "iris",
+            model,
+            file_name="m.onnx",
+            idempotency_key=key,
+            lineage=parse_lineage('{"code_revision": "b"}'),
+        )
