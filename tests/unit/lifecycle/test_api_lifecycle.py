@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import numpy as np
-from conftest import Env
 
+from conftest import Env
 from modelkeep.api.app import create_app
 from modelkeep.testing import build_iris_onnx
 
@@ -45,8 +45,10 @@ def lineage_header(document: object) -> str:
 def assert_error(response: httpx.Response, status: int) -> None:
     assert response.status_code == status, response.text
     body = response.json()
-    assert list(body) == ["error"] and isinstance(body["error"], str)
-    assert "Traceback" not in body["error"] and "/src/" not in body["error"]
+    assert list(body) == ["error"]
+    assert isinstance(body["error"], str)
+    assert "Traceback" not in body["error"]
+    assert "/src/" not in body["error"]
 
 
 def test_push_with_lineage_then_bom_delete_and_metadata(env: Env) -> None:
@@ -90,11 +92,11 @@ def test_push_with_lineage_then_bom_delete_and_metadata(env: Env) -> None:
     pushed, bom, deleted, again, shown, listed, infer, bom_deleted = run(env, call)
     assert pushed.status_code == 201, pushed.text
     assert pushed.json()["lineage"] == lineage
-    assert bom.status_code == 200 and bom.headers["content-type"].startswith(
-        "application/vnd.cyclonedx+json"
-    )
+    assert bom.status_code == 200
+    assert bom.headers["content-type"].startswith("application/vnd.cyclonedx+json")
     assert bom.json()["metadata"]["component"]["hashes"][0]["content"] == pushed.json()["sha256"]
-    assert deleted.status_code == 200 and deleted.json()["deleted_at"] is not None
+    assert deleted.status_code == 200
+    assert deleted.json()["deleted_at"] is not None
     assert_error(again, 409)
     assert shown.json()["deleted_by"] == deleted.json()["deleted_by"]
     assert [(v["version"], v["deleted_at"] is None) for v in listed.json()["versions"]] == [

@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import Env
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from typer.testing import CliRunner, Result
 
+from conftest import Env
 from modelkeep.api.app import create_app
 from modelkeep.cli import app
 from modelkeep.cli._client import ClientOverrides
@@ -76,7 +76,8 @@ def test_push_with_lineage_bom_and_delete(cli: tuple[Env, object], tmp_path: Pat
     assert props["modelkeep:declared:code_revision"] == "deadbeef"
 
     refused = run("versions", "delete", "iris", "1")  # type: ignore[operator]
-    assert refused.exit_code == 2 and "--yes" in refused.output
+    assert refused.exit_code == 2
+    assert "--yes" in refused.output
     deleted = run("versions", "delete", "iris", "1", "--yes")  # type: ignore[operator]
     assert deleted.exit_code == 0, deleted.output
     assert "data key destroyed" in deleted.stdout
@@ -114,7 +115,8 @@ def test_retention_and_drift_commands(cli: tuple[Env, object], tmp_path: Path) -
     np.save(benign, np.random.default_rng(0).normal(size=(200, 4)))
     drift = run("drift", "set", "iris", "--benign", str(benign), "--window", "100")  # type: ignore[operator]
     assert drift.exit_code == 0, drift.output
-    assert "window: 100" in drift.stdout and "no full window yet" in drift.stdout
+    assert "window: 100" in drift.stdout
+    assert "no full window yet" in drift.stdout
     assert run("models", "delete", "iris", "--yes").exit_code == 0  # type: ignore[operator]
     assert "iris" not in env.service.snapshot.models
 

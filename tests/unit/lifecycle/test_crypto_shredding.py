@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import Env
 
+from conftest import Env
 from modelkeep.audit.verify import verify_chain
 from modelkeep.crypto import associated_data_for
 from modelkeep.crypto.sealed import unseal_segments
@@ -98,7 +98,8 @@ def test_deleted_metadata_shows_deleted_and_inference_is_404(env: Env) -> None:
     svc.infer(consumer, "iris", "1", INFER)  # loaded into this worker
     svc.delete_version(env.admin, "iris", 1)
     shown = svc.version_record(env.admin, "iris", "1")
-    assert shown.deleted_at is not None and shown.wrapped_key == b""
+    assert shown.deleted_at is not None
+    assert shown.wrapped_key == b""
     assert [(v.number, v.deleted_at is not None) for v in svc.all_versions(env.admin, "iris")] == [
         (1, True),
         (2, False),
@@ -120,7 +121,7 @@ def test_a_labelled_version_is_refused_and_the_audit_log_keeps_every_step(env: E
     svc.delete_label(env.admin, "iris", "production")
     sha = svc.snapshot.models["iris"].versions[1].sha256
     svc.delete_version(env.admin, "iris", "1")
-    entries = [e for e in svc.audit.entries(action="version.delete")]
+    entries = list(svc.audit.entries(action="version.delete"))
     assert [(e.outcome, e.actor) for e in entries] == [
         ("failure", env.admin.key_id),
         ("success", env.admin.key_id),
@@ -193,12 +194,14 @@ def test_deleting_a_model_shreds_versions_and_captures(env: Env, tmp_path: Path)
     with pytest.raises(NotFound):
         svc.captures.get("iris", info.id)
     files = database_bytes(env.data_dir)
-    assert capture_key not in files and sealed not in files
+    assert capture_key not in files
+    assert sealed not in files
     for version in versions.values():
         assert version.wrapped_key not in files
         assert version.blob_key not in set(svc.registry.blobs.keys())
     with pytest.raises(Conflict, match="reserved"):
         svc.put_model(env.admin, "iris")
     [entry] = svc.audit.entries(action="model.delete")
-    assert entry.details["captures"] == 1 and entry.details["labels"] == {"production": 2}
+    assert entry.details["captures"] == 1
+    assert entry.details["labels"] == {"production": 2}
     assert verify_chain(svc.store.engine, None).ok

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Env
 
+from conftest import Env
 from modelkeep.errors import Forbidden, InvalidInput
 from modelkeep.guard.drift import DriftConfig, DriftMonitor, DriftScores, score
 from modelkeep.testing import build_iris_onnx, iris_rows
@@ -77,7 +77,8 @@ def test_unshifted_inputs_raise_neither_gauge_nor_alert(
     env, alerter = monitored
     send(env, rows(400, seed=1))
     psi = gauge(env, "modelkeep_drift_psi")
-    assert psi is not None and psi < 0.1
+    assert psi is not None
+    assert psi < 0.1
     assert gauge(env, "modelkeep_drift_features_drifted") == 0
     assert alerter.events == []
     status = env.service.drift_status(env.admin, "iris")
@@ -93,7 +94,8 @@ def test_shifted_inputs_raise_the_gauge_the_alert_and_an_audit_entry(
     assert alerter.events == []
     send(env, rows(400, seed=3, shift=1.5))
     psi = gauge(env, "modelkeep_drift_psi")
-    assert psi is not None and psi > 0.25
+    assert psi is not None
+    assert psi > 0.25
     assert (gauge(env, "modelkeep_drift_features_drifted") or 0) >= 1
     assert [kind for kind, _ in alerter.events] == ["drift"]  # once, on the crossing
     assert alerter.events[0][1]["model"] == "iris"
@@ -160,7 +162,8 @@ def test_the_monitor_sheds_when_busy_and_ignores_unmonitored_models() -> None:
     for seed in range(5):
         monitor.offer("m", {"x": rows(20, seed=seed)})
     monitor.feed.drain()
-    assert seen and not seen[-1].drifted
+    assert seen
+    assert not seen[-1].drifted
 
 
 def test_scores_separate_same_and_shifted_distributions() -> None:

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import Env
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 
+from conftest import Env
 from modelkeep.crypto.signing import generate_signing_key, sign_path
 from modelkeep.errors import InvalidInput
 from modelkeep.registry.lineage import MAX_LINEAGE_BYTES, parse_lineage, parse_lineage_header
@@ -113,7 +113,7 @@ def test_server_metrics_appear_in_the_bom(env: Env) -> None:
     ],
 )
 def test_malformed_or_oversized_lineage_is_refused_clearly(text: str, message: str) -> None:
-    with pytest.raises(InvalidInput, match="lineage|invalid") as info:
+    with pytest.raises(InvalidInput, match=r"lineage|invalid") as info:
         parse_lineage(text)
     assert message in info.value.message
 

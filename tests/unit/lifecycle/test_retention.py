@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import Env
 
+from conftest import Env
 from modelkeep.audit.verify import verify_chain
 from modelkeep.errors import Forbidden, InvalidInput
 from modelkeep.testing import build_iris_onnx

@@ -3,6 +3,7 @@ schema module, shredding is one transaction that refuses labelled or deleted ver
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -23,10 +24,13 @@ DETAILS = VersionDetails(format="onnx", signature=ModelSignature((), ()), lineag
 
 
 @pytest.fixture
-def store(database_url: str) -> MetadataStore:
+def store(database_url: str) -> Iterator[MetadataStore]:
     store = MetadataStore(database_url)
-    store.migrate()
-    return store
+    try:
+        store.migrate()
+        yield store
+    finally:
+        store.close()
 
 
 def test_the_migrated_schema_has_the_lifecycle_tables_and_columns(store: MetadataStore) -> None:
