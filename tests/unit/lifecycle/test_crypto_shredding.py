@@ -205,3 +205,14 @@ def test_deleting_a_model_shreds_versions_and_captures(env: Env, tmp_path: Path)
     assert entry.details["captures"] == 1
     assert entry.details["labels"] == {"production": 2}
     assert verify_chain(svc.store.engine, None).ok
+
+
+def test_kek_rotation_skips_shredded_versions(env: Env) -> None:
+    svc = env.service
+    push(env, 0)
+    push(env, 1)
+    svc.delete_version(env.admin, "iris", "1")
+    new_key = svc.kek_rotate(env.admin, new_key=True)
+    done = svc.kek_rewrap(env.admin)
+    assert (done.rewrapped, done.refused) == ([("iris", 2)], [])
+    assert svc.kek_status(env.admin)["versions_by_key"] == {new_key: 1}
