@@ -252,3 +252,48 @@ def test_retention_and_drift_round_trip(env: Env) -> None:
     assert drift.json()["settings"]["window"] == 300
     assert drift.json()["settings"]["psi_threshold"] == 0.2
     assert drift.json()["latest"] is None
+
+
+# Who may call each lifecycle route on model `iris` (version 1 exists; the delete routes name a
+# version and a model that do not exist, so an allowed caller gets 404 and nothing is lost).
+# Columns: admin, publisher of iris, consumer of iris, auditor, publisher of another model.
+AUTHZ = """
+GET    /api/v1/models/iris/versions/1/bom    200 200 200 200 403
+DELETE /api/v1/models/iris/versions/99       404 403 403 403 403
+DELETE /api/v1/models/nosuch                 404 403 403 403 403
+GET    /api/v1/models/iris/retention         200 200 200 200 403
+PUT    /api/v1/models/iris/retention         200 403 403 403 403
+GET    /api/v1/models/iris/drift             200 200 403 200 403
+PUT    /api/v1/models/iris/drift             400 403 403 403 403
+"""
+
+
+def test_every_lifecycle_route_answers_each_role_as_the_matrix_states(env: Env) -> None:
+    env.service.put_model(env.admin, "other")
+    env.service.push(env.admin, "iris", build_iris_onnx(), file_name="iris.onnx")
+    tokens = [
+        admin_token(env),
+        env.key("publisher", ["iris"])[1],
+        env.key("consumer", ["iris"])[1],
+        env.key("auditor")[1],
+        env.key("publisher", ["other"])[1],
+    ]
+    cells = []
+    for line in AUTHZ.strip().splitlines():
+        method, path, *statuses = line.split()
+        cells += [(method, path, token, int(s)) for token, s in zip(tokens, statuses, strict=True)]
+
+    async def call(c: httpx.AsyncClient) -> list[int]:
+        got = []
+        for method, path, token, _ in cells:
+            body = {"keep_versions": 5} if path.endswith("retention") else {"window": 100}
+            kwargs = {"json": body} if method == "PUT" else {}
+            r = await c.request(method, path, headers=auth(token), **kwargs)
+            got.append(r.status_code)
+        return got
+
+    got = run(env, call)
+    assert [(m, p, s) for (m, p, _, s) in cells] == [
+        (m, p, g) for (m, p, _, _), g in zip(cells, got, strict=True)
+    ]
+    assert sorted(env.service.snapshot.models["iris"].versions) == [1]
