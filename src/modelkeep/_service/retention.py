@@ -99,12 +99,13 @@ class RetentionMixin(ServiceBase):
         # (``collect_garbage``) removes it later.
         try:
             self.registry.blobs.delete(shredded.blob_key)
-        except ModelkeepError as exc:
+        except Exception as exc:  # the shred has committed: it must still be audited
+            reason = exc.message if isinstance(exc, ModelkeepError) else type(exc).__name__
             log.warning(
                 "model %s version %s: key destroyed, blob not deleted yet: %s",
                 shredded.model,
                 shredded.number,
-                exc.message,
+                reason,
             )
             return False
         return True

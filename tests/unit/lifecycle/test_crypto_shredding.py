@@ -216,3 +216,24 @@ def test_kek_rotation_skips_shredded_versions(env: Env) -> None:
     done = svc.kek_rewrap(env.admin)
     assert (done.rewrapped, done.refused) == ([("iris", 2)], [])
     assert svc.kek_status(env.admin)["versions_by_key"] == {new_key: 1}
+
+
+def test_a_blob_store_failure_after_the_shred_is_audited_and_collected_later(env: Env) -> None:
+    svc = env.service
+    push(env, 0)
+    push(env, 1)
+    victim = svc.snapshot.models["iris"].versions[1]
+    real_delete = svc.registry.blobs.delete
+
+    def broken(key: str) -> None:
+        raise PermissionError("read-only blob store")
+
+    svc.registry.blobs.delete = broken  # type: ignore[method-assign]
+    svc.delete_version(env.admin, "iris", "1")
+    svc.registry.blobs.delete = real_delete  # type: ignore[method-assign]
+    [entry] = svc.audit.entries(action="version.delete")
+    assert (entry.outcome, entry.details["blob_deleted"]) == ("success", False)
+    assert victim.blob_key in set(svc.registry.blobs.keys())
+    # The garbage collector removes what no live version references.
+    assert svc.registry.collect_garbage(grace_s=0) == 1
+    assert victim.blob_key not in set(svc.registry.blobs.keys())
