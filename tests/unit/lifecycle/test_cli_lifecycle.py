@@ -81,6 +81,10 @@ def test_push_with_lineage_bom_and_delete(cli: tuple[Env, object], tmp_path: Pat
     deleted = run("versions", "delete", "iris", "1", "--yes")  # type: ignore[operator]
     assert deleted.exit_code == 0, deleted.output
     assert "data key destroyed" in deleted.stdout
+    listed = run("versions", "ls", "iris")  # type: ignore[operator]
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines() if line[:1].isdigit()}
+    assert "(deleted)" in rows["1"]
+    assert "(deleted)" not in rows["2"]
     missing = run("versions", "delete", "iris", "9", "--yes")  # type: ignore[operator]
     assert missing.exit_code == 5
     assert sorted(env.service.snapshot.models["iris"].deleted) == [1]
