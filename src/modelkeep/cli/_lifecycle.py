@@ -3,8 +3,9 @@ the ``--lineage`` file of ``push``: the lifecycle commands (docs/lifecycle.md)."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,7 +18,12 @@ from modelkeep.errors import InvalidInput
 from modelkeep.registry.lineage import MAX_LINEAGE_BYTES, parse_lineage
 
 __all__ = [
+    "CodeRevisionOption",
+    "FrameworkOption",
     "LineageOption",
+    "ParentVersionOption",
+    "TagOption",
+    "TrainingDataOption",
     "drift_app",
     "models_delete",
     "read_lineage",
@@ -49,19 +55,100 @@ LineageOption = Annotated[
 ]
 
 
-def read_lineage(path: Path | None) -> bytes | None:
-    """The lineage file's bytes, checked here as the server will check them."""
-    if path is None:
+CodeRevisionOption = Annotated[
+    str | None,
+    typer.Option(
+        "--code-revision",
+        metavar="REV",
+        help="Lineage: the code revision (e.g. a commit).",
+        show_default=False,
+    ),
+]
+ParentVersionOption = Annotated[
+    int | None,
+    typer.Option(
+        "--parent-version",
+        metavar="N",
+        min=1,
+        help="Lineage: the version this one derives from.",
+        show_default=False,
+    ),
+]
+TrainingDataOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--training-data",
+        metavar="sha256:HEX|URI",
+        help="Lineage: a training data set, by digest or location (repeatable).",
+        show_default=False,
+    ),
+]
+FrameworkOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--framework",
+        metavar="NAME=VERSION",
+        help="Lineage: a framework used (repeatable).",
+        show_default=False,
+    ),
+]
+TagOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tag",
+        metavar="KEY=VALUE",
+        help="Lineage: a free-form tag (repeatable).",
+        show_default=False,
+    ),
+]
+
+
+def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for value in values or []:
+        key, sep, rest = value.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"use KEY=VALUE, not {value!r}", param_hint=f"'{option}'")
+        pairs[key] = rest
+    return pairs
+
+
+def read_lineage(
+    path: Path | None,
+    *,
+    code_revision: str | None = None,
+    parent_version: int | None = None,
+    training_data: list[str] | None = None,
+    frameworks: list[str] | None = None,
+    tags: list[str] | None = None,
+) -> bytes | None:
+    """The lineage to send: the file's, with the flags' values added over it; checked here as
+    the server will check it (InvalidInput names the first problem)."""
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(MAX_LINEAGE_BYTES + 1)
+        except OSError as exc:
+            reason = exc.strerror or "I/O error"
+            raise InvalidInput(f"cannot read {out.clean(path)}: {reason}") from None
+        document = parse_lineage(data).model_dump(exclude_none=True, exclude_defaults=True)
+    if code_revision is not None:
+        document["code_revision"] = code_revision
+    if parent_version is not None:
+        document["parent_version"] = parent_version
+    for entry in training_data or []:
+        field = "digest" if entry.startswith("sha256:") else "uri"
+        document.setdefault("training_data", []).append({field: entry})
+    for name, mapping in (
+        ("frameworks", _pairs(frameworks, "--framework")),
+        ("tags", _pairs(tags, "--tag")),
+    ):
+        if mapping:
+            document[name] = {**document.get(name, {}), **mapping}
+    if not document and path is None:
         return None
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_LINEAGE_BYTES + 1)
-    except OSError as exc:
-        raise InvalidInput(
-            f"cannot read {out.clean(path)}: {exc.strerror or 'I/O error'}"
-        ) from None
-    parse_lineage(data)
-    return data
+    return parse_lineage(json.dumps(document)).dumps().encode()
 
 
 # -- versions and models --------------------------------------------------------------------

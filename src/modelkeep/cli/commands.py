@@ -153,6 +153,11 @@ def push(
     signature: SignatureOption = None,
     sign_key: SignKeyOption = None,
     lineage: _lifecycle.LineageOption = None,
+    code_revision: _lifecycle.CodeRevisionOption = None,
+    parent_version: _lifecycle.ParentVersionOption = None,
+    training_data: _lifecycle.TrainingDataOption = None,
+    framework: _lifecycle.FrameworkOption = None,
+    tag: _lifecycle.TagOption = None,
     url: UrlOption = DEFAULT_URL,
     token: TokenOption = None,
     cacert: CacertOption = None,
@@ -169,7 +174,14 @@ def push(
         raise typer.BadParameter(
             "give --signature or --sign-key, not both", param_hint="'--signature'"
         )
-    declared = _lifecycle.read_lineage(lineage)
+    declared = _lifecycle.read_lineage(
+        lineage,
+        code_revision=code_revision,
+        parent_version=parent_version,
+        training_data=training_data,
+        frameworks=framework,
+        tags=tag,
+    )
     with client_from(ctx.obj, url, token, cacert, read_timeout=PUSH_READ_TIMEOUT_S) as client:
         bundle = _models.push_signature(path, signature=signature, sign_key=sign_key)
         with _models.open_artifact(path, leave_out=signature) as artifact:

@@ -142,3 +142,48 @@ def test_help_works_and_lists_exit_codes(command: list[str]) -> None:
     assert result.exit_code == 0, result.output
     assert f"Usage: modelkeep {' '.join(command)}" in result.stdout
     assert "Exit codes" in result.stdout
+
+
+def test_lineage_flags_add_to_the_file(cli: tuple[Env, object], tmp_path: Path) -> None:
+    env, run = cli
+    model = tmp_path / "iris.onnx"
+    model.write_bytes(build_iris_onnx())
+    assert run("push", "iris", str(model)).exit_code == 0  # type: ignore[operator]
+    lineage = tmp_path / "lineage.json"
+    lineage.write_text(json.dumps({"tags": {"team": "risk"}, "code_revision": "old"}))
+    digest = "sha256:" + "cd" * 32
+    pushed = run(  # type: ignore[operator]
+        "push",
+        "iris",
+        str(model),
+        "--lineage",
+        str(lineage),
+        "--code-revision",
+        "new",
+        "--parent-version",
+        "1",
+        "--training-data",
+        digest,
+        "--training-data",
+        "s3://data/iris.csv",
+        "--framework",
+        "onnx=1.16",
+        "--tag",
+        "stage=dev",
+    )
+    assert pushed.exit_code == 0, pushed.output
+    recorded = json.loads(env.service.snapshot.models["iris"].versions[2].lineage or "{}")
+    assert recorded == {
+        "code_revision": "new",
+        "parent_version": 1,
+        "training_data": [{"digest": digest}, {"uri": "s3://data/iris.csv"}],
+        "frameworks": {"onnx": "1.16"},
+        "tags": {"team": "risk", "stage": "dev"},
+    }
+    bad = run("push", "iris", str(model), "--tag", "no-equals-sign")  # type: ignore[operator]
+    assert bad.exit_code == 2
+    assert "KEY=VALUE" in bad.output
+    wrong = run("push", "iris", str(model), "--training-data", "sha256:xyz")  # type: ignore[operator]
+    assert wrong.exit_code == 1
+    assert "training_data.0.digest" in wrong.output
+    assert sorted(env.service.snapshot.models["iris"].versions) == [1, 2]
