@@ -237,3 +237,43 @@ def test_a_blob_store_failure_after_the_shred_is_audited_and_collected_later(env
     # The garbage collector removes what no live version references.
     assert svc.registry.collect_garbage(grace_s=0) == 1
     assert victim.blob_key not in set(svc.registry.blobs.keys())
+
+
+@pytest.mark.postgres
+def test_shredding_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    """The same guarantees with the metadata in PostgreSQL: the copy aside does not open with
+    any key left in the database, the version shows deleted, inference is 404."""
+    from modelkeep.bootstrap import init_data_dir
+    from modelkeep.service import Service
+    from modelkeep.settings import Settings
+
+    init = init_data_dir(tmp_path / "data", postgres_url)
+    svc = Service.open(Settings(data_dir=tmp_path / "data", database_url=postgres_url))
+    try:
+        admin = svc.authenticate(f"Bearer {init.admin_key}")
+        svc.put_model(admin, "iris", require_signature=False)
+        env = Env(svc, admin, tmp_path / "data")
+        push(env, 0)
+        push(env, 1)
+        victim = svc.snapshot.models["iris"].versions[1]
+        aside = tmp_path / "aside.blob"
+        with svc.registry.blobs.open(victim.blob_key) as src, aside.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+        context = associated_data_for("iris", 1, victim.sha256)
+        svc.delete_version(admin, "iris", "1")
+        opened = 0
+        for wrapped in every_wrapped_key(env):
+            try:
+                key = svc.registry.keys.unwrap(wrapped, context)
+            except (IntegrityError, KeyServiceError):
+                continue
+            with pytest.raises(IntegrityError):
+                unseal(aside, key, context, victim.size)
+            opened += 1
+        assert opened == 0
+        assert svc.version_record(admin, "iris", "1").deleted_at is not None
+        with pytest.raises(NotFound):
+            svc.infer(admin, "iris", "1", INFER)
+        assert verify_chain(svc.store.engine, None).ok
+    finally:
+        svc.stop()
