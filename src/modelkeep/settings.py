@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # How long the server remembers a push's Idempotency-Key (per model and caller): a retry
     # within this time gets the version the first attempt made, never a second one.
     push_key_ttl_s: float = Field(default=24 * 3600.0, ge=60, le=30 * 24 * 3600.0)
+    # How often each server applies the models' retention rules (`modelkeep retention set`):
+    # versions past "keep the last N" are crypto-shredded, captures past D days destroyed.
+    retention_interval_s: float = Field(default=3600.0, ge=10, le=7 * 24 * 3600.0)
     # Unreferenced blobs younger than this may belong to a push still in flight on another
     # replica sharing the blob store, so garbage collection at start leaves them; a local blob
     # directory (one host, collected before its workers start) is swept whole.

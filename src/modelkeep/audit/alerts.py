@@ -62,7 +62,12 @@ __all__ = [
 ]
 
 AlertKind = Literal[
-    "auth_failures", "detector_alarm", "budget_spent", "tampering", "audit_verify_failed"
+    "auth_failures",
+    "detector_alarm",
+    "budget_spent",
+    "tampering",
+    "audit_verify_failed",
+    "drift",
 ]
 ALERT_KINDS: frozenset[str] = frozenset(get_args(AlertKind))
 GroupBy = Literal["principal", "source"]

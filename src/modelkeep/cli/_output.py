@@ -131,7 +131,10 @@ def versions_table(versions: Iterable[JSONObject], labels: Mapping[str, Any]) ->
         sha = version.get("sha256")
         table.add_row(
             _cell(number),
-            _cell(", ".join(by_version.get(number, []))),
+            # A crypto-shredded version has no labels: the column says it is gone.
+            _cell(
+                "(deleted)" if version.get("deleted_at") else ", ".join(by_version.get(number, []))
+            ),
             _cell(size_text(version.get("size"))),
             # Twelve hex digits identify a version to a person, as short commit ids do.
             _cell(sha[:12] if isinstance(sha, str) else sha),

@@ -55,6 +55,14 @@ class Action(StrEnum):
     KEY_REVOKE = "key.revoke"
     # See and rotate the key-encryption key (re-wrap every version's data key).
     KEK_ROTATE = "kek.rotate"
+    # Crypto-shred a version, or a whole model with its captures (admin only).
+    VERSION_DELETE = "version.delete"
+    MODEL_DELETE = "model.delete"
+    # Set a model's retention rules (admin only); reading them is model.read.
+    RETENTION_SET = "retention.set"
+    # Read a model's drift scores (auditors, publishers, admins); configure them (admin).
+    DRIFT_READ = "drift.read"
+    DRIFT_CONFIGURE = "drift.configure"
 
 
 #: Actions whose resource is a model; every other action's resource is the server.
@@ -67,6 +75,11 @@ MODEL_ACTIONS: Final[frozenset[Action]] = frozenset(
         Action.LABEL_DELETE,
         Action.MODEL_CONFIGURE,
         Action.POLICY_READ,
+        Action.VERSION_DELETE,
+        Action.MODEL_DELETE,
+        Action.RETENTION_SET,
+        Action.DRIFT_READ,
+        Action.DRIFT_CONFIGURE,
     }
 )
 

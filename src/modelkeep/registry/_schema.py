@@ -77,6 +77,9 @@ models = Table(
     Column("created_at", UTCDateTime, nullable=False),
     # New models refuse unsigned pushes; an admin may turn it off per model (audited).
     Column("require_signature", Boolean, nullable=False, server_default=sa_true()),
+    # Set when an admin deleted the model (crypto-shredded every version): the row stays so
+    # the name is never reused for something the audit log would confuse with it.
+    Column("deleted_at", UTCDateTime, nullable=True),
 )
 
 versions = Table(
@@ -104,6 +107,12 @@ versions = Table(
     Column("bundle", LargeBinary, nullable=True),
     Column("scan_report", Text, nullable=True),
     Column("trusted_types", Text, nullable=True),
+    # What the publisher declared about how the version was made (validated JSON, see
+    # registry/lineage.py), and when and by whom it was crypto-shredded: a deleted version keeps
+    # its row (digest, who pushed it) but its wrapped data key is gone and its blob deleted.
+    Column("lineage", Text, nullable=True),
+    Column("deleted_at", UTCDateTime, nullable=True),
+    Column("deleted_by", String(64), nullable=True),
     UniqueConstraint("model_id", "number", name="uq_versions_model_number"),
 )
 
@@ -241,4 +250,30 @@ privacy_reports = Table(
     Column("report", Text, nullable=False),
     Column("created_by", String(64), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+)
+
+
+# Retention rules per model (``modelkeep retention set``): keep only the newest
+# ``keep_versions`` versions (labelled ones are never deleted) and captures for at most
+# ``capture_days`` days. NULL means no rule. Applied on a schedule by every server; audited.
+retention_rules = Table(
+    "retention_rules",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("keep_versions", Integer, nullable=True),
+    Column("capture_days", Integer, nullable=True),
+    Column("updated_by", String(64), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# The reference distribution of a model's inputs for population drift monitoring
+# (modelkeep.guard.drift): per-feature quantiles fitted by `policy calibrate`, with the
+# window and thresholds; JSON made by DriftConfig.dumps.
+drift_configs = Table(
+    "drift_configs",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("config", Text, nullable=False),
+    Column("updated_by", String(64), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
 )

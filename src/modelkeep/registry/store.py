@@ -51,6 +51,27 @@ class VersionDetails:
     bundle: bytes | None = None
     scan_report: str | None = None
     trusted_types: tuple[str, ...] = ()
+    lineage: str | None = None  # validated JSON (registry/lineage.py)
+
+
+@dataclass(frozen=True, slots=True)
+class ShreddedVersion:
+    """What is left to do, and to audit, after a version's data key was destroyed."""
+
+    model: str
+    number: int
+    sha256: str
+    blob_key: str
+    kek_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionRule:
+    """A model's retention rule; ``None`` fields are not limited."""
+
+    model: str
+    keep_versions: int | None
+    capture_days: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +100,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
+    # Crypto-shredding (versions delete) must leave no old wrapped key in freed pages.
+    cur.execute("PRAGMA secure_delete=ON")
     cur.close()
 
 
@@ -150,7 +173,9 @@ class MetadataStore:
         """Load keys, models, versions and labels in one consistent read."""
         with self._connect(self.engine) as conn:
             generation = int(conn.execute(sa.select(t.state.c.generation)).scalar_one())
-            model_rows = conn.execute(sa.select(t.models)).all()
+            model_rows = conn.execute(
+                sa.select(t.models).where(t.models.c.deleted_at.is_(None))
+            ).all()
             version_rows = conn.execute(
                 sa.select(t.versions).order_by(t.versions.c.model_id, t.versions.c.number)
             ).all()
@@ -163,20 +188,29 @@ class MetadataStore:
             publisher_rows = conn.execute(sa.select(t.publishers)).all()
             policy_rows = conn.execute(sa.select(t.model_policies)).all()
             restriction_rows = conn.execute(sa.select(t.key_restrictions)).all()
+            drift_rows = conn.execute(sa.select(t.drift_configs)).all()
         names = {row.id: row.name for row in model_rows}
         by_model: dict[int, dict[int, VersionRecord]] = {row.id: {} for row in model_rows}
+        deleted: dict[int, dict[int, VersionRecord]] = {row.id: {} for row in model_rows}
         for row in version_rows:
-            by_model[row.model_id][row.number] = _version_record(names[row.model_id], row)
+            if row.model_id not in names:
+                continue  # a deleted model
+            into = by_model if row.deleted_at is None else deleted
+            into[row.model_id][row.number] = _version_record(names[row.model_id], row)
+        drifts = {row.model_id: row.config for row in drift_rows}
         label_map: dict[int, dict[str, int]] = {row.id: {} for row in model_rows}
         for row in label_rows:
-            label_map[row.model_id][row.name] = row.number
+            if row.model_id in label_map:
+                label_map[row.model_id][row.name] = row.number
         publishers: dict[int, dict[str, str]] = {row.id: {} for row in model_rows}
         for row in publisher_rows:
-            publishers[row.model_id][row.fingerprint] = row.pem
+            if row.model_id in publishers:
+                publishers[row.model_id][row.fingerprint] = row.pem
         policies = {row.model_id: row.policy for row in policy_rows}
         restrictions: dict[int, dict[str, tuple[str, str]]] = {row.id: {} for row in model_rows}
         for row in restriction_rows:
-            restrictions[row.model_id][row.key_id] = (row.kind, row.reason)
+            if row.model_id in restrictions:
+                restrictions[row.model_id][row.key_id] = (row.kind, row.reason)
         models = {
             row.name: ModelRecord(
                 name=row.name,
@@ -189,6 +223,8 @@ class MetadataStore:
                 publishers=MappingProxyType(publishers[row.id]),
                 policy=policies.get(row.id),
                 restrictions=MappingProxyType(restrictions[row.id]),
+                deleted=MappingProxyType(deleted[row.id]),
+                drift=drifts.get(row.id),
             )
             for row in model_rows
         }
@@ -219,7 +255,13 @@ class MetadataStore:
 
     def blob_keys(self) -> set[str]:
         with self._connect(self.engine) as conn:
-            return set(conn.execute(sa.select(t.versions.c.blob_key)).scalars())
+            # A shredded version's blob is deleted after its key; if that delete failed, the
+            # garbage collector finishes it.
+            return set(
+                conn.execute(
+                    sa.select(t.versions.c.blob_key).where(t.versions.c.deleted_at.is_(None))
+                ).scalars()
+            )
 
     # -- writes --------------------------------------------------------------------------
 
@@ -234,9 +276,15 @@ class MetadataStore:
     ) -> bool:
         """Create a model, or change the given settings of an existing one; True if created."""
         with self._write() as conn:
-            model_id = conn.execute(
-                sa.select(t.models.c.id).where(t.models.c.name == name)
-            ).scalar()
+            found = conn.execute(
+                sa.select(t.models.c.id, t.models.c.deleted_at).where(t.models.c.name == name)
+            ).first()
+            if found is not None and found.deleted_at is not None:
+                raise Conflict(
+                    f"model '{name}' was deleted; its name stays reserved (the audit log names"
+                    " it): choose another"
+                )
+            model_id = None if found is None else found.id
             if model_id is None:
                 conn.execute(
                     sa.insert(t.models).values(
@@ -404,6 +452,7 @@ class MetadataStore:
                     bundle=d.bundle,
                     scan_report=d.scan_report,
                     trusted_types=json.dumps(list(d.trusted_types)),
+                    lineage=d.lineage,
                 )
             )
             if new.push_key is not None:
@@ -416,7 +465,9 @@ class MetadataStore:
             model_id = self._model_id(conn, model)
             version_id = conn.execute(
                 sa.select(t.versions.c.id).where(
-                    t.versions.c.model_id == model_id, t.versions.c.number == number
+                    t.versions.c.model_id == model_id,
+                    t.versions.c.number == number,
+                    t.versions.c.deleted_at.is_(None),
                 )
             ).scalar()
             if version_id is None:
@@ -477,12 +528,172 @@ class MetadataStore:
                     sa.update(t.api_keys).where(t.api_keys.c.id == key_id).values(revoked_at=now)
                 )
 
+    # -- lifecycle: crypto-shredding, retention, drift ----------------------------------------
+
+    def shred_version(
+        self, model: str, number: int, *, actor: str, now: datetime
+    ) -> ShreddedVersion:
+        """Destroy a version's wrapped data key and mark it deleted, in one transaction.
+
+        NotFound for no such version, Conflict if it is already deleted or a label points at
+        it. The caller deletes the blob afterwards: once this commits, no copy of it opens.
+        """
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            shredded = _shred(conn, model_id, model, number, actor=actor, now=now)
+        self._checkpoint_wal()
+        return shredded
+
+    def shred_model(
+        self, model: str, *, actor: str, now: datetime
+    ) -> tuple[list[ShreddedVersion], int]:
+        """Delete a model: shred every version, drop its labels, captures (their sealed records
+        and wrapped keys), policy, publishers and rules, and mark it deleted. Returns the
+        shredded versions and how many captures were destroyed."""
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            conn.execute(sa.delete(t.labels).where(t.labels.c.model_id == model_id))
+            numbers = conn.execute(
+                sa.select(t.versions.c.number).where(
+                    t.versions.c.model_id == model_id, t.versions.c.deleted_at.is_(None)
+                )
+            ).scalars()
+            shredded = [
+                _shred(conn, model_id, model, int(n), actor=actor, now=now) for n in list(numbers)
+            ]
+            captures = conn.execute(
+                sa.delete(t.payload_captures).where(t.payload_captures.c.model_id == model_id)
+            ).rowcount
+            for table in (
+                t.model_policies,
+                t.key_restrictions,
+                t.publishers,
+                t.retention_rules,
+                t.drift_configs,
+                t.privacy_reports,
+            ):
+                conn.execute(sa.delete(table).where(table.c.model_id == model_id))
+            conn.execute(
+                sa.update(t.models).where(t.models.c.id == model_id).values(deleted_at=now)
+            )
+        self._checkpoint_wal()
+        return shredded, int(captures or 0)
+
+    def _checkpoint_wal(self) -> None:
+        # SQLite: the write-ahead log still holds pages as they were before the shred (and
+        # the insert that wrote the key); fold it into the database, where secure_delete has
+        # zeroed the freed space, and truncate it.
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def set_retention(
+        self,
+        model: str,
+        *,
+        keep_versions: int | None,
+        capture_days: int | None,
+        actor: str,
+        now: datetime,
+    ) -> None:
+        """Replace a model's retention rule; both None removes it."""
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            table = t.retention_rules
+            conn.execute(sa.delete(table).where(table.c.model_id == model_id))
+            if keep_versions is not None or capture_days is not None:
+                conn.execute(
+                    sa.insert(table).values(
+                        model_id=model_id,
+                        keep_versions=keep_versions,
+                        capture_days=capture_days,
+                        updated_by=actor,
+                        updated_at=now,
+                    )
+                )
+
+    def retention_rules(self, model: str | None = None) -> list[RetentionRule]:
+        """Every live model's retention rule (or ``model``'s only)."""
+        r = t.retention_rules.c
+        query = (
+            sa.select(t.models.c.name, r.keep_versions, r.capture_days)
+            .select_from(t.retention_rules.join(t.models))
+            .where(t.models.c.deleted_at.is_(None))
+            .order_by(t.models.c.name)
+        )
+        if model is not None:
+            query = query.where(t.models.c.name == model)
+        with self._connect(self.engine) as conn:
+            rows = conn.execute(query).all()
+        return [RetentionRule(row.name, row.keep_versions, row.capture_days) for row in rows]
+
+    def purge_captures_before(self, model: str, cutoff: datetime) -> int:
+        """Destroy ``model``'s captures created before ``cutoff`` (record and wrapped key)."""
+        c = t.payload_captures.c
+        with self._connect(self._writer) as conn:
+            model_id = self._model_id(conn, model)
+            deleted = conn.execute(
+                sa.delete(t.payload_captures).where(c.model_id == model_id, c.created_at < cutoff)
+            ).rowcount
+        if deleted:
+            self._checkpoint_wal()
+        return int(deleted or 0)
+
+    def set_drift(self, model: str, config_json: str, *, actor: str, now: datetime) -> None:
+        """Replace a model's drift monitoring config (JSON made by modelkeep.guard.drift)."""
+        with self._write() as conn:
+            model_id = self._model_id(conn, model)
+            table = t.drift_configs
+            conn.execute(sa.delete(table).where(table.c.model_id == model_id))
+            conn.execute(
+                sa.insert(table).values(
+                    model_id=model_id, config=config_json, updated_by=actor, updated_at=now
+                )
+            )
+
     @staticmethod
     def _model_id(conn: Connection, model: str) -> int:
-        model_id = conn.execute(sa.select(t.models.c.id).where(t.models.c.name == model)).scalar()
+        model_id = conn.execute(
+            sa.select(t.models.c.id).where(
+                t.models.c.name == model, t.models.c.deleted_at.is_(None)
+            )
+        ).scalar()
         if model_id is None:
             raise NotFound(f"no model named '{model}'")
         return int(model_id)
+
+
+def _shred(
+    conn: Connection, model_id: int, model: str, number: int, *, actor: str, now: datetime
+) -> ShreddedVersion:
+    v = t.versions.c
+    row = conn.execute(
+        sa.select(v.id, v.sha256, v.blob_key, v.kek_id, v.deleted_at).where(
+            v.model_id == model_id, v.number == number
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"model '{model}' has no version {number}")
+    if row.deleted_at is not None:
+        raise Conflict(f"model '{model}' version {number} is already deleted")
+    labelled = conn.execute(
+        sa.select(t.labels.c.name).where(t.labels.c.version_id == row.id).order_by(t.labels.c.name)
+    ).scalars()
+    names = list(labelled)
+    if names:
+        raise Conflict(
+            f"model '{model}' version {number} is under label(s) {', '.join(names)}: move or"
+            " remove them first"
+        )
+    # A retried push must not answer with a version that is gone.
+    conn.execute(sa.delete(t.push_keys).where(t.push_keys.c.version_id == row.id))
+    # The data key goes first: from this commit on, no copy of the blob can be opened.
+    conn.execute(
+        sa.update(t.versions)
+        .where(v.id == row.id)
+        .values(wrapped_key=b"", deleted_at=now, deleted_by=actor)
+    )
+    return ShreddedVersion(model, number, row.sha256, row.blob_key, row.kek_id)
 
 
 def _version_record(model: str, row: Any) -> VersionRecord:
@@ -504,6 +715,9 @@ def _version_record(model: str, row: Any) -> VersionRecord:
         bundle=None if row.bundle is None else bytes(row.bundle),
         scan_report=row.scan_report,
         trusted_types=tuple(json.loads(row.trusted_types)) if row.trusted_types else (),
+        lineage=row.lineage,
+        deleted_at=row.deleted_at,
+        deleted_by=row.deleted_by,
     )
 
 

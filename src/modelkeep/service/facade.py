@@ -1,7 +1,9 @@
 """``Service``: the one object the API and the CLI hold, composed of the core and its parts.
 
 Each part is built with what it needs from the core (``core.py``) and knows nothing of the
-others, but the data plane, which hands sampled calls to the captures:
+others, but the data plane, which hands sampled calls to the captures and each call's inputs
+to the drift monitor, and guard administration, whose calibration rows become the drift
+reference:
 
 | attribute | part | what it does |
 |---|---|---|
@@ -12,6 +14,9 @@ others, but the data plane, which hands sampled calls to the captures:
 | ``auditing`` | ``AuditReader`` | audit entries and verification, metrics exposition |
 | ``captures`` | ``Captures`` | payload capture: sealing sampled calls, listing and reading them |
 | ``kek`` | ``KekAdmin`` | the key-encryption key: status, rotation, re-wrapping |
+| ``lineage`` | ``Lineage`` | versions including deleted ones, CycloneDX bills of materials |
+| ``retention`` | ``Retention`` | crypto-shredding deletion, retention rules (on the poller) |
+| ``drift`` | ``DriftWatch`` | population drift: its reference, its status, the monitor |
 
 The calls the API and the CLI make are also attributes of ``Service`` itself, bound once to
 the part that serves them (``service.push`` is ``service.management.push``): no call pays for
@@ -41,9 +46,12 @@ from modelkeep.service.audit import AuditReader
 from modelkeep.service.capture import Captures
 from modelkeep.service.core import Core, alerter_from
 from modelkeep.service.dataplane import DataPlane
+from modelkeep.service.drift import DriftWatch
 from modelkeep.service.guard_admin import GuardAdmin
 from modelkeep.service.kek import KekAdmin
+from modelkeep.service.lineage import Lineage
 from modelkeep.service.management import Management
+from modelkeep.service.retention import Retention
 from modelkeep.settings import Settings
 
 
@@ -81,9 +89,12 @@ class Service:
             clock=clock,
         )
         self.captures = Captures(core)
-        self.dataplane = DataPlane(core, self.captures)
+        self.drift = drift = DriftWatch(core)
+        self.dataplane = DataPlane(core, self.captures, drift.monitor)
         self.management = management = Management(core)
-        self.guard = guard = GuardAdmin(core)
+        self.guard = guard = GuardAdmin(core, on_calibrated=drift.calibrate_from)
+        self.lineage = lineage = Lineage(core)
+        self.retention = retention = Retention(core)
         self.auditing = auditing = AuditReader(core)
         self.kek = kek = KekAdmin(core)
         # What the core shares.
@@ -135,6 +146,16 @@ class Service:
         self.kek_status = kek.kek_status
         self.kek_rotate = kek.kek_rotate
         self.kek_rewrap = kek.kek_rewrap
+        self.version_record = lineage.version_record
+        self.all_versions = lineage.all_versions
+        self.version_bom = lineage.version_bom
+        self.delete_version = retention.delete_version
+        self.delete_model = retention.delete_model
+        self.get_retention = retention.get_retention
+        self.set_retention = retention.set_retention
+        self.apply_retention = retention.apply_retention
+        self.drift_status = drift.drift_status
+        self.configure_drift = drift.configure_drift
 
     @classmethod
     def open(cls, settings: Settings) -> Service:

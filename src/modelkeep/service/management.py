@@ -15,11 +15,13 @@ from modelkeep.crypto.signing import TrustedKey, load_public_key
 from modelkeep.errors import InvalidInput, ModelRefused, NotFound
 from modelkeep.policy import Action
 from modelkeep.registry.intake import accept
+from modelkeep.registry.lineage import Lineage
 from modelkeep.registry.records import ModelRecord, VersionRecord, check_name
 from modelkeep.registry.store import PushKey, VersionDetails
 from modelkeep.registry.upload import Upload
 from modelkeep.service._shared import log, model_target
 from modelkeep.service.core import Core, resolve_version
+from modelkeep.service.lineage import check_lineage
 
 _MAX_DESCRIPTION = 1000
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
@@ -68,6 +70,7 @@ class Management:
         is_directory: bool = False,
         bundle: bytes | None = None,
         idempotency_key: str | None = None,
+        lineage: Lineage | None = None,
     ) -> VersionRecord:
         """Verify, scan, seal, store and record a new version; all or nothing, audited.
 
@@ -86,6 +89,7 @@ class Management:
                     is_directory=is_directory,
                     bundle=bundle,
                     idempotency_key=idempotency_key,
+                    lineage=lineage,
                 )
         self.refresh()
         details: dict[str, Any] = {"size": data.size, "signed": bundle is not None}
@@ -95,8 +99,18 @@ class Management:
                 raise InvalidInput("invalid file name: use letters, digits, '.', '_', '+', '-'")
             if not data.size:
                 raise InvalidInput("the upload is empty")
+            if lineage is not None:
+                # Declared lineage (registry/lineage.py): its digest is audited, it is kept.
+                check_lineage(record, lineage)
+                details["lineage_sha256"] = hashlib.sha256(lineage.dumps().encode()).hexdigest()
             push_key = self._push_key(
-                principal, data, file_name, is_directory, bundle, idempotency_key
+                principal,
+                data,
+                file_name,
+                is_directory,
+                bundle,
+                idempotency_key,
+                None if lineage is None else lineage.dumps(),
             )
             details["sha256"] = data.sha256
             if push_key is not None:
@@ -139,6 +153,7 @@ class Management:
                 bundle=bundle,
                 scan_report=json.dumps(accepted.report.to_json(), sort_keys=True),
                 trusted_types=accepted.trusted_types,
+                lineage=None if lineage is None else lineage.dumps(),
             )
             number = self.registry.add_version(
                 model, data, version, uploaded_by=principal.key_id, push_key=push_key
@@ -155,6 +170,7 @@ class Management:
         is_directory: bool,
         bundle: bytes | None,
         key: str | None,
+        lineage: str | None = None,
     ) -> PushKey | None:
         if key is None:
             return None
@@ -169,6 +185,9 @@ class Management:
                 is_directory,
                 None if bundle is None else hashlib.sha256(bundle).hexdigest(),
             ]
+            # Declared lineage is part of the request (a key reused with another is refused);
+            # without it the fingerprint stays what it was before lineage existed.
+            + ([] if lineage is None else [hashlib.sha256(lineage.encode()).hexdigest()])
         )
         return PushKey(
             principal=principal.key_id,

@@ -29,6 +29,11 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_LIST: ("-", "-", "Y"),
         Action.KEY_REVOKE: ("-", "-", "Y"),
         Action.KEK_ROTATE: ("-", "-", "Y"),
+        Action.VERSION_DELETE: ("Y", "Y", "-"),
+        Action.MODEL_DELETE: ("Y", "Y", "-"),
+        Action.RETENTION_SET: ("Y", "Y", "-"),
+        Action.DRIFT_READ: ("Y", "Y", "-"),
+        Action.DRIFT_CONFIGURE: ("Y", "Y", "-"),
     },
     "publisher": {
         Action.SERVER_READ: ("-", "-", "Y"),
@@ -44,6 +49,11 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_LIST: ("-", "-", "n"),
         Action.KEY_REVOKE: ("-", "-", "n"),
         Action.KEK_ROTATE: ("-", "-", "n"),
+        Action.VERSION_DELETE: ("n", "n", "-"),
+        Action.MODEL_DELETE: ("n", "n", "-"),
+        Action.RETENTION_SET: ("n", "n", "-"),
+        Action.DRIFT_READ: ("Y", "n", "-"),
+        Action.DRIFT_CONFIGURE: ("n", "n", "-"),
     },
     "consumer": {
         Action.SERVER_READ: ("-", "-", "Y"),
@@ -59,6 +69,11 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_LIST: ("-", "-", "n"),
         Action.KEY_REVOKE: ("-", "-", "n"),
         Action.KEK_ROTATE: ("-", "-", "n"),
+        Action.VERSION_DELETE: ("n", "n", "-"),
+        Action.MODEL_DELETE: ("n", "n", "-"),
+        Action.RETENTION_SET: ("n", "n", "-"),
+        Action.DRIFT_READ: ("n", "n", "-"),
+        Action.DRIFT_CONFIGURE: ("n", "n", "-"),
     },
     "auditor": {
         Action.SERVER_READ: ("-", "-", "Y"),
@@ -74,6 +89,11 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_LIST: ("-", "-", "Y"),
         Action.KEY_REVOKE: ("-", "-", "n"),
         Action.KEK_ROTATE: ("-", "-", "n"),
+        Action.VERSION_DELETE: ("n", "n", "-"),
+        Action.MODEL_DELETE: ("n", "n", "-"),
+        Action.RETENTION_SET: ("n", "n", "-"),
+        Action.DRIFT_READ: ("Y", "n", "-"),
+        Action.DRIFT_CONFIGURE: ("n", "n", "-"),
     },
 }
 
