@@ -27,8 +27,8 @@ from modelkeep.registry.records import NAME_PATTERN
 __all__ = [
     "HIGHER_IS_BETTER",
     "LOWER_IS_BETTER",
-    "METRICS",
     "MAX_GATES",
+    "METRICS",
     "Gate",
     "GateResult",
     "check_gates",
@@ -103,7 +103,9 @@ def parse_gate(text: object) -> Gate:
         raise InvalidInput(f"invalid gate {text[:_MAX_TEXT]!r}: {_USAGE}")
     metric, op = match["metric"], match["op"]
     if metric not in METRICS:
-        raise InvalidInput(f"unknown metric {metric[:32]!r} in gate; use one of {', '.join(METRICS)}")
+        raise InvalidInput(
+            f"unknown metric {metric[:32]!r} in gate; use one of {', '.join(METRICS)}"
+        )
     wanted = ">=" if metric in HIGHER_IS_BETTER else "<="
     if op != wanted:
         better = "higher" if wanted == ">=" else "lower"
