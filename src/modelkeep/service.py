@@ -521,6 +521,9 @@ def alerter_from(settings: Settings) -> Alerter | None:
         AlertRule("budget-spent", "budget_spent"),
         AlertRule("tampering", "tampering"),
         AlertRule("audit-verify-failed", "audit_verify_failed"),
+        AlertRule("change-requested", "change_requested"),
+        AlertRule("change-decided", "change_decided"),
+        AlertRule("emergency-change", "emergency_change"),
     ]
     hooks = [Webhook(url, settings.alert_webhook_secret) for url in settings.alert_webhooks]
     return Alerter(hooks, rules)

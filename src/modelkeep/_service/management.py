@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from modelkeep._service._base import ServiceBase, log, model_target
+from modelkeep._service._base import log, model_target
+from modelkeep._service.changes import ChangesMixin
 from modelkeep.auth import KeyRecord, Principal, generate_api_key
 from modelkeep.auth.principal import ROLES
 from modelkeep.crypto.signing import TrustedKey, load_public_key
@@ -17,7 +18,7 @@ from modelkeep.errors import InvalidInput, ModelRefused, NotFound
 from modelkeep.policy import Action
 from modelkeep.registry.intake import accept
 from modelkeep.registry.records import ModelRecord, VersionRecord, check_name
-from modelkeep.registry.store import PushKey, VersionDetails
+from modelkeep.registry.store import ChangeRequest, PushKey, VersionDetails
 from modelkeep.registry.upload import Upload
 
 _MAX_DESCRIPTION = 1000
@@ -32,7 +33,7 @@ class CreatedKey:
     token: str
 
 
-class ManagementMixin(ServiceBase):
+class ManagementMixin(ChangesMixin):
     """Management calls of ``Service``: models, versions, labels, publishers, keys, pushes."""
 
     # -- management ----------------------------------------------------------------------
@@ -131,6 +132,8 @@ class ManagementMixin(ServiceBase):
             )
             details["version"] = number
         self.refresh()
+        # Metrics on the model's evaluation set, computed in the background (lifecycle).
+        self.schedule_evaluation(model, number)
         return self._snapshot.models[model].versions[number]
 
     def _push_key(
@@ -233,8 +236,13 @@ class ManagementMixin(ServiceBase):
         self.refresh()
         return self._version(self._model(principal, Action.MODEL_READ, model), version)
 
-    def set_label(self, principal: Principal, model: str, label: str, version: int) -> None:
-        self.refresh()
+    def set_label(
+        self, principal: Principal, model: str, label: str, version: int
+    ) -> ChangeRequest | None:
+        """Point ``label`` at ``version``; a protected label gets a change request instead."""
+        change = self.protected_move(principal, model, label, version)
+        if change is not None:
+            return change
         details: dict[str, Any] = {"label": label[:63], "version": version}
         with self._audited(principal, "label.set", model_target(model), details):
             self._model(principal, Action.LABEL_SET, model)
@@ -243,6 +251,7 @@ class ManagementMixin(ServiceBase):
             details["previous"] = previous
             self.store.set_label(model, label, version, actor=principal.key_id, now=self._clock())
         self.refresh()
+        return None
 
     def delete_label(self, principal: Principal, model: str, label: str) -> None:
         self.refresh()
@@ -250,7 +259,8 @@ class ManagementMixin(ServiceBase):
         with self._audited(principal, "label.delete", model_target(model), details):
             self._model(principal, Action.LABEL_DELETE, model)
             check_name("label", label)
-            self.store.delete_label(model, label)
+            self.refuse_protected_delete(model, label)
+            self.store.delete_label(model, label, actor=principal.key_id, now=self._clock())
         self.refresh()
 
     def create_key(

@@ -976,6 +976,12 @@ class LifecycleStore:
             for row in reversed(rows)
         ]
 
+    def key_creators(self) -> dict[str, str]:
+        """Each API key's id and the id of the key (or ``init``) that created it."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(t.api_keys.c.id, t.api_keys.c.created_by)).all()
+        return {row.id: row.created_by for row in rows}
+
     # -- change requests ---------------------------------------------------------------------
 
     def add_change(self, change: ChangeRequest) -> None:
