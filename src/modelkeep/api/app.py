@@ -30,6 +30,7 @@ from ._observe import ObserveMiddleware
 from .audit import audit_router
 from .capture import capture_router
 from .kek import kek_router
+from .lifecycle import lifecycle_router
 from .management import management_router
 from .policy import policy_router
 from .v2 import v2_router
@@ -83,6 +84,7 @@ def create_app(
     app.include_router(audit_router(service))
     app.include_router(capture_router(service))
     app.include_router(kek_router(service))
+    app.include_router(lifecycle_router(service))
     # The last added runs first: authentication, then the body limit, so a caller without
     # a valid key never gets a byte of its body read.
     app.add_middleware(

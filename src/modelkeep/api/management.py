@@ -19,6 +19,7 @@ from modelkeep.service import Service
 
 from ._auth import principal_of
 from ._body import stream_body
+from .lifecycle import ChangeOut, accepted
 
 
 class TensorOut(BaseModel):
@@ -44,6 +45,10 @@ class VersionOut(BaseModel):
     layout: str = Field(description="`file`, or `directory` for a pushed directory")
     file_name: str = Field(description="The served file, as the signature's manifest names it")
     signer: str | None = Field(description="Fingerprint of the publisher key that signed it")
+    evaluation: dict[str, Any] | None = Field(
+        default=None,
+        description="Metrics on the model's evaluation set and the gates' verdict (lifecycle)",
+    )
 
 
 class VersionList(BaseModel):
@@ -290,18 +295,37 @@ def management_router(service: Service) -> APIRouter:
 
     @router.get("/models/{model}/versions", response_model=VersionList)
     async def list_versions(request: Request, model: str) -> VersionList:
-        record = service.get_model(principal_of(request), model)
-        return VersionList(versions=[version_out(v) for _, v in sorted(record.versions.items())])
+        principal = principal_of(request)
+        record = service.get_model(principal, model)
+        evaluations = await run_in_threadpool(service.evaluations_of, principal, model)
+        return VersionList(
+            versions=[
+                version_out(v).model_copy(update={"evaluation": evaluations.get(n)})
+                for n, v in sorted(record.versions.items())
+            ]
+        )
 
     @router.get("/models/{model}/versions/{version}", response_model=VersionOut)
     async def get_version(request: Request, model: str, version: str) -> VersionOut:
-        return version_out(service.get_version(principal_of(request), model, version))
-
-    @router.put("/models/{model}/labels/{label}", response_model=LabelOut)
-    async def set_label(request: Request, model: str, label: str, body: LabelIn) -> LabelOut:
         principal = principal_of(request)
-        await run_in_threadpool(service.set_label, principal, model, label, body.version)
-        return LabelOut(model=model, label=label, version=body.version)
+        found = service.get_version(principal, model, version)
+        evaluations = await run_in_threadpool(service.evaluations_of, principal, model)
+        return version_out(found).model_copy(update={"evaluation": evaluations.get(found.number)})
+
+    @router.put(
+        "/models/{model}/labels/{label}",
+        response_model=LabelOut,
+        responses={202: {"model": ChangeOut, "description": "Protected: a change request"}},
+    )
+    async def set_label(request: Request, model: str, label: str, body: LabelIn) -> Response:
+        """Point a label at a version. A protected label is not moved: a change request is
+        opened (202) and the move happens when enough other keys approve (lifecycle)."""
+        principal = principal_of(request)
+        change = await run_in_threadpool(service.set_label, principal, model, label, body.version)
+        if change is not None:
+            return accepted(change)
+        out = LabelOut(model=model, label=label, version=body.version)
+        return JSONResponse(out.model_dump(mode="json"))
 
     @router.delete("/models/{model}/labels/{label}", status_code=204)
     async def delete_label(request: Request, model: str, label: str) -> Response:
