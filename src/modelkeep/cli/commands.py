@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from typer.core import TyperGroup
 
-from modelkeep.cli import _audit, _kek, _models, _policy, _scan, _server, _sign
+from modelkeep.cli import _audit, _kek, _lifecycle, _models, _policy, _scan, _server, _sign
 from modelkeep.cli import _output as out
 from modelkeep.cli._client import (
     DEFAULT_URL,
@@ -101,6 +101,11 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(_models.publishers_app, name="publishers")
 app.add_typer(_policy.policy_app, name="policy")
 app.add_typer(_kek.kek_app, name="kek")
+app.add_typer(_lifecycle.eval_app, name="eval")
+app.add_typer(_lifecycle.changes_app, name="changes")
+label_app.command("protect", epilog=EPILOG)(_lifecycle.label_protect)
+label_app.command("rollback", epilog=EPILOG)(_lifecycle.label_rollback)
+label_app.command("history", epilog=EPILOG)(_lifecycle.label_history)
 models_app.command("create", epilog=EPILOG)(_models.models_create)
 models_app.command("set", epilog=EPILOG)(_models.models_set)
 
@@ -317,12 +322,18 @@ def label_set(
 ) -> None:
     """Point LABEL of MODEL at VERSION (creating or moving the label).
 
+    A protected label is not moved at once: a change request is opened that other keys
+    approve (see `modelkeep changes`).
+
     Example: modelkeep label set iris production 3
     """
     with client_from(ctx.obj, url, token, cacert) as client:
         answer = client.set_label(model, label, version)
     if json_output:
         out.print_json(answer)
+        return
+    if "approvals_needed" in answer:  # a protected label: a change request was opened
+        _lifecycle.say_change(answer)
         return
     out.say(
         f"{out.clean(answer.get('model', model))}: label {out.clean(answer.get('label', label))} "
