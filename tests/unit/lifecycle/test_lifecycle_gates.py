@@ -66,9 +66,7 @@ def test_relative_gates_compare_with_the_reference_given() -> None:
     metrics = {"accuracy": 0.90, "rmse": 0.5}
     worse = check_gates(gates, metrics, {"production": (3, {"accuracy": 0.95, "rmse": 0.35})})
     assert [r.passed for r in worse] == [False, False]
-    assert worse[0].reason == (
-        "accuracy is 0.9000, 0.0300 below the required 0.9300 (production)"
-    )
+    assert worse[0].reason == ("accuracy is 0.9000, 0.0300 below the required 0.9300 (production)")
     near = check_gates(gates, metrics, {"production": (3, {"accuracy": 0.91, "rmse": 0.45})})
     assert [r.passed for r in near] == [True, True]
     nothing = check_gates(gates, metrics, {"production": None})
