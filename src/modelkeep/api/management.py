@@ -19,7 +19,7 @@ from modelkeep.service import Service
 
 from ._auth import principal_of
 from ._body import stream_body
-from .lifecycle import ChangeOut, accepted
+from .lifecycle import ChangeOut, accepted, errors
 
 
 class TensorOut(BaseModel):
@@ -315,7 +315,10 @@ def management_router(service: Service) -> APIRouter:
     @router.put(
         "/models/{model}/labels/{label}",
         response_model=LabelOut,
-        responses={202: {"model": ChangeOut, "description": "Protected: a change request"}},
+        responses={
+            **errors(400, 404, 409),
+            202: {"model": ChangeOut, "description": "Protected: a change request was opened"},
+        },
     )
     async def set_label(request: Request, model: str, label: str, body: LabelIn) -> Response:
         """Point a label at a version. A protected label is not moved: a change request is
@@ -327,7 +330,9 @@ def management_router(service: Service) -> APIRouter:
         out = LabelOut(model=model, label=label, version=body.version)
         return JSONResponse(out.model_dump(mode="json"))
 
-    @router.delete("/models/{model}/labels/{label}", status_code=204)
+    @router.delete(
+        "/models/{model}/labels/{label}", status_code=204, responses=errors(400, 404, 409)
+    )
     async def delete_label(request: Request, model: str, label: str) -> Response:
         await run_in_threadpool(service.delete_label, principal_of(request), model, label)
         return Response(status_code=204)
