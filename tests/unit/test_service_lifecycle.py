@@ -699,3 +699,50 @@ def test_versions_ls_and_eval_show_on_the_command_line(
     assert "needs 1 approval(s)" in protect.output
     ls = world.cli("approver", "changes", "ls")
     assert (ls.exit_code, "no change requests" in ls.output) == (0, True)
+
+
+# -- authorization --------------------------------------------------------------------------------
+
+# One row per lifecycle route; columns: admin, publisher, approver, consumer. A request that
+# is authorized may still fail on its merits (400, 404, 409): what matters is 403 or not.
+ROUTES = """
+PUT    /api/v1/models/iris/eval/gates                   400 403 403 403
+GET    /api/v1/models/iris/eval                         200 200 200 200
+POST   /api/v1/models/iris/versions/1/evaluate          404 404 403 403
+GET    /api/v1/models/iris/protection                   200 200 200 200
+PUT    /api/v1/models/iris/protection/staging           200 403 403 403
+GET    /api/v1/models/iris/history                      200 200 200 200
+POST   /api/v1/models/iris/labels/nothing/rollback      404 404 403 403
+GET    /api/v1/changes                                  200 200 200 200
+"""
+
+
+def test_lifecycle_routes_are_authorized_by_role(world: World, models: dict[str, bytes]) -> None:
+    world.push("publisher", models["good"])
+    bodies = {
+        "/api/v1/models/iris/eval/gates": {"gates": ["accuracy>=0.9"]},
+        "/api/v1/models/iris/protection/staging": {"approvals": 1},
+    }
+    found = []
+    expected = []
+    for line in ROUTES.strip().splitlines():
+        method, path, *statuses = line.split()
+        for who, status in zip(
+            ("admin", "publisher", "approver", "consumer"), statuses, strict=True
+        ):
+            r = world.http.request(method, path, json=bodies.get(path), headers=world.as_(who))
+            found.append((method, path, who, r.status_code))
+            expected.append((method, path, who, int(status)))
+            if r.status_code >= 400:
+                assert list(r.json()) == ["error"]
+    assert found == expected
+
+
+def test_label_history_on_the_command_line(world: World, models: dict[str, bytes]) -> None:
+    one = world.push("publisher", models["good"])
+    world.label("publisher", one, label="staging")
+    shown = world.cli("consumer", "label", "history", MODEL)
+    assert shown.exit_code == 0, shown.output
+    assert "staging" in shown.output
+    one_label = world.cli("consumer", "label", "history", MODEL, "production")
+    assert "no label moves recorded" in one_label.output

@@ -330,20 +330,25 @@ class EvaluationMixin(ServiceBase):
         *,
         relative: bool = True,
         evaluate_references: bool = False,
+        known: tuple[StoredEvalSet, dict[int, Evaluation]] | None = None,
     ) -> list[GateResult]:
         """The model's gates decided for version ``number`` now (empty: no gates).
 
         Relative gates compare with the version under their label at this moment; with
         ``evaluate_references`` a reference version not yet evaluated on the current set is
         evaluated first (synchronously). ``relative`` False leaves relative gates out.
+        ``known`` is the set and its evaluations when the caller has just read them.
         """
-        stored = self.lifecycle.evalset(record.name)
-        if stored is None:
-            return []
+        if known is None:
+            stored = self.lifecycle.evalset(record.name)
+            if stored is None:
+                return []
+            evaluations = self.lifecycle.evaluations(record.name, stored.sha256)
+        else:
+            stored, evaluations = known
         gates: tuple[Gate, ...] = parse_gates(json.loads(stored.gates))
         if not relative:
             gates = tuple(g for g in gates if g.label is None)
-        evaluations = self.lifecycle.evaluations(record.name, stored.sha256)
         references: dict[str, tuple[int, dict[str, float] | None] | None] = {}
         for label in {g.label for g in gates if g.label is not None}:
             ref = record.labels.get(label)
@@ -367,7 +372,7 @@ class EvaluationMixin(ServiceBase):
             return {}
         found = self.lifecycle.evaluations(record.name, stored.sha256)
         return {
-            number: self._evaluation_out(record, number, found.get(number))
+            number: self._evaluation_out(record, number, (stored, found))
             for number in record.versions
         }
 
@@ -385,16 +390,25 @@ class EvaluationMixin(ServiceBase):
         numbers = (
             sorted(record.versions) if version is None else [self._version(record, version).number]
         )
-        found = {} if stored is None else self.lifecycle.evaluations(record.name, stored.sha256)
+        known = None
+        if stored is not None:
+            known = (stored, self.lifecycle.evaluations(record.name, stored.sha256))
         body["versions"] = [
-            {"version": n, **self._evaluation_out(record, n, found.get(n))} for n in numbers
+            {"version": n, **self._evaluation_out(record, n, known)} for n in numbers
         ]
         return body
 
     def _evaluation_out(
-        self, record: ModelRecord, number: int, found: Evaluation | None
+        self,
+        record: ModelRecord,
+        number: int,
+        known: tuple[StoredEvalSet, dict[int, Evaluation]] | None,
     ) -> dict[str, Any]:
-        results = self.gate_results(record, number)
+        if known is None:
+            none: dict[str, Any] = {"metrics": None, "error": None, "evaluated_at": None}
+            return {"status": "no evaluation set", **none, "gates": []}
+        found = known[1].get(number)
+        results = self.gate_results(record, number, known=known)
         verdicts = [r.passed for r in results]
         if found is None:
             status = "pending"

@@ -43,6 +43,12 @@ LabelArgument = Annotated[str, typer.Argument(help="Label name.", callback=check
 ChangeArgument = Annotated[
     str, typer.Argument(metavar="ID", help="The change request's id (see changes ls).")
 ]
+
+
+def _optional_name(value: str | None) -> str | None:
+    return None if value is None else check_name(value)
+
+
 # An evaluation set is read whole to send it; the server takes 64 MiB by default.
 _MAX_DATA = 1 << 30
 
@@ -274,7 +280,7 @@ def label_history(
     ctx: typer.Context,
     model: ModelArgument,
     label: Annotated[
-        str | None, typer.Argument(help="One label (default: all).", callback=check_name)
+        str | None, typer.Argument(help="One label (default: all).", callback=_optional_name)
     ] = None,
     url: UrlOption = DEFAULT_URL,
     token: TokenOption = None,
