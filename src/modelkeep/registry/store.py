@@ -424,9 +424,14 @@ class MetadataStore:
         kind: str = "set",
         change_id: str | None = None,
     ) -> None:
-        """Point ``label`` at version ``number``; the move is kept in the label's history."""
+        """Point ``label`` at version ``number``; the move is kept in the label's history.
+
+        Conflict for a protected label: those move only through ``LifecycleStore`` (an approved
+        change request), checked in this transaction so a protection set meanwhile holds.
+        """
         with self._write() as conn:
             model_id = self._model_id(conn, model)
+            _refuse_protected(conn, model_id, label)
             put_label(conn, model_id, model, label, number, actor, now, kind, change_id)
 
     def delete_label(
@@ -435,6 +440,7 @@ class MetadataStore:
         with self._write() as conn:
             model_id = self._model_id(conn, model)
             where = (t.labels.c.model_id == model_id) & (t.labels.c.name == label)
+            _refuse_protected(conn, model_id, label)
             previous = _label_version(conn, model_id, label)
             deleted = conn.execute(sa.delete(t.labels).where(where)).rowcount
             if not deleted:
@@ -480,6 +486,15 @@ class MetadataStore:
         if model_id is None:
             raise NotFound(f"no model named '{model}'")
         return int(model_id)
+
+
+def _refuse_protected(conn: Connection, model_id: int, label: str) -> None:
+    c = t.protected_labels.c
+    found = conn.execute(
+        sa.select(c.approvals).where(c.model_id == model_id, c.label == label)
+    ).scalar()
+    if found is not None:
+        raise Conflict(f"label '{label}' is protected: it moves only through an approved change")
 
 
 def _label_version(conn: Connection, model_id: int, label: str) -> int | None:

@@ -121,3 +121,18 @@ def test_evaluations_are_kept_per_version_and_set(
     found = lifecycle.evaluations("iris", "f" * 64)
     assert {n: e.metrics for n, e in found.items()} == {1: {"accuracy": 0.75}}
     assert lifecycle.evaluations("iris", "e" * 64)[2].error == "x"
+
+
+def test_a_protected_label_never_moves_or_goes_by_the_plain_calls(
+    stores: tuple[MetadataStore, LifecycleStore],
+) -> None:
+    store, lifecycle = stores
+    store.set_label("iris", "production", 1, actor="a", now=NOW)
+    lifecycle.protect("iris", "production", 2, actor="a", now=NOW)
+    with pytest.raises(Conflict, match="protected"):
+        store.set_label("iris", "production", 2, actor="a", now=NOW)
+    with pytest.raises(Conflict, match="protected"):
+        store.delete_label("iris", "production", actor="a", now=NOW)
+    lifecycle.protect("iris", "production", 0, actor="a", now=NOW)
+    store.set_label("iris", "production", 2, actor="a", now=NOW)
+    assert store.snapshot().models["iris"].labels["production"] == 2
