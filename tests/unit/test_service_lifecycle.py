@@ -746,3 +746,32 @@ def test_label_history_on_the_command_line(world: World, models: dict[str, bytes
     assert "staging" in shown.output
     one_label = world.cli("consumer", "label", "history", MODEL, "production")
     assert "no label moves recorded" in one_label.output
+
+
+def test_a_set_that_does_not_fit_the_model_is_an_error_and_blocks_the_label(
+    world: World, models: dict[str, bytes]
+) -> None:
+    misfit = io.BytesIO()
+    np.savez(misfit, inputs=np.ones((10, 3), np.float32), expected=np.arange(10) % 3)
+    r = world.http.put(
+        f"/api/v1/models/{MODEL}/eval",
+        params={"gate": "accuracy>=0.5"},
+        content=misfit.getvalue(),
+        headers={**world.as_("admin"), "Content-Type": "application/octet-stream"},
+    )
+    assert r.status_code == 200, r.text
+    world.protect(1)
+    number = world.push("publisher", models["good"])
+    world.evaluated()
+    shown = world.http.get(
+        f"/api/v1/models/{MODEL}/eval?version={number}", headers=world.as_("publisher")
+    ).json()["versions"][0]
+    assert (shown["status"], shown["error"]) == (
+        "error",
+        "'inputs' has shape [10, 3]; the model's input 'input' takes [-1, 4]",
+    )
+    assert world.label("publisher", number).status_code == 409
+    failures = [
+        e for e in world.svc.audit.entries(action="version.evaluate") if e.outcome == "failure"
+    ]
+    assert [e.details["version"] for e in failures] == [number]

@@ -281,18 +281,26 @@ class EvaluationMixin(ServiceBase):
         if version is None:
             return None
         target = model_target(model)
+        failure: ModelkeepError | None = None
         try:
             evalset = self._open_evalset(stored, f"evaluate version {number}")
             session = self._sessions.get((model, number)) or self._load(version)
             metrics = compute_metrics(session, evalset)
         except ModelkeepError as exc:
+            failure = exc
+        except Exception:
+            # A runtime's own error on rows it cannot take: kept as a failed evaluation, with
+            # a message that names no internals (the details go to the log).
+            log.exception("evaluation of %s version %s failed in the runtime", model, number)
+            failure = InvalidInput("the model could not run the evaluation set's rows")
+        if failure is not None:
             self.lifecycle.save_evaluation(
                 model,
                 number,
                 stored.sha256,
                 status="error",
                 metrics=None,
-                error=exc.message,
+                error=failure.message,
                 now=self._clock(),
             )
             self.record(
@@ -300,9 +308,9 @@ class EvaluationMixin(ServiceBase):
                 "version.evaluate",
                 target,
                 "failure",
-                {"version": number, "sha256": stored.sha256, "error": exc.message},
+                {"version": number, "sha256": stored.sha256, "error": failure.message},
             )
-            raise
+            raise failure
         self.lifecycle.save_evaluation(
             model,
             number,
