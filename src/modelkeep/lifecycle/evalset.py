@@ -11,6 +11,7 @@ only ever opened in memory.
 from __future__ import annotations
 
 import io
+import math
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,13 +62,16 @@ def read_evalset(data: bytes, *, max_unpacked: int, max_elements: int) -> EvalSe
         raise InvalidInput(_USAGE)
     if sum(info.file_size for info in infos) > max_unpacked:
         raise TooLarge(f"the evaluation set unpacks to more than {max_unpacked} bytes")
-    # 2. Only plain arrays: allow_pickle=False refuses object arrays (pickles) outright.
+    # 2. Each array's header before its data: numpy allocates what a header declares, so a
+    #    shape larger than the member's bytes (or a pickled object array) stops here.
+    _check_headers(data, infos, max_elements)
+    # 3. Only plain arrays: allow_pickle=False refuses object arrays (pickles) outright.
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             inputs, expected = npz["inputs"], npz["expected"]
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
         raise InvalidInput(f"the evaluation set could not be read: {_USAGE}") from exc
-    # 3. Shapes and types that make sense together.
+    # 4. Shapes and types that make sense together.
     for name, array in (("inputs", inputs), ("expected", expected)):
         if array.dtype.kind not in "biuf":
             raise InvalidInput(f"'{name}' must hold numbers (not {array.dtype.kind!r} values)")
@@ -86,6 +90,29 @@ def read_evalset(data: bytes, *, max_unpacked: int, max_elements: int) -> EvalSe
     if expected.dtype.kind == "f" and not np.isfinite(expected).all():
         raise InvalidInput("'expected' holds NaN or infinite values")
     return EvalSet(inputs=inputs, expected=expected)
+
+
+def _check_headers(data: bytes, infos: list[zipfile.ZipInfo], max_elements: int) -> None:
+    elements = 0
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for info in infos:
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                if dtype.hasobject:
+                    raise InvalidInput(f"the evaluation set could not be read: {_USAGE}")
+                count = math.prod(shape)
+                if count * dtype.itemsize > info.file_size:
+                    raise InvalidInput("the evaluation set's arrays are shorter than they claim")
+                elements += count
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError) as exc:
+        raise InvalidInput(f"the evaluation set could not be read: {_USAGE}") from exc
+    if elements > max_elements:
+        raise TooLarge(f"the evaluation set holds more than {max_elements} values")
 
 
 def check_fits(evalset: EvalSet, signature: ModelSignature) -> None:

@@ -156,3 +156,21 @@ def test_rows_that_do_not_fit_the_model_are_a_clear_error() -> None:
     model = FakeModel({"label": np.zeros(3, np.int64)}, inputs=4)
     with pytest.raises(InvalidInput, match=r"takes \[-1, 4\]"):
         compute_metrics(model, EvalSet(inputs=np.zeros((3, 2), np.float32), expected=np.zeros(3)))
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """The magic string and header of an .npy file declaring ``shape`` float64 values."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": "<f8", "fortran_order": False, "shape": shape}
+    )
+    return out.getvalue()
+
+
+def test_an_array_claiming_more_than_it_holds_is_refused_before_numpy_allocates_it() -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("inputs.npy", npy_header((10**12, 4)) + b"\0" * 64)
+        archive.writestr("expected.npy", npy_header((10**12,)) + b"\0" * 64)
+    with pytest.raises(InvalidInput, match="shorter than they claim"):
+        read_evalset(buffer.getvalue(), max_unpacked=1 << 20, max_elements=10**15)
