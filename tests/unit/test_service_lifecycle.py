@@ -205,12 +205,12 @@ class World:
     def actions(self) -> list[str]:
         return [e.action for e in self.svc.audit.entries()]
 
-    def cli(self, who: str, *args: str) -> Any:
+    def cli(self, who: str, *args: str, columns: int = 250) -> Any:
         overrides = ClientOverrides(transport=Borrowed(self.http._transport))
         env = {
             "MODELKEEP_TOKEN": self.tokens[who],
             "MODELKEEP_URL": "http://127.0.0.1",
-            "COLUMNS": "250",
+            "COLUMNS": str(columns),
         }
         return CliRunner().invoke(cli_app, list(args), obj=overrides, env=env)
 
@@ -691,8 +691,9 @@ def test_versions_ls_and_eval_show_on_the_command_line(
     assert "150 rows (classification)" in done.output
     world.push("publisher", models["bad"])
     world.evaluated()
-    listed = world.cli("publisher", "versions", "ls", MODEL)
-    assert "failed (accuracy 0.4133" in listed.output
+    listed = world.cli("publisher", "versions", "ls", MODEL, columns=120)
+    assert listed.output.splitlines()[0].split()[-1] == "EVAL"
+    assert listed.output.splitlines()[1].split()[-1] == "failed"
     shown = world.cli("publisher", "eval", "show", MODEL, "1")
     assert "accuracy>=0.9: accuracy is 0.4133, 0.4867 below the required 0.9000" in shown.output
     protect = world.cli("admin", "label", "protect", MODEL, "production", "--approvals", "1")

@@ -129,11 +129,14 @@ def versions_table(versions: Iterable[JSONObject], labels: Mapping[str, Any]) ->
     # The EVAL column only for a model with an evaluation set (docs/lifecycle.md).
     evaluated = any(isinstance(v.get("evaluation"), dict) for v in versions)
     columns = ["VERSION", "LABELS~", "SIZE", "SHA256", "SIGNER", "UPLOADED BY", "CREATED AT"]
-    table = _table(*columns, *(["EVAL~"] if evaluated else []))
+    table = _table(*columns, *(["EVAL"] if evaluated else []))
     for version in versions:
         number = version.get("version")
         sha = version.get("sha256")
-        extra = [_cell(evaluation_text(version.get("evaluation")))] if evaluated else []
+        evaluation = version.get("evaluation")
+        # The verdict only: metrics are in `modelkeep eval show` (a table must fit 80 columns).
+        verdict = evaluation.get("status") if isinstance(evaluation, dict) else None
+        extra = [_cell(verdict)] if evaluated else []
         table.add_row(
             _cell(number),
             _cell(", ".join(by_version.get(number, []))),
