@@ -776,3 +776,26 @@ def test_a_set_that_does_not_fit_the_model_is_an_error_and_blocks_the_label(
         e for e in world.svc.audit.entries(action="version.evaluate") if e.outcome == "failure"
     ]
     assert [e.details["version"] for e in failures] == [number]
+
+
+def test_a_kek_rotation_rewraps_the_evaluation_set_too(
+    world: World, models: dict[str, bytes]
+) -> None:
+    world.set_evalset(["accuracy>=0.9"])
+    number = world.push("publisher", models["good"])
+    world.evaluated()
+    admin = world.svc.authenticate(f"Bearer {world.tokens['admin']}")
+    new_key = world.svc.kek_rotate(admin)
+    assert world.svc.lifecycle.evalset_keys()[0][3] != new_key
+    done = world.svc.kek_rewrap(admin)
+    assert done.after is None
+    assert world.svc.lifecycle.evalset_keys()[0][3] == new_key
+    rewraps = list(world.svc.audit.entries(action="kek.rewrap"))
+    assert rewraps[-1].details["evalsets"] == [MODEL]
+    again = world.svc.evaluate_now(MODEL, number, force=True)
+    assert again is not None
+    assert again.metrics == {
+        "accuracy": 0.973333,
+        "f1": 0.973323,
+        "auc": pytest.approx(0.998, abs=0.002),
+    }

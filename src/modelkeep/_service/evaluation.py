@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 from modelkeep._service._base import ServiceBase, log, model_target
 from modelkeep.auth import Principal
 from modelkeep.crypto import new_data_key, seal, unseal
-from modelkeep.errors import Conflict, InvalidInput, ModelkeepError, NotFound, TooLarge
+from modelkeep.errors import (
+    Conflict,
+    IntegrityError,
+    InvalidInput,
+    KeyServiceError,
+    ModelkeepError,
+    NotFound,
+    TooLarge,
+)
 from modelkeep.lifecycle.evalset import EvalSet, compute_metrics, read_evalset, summary
 from modelkeep.lifecycle.gates import Gate, GateResult, check_gates, parse_gates
 from modelkeep.policy import Action
@@ -208,6 +216,30 @@ class EvaluationMixin(ServiceBase):
             raise
         self.record("server", "evalset.read", target, "success", details)
         return opened
+
+    def rewrap_evalsets(self) -> tuple[list[str], list[str]]:
+        """Re-wrap every evaluation set's data key under the current KEK (after a rotation);
+        the models moved and those refused (KEK gone, key does not verify). The blobs stay."""
+        keys = self.registry.keys
+        current = keys.rotate(new_key=False)
+        moved: list[str] = []
+        refused: list[str] = []
+        for model, sha256, wrapped, kek_id in self.lifecycle.evalset_keys():
+            if kek_id == current:
+                continue
+            try:
+                new = keys.rewrap(wrapped, evalset_associated_data(model, sha256))
+            except KeyServiceError as exc:
+                if exc.retry_after is not None:
+                    raise
+                refused.append(model)
+                continue
+            except IntegrityError:
+                refused.append(model)
+                continue
+            if self.lifecycle.rewrap_evalset(model, wrapped, new, keys.key_id):
+                moved.append(model)
+        return moved, refused
 
     def get_evalset(self, principal: Principal, model: str) -> dict[str, Any]:
         """What may be shown of ``model``'s evaluation set: digest, size, shape, gates."""

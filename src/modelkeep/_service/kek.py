@@ -8,7 +8,7 @@ answer; an interrupted rotation is finished by calling ``kek_rewrap`` again.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelkeep._service._base import ServiceBase
 from modelkeep.auth import Principal
@@ -18,6 +18,10 @@ from modelkeep.registry.rotation import KeyRotation, RewrapPass
 
 class KekMixin(ServiceBase):
     """Admin calls of ``Service`` over the key service."""
+
+    if TYPE_CHECKING:
+
+        def rewrap_evalsets(self) -> tuple[list[str], list[str]]: ...
 
     def kek_status(self, principal: Principal) -> dict[str, Any]:
         """The key service, its current key id, and how many versions each KEK wraps."""
@@ -52,5 +56,9 @@ class KekMixin(ServiceBase):
                 refused=[f"{r.model}:{r.version}" for r in done.refused],
                 remaining=done.remaining,
             )
+            if done.after is None:
+                # The last pass also moves the evaluation sets' data keys (docs/lifecycle.md).
+                moved, refused = self.rewrap_evalsets()
+                details.update(evalsets=moved, evalsets_refused=refused)
         self.refresh()
         return done

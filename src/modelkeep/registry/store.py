@@ -889,6 +889,29 @@ class LifecycleStore:
         with self._read() as conn:
             return set(conn.execute(sa.select(t.eval_sets.c.blob_key)).scalars())
 
+    def evalset_keys(self) -> list[tuple[str, str, bytes, str]]:
+        """``(model, sha256, wrapped key, kek id)`` of every evaluation set (key rotation)."""
+        e = t.eval_sets.c
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(t.models.c.name, e.sha256, e.wrapped_key, e.kek_id).select_from(
+                    t.eval_sets.join(t.models)
+                )
+            ).all()
+        return [(row[0], row[1], bytes(row[2]), row[3]) for row in rows]
+
+    def rewrap_evalset(self, model: str, old: bytes, new: bytes, kek_id: str) -> bool:
+        """Store a re-wrapped data key, only if the row still holds ``old``."""
+        e = t.eval_sets.c
+        with self._quiet_write() as conn:
+            model_id = MetadataStore._model_id(conn, model)
+            changed = conn.execute(
+                sa.update(t.eval_sets)
+                .where(e.model_id == model_id, e.wrapped_key == old)
+                .values(wrapped_key=new, kek_id=kek_id)
+            ).rowcount
+        return bool(changed)
+
     def save_evaluation(
         self,
         model: str,
