@@ -799,3 +799,39 @@ def test_a_kek_rotation_rewraps_the_evaluation_set_too(
         "f1": 0.973323,
         "auc": pytest.approx(0.998, abs=0.002),
     }
+
+
+def test_concurrent_last_approvals_apply_the_change_once(
+    world: World, models: dict[str, bytes]
+) -> None:
+    one = world.push("publisher", models["good"])
+    world.protect(2)
+    # A third approver, so that two approvals can race to be the last one.
+    third = world.http.post(
+        "/api/v1/keys", json={"role": "approver"}, headers=world.as_("admin")
+    ).json()
+    world.tokens["approver3"] = third["key"]
+    change = world.label("publisher", one).json()["id"]
+    assert world.approve("approver", change).status_code == 200
+    principals = [
+        world.svc.authenticate(f"Bearer {world.tokens[who]}") for who in ("approver2", "approver3")
+    ]
+    results: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def approve(index: int) -> None:
+        barrier.wait()
+        try:
+            results.append(world.svc.approve_change(principals[index], change).status)
+        except Exception as exc:  # recorded, asserted below
+            results.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=approve, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(results) in (["applied", "applied"], ["Conflict", "applied"])
+    moves = [m for m in world.svc.lifecycle.history(MODEL, "production") if m.change_id == change]
+    assert len(moves) == 1
+    assert world.labels()["production"] == one

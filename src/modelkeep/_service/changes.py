@@ -306,7 +306,12 @@ class ChangesMixin(EvaluationMixin):
             count = self.lifecycle.approve(change.id, principal.key_id, now=self._clock())
             details.update(approvals=count, needed=change.approvals_needed)
         if count >= change.approvals_needed:
-            self._apply(principal, change)
+            try:
+                self._apply(principal, change)
+            except Conflict:
+                # Another approver's call applied it first: this approval counted all the same.
+                if self.lifecycle.change(change.id).status != "applied":
+                    raise
         return self.lifecycle.change(change.id)
 
     def _apply(self, principal: Principal, change: ChangeRequest) -> None:
@@ -323,11 +328,12 @@ class ChangesMixin(EvaluationMixin):
             try:
                 self._check_still_valid(change)
                 self.lifecycle.apply_change(change, by=principal.key_id, now=self._clock())
-            except (GateRefused, StaleChange) as exc:
+            except (GateRefused, StaleChange, NotFound) as exc:
+                # NotFound: the version is gone (deleted since the request was made).
                 reason = (
-                    exc.message
-                    if isinstance(exc, GateRefused)
-                    else f"label '{change.label}' moved since the request was made"
+                    f"label '{change.label}' moved since the request was made"
+                    if isinstance(exc, StaleChange)
+                    else exc.message
                 )
                 self.lifecycle.decide(
                     change.id, "failed", by=principal.key_id, now=self._clock(), reason=reason
