@@ -91,7 +91,8 @@ models_app = typer.Typer(
 )
 versions_app = typer.Typer(help="List the versions of a model.", no_args_is_help=True)
 label_app = typer.Typer(
-    help="Point labels (production, staging...) at versions.", no_args_is_help=True
+    help="Point labels (production, staging...) at versions; protect, roll back, show history.",
+    no_args_is_help=True,
 )
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
