@@ -13,6 +13,7 @@ import hashlib
 import json
 import queue
 import threading
+from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -54,13 +55,18 @@ def evalset_associated_data(model: str, sha256_hex: str) -> bytes:
 
 
 class Evaluator:
-    """One daemon thread running queued evaluations in order; never blocks its callers."""
+    """One daemon thread running queued evaluations in order; never blocks its callers.
 
-    def __init__(self, run: Any) -> None:
+    The thread ends soon after ``stopped`` is set (the service stopping) and is started again
+    by the next ``submit``.
+    """
+
+    def __init__(self, run: Callable[[str, int], None], stopped: threading.Event) -> None:
         self._run = run
+        self._stopped = stopped
         self._queue: queue.Queue[tuple[str, int]] = queue.Queue(_QUEUE)
-        self._thread = threading.Thread(target=self._loop, name="modelkeep-evaluate", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
     def submit(self, model: str, number: int) -> bool:
         try:
@@ -68,6 +74,12 @@ class Evaluator:
         except queue.Full:
             log.warning("evaluation of %s version %s skipped: queue full", model, number)
             return False
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="modelkeep-evaluate", daemon=True
+                )
+                self._thread.start()
         return True
 
     def wait(self, timeout: float) -> bool:
@@ -82,8 +94,11 @@ class Evaluator:
         return done.wait(timeout)
 
     def _loop(self) -> None:
-        while True:
-            model, number = self._queue.get()
+        while not self._stopped.is_set():
+            try:
+                model, number = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
             try:
                 self._run(model, number)
             except Exception:
@@ -101,13 +116,15 @@ class EvaluationMixin(ServiceBase):
 
         _sessions: dict[tuple[str, int], LoadedModel]
 
+    _stop: threading.Event
+
     @cached_property
     def lifecycle(self) -> LifecycleStore:
         return LifecycleStore(self.store)
 
     @cached_property
     def evaluator(self) -> Evaluator:
-        return Evaluator(self._evaluate_quietly)
+        return Evaluator(self._evaluate_quietly, self._stop)
 
     # -- evaluation sets -----------------------------------------------------------------
 
