@@ -299,16 +299,16 @@ def label_history(
     if not moves:
         out.say("no label moves recorded")
         return
-    table = out._table("TIME", "LABEL", "VERSION", "FROM", "HOW", "BY", "CHANGE")
+    table = out.table("TIME", "LABEL", "VERSION", "FROM", "HOW", "BY", "CHANGE")
     for move in moves:
         table.add_row(
-            out._cell(out.time_text(move.get("time"))),
-            out._cell(move.get("label")),
-            out._cell("deleted" if move.get("version") is None else move.get("version")),
-            out._cell(move.get("previous")),
-            out._cell(move.get("kind")),
-            out._cell(move.get("actor")),
-            out._cell(move.get("change_id")),
+            out.cell(out.time_text(move.get("time"))),
+            out.cell(move.get("label")),
+            out.cell("deleted" if move.get("version") is None else move.get("version")),
+            out.cell(move.get("previous")),
+            out.cell(move.get("kind")),
+            out.cell(move.get("actor")),
+            out.cell(move.get("change_id")),
         )
     out.stdout_console().print(table)
 
@@ -345,17 +345,17 @@ def changes_ls(
     if not changes:
         out.say("no change requests")
         return
-    table = out._table("ID", "STATUS", "CHANGE~", "APPROVALS", "REQUESTER", "EXPIRES")
+    table = out.table("ID", "STATUS", "CHANGE~", "APPROVALS", "REQUESTER", "EXPIRES")
     for change in changes:
         approvals = change.get("approvals")
         have = len(approvals) if isinstance(approvals, list) else 0
         table.add_row(
-            out._cell(change.get("id")),
-            out._cell(change.get("status")),
-            out._cell(_what(change)),
-            out._cell(f"{have}/{out.clean(change.get('approvals_needed'))}"),
-            out._cell(change.get("requester")),
-            out._cell(out.time_text(change.get("expires_at"))),
+            out.cell(change.get("id")),
+            out.cell(change.get("status")),
+            out.cell(_what(change)),
+            out.cell(f"{have}/{out.clean(change.get('approvals_needed'))}"),
+            out.cell(change.get("requester")),
+            out.cell(out.time_text(change.get("expires_at"))),
         )
     out.stdout_console().print(table)
 

@@ -320,3 +320,13 @@ def _table(*columns: str) -> Table:
 
 def _cell(value: object) -> Text:
     return Text("" if value is None else clean(value))
+
+
+def table(*columns: str) -> Table:
+    """A table as every command prints it (see ``_table``), for command modules."""
+    return _table(*columns)
+
+
+def cell(value: object) -> Text:
+    """A cleaned table cell."""
+    return _cell(value)
