@@ -20,7 +20,7 @@ system-deps:
 
 ## The container image, built offline (Debian base by mmdebstrap, host-built wheels, podman);
 ## prints its id and size. IMAGE=... names it (default localhost/modelkeep:dev).
-image: system-deps
+image: $(STAMP) system-deps
 	bash scripts/build-image.sh
 
 ## The image and chart tests alone: hadolint, helm, kubernetes-validate, checkov, podman.

@@ -16,16 +16,19 @@ IMAGE="${IMAGE:-localhost/modelkeep:dev}"
 # Debian's own Python 3.11 builds the wheels: the image runs that same interpreter, so pip
 # picks wheels and evaluates markers (python_full_version) exactly as for the image.
 PYTHON="${PYTHON:-/usr/bin/python3}"
-BASE_TAG="localhost/modelkeep-base:bookworm"
 CACHE="${MODELKEEP_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/modelkeep-image}"
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/deploy/podman/containers.conf}"
 
 # The base: Python 3.11 (bookworm's, the host's too, so host-built wheels fit), venv support,
-# CA certificates for outgoing TLS (PostgreSQL, S3, the key service) and tini as PID 1.
-BASE_PACKAGES="python3,python3-venv,ca-certificates,tini"
+# CA certificates for outgoing TLS (PostgreSQL, S3, the key service), tini as PID 1, and the
+# GNU OpenMP runtime that LightGBM's wheel links against without carrying it. The tag and the
+# cached tarball are named by the package list, so changing it makes a new base.
+BASE_PACKAGES="python3,python3-venv,ca-certificates,tini,libgomp1"
+base_id="$(echo "$BASE_PACKAGES" | sha256sum | cut -c1-12)"
+BASE_TAG="localhost/modelkeep-base:bookworm-$base_id"
 if ! podman image exists "$BASE_TAG"; then
     mkdir -p "$CACHE"
-    tarball="$CACHE/base-bookworm.tar"
+    tarball="$CACHE/base-bookworm-$base_id.tar"
     if [ ! -s "$tarball" ]; then
         echo "build-image: making the Debian base with mmdebstrap (about a minute)"
         # minbase: essential packages and apt only. Left out: recommended packages, manuals,
@@ -39,11 +42,31 @@ if ! podman image exists "$BASE_TAG"; then
             --dpkgopt='path-exclude=/usr/share/doc/*' \
             --dpkgopt='path-include=/usr/share/doc/*/copyright' \
             --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
-            bookworm "$CACHE/base-bookworm.partial.tar"
-        mv "$CACHE/base-bookworm.partial.tar" "$tarball"
+            bookworm "${tarball%.tar}.partial.tar"
+        mv "${tarball%.tar}.partial.tar" "$tarball"
     fi
     podman import --quiet --change 'CMD ["/bin/bash"]' "$tarball" "$BASE_TAG" >/dev/null
 fi
+
+# Shared libraries in the wheels lose their symbol tables (strip --strip-unneeded keeps what
+# the dynamic linker needs). Not the libraries auditwheel vendored into `*.libs/` (OpenBLAS,
+# HDF5, libpq...): patchelf rewrote them, and strip then breaks their layout ("ELF load command
+# address/offset not page-aligned"). `wheel unpack`/`wheel pack` (the wheel
+# package, a dev dependency) rewrite RECORD with the new hashes; the wheel keeps its name.
+WHEEL_TOOL="${WHEEL_TOOL:-$PWD/.venv/bin/wheel}"
+strip_wheels() {
+    local whl tmp
+    for whl in "$1"/*.whl; do
+        "$PYTHON" -c 'import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); sys.exit(not any(n.endswith(".so") or ".so." in n for n in names))' "$whl" || continue
+        tmp="$(mktemp -d)"
+        "$WHEEL_TOOL" unpack --dest "$tmp" "$whl" >/dev/null
+        find "$tmp" -type f \( -name '*.so' -o -name '*.so.*' \) ! -path '*.libs/*' \
+            -exec strip --strip-unneeded {} +
+        rm "$whl"
+        "$WHEEL_TOOL" pack --dest-dir "$1" "$tmp"/* >/dev/null
+        rm -rf "$tmp"
+    done
+}
 
 # Runtime wheels only (no [dev] extra), pinned by constraints.txt. deps/ is made again only
 # when constraints.txt or pyproject.toml changed (the stamp records their digest), so the image
@@ -60,6 +83,7 @@ if [ "$(cat "$wheels/deps.stamp" 2>/dev/null)" != "$stamp" ]; then
     mkdir -p "$wheels/deps"
     "$PYTHON" -m pip wheel --quiet -c constraints.txt -w "$wheels/deps" "$wheels"/app/modelkeep-*.whl
     rm -f "$wheels"/deps/modelkeep-*.whl
+    strip_wheels "$wheels/deps"
     echo "$stamp" > "$wheels/deps.stamp"
 fi
 

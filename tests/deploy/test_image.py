@@ -80,3 +80,36 @@ def test_the_image_metadata(image: str) -> None:
     assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
     # Nothing secret in the environment the image brings.
     assert [e for e in config["Env"] if re.search(r"(?i)key|token|secret|password|url", e)] == []
+
+
+def test_every_runtime_and_back_end_library_loads_in_the_image(image: str) -> None:
+    """Each runtime the server can load a model with, and each back end's client, imports in the
+    image: their shared libraries (stripped by scripts/build-image.sh) load, and the system
+    libraries they need are there (LightGBM needs libgomp, which its wheel does not carry)."""
+    modules = [
+        "onnxruntime",
+        "onnx",
+        "xgboost",
+        "lightgbm",
+        "skops.io",
+        "sklearn.ensemble",
+        "scipy.spatial",
+        "h5py",
+        "safetensors",
+        "cedarpy",
+        "cryptography.hazmat.primitives.ciphers.aead",
+        "psycopg",
+        "uvloop",
+        "Cryptodome.Cipher.AES",
+    ]
+    script = (
+        f"import importlib; [importlib.import_module(m) for m in {modules!r}];"
+        # Only the AWS API models modelkeep calls are kept (Dockerfile): S3 and KMS clients.
+        "import boto3; [boto3.client(s, region_name='us-east-1') for s in ('s3', 'kms', 'sts')];"
+        "print('loaded')"
+    )
+    run = podman(
+        "run", "--rm", "--network=none", "--entrypoint", "/opt/modelkeep/bin/python", image,
+        "-c", script,
+    )  # fmt: skip
+    assert run.stdout.strip().splitlines()[-1] == "loaded"

@@ -449,7 +449,7 @@ def test_kek_rotate_survives_an_interruption_and_refuses_what_a_retired_key_wrap
 
     # 2. Resumed from the command line: it finishes what is left, pass by pass.
     done = run_cli("kek", "rotate", "--rewrap-only", "--batch", "1", env=server.cli_env())
-    assert f"every version is wrapped by {v2}" in done.stdout
+    assert f"every version and captured payload is wrapped by {v2}" in done.stdout
     assert {v2: 3} == _by_key(server)
 
     # 3. A new version, then a second rotation that leaves it behind under v2.
@@ -529,9 +529,18 @@ def test_kek_rotate_with_the_local_key_file(tmp_path: Path, iris_onnx: bytes) ->
     try:
         assert push(server, "before", iris_onnx).status_code == 201
         (old,) = _by_key(server)
+        # A captured payload is sealed under a data key of its own, wrapped by the same KEK.
+        with server.client(server.admin_key) as admin:
+            policy = {"capture": {"sample": 1.0, "days": 7}}
+            assert admin.put("/api/v1/models/before/policy", json=policy).status_code == 200
+        assert _infer(server, "before").status_code == 200
+        capture_id = _wait_for_capture(server, "before")
         rotated = run_cli("kek", "rotate", env=server.cli_env())
-        new = rotated.stdout.split("every version is wrapped by ")[1].strip()
+        new = rotated.stdout.split("every version and captured payload is wrapped by ")[1]
+        new = new.strip()
         assert (new != old, {new: 1}) == (True, _by_key(server))
+        status = json.loads(run_cli("kek", "status", "--json", env=server.cli_env()).stdout)
+        assert (status["captures_by_key"], status["captures_to_rewrap"]) == ({new: 1}, 0)
         # Pushes after the rotation are wrapped by the new KEK.
         for n in range(2):
             assert push(server, f"after-{n}", iris_onnx).status_code == 201
@@ -542,5 +551,21 @@ def test_kek_rotate_with_the_local_key_file(tmp_path: Path, iris_onnx: bytes) ->
         server.start()
         models = ["before", "after-0", "after-1"]
         assert [_infer(server, m).status_code for m in models] == [200] * 3
+        # The capture still opens for an auditor: its data key moved to the new KEK too.
+        with server.client(server.admin_key) as admin:
+            read = admin.get(f"/api/v1/models/before/captures/{capture_id}")
+        assert read.status_code == 200
+        assert json.loads(base64.b64decode(read.json()["record"]["input"])) == INFER
     finally:
         server.stop()
+
+
+def _wait_for_capture(server: Server, model: str) -> str:
+    """The id of ``model``'s one capture, once the background writer has stored it."""
+    with server.client(server.admin_key) as admin:
+        for _ in range(100):
+            found = admin.get(f"/api/v1/models/{model}/captures").json()["captures"]
+            if found:
+                return str(found[0]["id"])
+            time.sleep(0.1)
+    raise AssertionError(f"no capture of {model} was stored")

@@ -1,8 +1,9 @@
-"""The key-encryption key: which KEK wraps how many versions, rotation and re-wrapping (admin).
+"""The key-encryption key: which KEK wraps how many versions and captured payloads, rotation and
+re-wrapping (admin).
 
 Rotation is two calls so that the command line can show progress and resume: ``kek_rotate``
 makes a new KEK current in the key service (Transit ``rotate``), then ``kek_rewrap`` is called
-pass after pass until no version is left under an older KEK. Both are audited before the
+pass after pass until no version or capture is left under an older KEK. Both are audited before the
 answer; an interrupted rotation is finished by calling ``kek_rewrap`` again.
 """
 
@@ -24,16 +25,20 @@ class KekMixin(ServiceBase):
         def rewrap_evalsets(self) -> tuple[list[str], list[str]]: ...
 
     def kek_status(self, principal: Principal) -> dict[str, Any]:
-        """The key service, its current key id, and how many versions each KEK wraps."""
+        """The key service, its current key id, and how many versions and captured payloads
+        each KEK wraps."""
         self.authorizer.check(principal, Action.KEK_ROTATE)
         keys = self.registry.keys
         current = keys.rotate(new_key=False)
-        counts = KeyRotation(self.store, keys).counts()
+        rotation = KeyRotation(self.store, keys)
+        counts, captures = rotation.counts(), rotation.capture_counts()
         return {
             "key_service": self.settings.key_service.split("+", 1)[0].split(":", 1)[0],
             "key_id": current,
             "versions_by_key": counts,
             "versions_to_rewrap": sum(n for key_id, n in counts.items() if key_id != current),
+            "captures_by_key": captures,
+            "captures_to_rewrap": sum(n for key_id, n in captures.items() if key_id != current),
         }
 
     def kek_rotate(self, principal: Principal, *, new_key: bool = True) -> str:
@@ -44,17 +49,31 @@ class KekMixin(ServiceBase):
             details["key_id"] = self.registry.keys.rotate(new_key=new_key)
         return str(details["key_id"])
 
-    def kek_rewrap(self, principal: Principal, *, limit: int = 100, after: int = 0) -> RewrapPass:
-        """One re-wrap pass (see ``KeyRotation.rewrap``); audited with the versions it moved."""
-        details: dict[str, Any] = {"limit": limit, "after": after}
+    def kek_rewrap(
+        self,
+        principal: Principal,
+        *,
+        limit: int = 100,
+        after: int | None = 0,
+        capture_after: str | None = "",
+    ) -> RewrapPass:
+        """One re-wrap pass (see ``KeyRotation.rewrap``); audited with the rows it moved."""
+        details: dict[str, Any] = {"limit": limit, "after": after, "capture_after": capture_after}
         with self._audited(principal, "kek.rewrap", "server", details):
             self.authorizer.check(principal, Action.KEK_ROTATE)
-            done = KeyRotation(self.store, self.registry.keys).rewrap(limit=limit, after=after)
+            done = KeyRotation(self.store, self.registry.keys).rewrap(
+                limit=limit, after=after, capture_after=capture_after
+            )
             details.update(
                 key_id=done.key_id,
                 rewrapped=[f"{model}:{version}" for model, version in done.rewrapped],
-                refused=[f"{r.model}:{r.version}" for r in done.refused],
+                rewrapped_captures=done.rewrapped_captures,
+                refused=[
+                    f"{r.model}:{r.version}" + ("" if r.capture is None else f":{r.capture}")
+                    for r in done.refused
+                ],
                 remaining=done.remaining,
+                remaining_captures=done.remaining_captures,
             )
             if done.after is None:
                 # The last pass also moves the evaluation sets' data keys (docs/lifecycle.md).

@@ -24,19 +24,31 @@ class RotateIn(BaseModel):
 
 class RewrapIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    limit: int = Field(default=100, ge=1, le=MAX_BATCH, description="Versions in this pass")
-    after: int = Field(default=0, ge=0, description="Cursor from the previous pass")
+    limit: int = Field(default=100, ge=1, le=MAX_BATCH, description="Rows in this pass")
+    after: int | None = Field(
+        default=0, ge=0, description="Versions cursor from the previous pass (null: done)"
+    )
+    capture_after: str | None = Field(
+        default="",
+        max_length=32,
+        description="Captures cursor from the previous pass (null: done)",
+    )
 
 
 def _pass_out(done: RewrapPass) -> dict[str, Any]:
     return {
         "key_id": done.key_id,
         "rewrapped": [{"model": m, "version": v} for m, v in done.rewrapped],
+        "rewrapped_captures": done.rewrapped_captures,
         "refused": [
-            {"model": r.model, "version": r.version, "reason": r.reason} for r in done.refused
+            {"model": r.model, "version": r.version, "reason": r.reason}
+            | ({} if r.capture is None else {"capture": r.capture})
+            for r in done.refused
         ],
         "remaining": done.remaining,
+        "remaining_captures": done.remaining_captures,
         "after": done.after,
+        "capture_after": done.capture_after,
     }
 
 
@@ -45,7 +57,8 @@ def kek_router(service: Service) -> APIRouter:
 
     @router.get("")
     async def status(request: Request) -> dict[str, Any]:
-        """The key service, its current key id, and how many versions each KEK wraps."""
+        """The key service, its current key id, and how many versions and captured payloads
+        each KEK wraps."""
         return await run_in_threadpool(service.kek_status, principal_of(request))
 
     @router.post("/rotate")
@@ -59,10 +72,16 @@ def kek_router(service: Service) -> APIRouter:
 
     @router.post("/rewrap")
     async def rewrap(request: Request, body: RewrapIn | None = None) -> dict[str, Any]:
-        """One pass: re-wrap up to `limit` versions still under an older KEK (resumable)."""
+        """One pass: re-wrap up to `limit` versions, then captured payloads, still under an
+        older KEK (resumable: hand back `after` and `capture_after` until both are null)."""
         given = body or RewrapIn()
         done = await run_in_threadpool(
-            lambda: service.kek_rewrap(principal_of(request), limit=given.limit, after=given.after)
+            lambda: service.kek_rewrap(
+                principal_of(request),
+                limit=given.limit,
+                after=given.after,
+                capture_after=given.capture_after,
+            )
         )
         return _pass_out(done)
 

@@ -316,8 +316,9 @@ class ApiClient:
     def kek_rotate(self, *, new_key: bool) -> JSONObject:
         return self._object("POST", f"{_API}/kek/rotate", json={"new_key": new_key})
 
-    def kek_rewrap(self, *, limit: int, after: int) -> JSONObject:
-        return self._object("POST", f"{_API}/kek/rewrap", json={"limit": limit, "after": after})
+    def kek_rewrap(self, *, limit: int, after: object, capture_after: object) -> JSONObject:
+        body = {"limit": limit, "after": after, "capture_after": capture_after}
+        return self._object("POST", f"{_API}/kek/rewrap", json=body)
 
     # -- lifecycle (docs/lifecycle.md) --------------------------------------------------------
 

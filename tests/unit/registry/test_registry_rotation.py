@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from modelkeep.audit.capture import CaptureRecord, open_record, seal_record
 from modelkeep.errors import IntegrityError, KeyServiceError
 from modelkeep.registry.blobs import FileBlobStore
 from modelkeep.registry.registry import Registry
 from modelkeep.registry.rotation import KeyRotation
-from modelkeep.registry.store import MetadataStore, VersionDetails
+from modelkeep.registry.store import CaptureStore, MetadataStore, NewCapture, VersionDetails
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 
 SIG = ModelSignature(
@@ -181,3 +182,88 @@ def test_a_concurrent_change_to_a_wrapped_key_is_not_overwritten(
     done = KeyRotation(store, keys).rewrap(limit=10)
     assert (done.rewrapped, KeyRotation(store, keys).counts()) == ([], {"ring:k2": 3})
     assert _open_all(registry) == [b"bytes of a", b"bytes of b", b"bytes of c"]
+
+
+# -- captured payloads: sealed under data keys of their own, re-wrapped after the versions -------
+
+
+def _capture(registry: Registry, keys: RingKeyService, model: str, capture_id: str) -> None:
+    record = CaptureRecord(
+        request_sha256="0" * 64,
+        request_id=None,
+        principal="k",
+        model=model,
+        version=1,
+        time=NOW,
+        input=f"in {capture_id}".encode(),
+        output=b"out",
+    )
+    sealed = seal_record(record, capture_id, keys)
+    CaptureStore(registry.store).add(
+        NewCapture(
+            id=capture_id,
+            model=model,
+            version=1,
+            principal="k",
+            created_at=NOW,
+            expires_at=NOW + timedelta(days=1),
+            input_size=len(record.input),
+            output_size=3,
+            wrapped_key=sealed.wrapped_key,
+            kek_id=sealed.kek_id,
+            sealed=sealed.sealed,
+        )
+    )
+
+
+def _open_captures(registry: Registry, keys: RingKeyService) -> list[bytes]:
+    captures = CaptureStore(registry.store)
+    opened = []
+    for model, capture_id in (("a", "c1"), ("a", "c2"), ("b", "c3")):
+        _, wrapped, sealed = captures.get(model, capture_id)
+        opened.append(open_record(model, capture_id, wrapped, sealed, keys).input)
+    return opened
+
+
+def test_rewrap_moves_captured_payloads_after_the_versions_and_they_still_open(
+    registry: Registry, keys: RingKeyService
+) -> None:
+    for model, capture_id in (("a", "c1"), ("a", "c2"), ("b", "c3")):
+        _capture(registry, keys, model, capture_id)
+    rotation = KeyRotation(registry.store, keys)
+    assert rotation.capture_counts() == {"ring:k1": 3}
+    keys.rotate(new_key=True)
+    # Two rows a pass: versions a and b; then c and the first capture; then the other two;
+    # a full pass hands on a cursor, so one more finds nothing left.
+    passes = []
+    after: int | None = 0
+    capture_after: str | None = ""
+    while after is not None or capture_after is not None:
+        done = rotation.rewrap(limit=2, after=after, capture_after=capture_after)
+        passes.append((done.rewrapped, done.rewrapped_captures, done.remaining_captures))
+        after, capture_after = done.after, done.capture_after
+    assert passes == [
+        ([("a", 1), ("b", 1)], [], 3),
+        ([("c", 1)], ["c1"], 2),
+        ([], ["c2", "c3"], 0),
+        ([], [], 0),
+    ]
+    assert rotation.capture_counts() == {"ring:k2": 3}
+    del keys.ring[1]  # the old KEK retired: every capture still opens
+    assert _open_captures(registry, keys) == [b"in c1", b"in c2", b"in c3"]
+
+
+def test_a_capture_whose_kek_is_gone_is_refused_and_the_rest_move(
+    registry: Registry, keys: RingKeyService
+) -> None:
+    _capture(registry, keys, "a", "c1")
+    keys.rotate(new_key=True)
+    del keys.ring[1]  # c1's KEK retired before the rotation finished
+    _capture(registry, keys, "b", "c2")
+    keys.rotate(new_key=True)
+    done = KeyRotation(registry.store, keys).rewrap(limit=10, after=None)
+    assert (done.rewrapped, done.rewrapped_captures) == ([], ["c2"])
+    assert [(r.model, r.capture) for r in done.refused] == [("a", "c1")]
+    assert (done.remaining_captures, done.capture_after) == (1, None)
+    with pytest.raises(KeyServiceError):
+        _open_captures(registry, keys)
