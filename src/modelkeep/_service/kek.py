@@ -75,7 +75,7 @@ class KekMixin(ServiceBase):
                 remaining=done.remaining,
                 remaining_captures=done.remaining_captures,
             )
-            if done.after is None:
+            if done.after is None and done.capture_after is None:
                 # The last pass also moves the evaluation sets' data keys (docs/lifecycle.md).
                 moved, refused = self.rewrap_evalsets()
                 details.update(evalsets=moved, evalsets_refused=refused)
