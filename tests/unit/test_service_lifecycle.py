@@ -27,6 +27,7 @@ from modelkeep.audit import KEY_FILE, CheckpointSigner, verify_chain
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.cli import app as cli_app
 from modelkeep.cli._client import ClientOverrides
+from modelkeep.errors import IntegrityError
 from modelkeep.service import Service
 from modelkeep.settings import Settings
 
@@ -835,3 +836,22 @@ def test_concurrent_last_approvals_apply_the_change_once(
     moves = [m for m in world.svc.lifecycle.history(MODEL, "production") if m.change_id == change]
     assert len(moves) == 1
     assert world.labels()["production"] == one
+
+
+def test_a_tampered_evaluation_set_is_refused_audited_and_alerted(
+    world: World, models: dict[str, bytes]
+) -> None:
+    world.set_evalset(["accuracy>=0.9"])
+    number = world.push("publisher", models["good"])
+    world.evaluated()
+    stored = world.svc.lifecycle.evalset(MODEL)
+    assert stored is not None
+    [blob] = [p for p in (world.data_dir / "blobs").rglob(stored.blob_key) if p.is_file()]
+    sealed = bytearray(blob.read_bytes())
+    sealed[len(sealed) // 2] ^= 1
+    blob.write_bytes(bytes(sealed))
+    with pytest.raises(IntegrityError):
+        world.svc.evaluate_now(MODEL, number, force=True)
+    failed = [e for e in world.svc.audit.entries(action="evalset.read") if e.outcome == "failure"]
+    assert len(failed) == 1
+    assert ("tampering", MODEL) in [(kind, f.get("model")) for kind, f in world.alerts.seen]

@@ -220,13 +220,16 @@ class EvaluationMixin(ServiceBase):
             with self.registry.blobs.open(stored.blob_key) as src:
                 plaintext = unseal(src, data_key, ad, expected_size=stored.size)
             if hashlib.sha256(plaintext).hexdigest() != stored.sha256:
-                raise InvalidInput("the evaluation set does not match its digest")
+                raise IntegrityError("the evaluation set failed verification")
             opened = read_evalset(
                 plaintext,
                 max_unpacked=self.settings.max_evalset_unpacked_bytes,
                 max_elements=self.settings.max_tensor_elements,
             )
         except ModelkeepError as exc:
+            if isinstance(exc, IntegrityError):
+                # A changed blob or row: the set is not used, and someone should know.
+                self.alert("tampering", model=stored.model, evalset=stored.sha256)
             self.record(
                 "server", "evalset.read", target, "failure", {**details, "error": exc.message}
             )
