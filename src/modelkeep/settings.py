@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     # replica sharing the blob store, so garbage collection at start leaves them; a local blob
     # directory (one host, collected before its workers start) is swept whole.
     push_max_duration_s: float = Field(default=3600.0, gt=0)
+    # -- lifecycle (docs/lifecycle.md) --
+    # A change request to move a protected label expires unapproved after this long.
+    change_request_ttl_s: float = Field(default=24 * 3600.0, ge=60, le=30 * 24 * 3600.0)
+    # An evaluation set upload (.npz) at most this large, and what it may unpack to.
+    max_evalset_bytes: int = Field(default=64 * MiB, ge=1)
+    max_evalset_unpacked_bytes: int = Field(default=256 * MiB, ge=1)
 
     # --- Connections: limits and timeouts enforced before any request is authenticated ---
     # (api/_connections.py; docs/limits.md "Connections" gives each default's reason).

@@ -1,24 +1,149 @@
-"""Lifecycle routes under /api/v1/models/{model}: bills of materials, crypto-shredding deletion,
-retention rules and drift monitoring (see docs/lifecycle.md). They translate; the service
-decides. Every status a route can answer is documented (``errors``; 401, 431 and 503 are
-added to every route by ``_openapi.install_openapi``)."""
+"""Lifecycle API under /api/v1 (docs/lifecycle.md): evaluation sets and gates, protected labels,
+label history and rollback, change requests; bills of materials, crypto-shredding deletion,
+retention rules and drift monitoring. It translates; the service decides. Every status a route
+can answer is documented (``errors``; 401, 413, 431 and 503 are added where they apply by
+``_openapi.install_openapi``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from modelkeep.registry.bom import BOM_MEDIA_TYPE
-from modelkeep.registry.store import RetentionRule
+from modelkeep.registry.store import LabelMove, RetentionRule
 from modelkeep.service import Service
 
 from ._auth import principal_of
-from ._openapi import ModelName, WholeNumber, errors
+from ._body import read_body
+from ._change_out import ChangeOut, accepted, change_out
+from ._openapi import WHOLE_NUMBER, LabelName, ModelName, WholeNumber, errors
 from .management import VersionOut, version_out
+
+
+class GateOut(BaseModel):
+    gate: str
+    passed: bool | None = Field(description="None: could not be decided (not evaluated yet)")
+    value: float | None
+    required: float | None
+    reason: str
+
+
+class EvaluationOut(BaseModel):
+    status: str = Field(description="pending, error, failed, undecided or passed")
+    metrics: dict[str, float] | None
+    error: str | None
+    evaluated_at: str | None
+    gates: list[GateOut]
+
+
+class VersionEvaluationOut(EvaluationOut):
+    version: int
+
+
+class EvalSetOut(BaseModel):
+    model: str
+    sha256: str
+    size: int
+    rows: int
+    task: str = Field(description="classification or regression (from `expected`)")
+    input_shape: list[int]
+    gates: list[str]
+    created_by: str
+    created_at: str
+
+
+class EvaluationView(BaseModel):
+    model: str
+    evalset: EvalSetOut | None
+    versions: list[VersionEvaluationOut]
+
+
+class GatesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    gates: list[str] = Field(max_length=16, description="e.g. accuracy>=0.95, f1>=production-0.01")
+
+
+class QueuedOut(BaseModel):
+    model: str
+    version: int
+    status: str
+
+
+class ProtectIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    approvals: Annotated[
+        int, Field(ge=0, le=5, description="0 removes the protection"), WHOLE_NUMBER
+    ]
+
+
+class ProtectionOut(BaseModel):
+    model: str
+    label: str
+    approvals: int
+
+
+class ProtectionList(BaseModel):
+    model: str
+    labels: dict[str, int]
+
+
+class ChangeList(BaseModel):
+    changes: list[ChangeOut]
+
+
+class RejectIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    emergency: bool = Field(
+        default=False, description="Admins only: move at once, audited and alerted as such"
+    )
+
+
+class RollbackOut(BaseModel):
+    model: str
+    label: str
+    version: int
+
+
+class MoveOut(BaseModel):
+    label: str
+    version: int | None = Field(description="None: the label was deleted")
+    previous: int | None
+    kind: str
+    actor: str
+    change_id: str | None
+    time: datetime
+
+
+class HistoryOut(BaseModel):
+    model: str
+    history: list[MoveOut]
+
+
+def _move_out(move: LabelMove) -> MoveOut:
+    return MoveOut(
+        label=move.label,
+        version=move.version,
+        previous=move.previous,
+        kind=move.kind,
+        actor=move.actor,
+        change_id=move.change_id,
+        time=move.time,
+    )
+
+
+_ACCEPTED: dict[int | str, dict[str, Any]] = {
+    202: {"model": ChangeOut, "description": "Protected: a change request was opened"}
+}
 
 
 class DeletedModelOut(BaseModel):
@@ -69,10 +194,167 @@ def _retention_out(rule: RetentionRule) -> RetentionOut:
 
 
 def lifecycle_router(service: Service) -> APIRouter:
-    router = APIRouter(prefix="/api/v1/models/{model}", tags=["lifecycle"])
+    router = APIRouter(prefix="/api/v1", tags=["lifecycle"])
+    limit = service.settings.max_evalset_bytes
+
+    @router.put(
+        "/models/{model}/eval",
+        response_model=EvalSetOut,
+        responses=errors(400, 403, 404, 413),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+            }
+        },
+    )
+    async def set_evalset(
+        request: Request,
+        model: ModelName,
+        gate: Annotated[list[str] | None, Query(max_length=16)] = None,
+    ) -> dict[str, Any]:
+        """Give the model an evaluation set: an .npz with arrays `inputs` and `expected` as the
+        body (sealed at rest, never shown again), and its gates (`gate`, repeated; none given
+        keeps the current gates). Admins. Versions under a label and the newest are evaluated
+        in the background."""
+        principal = principal_of(request)
+        body = await read_body(request, limit)
+        return await run_in_threadpool(service.set_evalset, principal, model, body, gate)
+
+    @router.put(
+        "/models/{model}/eval/gates",
+        response_model=EvalSetOut,
+        responses=errors(400, 403, 404),
+    )
+    async def set_gates(request: Request, model: ModelName, body: GatesIn) -> dict[str, Any]:
+        """Replace the gates of the model's evaluation set (admins)."""
+        return await run_in_threadpool(
+            service.set_evalset, principal_of(request), model, None, body.gates
+        )
 
     @router.get(
-        "/versions/{version}/bom",
+        "/models/{model}/eval", response_model=EvaluationView, responses=errors(400, 403, 404)
+    )
+    async def show_evaluation(
+        request: Request,
+        model: ModelName,
+        version: Annotated[str | None, Query(max_length=12)] = None,
+    ) -> dict[str, Any]:
+        """The evaluation set (digest, shape, gates; never its rows) and each version's
+        metrics with how it fares against every gate now."""
+        return await run_in_threadpool(
+            service.show_evaluation, principal_of(request), model, version
+        )
+
+    @router.post(
+        "/models/{model}/versions/{version}/evaluate",
+        status_code=202,
+        response_model=QueuedOut,
+        responses=errors(403, 404, 409),
+    )
+    async def run_evaluation(request: Request, model: ModelName, version: str) -> QueuedOut:
+        """Evaluate a version (again) on the current set, in the background."""
+        number = await run_in_threadpool(
+            service.run_evaluation, principal_of(request), model, version
+        )
+        return QueuedOut(model=model, version=number, status="queued")
+
+    @router.get(
+        "/models/{model}/protection", response_model=ProtectionList, responses=errors(403, 404)
+    )
+    async def protections(request: Request, model: ModelName) -> ProtectionList:
+        """The model's protected labels and the approvals each needs."""
+        found = await run_in_threadpool(service.protections, principal_of(request), model)
+        return ProtectionList(model=model, labels=found)
+
+    @router.put(
+        "/models/{model}/protection/{label}",
+        response_model=ProtectionOut,
+        responses={**errors(400, 403, 404, 409), **_ACCEPTED},
+    )
+    async def protect(
+        request: Request, model: ModelName, label: LabelName, body: ProtectIn
+    ) -> Response:
+        """Require approvals to move a label (admins). Raising takes effect at once; lowering
+        or removing (0) opens a change request (202)."""
+        approvals, change = await run_in_threadpool(
+            service.protect_label, principal_of(request), model, label, body.approvals
+        )
+        if change is not None:
+            return accepted(change)
+        out = ProtectionOut(model=model, label=label, approvals=approvals)
+        return JSONResponse(out.model_dump(mode="json"))
+
+    @router.get(
+        "/models/{model}/history", response_model=HistoryOut, responses=errors(400, 403, 404)
+    )
+    async def history(
+        request: Request,
+        model: ModelName,
+        label: Annotated[str | None, Query(max_length=63)] = None,
+    ) -> HistoryOut:
+        """Every move of the model's labels (or of one label), oldest first."""
+        moves = await run_in_threadpool(service.label_history, principal_of(request), model, label)
+        return HistoryOut(model=model, history=[_move_out(m) for m in moves])
+
+    @router.post(
+        "/models/{model}/labels/{label}/rollback",
+        response_model=RollbackOut,
+        responses={**errors(400, 403, 404, 409), **_ACCEPTED},
+    )
+    async def rollback(
+        request: Request, model: ModelName, label: LabelName, body: RollbackIn | None = None
+    ) -> Response:
+        """Move the label back to the version it pointed at before. Protected: a change request
+        that one approval completes (202), unless an admin declares an emergency."""
+        emergency = body.emergency if body is not None else False
+        version, change = await run_in_threadpool(
+            lambda: service.rollback_label(principal_of(request), model, label, emergency=emergency)
+        )
+        if change is not None:
+            return accepted(change)
+        out = RollbackOut(model=model, label=label, version=version)
+        return JSONResponse(out.model_dump(mode="json"))
+
+    @router.get("/changes", response_model=ChangeList, responses=errors(403, 400))
+    async def list_changes(
+        request: Request,
+        status: Annotated[str | None, Query(max_length=16)] = None,
+    ) -> dict[str, Any]:
+        """Change requests on the models this key may read, newest first."""
+        found = await run_in_threadpool(
+            lambda: service.list_changes(principal_of(request), status=status)
+        )
+        return {"changes": [change_out(c) for c in found]}
+
+    @router.get("/changes/{change_id}", response_model=ChangeOut, responses=errors(403, 404))
+    async def get_change(request: Request, change_id: str) -> dict[str, Any]:
+        change = await run_in_threadpool(service.get_change, principal_of(request), change_id)
+        return change_out(change)
+
+    @router.post(
+        "/changes/{change_id}/approve", response_model=ChangeOut, responses=errors(403, 404, 409)
+    )
+    async def approve(request: Request, change_id: str) -> dict[str, Any]:
+        """Approve a pending request (approvers, admins); never the requester's or the
+        pusher's key. With enough approvals it is applied at once."""
+        change = await run_in_threadpool(service.approve_change, principal_of(request), change_id)
+        return change_out(change)
+
+    @router.post(
+        "/changes/{change_id}/reject",
+        response_model=ChangeOut,
+        responses=errors(400, 403, 404, 409),
+    )
+    async def reject(request: Request, change_id: str, body: RejectIn) -> dict[str, Any]:
+        """Reject a pending request (approvers, admins), or withdraw one's own."""
+        change = await run_in_threadpool(
+            service.reject_change, principal_of(request), change_id, body.reason
+        )
+        return change_out(change)
+
+    @router.get(
+        "/models/{model}/versions/{version}/bom",
         responses={
             200: {
                 "description": "CycloneDX JSON (schema-validated before it is sent)",
@@ -88,7 +370,7 @@ def lifecycle_router(service: Service) -> APIRouter:
         return Response(text, media_type=BOM_MEDIA_TYPE)
 
     @router.delete(
-        "/versions/{version}",
+        "/models/{model}/versions/{version}",
         response_model=VersionOut,
         responses=errors(403, 404, 409),
     )
@@ -100,7 +382,7 @@ def lifecycle_router(service: Service) -> APIRouter:
         )
         return version_out(found)
 
-    @router.delete("", response_model=DeletedModelOut, responses=errors(403, 404))
+    @router.delete("/models/{model}", response_model=DeletedModelOut, responses=errors(403, 404))
     async def delete_model(request: Request, model: ModelName) -> DeletedModelOut:
         """Delete a model (admin): every version crypto-shredded, its labels, captures and
         settings destroyed. The name stays reserved."""
@@ -111,12 +393,16 @@ def lifecycle_router(service: Service) -> APIRouter:
             captures_deleted=done.captures,
         )
 
-    @router.get("/retention", response_model=RetentionOut, responses=errors(403, 404))
+    @router.get(
+        "/models/{model}/retention", response_model=RetentionOut, responses=errors(403, 404)
+    )
     async def get_retention(request: Request, model: ModelName) -> RetentionOut:
         rule = await run_in_threadpool(service.get_retention, principal_of(request), model)
         return _retention_out(rule)
 
-    @router.put("/retention", response_model=RetentionOut, responses=errors(400, 403, 404))
+    @router.put(
+        "/models/{model}/retention", response_model=RetentionOut, responses=errors(400, 403, 404)
+    )
     async def put_retention(request: Request, model: ModelName, body: RetentionIn) -> RetentionOut:
         """Set the model's retention rule (admin); both fields null removes it."""
         rule = await run_in_threadpool(
@@ -129,12 +415,12 @@ def lifecycle_router(service: Service) -> APIRouter:
         )
         return _retention_out(rule)
 
-    @router.get("/drift", response_model=DriftOut, responses=errors(403, 404))
+    @router.get("/models/{model}/drift", response_model=DriftOut, responses=errors(403, 404))
     async def get_drift(request: Request, model: ModelName) -> dict[str, Any]:
         """Drift settings and the latest window's PSI and KS scores (this worker's view)."""
         return await run_in_threadpool(service.drift_status, principal_of(request), model)
 
-    @router.put("/drift", response_model=DriftOut, responses=errors(400, 403, 404))
+    @router.put("/models/{model}/drift", response_model=DriftOut, responses=errors(400, 403, 404))
     async def put_drift(request: Request, model: ModelName, body: DriftIn) -> dict[str, Any]:
         """Fit the drift reference from benign rows and/or change its settings (admin)."""
         return await run_in_threadpool(

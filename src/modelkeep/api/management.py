@@ -21,6 +21,7 @@ from modelkeep.service import Service
 
 from ._auth import principal_of
 from ._body import stream_body
+from ._change_out import ChangeOut, accepted
 from ._openapi import NAME_SCHEMA, DateTime, LabelName, ModelName, WholeNumber, errors
 
 
@@ -54,6 +55,10 @@ class VersionOut(BaseModel):
         default=None, description="When it was crypto-shredded; a deleted version is never served"
     )
     deleted_by: str | None = Field(default=None, description="Who deleted it")
+    evaluation: dict[str, Any] | None = Field(
+        default=None,
+        description="Metrics on the model's evaluation set and the gates' verdict (lifecycle)",
+    )
 
 
 class VersionList(BaseModel):
@@ -373,31 +378,50 @@ def management_router(service: Service) -> APIRouter:
 
     @router.get("/models/{model}/versions", response_model=VersionList, responses=errors(403, 404))
     async def list_versions(request: Request, model: ModelName) -> VersionList:
-        """Every version, oldest first; crypto-shredded ones show ``deleted_at``."""
-        found = service.all_versions(principal_of(request), model)
-        return VersionList(versions=[version_out(v) for v in found])
+        """Every version, oldest first, with its evaluation; crypto-shredded ones show
+        ``deleted_at``."""
+        principal = principal_of(request)
+        found = service.all_versions(principal, model)
+        evaluations = await run_in_threadpool(service.evaluations_of, principal, model)
+        return VersionList(
+            versions=[
+                version_out(v).model_copy(update={"evaluation": evaluations.get(v.number)})
+                for v in found
+            ]
+        )
 
     @router.get(
         "/models/{model}/versions/{version}", response_model=VersionOut, responses=errors(403, 404)
     )
     async def get_version(request: Request, model: ModelName, version: str) -> VersionOut:
-        """One version's metadata, also of a deleted one (``deleted_at`` set)."""
-        return version_out(service.version_record(principal_of(request), model, version))
+        """One version's metadata and evaluation, also of a deleted one (``deleted_at`` set)."""
+        principal = principal_of(request)
+        found = service.version_record(principal, model, version)
+        evaluations = await run_in_threadpool(service.evaluations_of, principal, model)
+        return version_out(found).model_copy(update={"evaluation": evaluations.get(found.number)})
 
     @router.put(
         "/models/{model}/labels/{label}",
         response_model=LabelOut,
-        responses=errors(400, 403, 404, 409),
+        responses={
+            **errors(400, 403, 404, 409),
+            202: {"model": ChangeOut, "description": "Protected: a change request was opened"},
+        },
     )
     async def set_label(
         request: Request, model: ModelName, label: LabelName, body: LabelIn
-    ) -> LabelOut:
+    ) -> Response:
+        """Point a label at a version. A protected label is not moved: a change request is
+        opened (202) and the move happens when enough other keys approve (lifecycle)."""
         principal = principal_of(request)
-        await run_in_threadpool(service.set_label, principal, model, label, body.version)
-        return LabelOut(model=model, label=label, version=body.version)
+        change = await run_in_threadpool(service.set_label, principal, model, label, body.version)
+        if change is not None:
+            return accepted(change)
+        out = LabelOut(model=model, label=label, version=body.version)
+        return JSONResponse(out.model_dump(mode="json"))
 
     @router.delete(
-        "/models/{model}/labels/{label}", status_code=204, responses=errors(400, 403, 404)
+        "/models/{model}/labels/{label}", status_code=204, responses=errors(400, 403, 404, 409)
     )
     async def delete_label(request: Request, model: ModelName, label: LabelName) -> Response:
         await run_in_threadpool(service.delete_label, principal_of(request), model, label)

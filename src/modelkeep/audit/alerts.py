@@ -68,6 +68,11 @@ AlertKind = Literal[
     "tampering",
     "audit_verify_failed",
     "drift",
+    # Lifecycle (docs/lifecycle.md): a protected label's change requested, decided (applied,
+    # rejected, expired, failed), or made at once under a declared emergency.
+    "change_requested",
+    "change_decided",
+    "emergency_change",
 ]
 ALERT_KINDS: frozenset[str] = frozenset(get_args(AlertKind))
 GroupBy = Literal["principal", "source"]

@@ -359,6 +359,63 @@ class ApiClient:
         body = {"limit": limit, "after": after, "capture_after": capture_after}
         return self._object("POST", f"{_API}/kek/rewrap", json=body)
 
+    # -- lifecycle (docs/lifecycle.md) --------------------------------------------------------
+
+    def set_evalset(self, model: str, data: bytes | None, gates: list[str] | None) -> JSONObject:
+        """Send an evaluation set (.npz bytes) and/or gates; ``None`` keeps what is stored."""
+        base = f"{_API}/models/{_segment(model)}/eval"
+        if data is None:
+            return self._object("PUT", f"{base}/gates", json={"gates": gates or []})
+        return self._object(
+            "PUT",
+            base,
+            params=[("gate", g) for g in gates or []],
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+
+    def show_evaluation(self, model: str, version: int | None) -> JSONObject:
+        params = {} if version is None else {"version": str(version)}
+        return self._object("GET", f"{_API}/models/{_segment(model)}/eval", params=params)
+
+    def run_evaluation(self, model: str, version: int) -> JSONObject:
+        path = f"{_API}/models/{_segment(model)}/versions/{version}/evaluate"
+        return self._object("POST", path)
+
+    def protect_label(self, model: str, label: str, approvals: int) -> JSONObject:
+        """The protection now, or (202) the change request that lowering it opened."""
+        path = f"{_API}/models/{_segment(model)}/protection/{_segment(label)}"
+        return self._object("PUT", path, json={"approvals": approvals})
+
+    def rollback_label(self, model: str, label: str, *, emergency: bool) -> JSONObject:
+        path = f"{_API}/models/{_segment(model)}/labels/{_segment(label)}/rollback"
+        return self._object("POST", path, json={"emergency": emergency})
+
+    def label_history(self, model: str, label: str | None) -> list[JSONObject]:
+        params = {} if label is None else {"label": label}
+        path = f"{_API}/models/{_segment(model)}/history"
+        items = self._object("GET", path, params=params).get("history")
+        if not isinstance(items, list):
+            raise InternalError("the server's answer has no history")
+        return [item for item in items if isinstance(item, dict)]
+
+    def list_changes(self, status: str | None) -> list[JSONObject]:
+        params = {} if status is None else {"status": status}
+        items = self._object("GET", f"{_API}/changes", params=params).get("changes")
+        if not isinstance(items, list):
+            raise InternalError("the server's answer has no list of changes")
+        return [item for item in items if isinstance(item, dict)]
+
+    def get_change(self, change_id: str) -> JSONObject:
+        return self._object("GET", f"{_API}/changes/{_segment(change_id)}")
+
+    def approve_change(self, change_id: str) -> JSONObject:
+        return self._object("POST", f"{_API}/changes/{_segment(change_id)}/approve")
+
+    def reject_change(self, change_id: str, reason: str) -> JSONObject:
+        path = f"{_API}/changes/{_segment(change_id)}/reject"
+        return self._object("POST", path, json={"reason": reason})
+
     # -- plumbing -----------------------------------------------------------------------------
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -1,11 +1,14 @@
-"""``versions bom|delete``, ``models delete``, ``retention show|set``, ``drift show|set``, and
-the ``--lineage`` file of ``push``: the lifecycle commands (docs/lifecycle.md)."""
+"""``modelkeep eval``, ``changes`` and the lifecycle ``label`` commands (docs/lifecycle.md).
+
+Evaluation sets and gates decide which versions a protected label may point at; protected
+labels move only through change requests that other keys approve; every label keeps its
+history and can be rolled back.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -13,401 +16,384 @@ from modelkeep.cli import _output as out
 from modelkeep.cli._client import JSONObject, client_from
 from modelkeep.cli._errors import exit_codes_epilog
 from modelkeep.cli._params import JsonOption, check_name
-from modelkeep.cli._policy_input import MAX_CALIBRATION_ROWS, read_rows
 from modelkeep.errors import InvalidInput
-from modelkeep.registry.lineage import MAX_LINEAGE_BYTES, parse_lineage
 
 __all__ = [
-    "CodeRevisionOption",
-    "FrameworkOption",
-    "LineageOption",
-    "ParentVersionOption",
-    "TagOption",
-    "TrainingDataOption",
-    "drift_app",
-    "models_delete",
-    "read_lineage",
-    "retention_app",
-    "versions_bom",
-    "versions_delete",
+    "changes_app",
+    "eval_app",
+    "label_history",
+    "label_protect",
+    "label_rollback",
+    "say_change",
 ]
 
 EPILOG = exit_codes_epilog()
 
-ModelArgument = Annotated[
-    str, typer.Argument(metavar="MODEL", help="Model name.", callback=check_name)
-]
-VersionArgument = Annotated[
-    int, typer.Argument(metavar="VERSION", help="Version number.", min=1, max=2**31 - 1)
-]
-YesOption = Annotated[
-    bool, typer.Option("--yes", help="Confirm: this cannot be undone.", show_default=False)
-]
-LineageOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--lineage",
-        metavar="FILE.json",
-        help="Declared lineage to record with the version: training_data (digest, uri), "
-        "code_revision, code_uri, frameworks, parent_version, tags, metrics; at most 8 KiB.",
-        show_default=False,
-    ),
+eval_app = typer.Typer(
+    help="Evaluation sets and gates: what a version must score before a protected label "
+    "may point at it.",
+    no_args_is_help=True,
+)
+changes_app = typer.Typer(
+    help="Change requests of protected labels: list, approve, reject.", no_args_is_help=True
+)
+
+ModelArgument = Annotated[str, typer.Argument(help="Model name.", callback=check_name)]
+LabelArgument = Annotated[str, typer.Argument(help="Label name.", callback=check_name)]
+ChangeArgument = Annotated[
+    str, typer.Argument(metavar="ID", help="The change request's id (see changes ls).")
 ]
 
 
-CodeRevisionOption = Annotated[
-    str | None,
-    typer.Option(
-        "--code-revision",
-        metavar="REV",
-        help="Lineage: the code revision (e.g. a commit).",
-        show_default=False,
-    ),
-]
-ParentVersionOption = Annotated[
-    int | None,
-    typer.Option(
-        "--parent-version",
-        metavar="N",
-        min=1,
-        help="Lineage: the version this one derives from.",
-        show_default=False,
-    ),
-]
-TrainingDataOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--training-data",
-        metavar="sha256:HEX|URI",
-        help="Lineage: a training data set, by digest or location (repeatable).",
-        show_default=False,
-    ),
-]
-FrameworkOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--framework",
-        metavar="NAME=VERSION",
-        help="Lineage: a framework used (repeatable).",
-        show_default=False,
-    ),
-]
-TagOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--tag",
-        metavar="KEY=VALUE",
-        help="Lineage: a free-form tag (repeatable).",
-        show_default=False,
-    ),
-]
+def _optional_name(value: str | None) -> str | None:
+    return None if value is None else check_name(value)
 
 
-def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
-    pairs: dict[str, str] = {}
-    for value in values or []:
-        key, sep, rest = value.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"use KEY=VALUE, not {value!r}", param_hint=f"'{option}'")
-        pairs[key] = rest
-    return pairs
+# An evaluation set is read whole to send it; the server takes 64 MiB by default.
+_MAX_DATA = 1 << 30
 
 
-def read_lineage(
-    path: Path | None,
-    *,
-    code_revision: str | None = None,
-    parent_version: int | None = None,
-    training_data: list[str] | None = None,
-    frameworks: list[str] | None = None,
-    tags: list[str] | None = None,
-) -> bytes | None:
-    """The lineage to send: the file's, with the flags' values added over it; checked here as
-    the server will check it (InvalidInput names the first problem)."""
-    document: dict[str, Any] = {}
-    if path is not None:
+def say_change(change: JSONObject) -> None:
+    """Tell a person a change request was opened (or what became of it)."""
+    status = out.clean(change.get("status"))
+    what = _what(change)
+    out.say(f"change request {out.clean(change.get('id'))}: {what} [{status}]")
+    if change.get("status") == "pending":
+        approvals = change.get("approvals")
+        have = len(approvals) if isinstance(approvals, list) else 0
+        out.say(
+            f"  needs {out.clean(change.get('approvals_needed'))} approval(s) from keys other "
+            f"than the requester's and the pusher's; has {have}; expires "
+            f"{out.time_text(change.get('expires_at'))}"
+        )
+        out.say(f"  approve with: modelkeep changes approve {out.clean(change.get('id'))}")
+
+
+def _what(change: JSONObject) -> str:
+    model, label = out.clean(change.get("model")), out.clean(change.get("label"))
+    if change.get("kind") == "protect":
+        return f"{model}: protect {label} with {out.clean(change.get('new_approvals'))} approval(s)"
+    previous = change.get("previous")
+    was = "" if previous is None else f" (from {out.clean(previous)})"
+    kind = "roll back" if change.get("kind") == "rollback" else "move"
+    return f"{model}: {kind} {label} -> version {out.clean(change.get('version'))}{was}"
+
+
+# -- eval -------------------------------------------------------------------------------------
+
+
+@eval_app.command("set", epilog=EPILOG)
+def eval_set(
+    ctx: typer.Context,
+    model: ModelArgument,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            metavar="FILE.npz",
+            help="The evaluation set: an .npz with arrays 'inputs' and 'expected'. "
+            "Without it the stored set stays and only the gates change.",
+            show_default=False,
+        ),
+    ] = None,
+    gate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gate",
+            metavar="GATE",
+            help="A gate, e.g. 'accuracy>=0.95', 'rmse<=0.3', 'f1>=production-0.01' (no worse "
+            "than the version under production by more than 0.01); repeat for more. Metrics: "
+            "accuracy, f1, auc, rmse, mae.",
+            show_default=False,
+        ),
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Give MODEL an evaluation set and gates (admin); versions are evaluated on it.
+
+    The set is sealed on the server and never shown again. Every new version is evaluated in
+    the background; a protected label only points at versions that pass every gate.
+
+    Example: modelkeep eval set iris --data iris-eval.npz --gate 'accuracy>=0.95'
+    """
+    content = None
+    if data is not None:
         try:
-            with path.open("rb") as handle:
-                data = handle.read(MAX_LINEAGE_BYTES + 1)
+            if data.stat().st_size > _MAX_DATA:
+                raise InvalidInput(f"{data} is too large to be an evaluation set")
+            content = data.read_bytes()
         except OSError as exc:
-            reason = exc.strerror or "I/O error"
-            raise InvalidInput(f"cannot read {out.clean(path)}: {reason}") from None
-        document = parse_lineage(data).model_dump(exclude_none=True, exclude_defaults=True)
-    if code_revision is not None:
-        document["code_revision"] = code_revision
-    if parent_version is not None:
-        document["parent_version"] = parent_version
-    for entry in training_data or []:
-        field = "digest" if entry.startswith("sha256:") else "uri"
-        document.setdefault("training_data", []).append({field: entry})
-    for name, mapping in (
-        ("frameworks", _pairs(frameworks, "--framework")),
-        ("tags", _pairs(tags, "--tag")),
-    ):
-        if mapping:
-            document[name] = {**document.get(name, {}), **mapping}
-    if not document and path is None:
-        return None
-    return parse_lineage(json.dumps(document)).dumps().encode()
-
-
-# -- versions and models --------------------------------------------------------------------
-
-
-def versions_bom(
-    ctx: typer.Context,
-    model: ModelArgument,
-    version: VersionArgument,
-    output: Annotated[
-        Path | None,
-        typer.Option("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout."),
-    ] = None,
-) -> None:
-    """Print the CycloneDX bill of materials of VERSION of MODEL (JSON).
-
-    It holds the digest, signature identity, scan verdict, metrics, approvals and declared
-    lineage; the server validates it against the CycloneDX schema before sending it.
-
-    Example: modelkeep versions bom iris 3 -o iris-3.cdx.json
-    """
+            raise InvalidInput(f"cannot read {data}: {exc.strerror or 'error'}") from exc
+    elif not gate:
+        raise typer.BadParameter("give --data, --gate or both", param_hint="'--data'")
     with client_from(ctx.obj) as client:
-        text = client.version_bom(model, str(version))
-    if output is None:
-        typer.echo(text)
-    else:
-        output.write_text(text + "\n", encoding="utf-8")
-        out.say(f"wrote the bill of materials of {model} version {version} to {out.clean(output)}")
+        answer = client.set_evalset(model, content, gate if gate else None)
+    if json_output:
+        out.print_json(answer)
+        return
+    out.say(
+        f"{model}: evaluation set sha256 {out.clean(str(answer.get('sha256'))[:12])}, "
+        f"{out.clean(answer.get('rows'))} rows ({out.clean(answer.get('task'))})"
+    )
+    gates = answer.get("gates")
+    out.say("gates: " + (", ".join(out.clean(g) for g in gates) if gates else "none"))
 
 
-def versions_delete(
+@eval_app.command("show", epilog=EPILOG)
+def eval_show(
     ctx: typer.Context,
     model: ModelArgument,
-    version: VersionArgument,
-    yes: YesOption = False,
+    version: Annotated[
+        int | None, typer.Argument(help="One version (default: every version).", min=1)
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Delete VERSION of MODEL by crypto-shredding (admin; needs --yes).
+    """Show MODEL's evaluation set and gates, and each version's metrics and verdict.
 
-    Its data key is destroyed, then its sealed blob: no copy of the blob (backup, replica) can
-    be opened again. Refused while a label points at it. Its metadata stays, marked deleted.
-
-    Example: modelkeep versions delete iris 2 --yes
+    Example: modelkeep eval show iris 3
     """
-    if not yes:
-        raise typer.BadParameter(
-            "deleting a version cannot be undone: add --yes", param_hint="'--yes'"
+    with client_from(ctx.obj) as client:
+        view = client.show_evaluation(model, version)
+    if json_output:
+        out.print_json(view)
+        return
+    evalset = view.get("evalset")
+    if not isinstance(evalset, dict):
+        out.say(f"{model} has no evaluation set: give it one with `modelkeep eval set`")
+    else:
+        out.say(
+            f"evaluation set sha256 {out.clean(str(evalset.get('sha256'))[:12])}, "
+            f"{out.clean(evalset.get('rows'))} rows ({out.clean(evalset.get('task'))})"
         )
-    with client_from(ctx.obj) as client:
-        deleted = client.delete_version(model, str(version))
-    if json_output:
-        out.print_json(deleted)
-        return
-    out.say(
-        f"deleted {model} version {version} (sha256 {out.clean(deleted.get('sha256'))}): data key "
-        "destroyed, blob removed"
-    )
+        gates = evalset.get("gates")
+        out.say("gates: " + (", ".join(out.clean(g) for g in gates) if gates else "none"))
+    for item in view.get("versions") or []:
+        if not isinstance(item, dict):
+            continue
+        out.say(f"version {out.clean(item.get('version'))}: {out.evaluation_text(item)}")
+        if item.get("error"):
+            out.say(f"  error: {out.clean(item.get('error'))}")
+        for result in item.get("gates") or []:
+            if isinstance(result, dict) and result.get("passed") is not True:
+                out.say(f"  {out.clean(result.get('gate'))}: {out.clean(result.get('reason'))}")
 
 
-def models_delete(
+@eval_app.command("run", epilog=EPILOG)
+def eval_run(
     ctx: typer.Context,
     model: ModelArgument,
-    yes: YesOption = False,
+    version: Annotated[int, typer.Argument(help="Version number.", min=1)],
     json_output: JsonOption = False,
 ) -> None:
-    """Delete MODEL (admin; needs --yes): every version crypto-shredded, its labels, captured
-    payloads and settings destroyed. The name cannot be used again.
+    """Evaluate VERSION of MODEL (again) on the current set, in the background.
 
-    Example: modelkeep models delete old-iris --yes
+    Example: modelkeep eval run iris 3
     """
-    if not yes:
-        raise typer.BadParameter(
-            "deleting a model cannot be undone: add --yes", param_hint="'--yes'"
+    with client_from(ctx.obj) as client:
+        answer = client.run_evaluation(model, version)
+    if json_output:
+        out.print_json(answer)
+        return
+    out.say(f"{model} version {version}: evaluation queued; see `modelkeep eval show {model}`")
+
+
+# -- label protect / rollback / history --------------------------------------------------------
+
+
+def label_protect(
+    ctx: typer.Context,
+    model: ModelArgument,
+    label: LabelArgument,
+    approvals: Annotated[
+        int,
+        typer.Option(
+            "--approvals",
+            min=0,
+            max=5,
+            help="Approvals (from keys other than the requester's and the pusher's) a move "
+            "needs; 0 removes the protection, which itself needs approval.",
+        ),
+    ] = 1,
+    json_output: JsonOption = False,
+) -> None:
+    """Protect LABEL of MODEL: it then moves only through approved change requests (admin).
+
+    Example: modelkeep label protect iris production --approvals 1
+    """
+    with client_from(ctx.obj) as client:
+        answer = client.protect_label(model, label, approvals)
+    if json_output:
+        out.print_json(answer)
+    elif "approvals_needed" in answer:
+        say_change(answer)
+    else:
+        out.say(f"{model}: label {label} needs {out.clean(answer.get('approvals'))} approval(s)")
+
+
+def label_rollback(
+    ctx: typer.Context,
+    model: ModelArgument,
+    label: LabelArgument,
+    emergency: Annotated[
+        bool,
+        typer.Option(
+            "--emergency",
+            help="Admins: move a protected label back at once, without approval. Audited and "
+            "alerted as an emergency.",
+        ),
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Move LABEL of MODEL back to the version it pointed at before.
+
+    A protected label needs one approval (a change request is opened), unless an admin
+    declares --emergency.
+
+    Example: modelkeep label rollback iris production
+    """
+    with client_from(ctx.obj) as client:
+        answer = client.rollback_label(model, label, emergency=emergency)
+    if json_output:
+        out.print_json(answer)
+    elif "approvals_needed" in answer:
+        say_change(answer)
+    else:
+        out.say(f"{model}: label {label} -> version {out.clean(answer.get('version'))}")
+
+
+def label_history(
+    ctx: typer.Context,
+    model: ModelArgument,
+    label: Annotated[
+        str | None, typer.Argument(help="One label (default: all).", callback=_optional_name)
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show every move of MODEL's labels (or of LABEL), oldest first.
+
+    Example: modelkeep label history iris production
+    """
+    with client_from(ctx.obj) as client:
+        moves = client.label_history(model, label)
+    if json_output:
+        out.print_json(moves)
+        return
+    if not moves:
+        out.say("no label moves recorded")
+        return
+    table = out.table("TIME", "LABEL", "VERSION", "FROM", "HOW", "BY", "CHANGE")
+    for move in moves:
+        table.add_row(
+            out.cell(out.time_text(move.get("time"))),
+            out.cell(move.get("label")),
+            out.cell("deleted" if move.get("version") is None else move.get("version")),
+            out.cell(move.get("previous")),
+            out.cell(move.get("kind")),
+            out.cell(move.get("actor")),
+            out.cell(move.get("change_id")),
         )
+    out.stdout_console().print(table)
+
+
+# -- changes ----------------------------------------------------------------------------------
+
+
+@changes_app.command("ls", epilog=EPILOG)
+def changes_ls(
+    ctx: typer.Context,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            "--status",
+            metavar="STATUS",
+            help="Only pending, applied, rejected, expired or failed requests.",
+            show_default=False,
+        ),
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List change requests, newest first.
+
+    Example: modelkeep changes ls --status pending
+    """
     with client_from(ctx.obj) as client:
-        done = client.delete_model(model)
+        changes = client.list_changes(status)
     if json_output:
-        out.print_json(done)
+        out.print_json(changes)
         return
-    versions = done.get("deleted_versions")
-    count = len(versions) if isinstance(versions, list) else 0
-    out.say(
-        f"deleted model {model}: {count} version(s) shredded, "
-        f"{out.clean(done.get('captures_deleted'))} capture(s) destroyed"
-    )
-
-
-# -- retention ------------------------------------------------------------------------------
-
-retention_app = typer.Typer(
-    help="Retention rules: keep the newest N versions, destroy captures after D days.",
-    no_args_is_help=True,
-)
-
-
-def _say_rule(rule: JSONObject) -> None:
-    keep, days = rule.get("keep_versions"), rule.get("capture_days")
-    out.say(f"model: {out.clean(rule.get('model'))}")
-    out.say(f"keep_versions: {'all' if keep is None else out.clean(keep)}")
-    out.say(f"capture_days: {'per capture policy' if days is None else out.clean(days)}")
-
-
-@retention_app.command("show", epilog=EPILOG)
-def retention_show(
-    ctx: typer.Context,
-    model: ModelArgument,
-    json_output: JsonOption = False,
-) -> None:
-    """Show the retention rule of MODEL.
-
-    Example: modelkeep retention show iris
-    """
-    with client_from(ctx.obj) as client:
-        rule = client.get_retention(model)
-    if json_output:
-        out.print_json(rule)
-    else:
-        _say_rule(rule)
-
-
-@retention_app.command("set", epilog=EPILOG)
-def retention_set(
-    ctx: typer.Context,
-    model: ModelArgument,
-    keep_versions: Annotated[
-        int | None,
-        typer.Option(
-            "--keep-versions",
-            metavar="N",
-            min=1,
-            max=10_000,
-            help="Keep the newest N versions; older unlabelled ones are crypto-shredded.",
-            show_default=False,
-        ),
-    ] = None,
-    capture_days: Annotated[
-        int | None,
-        typer.Option(
-            "--capture-days",
-            metavar="D",
-            min=1,
-            max=3650,
-            help="Destroy captured payloads older than D days.",
-            show_default=False,
-        ),
-    ] = None,
-    clear: Annotated[bool, typer.Option("--clear", help="Remove the rule.")] = False,
-    json_output: JsonOption = False,
-) -> None:
-    """Set the retention rule of MODEL (admin). The server applies it on a schedule
-    (MODELKEEP_RETENTION_INTERVAL_S, hourly by default) and audits every deletion.
-
-    Example: modelkeep retention set iris --keep-versions 5 --capture-days 30
-    """
-    if clear == (keep_versions is not None or capture_days is not None):
-        raise typer.BadParameter("give --keep-versions and/or --capture-days, or --clear alone")
-    with client_from(ctx.obj) as client:
-        rule = client.put_retention(model, keep_versions=keep_versions, capture_days=capture_days)
-    if json_output:
-        out.print_json(rule)
-    else:
-        _say_rule(rule)
-
-
-# -- drift ----------------------------------------------------------------------------------
-
-drift_app = typer.Typer(
-    help="Population drift of a model's inputs against its calibration reference.",
-    no_args_is_help=True,
-)
-
-
-def _say_drift(status: JSONObject) -> None:
-    out.say(f"model: {out.clean(status.get('model'))}")
-    settings = status.get("settings")
-    if not isinstance(settings, dict):
-        out.say("drift: not monitored (run `modelkeep policy calibrate` or `drift set --benign`)")
+    if not changes:
+        out.say("no change requests")
         return
-    for name in ("features", "reference_rows", "window", "psi_threshold", "ks_alpha"):
-        out.say(f"{name}: {out.clean(settings.get(name))}")
-    latest = status.get("latest")
-    if not isinstance(latest, dict):
-        out.say("latest: no full window yet")
+    table = out.table("ID", "STATUS", "CHANGE~", "APPROVALS", "REQUESTER", "EXPIRES")
+    for change in changes:
+        approvals = change.get("approvals")
+        have = len(approvals) if isinstance(approvals, list) else 0
+        table.add_row(
+            out.cell(change.get("id")),
+            out.cell(change.get("status")),
+            out.cell(_what(change)),
+            out.cell(f"{have}/{out.clean(change.get('approvals_needed'))}"),
+            out.cell(change.get("requester")),
+            out.cell(out.time_text(change.get("expires_at"))),
+        )
+    out.stdout_console().print(table)
+
+
+@changes_app.command("show", epilog=EPILOG)
+def changes_show(
+    ctx: typer.Context,
+    change_id: ChangeArgument,
+    json_output: JsonOption = False,
+) -> None:
+    """Show one change request.
+
+    Example: modelkeep changes show 0f3c...
+    """
+    with client_from(ctx.obj) as client:
+        change = client.get_change(change_id)
+    if json_output:
+        out.print_json(change)
         return
-    out.say(
-        f"latest: {'DRIFTING' if latest.get('drifted') else 'stable'} over "
-        f"{out.clean(latest.get('rows'))} rows (PSI {out.clean(latest.get('psi'))}, KS "
-        f"{out.clean(latest.get('ks_statistic'))}, {out.clean(latest.get('drifted_features'))} "
-        "feature(s) rejected)"
-    )
+    say_change(change)
+    if change.get("reason"):
+        out.say(f"  reason: {out.clean(change.get('reason'))}")
 
 
-@drift_app.command("show", epilog=EPILOG)
-def drift_show(
+@changes_app.command("approve", epilog=EPILOG)
+def changes_approve(
     ctx: typer.Context,
-    model: ModelArgument,
+    change_id: ChangeArgument,
     json_output: JsonOption = False,
 ) -> None:
-    """Show MODEL's drift settings and the latest window's scores (the answering worker's).
+    """Approve a change request (approver or admin; never your own, never for a version you
+    pushed). With enough approvals it takes effect at once.
 
-    Example: modelkeep drift show iris
+    Example: modelkeep changes approve 0f3c...
     """
     with client_from(ctx.obj) as client:
-        status = client.get_drift(model)
+        change = client.approve_change(change_id)
     if json_output:
-        out.print_json(status)
+        out.print_json(change)
     else:
-        _say_drift(status)
+        say_change(change)
 
 
-@drift_app.command("set", epilog=EPILOG)
-def drift_set(
+@changes_app.command("reject", epilog=EPILOG)
+def changes_reject(
     ctx: typer.Context,
-    model: ModelArgument,
-    benign: Annotated[
-        Path | None,
-        typer.Option(
-            "--benign",
-            metavar="FILE",
-            help="Refit the reference from benign rows (.npy, .csv or .json; at most "
-            f"{MAX_CALIBRATION_ROWS} rows).",
-            show_default=False,
-        ),
-    ] = None,
-    window: Annotated[
-        int | None,
-        typer.Option(
-            "--window",
-            metavar="N",
-            min=50,
-            max=100_000,
-            help="Rows per window.",
-            show_default=False,
-        ),
-    ] = None,
-    psi: Annotated[
-        float | None,
-        typer.Option(
-            "--psi", metavar="X", help="PSI counted as drift (default 0.25).", show_default=False
-        ),
-    ] = None,
-    ks_alpha: Annotated[
-        float | None,
-        typer.Option(
-            "--ks-alpha", metavar="A", help="KS test level (default 0.01).", show_default=False
-        ),
-    ] = None,
+    change_id: ChangeArgument,
+    reason: Annotated[
+        str, typer.Option("--reason", metavar="TEXT", help="Why (kept and audited).")
+    ],
     json_output: JsonOption = False,
 ) -> None:
-    """Configure drift monitoring of MODEL (admin). `policy calibrate` also fits the reference.
+    """Reject a change request (approver or admin), or withdraw your own.
 
-    Example: modelkeep drift set iris --benign benign.npy --window 1000 --psi 0.2
+    Example: modelkeep changes reject 0f3c... --reason 'f1 dropped on the holdout'
     """
-    body: JSONObject = {"window": window, "psi_threshold": psi, "ks_alpha": ks_alpha}
-    if benign is not None:
-        body["rows"] = read_rows(benign)
     with client_from(ctx.obj) as client:
-        status = client.put_drift(model, body)
+        change = client.reject_change(change_id, reason)
     if json_output:
-        out.print_json(status)
+        out.print_json(change)
     else:
-        _say_drift(status)
+        say_change(change)

@@ -27,7 +27,17 @@ from rich.progress import (
 )
 from typer.core import TyperGroup
 
-from modelkeep.cli import _audit, _kek, _lifecycle, _models, _policy, _scan, _server, _sign
+from modelkeep.cli import (
+    _audit,
+    _kek,
+    _lifecycle,
+    _lineage,
+    _models,
+    _policy,
+    _scan,
+    _server,
+    _sign,
+)
 from modelkeep.cli import _output as out
 from modelkeep.cli._client import (
     DEFAULT_URL,
@@ -99,7 +109,8 @@ versions_app = typer.Typer(
     no_args_is_help=True,
 )
 label_app = typer.Typer(
-    help="Point labels (production, staging...) at versions.", no_args_is_help=True
+    help="Point labels (production, staging...) at versions; protect, roll back, show history.",
+    no_args_is_help=True,
 )
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 app.add_typer(_models.models_app, name="models")
@@ -109,11 +120,16 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(_models.publishers_app, name="publishers")
 app.add_typer(_policy.policy_app, name="policy")
 app.add_typer(_kek.kek_app, name="kek")
-_models.models_app.command("delete", epilog=EPILOG)(_lifecycle.models_delete)
-versions_app.command("bom", epilog=EPILOG)(_lifecycle.versions_bom)
-versions_app.command("delete", epilog=EPILOG)(_lifecycle.versions_delete)
-app.add_typer(_lifecycle.retention_app, name="retention")
-app.add_typer(_lifecycle.drift_app, name="drift")
+_models.models_app.command("delete", epilog=EPILOG)(_lineage.models_delete)
+versions_app.command("bom", epilog=EPILOG)(_lineage.versions_bom)
+versions_app.command("delete", epilog=EPILOG)(_lineage.versions_delete)
+app.add_typer(_lineage.retention_app, name="retention")
+app.add_typer(_lineage.drift_app, name="drift")
+app.add_typer(_lifecycle.eval_app, name="eval")
+app.add_typer(_lifecycle.changes_app, name="changes")
+label_app.command("protect", epilog=EPILOG)(_lifecycle.label_protect)
+label_app.command("rollback", epilog=EPILOG)(_lifecycle.label_rollback)
+label_app.command("history", epilog=EPILOG)(_lifecycle.label_history)
 
 
 @app.callback()
@@ -168,12 +184,12 @@ def push(
     ],
     signature: SignatureOption = None,
     sign_key: SignKeyOption = None,
-    lineage: _lifecycle.LineageOption = None,
-    code_revision: _lifecycle.CodeRevisionOption = None,
-    parent_version: _lifecycle.ParentVersionOption = None,
-    training_data: _lifecycle.TrainingDataOption = None,
-    framework: _lifecycle.FrameworkOption = None,
-    tag: _lifecycle.TagOption = None,
+    lineage: _lineage.LineageOption = None,
+    code_revision: _lineage.CodeRevisionOption = None,
+    parent_version: _lineage.ParentVersionOption = None,
+    training_data: _lineage.TrainingDataOption = None,
+    framework: _lineage.FrameworkOption = None,
+    tag: _lineage.TagOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Upload PATH, with its signature, as the next version of MODEL (create MODEL first).
@@ -187,7 +203,7 @@ def push(
         raise typer.BadParameter(
             "give --signature or --sign-key, not both", param_hint="'--signature'"
         )
-    declared = _lifecycle.read_lineage(
+    declared = _lineage.read_lineage(
         lineage,
         code_revision=code_revision,
         parent_version=parent_version,
@@ -331,12 +347,18 @@ def label_set(
 ) -> None:
     """Point LABEL of MODEL at VERSION (creating or moving the label).
 
+    A protected label is not moved at once: a change request is opened that other keys
+    approve (see `modelkeep changes`).
+
     Example: modelkeep label set iris production 3
     """
     with client_from(ctx.obj) as client:
         answer = client.set_label(model, label, version)
     if json_output:
         out.print_json(answer)
+        return
+    if "approvals_needed" in answer:  # a protected label: a change request was opened
+        _lifecycle.say_change(answer)
         return
     out.say(
         f"{out.clean(answer.get('model', model))}: label {out.clean(answer.get('label', label))} "

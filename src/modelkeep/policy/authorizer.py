@@ -63,6 +63,13 @@ class Action(StrEnum):
     # Read a model's drift scores (auditors, publishers, admins); configure them (admin).
     DRIFT_READ = "drift.read"
     DRIFT_CONFIGURE = "drift.configure"
+    # Lifecycle (docs/lifecycle.md): set a model's evaluation set and gates; protect a label;
+    # approve or reject another key's change request; move a protected label at once in a
+    # declared emergency (rollback only).
+    EVAL_CONFIGURE = "eval.configure"
+    LABEL_PROTECT = "label.protect"
+    CHANGE_APPROVE = "change.approve"
+    LABEL_EMERGENCY = "label.emergency"
 
 
 #: Actions whose resource is a model; every other action's resource is the server.
@@ -80,6 +87,10 @@ MODEL_ACTIONS: Final[frozenset[Action]] = frozenset(
         Action.RETENTION_SET,
         Action.DRIFT_READ,
         Action.DRIFT_CONFIGURE,
+        Action.EVAL_CONFIGURE,
+        Action.LABEL_PROTECT,
+        Action.CHANGE_APPROVE,
+        Action.LABEL_EMERGENCY,
     }
 )
 

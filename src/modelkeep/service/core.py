@@ -124,6 +124,11 @@ class Core:
         self._poll_hooks: list[Callable[[], object]] = []
         self._stop_hooks: list[Callable[[], object]] = []
 
+    @property
+    def stopped(self) -> threading.Event:
+        """Set by ``stop``, cleared by ``start``: background work of the parts ends on it."""
+        return self._stop
+
     def on_refresh(self, hook: Callable[[], object]) -> None:
         """Call ``hook`` after each new snapshot (under the refresh lock: keep it quick)."""
         self._refresh_hooks.append(hook)
@@ -432,6 +437,11 @@ class Core:
             )
             return session
 
+    def loaded(self, version: VersionRecord) -> LoadedModel:
+        """The version's session if it is loaded, else the version loaded (verified) for this
+        caller only, not kept (evaluations of versions that are not served)."""
+        return self._sessions.get((version.model, version.number)) or self._load(version)
+
     def _load(self, version: VersionRecord) -> LoadedModel:
         """Load a version, verifying it as if it had just been pushed."""
         where = f"model '{version.model}' version {version.number}"
@@ -519,6 +529,9 @@ def alerter_from(settings: Settings) -> Alerter | None:
         AlertRule("tampering", "tampering"),
         AlertRule("audit-verify-failed", "audit_verify_failed"),
         AlertRule("drift", "drift"),
+        AlertRule("change-requested", "change_requested"),
+        AlertRule("change-decided", "change_decided"),
+        AlertRule("emergency-change", "emergency_change"),
     ]
     hooks = [Webhook(url, settings.alert_webhook_secret) for url in settings.alert_webhooks]
     return Alerter(hooks, rules)

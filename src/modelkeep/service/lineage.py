@@ -6,7 +6,7 @@ with a CycloneDX document that adds what it established itself (``registry/bom.p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from modelkeep.auth import Principal
@@ -16,6 +16,9 @@ from modelkeep.registry.bom import version_bom
 from modelkeep.registry.lineage import Lineage as DeclaredLineage
 from modelkeep.registry.records import ModelRecord, VersionRecord
 from modelkeep.service.core import Core, resolve_version
+
+# What the server holds as evidence for a version: its metrics and its approvals.
+Evidence = Callable[[VersionRecord], tuple[Mapping[str, float], list[Mapping[str, Any]]]]
 
 
 def _number(text: str | int) -> int | None:
@@ -33,7 +36,9 @@ def check_lineage(record: ModelRecord, lineage: DeclaredLineage) -> None:
 class Lineage:
     """Version metadata including deleted versions, and BOM export."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, evidence: Evidence | None = None) -> None:
+        # The server's evaluation metrics and the approvals of a version (``Changes``).
+        self._evidence = evidence
         self.refresh = core.refresh
         self._model = core.authorized_model
         self._clock = core.clock
@@ -63,13 +68,8 @@ class Lineage:
     def _bom_evidence(
         self, version: VersionRecord
     ) -> tuple[Mapping[str, float], list[Mapping[str, Any]]]:
-        """The server's own evaluation metrics and the approvals of ``version``.
-
-        Merge point: evaluation gates and approvals (issue 16 items 1-2) record these with the
-        version; until they do, the server holds none and the BOM shows the declared ones only.
-        """
-        metrics = getattr(version, "metrics", None)
-        approvals = getattr(version, "approvals", None)
-        if not isinstance(metrics, Mapping):
-            metrics = {}
-        return metrics, list(approvals) if isinstance(approvals, list | tuple) else []
+        """The server's own evaluation metrics and the approvals of ``version`` (none without
+        an evaluation set or approved change requests)."""
+        if self._evidence is None:
+            return {}, []
+        return self._evidence(version)

@@ -17,9 +17,10 @@ from modelkeep.policy import Action
 from modelkeep.registry.intake import accept
 from modelkeep.registry.lineage import Lineage
 from modelkeep.registry.records import ModelRecord, VersionRecord, check_name
-from modelkeep.registry.store import PushKey, VersionDetails
+from modelkeep.registry.store import ChangeRequest, PushKey, VersionDetails
 from modelkeep.registry.upload import Upload
 from modelkeep.service._shared import log, model_target
+from modelkeep.service.changes import Changes
 from modelkeep.service.core import Core, resolve_version
 from modelkeep.service.lineage import check_lineage
 
@@ -36,10 +37,15 @@ class CreatedKey:
 
 
 class Management:
-    """Management calls: models, versions, labels, publishers, keys, pushes."""
+    """Management calls: models, versions, labels, publishers, keys, pushes.
 
-    def __init__(self, core: Core) -> None:
+    Label moves go through ``changes`` (protected labels open change requests) and each push
+    is evaluated in the background on the model's evaluation set."""
+
+    def __init__(self, core: Core, changes: Changes) -> None:
         self.core = core
+        # Protected labels move through change requests; pushes are evaluated (lifecycle).
+        self.changes = changes
         self.settings = core.settings
         self.store = core.store
         self.registry = core.registry
@@ -160,6 +166,8 @@ class Management:
             )
             details["version"] = number
         self.refresh()
+        # Metrics on the model's evaluation set, computed in the background (lifecycle).
+        self.changes.evaluations.schedule_evaluation(model, number)
         return self.core.snapshot.models[model].versions[number]
 
     def _push_key(
@@ -266,8 +274,13 @@ class Management:
         self.refresh()
         return resolve_version(self._model(principal, Action.MODEL_READ, model), version)
 
-    def set_label(self, principal: Principal, model: str, label: str, version: int) -> None:
-        self.refresh()
+    def set_label(
+        self, principal: Principal, model: str, label: str, version: int
+    ) -> ChangeRequest | None:
+        """Point ``label`` at ``version``; a protected label gets a change request instead."""
+        change = self.changes.protected_move(principal, model, label, version)
+        if change is not None:
+            return change
         details: dict[str, Any] = {"label": label[:63], "version": version}
         with self._audited(principal, "label.set", model_target(model), details):
             self._model(principal, Action.LABEL_SET, model)
@@ -276,6 +289,7 @@ class Management:
             details["previous"] = previous
             self.store.set_label(model, label, version, actor=principal.key_id, now=self._clock())
         self.refresh()
+        return None
 
     def delete_label(self, principal: Principal, model: str, label: str) -> None:
         self.refresh()
@@ -283,7 +297,8 @@ class Management:
         with self._audited(principal, "label.delete", model_target(model), details):
             self._model(principal, Action.LABEL_DELETE, model)
             check_name("label", label)
-            self.store.delete_label(model, label)
+            self.changes.refuse_protected_delete(model, label)
+            self.store.delete_label(model, label, actor=principal.key_id, now=self._clock())
         self.refresh()
 
     def create_key(

@@ -24,7 +24,7 @@ from modelkeep.auth import Principal
 from modelkeep.errors import InvalidInput, ModelkeepError, NotFound
 from modelkeep.policy import Action
 from modelkeep.registry.records import VersionRecord
-from modelkeep.registry.store import RetentionRule, ShreddedVersion
+from modelkeep.registry.store import LifecycleStore, RetentionRule, ShreddedVersion
 from modelkeep.service._shared import log, model_target
 from modelkeep.service.core import Core
 
@@ -68,6 +68,7 @@ class Retention:
         self._model = core.authorized_model
         self._audited = core.audited
         self._clock = core.clock
+        self._lifecycle = LifecycleStore(core.store)
         self._last_retention = -float("inf")
         core.on_poll(self.apply_retention)
 
@@ -83,7 +84,9 @@ class Retention:
                 record.name, number, actor=principal.key_id, now=self._clock()
             )
             details.update(sha256=shredded.sha256, kek_id=shredded.kek_id)
-            details["blob_deleted"] = self._delete_blob(shredded)
+            details["blob_deleted"] = self._delete_blob(
+                shredded.model, shredded.number, shredded.blob_key
+            )
         self.refresh()
         self.forget_unlisted_sessions()
         return self.core.snapshot.models[record.name].deleted[number]
@@ -95,6 +98,7 @@ class Retention:
         details: dict[str, Any] = {}
         with self._audited(principal, "model.delete", model_target(model), details):
             record = self._model(principal, Action.MODEL_DELETE, model)
+            evalset = self._lifecycle.evalset(record.name)
             shredded, captures = self.store.shred_model(
                 record.name, actor=principal.key_id, now=self._clock()
             )
@@ -104,23 +108,27 @@ class Retention:
                 captures=captures,
             )
             # Every blob is tried, not only up to the first failure.
-            results = [self._delete_blob(s) for s in shredded]
+            results = [self._delete_blob(s.model, s.number, s.blob_key) for s in shredded]
+            if evalset is not None:
+                # Its wrapped key went with the model's rows: the blob is already unreadable.
+                details["evalset_sha256"] = evalset.sha256
+                results.append(self._delete_blob(record.name, None, evalset.blob_key))
             details["blobs_deleted"] = all(results)
         self.refresh()
         self.forget_unlisted_sessions()
         return DeletedModel(record.name, shredded, captures)
 
-    def _delete_blob(self, shredded: ShreddedVersion) -> bool:
+    def _delete_blob(self, model: str, number: int | None, blob_key: str) -> bool:
         # The key is already gone; a blob left behind is unreadable and the garbage collector
-        # (``collect_garbage``) removes it later.
+        # (``collect_garbage``) removes it later. ``number`` None: the evaluation set's blob.
         try:
-            self.registry.blobs.delete(shredded.blob_key)
+            self.registry.blobs.delete(blob_key)
         except Exception as exc:  # the shred has committed: it must still be audited
             reason = exc.message if isinstance(exc, ModelkeepError) else type(exc).__name__
             log.warning(
-                "model %s version %s: key destroyed, blob not deleted yet: %s",
-                shredded.model,
-                shredded.number,
+                "model %s %s: key destroyed, blob not deleted yet: %s",
+                model,
+                "evaluation set" if number is None else f"version {number}",
                 reason,
             )
             return False
@@ -206,7 +214,10 @@ class Retention:
                     "retention skipped model %s version %s: %s", rule.model, number, exc.message
                 )
                 continue
-            details.update(sha256=shredded.sha256, blob_deleted=self._delete_blob(shredded))
+            details.update(
+                sha256=shredded.sha256,
+                blob_deleted=self._delete_blob(shredded.model, shredded.number, shredded.blob_key),
+            )
             self.record(RETENTION_ACTOR, "version.delete", target, "success", details)
             done += 1
         return done

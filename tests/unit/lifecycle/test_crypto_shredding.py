@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import Env
+from modelkeep.api.v2.infer import v2_call
 from modelkeep.audit.verify import verify_chain
 from modelkeep.crypto import associated_data_for
 from modelkeep.crypto.sealed import unseal_segments
@@ -95,7 +96,7 @@ def test_deleted_metadata_shows_deleted_and_inference_is_404(env: Env) -> None:
     push(env, 0)
     push(env, 1)
     consumer, _ = env.key("consumer")
-    svc.infer(consumer, "iris", "1", INFER)  # loaded into this worker
+    svc.dataplane.infer_now(consumer, "iris", v2_call(INFER), "1")  # loaded into this worker
     svc.delete_version(env.admin, "iris", 1)
     shown = svc.version_record(env.admin, "iris", "1")
     assert shown.deleted_at is not None
@@ -105,10 +106,10 @@ def test_deleted_metadata_shows_deleted_and_inference_is_404(env: Env) -> None:
         (2, False),
     ]
     with pytest.raises(NotFound):
-        svc.infer(consumer, "iris", "1", INFER)
+        svc.dataplane.infer_now(consumer, "iris", v2_call(INFER), "1")
     assert ("iris", 1) not in svc.core._sessions
     # The default version is the newest live one.
-    svc.infer(consumer, "iris", None, INFER)
+    svc.dataplane.infer_now(consumer, "iris", v2_call(INFER), None)
 
 
 def test_a_labelled_version_is_refused_and_the_audit_log_keeps_every_step(env: Env) -> None:
@@ -178,10 +179,10 @@ def test_deleting_a_model_shreds_versions_and_captures(env: Env, tmp_path: Path)
     svc.set_label(env.admin, "iris", "production", 2)
     svc.set_policy(env.admin, "iris", {"capture": {"sample": 1.0, "days": 7}})
     consumer, _ = env.key("consumer")
-    svc.infer(consumer, "iris", None, INFER)
-    svc.capture_writer.flush(timeout=10)
-    [info] = svc.captures.find("iris")
-    _, capture_key, sealed = svc.captures.get("iris", info.id)
+    svc.dataplane.infer_now(consumer, "iris", v2_call(INFER), None)
+    svc.captures.capture_writer.flush(timeout=10)
+    [info] = svc.captures.store.find("iris")
+    _, capture_key, sealed = svc.captures.store.get("iris", info.id)
     versions = dict(svc.snapshot.models["iris"].versions)
     assert capture_key in database_bytes(env.data_dir)
 
@@ -190,9 +191,9 @@ def test_deleting_a_model_shreds_versions_and_captures(env: Env, tmp_path: Path)
     assert ([s.number for s in done.versions], done.captures) == ([1, 2], 1)
     assert "iris" not in svc.snapshot.models
     with pytest.raises(NotFound):
-        svc.infer(consumer, "iris", None, INFER)
+        svc.dataplane.infer_now(consumer, "iris", v2_call(INFER), None)
     with pytest.raises(NotFound):
-        svc.captures.get("iris", info.id)
+        svc.captures.store.get("iris", info.id)
     files = database_bytes(env.data_dir)
     assert capture_key not in files
     assert sealed not in files
@@ -273,7 +274,7 @@ def test_shredding_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
         assert opened == 0
         assert svc.version_record(admin, "iris", "1").deleted_at is not None
         with pytest.raises(NotFound):
-            svc.infer(admin, "iris", "1", INFER)
+            svc.dataplane.infer_now(admin, "iris", v2_call(INFER), "1")
         assert verify_chain(svc.store.engine, None).ok
     finally:
         svc.stop()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import Env
+from modelkeep.api.v2.infer import v2_call
 from modelkeep.errors import Forbidden, InvalidInput
 from modelkeep.guard.drift import DriftConfig, DriftMonitor, DriftScores, score
 from modelkeep.testing import build_iris_onnx, iris_rows
@@ -57,7 +58,9 @@ def gauge(env: Env, name: str) -> float | None:
 def send(env: Env, data: np.ndarray) -> None:
     consumer = env.key("consumer")[0]
     for start in range(0, len(data), 25):
-        env.service.infer(consumer, "iris", None, infer_body(data[start : start + 25]))
+        env.service.dataplane.infer_now(
+            consumer, "iris", v2_call(infer_body(data[start : start + 25])), None
+        )
     assert env.service.drift.monitor.feed.flush(timeout=20)
 
 
@@ -67,7 +70,7 @@ def monitored(env: Env) -> tuple[Env, RecordingAlerter]:
     svc.push(env.admin, "iris", build_iris_onnx(), file_name="iris.onnx")
     svc.configure_drift(env.admin, "iris", rows=rows(2000, seed=0).tolist(), window=200)
     alerter = RecordingAlerter()
-    svc.alerter = alerter  # type: ignore[assignment]
+    svc.core.alerter = alerter  # type: ignore[assignment]
     return env, alerter
 
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from conftest import Env
+from modelkeep.api.v2.infer import v2_call
 from modelkeep.audit.verify import verify_chain
 from modelkeep.errors import Forbidden, InvalidInput
 from modelkeep.testing import build_iris_onnx
@@ -46,15 +47,15 @@ def test_capture_retention_destroys_old_captures_only(env: Env) -> None:
     svc.set_policy(env.admin, "iris", {"capture": {"sample": 1.0, "days": 30}})
     consumer, _ = env.key("consumer")
     for _ in range(2):
-        svc.infer(consumer, "iris", None, INFER)
-    svc.capture_writer.flush(timeout=10)
-    assert len(svc.captures.find("iris")) == 2
+        svc.dataplane.infer_now(consumer, "iris", v2_call(INFER), None)
+    svc.captures.capture_writer.flush(timeout=10)
+    assert len(svc.captures.store.find("iris")) == 2
     svc.set_retention(env.admin, "iris", keep_versions=None, capture_days=3)
     assert svc.apply_retention(force=True) == 0  # both are fresh
     later = datetime.now(UTC) + timedelta(days=4)
-    svc._clock = lambda: later
+    svc.retention._clock = lambda: later
     assert svc.apply_retention(force=True) == 2
-    assert svc.captures.find("iris") == []
+    assert svc.captures.store.find("iris") == []
     [entry] = svc.audit.entries(action="capture.purge")
     assert (entry.actor, entry.details) == ("retention", {"count": 2, "older_than_days": 3})
 
