@@ -1,4 +1,4 @@
-"""``versions bom|delete``, ``models delete``, ``retention show|set``, ``drift show|set``, and
+"""``versions bom|delete``, ``retention show|set``, ``drift show|set``, and
 the ``--lineage`` file of ``push`` (docs/lifecycle.md); gates and approvals: ``_lifecycle.py``."""
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ __all__ = [
     "TagOption",
     "TrainingDataOption",
     "drift_app",
-    "models_delete",
     "read_lineage",
     "retention_app",
     "versions_bom",
@@ -205,34 +204,6 @@ def versions_delete(
     out.say(
         f"deleted {model} version {version} (sha256 {out.clean(deleted.get('sha256'))}): data key "
         "destroyed, blob removed"
-    )
-
-
-def models_delete(
-    ctx: typer.Context,
-    model: ModelArgument,
-    yes: YesOption = False,
-    json_output: JsonOption = False,
-) -> None:
-    """Delete MODEL (admin; needs --yes): every version crypto-shredded, its labels, captured
-    payloads and settings destroyed. The name cannot be used again.
-
-    Example: modelkeep models delete old-iris --yes
-    """
-    if not yes:
-        raise typer.BadParameter(
-            "deleting a model cannot be undone: add --yes", param_hint="'--yes'"
-        )
-    with client_from(ctx.obj) as client:
-        done = client.delete_model(model)
-    if json_output:
-        out.print_json(done)
-        return
-    versions = done.get("deleted_versions")
-    count = len(versions) if isinstance(versions, list) else 0
-    out.say(
-        f"deleted model {model}: {count} version(s) shredded, "
-        f"{out.clean(done.get('captures_deleted'))} capture(s) destroyed"
     )
 
 
