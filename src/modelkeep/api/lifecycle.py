@@ -7,7 +7,7 @@ can answer is documented (``errors``; 401, 413, 431 and 503 are added where they
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +21,7 @@ from modelkeep.service import Service
 from ._auth import principal_of
 from ._body import read_body
 from ._change_out import ChangeOut, accepted, change_out
-from ._openapi import WHOLE_NUMBER, LabelName, ModelName, WholeNumber, errors
+from ._openapi import NAME_SCHEMA, WHOLE_NUMBER, LabelName, ModelName, errors
 from .management import VersionOut, version_out
 
 
@@ -154,10 +154,10 @@ class DeletedModelOut(BaseModel):
 
 class RetentionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    keep_versions: WholeNumber | None = Field(
+    keep_versions: Annotated[int, Field(ge=1, le=10_000), WHOLE_NUMBER] | None = Field(
         default=None, description="Keep the newest N versions (labelled ones are never deleted)"
     )
-    capture_days: WholeNumber | None = Field(
+    capture_days: Annotated[int, Field(ge=1, le=3650), WHOLE_NUMBER] | None = Field(
         default=None, description="Destroy captures older than D days"
     )
 
@@ -171,13 +171,20 @@ class RetentionOut(BaseModel):
 class DriftIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rows: list[list[float]] | None = Field(
-        default=None, max_length=100_000, description="Benign reference rows (refit)"
+        default=None,
+        min_length=1,
+        max_length=100_000,
+        description="Benign reference rows (refit): a rectangular matrix of numbers",
     )
-    window: WholeNumber | None = Field(
-        default=None, description="Rows per sliding window (50-100000)"
+    window: Annotated[int, Field(ge=50, le=100_000), WHOLE_NUMBER] | None = Field(
+        default=None, description="Rows per sliding window"
     )
-    psi_threshold: float | None = Field(default=None, description="PSI that counts as drift")
-    ks_alpha: float | None = Field(default=None, description="KS test level (Bonferroni)")
+    psi_threshold: float | None = Field(
+        default=None, ge=0.001, le=10.0, description="PSI that counts as drift"
+    )
+    ks_alpha: float | None = Field(
+        default=None, ge=1e-12, le=0.5, description="KS test level (Bonferroni)"
+    )
 
 
 class DriftOut(BaseModel):
@@ -291,7 +298,7 @@ def lifecycle_router(service: Service) -> APIRouter:
     async def history(
         request: Request,
         model: ModelName,
-        label: Annotated[str | None, Query(max_length=63)] = None,
+        label: Annotated[str | None, Query(max_length=63, json_schema_extra=NAME_SCHEMA)] = None,
     ) -> HistoryOut:
         """Every move of the model's labels (or of one label), oldest first."""
         moves = await run_in_threadpool(service.label_history, principal_of(request), model, label)
@@ -319,7 +326,9 @@ def lifecycle_router(service: Service) -> APIRouter:
     @router.get("/changes", response_model=ChangeList, responses=errors(403, 400))
     async def list_changes(
         request: Request,
-        status: Annotated[str | None, Query(max_length=16)] = None,
+        status: Annotated[
+            Literal["pending", "applied", "rejected", "expired", "failed"] | None, Query()
+        ] = None,
     ) -> dict[str, Any]:
         """Change requests on the models this key may read, newest first."""
         found = await run_in_threadpool(
