@@ -1,10 +1,15 @@
 """``Service``: the one object the API and the CLI hold, composed of the core and its parts.
 
 Each part is built with what it needs from the core (``core.py``) and knows nothing of the
-others, but the data plane, which hands sampled calls to the captures and each call's inputs
-to the drift monitor, and guard administration, whose calibration rows become the drift
-reference, and management, whose label moves go through the change requests and whose pushes
-are evaluated, and the key service, whose last re-wrap pass also moves the evaluation sets:
+others, but these, which are handed what they use of another part here:
+
+- the data plane hands sampled calls to the captures and each call's inputs to the drift
+  monitor;
+- guard administration hands its calibration rows to the drift watch (the drift reference);
+- management moves labels through the change requests, which judge gates with the
+  evaluations, and has each push evaluated;
+- the lineage part reads a version's metrics and approvals from the change requests;
+- the key service's last re-wrap pass also re-wraps the evaluation sets' keys.
 
 | attribute | part | what it does |
 |---|---|---|
