@@ -79,10 +79,19 @@ class Settings(BaseSettings):
     # How long the server remembers a push's Idempotency-Key (per model and caller): a retry
     # within this time gets the version the first attempt made, never a second one.
     push_key_ttl_s: float = Field(default=24 * 3600.0, ge=60, le=30 * 24 * 3600.0)
+    # How often each server applies the models' retention rules (`modelkeep retention set`):
+    # versions past "keep the last N" are crypto-shredded, captures past D days destroyed.
+    retention_interval_s: float = Field(default=3600.0, ge=10, le=7 * 24 * 3600.0)
     # Unreferenced blobs younger than this may belong to a push still in flight on another
     # replica sharing the blob store, so garbage collection at start leaves them; a local blob
     # directory (one host, collected before its workers start) is swept whole.
     push_max_duration_s: float = Field(default=3600.0, gt=0)
+    # -- lifecycle (docs/lifecycle.md) --
+    # A change request to move a protected label expires unapproved after this long.
+    change_request_ttl_s: float = Field(default=24 * 3600.0, ge=60, le=30 * 24 * 3600.0)
+    # An evaluation set upload (.npz) at most this large, and what it may unpack to.
+    max_evalset_bytes: int = Field(default=64 * MiB, ge=1)
+    max_evalset_unpacked_bytes: int = Field(default=256 * MiB, ge=1)
 
     # --- Connections: limits and timeouts enforced before any request is authenticated ---
     # (api/_connections.py; docs/limits.md "Connections" gives each default's reason).

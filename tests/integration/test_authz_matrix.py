@@ -7,6 +7,10 @@ do everything; a publisher reads, pushes and moves labels on its models; a consu
 inference on its models; an auditor reads metadata and lists keys; every authenticated key may
 read ``/v2``, the (filtered) model list, whoami and the OpenAPI document; only admins see and
 rotate the key-encryption key; a key bound to another model gets 403 on this model's routes.
+Lifecycle (docs/lifecycle.md): readers of a model read its BOM, evaluation, protections,
+history and retention rule, and the drift status unless they are consumers; only admins
+delete, set retention, drift, evaluation sets and protections; publishers may also roll back
+and re-run evaluations; a change request that does not exist is 404 to every key.
 The expired and revoked keys are admin keys, so a server that forgot to check expiry or
 revocation would answer them.
 """
@@ -89,6 +93,24 @@ GET    /api/v1/openapi.json                   401  401 401 401 401 401 200 200 2
 GET    /api/v1/kek                            401  401 401 401 401 401 200 403 403 403 403 403
 POST   /api/v1/kek/rotate                     401  401 401 401 401 401 200 403 403 403 403 403
 POST   /api/v1/kek/rewrap                     401  401 401 401 401 401 200 403 403 403 403 403
+GET    /api/v1/models/{m}/versions/{v}/bom    401  401 401 401 401 401 200 200 200 200 403 403
+DELETE /api/v1/models/{m}/versions/{v}        401  401 401 401 401 401 409 403 403 403 403 403
+GET    /api/v1/models/{m}/retention           401  401 401 401 401 401 200 200 200 200 403 403
+PUT    /api/v1/models/{m}/retention           401  401 401 401 401 401 200 403 403 403 403 403
+GET    /api/v1/models/{m}/drift               401  401 401 401 401 401 200 200 403 200 403 403
+PUT    /api/v1/models/{m}/drift               401  401 401 401 401 401 400 403 403 403 403 403
+GET    /api/v1/models/{m}/eval                401  401 401 401 401 401 200 200 200 200 403 403
+PUT    /api/v1/models/{m}/eval                401  401 401 401 401 401 400 403 403 403 403 403
+PUT    /api/v1/models/{m}/eval/gates          401  401 401 401 401 401 400 403 403 403 403 403
+POST   /api/v1/models/{m}/versions/{v}/evaluate 401 401 401 401 401 401 404 404 403 403 403 403
+GET    /api/v1/models/{m}/protection          401  401 401 401 401 401 200 200 200 200 403 403
+PUT    /api/v1/models/{m}/protection/{l}      401  401 401 401 401 401 200 403 403 403 403 403
+GET    /api/v1/models/{m}/history             401  401 401 401 401 401 200 200 200 200 403 403
+POST   /api/v1/models/{m}/labels/{l}/rollback 401  401 401 401 401 401 404 404 403 403 403 403
+GET    /api/v1/changes                        401  401 401 401 401 401 200 200 200 200 200 200
+GET    /api/v1/changes/{id}                   401  401 401 401 401 401 404 404 404 404 404 404
+POST   /api/v1/changes/{id}/approve           401  401 401 401 401 401 404 404 404 404 404 404
+POST   /api/v1/changes/{id}/reject            401  401 401 401 401 401 404 404 404 404 404 404
 """
 
 UNAUTHENTICATED_MESSAGE = {
@@ -122,7 +144,7 @@ def parse_matrix(text: str) -> list[Cell]:
 
 
 CELLS = parse_matrix(MATRIX)
-EXPECTED_ROUTE_COUNT = 35
+EXPECTED_ROUTE_COUNT = 53
 
 
 def test_the_matrix_covers_every_route_and_credential() -> None:
@@ -293,6 +315,24 @@ def test_cell(world: World, cell: Cell) -> None:
         before = len(world.keys())
     elif route == ("DELETE", "/api/v1/keys/{id}"):
         key_id = str(create_key(world.server, "consumer", [MODEL])["id"])
+    # Lifecycle (docs/lifecycle.md): requests an allowed caller gets past authorization with,
+    # refused after it where they would change lasting state (version 1 is under production;
+    # the model has no evaluation set or drift reference; the label and change do not exist).
+    elif route == ("PUT", "/api/v1/models/{m}/retention"):
+        kwargs["json"] = {"keep_versions": None, "capture_days": None}
+    elif route == ("PUT", "/api/v1/models/{m}/drift"):
+        kwargs["json"] = {"window": 100}
+    elif route == ("PUT", "/api/v1/models/{m}/eval"):
+        kwargs["content"] = b"not an npz"
+        kwargs["headers"] = {"Content-Type": "application/octet-stream"}
+    elif route == ("PUT", "/api/v1/models/{m}/eval/gates"):
+        kwargs["json"] = {"gates": ["accuracy>=0.5"]}
+    elif route == ("PUT", "/api/v1/models/{m}/protection/{l}"):
+        kwargs["json"] = {"approvals": 0}
+    elif route[1].startswith("/api/v1/changes/{id}"):
+        key_id = "c" * 32
+        if route[1].endswith("/reject"):
+            kwargs["json"] = {"reason": "matrix"}
 
     path = cell.route.format(m=MODEL, v=1, l=label, id=key_id, fp=fingerprint)
     r = client.request(cell.method, path, **kwargs)

@@ -33,6 +33,7 @@ from .azureml._routes import azureml_routes
 from .capture import capture_router
 from .grpc.server import GrpcListener
 from .kek import kek_router
+from .lifecycle import lifecycle_router
 from .management import management_router
 from .policy import policy_router
 from .sagemaker._routes import plaintext_guard, sagemaker_routes
@@ -106,6 +107,7 @@ def create_app(
     app.include_router(audit_router(service))
     app.include_router(capture_router(service))
     app.include_router(kek_router(service))
+    app.include_router(lifecycle_router(service))
     # The last added runs first: authentication, then the body limit, so a caller without
     # a valid key never gets a byte of its body read.
     app.add_middleware(

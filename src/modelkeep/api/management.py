@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -14,11 +15,13 @@ from starlette.responses import JSONResponse, Response
 
 from modelkeep.auth import ROLES, KeyRecord
 from modelkeep.errors import InvalidInput
+from modelkeep.registry.lineage import parse_lineage_header
 from modelkeep.registry.records import ModelRecord, VersionRecord
 from modelkeep.service import Service
 
 from ._auth import principal_of
 from ._body import stream_body
+from ._change_out import ChangeOut, accepted
 from ._openapi import NAME_SCHEMA, DateTime, LabelName, ModelName, WholeNumber, errors
 
 
@@ -45,6 +48,17 @@ class VersionOut(BaseModel):
     layout: str = Field(description="`file`, or `directory` for a pushed directory")
     file_name: str = Field(description="The served file, as the signature's manifest names it")
     signer: str | None = Field(description="Fingerprint of the publisher key that signed it")
+    lineage: dict[str, Any] | None = Field(
+        default=None, description="What the publisher declared at push (Modelkeep-Lineage)"
+    )
+    deleted_at: datetime | None = Field(
+        default=None, description="When it was crypto-shredded; a deleted version is never served"
+    )
+    deleted_by: str | None = Field(default=None, description="Who deleted it")
+    evaluation: dict[str, Any] | None = Field(
+        default=None,
+        description="Metrics on the model's evaluation set and the gates' verdict (lifecycle)",
+    )
 
 
 class VersionList(BaseModel):
@@ -154,6 +168,9 @@ def version_out(v: VersionRecord) -> VersionOut:
         layout=v.layout,
         file_name=v.file_name,
         signer=v.signer,
+        lineage=None if v.lineage is None else json.loads(v.lineage),
+        deleted_at=v.deleted_at,
+        deleted_by=v.deleted_by,
     )
 
 
@@ -184,6 +201,7 @@ def key_out(k: KeyRecord) -> dict[str, Any]:
 
 SIGNATURE_HEADER = "modelkeep-signature"
 IDEMPOTENCY_HEADER = "idempotency-key"
+LINEAGE_HEADER = "modelkeep-lineage"
 # A key-signed bundle for one file is a few KiB; directories with many files grow it.
 MAX_BUNDLE_HEADER = 64 * 1024
 # Room the request line and the other headers of a push need beside the signature header.
@@ -243,6 +261,14 @@ def management_router(service: Service) -> APIRouter:
             description="Makes a retried push answer with the version the first one made",
             json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._:+=/-]{7,127}$"},
         ),
+        lineage_header: str | None = Header(
+            default=None,
+            alias=LINEAGE_HEADER,
+            description=(
+                "Declared lineage (training data, code revision, frameworks, parent version,"
+                " tags, metrics), base64 JSON of at most 8 KiB; see docs/lifecycle.md"
+            ),
+        ),
         filename: str = Query(
             default="model",
             max_length=255,
@@ -252,13 +278,16 @@ def management_router(service: Service) -> APIRouter:
     ) -> VersionOut:
         """Push a new version: the raw model file (or a tar of a directory) as the body,
         streamed and size-capped; the signature bundle, base64, in the Modelkeep-Signature
-        header. With an Idempotency-Key header, a retry of the same push (same key, same
-        request) answers with the version the first attempt made instead of making another;
-        the same key with a different request is refused with 409."""
+        header; declared lineage (training data, code revision, frameworks, parent version,
+        tags, metrics; see docs/lifecycle.md), base64 JSON of at most 8 KiB, in the
+        Modelkeep-Lineage header. With an Idempotency-Key header, a retry of the same push
+        (same key, same request) answers with the version the first attempt made instead of
+        making another; the same key with a different request is refused with 409."""
         principal = principal_of(request)
         # Authorize before reading a possibly huge body.
         service.authorize_push(principal, model)
         bundle = _bundle(signature, bundle_limit)
+        lineage = None if lineage_header is None else parse_lineage_header(lineage_header)
         # The body is sealed into an unnamed staging file as it arrives, never held whole.
         upload = service.registry.new_upload()
         try:
@@ -278,6 +307,7 @@ def management_router(service: Service) -> APIRouter:
                     is_directory=layout == "directory",
                     bundle=bundle,
                     idempotency_key=idempotency_key,
+                    lineage=lineage,
                 )
             )
         finally:
@@ -348,29 +378,50 @@ def management_router(service: Service) -> APIRouter:
 
     @router.get("/models/{model}/versions", response_model=VersionList, responses=errors(403, 404))
     async def list_versions(request: Request, model: ModelName) -> VersionList:
-        record = service.get_model(principal_of(request), model)
-        return VersionList(versions=[version_out(v) for _, v in sorted(record.versions.items())])
+        """Every version, oldest first, with its evaluation; crypto-shredded ones show
+        ``deleted_at``."""
+        principal = principal_of(request)
+        found = service.all_versions(principal, model)
+        evaluations = await run_in_threadpool(service.evaluations_of, principal, model)
+        return VersionList(
+            versions=[
+                version_out(v).model_copy(update={"evaluation": evaluations.get(v.number)})
+                for v in found
+            ]
+        )
 
     @router.get(
         "/models/{model}/versions/{version}", response_model=VersionOut, responses=errors(403, 404)
     )
     async def get_version(request: Request, model: ModelName, version: str) -> VersionOut:
-        return version_out(service.get_version(principal_of(request), model, version))
+        """One version's metadata and evaluation, also of a deleted one (``deleted_at`` set)."""
+        principal = principal_of(request)
+        found = service.version_record(principal, model, version)
+        evaluations = await run_in_threadpool(service.evaluations_of, principal, model)
+        return version_out(found).model_copy(update={"evaluation": evaluations.get(found.number)})
 
     @router.put(
         "/models/{model}/labels/{label}",
         response_model=LabelOut,
-        responses=errors(400, 403, 404, 409),
+        responses={
+            **errors(400, 403, 404, 409),
+            202: {"model": ChangeOut, "description": "Protected: a change request was opened"},
+        },
     )
     async def set_label(
         request: Request, model: ModelName, label: LabelName, body: LabelIn
-    ) -> LabelOut:
+    ) -> Response:
+        """Point a label at a version. A protected label is not moved: a change request is
+        opened (202) and the move happens when enough other keys approve (lifecycle)."""
         principal = principal_of(request)
-        await run_in_threadpool(service.set_label, principal, model, label, body.version)
-        return LabelOut(model=model, label=label, version=body.version)
+        change = await run_in_threadpool(service.set_label, principal, model, label, body.version)
+        if change is not None:
+            return accepted(change)
+        out = LabelOut(model=model, label=label, version=body.version)
+        return JSONResponse(out.model_dump(mode="json"))
 
     @router.delete(
-        "/models/{model}/labels/{label}", status_code=204, responses=errors(400, 403, 404)
+        "/models/{model}/labels/{label}", status_code=204, responses=errors(400, 403, 404, 409)
     )
     async def delete_label(request: Request, model: ModelName, label: LabelName) -> Response:
         await run_in_threadpool(service.delete_label, principal_of(request), model, label)

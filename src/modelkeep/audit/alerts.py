@@ -62,7 +62,17 @@ __all__ = [
 ]
 
 AlertKind = Literal[
-    "auth_failures", "detector_alarm", "budget_spent", "tampering", "audit_verify_failed"
+    "auth_failures",
+    "detector_alarm",
+    "budget_spent",
+    "tampering",
+    "audit_verify_failed",
+    "drift",
+    # Lifecycle (docs/lifecycle.md): a protected label's change requested, decided (applied,
+    # rejected, expired, failed), or made at once under a declared emergency.
+    "change_requested",
+    "change_decided",
+    "emergency_change",
 ]
 ALERT_KINDS: frozenset[str] = frozenset(get_args(AlertKind))
 GroupBy = Literal["principal", "source"]

@@ -197,6 +197,35 @@ class _Families:
             ["action", "outcome"],
             registry=r,
         )
+        # Population drift of a model's inputs against its calibration reference
+        # (modelkeep.guard.drift): the worst feature's score over the latest window. Each
+        # worker sees its share of the traffic; the largest of any worker is exported.
+        self.drift_psi = Gauge(
+            "modelkeep_drift_psi",
+            "Population stability index of the most drifted input feature, latest window.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.drift_ks = Gauge(
+            "modelkeep_drift_ks_statistic",
+            "Largest two-sample Kolmogorov-Smirnov statistic over input features, latest window.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.drift_features = Gauge(
+            "modelkeep_drift_features_drifted",
+            "Input features whose KS test rejects the reference at the configured level.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.drift_dropped = Counter(
+            "modelkeep_drift_feed_dropped",
+            "Requests the drift monitor never saw: shed under load, or its queue was full.",
+            registry=r,
+        )
 
 
 # In multiprocess mode every metric object of a process writes the same memory-mapped file, and
@@ -384,6 +413,17 @@ class Metrics:
     def detector_feed_dropped(self) -> None:
         """Count a request dropped from the full detector queue (never seen by the detectors)."""
         self._m.detector_feed_dropped.inc()
+
+    def set_drift(self, *, model: str, psi: float, ks: float, drifted: int) -> None:
+        """The latest drift scores of ``model`` (one window of its inputs)."""
+        label = self.model_label(model)
+        self._m.drift_psi.labels(label).set(psi)
+        self._m.drift_ks.labels(label).set(ks)
+        self._m.drift_features.labels(label).set(drifted)
+
+    def drift_feed_dropped(self) -> None:
+        """Count a request the drift monitor shed or dropped (never seen by it)."""
+        self._m.drift_dropped.inc()
 
     def set_models_loaded(self, count: int) -> None:
         """This worker's number of loaded model versions."""

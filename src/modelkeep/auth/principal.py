@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 #: Built-in roles, each backed by a Cedar policy file in ``modelkeep/policy/roles/``.
-ROLES: tuple[str, ...] = ("admin", "publisher", "consumer", "auditor")
+ROLES: tuple[str, ...] = ("admin", "publisher", "approver", "consumer", "auditor")
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,8 @@ _API = "/api/v1"
 SIGNATURE_HEADER = "Modelkeep-Signature"
 #: The request header that makes a push safe to retry (docs/api.md).
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: The request header that carries a push's declared lineage, base64 JSON (docs/lifecycle.md).
+LINEAGE_HEADER = "Modelkeep-Lineage"
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ class ApiClient:
         signature: bytes | None = None,
         idempotency_key: str | None = None,
         retries: int = PUSH_RETRIES,
+        lineage: bytes | None = None,
     ) -> JSONObject:
         """Upload one model, streamed from ``body()``; returns the new Version.
 
@@ -167,7 +170,8 @@ class ApiClient:
         connection is lost is sent again up to ``retries`` times with backoff: the server
         answers a repeat with the version the first attempt made, never a second one. A
         refusal by the scan raises ``ModelRefused`` whose ``details["report"]`` is the
-        server's scan report.
+        server's scan report. ``lineage`` is the declared lineage JSON, sent base64 in the
+        ``Modelkeep-Lineage`` header.
         """
         headers = {"Content-Type": "application/octet-stream"}
         if size is not None:
@@ -175,6 +179,8 @@ class ApiClient:
             headers["Content-Length"] = str(size)
         if signature is not None:
             headers[SIGNATURE_HEADER] = base64.b64encode(signature).decode("ascii")
+        if lineage is not None:
+            headers[LINEAGE_HEADER] = base64.b64encode(lineage).decode("ascii")
         if idempotency_key is not None:
             headers[IDEMPOTENCY_HEADER] = idempotency_key
         else:
@@ -221,6 +227,35 @@ class ApiClient:
     def remove_label(self, model: str, label: str) -> None:
         path = f"{_API}/models/{_segment(model)}/labels/{_segment(label)}"
         self._send("DELETE", path)
+
+    # -- lifecycle: bills of materials, deletion, retention, drift ---------------------------
+
+    def version_bom(self, model: str, version: str) -> str:
+        """The CycloneDX JSON of a version, as the server sent it."""
+        path = f"{_API}/models/{_segment(model)}/versions/{_segment(version)}/bom"
+        return self._send("GET", path).text
+
+    def delete_version(self, model: str, version: str) -> JSONObject:
+        path = f"{_API}/models/{_segment(model)}/versions/{_segment(version)}"
+        return self._object("DELETE", path)
+
+    def delete_model(self, model: str) -> JSONObject:
+        return self._object("DELETE", f"{_API}/models/{_segment(model)}")
+
+    def get_retention(self, model: str) -> JSONObject:
+        return self._object("GET", f"{_API}/models/{_segment(model)}/retention")
+
+    def put_retention(
+        self, model: str, *, keep_versions: int | None, capture_days: int | None
+    ) -> JSONObject:
+        body = {"keep_versions": keep_versions, "capture_days": capture_days}
+        return self._object("PUT", f"{_API}/models/{_segment(model)}/retention", json=body)
+
+    def get_drift(self, model: str) -> JSONObject:
+        return self._object("GET", f"{_API}/models/{_segment(model)}/drift")
+
+    def put_drift(self, model: str, body: JSONObject) -> JSONObject:
+        return self._object("PUT", f"{_API}/models/{_segment(model)}/drift", json=body)
 
     # -- trusted publishers -------------------------------------------------------------------
 
@@ -323,6 +358,63 @@ class ApiClient:
     def kek_rewrap(self, *, limit: int, after: object, capture_after: object) -> JSONObject:
         body = {"limit": limit, "after": after, "capture_after": capture_after}
         return self._object("POST", f"{_API}/kek/rewrap", json=body)
+
+    # -- lifecycle (docs/lifecycle.md) --------------------------------------------------------
+
+    def set_evalset(self, model: str, data: bytes | None, gates: list[str] | None) -> JSONObject:
+        """Send an evaluation set (.npz bytes) and/or gates; ``None`` keeps what is stored."""
+        base = f"{_API}/models/{_segment(model)}/eval"
+        if data is None:
+            return self._object("PUT", f"{base}/gates", json={"gates": gates or []})
+        return self._object(
+            "PUT",
+            base,
+            params=[("gate", g) for g in gates or []],
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+
+    def show_evaluation(self, model: str, version: int | None) -> JSONObject:
+        params = {} if version is None else {"version": str(version)}
+        return self._object("GET", f"{_API}/models/{_segment(model)}/eval", params=params)
+
+    def run_evaluation(self, model: str, version: int) -> JSONObject:
+        path = f"{_API}/models/{_segment(model)}/versions/{version}/evaluate"
+        return self._object("POST", path)
+
+    def protect_label(self, model: str, label: str, approvals: int) -> JSONObject:
+        """The protection now, or (202) the change request that lowering it opened."""
+        path = f"{_API}/models/{_segment(model)}/protection/{_segment(label)}"
+        return self._object("PUT", path, json={"approvals": approvals})
+
+    def rollback_label(self, model: str, label: str, *, emergency: bool) -> JSONObject:
+        path = f"{_API}/models/{_segment(model)}/labels/{_segment(label)}/rollback"
+        return self._object("POST", path, json={"emergency": emergency})
+
+    def label_history(self, model: str, label: str | None) -> list[JSONObject]:
+        params = {} if label is None else {"label": label}
+        path = f"{_API}/models/{_segment(model)}/history"
+        items = self._object("GET", path, params=params).get("history")
+        if not isinstance(items, list):
+            raise InternalError("the server's answer has no history")
+        return [item for item in items if isinstance(item, dict)]
+
+    def list_changes(self, status: str | None) -> list[JSONObject]:
+        params = {} if status is None else {"status": status}
+        items = self._object("GET", f"{_API}/changes", params=params).get("changes")
+        if not isinstance(items, list):
+            raise InternalError("the server's answer has no list of changes")
+        return [item for item in items if isinstance(item, dict)]
+
+    def get_change(self, change_id: str) -> JSONObject:
+        return self._object("GET", f"{_API}/changes/{_segment(change_id)}")
+
+    def approve_change(self, change_id: str) -> JSONObject:
+        return self._object("POST", f"{_API}/changes/{_segment(change_id)}/approve")
+
+    def reject_change(self, change_id: str, reason: str) -> JSONObject:
+        path = f"{_API}/changes/{_segment(change_id)}/reject"
+        return self._object("POST", path, json={"reason": reason})
 
     # -- plumbing -----------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ __all__ = [
     "Artifact",
     "models_app",
     "models_create",
+    "models_delete",
     "models_ls",
     "models_set",
     "open_artifact",
@@ -353,6 +354,40 @@ def models_ls(
         out.say("no models yet: create one with `modelkeep models create NAME`")
     else:
         out.stdout_console().print(out.models_table(models))
+
+
+@models_app.command("delete", epilog=EPILOG)
+def models_delete(
+    ctx: typer.Context,
+    model: ModelArgument,
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes", help="Confirm: deleting a model cannot be undone.", show_default=False
+        ),
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Delete MODEL (admin; needs --yes): every version crypto-shredded, its labels, captured
+    payloads and settings destroyed. The name cannot be used again.
+
+    Example: modelkeep models delete old-iris --yes
+    """
+    if not yes:
+        raise typer.BadParameter(
+            "deleting a model cannot be undone: add --yes", param_hint="'--yes'"
+        )
+    with client_from(ctx.obj) as client:
+        done = client.delete_model(model)
+    if json_output:
+        out.print_json(done)
+        return
+    versions = done.get("deleted_versions")
+    count = len(versions) if isinstance(versions, list) else 0
+    out.say(
+        f"deleted model {model}: {count} version(s) shredded, "
+        f"{out.clean(done.get('captures_deleted'))} capture(s) destroyed"
+    )
 
 
 def _describe_model(model: JSONObject) -> None:

@@ -125,21 +125,49 @@ def versions_table(versions: Iterable[JSONObject], labels: Mapping[str, Any]) ->
     by_version: dict[Any, list[str]] = {}
     for label, number in sorted(labels.items()):
         by_version.setdefault(number, []).append(label)
-    table = _table("VERSION", "LABELS~", "SIZE", "SHA256", "SIGNER", "UPLOADED BY", "CREATED AT")
+    versions = list(versions)
+    # The EVAL column only for a model with an evaluation set (docs/lifecycle.md).
+    evaluated = any(isinstance(v.get("evaluation"), dict) for v in versions)
+    columns = ["VERSION", "LABELS~", "SIZE", "SHA256", "SIGNER", "UPLOADED BY", "CREATED AT"]
+    table = _table(*columns, *(["EVAL"] if evaluated else []))
     for version in versions:
         number = version.get("version")
         sha = version.get("sha256")
+        evaluation = version.get("evaluation")
+        # The verdict only: metrics are in `modelkeep eval show` (a table must fit 80 columns).
+        verdict = evaluation.get("status") if isinstance(evaluation, dict) else None
+        extra = [_cell(verdict)] if evaluated else []
         table.add_row(
             _cell(number),
-            _cell(", ".join(by_version.get(number, []))),
+            # A crypto-shredded version has no labels: the column says it is gone.
+            _cell(
+                "(deleted)" if version.get("deleted_at") else ", ".join(by_version.get(number, []))
+            ),
             _cell(size_text(version.get("size"))),
             # Twelve hex digits identify a version to a person, as short commit ids do.
             _cell(sha[:12] if isinstance(sha, str) else sha),
             _cell(short_fingerprint(version.get("signer")) if "signer" in version else None),
             _cell(version.get("uploaded_by")),
             _cell(time_text(version.get("created_at"))),
+            *extra,
         )
     return table
+
+
+def evaluation_text(evaluation: object) -> str:
+    """``passed (accuracy 0.9733, f1 0.9733)``: a version's gate verdict and metrics."""
+    if not isinstance(evaluation, dict):
+        return ""
+    status = clean(evaluation.get("status"))
+    metrics = evaluation.get("metrics")
+    shown = ""
+    if isinstance(metrics, dict):
+        shown = ", ".join(
+            f"{clean(name)} {value:.4f}"
+            for name, value in sorted(metrics.items())
+            if isinstance(value, int | float)
+        )
+    return f"{status} ({shown})" if shown else status
 
 
 def publishers_table(publishers: Iterable[JSONObject]) -> Table:
@@ -295,3 +323,13 @@ def _table(*columns: str) -> Table:
 
 def _cell(value: object) -> Text:
     return Text("" if value is None else clean(value))
+
+
+def table(*columns: str) -> Table:
+    """A table as every command prints it (see ``_table``), for command modules."""
+    return _table(*columns)
+
+
+def cell(value: object) -> Text:
+    """A cleaned table cell."""
+    return _cell(value)

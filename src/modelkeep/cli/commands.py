@@ -27,7 +27,17 @@ from rich.progress import (
 )
 from typer.core import TyperGroup
 
-from modelkeep.cli import _audit, _kek, _models, _policy, _scan, _server, _sign
+from modelkeep.cli import (
+    _audit,
+    _kek,
+    _lifecycle,
+    _lineage,
+    _models,
+    _policy,
+    _scan,
+    _server,
+    _sign,
+)
 from modelkeep.cli import _output as out
 from modelkeep.cli._client import (
     DEFAULT_URL,
@@ -94,9 +104,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-versions_app = typer.Typer(help="List the versions of a model.", no_args_is_help=True)
+versions_app = typer.Typer(
+    help="List the versions of a model, export their bill of materials, delete them.",
+    no_args_is_help=True,
+)
 label_app = typer.Typer(
-    help="Point labels (production, staging...) at versions.", no_args_is_help=True
+    help="Point labels (production, staging...) at versions; protect, roll back, show history.",
+    no_args_is_help=True,
 )
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 app.add_typer(_models.models_app, name="models")
@@ -106,6 +120,15 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(_models.publishers_app, name="publishers")
 app.add_typer(_policy.policy_app, name="policy")
 app.add_typer(_kek.kek_app, name="kek")
+versions_app.command("bom", epilog=EPILOG)(_lineage.versions_bom)
+versions_app.command("delete", epilog=EPILOG)(_lineage.versions_delete)
+app.add_typer(_lineage.retention_app, name="retention")
+app.add_typer(_lineage.drift_app, name="drift")
+app.add_typer(_lifecycle.eval_app, name="eval")
+app.add_typer(_lifecycle.changes_app, name="changes")
+label_app.command("protect", epilog=EPILOG)(_lifecycle.label_protect)
+label_app.command("rollback", epilog=EPILOG)(_lifecycle.label_rollback)
+label_app.command("history", epilog=EPILOG)(_lifecycle.label_history)
 
 
 @app.callback()
@@ -160,6 +183,12 @@ def push(
     ],
     signature: SignatureOption = None,
     sign_key: SignKeyOption = None,
+    lineage: _lineage.LineageOption = None,
+    code_revision: _lineage.CodeRevisionOption = None,
+    parent_version: _lineage.ParentVersionOption = None,
+    training_data: _lineage.TrainingDataOption = None,
+    framework: _lineage.FrameworkOption = None,
+    tag: _lineage.TagOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Upload PATH, with its signature, as the next version of MODEL (create MODEL first).
@@ -173,15 +202,24 @@ def push(
         raise typer.BadParameter(
             "give --signature or --sign-key, not both", param_hint="'--signature'"
         )
+    declared = _lineage.read_lineage(
+        lineage,
+        code_revision=code_revision,
+        parent_version=parent_version,
+        training_data=training_data,
+        frameworks=framework,
+        tags=tag,
+    )
     with client_from(ctx.obj, read_timeout=PUSH_READ_TIMEOUT_S) as client:
         bundle = _models.push_signature(path, signature=signature, sign_key=sign_key)
         with _models.open_artifact(path, leave_out=signature) as artifact:
             try:
                 if json_output:
-                    version = _send(client, model, artifact, bundle, _chunks(artifact.handle))
+                    chunks = _chunks(artifact.handle)
+                    version = _send(client, model, artifact, bundle, chunks, declared)
                     out.print_json(version)
                     return
-                version = _push_with_progress(client, model, artifact, bundle)
+                version = _push_with_progress(client, model, artifact, bundle, declared)
             except ModelRefused as exc:
                 report = _models.refused_report(exc)
                 if report is not None and not json_output:
@@ -208,6 +246,7 @@ def _send(
     artifact: _models.Artifact,
     bundle: bytes | None,
     chunks: Callable[[], Iterator[bytes]],
+    lineage: bytes | None = None,
 ) -> JSONObject:
     # One fresh key per `modelkeep push`, the same for each of its retries.
     return client.push(
@@ -220,6 +259,7 @@ def _send(
         idempotency_key=str(uuid.uuid4()),
         # A pipe cannot be read twice: it is sent once.
         retries=PUSH_RETRIES if artifact.handle.seekable() else 0,
+        lineage=lineage,
     )
 
 
@@ -237,7 +277,11 @@ def _chunks(handle: IO[bytes]) -> Callable[[], Iterator[bytes]]:
 
 
 def _push_with_progress(
-    client: ApiClient, model: str, artifact: _models.Artifact, bundle: bytes | None
+    client: ApiClient,
+    model: str,
+    artifact: _models.Artifact,
+    bundle: bytes | None,
+    lineage: bytes | None = None,
 ) -> JSONObject:
     console = out.stderr_console()
     progress = Progress(
@@ -263,7 +307,7 @@ def _push_with_progress(
             # The answer comes after the server has scanned, encrypted and smoke-tested it.
             progress.update(task, description=f"{model}: server is checking the model")
 
-        return _send(client, model, artifact, bundle, chunks)
+        return _send(client, model, artifact, bundle, chunks, lineage)
 
 
 # -- models, versions, labels -----------------------------------------------------------------
@@ -302,12 +346,18 @@ def label_set(
 ) -> None:
     """Point LABEL of MODEL at VERSION (creating or moving the label).
 
+    A protected label is not moved at once: a change request is opened that other keys
+    approve (see `modelkeep changes`).
+
     Example: modelkeep label set iris production 3
     """
     with client_from(ctx.obj) as client:
         answer = client.set_label(model, label, version)
     if json_output:
         out.print_json(answer)
+        return
+    if "approvals_needed" in answer:  # a protected label: a change request was opened
+        _lifecycle.say_change(answer)
         return
     out.say(
         f"{out.clean(answer.get('model', model))}: label {out.clean(answer.get('label', label))} "

@@ -55,6 +55,21 @@ class Action(StrEnum):
     KEY_REVOKE = "key.revoke"
     # See and rotate the key-encryption key (re-wrap every version's data key).
     KEK_ROTATE = "kek.rotate"
+    # Crypto-shred a version, or a whole model with its captures (admin only).
+    VERSION_DELETE = "version.delete"
+    MODEL_DELETE = "model.delete"
+    # Set a model's retention rules (admin only); reading them is model.read.
+    RETENTION_SET = "retention.set"
+    # Read a model's drift scores (auditors, publishers, admins); configure them (admin).
+    DRIFT_READ = "drift.read"
+    DRIFT_CONFIGURE = "drift.configure"
+    # Lifecycle (docs/lifecycle.md): set a model's evaluation set and gates; protect a label;
+    # approve or reject another key's change request; move a protected label at once in a
+    # declared emergency (rollback only).
+    EVAL_CONFIGURE = "eval.configure"
+    LABEL_PROTECT = "label.protect"
+    CHANGE_APPROVE = "change.approve"
+    LABEL_EMERGENCY = "label.emergency"
 
 
 #: Actions whose resource is a model; every other action's resource is the server.
@@ -67,6 +82,15 @@ MODEL_ACTIONS: Final[frozenset[Action]] = frozenset(
         Action.LABEL_DELETE,
         Action.MODEL_CONFIGURE,
         Action.POLICY_READ,
+        Action.VERSION_DELETE,
+        Action.MODEL_DELETE,
+        Action.RETENTION_SET,
+        Action.DRIFT_READ,
+        Action.DRIFT_CONFIGURE,
+        Action.EVAL_CONFIGURE,
+        Action.LABEL_PROTECT,
+        Action.CHANGE_APPROVE,
+        Action.LABEL_EMERGENCY,
     }
 )
 

@@ -77,6 +77,9 @@ models = Table(
     Column("created_at", UTCDateTime, nullable=False),
     # New models refuse unsigned pushes; an admin may turn it off per model (audited).
     Column("require_signature", Boolean, nullable=False, server_default=sa_true()),
+    # Set when an admin deleted the model (crypto-shredded every version): the row stays so
+    # the name is never reused for something the audit log would confuse with it.
+    Column("deleted_at", UTCDateTime, nullable=True),
 )
 
 versions = Table(
@@ -104,6 +107,12 @@ versions = Table(
     Column("bundle", LargeBinary, nullable=True),
     Column("scan_report", Text, nullable=True),
     Column("trusted_types", Text, nullable=True),
+    # What the publisher declared about how the version was made (validated JSON, see
+    # registry/lineage.py), and when and by whom it was crypto-shredded: a deleted version keeps
+    # its row (digest, who pushed it) but its wrapped data key is gone and its blob deleted.
+    Column("lineage", Text, nullable=True),
+    Column("deleted_at", UTCDateTime, nullable=True),
+    Column("deleted_by", String(64), nullable=True),
     UniqueConstraint("model_id", "number", name="uq_versions_model_number"),
 )
 
@@ -241,4 +250,121 @@ privacy_reports = Table(
     Column("report", Text, nullable=False),
     Column("created_by", String(64), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+)
+
+
+# Retention rules per model (``modelkeep retention set``): keep only the newest
+# ``keep_versions`` versions (labelled ones are never deleted) and captures for at most
+# ``capture_days`` days. NULL means no rule. Applied on a schedule by every server; audited.
+retention_rules = Table(
+    "retention_rules",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("keep_versions", Integer, nullable=True),
+    Column("capture_days", Integer, nullable=True),
+    Column("updated_by", String(64), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# -- lifecycle (docs/lifecycle.md): evaluation sets and gates, metrics, protected labels, label
+# history, change requests and their approvals. None of it is in the workers' snapshot: only
+# management calls read it, so writes that do not move a label leave the change counter alone.
+
+# A model's evaluation set, sealed like a version's blob (its data key wrapped by the key
+# service, bound to (model, digest)), and the gates its versions must pass (JSON list of text).
+eval_sets = Table(
+    "eval_sets",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("summary", Text, nullable=False),
+    Column("gates", Text, nullable=False),
+    Column("blob_key", String(128), nullable=False, unique=True),
+    Column("wrapped_key", LargeBinary, nullable=False),
+    Column("kek_id", String(64), nullable=False),
+    Column("created_by", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+# Metrics a version earned on one evaluation set (by its digest). `status`: pending, done, error.
+evaluations = Table(
+    "evaluations",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("evalset_sha256", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("metrics", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("evaluated_at", UTCDateTime, nullable=False),
+)
+
+# Labels that move only through an approved change request.
+protected_labels = Table(
+    "protected_labels",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("label", String(63), primary_key=True),
+    Column("approvals", Integer, nullable=False),
+    Column("updated_by", String(64), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# The reference distribution of a model's inputs for population drift monitoring
+# (modelkeep.guard.drift): per-feature quantiles fitted by `policy calibrate`, with the
+# window and thresholds; JSON made by DriftConfig.dumps.
+drift_configs = Table(
+    "drift_configs",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
+    Column("config", Text, nullable=False),
+    Column("updated_by", String(64), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Every move of every label, written in the transaction that moves it. `version` NULL: deleted.
+label_history = Table(
+    "label_history",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("model_id", Integer, ForeignKey("models.id"), nullable=False, index=True),
+    Column("label", String(63), nullable=False),
+    Column("version", Integer, nullable=True),
+    Column("previous", Integer, nullable=True),
+    Column("kind", String(16), nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("change_id", String(32), nullable=True),
+    Column("time", UTCDateTime, nullable=False),
+)
+
+# A move of a protected label (or a weakening of its protection) waiting for approvals.
+# `status`: pending, applied, rejected, expired, failed.
+change_requests = Table(
+    "change_requests",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("model_id", Integer, ForeignKey("models.id"), nullable=False),
+    Column("label", String(63), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("version", Integer, nullable=True),
+    Column("previous", Integer, nullable=True),
+    Column("new_approvals", Integer, nullable=True),
+    Column("approvals_needed", Integer, nullable=False),
+    Column("requester", String(64), nullable=False),
+    Column("pusher", String(64), nullable=True),
+    Column("status", String(16), nullable=False, index=True),
+    Column("reason", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("decided_by", String(64), nullable=True),
+    Column("decided_at", UTCDateTime, nullable=True),
+)
+
+change_approvals = Table(
+    "change_approvals",
+    metadata,
+    Column("change_id", String(32), ForeignKey("change_requests.id"), primary_key=True),
+    Column("key_id", String(64), primary_key=True),
+    Column("time", UTCDateTime, nullable=False),
 )

@@ -45,6 +45,10 @@ class VersionRecord:
     bundle: bytes | None = field(default=None, repr=False)
     scan_report: str | None = field(default=None, repr=False)  # JSON
     trusted_types: tuple[str, ...] = ()
+    lineage: str | None = field(default=None, repr=False)  # JSON (registry/lineage.py)
+    # Set once crypto-shredded: the wrapped key is empty and the blob gone (never served).
+    deleted_at: datetime | None = None
+    deleted_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,12 @@ class ModelRecord:
     restrictions: MappingProxyType[str, tuple[str, str]] = field(
         default_factory=lambda: MappingProxyType({})
     )  # key id -> (kind "block" | "throttle", reason)
+    # Crypto-shredded versions, kept apart from ``versions`` so nothing that serves can reach
+    # them; only metadata (digest, who, when) remains.
+    deleted: MappingProxyType[int, VersionRecord] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    drift: str | None = None  # the drift monitoring config as JSON (modelkeep.guard.drift)
 
     @property
     def latest_version(self) -> int | None:

@@ -76,7 +76,8 @@ def _version_rows(current: str) -> sa.Select[Any]:
     return (
         sa.select(v.id, t.models.c.name, v.number, v.sha256, v.wrapped_key)
         .select_from(t.versions.join(t.models))
-        .where(v.kek_id != current)
+        # A crypto-shredded version has no data key left to re-wrap.
+        .where(v.kek_id != current, v.deleted_at.is_(None))
         .order_by(v.id)
     )
 
@@ -124,7 +125,11 @@ class KeyRotation:
     def _counts(self, table: sa.Table) -> dict[str, int]:
         kek_id = table.c.kek_id
         with self._store._connect(self._store.engine) as conn:
-            rows = conn.execute(sa.select(kek_id, sa.func.count()).group_by(kek_id)).all()
+            query = sa.select(kek_id, sa.func.count()).group_by(kek_id)
+            if table is t.versions:
+                # A crypto-shredded version holds no data key any more.
+                query = query.where(table.c.deleted_at.is_(None))
+            rows = conn.execute(query).all()
         return {str(row[0]): int(row[1]) for row in rows}
 
     def rewrap(

@@ -71,8 +71,8 @@ class Core:
     refresh, audited records and alerts, authentication, lookups and model loading.
 
     The parts (data plane, management, guard administration, audit, captures, key service)
-    are built over it by the ``Service`` facade (``facade.py``); they hook into its poll loop
-    and its shutdown with ``on_poll`` and ``on_stop``.
+    are built over it by the ``Service`` facade (``facade.py``); they hook into its snapshot
+    changes, its poll loop and its shutdown with ``on_refresh``, ``on_poll`` and ``on_stop``.
     """
 
     def __init__(
@@ -118,9 +118,20 @@ class Core:
         self.backends = BackendProbe(self._backends(), self.metrics.set_backend_up)
         # Set on SIGTERM (api/_drain.py): not ready any more, though requests are still served.
         self.draining = False
-        # Work of the parts: after each poll, and at shutdown before the store closes.
+        # Work of the parts: after each new snapshot, after each poll, and at shutdown before
+        # the store closes.
+        self._refresh_hooks: list[Callable[[], object]] = []
         self._poll_hooks: list[Callable[[], object]] = []
         self._stop_hooks: list[Callable[[], object]] = []
+
+    @property
+    def stopped(self) -> threading.Event:
+        """Set by ``stop``, cleared by ``start``: background work of the parts ends on it."""
+        return self._stop
+
+    def on_refresh(self, hook: Callable[[], object]) -> None:
+        """Call ``hook`` after each new snapshot (under the refresh lock: keep it quick)."""
+        self._refresh_hooks.append(hook)
 
     def on_poll(self, hook: Callable[[], object]) -> None:
         """Call ``hook`` after each poll of the store (on the poller thread)."""
@@ -148,7 +159,21 @@ class Core:
             self.authorizer.clear_cache()
             # Publishers or settings may have changed: failed loads get another chance.
             self._failed.clear()
+            # Versions deleted elsewhere (crypto-shredded) are unloaded.
+            self.forget_unlisted_sessions()
+            for hook in self._refresh_hooks:
+                hook()
             return True
+
+    def forget_unlisted_sessions(self) -> None:
+        """Drop loaded sessions of versions no longer in the snapshot (deleted anywhere)."""
+        snapshot = self._snapshot
+        for key in list(self._sessions):
+            model = snapshot.models.get(key[0])
+            if model is None or key[1] not in model.versions:
+                self._sessions.pop(key, None)
+                self.metrics.set_model_memory(model=key[0], version=key[1], nbytes=0)
+        self.metrics.set_models_loaded(len(self._sessions))
 
     def start(self) -> None:
         """Start the per-worker poller that refreshes the snapshot and warms default versions."""
@@ -412,6 +437,11 @@ class Core:
             )
             return session
 
+    def loaded(self, version: VersionRecord) -> LoadedModel:
+        """The version's session if it is loaded, else the version loaded (verified) for this
+        caller only, not kept (evaluations of versions that are not served)."""
+        return self._sessions.get((version.model, version.number)) or self._load(version)
+
     def _load(self, version: VersionRecord) -> LoadedModel:
         """Load a version, verifying it as if it had just been pushed."""
         where = f"model '{version.model}' version {version.number}"
@@ -498,6 +528,10 @@ def alerter_from(settings: Settings) -> Alerter | None:
         AlertRule("budget-spent", "budget_spent"),
         AlertRule("tampering", "tampering"),
         AlertRule("audit-verify-failed", "audit_verify_failed"),
+        AlertRule("drift", "drift"),
+        AlertRule("change-requested", "change_requested"),
+        AlertRule("change-decided", "change_decided"),
+        AlertRule("emergency-change", "emergency_change"),
     ]
     hooks = [Webhook(url, settings.alert_webhook_secret) for url in settings.alert_webhooks]
     return Alerter(hooks, rules)

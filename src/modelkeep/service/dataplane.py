@@ -33,6 +33,7 @@ from modelkeep.service._shared import SnapshotMemo, log, model_target
 from modelkeep.service.core import Core, resolve_version
 
 if TYPE_CHECKING:
+    from modelkeep.guard.drift import DriftMonitor
     from modelkeep.service.capture import Captures
 
 __all__ = [
@@ -134,12 +135,21 @@ class InferTarget:
     policy: ModelPolicy
 
 
+def _no_drift(model: str, inputs: Mapping[str, np.ndarray]) -> None:
+    """No drift monitor: nothing to offer."""
+
+
 class DataPlane:
     """Server and model metadata, readiness and inference, for every protocol alike."""
 
-    def __init__(self, core: Core, captures: Captures) -> None:
+    def __init__(self, core: Core, captures: Captures, drift: DriftMonitor | None = None) -> None:
         self._core = core
         self.captures = captures
+        # Population drift: each call's inputs are offered to the monitor, which queues them
+        # for its own thread (a dictionary lookup when the model is not monitored).
+        self._offer_drift: Callable[[str, Mapping[str, np.ndarray]], None] = (
+            _no_drift if drift is None else drift.offer
+        )
         self.settings = core.settings
         self.metrics = core.metrics
         self.gate = core.gate
@@ -318,6 +328,7 @@ class DataPlane:
         )
         if alarms:
             self._on_alarms(principal.key_id, record.name, policy, alarms)
+        self._offer_drift(record.name, inputs)
         # 5. Harden what the caller's role may see, then keep what the caller asked for.
         hardened = gate.harden(policy, principal.role, outputs, found.signature)
         if wanted is not None:

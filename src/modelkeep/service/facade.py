@@ -1,7 +1,15 @@
 """``Service``: the one object the API and the CLI hold, composed of the core and its parts.
 
 Each part is built with what it needs from the core (``core.py``) and knows nothing of the
-others, but the data plane, which hands sampled calls to the captures:
+others, but these, which are handed what they use of another part here:
+
+- the data plane hands sampled calls to the captures and each call's inputs to the drift
+  monitor;
+- guard administration hands its calibration rows to the drift watch (the drift reference);
+- management moves labels through the change requests, which judge gates with the
+  evaluations, and has each push evaluated;
+- the lineage part reads a version's metrics and approvals from the change requests;
+- the key service's last re-wrap pass also re-wraps the evaluation sets' keys.
 
 | attribute | part | what it does |
 |---|---|---|
@@ -12,6 +20,11 @@ others, but the data plane, which hands sampled calls to the captures:
 | ``auditing`` | ``AuditReader`` | audit entries and verification, metrics exposition |
 | ``captures`` | ``Captures`` | payload capture: sealing sampled calls, listing and reading them |
 | ``kek`` | ``KekAdmin`` | the key-encryption key: status, rotation, re-wrapping |
+| ``evaluations`` | ``Evaluations`` | evaluation sets, gates, metrics (off the request path) |
+| ``changes`` | ``Changes`` | protected labels, change requests, approvals, label history |
+| ``lineage`` | ``Lineage`` | versions including deleted ones, CycloneDX bills of materials |
+| ``retention`` | ``Retention`` | crypto-shredding deletion, retention rules (on the poller) |
+| ``drift`` | ``DriftWatch`` | population drift: its reference, its status, the monitor |
 
 The calls the API and the CLI make are also attributes of ``Service`` itself, bound once to
 the part that serves them (``service.push`` is ``service.management.push``): no call pays for
@@ -39,11 +52,16 @@ from modelkeep.registry.store import MetadataStore
 from modelkeep.registry.upload import staging_dir
 from modelkeep.service.audit import AuditReader
 from modelkeep.service.capture import Captures
+from modelkeep.service.changes import Changes
 from modelkeep.service.core import Core, alerter_from
 from modelkeep.service.dataplane import DataPlane
+from modelkeep.service.drift import DriftWatch
+from modelkeep.service.evaluation import Evaluations
 from modelkeep.service.guard_admin import GuardAdmin
 from modelkeep.service.kek import KekAdmin
+from modelkeep.service.lineage import Lineage
 from modelkeep.service.management import Management
+from modelkeep.service.retention import Retention
 from modelkeep.settings import Settings
 
 
@@ -81,11 +99,16 @@ class Service:
             clock=clock,
         )
         self.captures = Captures(core)
-        self.dataplane = DataPlane(core, self.captures)
-        self.management = management = Management(core)
-        self.guard = guard = GuardAdmin(core)
+        self.drift = drift = DriftWatch(core)
+        self.dataplane = DataPlane(core, self.captures, drift.monitor)
+        self.evaluations = evaluations = Evaluations(core)
+        self.changes = changes = Changes(core, evaluations)
+        self.management = management = Management(core, changes)
+        self.guard = guard = GuardAdmin(core, on_calibrated=drift.calibrate_from)
+        self.lineage = lineage = Lineage(core, changes.bom_evidence)
+        self.retention = retention = Retention(core)
         self.auditing = auditing = AuditReader(core)
-        self.kek = kek = KekAdmin(core)
+        self.kek = kek = KekAdmin(core, rewrap_evalsets=evaluations.rewrap_evalsets)
         # What the core shares.
         self.settings = core.settings
         self.store = core.store
@@ -135,10 +158,34 @@ class Service:
         self.kek_status = kek.kek_status
         self.kek_rotate = kek.kek_rotate
         self.kek_rewrap = kek.kek_rewrap
+        self.set_evalset = evaluations.set_evalset
+        self.get_evalset = evaluations.get_evalset
+        self.run_evaluation = evaluations.run_evaluation
+        self.show_evaluation = evaluations.show_evaluation
+        self.evaluations_of = evaluations.evaluations_of
+        self.protect_label = changes.protect_label
+        self.protections = changes.protections
+        self.label_history = changes.label_history
+        self.rollback_label = changes.rollback_label
+        self.list_changes = changes.list_changes
+        self.get_change = changes.get_change
+        self.approve_change = changes.approve_change
+        self.reject_change = changes.reject_change
+        self.version_record = lineage.version_record
+        self.all_versions = lineage.all_versions
+        self.version_bom = lineage.version_bom
+        self.delete_version = retention.delete_version
+        self.delete_model = retention.delete_model
+        self.get_retention = retention.get_retention
+        self.set_retention = retention.set_retention
+        self.apply_retention = retention.apply_retention
+        self.drift_status = drift.drift_status
+        self.configure_drift = drift.configure_drift
 
     @classmethod
-    def open(cls, settings: Settings) -> Service:
-        """Open the data dir made by ``modelkeep init``; ConfigError if it is not usable."""
+    def open(cls, settings: Settings, *, clock: Callable[[], datetime] = _utcnow) -> Service:
+        """Open the data dir made by ``modelkeep init``; ConfigError if it is not usable.
+        ``clock``: the service's time (tests move it)."""
         data_dir = settings.data_dir
         if not (data_dir / KEK_FILE).is_file():
             raise ConfigError("not a modelkeep data directory (run `modelkeep init` first)")
@@ -160,6 +207,7 @@ class Service:
                 else shared_state_factory(settings.limits_storage),
             ),
             alerter=alerter_from(settings),
+            clock=clock,
         )
         service.registry.staging_dir = staging_dir(data_dir)
         service.refresh()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,14 @@ from modelkeep.service.core import Core, resolve_version
 class GuardAdmin:
     """Admin calls that tune a model's guard: policies, calibration, assessment, blocks."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(
+        self,
+        core: Core,
+        *,
+        on_calibrated: Callable[[Principal, str, list[list[float]]], None] | None = None,
+    ) -> None:
+        # Called after ``calibrate_policy`` with the same benign rows (the drift reference).
+        self._on_calibrated = on_calibrated
         self.store = core.store
         self.gate = core.gate
         self.refresh = core.refresh
@@ -74,6 +82,8 @@ class GuardAdmin:
                 prada_threshold=threshold, nearcopy_width=width, ood_reference=reference.to_json()
             )
             self.store.set_policy(model, updated.dumps(), actor=principal.key_id, now=self._clock())
+        if self._on_calibrated is not None:
+            self._on_calibrated(principal, model, rows)
         self.refresh()
         return updated
 

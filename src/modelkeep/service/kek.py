@@ -9,6 +9,7 @@ answer; an interrupted rotation is finished by calling ``kek_rewrap`` again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from modelkeep.auth import Principal
@@ -20,7 +21,15 @@ from modelkeep.service.core import Core
 class KekAdmin:
     """Admin calls over the key service."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(
+        self,
+        core: Core,
+        *,
+        rewrap_evalsets: Callable[[], tuple[list[str], list[str]]] | None = None,
+    ) -> None:
+        # The last pass also re-wraps the evaluation sets' data keys (docs/lifecycle.md): the
+        # models moved and those refused.
+        self._rewrap_evalsets = rewrap_evalsets
         self.settings = core.settings
         self.store = core.store
         self.registry = core.registry
@@ -79,5 +88,12 @@ class KekAdmin:
                 remaining=done.remaining,
                 remaining_captures=done.remaining_captures,
             )
+            if (
+                self._rewrap_evalsets is not None
+                and done.after is None
+                and done.capture_after is None
+            ):
+                moved, refused = self._rewrap_evalsets()
+                details.update(evalsets=moved, evalsets_refused=refused)
         self.refresh()
         return done

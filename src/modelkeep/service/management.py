@@ -15,11 +15,14 @@ from modelkeep.crypto.signing import TrustedKey, load_public_key
 from modelkeep.errors import InvalidInput, ModelRefused, NotFound
 from modelkeep.policy import Action
 from modelkeep.registry.intake import accept
+from modelkeep.registry.lineage import Lineage
 from modelkeep.registry.records import ModelRecord, VersionRecord, check_name
-from modelkeep.registry.store import PushKey, VersionDetails
+from modelkeep.registry.store import ChangeRequest, PushKey, VersionDetails
 from modelkeep.registry.upload import Upload
 from modelkeep.service._shared import log, model_target
+from modelkeep.service.changes import Changes
 from modelkeep.service.core import Core, resolve_version
+from modelkeep.service.lineage import check_lineage
 
 _MAX_DESCRIPTION = 1000
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
@@ -34,10 +37,15 @@ class CreatedKey:
 
 
 class Management:
-    """Management calls: models, versions, labels, publishers, keys, pushes."""
+    """Management calls: models, versions, labels, publishers, keys, pushes.
 
-    def __init__(self, core: Core) -> None:
+    Label moves go through ``changes`` (protected labels open change requests) and each push
+    is evaluated in the background on the model's evaluation set."""
+
+    def __init__(self, core: Core, changes: Changes) -> None:
         self.core = core
+        # Protected labels move through change requests; pushes are evaluated (lifecycle).
+        self.changes = changes
         self.settings = core.settings
         self.store = core.store
         self.registry = core.registry
@@ -68,6 +76,7 @@ class Management:
         is_directory: bool = False,
         bundle: bytes | None = None,
         idempotency_key: str | None = None,
+        lineage: Lineage | None = None,
     ) -> VersionRecord:
         """Verify, scan, seal, store and record a new version; all or nothing, audited.
 
@@ -86,6 +95,7 @@ class Management:
                     is_directory=is_directory,
                     bundle=bundle,
                     idempotency_key=idempotency_key,
+                    lineage=lineage,
                 )
         self.refresh()
         details: dict[str, Any] = {"size": data.size, "signed": bundle is not None}
@@ -95,8 +105,18 @@ class Management:
                 raise InvalidInput("invalid file name: use letters, digits, '.', '_', '+', '-'")
             if not data.size:
                 raise InvalidInput("the upload is empty")
+            if lineage is not None:
+                # Declared lineage (registry/lineage.py): its digest is audited, it is kept.
+                check_lineage(record, lineage)
+                details["lineage_sha256"] = hashlib.sha256(lineage.dumps().encode()).hexdigest()
             push_key = self._push_key(
-                principal, data, file_name, is_directory, bundle, idempotency_key
+                principal,
+                data,
+                file_name,
+                is_directory,
+                bundle,
+                idempotency_key,
+                None if lineage is None else lineage.dumps(),
             )
             details["sha256"] = data.sha256
             if push_key is not None:
@@ -139,12 +159,15 @@ class Management:
                 bundle=bundle,
                 scan_report=json.dumps(accepted.report.to_json(), sort_keys=True),
                 trusted_types=accepted.trusted_types,
+                lineage=None if lineage is None else lineage.dumps(),
             )
             number = self.registry.add_version(
                 model, data, version, uploaded_by=principal.key_id, push_key=push_key
             )
             details["version"] = number
         self.refresh()
+        # Metrics on the model's evaluation set, computed in the background (lifecycle).
+        self.changes.evaluations.schedule_evaluation(model, number)
         return self.core.snapshot.models[model].versions[number]
 
     def _push_key(
@@ -155,6 +178,7 @@ class Management:
         is_directory: bool,
         bundle: bytes | None,
         key: str | None,
+        lineage: str | None = None,
     ) -> PushKey | None:
         if key is None:
             return None
@@ -169,6 +193,9 @@ class Management:
                 is_directory,
                 None if bundle is None else hashlib.sha256(bundle).hexdigest(),
             ]
+            # Declared lineage is part of the request (a key reused with another is refused);
+            # without it the fingerprint stays what it was before lineage existed.
+            + ([] if lineage is None else [hashlib.sha256(lineage.encode()).hexdigest()])
         )
         return PushKey(
             principal=principal.key_id,
@@ -247,8 +274,13 @@ class Management:
         self.refresh()
         return resolve_version(self._model(principal, Action.MODEL_READ, model), version)
 
-    def set_label(self, principal: Principal, model: str, label: str, version: int) -> None:
-        self.refresh()
+    def set_label(
+        self, principal: Principal, model: str, label: str, version: int
+    ) -> ChangeRequest | None:
+        """Point ``label`` at ``version``; a protected label gets a change request instead."""
+        change = self.changes.protected_move(principal, model, label, version)
+        if change is not None:
+            return change
         details: dict[str, Any] = {"label": label[:63], "version": version}
         with self._audited(principal, "label.set", model_target(model), details):
             self._model(principal, Action.LABEL_SET, model)
@@ -257,6 +289,7 @@ class Management:
             details["previous"] = previous
             self.store.set_label(model, label, version, actor=principal.key_id, now=self._clock())
         self.refresh()
+        return None
 
     def delete_label(self, principal: Principal, model: str, label: str) -> None:
         self.refresh()
@@ -264,7 +297,8 @@ class Management:
         with self._audited(principal, "label.delete", model_target(model), details):
             self._model(principal, Action.LABEL_DELETE, model)
             check_name("label", label)
-            self.store.delete_label(model, label)
+            self.changes.refuse_protected_delete(model, label)
+            self.store.delete_label(model, label, actor=principal.key_id, now=self._clock())
         self.refresh()
 
     def create_key(

@@ -110,7 +110,13 @@ def test_request_bodies_are_described_as_validated(schema: dict[str, Any]) -> No
     assert policy["additionalProperties"] is False
     assert policy["properties"]["on_alarm"]["enum"] == ["log", "alert", "throttle", "block"]
     key_in = schema["components"]["schemas"]["KeyIn"]
-    assert key_in["properties"]["role"]["enum"] == ["admin", "publisher", "consumer", "auditor"]
+    assert key_in["properties"]["role"]["enum"] == [
+        "admin",
+        "publisher",
+        "approver",
+        "consumer",
+        "auditor",
+    ]
     model_param = schema["paths"]["/api/v1/models/{model}"]["put"]["parameters"][0]
     assert model_param["schema"]["pattern"].startswith("^[a-z0-9]")
 

@@ -65,6 +65,8 @@ def record_one_of_each(m: Metrics) -> None:
     m.audit_entry(action="model.push", outcome="success")
     m.set_tls_certificate_expiry(1_800_000_000.0)
     m.set_backend_up("database", "postgresql", True)
+    m.set_drift(model="iris", psi=0.3, ks=0.2, drifted=1)
+    m.drift_feed_dropped()
 
 
 def test_metric_names_and_label_sets_are_exactly_the_documented_ones(metrics: Metrics) -> None:
@@ -95,6 +97,10 @@ def test_metric_names_and_label_sets_are_exactly_the_documented_ones(metrics: Me
         "modelkeep_audit_entries_total": {"action", "outcome"},
         "modelkeep_tls_certificate_expiry_timestamp_seconds": set(),
         "modelkeep_backend_up": {"backend", "kind"},
+        "modelkeep_drift_psi": {"model"},
+        "modelkeep_drift_ks_statistic": {"model"},
+        "modelkeep_drift_features_drifted": {"model"},
+        "modelkeep_drift_feed_dropped_total": set(),
     }
 
 

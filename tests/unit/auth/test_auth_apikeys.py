@@ -320,5 +320,5 @@ def test_key_record_repr_does_not_show_the_secret_hash() -> None:
     assert new.secret_hash not in repr(make_record(new))
 
 
-def test_roles_are_the_four_built_in_roles() -> None:
-    assert ROLES == ("admin", "publisher", "consumer", "auditor")
+def test_roles_are_the_five_built_in_roles() -> None:
+    assert ROLES == ("admin", "publisher", "approver", "consumer", "auditor")

@@ -144,6 +144,6 @@ def test_models_ls_create_and_set_are_one_group_in_one_module() -> None:
     from modelkeep.cli import _models
 
     names = {command.name for command in _models.models_app.registered_commands}
-    assert names == {"ls", "create", "set"}
+    assert names == {"ls", "create", "set", "delete"}
     lines = _lines(["models"])
-    assert {"ls", "create", "set"} <= {line.split(" ")[0] for line in lines}
+    assert {"ls", "create", "set", "delete"} <= {line.split(" ")[0] for line in lines}

@@ -40,7 +40,7 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> CountingCedar:
 
 def test_builtin_policies_hold_one_section_per_role() -> None:
     text = builtin_policies()
-    for role in ("admin", "publisher", "consumer", "auditor"):
+    for role in ("admin", "publisher", "approver", "consumer", "auditor"):
         assert f'principal.role == "{role}"' in text
 
 

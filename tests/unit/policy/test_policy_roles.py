@@ -29,6 +29,15 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_LIST: ("-", "-", "Y"),
         Action.KEY_REVOKE: ("-", "-", "Y"),
         Action.KEK_ROTATE: ("-", "-", "Y"),
+        Action.VERSION_DELETE: ("Y", "Y", "-"),
+        Action.MODEL_DELETE: ("Y", "Y", "-"),
+        Action.RETENTION_SET: ("Y", "Y", "-"),
+        Action.DRIFT_READ: ("Y", "Y", "-"),
+        Action.DRIFT_CONFIGURE: ("Y", "Y", "-"),
+        Action.EVAL_CONFIGURE: ("Y", "Y", "-"),
+        Action.LABEL_PROTECT: ("Y", "Y", "-"),
+        Action.CHANGE_APPROVE: ("Y", "Y", "-"),
+        Action.LABEL_EMERGENCY: ("Y", "Y", "-"),
     },
     "publisher": {
         Action.SERVER_READ: ("-", "-", "Y"),
@@ -44,6 +53,39 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_LIST: ("-", "-", "n"),
         Action.KEY_REVOKE: ("-", "-", "n"),
         Action.KEK_ROTATE: ("-", "-", "n"),
+        Action.VERSION_DELETE: ("n", "n", "-"),
+        Action.MODEL_DELETE: ("n", "n", "-"),
+        Action.RETENTION_SET: ("n", "n", "-"),
+        Action.DRIFT_READ: ("Y", "n", "-"),
+        Action.DRIFT_CONFIGURE: ("n", "n", "-"),
+        Action.EVAL_CONFIGURE: ("n", "n", "-"),
+        Action.LABEL_PROTECT: ("n", "n", "-"),
+        Action.CHANGE_APPROVE: ("n", "n", "-"),
+        Action.LABEL_EMERGENCY: ("n", "n", "-"),
+    },
+    "approver": {
+        Action.SERVER_READ: ("-", "-", "Y"),
+        Action.MODEL_READ: ("Y", "n", "-"),
+        Action.MODEL_INFER: ("n", "n", "-"),
+        Action.MODEL_PUSH: ("n", "n", "-"),
+        Action.LABEL_SET: ("n", "n", "-"),
+        Action.LABEL_DELETE: ("n", "n", "-"),
+        Action.MODEL_CONFIGURE: ("n", "n", "-"),
+        Action.POLICY_READ: ("n", "n", "-"),
+        Action.AUDIT_READ: ("-", "-", "n"),
+        Action.KEY_CREATE: ("-", "-", "n"),
+        Action.KEY_LIST: ("-", "-", "n"),
+        Action.KEY_REVOKE: ("-", "-", "n"),
+        Action.KEK_ROTATE: ("-", "-", "n"),
+        Action.EVAL_CONFIGURE: ("n", "n", "-"),
+        Action.LABEL_PROTECT: ("n", "n", "-"),
+        Action.CHANGE_APPROVE: ("Y", "n", "-"),
+        Action.LABEL_EMERGENCY: ("n", "n", "-"),
+        Action.VERSION_DELETE: ("n", "n", "-"),
+        Action.MODEL_DELETE: ("n", "n", "-"),
+        Action.RETENTION_SET: ("n", "n", "-"),
+        Action.DRIFT_READ: ("n", "n", "-"),
+        Action.DRIFT_CONFIGURE: ("n", "n", "-"),
     },
     "consumer": {
         Action.SERVER_READ: ("-", "-", "Y"),
@@ -59,6 +101,15 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_LIST: ("-", "-", "n"),
         Action.KEY_REVOKE: ("-", "-", "n"),
         Action.KEK_ROTATE: ("-", "-", "n"),
+        Action.VERSION_DELETE: ("n", "n", "-"),
+        Action.MODEL_DELETE: ("n", "n", "-"),
+        Action.RETENTION_SET: ("n", "n", "-"),
+        Action.DRIFT_READ: ("n", "n", "-"),
+        Action.DRIFT_CONFIGURE: ("n", "n", "-"),
+        Action.EVAL_CONFIGURE: ("n", "n", "-"),
+        Action.LABEL_PROTECT: ("n", "n", "-"),
+        Action.CHANGE_APPROVE: ("n", "n", "-"),
+        Action.LABEL_EMERGENCY: ("n", "n", "-"),
     },
     "auditor": {
         Action.SERVER_READ: ("-", "-", "Y"),
@@ -74,6 +125,15 @@ EXPECTED: dict[str, dict[Action, tuple[str, str, str]]] = {
         Action.KEY_LIST: ("-", "-", "Y"),
         Action.KEY_REVOKE: ("-", "-", "n"),
         Action.KEK_ROTATE: ("-", "-", "n"),
+        Action.VERSION_DELETE: ("n", "n", "-"),
+        Action.MODEL_DELETE: ("n", "n", "-"),
+        Action.RETENTION_SET: ("n", "n", "-"),
+        Action.DRIFT_READ: ("Y", "n", "-"),
+        Action.DRIFT_CONFIGURE: ("n", "n", "-"),
+        Action.EVAL_CONFIGURE: ("n", "n", "-"),
+        Action.LABEL_PROTECT: ("n", "n", "-"),
+        Action.CHANGE_APPROVE: ("n", "n", "-"),
+        Action.LABEL_EMERGENCY: ("n", "n", "-"),
     },
 }
 
@@ -121,7 +181,7 @@ def test_unscoped_key_gets_on_any_model_what_a_scoped_key_gets_on_its_own(
     ]
 
 
-@pytest.mark.parametrize("role", ["publisher", "consumer", "auditor"])
+@pytest.mark.parametrize("role", ["publisher", "approver", "consumer", "auditor"])
 def test_key_with_empty_scope_may_read_no_model(authorizer: Authorizer, role: str) -> None:
     principal = Principal(key_id="empty", role=role, models=frozenset())
     assert [
