@@ -6,14 +6,17 @@ decoder, and the model in between is the real iris model in ONNX Runtime.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
+import subprocess
+import sys
+from typing import Any
 
 import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton
-from kserve import InferInput, InferRequest, InferResponse
-from kserve.protocol.infer_type import RequestedOutput as KserveRequestedOutput
 
 from modelkeep.api.v2.codec import (
     INFERENCE_HEADER_CONTENT_LENGTH,
@@ -164,48 +167,89 @@ def test_triton_decodes_our_bytes_outputs(binary: bool) -> None:
 
 
 # --- KServe SDK ------------------------------------------------------------------------------
+# The SDK's codec runs in a process of its own: importing kserve registers its generated
+# protobuf messages in the default pool, where tritonclient.grpc (tests/integration/test_grpc.py,
+# same pytest process) registers the same names, and the second import fails.
 
+KSERVE = """
+import base64, json, sys
 
-def _kserve_request(binary: bool, *, binary_output: bool) -> InferRequest:
-    tensor = InferInput(name="input", shape=list(ROWS.shape), datatype="FP32")
-    tensor.set_data_from_numpy(ROWS, binary_data=binary)
-    return InferRequest(
+import numpy as np
+from kserve import InferInput, InferRequest, InferResponse
+from kserve.protocol.infer_type import RequestedOutput
+
+mode, args = sys.argv[1], json.loads(sys.argv[2])
+if mode == "request":
+    rows = np.asarray(args["rows"], dtype=np.float32)
+    tensor = InferInput(name="input", shape=list(rows.shape), datatype="FP32")
+    tensor.set_data_from_numpy(rows, binary_data=args["binary"])
+    binary = {"binary_data": args["binary_output"]}
+    request = InferRequest(
         model_name="iris",
         infer_inputs=[tensor],
         request_id="k-1",
-        request_outputs=[
-            KserveRequestedOutput("label", {"binary_data": binary_output}),
-            KserveRequestedOutput("probabilities", {"binary_data": binary_output}),
-        ],
+        request_outputs=[RequestedOutput(n, binary) for n in ("label", "probabilities")],
     )
+    rest, length = request.to_rest()
+    body = rest if isinstance(rest, bytes) else json.dumps(rest).encode()
+    print(json.dumps({"body": base64.b64encode(body).decode(), "length": length}))
+else:
+    raw = base64.b64decode(args["response"])
+    if mode == "decode-json":
+        decoded = InferResponse.from_rest(json.loads(raw))
+    else:  # what kserve.InferenceRESTClient does with a response that has binary outputs
+        decoded = InferResponse.from_bytes(raw, args["header_length"])
+    print(json.dumps({
+        "id": decoded.id,
+        "model_name": decoded.model_name,
+        "model_version": decoded.model_version,
+        "outputs": {o.name: o.as_numpy().tolist() for o in decoded.outputs},
+    }))
+"""
+
+
+def _kserve(mode: str, **args: object) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-c", KSERVE, mode, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    answer: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return answer
+
+
+def _kserve_request(binary: bool, *, binary_output: bool) -> tuple[bytes, int | None]:
+    made = _kserve("request", rows=ROWS.tolist(), binary=binary, binary_output=binary_output)
+    return base64.b64decode(made["body"]), made["length"]
 
 
 @pytest.mark.parametrize("binary_input", [False, True], ids=["json-in", "binary-in"])
 def test_kserve_json_round_trip(
     iris: OnnxModel, expected: dict[str, np.ndarray], binary_input: bool
 ) -> None:
-    rest, length = _kserve_request(binary_input, binary_output=False).to_rest()
-    body = rest if isinstance(rest, bytes) else orjson.dumps(rest)
+    body, length = _kserve_request(binary_input, binary_output=False)
     response, headers = _serve(iris, body, length)
     assert INFERENCE_HEADER_CONTENT_LENGTH not in headers
-    decoded = InferResponse.from_rest(orjson.loads(response))
-    assert (decoded.id, decoded.model_name, decoded.model_version) == ("k-1", "iris", "1")
-    label, probabilities = decoded.outputs
-    assert np.array_equal(expected["label"], label.as_numpy())
-    assert np.array_equal(expected["probabilities"], probabilities.as_numpy())
+    decoded = _kserve("decode-json", response=base64.b64encode(response).decode())
+    assert (decoded["id"], decoded["model_name"], decoded["model_version"]) == ("k-1", "iris", "1")
+    assert list(decoded["outputs"]) == ["label", "probabilities"]
+    assert expected["label"].tolist() == decoded["outputs"]["label"]
+    assert expected["probabilities"].tolist() == decoded["outputs"]["probabilities"]
 
 
 @pytest.mark.parametrize("binary_input", [False, True], ids=["json-in", "binary-in"])
 def test_kserve_binary_outputs_round_trip(
     iris: OnnxModel, expected: dict[str, np.ndarray], binary_input: bool
 ) -> None:
-    rest, length = _kserve_request(binary_input, binary_output=True).to_rest()
-    body = rest if isinstance(rest, bytes) else orjson.dumps(rest)
+    body, length = _kserve_request(binary_input, binary_output=True)
     response, headers = _serve(iris, body, length)
-    # What kserve.InferenceRESTClient does with a response.
     header_length = int(headers.get(INFERENCE_HEADER_CONTENT_LENGTH, len(response)))
-    decoded = InferResponse.from_bytes(response, header_length)
-    assert decoded.id == "k-1"
-    label, probabilities = decoded.outputs
-    assert np.array_equal(expected["label"], label.as_numpy())
-    assert np.array_equal(expected["probabilities"], probabilities.as_numpy())
+    decoded = _kserve(
+        "decode-bytes", response=base64.b64encode(response).decode(), header_length=header_length
+    )
+    assert decoded["id"] == "k-1"
+    assert list(decoded["outputs"]) == ["label", "probabilities"]
+    assert expected["label"].tolist() == decoded["outputs"]["label"]
+    assert expected["probabilities"].tolist() == decoded["outputs"]["probabilities"]
