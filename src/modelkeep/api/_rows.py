@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 
 from modelkeep.api.v2._json import json_array, json_data, shown
-from modelkeep.api.v2.codec import _declared_shape
+from modelkeep.api.v2.codec import check_declared
 from modelkeep.errors import InternalError, InvalidInput
 from modelkeep.runtime.signature import MAX_RANK, ModelSignature, TensorSpec, numpy_dtype
 
@@ -56,18 +56,19 @@ class RowRequest:
         return None
 
 
-def nested_shape(data: Any) -> tuple[int, ...]:
-    """The shape a nested list declares, read along its first elements (at most MAX_RANK deep).
+def nested_shape(data: Any, what: str = "the data") -> tuple[int, ...]:
+    """The shape a nested list declares, read along its first elements (as TF Serving does).
 
     Raggedness elsewhere is found when the array is built (``json_array``), after the declared
-    shape passed the element limit.
+    shape passed the element limit; nesting deeper than any model's rank is refused here,
+    before anything walks it (``what`` names the value in that refusal).
     """
     shape: list[int] = []
     probe = data
-    while isinstance(probe, list):
+    while type(probe) is list:
         shape.append(len(probe))
         if len(shape) > MAX_RANK:
-            raise InvalidInput(f"the data is nested more than {MAX_RANK} levels deep")
+            raise InvalidInput(f"{what} is nested deeper than {MAX_RANK} levels")
         if not probe:
             break
         probe = probe[0]
@@ -79,7 +80,7 @@ def checked_shape(
 ) -> tuple[tuple[int, ...], int]:
     """``shape`` checked as the V2 codec checks a declared shape (rank, fixed dimensions,
     ``max_elements``, else InvalidInput / TooLarge); returns it and its element count."""
-    return _declared_shape({"datatype": spec.datatype, "shape": list(shape)}, spec, max_elements)
+    return check_declared(spec, spec.datatype, list(shape), max_elements)
 
 
 def list_tensor(

@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 
 from modelkeep.api.v2._binary import binary_array, binary_bytes, binary_size
 from modelkeep.api.v2._json import shown
-from modelkeep.api.v2.codec import check_declared
+from modelkeep.api.v2.codec import UNSUPPORTED_PARAMETERS, check_declared
 from modelkeep.errors import InternalError, InvalidInput
 from modelkeep.runtime.signature import ModelSignature, TensorSpec, numpy_dtype, v2_datatype
 
@@ -56,10 +56,6 @@ CONTENTS_FIELD = {
 _FIELDS = tuple(sorted(set(CONTENTS_FIELD.values())))
 # Integer datatypes held in a wider protobuf field: values must fit before the cast.
 _NARROW = frozenset({"INT8", "INT16", "UINT8", "UINT16"})
-_UNSUPPORTED_PARAMETERS = {
-    "shared_memory_region": "the shared-memory extension is not supported",
-    "classification": "the classification extension is not supported",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +151,7 @@ def decode_infer_request(
 
 
 def _refuse_parameters(parameters: Mapping[str, pb.InferParameter], where: str) -> None:
-    for key, problem in _UNSUPPORTED_PARAMETERS.items():
+    for key, problem in UNSUPPORTED_PARAMETERS.items():
         if key in parameters:
             raise InvalidInput(f"{where}: {problem}")
 

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import orjson
 
+from modelkeep.api._rows import checked_shape, nested_shape
 from modelkeep.api.v2._json import json_array, shown
-from modelkeep.errors import InternalError, InvalidInput, TooLarge
-from modelkeep.runtime.signature import MAX_RANK, TensorSpec, numpy_dtype
+from modelkeep.errors import InternalError, InvalidInput
+from modelkeep.runtime.signature import TensorSpec, numpy_dtype
 
 __all__ = ["B64_KEY", "dumps", "is_b64", "tensor_from_json", "tensor_to_json"]
 
@@ -35,24 +36,6 @@ def is_b64(value: Any) -> bool:
     return type(value) is dict and len(value) == 1 and type(value.get(B64_KEY)) is str
 
 
-def dense_shape(name: str, value: Any) -> tuple[int, ...]:
-    """The shape a nested list declares, read along its first elements (as TF Serving does).
-
-    Raggedness elsewhere is found when the tensor is built; nesting deeper than any model's
-    rank is refused here, before anything walks it.
-    """
-    shape: list[int] = []
-    probe = value
-    while type(probe) is list:
-        shape.append(len(probe))
-        if len(shape) > MAX_RANK:
-            raise InvalidInput(f"input {shown(name)} is nested deeper than {MAX_RANK} levels")
-        if not probe:
-            break
-        probe = probe[0]
-    return tuple(shape)
-
-
 def tensor_from_json(name: str, value: Any, spec: TensorSpec, max_elements: int) -> np.ndarray:
     """Build input ``name`` from its JSON ``value``, checked against ``spec`` first.
 
@@ -60,20 +43,7 @@ def tensor_from_json(name: str, value: Any, spec: TensorSpec, max_elements: int)
     ``TooLarge`` more than ``max_elements`` elements, before any tensor is allocated; then the
     values themselves (types, ranges, raggedness) as the V2 codec does.
     """
-    shape = dense_shape(name, value)
-    if len(shape) != len(spec.shape):
-        raise InvalidInput(
-            f"input {shown(name)} must have rank {len(spec.shape)}; the value given has "
-            f"rank {len(shape)}"
-        )
-    for axis, want in enumerate(spec.shape):
-        if want != -1 and shape[axis] != want:
-            raise InvalidInput(f"input {shown(name)} must have size {want} on axis {axis}")
-    count = math.prod(shape)
-    if count > max_elements:
-        raise TooLarge(
-            f"input {shown(name)} declares {count} elements; the limit is {max_elements}"
-        )
+    shape, count = checked_shape(spec, nested_shape(value, f"input {shown(name)}"), max_elements)
     if spec.datatype == "BYTES":
         value = _strings(name, value, len(shape))
     if not shape:

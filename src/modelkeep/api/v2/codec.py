@@ -47,7 +47,8 @@ INFERENCE_HEADER_CONTENT_LENGTH = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 
-_UNSUPPORTED_PARAMETERS = {
+# Request parameters of V2 extensions modelkeep refuses, with the reason (REST and gRPC).
+UNSUPPORTED_PARAMETERS = {
     "classification": "the classification extension is not supported",
     "shared_memory_region": "the shared-memory extension is not supported",
 }
@@ -181,7 +182,7 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise InvalidInput(f"{where} 'parameters' must be an object")
-    for key, message in _UNSUPPORTED_PARAMETERS.items():
+    for key, message in UNSUPPORTED_PARAMETERS.items():
         if value.get(key) not in (None, 0, False):
             raise InvalidInput(message)
     return value
@@ -256,7 +257,10 @@ def _declared_shape(
         if type(dim) is not int or dim < 0:
             raise InvalidInput(_bad_shape(name))
     if len(shape) != len(spec.shape):
-        raise InvalidInput(f"input {shown(name)} must have rank {len(spec.shape)}")
+        raise InvalidInput(
+            f"input {shown(name)} must have rank {len(spec.shape)}; the value given has "
+            f"rank {len(shape)}"
+        )
     for axis, want in enumerate(spec.shape):
         if want != -1 and shape[axis] != want:
             raise InvalidInput(f"input {shown(name)} must have size {want} on axis {axis}")
