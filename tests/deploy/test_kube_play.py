@@ -45,7 +45,9 @@ def pod(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     try:
         # podman 4.3 sometimes fails to remove a "once" init container that is still exiting
         # ("cannot remove container ... as it is running"): take the pod down and play again.
-        for attempt in range(3):
+        # On a loaded machine it lost that race three times running (CI starts with these
+        # tests while the image is still being built), so it gets six tries, further apart.
+        for attempt in range(6):
             played = podman("kube", "play", str(manifest), check=False, timeout=180)
             if played.returncode == 0 or "failed to remove once init container" not in (
                 played.stderr
@@ -53,7 +55,7 @@ def pod(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
                 break
             podman("kube", "down", str(manifest), check=False, timeout=120)
             podman("volume", "rm", "--force", name, check=False)
-            time.sleep(1 + attempt)
+            time.sleep(2 * (attempt + 1))
         assert played.returncode == 0, played.stderr[-2000:]
         yield _container_of(name), deployment
     finally:
