@@ -52,9 +52,9 @@ from modelkeep.crypto.signing import (
 )
 from modelkeep.registry._s3 import s3_blob_store
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import MetadataStore, VersionDetails
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 from modelkeep.settings import Settings
+from modelkeep.store.metadata import MetadataStore, VersionDetails
 from modelkeep.testing_seaweedfs import SeaweedFS
 
 MIB = 1 << 20

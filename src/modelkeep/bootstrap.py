@@ -18,7 +18,7 @@ from modelkeep.audit import CheckpointSigner
 from modelkeep.auth.apikeys import KeyRecord, generate_api_key
 from modelkeep.crypto import LocalKeyService, create_tls_material
 from modelkeep.errors import ConfigError
-from modelkeep.registry.store import MetadataStore
+from modelkeep.store.metadata import MetadataStore
 
 KEK_FILE = "kek.key"
 DB_FILE = "modelkeep.db"

@@ -15,9 +15,9 @@ import sqlalchemy as sa
 
 from modelkeep.auth import AuthFailure, Principal
 from modelkeep.bootstrap import init_data_dir
-from modelkeep.registry._changes import CHANNEL
 from modelkeep.service import Service
 from modelkeep.settings import Settings
+from modelkeep.store._changes import CHANNEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

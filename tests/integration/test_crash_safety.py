@@ -23,7 +23,7 @@ import httpx
 import pytest
 from harness import Server, create_key, init_server, push
 
-from modelkeep.registry.store import MetadataStore
+from modelkeep.store.metadata import MetadataStore
 from modelkeep.testing import build_big_onnx, build_iris_onnx, iris_rows
 
 pytestmark = pytest.mark.integration

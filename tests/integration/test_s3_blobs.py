@@ -26,9 +26,9 @@ from modelkeep.crypto import InMemoryKeyService
 from modelkeep.errors import IntegrityError, Unavailable
 from modelkeep.registry._s3 import S3BlobStore, s3_blob_store
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import MetadataStore, VersionDetails
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 from modelkeep.settings import Settings
+from modelkeep.store.metadata import MetadataStore, VersionDetails
 from modelkeep.testing import iris_rows
 from modelkeep.testing_seaweedfs import SeaweedFS
 

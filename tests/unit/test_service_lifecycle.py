@@ -915,7 +915,7 @@ def test_deleting_a_model_removes_its_lifecycle_records_and_shreds_its_evaluatio
 ) -> None:
     import sqlalchemy as sa
 
-    from modelkeep.registry import _schema as t
+    from modelkeep.store import schema as t
 
     world.set_evalset(["accuracy>=0.9"])
     world.protect(1)

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
-from modelkeep.registry.store import ChangeRequest
+from modelkeep.store.metadata import ChangeRequest
 
 
 class ChangeOut(BaseModel):

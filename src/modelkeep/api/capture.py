@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from modelkeep.registry.store import CaptureInfo
 from modelkeep.service import Service
+from modelkeep.store.metadata import CaptureInfo
 
 from ._auth import principal_of
 from ._openapi import DateTime, ModelName, errors

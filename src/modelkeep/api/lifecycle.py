@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from modelkeep.registry.bom import BOM_MEDIA_TYPE
-from modelkeep.registry.store import LabelMove, RetentionRule
 from modelkeep.service import Service
+from modelkeep.store.metadata import LabelMove, RetentionRule
 
 from ._auth import principal_of
 from ._body import read_body

@@ -37,7 +37,7 @@ from modelkeep.audit._chain import (
 )
 from modelkeep.audit.checkpoint import Checkpoint, CheckpointSigner, verify_checkpoint
 from modelkeep.errors import ConfigError, IntegrityError, InternalError, InvalidInput, Unavailable
-from modelkeep.registry import _schema as t
+from modelkeep.store import schema as t
 
 __all__ = ["OUTCOMES", "AuditEntry", "AuditEvent", "AuditLog", "utcnow"]
 

@@ -29,7 +29,7 @@ from modelkeep.audit._chain import ChainBroken, ChainWalker, read_in_pages
 from modelkeep.audit.checkpoint import verify_checkpoint
 from modelkeep.audit.log import checkpoint_from_row
 from modelkeep.errors import Unavailable
-from modelkeep.registry import _schema as t
+from modelkeep.store import schema as t
 
 __all__ = ["VerifyResult", "verify_chain"]
 

@@ -252,7 +252,7 @@ def _engine(data_dir: Path, database_url: str | None) -> Iterator[Engine]:
     """The metadata store's engine for the data dir, if its database has an audit log."""
     import sqlalchemy as sa
 
-    from modelkeep.registry.store import MetadataStore
+    from modelkeep.store.metadata import MetadataStore
 
     if not data_dir.is_dir():
         raise ConfigError("the data directory does not exist")

@@ -254,7 +254,7 @@ def db_upgrade(
     """
     given = {"data_dir": data_dir, "database_url": database_url}
     settings = _settings({name: value for name, value in given.items() if value is not None})
-    store_class = cast(Any, _server_part("modelkeep.registry.store", "MetadataStore"))
+    store_class = cast(Any, _server_part("modelkeep.store.metadata", "MetadataStore"))
     store = store_class(settings.effective_database_url)
     try:
         store.migrate()

@@ -23,7 +23,8 @@ from modelkeep.crypto.sealed import Sealer, unseal_segments
 from modelkeep.errors import Conflict, IntegrityError, KeyServiceError
 from modelkeep.registry.blobs import BlobStore, new_blob_key
 from modelkeep.registry.records import VersionRecord, check_name
-from modelkeep.registry.store import (
+from modelkeep.registry.upload import Upload
+from modelkeep.store.metadata import (
     MetadataStore,
     NewVersion,
     PushKey,
@@ -31,7 +32,6 @@ from modelkeep.registry.store import (
     VersionDetails,
     VersionTaken,
 )
-from modelkeep.registry.upload import Upload
 
 log = logging.getLogger(__name__)
 

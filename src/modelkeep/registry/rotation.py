@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from modelkeep.audit.capture import associated_data_for as capture_associated_data
 from modelkeep.crypto import KeyService, associated_data_for
 from modelkeep.errors import IntegrityError, KeyServiceError
-from modelkeep.registry import _schema as t
-from modelkeep.registry.store import MetadataStore
+from modelkeep.store import schema as t
+from modelkeep.store.metadata import MetadataStore
 
 log = logging.getLogger(__name__)
 

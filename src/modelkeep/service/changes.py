@@ -27,10 +27,10 @@ from modelkeep.lifecycle.changes import (
 from modelkeep.lifecycle.gates import GateResult
 from modelkeep.policy import Action
 from modelkeep.registry.records import ModelRecord, VersionRecord, check_name
-from modelkeep.registry.store import ChangeRequest, LabelMove, StaleChange
 from modelkeep.service._shared import model_target
 from modelkeep.service.core import Core, resolve_version
 from modelkeep.service.evaluation import Evaluations
+from modelkeep.store.metadata import ChangeRequest, LabelMove, StaleChange
 
 _MAX_REASON = 500
 

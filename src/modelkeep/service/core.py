@@ -4,7 +4,7 @@ Nothing here imports HTTP. ``api/`` and ``cli/`` translate requests into calls o
 its errors into status codes. The hot path (``authenticate``, ``dataplane.infer``) reads only the
 in-memory snapshot and loaded sessions; a background thread per worker polls the metadata store's
 change counter and swaps in a fresh snapshot, which bounds how long a revoked key keeps working.
-On PostgreSQL a change notification wakes that thread at once (``registry/_changes.py``).
+On PostgreSQL a change notification wakes that thread at once (``store/_changes.py``).
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ from modelkeep.registry.blobs import BlobStore
 from modelkeep.registry.intake import read_directory
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord, empty_snapshot
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import MetadataStore
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.runtime.loader import load_model
 from modelkeep.service._shared import SnapshotMemo, is_safe_name
 from modelkeep.service.backends import Backend, BackendProbe
 from modelkeep.settings import Settings
+from modelkeep.store.metadata import MetadataStore
 
 __all__ = ["Core", "alerter_from", "resolve_version"]
 

@@ -32,9 +32,9 @@ from modelkeep.lifecycle.gates import Gate, GateResult, check_gates, parse_gates
 from modelkeep.policy import Action
 from modelkeep.registry.blobs import new_blob_key
 from modelkeep.registry.records import ModelRecord
-from modelkeep.registry.store import Evaluation, LifecycleStore, StoredEvalSet
 from modelkeep.service._shared import log, model_target
 from modelkeep.service.core import Core, resolve_version
+from modelkeep.store.metadata import Evaluation, LifecycleStore, StoredEvalSet
 
 _DOMAIN = b"modelkeep/evalset/v1"
 # Evaluations waiting per worker at most; past it a push's evaluation is skipped (and logged):

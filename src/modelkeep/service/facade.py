@@ -48,7 +48,6 @@ from modelkeep.guard.gate import InferenceGate, shared_state_factory
 from modelkeep.policy import Authorizer
 from modelkeep.registry.blobs import BlobStore, blob_store_from
 from modelkeep.registry.records import Snapshot
-from modelkeep.registry.store import MetadataStore
 from modelkeep.registry.upload import staging_dir
 from modelkeep.service.audit import AuditReader
 from modelkeep.service.capture import Captures
@@ -63,6 +62,7 @@ from modelkeep.service.lineage import Lineage
 from modelkeep.service.management import Management
 from modelkeep.service.retention import Retention
 from modelkeep.settings import Settings
+from modelkeep.store.metadata import MetadataStore
 
 
 def _utcnow() -> datetime:

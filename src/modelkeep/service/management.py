@@ -17,12 +17,12 @@ from modelkeep.policy import Action
 from modelkeep.registry.intake import accept
 from modelkeep.registry.lineage import Lineage
 from modelkeep.registry.records import ModelRecord, VersionRecord, check_name
-from modelkeep.registry.store import ChangeRequest, PushKey, VersionDetails
 from modelkeep.registry.upload import Upload
 from modelkeep.service._shared import log, model_target
 from modelkeep.service.changes import Changes
 from modelkeep.service.core import Core, resolve_version
 from modelkeep.service.lineage import check_lineage
+from modelkeep.store.metadata import ChangeRequest, PushKey, VersionDetails
 
 _MAX_DESCRIPTION = 1000
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")

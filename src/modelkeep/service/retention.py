@@ -24,9 +24,9 @@ from modelkeep.auth import Principal
 from modelkeep.errors import InvalidInput, ModelkeepError, NotFound
 from modelkeep.policy import Action
 from modelkeep.registry.records import VersionRecord
-from modelkeep.registry.store import LifecycleStore, RetentionRule, ShreddedVersion
 from modelkeep.service._shared import log, model_target
 from modelkeep.service.core import Core
+from modelkeep.store.metadata import LifecycleStore, RetentionRule, ShreddedVersion
 
 RETENTION_ACTOR = "retention"
 MAX_KEEP_VERSIONS = 10_000

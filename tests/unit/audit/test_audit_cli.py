@@ -16,7 +16,7 @@ from typer.testing import CliRunner, Result
 
 from modelkeep.audit import KEY_FILE, AuditEvent, AuditLog, CheckpointSigner
 from modelkeep.cli import app
-from modelkeep.registry.store import MetadataStore
+from modelkeep.store.metadata import MetadataStore
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 

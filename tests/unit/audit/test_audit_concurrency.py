@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 
 from modelkeep.audit import AuditLog, verify_chain
-from modelkeep.registry.store import MetadataStore
+from modelkeep.store.metadata import MetadataStore
 
 PER_PROCESS = 100
 
@@ -17,7 +17,7 @@ WORKER = """
 import sys
 import time
 from modelkeep.audit import AuditEvent, AuditLog
-from modelkeep.registry.store import MetadataStore
+from modelkeep.store.metadata import MetadataStore
 
 url, actor, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 store = MetadataStore(url)

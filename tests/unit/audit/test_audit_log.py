@@ -20,8 +20,8 @@ from modelkeep.audit import (
     verify_checkpoint,
 )
 from modelkeep.errors import ConfigError, IntegrityError, InternalError, InvalidInput
-from modelkeep.registry._schema import audit_log
-from modelkeep.registry.store import MetadataStore
+from modelkeep.store.metadata import MetadataStore
+from modelkeep.store.schema import audit_log
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 GENESIS = "0" * 64

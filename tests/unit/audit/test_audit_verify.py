@@ -13,8 +13,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from modelkeep.audit import AuditEvent, AuditLog, CheckpointSigner, verify_chain
 from modelkeep.audit._chain import entry_hash
-from modelkeep.registry._schema import audit_checkpoints, audit_log
-from modelkeep.registry.store import MetadataStore
+from modelkeep.store.metadata import MetadataStore
+from modelkeep.store.schema import audit_checkpoints, audit_log
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 # Smaller than the log, so every verification below reads several pages.

@@ -16,7 +16,7 @@ from modelkeep.audit.verify import verify_chain
 from modelkeep.crypto import associated_data_for
 from modelkeep.crypto.sealed import unseal_segments
 from modelkeep.errors import Conflict, Forbidden, IntegrityError, KeyServiceError, NotFound
-from modelkeep.registry import _schema as t
+from modelkeep.store import schema as t
 from modelkeep.testing import build_iris_onnx
 
 INFER = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'

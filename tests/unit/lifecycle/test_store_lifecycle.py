@@ -13,11 +13,11 @@ from alembic.migration import MigrationContext
 
 from modelkeep.crypto import InMemoryKeyService
 from modelkeep.errors import Conflict, NotFound
-from modelkeep.registry import _schema as t
 from modelkeep.registry.blobs import InMemoryBlobStore
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import MetadataStore, VersionDetails
 from modelkeep.runtime.signature import ModelSignature
+from modelkeep.store import schema as t
+from modelkeep.store.metadata import MetadataStore, VersionDetails
 
 NOW = datetime(2026, 12, 6, tzinfo=UTC)
 DETAILS = VersionDetails(format="onnx", signature=ModelSignature((), ()), lineage='{"tags": {}}')

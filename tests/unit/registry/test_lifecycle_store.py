@@ -12,14 +12,14 @@ from modelkeep.crypto import InMemoryKeyService
 from modelkeep.errors import Conflict
 from modelkeep.registry.blobs import FileBlobStore
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import (
+from modelkeep.runtime.signature import ModelSignature, TensorSpec
+from modelkeep.store.metadata import (
     ChangeRequest,
     LifecycleStore,
     MetadataStore,
     StaleChange,
     VersionDetails,
 )
-from modelkeep.runtime.signature import ModelSignature, TensorSpec
 
 SIG = ModelSignature(
     inputs=(TensorSpec("input", "FP32", (-1, 4)),), outputs=(TensorSpec("label", "INT64", (-1,)),)

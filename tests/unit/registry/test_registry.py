@@ -14,8 +14,8 @@ from modelkeep.crypto import InMemoryKeyService
 from modelkeep.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from modelkeep.registry.blobs import FileBlobStore
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import MetadataStore, VersionDetails
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
+from modelkeep.store.metadata import MetadataStore, VersionDetails
 
 SIG = ModelSignature(
     inputs=(TensorSpec("input", "FP32", (-1, 4)),), outputs=(TensorSpec("label", "INT64", (-1,)),)

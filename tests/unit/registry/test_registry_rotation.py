@@ -21,8 +21,8 @@ from modelkeep.errors import IntegrityError, KeyServiceError
 from modelkeep.registry.blobs import FileBlobStore
 from modelkeep.registry.registry import Registry
 from modelkeep.registry.rotation import KeyRotation
-from modelkeep.registry.store import CaptureStore, MetadataStore, NewCapture, VersionDetails
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
+from modelkeep.store.metadata import CaptureStore, MetadataStore, NewCapture, VersionDetails
 
 SIG = ModelSignature(
     inputs=(TensorSpec("input", "FP32", (-1, 4)),), outputs=(TensorSpec("label", "INT64", (-1,)),)
@@ -163,7 +163,7 @@ def test_a_concurrent_change_to_a_wrapped_key_is_not_overwritten(
     """Each row is updated only if it still holds the wrapped key the pass started from."""
     import sqlalchemy as sa
 
-    from modelkeep.registry import _schema as t
+    from modelkeep.store import schema as t
 
     keys.rotate(new_key=True)
     original = keys.rewrap

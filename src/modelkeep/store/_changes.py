@@ -1,6 +1,6 @@
 """Change notifications between processes: PostgreSQL LISTEN/NOTIFY over the polled counter.
 
-Every write transaction bumps ``state.generation`` (see ``store.py``); on PostgreSQL it also
+Every write transaction bumps ``state.generation`` (see ``metadata.py``); on PostgreSQL it also
 sends ``NOTIFY modelkeep_changes``, which the server delivers to every listening connection when
 the transaction commits. Each worker of each replica keeps one listening connection and wakes its
 refresh loop on a notification, so a revocation, label move, policy change or block reaches every

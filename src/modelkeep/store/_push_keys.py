@@ -13,7 +13,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from modelkeep.registry import _schema as t
+from modelkeep.store import schema as t
 
 __all__ = ["PushKey", "PushKeyTaken", "claim", "find", "purge", "record"]
 

@@ -24,15 +24,15 @@ from sqlalchemy.engine import Connection, Engine
 
 from modelkeep.auth.apikeys import KeyRecord
 from modelkeep.errors import ConfigError, Conflict, NotFound, Unavailable
-from modelkeep.registry import _push_keys as push_keys
-from modelkeep.registry import _schema as t
-from modelkeep.registry._changes import NOTIFY, ChangeListener, libpq_url
-
-# Re-exported: the registry and the service name them through the store.
-from modelkeep.registry._push_keys import PushKey as PushKey
-from modelkeep.registry._push_keys import PushKeyTaken as PushKeyTaken
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord
 from modelkeep.runtime.signature import ModelSignature
+from modelkeep.store import _push_keys as push_keys
+from modelkeep.store import schema as t
+from modelkeep.store._changes import NOTIFY, ChangeListener, libpq_url
+
+# Re-exported: the registry and the service name them through the store.
+from modelkeep.store._push_keys import PushKey as PushKey
+from modelkeep.store._push_keys import PushKeyTaken as PushKeyTaken
 
 
 class VersionTaken(Exception):
@@ -138,7 +138,7 @@ class MetadataStore:
     def migrate(self) -> None:
         """Bring the schema to the newest revision (Alembic)."""
         cfg = AlembicConfig()
-        location = resources.files("modelkeep.registry") / "migrations"
+        location = resources.files("modelkeep.store") / "migrations"
         cfg.set_main_option("script_location", str(location))
         with self._connect(self.engine) as conn:
             cfg.attributes["connection"] = conn

@@ -1,0 +1,1 @@
+"""modelkeep.store: the metadata database (schema, migrations, metadata store, captures)."""
