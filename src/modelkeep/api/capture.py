@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from modelkeep.service import Service
-from modelkeep.store.metadata import CaptureInfo
+from modelkeep.store.captures import CaptureInfo
 
 from ._auth import principal_of
 from ._openapi import DateTime, ModelName, errors

@@ -32,7 +32,7 @@ from modelkeep.policy import Action
 from modelkeep.registry.records import VersionRecord
 from modelkeep.service._shared import log, model_target
 from modelkeep.service.core import Core
-from modelkeep.store.metadata import CaptureInfo, CaptureStore, NewCapture
+from modelkeep.store.captures import CaptureInfo, CaptureStore, NewCapture
 
 # Every output in JSON: the neutral form a captured response is kept in, whatever protocol the
 # caller spoke. The V2 codec is pure (numpy and orjson, no web stack), so the service may use it.

@@ -26,6 +26,7 @@ from modelkeep.policy import Action
 from modelkeep.registry.records import VersionRecord
 from modelkeep.service._shared import log, model_target
 from modelkeep.service.core import Core
+from modelkeep.store.captures import CaptureStore
 from modelkeep.store.metadata import LifecycleStore, RetentionRule, ShreddedVersion
 
 RETENTION_ACTOR = "retention"
@@ -69,6 +70,7 @@ class Retention:
         self._audited = core.audited
         self._clock = core.clock
         self._lifecycle = LifecycleStore(core.store)
+        self._captures = CaptureStore(core.store)
         self._last_retention = -float("inf")
         core.on_poll(self.apply_retention)
 
@@ -226,7 +228,7 @@ class Retention:
         if rule.capture_days is None:
             return 0
         cutoff = self._clock() - timedelta(days=rule.capture_days)
-        purged = self.store.purge_captures_before(rule.model, cutoff)
+        purged = self._captures.purge_before(rule.model, cutoff)
         if purged:
             self.record(
                 RETENTION_ACTOR,

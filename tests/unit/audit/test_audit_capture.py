@@ -24,7 +24,8 @@ from modelkeep.audit.capture import (
 from modelkeep.crypto import InMemoryKeyService
 from modelkeep.errors import IntegrityError, InvalidInput, NotFound
 from modelkeep.guard.policy import CapturePolicy, ModelPolicy
-from modelkeep.store.metadata import CaptureStore, MetadataStore, NewCapture
+from modelkeep.store.captures import CaptureStore, NewCapture
+from modelkeep.store.metadata import MetadataStore
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 MARKER = b'{"inputs":[{"name":"input","data":[7.77777]}]}'

@@ -22,7 +22,8 @@ from modelkeep.registry.blobs import FileBlobStore
 from modelkeep.registry.registry import Registry
 from modelkeep.registry.rotation import KeyRotation
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
-from modelkeep.store.metadata import CaptureStore, MetadataStore, NewCapture, VersionDetails
+from modelkeep.store.captures import CaptureStore, NewCapture
+from modelkeep.store.metadata import MetadataStore, VersionDetails
 
 SIG = ModelSignature(
     inputs=(TensorSpec("input", "FP32", (-1, 4)),), outputs=(TensorSpec("label", "INT64", (-1,)),)
