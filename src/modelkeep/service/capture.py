@@ -10,8 +10,8 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+import orjson
 
-from modelkeep.api.v2.codec import InferRequest, encode_infer_response
 from modelkeep.audit.capture import (
     MAX_CAPTURE_BYTES,
     CaptureRecord,
@@ -30,24 +30,21 @@ from modelkeep.errors import InvalidInput, ModelkeepError, NotFound
 from modelkeep.guard.policy import CapturePolicy
 from modelkeep.policy import Action
 from modelkeep.registry.records import VersionRecord
+from modelkeep.runtime.tensor_json import json_outputs
 from modelkeep.service._shared import log, model_target
 from modelkeep.service.core import Core
 from modelkeep.store.captures import CaptureInfo, CaptureStore, NewCapture
 
-# Every output in JSON: the neutral form a captured response is kept in, whatever protocol the
-# caller spoke. The V2 codec is pure (numpy and orjson, no web stack), so the service may use it.
-_ALL_JSON = InferRequest(id=None, inputs={}, outputs=None, binary_outputs_default=False)
-
 
 def encode_capture_output(version: VersionRecord, outputs: Mapping[str, np.ndarray]) -> bytes:
-    """The outputs a caller got, as a V2 JSON response body (every output as JSON data)."""
-    content, _ = encode_infer_response(
-        model_name=version.model,
-        model_version=str(version.number),
-        request=_ALL_JSON,
-        outputs=outputs,
-    )
-    return content
+    """The outputs a caller got, as a V2 JSON response body (every output as JSON data): the
+    neutral form a captured response is kept in, whatever protocol the caller spoke."""
+    document = {
+        "model_name": version.model,
+        "model_version": str(version.number),
+        "outputs": json_outputs(outputs),
+    }
+    return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class Captures:

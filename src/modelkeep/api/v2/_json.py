@@ -12,7 +12,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from modelkeep.errors import InternalError, InvalidInput
+from modelkeep.errors import InvalidInput
+
+# Output data and tensor names are shared with payload capture, which keeps V2 JSON.
+from modelkeep.runtime.tensor_json import json_data as json_data
+from modelkeep.runtime.tensor_json import shown as shown
 
 _FLOAT_KINDS = "iuf"
 # The largest finite value of each float datatype, by its size in bytes.
@@ -21,11 +25,6 @@ _FINITE_MAX = {size: float(np.finfo(f"f{size}").max) for size in (2, 4, 8)}
 _SHORT = 64
 _FLOATS = {float}
 _INT_KINDS = "iu"
-
-
-def shown(name: str) -> str:
-    """A tensor name safe to put in a message: quoted and cut short."""
-    return repr(name if len(name) <= 64 else name[:64] + "...")
 
 
 def parse_json(header: bytes | memoryview) -> Any:
@@ -161,28 +160,3 @@ def _json_strings(name: str, data: list[Any]) -> np.ndarray:
     if not all(type(value) is str for value in array.flat):
         raise InvalidInput(f"input {shown(name)} needs strings for BYTES")
     return array
-
-
-def json_data(name: str, array: np.ndarray, datatype: str) -> Any:
-    """The flat ``data`` value for an output: an array orjson writes natively, or a list.
-
-    Non-finite floats come out as ``null`` (JSON has no NaN); binary outputs keep them exact.
-    """
-    if datatype == "BYTES":
-        try:
-            return [
-                value if type(value) is str else bytes(value).decode("utf-8")
-                for value in array.ravel().tolist()
-            ]
-        except (UnicodeDecodeError, TypeError):
-            raise InvalidInput(
-                f"output {shown(name)} holds bytes that are not UTF-8 text; "
-                "request it as binary data"
-            ) from None
-    # ravel() gives a C-contiguous array (a copy when it must), which orjson writes natively.
-    flat = array.ravel()
-    if not flat.dtype.isnative:
-        flat = flat.astype(flat.dtype.newbyteorder("="))
-    if flat.dtype.kind not in "biuf":
-        raise InternalError(f"output {shown(name)} has a dtype JSON cannot carry")
-    return flat
