@@ -123,6 +123,18 @@ class MetadataStore:
             sa.event.listen(self.engine, "begin", _sqlite_begin)
         self._writer = self.engine.execution_options(modelkeep_write=True)
         self._notifies = self.engine.dialect.name == "postgresql"
+        # The snapshot reads many tables and must see one database state. SQLite's read
+        # transaction already does (WAL: fixed at its first read); PostgreSQL's default, READ
+        # COMMITTED, gives each statement its own, so a write committed between two of them
+        # would show as half a change. REPEATABLE READ fixes it at the first statement; a
+        # read-only transaction there never fails to serialize.
+        self._reader = (
+            self.engine.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
+            if self.engine.dialect.name == "postgresql"
+            else self.engine
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -171,7 +183,7 @@ class MetadataStore:
 
     def snapshot(self) -> Snapshot:
         """Load keys, models, versions and labels in one consistent read."""
-        with self._connect(self.engine) as conn:
+        with self._connect(self._reader) as conn:
             generation = int(conn.execute(sa.select(t.state.c.generation)).scalar_one())
             model_rows = conn.execute(
                 sa.select(t.models).where(t.models.c.deleted_at.is_(None))
