@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -20,8 +20,10 @@ from typing import BinaryIO
 
 from modelkeep.crypto import KeyService, associated_data_for, new_data_key
 from modelkeep.crypto.sealed import Sealer, unseal_segments
-from modelkeep.errors import Conflict, IntegrityError, KeyServiceError
+from modelkeep.crypto.signing import TrustedKey, verify_digests
+from modelkeep.errors import Conflict, IntegrityError, KeyServiceError, ModelRefused
 from modelkeep.registry.blobs import BlobStore, new_blob_key
+from modelkeep.registry.intake import read_directory
 from modelkeep.registry.records import VersionRecord, check_name
 from modelkeep.registry.upload import Upload
 from modelkeep.store.metadata import (
@@ -183,6 +185,8 @@ class Registry:
                     f"{exc.message}",
                     retry_after=exc.retry_after,
                 ) from exc
+            # Each segment is hashed once, here, while it is in cache; the signature check
+            # (open_verified) uses this digest instead of hashing the plaintext again.
             digest = hashlib.sha256()
             whole = io.BytesIO()
             with self.blobs.open(version.blob_key) as src:
@@ -193,7 +197,7 @@ class Registry:
                     whole.write(segment)
             if digest.hexdigest() != version.sha256:
                 raise IntegrityError("digest mismatch")
-            # BytesIO hands its buffer over without copying it.
+            # BytesIO grows its one buffer in place and hands it over without copying it.
             plaintext = whole.getvalue()
         except IntegrityError as exc:
             log.error(
@@ -204,6 +208,40 @@ class Registry:
                 " and will not be loaded"
             ) from exc
         return plaintext
+
+    def open_verified(
+        self, version: VersionRecord, trusted: Sequence[TrustedKey], *, require_signature: bool
+    ) -> bytes:
+        """The bytes a runtime loads for ``version``, verified as if it had just been pushed.
+
+        ``trusted`` are the model's publisher keys as they are now, ``require_signature`` its
+        rule now. Raises IntegrityError (and KeyServiceError) as :meth:`open_version` does, and
+        IntegrityError when the signature no longer verifies.
+        """
+        where = f"model '{version.model}' version {version.number}"
+        # 1. Unwrap the data key, decrypt, and check the plaintext digest.
+        plaintext = self.open_version(version)
+        if version.layout == "directory":
+            digests, model_bytes = read_directory(plaintext, version.file_name)
+        else:
+            # open_version has just checked that the plaintext has this digest, so the
+            # signature check below uses it instead of hashing the bytes a second time.
+            digests, model_bytes = {version.file_name: version.sha256}, plaintext
+        del plaintext
+        # 2. The signature, against the model's trusted publishers as they are now: a row or
+        #    blob changed behind the server's back does not verify.
+        if version.bundle is not None:
+            try:
+                verified = verify_digests(digests, version.bundle, trusted)
+            except ModelRefused as exc:
+                log.error("%s: signature verification failed at load", where)
+                raise IntegrityError(f"{where} failed signature verification at load") from exc
+            if verified.signer != version.signer:
+                raise IntegrityError(f"{where} is signed by a key other than the one recorded")
+        elif require_signature:
+            log.error("%s: no signature, but the model requires one", where)
+            raise IntegrityError(f"{where} has no signature but its model requires one")
+        return model_bytes
 
     def collect_garbage(self, *, grace_s: float = _GC_GRACE_S) -> int:
         """Delete blobs no version references (left by a crash mid-push); returns how many."""

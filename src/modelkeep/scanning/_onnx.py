@@ -58,8 +58,10 @@ def scan_onnx(
 
     model = onnx.ModelProto()
     try:
-        # protobuf parses any buffer without a copy; its stubs say bytes only.
-        model.ParseFromString(memoryview(data))  # type: ignore[arg-type]
+        # protobuf (upb) copies any buffer that is not ``bytes`` into a new ``bytes`` before it
+        # parses, so ``bytes`` go in as they are: a large model is then held twice while it is
+        # scanned (the buffer and the parsed tensors), not three times.
+        model.ParseFromString(data if isinstance(data, bytes) else bytes(data))
     except Exception as exc:  # DecodeError, RuntimeError or ValueError by protobuf backend
         scan.high(location, f"not a valid ONNX model ({type(exc).__name__})")
         return "onnx"
@@ -291,11 +293,16 @@ def _check_allocations(scan: Scan, model: Any, location: str) -> None:
     total = 0
     limit = scan.limits.max_alloc_elements
     for graph, where in _all_graphs(model, location):
-        constants = _constants(graph)
+        allocating = [
+            (index, node)
+            for index, node in enumerate(graph.node)
+            if node.op_type in _ALLOCATING and node.domain in ("", "ai.onnx")
+        ]
+        # Only what these nodes read is decoded: every small tensor of a large model as Python
+        # floats would cost many times the model's size.
+        constants = _constants(graph, {name for _, node in allocating for name in node.input})
         shapes = _static_shapes(graph, constants)
-        for index, node in enumerate(graph.node):
-            if node.op_type not in _ALLOCATING or node.domain not in ("", "ai.onnx"):
-                continue
+        for index, node in allocating:
             elements = _allocation(node, constants, shapes)
             if elements is None:
                 continue
@@ -315,7 +322,8 @@ def _check_allocations(scan: Scan, model: Any, location: str) -> None:
         )
 
 
-def _constants(graph: Any) -> dict[str, list[float]]:
+def _constants(graph: Any, wanted: set[str]) -> dict[str, list[float]]:
+    """The values of the constants (initializers, Constant nodes) named in ``wanted``."""
     import onnx
     from onnx import numpy_helper
 
@@ -323,7 +331,8 @@ def _constants(graph: Any) -> dict[str, list[float]]:
 
     def keep(name: str, tensor: Any) -> None:
         if (
-            math.prod(tensor.dims) > _MAX_CONSTANT
+            name not in wanted
+            or math.prod(tensor.dims) > _MAX_CONSTANT
             or tensor.data_location == onnx.TensorProto.EXTERNAL
         ):
             return
@@ -337,7 +346,7 @@ def _constants(graph: Any) -> dict[str, list[float]]:
     for tensor in graph.initializer:
         keep(tensor.name, tensor)
     for node in graph.node:
-        if node.op_type == "Constant" and node.output:
+        if node.op_type == "Constant" and node.output and node.output[0] in wanted:
             for attribute in node.attribute:
                 if attribute.name == "value" and attribute.HasField("t"):
                     keep(node.output[0], attribute.t)

@@ -26,7 +26,7 @@ from modelkeep.audit.alerts import Alerter, AlertRule, Webhook
 from modelkeep.audit.metrics import Metrics
 from modelkeep.auth import AuthFailure, Principal, authenticate
 from modelkeep.crypto import KeyService
-from modelkeep.crypto.signing import TrustedKey, load_public_key, verify_digests
+from modelkeep.crypto.signing import TrustedKey, load_public_key
 from modelkeep.errors import (
     ConfigError,
     Forbidden,
@@ -34,7 +34,6 @@ from modelkeep.errors import (
     InvalidInput,
     KeyServiceError,
     ModelkeepError,
-    ModelRefused,
     NotFound,
     Unavailable,
 )
@@ -42,7 +41,6 @@ from modelkeep.guard.admission import Admission
 from modelkeep.guard.gate import InferenceGate
 from modelkeep.policy import Action, Authorizer
 from modelkeep.registry.blobs import BlobStore
-from modelkeep.registry.intake import read_directory
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord, empty_snapshot
 from modelkeep.registry.registry import Registry
 from modelkeep.runtime.base import LoadedModel
@@ -444,29 +442,14 @@ class Core:
 
     def _load(self, version: VersionRecord) -> LoadedModel:
         """Load a version, verifying it as if it had just been pushed."""
-        where = f"model '{version.model}' version {version.number}"
-        # 1. Unwrap the data key, decrypt, and check the plaintext digest (registry).
-        plaintext = self.registry.open_version(version)
-        if version.layout == "directory":
-            digests, model_bytes = read_directory(plaintext, version.file_name)
-        else:
-            # open_version has just checked that the plaintext has this digest.
-            digests, model_bytes = {version.file_name: version.sha256}, plaintext
-        del plaintext
-        # 2. The signature, against the model's trusted publishers as they are now: a row or
-        #    blob changed behind the server's back does not verify.
         model = self._snapshot.models.get(version.model)
-        if version.bundle is not None:
-            try:
-                verified = verify_digests(digests, version.bundle, self.trusted(model))
-            except ModelRefused as exc:
-                log.error("%s: signature verification failed at load", where)
-                raise IntegrityError(f"{where} failed signature verification at load") from exc
-            if verified.signer != version.signer:
-                raise IntegrityError(f"{where} is signed by a key other than the one recorded")
-        elif model is None or model.require_signature:
-            log.error("%s: no signature, but the model requires one", where)
-            raise IntegrityError(f"{where} has no signature but its model requires one")
+        # 1-2. Decrypt, check the digest and the signature against the model's publishers and
+        #      rule as they are now (registry).
+        model_bytes = self.registry.open_verified(
+            version,
+            self.trusted(model),
+            require_signature=model is None or model.require_signature,
+        )
         # 3. Only now the runtime sees the bytes, trusting only the types the scan approved.
         return load_model(
             version.format,
