@@ -31,7 +31,7 @@ from modelkeep.registry._changes import NOTIFY, ChangeListener, libpq_url
 # Re-exported: the registry and the service name them through the store.
 from modelkeep.registry._push_keys import PushKey as PushKey
 from modelkeep.registry._push_keys import PushKeyTaken as PushKeyTaken
-from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord
+from modelkeep.registry.records import CanaryRecord, ModelRecord, Snapshot, VersionRecord
 from modelkeep.runtime.signature import ModelSignature
 
 
@@ -189,6 +189,9 @@ class MetadataStore:
             policy_rows = conn.execute(sa.select(t.model_policies)).all()
             restriction_rows = conn.execute(sa.select(t.key_restrictions)).all()
             drift_rows = conn.execute(sa.select(t.drift_configs)).all()
+            canary_rows = conn.execute(
+                sa.select(t.canaries).where(t.canaries.c.status == "active")
+            ).all()
         names = {row.id: row.name for row in model_rows}
         by_model: dict[int, dict[int, VersionRecord]] = {row.id: {} for row in model_rows}
         deleted: dict[int, dict[int, VersionRecord]] = {row.id: {} for row in model_rows}
@@ -211,6 +214,11 @@ class MetadataStore:
         for row in restriction_rows:
             if row.model_id in restrictions:
                 restrictions[row.model_id][row.key_id] = (row.kind, row.reason)
+        experiments: dict[tuple[int, str], dict[str, CanaryRecord]] = {}
+        for row in canary_rows:
+            if row.model_id in names:
+                found = _canary_record(names[row.model_id], row)
+                experiments.setdefault((row.model_id, row.mode), {})[row.label] = found
         models = {
             row.name: ModelRecord(
                 name=row.name,
@@ -225,6 +233,8 @@ class MetadataStore:
                 restrictions=MappingProxyType(restrictions[row.id]),
                 deleted=MappingProxyType(deleted[row.id]),
                 drift=drifts.get(row.id),
+                canaries=MappingProxyType(experiments.get((row.id, "canary"), {})),
+                shadows=MappingProxyType(experiments.get((row.id, "shadow"), {})),
             )
             for row in model_rows
         }
@@ -496,6 +506,7 @@ class MetadataStore:
                 raise NotFound(f"model '{model}' has no label '{label}'")
             if now is not None:
                 _add_history(conn, model_id, label, None, previous, "delete", actor, now, None)
+                _end_experiments(conn, model_id, label, None, actor, now)
 
     def create_key(self, record: KeyRecord, *, created_by: str) -> None:
         with self._write() as conn:
@@ -575,6 +586,7 @@ class MetadataStore:
                 sa.delete(t.change_approvals).where(t.change_approvals.c.change_id.in_(changes))
             )
             for table in (
+                t.canaries,
                 t.model_policies,
                 t.key_restrictions,
                 t.publishers,
@@ -700,6 +712,20 @@ def _shred(
             f"model '{model}' version {number} is under label(s) {', '.join(names)}: move or"
             " remove them first"
         )
+    c = t.canaries.c
+    running = conn.execute(
+        sa.select(c.label)
+        .where(
+            c.model_id == model_id, c.version == number, c.status.in_(("active", "pending"))
+        )
+        .order_by(c.label)
+    ).scalars()
+    experiments = sorted(set(running))
+    if experiments:
+        raise Conflict(
+            f"model '{model}' version {number} is the canary or shadow of label(s)"
+            f" {', '.join(experiments)}: abort them first (modelkeep canary abort)"
+        )
     cr = t.change_requests.c
     pending = conn.execute(
         sa.select(cr.id)
@@ -809,7 +835,48 @@ def put_label(
             .values(**values)
         )
     _add_history(conn, model_id, label, number, previous, kind, actor, now, change_id)
+    if previous != number:
+        _end_experiments(conn, model_id, label, number, actor, now)
     return previous
+
+
+def _end_experiments(
+    conn: Connection, model_id: int, label: str, number: int | None, actor: str, now: datetime
+) -> None:
+    """A label moved to ``number`` (None: deleted): its canary ends (``promoted`` when it moved
+    onto the canary's version), and so does a shadow of the version now served."""
+    c = t.canaries.c
+    live = (c.model_id == model_id) & (c.label == label) & c.status.in_(("active", "pending"))
+    ended = {"ended_by": actor, "ended_at": now}
+    if number is None:
+        conn.execute(sa.update(t.canaries).where(live).values(status="ended", **ended))
+        return
+    conn.execute(
+        sa.update(t.canaries)
+        .where(live, (c.mode == "canary") | (c.version == number))
+        .values(
+            status=sa.case((c.version == number, "promoted"), else_="ended"),
+            reason=sa.case(
+                (c.version == number, "the label moved onto its version"),
+                else_="the label moved",
+            ),
+            **ended,
+        )
+    )
+
+
+def _canary_record(model: str, row: Any) -> CanaryRecord:
+    return CanaryRecord(
+        id=row.id,
+        model=model,
+        label=row.label,
+        mode=row.mode,
+        version=row.version,
+        share=float(row.share),
+        thresholds=row.thresholds,
+        started_by=row.started_by,
+        started_at=row.started_at,
+    )
 
 
 def _version_record(model: str, row: Any) -> VersionRecord:
@@ -1402,6 +1469,18 @@ class LifecycleStore:
             if change.kind == "protect":
                 assert change.new_approvals is not None
                 _set_protection(conn, model_id, change.label, change.new_approvals, by, now)
+            elif change.kind == "canary":
+                # Start the canary the request holds, if the label is still where it was.
+                if _label_version(conn, model_id, change.label) != change.previous:
+                    raise StaleChange
+                cc = t.canaries.c
+                started = conn.execute(
+                    sa.update(t.canaries)
+                    .where(cc.change_id == change.id, cc.status == "pending")
+                    .values(status="active", started_at=now)
+                ).rowcount
+                if not started:
+                    raise StaleChange
             else:
                 if _label_version(conn, model_id, change.label) != change.previous:
                     raise StaleChange

@@ -532,6 +532,7 @@ def alerter_from(settings: Settings) -> Alerter | None:
         AlertRule("change-requested", "change_requested"),
         AlertRule("change-decided", "change_decided"),
         AlertRule("emergency-change", "emergency_change"),
+        AlertRule("canary-rollback", "canary_rollback"),
     ]
     hooks = [Webhook(url, settings.alert_webhook_secret) for url in settings.alert_webhooks]
     return Alerter(hooks, rules)
