@@ -569,7 +569,9 @@ def lifecycle_router(service: Service) -> APIRouter:
         found = [c for c in service.canary_status(principal, model, label) if c["id"] == canary_id]
         return CanaryOut(**found[0]).model_dump(mode="json")
 
-    @router.get("/models/{model}/canary", response_model=CanaryList, responses=errors(400, 403, 404))
+    @router.get(
+        "/models/{model}/canary", response_model=CanaryList, responses=errors(400, 403, 404)
+    )
     async def canary_status(
         request: Request,
         model: ModelName,
@@ -613,9 +615,7 @@ def lifecycle_router(service: Service) -> APIRouter:
     )
     async def abort_shadow(request: Request, model: ModelName, label: LabelName) -> Response:
         """End the label's shadow."""
-        await run_in_threadpool(
-            service.abort_canary, principal_of(request), model, label, "shadow"
-        )
+        await run_in_threadpool(service.abort_canary, principal_of(request), model, label, "shadow")
         return Response(status_code=204)
 
     return router

@@ -105,7 +105,14 @@ def canary_status(
         if not isinstance(versions, list) or not versions:
             continue
         table = out.table(
-            "VERSION", "ROLE", "REQUESTS", "ERRORS", "ERROR RATE", "P50 MS", "P95 MS", "P99 MS",
+            "VERSION",
+            "ROLE",
+            "REQUESTS",
+            "ERRORS",
+            "ERROR RATE",
+            "P50 MS",
+            "P95 MS",
+            "P99 MS",
             "AGREEMENT",
         )
         for arm in versions:

@@ -84,7 +84,8 @@ def top1(outputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
         if array.ndim == 0:
             return array.reshape(1)
         if array.ndim >= 2 and array.dtype.kind == "f" and array.shape[-1] > 1:
-            return np.argmax(array.reshape(array.shape[0], -1), axis=1)
+            found: np.ndarray = np.argmax(array.reshape(array.shape[0], -1), axis=1)
+            return found
         return array.reshape(array.shape[0], -1)[:, 0] if array.ndim >= 2 else array
     return None
 
@@ -123,15 +124,17 @@ def crossed(stats: WindowStats, thresholds: Thresholds) -> str | None:
     has fewer than ``min_requests`` requests: too few to judge)."""
     if stats.requests < thresholds.min_requests:
         return None
-    rate = stats.error_rate
-    if thresholds.max_error_rate is not None and rate is not None:
-        if rate > thresholds.max_error_rate:
-            return f"error rate {rate:.4f} above {thresholds.max_error_rate:.4f}"
-    if thresholds.max_p99_ms is not None and stats.p99_ms is not None:
-        if stats.p99_ms > thresholds.max_p99_ms:
-            return f"p99 latency {stats.p99_ms:.2f} ms above {thresholds.max_p99_ms:.2f} ms"
-    agreed = stats.agreement
-    if thresholds.min_agreement is not None and agreed is not None:
-        if stats.compared >= thresholds.min_requests and agreed < thresholds.min_agreement:
-            return f"agreement {agreed:.4f} below {thresholds.min_agreement:.4f}"
+    rate, agreed, limits = stats.error_rate, stats.agreement, thresholds
+    if limits.max_error_rate is not None and rate is not None and rate > limits.max_error_rate:
+        return f"error rate {rate:.4f} above {limits.max_error_rate:.4f}"
+    p99 = stats.p99_ms
+    if limits.max_p99_ms is not None and p99 is not None and p99 > limits.max_p99_ms:
+        return f"p99 latency {p99:.2f} ms above {limits.max_p99_ms:.2f} ms"
+    if (
+        limits.min_agreement is not None
+        and agreed is not None
+        and stats.compared >= limits.min_requests
+        and agreed < limits.min_agreement
+    ):
+        return f"agreement {agreed:.4f} below {limits.min_agreement:.4f}"
     return None

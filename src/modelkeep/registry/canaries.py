@@ -176,5 +176,3 @@ def _canary(model: str, row: Any) -> Canary:
         ended_at=row.ended_at,
         reason=row.reason,
     )
-
-

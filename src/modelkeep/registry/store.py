@@ -715,9 +715,7 @@ def _shred(
     c = t.canaries.c
     running = conn.execute(
         sa.select(c.label)
-        .where(
-            c.model_id == model_id, c.version == number, c.status.in_(("active", "pending"))
-        )
+        .where(c.model_id == model_id, c.version == number, c.status.in_(("active", "pending")))
         .order_by(c.label)
     ).scalars()
     experiments = sorted(set(running))

@@ -181,7 +181,11 @@ class Watches:
     ) -> tuple[VersionRecord, Watch | None]:
         """The version ``key_id`` is served on ``label`` (None: the default, which the
         ``production`` label defines when it exists) and the call's watch, if any."""
-        name = label if label is not None else ("production" if "production" in record.labels else None)
+        name = (
+            label
+            if label is not None
+            else ("production" if "production" in record.labels else None)
+        )
         if name is None:
             return served, None
         canary = record.canaries.get(name)
@@ -202,7 +206,13 @@ class Watches:
             arms.append(experiment.primary)
             version = record.versions[shadow.version]
             jobs.append(
-                _Job(experiment, version, shadow.share / 100.0, experiment.candidate, experiment.candidate)
+                _Job(
+                    experiment,
+                    version,
+                    shadow.share / 100.0,
+                    experiment.candidate,
+                    experiment.candidate,
+                )
             )
         if not arms:
             return served, None

@@ -321,7 +321,7 @@ class Canaries:
         return True
 
     def _forget_ended(self) -> None:
-        live = set()
+        live: set[str] = set()
         for record in self.core.snapshot.models.values():
             live.update(c.id for c in record.canaries.values())
             live.update(c.id for c in record.shadows.values())
@@ -352,5 +352,3 @@ def _with(canary: Canary, *, thresholds: str, status: str, change: ChangeRequest
         status=status,
         change_id=None if change is None else change.id,
     )
-
-

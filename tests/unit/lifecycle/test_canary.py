@@ -9,6 +9,7 @@ entry; on a protected label a canary starts and is promoted only with another ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from collections.abc import Iterator
@@ -81,9 +82,7 @@ class World:
         return asyncio.run(self.svc.dataplane.infer(who, MODEL, call, version, label))
 
     def canary(self, version: int, share: float, label: str = "production", **limits: Any) -> Any:
-        return self.svc.start_canary(
-            self.admin, MODEL, label, version, share, Thresholds(**limits)
-        )
+        return self.svc.start_canary(self.admin, MODEL, label, version, share, Thresholds(**limits))
 
     def audit(self, action: str) -> list[Any]:
         return [e for e in self.svc.audit.entries() if e.action == action]
@@ -156,7 +155,8 @@ def test_a_canary_serves_its_share_of_callers_each_always_from_the_same_version(
     arms = {a["role"]: a for a in status[0]["versions"]}
     # Canary callers' calls were run on the primary too, off the request path, and compared.
     assert arms["canary"]["compared"] > 0
-    assert arms["canary"]["agreement"] is not None and arms["canary"]["agreement"] > 0.8
+    assert arms["canary"]["agreement"] is not None
+    assert arms["canary"]["agreement"] > 0.8
 
 
 def test_promote_moves_the_label_and_abort_returns_every_caller(world: World) -> None:
@@ -230,10 +230,8 @@ def test_a_healthy_canary_is_not_rolled_back_and_too_few_requests_are_not_judged
     assert world.svc.canaries.check() == []
     world.canary(broken, 100, max_error_rate=0.01, min_requests=1000)
     for row in iris_rows(40):
-        try:
+        with contextlib.suppress(ModelkeepError):
             world.infer(caller, [row])
-        except ModelkeepError:
-            pass
     assert world.svc.canaries.check() == []
 
 
@@ -291,10 +289,9 @@ def test_protected_canaries_start_and_promote_only_with_another_keys_approval(
     world.svc.protect_label(world.admin, MODEL, "production", 1)
     caller = world.key()
 
-    canary, change = world.svc.start_canary(
-        publisher, MODEL, "production", two, 100, Thresholds()
-    )
-    assert change is not None and change.kind == "canary"
+    canary, change = world.svc.start_canary(publisher, MODEL, "production", two, 100, Thresholds())
+    assert change is not None
+    assert change.kind == "canary"
     assert canary.status == "pending"
     assert world.infer(caller).version == one  # not before the approval
     for who in (publisher, world.admin):  # the requester (and pusher), the admin alone
@@ -304,7 +301,9 @@ def test_protected_canaries_start_and_promote_only_with_another_keys_approval(
     assert world.infer(caller).version == two
 
     version, move = world.svc.promote_canary(publisher, MODEL, "production")
-    assert version == two and move is not None and move.kind == "set"
+    assert version == two
+    assert move is not None
+    assert move.kind == "set"
     for who in (publisher, world.admin):
         with pytest.raises(Forbidden):
             world.svc.approve_change(who, move.id)
