@@ -12,16 +12,22 @@ import asyncio
 import contextlib
 import json
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from typer.testing import CliRunner
 
+from modelkeep.api.app import create_app
 from modelkeep.api.v2.codec import InferRequest, decode_infer_request
 from modelkeep.auth import Principal
 from modelkeep.bootstrap import init_data_dir
+from modelkeep.cli import app as cli_app
+from modelkeep.cli._client import ClientOverrides
 from modelkeep.errors import Conflict, Forbidden, InvalidInput, ModelkeepError
 from modelkeep.lifecycle.canary import Thresholds, bucket
 from modelkeep.service import InferCall, InferResult, Service
@@ -354,3 +360,97 @@ def test_a_version_under_a_canary_is_not_deleted_and_bad_canaries_are_refused(
         world.svc.delete_version(world.admin, MODEL, str(two))
     world.svc.abort_canary(world.admin, MODEL, "production")
     world.svc.delete_version(world.admin, MODEL, str(two))
+
+
+class AppTransport(httpx.BaseTransport):
+    """A synchronous transport into the ASGI app on its own event loop thread, so that the
+    synchronous command line can call it."""
+
+    def __init__(self, app: Any) -> None:
+        self._inner = httpx.ASGITransport(app)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        content = request.read()
+
+        async def call() -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+            inner = httpx.Request(
+                request.method, request.url, headers=request.headers, content=content
+            )
+            response = await self._inner.handle_async_request(inner)
+            return response.status_code, response.headers.raw, await response.aread()
+
+        status, headers, data = asyncio.run_coroutine_threadsafe(call(), self._loop).result(60)
+        return httpx.Response(status, headers=headers, content=data, request=request)
+
+    def close(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+def test_the_api_and_command_line_start_report_promote_and_abort_canaries(
+    world: World, tmp_path: Path
+) -> None:
+    one = world.push(build_iris_onnx(seed=0))
+    two = world.push(build_iris_onnx(seed=1))
+    world.svc.set_label(world.admin, MODEL, "production", one)
+    made = world.svc.create_key(world.admin, role="admin", models=None, expires_at=None)
+    transport = AppTransport(create_app(world.svc, manage_lifecycle=False))
+    env = {"MODELKEEP_TOKEN": made.token, "MODELKEEP_URL": "http://127.0.0.1", "COLUMNS": "200"}
+
+    def cli(*args: str) -> Any:
+        overrides = ClientOverrides(transport=transport)
+        return CliRunner().invoke(cli_app, list(args), obj=overrides, env=env)
+
+    try:
+        started = cli(
+            "label",
+            "set",
+            MODEL,
+            "production",
+            str(two),
+            "--canary",
+            "100",
+            "--max-error-rate",
+            "0.2",
+        )
+        assert started.exit_code == 0, started.output
+        assert f"canary on production -> version {two}, 100.0% of callers [active]" in (
+            started.output
+        )
+        http = httpx.Client(transport=transport, base_url="http://127.0.0.1")
+        answer = http.post(
+            f"/v2/models/{MODEL}/infer",
+            content=body(iris_rows(2)),
+            headers={"Authorization": f"Bearer {made.token}", "Content-Type": "application/json"},
+        )
+        # V2 says which version answered: the canary's, for a request naming no version.
+        assert (answer.status_code, answer.json()["model_version"]) == (200, str(two))
+        status = cli("canary", "status", MODEL)
+        assert status.exit_code == 0, status.output
+        assert "AGREEMENT" in status.output
+        assert "canary" in status.output
+        listed = http.get(
+            f"/api/v1/models/{MODEL}/canary", headers={"Authorization": f"Bearer {made.token}"}
+        ).json()["canaries"]
+        assert listed[0]["thresholds"]["max_error_rate"] == 0.2
+        assert {a["role"]: a["requests"] for a in listed[0]["versions"]}["canary"] == 1
+        shadow = cli("label", "set", MODEL, "production", "--shadow", str(two), "--sample", "5")
+        assert shadow.exit_code == 0, shadow.output
+        assert cli("canary", "abort", MODEL, "--shadow").exit_code == 0
+        promoted = cli("canary", "promote", MODEL)
+        assert promoted.exit_code == 0, promoted.output
+        assert f"label production -> version {two} (canary promoted)" in promoted.output
+        missing = cli("canary", "abort", MODEL)
+        assert missing.exit_code != 0
+        assert "has no canary" in missing.output
+        refused = cli("label", "set", MODEL, "production", "1", "--canary", "150")
+        assert refused.exit_code != 0
+    finally:
+        transport.stop()
