@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -73,12 +74,12 @@ class Arm:
 
     def window(self, since: float) -> WindowStats:
         """Numbers of the runs and comparisons after ``since`` (monotonic seconds)."""
-        runs = [r for r in list(self.recent) if r[0] >= since]
+        runs = _since(self.recent, since)
         latencies = np.array([r[1] for r in runs if not r[2]], dtype=np.float64) * 1000.0
         p50 = p95 = p99 = None
         if latencies.size:
             p50, p95, p99 = (float(x) for x in np.percentile(latencies, [50, 95, 99]))
-        compared = [c for c in list(self.recent_agreement) if c[0] >= since]
+        compared = _since(self.recent_agreement, since)
         return WindowStats(
             requests=len(runs),
             errors=sum(1 for r in runs if r[2]),
@@ -88,6 +89,21 @@ class Arm:
             agreed=sum(c[1] for c in compared),
             compared=sum(c[2] for c in compared),
         )
+
+
+T = TypeVar("T", bound=tuple[Any, ...])
+
+
+def _since(recent: deque[T], since: float) -> list[T]:
+    """The entries of ``recent`` (oldest first, time first) at or after ``since``: read from
+    the newest back, so a judgement costs the window, not the whole history."""
+    found: list[T] = []
+    for entry in reversed(recent.copy()):
+        if entry[0] < since:
+            break
+        found.append(entry)
+    found.reverse()
+    return found
 
 
 @dataclass(slots=True)

@@ -35,6 +35,9 @@ from modelkeep.service.core import Core, resolve_version
 __all__ = ["Canaries"]
 
 _MODES = ("canary", "shadow")
+# Canaries are judged at most this often (the poller runs every refresh interval, 0.25 s by
+# default; judging reads up to the last 20,000 runs of each canary).
+_CHECK_EVERY_S = 1.0
 
 
 class Canaries:
@@ -54,6 +57,7 @@ class Canaries:
         # Numbers of ended canaries are dropped; failing canaries are withdrawn after each poll.
         core.on_refresh(self._forget_ended)
         core.on_poll(self._check_quietly)
+        self._checked = 0.0
 
     # -- starting ------------------------------------------------------------------------
 
@@ -281,6 +285,10 @@ class Canaries:
         return withdrawn
 
     def _check_quietly(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < _CHECK_EVERY_S:
+            return
+        self._checked = now
         try:
             self.check()
         except ModelkeepError as exc:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,25 @@ def test_a_broken_canary_is_rolled_back_automatically_with_an_alert_and_an_audit
     assert entry.details["window_errors"] == failed
     assert entry.details["window_requests"] == 30
     assert entry.details["version"] == broken
+
+
+def test_the_poller_withdraws_a_broken_canary_without_being_asked(world: World) -> None:
+    one = world.push(build_iris_onnx(seed=0))
+    broken = world.push(build_flaky_onnx())
+    world.svc.set_label(world.admin, MODEL, "production", one)
+    world.canary(broken, 100, max_error_rate=0.1, min_requests=30, window_s=600)
+    caller = world.key()
+    for row in iris_rows(30):
+        with contextlib.suppress(ModelkeepError):
+            world.infer(caller, [row])
+    world.svc.start()  # the poller judges canaries after each poll of the store
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if world.svc.canary_status(world.admin, MODEL)[0]["status"] != "active":
+            break
+        threading.Event().wait(0.05)
+    assert world.svc.canary_status(world.admin, MODEL)[0]["status"] == "rolled_back"
+    assert len(world.audit("canary.rollback")) == 1
 
 
 def test_a_healthy_canary_is_not_rolled_back_and_too_few_requests_are_not_judged(
