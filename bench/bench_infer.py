@@ -1022,7 +1022,14 @@ def measure_canary(
             headers={**target.admin, "Content-Type": "application/octet-stream"},
         )
         labelled = c.put(f"{base}/labels/production", json={"version": 1}, headers=target.admin)
-        if pushed.status_code != 201 or labelled.status_code != 200:
+        # Version 2 loaded before anything is measured (the server also warms canary
+        # versions after each change; a load during a measured run would be counted).
+        warmed = c.post(
+            f"/v2/models/{MODEL}/versions/2/infer",
+            content=loader.bodies[0],
+            headers={**target.headers, "Content-Type": "application/json"},
+        )
+        if pushed.status_code != 201 or labelled.status_code != 200 or warmed.status_code != 200:
             raise HarnessError(
                 f"canary set-up answered {pushed.status_code}, {labelled.status_code}"
             )
