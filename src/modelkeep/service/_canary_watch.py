@@ -40,8 +40,10 @@ __all__ = ["Arm", "Experiment", "Watch", "Watches"]
 
 # Runs (and comparisons) remembered per arm: enough for percentiles over a busy window.
 _RECENT = 20_000
-# Mirror queue: calls waiting for their other version at most; older ones are shed.
+# Mirror queue: calls waiting for their other version at most, and their input elements at
+# most (the queue holds the decoded tensors); older ones are shed.
 _MIRROR_CAPACITY = 256
+_MIRROR_MAX_ELEMENTS = 1 << 23
 # A canary's callers are compared with the primary on this share of their calls.
 _COMPARE_RATE = 1.0
 
@@ -185,7 +187,11 @@ class Watches:
         self._experiments: dict[tuple[str, int], Experiment] = {}
         self._lock = threading.Lock()
         self.mirror: DeferredFeed[_Mirrored] = DeferredFeed(
-            self._process, capacity=_MIRROR_CAPACITY, linger=0.01, chunk=16
+            self._process,
+            capacity=_MIRROR_CAPACITY,
+            max_cost=_MIRROR_MAX_ELEMENTS,
+            linger=0.01,
+            chunk=16,
         )
         self.mirror.on_drop = self._dropped
         self._last_offered: _Job | None = None
@@ -271,8 +277,12 @@ class Watches:
             if self._on_shed is not None:
                 self._on_shed()
             return
+        cost = sum(value.size for value in inputs.values())
+        if cost > _MIRROR_MAX_ELEMENTS:
+            job.experiment.shed += 1
+            return
         self._last_offered = job
-        self.mirror.put(_Mirrored(job, inputs, outputs))
+        self.mirror.put(_Mirrored(job, inputs, outputs), max(1, cost))
 
     def _dropped(self) -> None:
         # The mirror's queue was full: its oldest call is shed (counted on the newest's

@@ -378,6 +378,11 @@ def test_a_version_under_a_canary_is_not_deleted_and_bad_canaries_are_refused(
     world.canary(two, 10)
     with pytest.raises(Conflict, match="canary or shadow"):
         world.svc.delete_version(world.admin, MODEL, str(two))
+    # Nor does a retention rule delete it (version 3 is the newest; 2 is older but in use).
+    world.push(build_iris_onnx(seed=2))
+    world.svc.set_retention(world.admin, MODEL, keep_versions=1, capture_days=None)
+    world.svc.apply_retention(force=True)
+    assert sorted(world.svc.get_model(world.admin, MODEL).versions) == [1, 2, 3]
     world.svc.abort_canary(world.admin, MODEL, "production")
     world.svc.delete_version(world.admin, MODEL, str(two))
 
