@@ -235,7 +235,8 @@ def test_the_poller_withdraws_a_broken_canary_without_being_asked(world: World) 
     world.svc.start()  # the poller judges canaries after each poll of the store
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if world.svc.canary_status(world.admin, MODEL)[0]["status"] != "active":
+        # The audit entry is written last (after the canary ended and the alert was sent).
+        if world.audit("canary.rollback"):
             break
         threading.Event().wait(0.05)
     assert world.svc.canary_status(world.admin, MODEL)[0]["status"] == "rolled_back"
