@@ -478,5 +478,15 @@ def test_the_api_and_command_line_start_report_promote_and_abort_canaries(
         assert "has no canary" in missing.output
         refused = cli("label", "set", MODEL, "production", "1", "--canary", "150")
         assert refused.exit_code != 0
+        # On a protected label the command line opens change requests the same key cannot
+        # approve, for the canary and for its promotion.
+        world.svc.protect_label(world.admin, MODEL, "production", 1)
+        opened = cli("label", "set", MODEL, "production", "1", "--canary", "50", "--json")
+        assert opened.exit_code == 0, opened.output
+        change = json.loads(opened.output)
+        assert (change["kind"], change["status"]) == ("canary", "pending")
+        approved = cli("changes", "approve", change["id"])
+        assert approved.exit_code != 0
+        assert "cannot be approved by the key that made it" in approved.output
     finally:
         transport.stop()
