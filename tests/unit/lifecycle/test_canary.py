@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -30,7 +31,7 @@ from modelkeep.bootstrap import init_data_dir
 from modelkeep.cli import app as cli_app
 from modelkeep.cli._client import ClientOverrides
 from modelkeep.errors import Conflict, Forbidden, InvalidInput, ModelkeepError
-from modelkeep.lifecycle.canary import Thresholds, bucket
+from modelkeep.lifecycle.canary import Thresholds, WindowStats, agreement, bucket, crossed
 from modelkeep.service import InferCall, InferResult, Service
 from modelkeep.settings import Settings
 from modelkeep.testing import build_flaky_onnx, build_iris_onnx, iris_rows
@@ -120,6 +121,47 @@ def test_buckets_split_callers_within_statistical_bounds_of_the_share() -> None:
     first = {k for k in callers if bucket(k, MODEL, "production", "c1") < 10}
     second = {k for k in callers if bucket(k, MODEL, "production", "c2") < 10}
     assert 0 < len(first & second) < len(first) // 2
+
+
+def stats(requests: int = 100, errors: int = 0, p99: float = 1.0, agreed: int = 100) -> Any:
+    return WindowStats(requests, errors, 0.5, 0.9, p99, agreed, 100)
+
+
+def test_each_threshold_withdraws_a_canary_only_once_it_has_enough_requests() -> None:
+    limits = Thresholds(max_error_rate=0.05, max_p99_ms=20, min_agreement=0.9, min_requests=50)
+    assert crossed(stats(), limits) is None
+    assert crossed(stats(errors=6), limits) == "error rate 0.0600 above 0.0500"
+    assert crossed(stats(p99=25.0), limits) == "p99 latency 25.00 ms above 20.00 ms"
+    assert crossed(stats(agreed=80), limits) == "agreement 0.8000 below 0.9000"
+    # Too few requests: not judged, however bad.
+    assert crossed(stats(requests=49, errors=49, p99=999.0, agreed=0), limits) is None
+    # Thresholds not given are not checked.
+    assert crossed(stats(errors=90, p99=999.0, agreed=0), Thresholds()) is None
+
+
+def test_thresholds_out_of_range_are_refused_and_round_trip_as_json() -> None:
+    for bad in (
+        {"max_error_rate": 1.5},
+        {"min_agreement": -0.1},
+        {"max_p99_ms": 0},
+        {"max_p99_ms": float("nan")},
+        {"min_requests": 0},
+        {"window_s": 0.5},
+        {"window_s": 10**6},
+    ):
+        with pytest.raises(InvalidInput):
+            Thresholds(**bad)
+    limits = Thresholds(max_error_rate=0.1, max_p99_ms=5.5, min_agreement=0.95, window_s=60)
+    assert Thresholds.loads(limits.dumps()) == limits
+
+
+def test_agreement_compares_top1_answers_of_class_scores_or_labels() -> None:
+    scores = {"probabilities": np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], dtype=np.float32)}
+    other = {"probabilities": np.array([[0.4, 0.6], [0.1, 0.9], [0.2, 0.8]], dtype=np.float32)}
+    assert agreement(scores, other) == (2, 3)
+    labels = {"label": np.array([1, 0, 2], dtype=np.int64)}
+    assert agreement(labels, {"label": np.array([1, 1, 2], dtype=np.int64)}) == (2, 3)
+    assert agreement(labels, {"label": np.array([1, 0], dtype=np.int64)}) == (0, 0)
 
 
 def test_a_canary_serves_its_share_of_callers_each_always_from_the_same_version(
