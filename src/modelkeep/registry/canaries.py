@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from modelkeep.errors import NotFound
 from modelkeep.registry import _schema as t
-from modelkeep.registry.store import MetadataStore, put_label
+from modelkeep.registry.store import MetadataStore, live_canary, put_label
 
 __all__ = ["LIVE", "Canary", "CanaryStore"]
 
@@ -153,7 +153,7 @@ def _live(conn: Any, model_id: int, model: str, label: str, mode: str) -> Canary
     c = t.canaries.c
     row = conn.execute(
         sa.select(t.canaries).where(
-            c.model_id == model_id, c.label == label, c.mode == mode, c.status.in_(LIVE)
+            c.model_id == model_id, c.label == label, c.mode == mode, live_canary()
         )
     ).first()
     return None if row is None else _canary(model, row)

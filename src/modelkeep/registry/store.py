@@ -715,7 +715,7 @@ def _shred(
     c = t.canaries.c
     running = conn.execute(
         sa.select(c.label)
-        .where(c.model_id == model_id, c.version == number, c.status.in_(("active", "pending")))
+        .where(c.model_id == model_id, c.version == number, live_canary())
         .order_by(c.label)
     ).scalars()
     experiments = sorted(set(running))
@@ -836,6 +836,15 @@ def put_label(
     if previous != number:
         _end_experiments(conn, model_id, label, number, actor, now)
     return previous
+
+
+def live_canary() -> Any:
+    """Where a canaries row is running, or waiting for a change request still pending (one
+    whose request was rejected or expired is not live any more)."""
+    c = t.canaries.c
+    cr = t.change_requests.c
+    waiting = sa.select(cr.id).where(cr.status == "pending")
+    return (c.status == "active") | ((c.status == "pending") & c.change_id.in_(waiting))
 
 
 def _end_experiments(

@@ -399,6 +399,14 @@ def test_abort_is_allowed_on_a_protected_label_and_withdraws_a_pending_request(
     assert change is not None
     world.svc.abort_canary(publisher, MODEL, "production")
     assert world.svc.get_change(world.admin, change.id).status == "rejected"
+    # A canary whose request was rejected holds nothing: its version may be deleted.
+    _, again = world.svc.start_canary(publisher, MODEL, "production", two, 50, Thresholds())
+    assert again is not None
+    with pytest.raises(Conflict, match="canary or shadow"):
+        world.svc.delete_version(world.admin, MODEL, str(two))
+    approver = world.key("approver")
+    world.svc.reject_change(approver, again.id, "not now")
+    world.svc.delete_version(world.admin, MODEL, str(two))
 
 
 def test_a_version_under_a_canary_is_not_deleted_and_bad_canaries_are_refused(
