@@ -253,7 +253,10 @@ class CanaryOut(BaseModel):
     version: int
     share: float = Field(description="Percent of callers (canary) or of requests (shadow)")
     thresholds: ThresholdsOut
-    status: str = Field(description="pending, active, promoted, aborted, rolled_back or ended")
+    status: str = Field(
+        description="pending, active, promoted, aborted, rolled_back or ended; rejected, expired"
+        " or failed when its change request closed without starting it"
+    )
     change_id: str | None
     started_by: str
     started_at: datetime

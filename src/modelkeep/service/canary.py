@@ -16,6 +16,7 @@ changes an answer, so it needs no approval.
 from __future__ import annotations
 
 import time
+from contextlib import suppress
 from dataclasses import replace
 from typing import Any
 
@@ -222,6 +223,12 @@ class Canaries:
 
     def _status(self, canary: Canary) -> dict[str, Any]:
         thresholds = Thresholds.loads(canary.thresholds)
+        status = canary.status
+        if status == "pending" and canary.change_id is not None:
+            # Its change request was rejected, expired or failed: it never starts.
+            with suppress(NotFound):
+                decided = self.changes.lifecycle.change(canary.change_id).status
+                status = status if decided == "pending" else decided
         since = time.monotonic() - thresholds.window_s
         versions: list[dict[str, Any]] = []
         shed = 0
@@ -255,7 +262,7 @@ class Canaries:
                 "min_requests": thresholds.min_requests,
                 "window_s": thresholds.window_s,
             },
-            "status": canary.status,
+            "status": status,
             "change_id": canary.change_id,
             "started_by": canary.started_by,
             "started_at": canary.started_at,

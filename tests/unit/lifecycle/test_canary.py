@@ -406,6 +406,7 @@ def test_abort_is_allowed_on_a_protected_label_and_withdraws_a_pending_request(
         world.svc.delete_version(world.admin, MODEL, str(two))
     approver = world.key("approver")
     world.svc.reject_change(approver, again.id, "not now")
+    assert world.svc.canary_status(world.admin, MODEL)[0]["status"] == "rejected"
     world.svc.delete_version(world.admin, MODEL, str(two))
 
 
