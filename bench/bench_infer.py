@@ -986,6 +986,115 @@ def measure_workers(
     return {"concurrency": WORKERS_CONCURRENCY, "1": single, "2": double, "scaling": scaling}
 
 
+CANARY_CONCURRENCY = 8
+CANARY_SHARE = 10.0  # percent of callers on the canary
+SHADOW_SAMPLE = 1.0  # percent of requests mirrored to the shadow
+# "No measurable cost": within the run-to-run noise of medians over rounds on this machine.
+CANARY_TARGET = 0.95
+
+
+def measure_canary(
+    tmp: Path, model: bytes, procs: Processes, pin: Pinning, loader: Loader
+) -> dict[str, Any] | None:
+    """V2 infer on one server with and without an active canary and shadow, alternating.
+
+    The model is pushed twice and ``production`` points at version 1 (the load names no
+    version, so it is served through ``production``). With the canary on, version 2 takes
+    ``CANARY_SHARE`` % of callers and mirrors ``SHADOW_SAMPLE`` % of requests to version 2 as a
+    shadow: routing is decided once per caller (the load's one key lands on one side, printed),
+    every run is counted for the canary's numbers and the sampled calls are mirrored off the
+    request path, on the server's core. Off: both aborted. Same server, key and rows.
+    """
+    from modelkeep.testing import build_iris_onnx
+
+    opts = loader.opts
+    print(
+        f"\ncanary: V2 infer at concurrency {CANARY_CONCURRENCY}, with and without a"
+        f" {CANARY_SHARE:g}% canary and a {SHADOW_SAMPLE:g}% shadow on production"
+    )
+    target = start_modelkeep(tmp / "canary", model, procs, pin, label="mk", policy=BENCH_POLICY)
+    base = f"/api/v1/models/{MODEL}"
+    with httpx.Client(base_url=target.url, verify=target.ssl_context or False, timeout=60) as c:
+        pushed = c.post(
+            f"{base}/versions",
+            params={"filename": f"{MODEL}.onnx"},
+            content=build_iris_onnx(seed=1),
+            headers={**target.admin, "Content-Type": "application/octet-stream"},
+        )
+        labelled = c.put(f"{base}/labels/production", json={"version": 1}, headers=target.admin)
+        # Version 2 loaded before anything is measured (the server also warms canary
+        # versions after each change; a load during a measured run would be counted).
+        warmed = c.post(
+            f"/v2/models/{MODEL}/versions/2/infer",
+            content=loader.bodies[0],
+            headers={**target.headers, "Content-Type": "application/json"},
+        )
+        if pushed.status_code != 201 or labelled.status_code != 200 or warmed.status_code != 200:
+            raise HarnessError(
+                f"canary set-up answered {pushed.status_code}, {labelled.status_code}"
+            )
+
+        def switch(on: bool) -> None:
+            if on:
+                answers = [
+                    c.put(
+                        f"{base}/labels/production/canary",
+                        json={"version": 2, "share": CANARY_SHARE},
+                        headers=target.admin,
+                    ),
+                    c.put(
+                        f"{base}/labels/production/shadow",
+                        json={"version": 2, "sample": SHADOW_SAMPLE},
+                        headers=target.admin,
+                    ),
+                ]
+                if any(a.status_code != 200 for a in answers):
+                    raise HarnessError(f"canary start answered {[a.text for a in answers]}")
+            else:
+                for mode in ("canary", "shadow"):
+                    c.delete(f"{base}/labels/production/{mode}", headers=target.admin)
+
+        point = Point(CANARY_CONCURRENCY)
+        on_target = Target("mk-canary", target.url, target.headers, target.ssl_context, target.proc)
+        off_target = Target("mk-plain", target.url, target.headers, target.ssl_context, target.proc)
+        for round_no in range(1, opts.rounds + 1):
+            for state, which in ((False, off_target), (True, on_target)):
+                switch(state)
+                if opts.warmup:
+                    warm = loader.run(which, CANARY_CONCURRENCY, opts.warmup, f"c{round_no}-warmup")
+                    point.add(which.name, warm, warmup=True)
+                result = loader.run(which, CANARY_CONCURRENCY, opts.duration, f"c{round_no}")
+                point.add(which.name, result)
+                print(
+                    f"  {which.name:<10} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms"
+                    f"  p99 {result.p99_ms:7.2f} ms",
+                    flush=True,
+                )
+        status = c.get(f"{base}/canary", headers=target.admin).json()["canaries"]
+    plain, canary = point.summary(off_target.name), point.summary(on_target.name)
+    if plain is None or canary is None or not plain["rps"]:
+        print(f"canary: FAILED ({point.errors})")
+        return None
+    live = next((s for s in status if s["mode"] == "canary"), None)
+    arms = {a["role"]: a["requests"] for a in (live or {}).get("versions", [])}
+    side = "canary" if arms.get("canary") else "primary"
+    ratio = canary["rps"] / plain["rps"]
+    print(
+        f"canary at c={CANARY_CONCURRENCY} (median): without {plain['rps']:,.0f} req/s"
+        f" (p50 {plain['p50_ms']:.2f} ms), with {canary['rps']:,.0f} req/s"
+        f" (p50 {canary['p50_ms']:.2f} ms): {ratio:.3f}x; the load's key was on the {side} side"
+    )
+    return {
+        "concurrency": CANARY_CONCURRENCY,
+        "share": CANARY_SHARE,
+        "shadow_sample": SHADOW_SAMPLE,
+        "without": plain,
+        "with": canary,
+        "ratio": ratio,
+        "caller_side": side,
+    }
+
+
 def _cell(summary: dict[str, float] | None, width: int) -> str:
     if summary is None:
         return f"{'FAILED':>{width}} {'-':>7} {'-':>7} {'-':>6}"
@@ -1078,6 +1187,23 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
             "pass": protocol_ratio is not None and protocol_ratio >= PROTOCOL_TARGET,
         },
     ]
+    canary = meta.get("canary")
+    if canary is not None:
+        print(
+            f"\ncanary (same server, c={canary['concurrency']}; with/without a"
+            f" {canary['share']:g}% canary and a {canary['shadow_sample']:g}% shadow):"
+        )
+        print(f"  without {_cell(canary['without'], 9)}")
+        print(f"  with    {_cell(canary['with'], 9)}  ratio {canary['ratio']:.3f}x")
+    ratio_canary = None if canary is None else canary["ratio"]
+    targets.append(
+        {
+            "name": "V2 REST throughput with/without an active canary and shadow",
+            "target": f">= {CANARY_TARGET}",
+            "value": None if ratio_canary is None else round(ratio_canary, 3),
+            "pass": ratio_canary is not None and ratio_canary >= CANARY_TARGET,
+        }
+    )
     print("\ntargets:")
     for t in targets:
         value = "not measured" if t["value"] is None else t["value"]
@@ -1202,6 +1328,8 @@ def run(opts: Options) -> int:
         if WORKERS_CONCURRENCY in opts.concurrency:
             workers = measure_workers(tmp, model, procs, Loader(opts, wrk, NO_PIN, bodies, tmp))
             procs.stop_all()
+        canary = measure_canary(tmp, model, procs, pin, Loader(opts, wrk, pin, bodies, tmp))
+        procs.stop_all()
 
     meta = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -1221,6 +1349,7 @@ def run(opts: Options) -> int:
         },
         "versions": versions(),
         "workers": workers,
+        "canary": canary,
     }
     return 0 if report(points, opts, meta) else 1
 

@@ -20,6 +20,7 @@ __all__ = [
     "app_client",
     "build_custom_domain_onnx",
     "build_external_data_onnx",
+    "build_flaky_onnx",
     "build_iris_onnx",
     "build_slow_onnx",
     "iris_rows",
@@ -126,6 +127,49 @@ def build_external_data_onnx() -> bytes:
         initializer=[weight],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return bytes(model.SerializeToString(deterministic=True))
+
+
+def build_flaky_onnx() -> bytes:
+    """An iris-shaped model that fails on part of its inputs, for canary tests.
+
+    Same signature as ``build_iris_onnx`` (``input`` FP32 ``[-1, 4]``; ``label`` INT64 ``[-1]``,
+    ``probabilities`` FP32 ``[-1, 3]``). It looks its answer up in a five-row table by the
+    petal length (third feature) cast to an integer, so ONNX Runtime refuses the call when a
+    row's petal length is 5 or more (an index out of range): about 28% of iris rows, always the
+    same ones. Other rows get a one-hot answer: setosa below 2, versicolor from 2 to 5.
+    """
+    from onnx import TensorProto, helper
+
+    table = helper.make_tensor(
+        "table",
+        TensorProto.FLOAT,
+        [5, 3],
+        [1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0],
+    )
+    start = helper.make_tensor("start", TensorProto.INT64, [1], [2])
+    end = helper.make_tensor("end", TensorProto.INT64, [1], [3])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 3])
+    nodes = [
+        helper.make_node("Slice", ["input", "start", "end", "axes"], ["petal"]),
+        helper.make_node("Cast", ["petal"], ["index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "index"], ["rows"], axis=0),
+        helper.make_node("Reshape", ["rows", "shape"], ["probabilities"]),
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "flaky",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 3]),
+        ],
+        initializer=[table, start, end, axes, shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
     return bytes(model.SerializeToString(deterministic=True))
 
 

@@ -16,7 +16,9 @@ class ChangeOut(BaseModel):
     id: str
     model: str
     label: str
-    kind: str = Field(description="set, rollback, or protect (weakening a protection)")
+    kind: str = Field(
+        description="set, rollback, canary (start a canary), or protect (weakening a protection)"
+    )
     version: int | None
     previous: int | None
     new_approvals: int | None

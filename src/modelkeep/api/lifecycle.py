@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from modelkeep.lifecycle.canary import Thresholds
 from modelkeep.registry.bom import BOM_MEDIA_TYPE
 from modelkeep.service import Service
 from modelkeep.store.metadata import LabelMove, RetentionRule
@@ -192,6 +193,83 @@ class DriftOut(BaseModel):
     configured: bool
     settings: dict[str, Any] | None
     latest: dict[str, Any] | None = Field(description="Latest window's scores in this worker")
+
+
+class CanaryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: Annotated[int, Field(ge=1, le=999_999_999), WHOLE_NUMBER]
+    share: float = Field(gt=0, le=100, description="Percent of the label's callers (sticky)")
+    max_error_rate: float | None = Field(
+        default=None, ge=0, le=1, description="Roll back above this share of failed runs"
+    )
+    max_p99_ms: float | None = Field(
+        default=None, gt=0, le=3_600_000, description="Roll back above this p99 latency"
+    )
+    min_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="Roll back below this top-1 agreement"
+    )
+    min_requests: Annotated[int, Field(ge=1, le=1_000_000), WHOLE_NUMBER] = Field(
+        default=20, description="Requests to the canary in the window before it is judged"
+    )
+    window_s: float = Field(default=300, ge=1, le=86_400, description="Window judged, seconds")
+
+
+class ShadowIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: Annotated[int, Field(ge=1, le=999_999_999), WHOLE_NUMBER]
+    sample: float = Field(
+        default=100, gt=0, le=100, description="Percent of the label's requests mirrored"
+    )
+
+
+class ThresholdsOut(BaseModel):
+    max_error_rate: float | None
+    max_p99_ms: float | None
+    min_agreement: float | None
+    min_requests: int
+    window_s: float
+
+
+class ArmOut(BaseModel):
+    version: int
+    role: str = Field(description="primary, canary or shadow")
+    requests: int = Field(description="Runs counted since this replica saw the canary")
+    errors: int
+    window_requests: int
+    window_errors: int
+    error_rate: float | None = Field(description="In the window")
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    agreement: float | None = Field(description="Top-1 agreement with the primary, in the window")
+    compared: int = Field(description="Rows compared in the window")
+
+
+class CanaryOut(BaseModel):
+    id: str
+    model: str
+    label: str
+    mode: str = Field(description="canary or shadow")
+    version: int
+    share: float = Field(description="Percent of callers (canary) or of requests (shadow)")
+    thresholds: ThresholdsOut
+    status: str = Field(
+        description="pending, active, promoted, aborted, rolled_back or ended; rejected, expired"
+        " or failed when its change request closed without starting it"
+    )
+    change_id: str | None
+    started_by: str
+    started_at: datetime
+    ended_by: str | None
+    ended_at: datetime | None
+    reason: str | None
+    shed: int = Field(description="Mirrored runs shed under load (this replica)")
+    versions: list[ArmOut] = Field(description="This replica's numbers per version")
+
+
+class CanaryList(BaseModel):
+    model: str
+    canaries: list[CanaryOut]
 
 
 def _retention_out(rule: RetentionRule) -> RetentionOut:
@@ -442,5 +520,105 @@ def lifecycle_router(service: Service) -> APIRouter:
                 ks_alpha=body.ks_alpha,
             )
         )
+
+    @router.put(
+        "/models/{model}/labels/{label}/canary",
+        response_model=CanaryOut,
+        responses={**errors(400, 403, 404, 409), **_ACCEPTED},
+    )
+    async def start_canary(
+        request: Request, model: ModelName, label: LabelName, body: CanaryIn
+    ) -> Response:
+        """Serve a share of the label's callers from another version, sticky per caller,
+        withdrawn automatically past its thresholds. Protected: a change request (202)."""
+        thresholds = Thresholds(
+            max_error_rate=body.max_error_rate,
+            max_p99_ms=body.max_p99_ms,
+            min_agreement=body.min_agreement,
+            min_requests=body.min_requests,
+            window_s=body.window_s,
+        )
+        canary, change = await run_in_threadpool(
+            service.start_canary,
+            principal_of(request),
+            model,
+            label,
+            body.version,
+            body.share,
+            thresholds,
+        )
+        if change is not None:
+            return accepted(change)
+        found = await run_in_threadpool(_one, principal_of(request), model, label, canary.id)
+        return JSONResponse(found)
+
+    @router.put(
+        "/models/{model}/labels/{label}/shadow",
+        response_model=CanaryOut,
+        responses=errors(400, 403, 404, 409),
+    )
+    async def start_shadow(
+        request: Request, model: ModelName, label: LabelName, body: ShadowIn
+    ) -> Response:
+        """Mirror a sample of the label's requests to another version off the request path:
+        its answers are compared, never returned, never counted in budgets."""
+        shadow = await run_in_threadpool(
+            service.start_shadow, principal_of(request), model, label, body.version, body.sample
+        )
+        found = await run_in_threadpool(_one, principal_of(request), model, label, shadow.id)
+        return JSONResponse(found)
+
+    def _one(principal: Any, model: str, label: str, canary_id: str) -> dict[str, Any]:
+        found = [c for c in service.canary_status(principal, model, label) if c["id"] == canary_id]
+        return CanaryOut(**found[0]).model_dump(mode="json")
+
+    @router.get(
+        "/models/{model}/canary", response_model=CanaryList, responses=errors(400, 403, 404)
+    )
+    async def canary_status(
+        request: Request,
+        model: ModelName,
+        label: Annotated[str | None, Query(max_length=63, json_schema_extra=NAME_SCHEMA)] = None,
+    ) -> dict[str, Any]:
+        """The model's live canaries and shadows and the last ones that ended, with this
+        replica's request counts, errors, latency percentiles and agreement per version."""
+        found = await run_in_threadpool(service.canary_status, principal_of(request), model, label)
+        return {"model": model, "canaries": found}
+
+    @router.post(
+        "/models/{model}/labels/{label}/canary/promote",
+        response_model=RollbackOut,
+        responses={**errors(400, 403, 404, 409), **_ACCEPTED},
+    )
+    async def promote_canary(request: Request, model: ModelName, label: LabelName) -> Response:
+        """Point the label at its canary's version, ending the canary. Protected: a change
+        request (202) approved like any move."""
+        version, change = await run_in_threadpool(
+            service.promote_canary, principal_of(request), model, label
+        )
+        if change is not None:
+            return accepted(change)
+        out = RollbackOut(model=model, label=label, version=version)
+        return JSONResponse(out.model_dump(mode="json"))
+
+    @router.delete(
+        "/models/{model}/labels/{label}/canary",
+        status_code=204,
+        responses=errors(400, 403, 404),
+    )
+    async def abort_canary(request: Request, model: ModelName, label: LabelName) -> Response:
+        """End the label's canary: every caller is served the label's version again."""
+        await run_in_threadpool(service.abort_canary, principal_of(request), model, label)
+        return Response(status_code=204)
+
+    @router.delete(
+        "/models/{model}/labels/{label}/shadow",
+        status_code=204,
+        responses=errors(400, 403, 404),
+    )
+    async def abort_shadow(request: Request, model: ModelName, label: LabelName) -> Response:
+        """End the label's shadow."""
+        await run_in_threadpool(service.abort_canary, principal_of(request), model, label, "shadow")
+        return Response(status_code=204)
 
     return router

@@ -73,6 +73,8 @@ AlertKind = Literal[
     "change_requested",
     "change_decided",
     "emergency_change",
+    # A canary withdrawn automatically past its thresholds (service/canary.py).
+    "canary_rollback",
 ]
 ALERT_KINDS: frozenset[str] = frozenset(get_args(AlertKind))
 GroupBy = Literal["principal", "source"]

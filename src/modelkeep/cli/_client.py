@@ -416,6 +416,30 @@ class ApiClient:
         path = f"{_API}/changes/{_segment(change_id)}/reject"
         return self._object("POST", path, json={"reason": reason})
 
+    def start_canary(self, model: str, label: str, body: dict[str, Any]) -> JSONObject:
+        """The canary started, or (202) the change request a protected label opened."""
+        path = f"{_API}/models/{_segment(model)}/labels/{_segment(label)}/canary"
+        return self._object("PUT", path, json=body)
+
+    def start_shadow(self, model: str, label: str, version: int, sample: float) -> JSONObject:
+        path = f"{_API}/models/{_segment(model)}/labels/{_segment(label)}/shadow"
+        return self._object("PUT", path, json={"version": version, "sample": sample})
+
+    def canary_status(self, model: str, label: str | None) -> list[JSONObject]:
+        params = {} if label is None else {"label": label}
+        path = f"{_API}/models/{_segment(model)}/canary"
+        items = self._object("GET", path, params=params).get("canaries")
+        if not isinstance(items, list):
+            raise InternalError("the server's answer has no list of canaries")
+        return [item for item in items if isinstance(item, dict)]
+
+    def promote_canary(self, model: str, label: str) -> JSONObject:
+        path = f"{_API}/models/{_segment(model)}/labels/{_segment(label)}/canary/promote"
+        return self._object("POST", path)
+
+    def abort_canary(self, model: str, label: str, mode: str) -> None:
+        self._send("DELETE", f"{_API}/models/{_segment(model)}/labels/{_segment(label)}/{mode}")
+
     # -- plumbing -----------------------------------------------------------------------------
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:

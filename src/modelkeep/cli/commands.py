@@ -29,6 +29,7 @@ from typer.core import TyperGroup
 
 from modelkeep.cli import (
     _audit,
+    _canary,
     _kek,
     _lifecycle,
     _lineage,
@@ -126,6 +127,7 @@ app.add_typer(_lineage.retention_app, name="retention")
 app.add_typer(_lineage.drift_app, name="drift")
 app.add_typer(_lifecycle.eval_app, name="eval")
 app.add_typer(_lifecycle.changes_app, name="changes")
+app.add_typer(_canary.canary_app, name="canary")
 label_app.command("protect", epilog=EPILOG)(_lifecycle.label_protect)
 label_app.command("rollback", epilog=EPILOG)(_lifecycle.label_rollback)
 label_app.command("history", epilog=EPILOG)(_lifecycle.label_history)
@@ -341,16 +343,105 @@ def label_set(
     ctx: typer.Context,
     model: ModelArgument,
     label: LabelArgument,
-    version: Annotated[int, typer.Argument(help="Version number.", min=1)],
+    version: Annotated[
+        int | None,
+        typer.Argument(help="Version number (not with --shadow).", min=1, show_default=False),
+    ] = None,
+    canary: Annotated[
+        float | None,
+        typer.Option(
+            "--canary",
+            metavar="PCT",
+            help="Do not move LABEL: serve PCT% of its callers (sticky per caller) from VERSION.",
+            show_default=False,
+        ),
+    ] = None,
+    max_error_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--max-error-rate",
+            metavar="RATE",
+            help="Canary: roll back when more than this share (0-1) of its runs fail.",
+            show_default=False,
+        ),
+    ] = None,
+    max_p99_ms: Annotated[
+        float | None,
+        typer.Option(
+            "--max-p99-ms",
+            metavar="MS",
+            help="Canary: roll back when its p99 latency exceeds this.",
+            show_default=False,
+        ),
+    ] = None,
+    min_agreement: Annotated[
+        float | None,
+        typer.Option(
+            "--min-agreement",
+            metavar="RATE",
+            help="Canary: roll back when its top-1 agreement with the primary falls below this.",
+            show_default=False,
+        ),
+    ] = None,
+    min_requests: Annotated[
+        int,
+        typer.Option(
+            "--min-requests", metavar="N", help="Canary: requests before it is judged.", min=1
+        ),
+    ] = 20,
+    window: Annotated[
+        float,
+        typer.Option("--window", metavar="SECONDS", help="Canary: the window judged."),
+    ] = 300.0,
+    shadow: Annotated[
+        int | None,
+        typer.Option(
+            "--shadow",
+            metavar="VERSION",
+            help="Do not move LABEL: mirror a sample of its requests to VERSION off the "
+            "request path (compared, never returned).",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    sample: Annotated[
+        float,
+        typer.Option("--sample", metavar="PCT", help="Shadow: percent of requests mirrored."),
+    ] = 100.0,
     json_output: JsonOption = False,
 ) -> None:
-    """Point LABEL of MODEL at VERSION (creating or moving the label).
+    """Point LABEL of MODEL at VERSION (creating or moving the label), or start a canary or
+    a shadow on it.
 
     A protected label is not moved at once: a change request is opened that other keys
-    approve (see `modelkeep changes`).
+    approve (see `modelkeep changes`); so is a canary on it.
 
-    Example: modelkeep label set iris production 3
+    Examples: modelkeep label set iris production 3;
+    modelkeep label set iris production 4 --canary 10 --max-error-rate 0.05;
+    modelkeep label set iris production --shadow 5 --sample 20
     """
+    if canary is not None or shadow is not None:
+        thresholds = {
+            "max_error_rate": max_error_rate,
+            "max_p99_ms": max_p99_ms,
+            "min_agreement": min_agreement,
+            "min_requests": min_requests,
+            "window_s": window,
+        }
+        _canary.start(
+            ctx,
+            model,
+            label,
+            version,
+            canary=canary,
+            shadow=shadow,
+            sample=sample,
+            thresholds=thresholds,
+            json_output=json_output,
+        )
+        return
+    if version is None:
+        raise typer.BadParameter("give the VERSION to point the label at")
     with client_from(ctx.obj) as client:
         answer = client.set_label(model, label, version)
     if json_output:

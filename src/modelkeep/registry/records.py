@@ -52,6 +52,22 @@ class VersionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class CanaryRecord:
+    """An active canary (a share of a label's callers served by another version) or shadow (a
+    sample of its requests mirrored to another version, never answered from)."""
+
+    id: str
+    model: str
+    label: str
+    mode: str  # "canary" or "shadow"
+    version: int
+    share: float  # percent of callers (canary) or of requests (shadow), in (0, 100]
+    thresholds: str  # JSON (modelkeep.lifecycle.canary.Thresholds)
+    started_by: str
+    started_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRecord:
     """A model with its versions (ascending) and labels (label -> version number)."""
 
@@ -75,6 +91,13 @@ class ModelRecord:
         default_factory=lambda: MappingProxyType({})
     )
     drift: str | None = None  # the drift monitoring config as JSON (modelkeep.guard.drift)
+    # Active canaries and shadows, by the label they split or mirror.
+    canaries: MappingProxyType[str, CanaryRecord] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    shadows: MappingProxyType[str, CanaryRecord] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     @property
     def latest_version(self) -> int | None:

@@ -89,6 +89,25 @@ class Changes:
     def _is_protected(self, model: str, label: str) -> bool:
         return model in self.core.snapshot.models and label in self.lifecycle.protections(model)
 
+    # -- for canaries (service/canary.py), which start and promote through change requests --
+
+    def protected(self, model: str, label: str) -> bool:
+        """Whether ``label`` of ``model`` moves only through approved change requests."""
+        return self._is_protected(model, label)
+
+    def require_gates(self, record: ModelRecord, number: int, label: str) -> None:
+        """GateRefused unless version ``number`` passes ``label``'s gates now."""
+        self._require_gates(record, number, label, relative=True)
+
+    def open_change(
+        self, principal: Principal, record: ModelRecord, label: str, kind: str, version: int
+    ) -> ChangeRequest:
+        """Open a change request of ``kind`` (``canary``: start a canary) on ``label``."""
+        return self._open_change(principal, record, label, kind, version)
+
+    def announce(self, change: ChangeRequest) -> None:
+        self._announce(change)
+
     # -- evidence for bills of materials ---------------------------------------------------
 
     def bom_evidence(
@@ -112,7 +131,9 @@ class Changes:
                 "applied_at": c.decided_at,
             }
             for c in reversed(self.lifecycle.changes(status="applied"))
-            if c.model == version.model and c.version == version.number and c.kind != "protect"
+            if c.model == version.model
+            and c.version == version.number
+            and c.kind not in ("protect", "canary")
         ]
         return metrics, approvals
 
@@ -402,7 +423,8 @@ class Changes:
             return
         self.refresh()
         record = self.core.snapshot.models[change.model]
-        self._require_gates(record, change.version, change.label, relative=change.kind == "set")
+        relative = change.kind in ("set", "canary")
+        self._require_gates(record, change.version, change.label, relative=relative)
 
     def reject_change(self, principal: Principal, change_id: str, reason: str) -> ChangeRequest:
         """Close a pending request unapplied; approvers, admins, or the requester (withdraw)."""

@@ -303,13 +303,17 @@ class Core:
                 hook()
 
     def _warm(self) -> None:
-        """Load every model's default version so the first request does not pay for it."""
+        """Load every model's default version, and the versions of its canaries and shadows,
+        so the first request does not pay for it."""
         for model in self._snapshot.models.values():
             number = model.default_version()
-            if number is not None and not self._stop.is_set():
-                # A failure is recorded in _failed and reported when the version is used.
-                with suppress(ModelkeepError):
-                    self.session(model.versions[number])
+            numbers = [] if number is None else [number]
+            numbers += [c.version for c in (*model.canaries.values(), *model.shadows.values())]
+            for number in numbers:
+                if number in model.versions and not self._stop.is_set():
+                    # A failure is recorded in _failed and reported when the version is used.
+                    with suppress(ModelkeepError):
+                        self.session(model.versions[number])
 
     def ready(self) -> bool:
         """Serving: not draining, default versions loaded (or tried), database and limits up."""
@@ -515,6 +519,7 @@ def alerter_from(settings: Settings) -> Alerter | None:
         AlertRule("change-requested", "change_requested"),
         AlertRule("change-decided", "change_decided"),
         AlertRule("emergency-change", "emergency_change"),
+        AlertRule("canary-rollback", "canary_rollback"),
     ]
     hooks = [Webhook(url, settings.alert_webhook_secret) for url in settings.alert_webhooks]
     return Alerter(hooks, rules)

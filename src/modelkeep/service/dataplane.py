@@ -21,13 +21,14 @@ import numpy as np
 from modelkeep import __version__
 from modelkeep.audit import tracing
 from modelkeep.auth import Principal
-from modelkeep.errors import Forbidden, RateLimited, Unavailable
+from modelkeep.errors import Forbidden, ModelkeepError, RateLimited, Unavailable
 from modelkeep.guard.gate import Alarm, request_rows
 from modelkeep.guard.policy import ModelPolicy
 from modelkeep.policy import Action
 from modelkeep.registry.records import ModelRecord, VersionRecord
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.runtime.signature import ModelSignature
+from modelkeep.service._canary_watch import Watch, Watches
 from modelkeep.service._runner import InferRunner
 from modelkeep.service._shared import SnapshotMemo, log, model_target
 from modelkeep.service.core import Core, resolve_version
@@ -133,6 +134,8 @@ class InferTarget:
     version: VersionRecord
     session: LoadedModel
     policy: ModelPolicy
+    # Set only on a label with a canary or shadow: counts the run, samples it for the mirror.
+    watch: Watch | None = None
 
 
 def _no_drift(model: str, inputs: Mapping[str, np.ndarray]) -> None:
@@ -142,7 +145,13 @@ def _no_drift(model: str, inputs: Mapping[str, np.ndarray]) -> None:
 class DataPlane:
     """Server and model metadata, readiness and inference, for every protocol alike."""
 
-    def __init__(self, core: Core, captures: Captures, drift: DriftMonitor | None = None) -> None:
+    def __init__(
+        self,
+        core: Core,
+        captures: Captures,
+        drift: DriftMonitor | None = None,
+        watches: Watches | None = None,
+    ) -> None:
         self._core = core
         self.captures = captures
         # Population drift: each call's inputs are offered to the monitor, which queues them
@@ -156,6 +165,10 @@ class DataPlane:
         self.authorizer = core.authorizer
         self.max_elements = core.settings.max_tensor_elements
         self.runner = InferRunner(core.settings, core.metrics)
+        # Canary routing and shadow mirroring; the mirror is shed once the queue is half full.
+        self.watches = watches or Watches(core.session)
+        runner = self.runner
+        self.watches.busy = lambda: runner.in_flight * 2 >= runner.max_queue
         # What an infer call resolves before it runs, per (caller, model, version, label),
         # valid for one snapshot (see _target).
         self._targets: SnapshotMemo[tuple[Any, ...], InferTarget] = SnapshotMemo(_MAX_TARGETS)
@@ -309,11 +322,19 @@ class DataPlane:
                     outputs = session.run(inputs, names)
             else:
                 outputs = session.run(inputs, names)
-            self.metrics.observe_inference(
-                model=record.name, version=found.number, seconds=time.perf_counter() - started
-            )
+            seconds = time.perf_counter() - started
+            self.metrics.observe_inference(model=record.name, version=found.number, seconds=seconds)
+        except ModelkeepError:
+            # A run that failed counts against the version in a canary (not a caller's 4xx:
+            # those are refused before the run).
+            if target.watch is not None:
+                target.watch.failed()
+            raise
         finally:
             admitted.release()
+        watch = target.watch
+        if watch is not None:
+            watch.ran(seconds, inputs, outputs)
         # 4. Watch the caller's query stream. Throttle and block act before the answer leaves;
         # log and alert are fed off the request path and reach _on_alarms within a bounded delay.
         alarms = gate.observe(
@@ -362,11 +383,17 @@ class DataPlane:
         if found is None:
             record = core.authorized_model(principal, Action.MODEL_INFER, model)
             served = resolve_version(record, version, label)
+            watch = None
+            # A request that names a version is never rerouted; one that names a label (or
+            # none: the default, under `production`) may be, sticky per caller.
+            if version is None and (record.canaries or record.shadows):
+                served, watch = self.watches.route(record, label, served, principal.key_id)
             found = InferTarget(
                 record=record,
                 version=served,
                 session=core.session(served),
                 policy=self.gate.policy(record.name, record.policy),
+                watch=watch,
             )
             self._targets.remember(targets, key, found)
         return found

@@ -9,7 +9,9 @@ others, but these, which are handed what they use of another part here:
 - management moves labels through the change requests, which judge gates with the
   evaluations, and has each push evaluated;
 - the lineage part reads a version's metrics and approvals from the change requests;
-- the key service's last re-wrap pass also re-wraps the evaluation sets' keys.
+- the key service's last re-wrap pass also re-wraps the evaluation sets' keys;
+- the data plane routes canaries and mirrors shadows through the watches the canaries part
+  reads and judges, and canaries start and promote through the change requests.
 
 | attribute | part | what it does |
 |---|---|---|
@@ -25,6 +27,7 @@ others, but these, which are handed what they use of another part here:
 | ``lineage`` | ``Lineage`` | versions including deleted ones, CycloneDX bills of materials |
 | ``retention`` | ``Retention`` | crypto-shredding deletion, retention rules (on the poller) |
 | ``drift`` | ``DriftWatch`` | population drift: its reference, its status, the monitor |
+| ``canaries`` | ``Canaries`` | canary and shadow traffic on labels, automatic rollback |
 
 The calls the API and the CLI make are also attributes of ``Service`` itself, bound once to
 the part that serves them (``service.push`` is ``service.management.push``): no call pays for
@@ -49,7 +52,9 @@ from modelkeep.policy import Authorizer
 from modelkeep.registry.blobs import BlobStore, blob_store_from
 from modelkeep.registry.records import Snapshot
 from modelkeep.registry.upload import staging_dir
+from modelkeep.service._canary_watch import Watches
 from modelkeep.service.audit import AuditReader
+from modelkeep.service.canary import Canaries
 from modelkeep.service.capture import Captures
 from modelkeep.service.changes import Changes
 from modelkeep.service.core import Core, alerter_from
@@ -100,9 +105,11 @@ class Service:
         )
         self.captures = Captures(core)
         self.drift = drift = DriftWatch(core)
-        self.dataplane = DataPlane(core, self.captures, drift.monitor)
+        watches = Watches(core.session)
+        self.dataplane = DataPlane(core, self.captures, drift.monitor, watches)
         self.evaluations = evaluations = Evaluations(core)
         self.changes = changes = Changes(core, evaluations)
+        self.canaries = canaries = Canaries(core, changes, watches)
         self.management = management = Management(core, changes)
         self.guard = guard = GuardAdmin(core, on_calibrated=drift.calibrate_from)
         self.lineage = lineage = Lineage(core, changes.bom_evidence)
@@ -181,6 +188,11 @@ class Service:
         self.apply_retention = retention.apply_retention
         self.drift_status = drift.drift_status
         self.configure_drift = drift.configure_drift
+        self.start_canary = canaries.start_canary
+        self.start_shadow = canaries.start_shadow
+        self.promote_canary = canaries.promote
+        self.abort_canary = canaries.abort
+        self.canary_status = canaries.status
 
     @classmethod
     def open(cls, settings: Settings, *, clock: Callable[[], datetime] = _utcnow) -> Service:

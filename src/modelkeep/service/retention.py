@@ -196,6 +196,9 @@ class Retention:
         if rule.keep_versions is None or model is None:
             return 0
         labelled = set(model.labels.values())
+        # A running canary or shadow needs its version as much as a label does (a pending one
+        # is refused by the store).
+        labelled.update(c.version for c in (*model.canaries.values(), *model.shadows.values()))
         older = sorted(model.versions)[: -rule.keep_versions]
         done = 0
         for number in older:

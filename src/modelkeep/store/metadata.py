@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from modelkeep.auth.apikeys import KeyRecord
 from modelkeep.errors import ConfigError, Conflict, NotFound, Unavailable
-from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord
+from modelkeep.registry.records import CanaryRecord, ModelRecord, Snapshot, VersionRecord
 from modelkeep.runtime.signature import ModelSignature
 from modelkeep.store import _push_keys as push_keys
 from modelkeep.store import schema as t
@@ -201,6 +201,9 @@ class MetadataStore:
             policy_rows = conn.execute(sa.select(t.model_policies)).all()
             restriction_rows = conn.execute(sa.select(t.key_restrictions)).all()
             drift_rows = conn.execute(sa.select(t.drift_configs)).all()
+            canary_rows = conn.execute(
+                sa.select(t.canaries).where(t.canaries.c.status == "active")
+            ).all()
         names = {row.id: row.name for row in model_rows}
         by_model: dict[int, dict[int, VersionRecord]] = {row.id: {} for row in model_rows}
         deleted: dict[int, dict[int, VersionRecord]] = {row.id: {} for row in model_rows}
@@ -223,6 +226,11 @@ class MetadataStore:
         for row in restriction_rows:
             if row.model_id in restrictions:
                 restrictions[row.model_id][row.key_id] = (row.kind, row.reason)
+        experiments: dict[tuple[int, str], dict[str, CanaryRecord]] = {}
+        for row in canary_rows:
+            if row.model_id in names:
+                found = _canary_record(names[row.model_id], row)
+                experiments.setdefault((row.model_id, row.mode), {})[row.label] = found
         models = {
             row.name: ModelRecord(
                 name=row.name,
@@ -237,6 +245,8 @@ class MetadataStore:
                 restrictions=MappingProxyType(restrictions[row.id]),
                 deleted=MappingProxyType(deleted[row.id]),
                 drift=drifts.get(row.id),
+                canaries=MappingProxyType(experiments.get((row.id, "canary"), {})),
+                shadows=MappingProxyType(experiments.get((row.id, "shadow"), {})),
             )
             for row in model_rows
         }
@@ -508,6 +518,7 @@ class MetadataStore:
                 raise NotFound(f"model '{model}' has no label '{label}'")
             if now is not None:
                 _add_history(conn, model_id, label, None, previous, "delete", actor, now, None)
+                _end_experiments(conn, model_id, label, None, actor, now)
 
     def create_key(self, record: KeyRecord, *, created_by: str) -> None:
         with self._write() as conn:
@@ -587,6 +598,7 @@ class MetadataStore:
                 sa.delete(t.change_approvals).where(t.change_approvals.c.change_id.in_(changes))
             )
             for table in (
+                t.canaries,
                 t.model_policies,
                 t.key_restrictions,
                 t.publishers,
@@ -700,6 +712,18 @@ def _shred(
             f"model '{model}' version {number} is under label(s) {', '.join(names)}: move or"
             " remove them first"
         )
+    c = t.canaries.c
+    running = conn.execute(
+        sa.select(c.label)
+        .where(c.model_id == model_id, c.version == number, live_canary())
+        .order_by(c.label)
+    ).scalars()
+    experiments = sorted(set(running))
+    if experiments:
+        raise Conflict(
+            f"model '{model}' version {number} is the canary or shadow of label(s)"
+            f" {', '.join(experiments)}: abort them first (modelkeep canary abort)"
+        )
     cr = t.change_requests.c
     pending = conn.execute(
         sa.select(cr.id)
@@ -809,7 +833,57 @@ def put_label(
             .values(**values)
         )
     _add_history(conn, model_id, label, number, previous, kind, actor, now, change_id)
+    if previous != number:
+        _end_experiments(conn, model_id, label, number, actor, now)
     return previous
+
+
+def live_canary() -> Any:
+    """Where a canaries row is running, or waiting for a change request still pending (one
+    whose request was rejected or expired is not live any more)."""
+    c = t.canaries.c
+    cr = t.change_requests.c
+    waiting = sa.select(cr.id).where(cr.status == "pending")
+    return (c.status == "active") | ((c.status == "pending") & c.change_id.in_(waiting))
+
+
+def _end_experiments(
+    conn: Connection, model_id: int, label: str, number: int | None, actor: str, now: datetime
+) -> None:
+    """A label moved to ``number`` (None: deleted): its canary ends (``promoted`` when it moved
+    onto the canary's version), and so does a shadow of the version now served."""
+    c = t.canaries.c
+    live = (c.model_id == model_id) & (c.label == label) & c.status.in_(("active", "pending"))
+    ended = {"ended_by": actor, "ended_at": now}
+    if number is None:
+        conn.execute(sa.update(t.canaries).where(live).values(status="ended", **ended))
+        return
+    conn.execute(
+        sa.update(t.canaries)
+        .where(live, (c.mode == "canary") | (c.version == number))
+        .values(
+            status=sa.case((c.version == number, "promoted"), else_="ended"),
+            reason=sa.case(
+                (c.version == number, "the label moved onto its version"),
+                else_="the label moved",
+            ),
+            **ended,
+        )
+    )
+
+
+def _canary_record(model: str, row: Any) -> CanaryRecord:
+    return CanaryRecord(
+        id=row.id,
+        model=model,
+        label=row.label,
+        mode=row.mode,
+        version=row.version,
+        share=float(row.share),
+        thresholds=row.thresholds,
+        started_by=row.started_by,
+        started_at=row.started_at,
+    )
 
 
 def _version_record(model: str, row: Any) -> VersionRecord:
@@ -1257,6 +1331,18 @@ class LifecycleStore:
             if change.kind == "protect":
                 assert change.new_approvals is not None
                 _set_protection(conn, model_id, change.label, change.new_approvals, by, now)
+            elif change.kind == "canary":
+                # Start the canary the request holds, if the label is still where it was.
+                if _label_version(conn, model_id, change.label) != change.previous:
+                    raise StaleChange
+                cc = t.canaries.c
+                started = conn.execute(
+                    sa.update(t.canaries)
+                    .where(cc.change_id == change.id, cc.status == "pending")
+                    .values(status="active", started_at=now)
+                ).rowcount
+                if not started:
+                    raise StaleChange
             else:
                 if _label_version(conn, model_id, change.label) != change.previous:
                     raise StaleChange

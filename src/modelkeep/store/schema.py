@@ -14,6 +14,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     LargeBinary,
@@ -367,4 +368,29 @@ change_approvals = Table(
     Column("change_id", String(32), ForeignKey("change_requests.id"), primary_key=True),
     Column("key_id", String(64), primary_key=True),
     Column("time", UTCDateTime, nullable=False),
+)
+
+# Canary and shadow traffic on a label (docs/lifecycle.md): `mode` canary (a share of the
+# label's callers served by `version`) or shadow (a sample of its requests mirrored to `version`
+# off the request path). `share`: percent of callers (canary) or of requests (shadow).
+# `thresholds`: JSON (service/canary.py). `status`: pending (a change request must approve it),
+# active, promoted, aborted, rolled_back or ended; at most one pending or active row per
+# (model, label, mode), which the service enforces.
+canaries = Table(
+    "canaries",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("model_id", Integer, ForeignKey("models.id"), nullable=False, index=True),
+    Column("label", String(63), nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("share", Float, nullable=False),
+    Column("thresholds", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("change_id", String(32), nullable=True),
+    Column("started_by", String(64), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("ended_by", String(64), nullable=True),
+    Column("ended_at", UTCDateTime, nullable=True),
+    Column("reason", Text, nullable=True),
 )

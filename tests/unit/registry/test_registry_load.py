@@ -27,9 +27,9 @@ from modelkeep.errors import IntegrityError
 from modelkeep.registry.blobs import FileBlobStore
 from modelkeep.registry.records import VersionRecord
 from modelkeep.registry.registry import Registry
-from modelkeep.registry.store import MetadataStore, VersionDetails
 from modelkeep.registry.upload import Upload
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
+from modelkeep.store.metadata import MetadataStore, VersionDetails
 
 SIG = ModelSignature(
     inputs=(TensorSpec("input", "FP32", (-1, 4)),), outputs=(TensorSpec("label", "INT64", (-1,)),)
