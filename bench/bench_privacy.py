@@ -80,6 +80,7 @@ from bench_infer import start_modelkeep as start_server
 POLICIES = ["full", "top_k=1", "round=2", "round=1", "confidence=10", "confidence=2",
             "confidence=1", "reverse_sigmoid", "reverse_sigmoid=3.0:0.5", "label_only"]  # fmt: skip
 DEFAULTS = "defaults"
+LABEL_ROW = "any policy: label, Bernoulli"
 CLASSES = 10
 # As the paper's code: added before the log; below float32's smallest positive value, so it
 # only stands in for an exact 0 and never merges two scores a float32 model can tell apart.
@@ -176,6 +177,21 @@ def lira_scores(
         "online": np.nan_to_num(online, nan=0.0),
         "offline": np.nan_to_num(offline, nan=np.log(0.5)),
     }
+
+
+def label_scores(
+    shadow_right: np.ndarray, shadow_in: np.ndarray, target_right: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The same per-row test on the label alone, which every policy shows: whether the answer
+    is right is a coin, so the exact per-row model is Bernoulli, not Gaussian. Online: the
+    likelihood ratio of what the target showed (right or wrong) under the in and out rates
+    (add-half smoothed, so 0 of 16 is not a certainty); offline: the one-sided mid-p test
+    against the out rate alone. ``shadow_right``/``shadow_in``: shadow models x rows."""
+    p_in = ((shadow_right & shadow_in).sum(axis=0) + 0.5) / (shadow_in.sum(axis=0) + 1)
+    p_out = ((shadow_right & ~shadow_in).sum(axis=0) + 0.5) / ((~shadow_in).sum(axis=0) + 1)
+    online = np.where(target_right, np.log(p_in / p_out), np.log((1 - p_in) / (1 - p_out)))
+    offline = np.where(target_right, 1 - p_out / 2, (1 - p_out) / 2)
+    return {"online": online, "offline": offline}
 
 
 def outcome(members: np.ndarray, scores: np.ndarray) -> Outcome:
@@ -350,6 +366,11 @@ def interval(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def kept(name: str, cell: Cell) -> str:
+    # The label row shows no policy's answer: what it reads is the label every policy keeps.
+    return "    -  " if name == LABEL_ROW else f"{100 * min(cell.kept):6.2f}%"
+
+
 def tables(cells: dict[str, Cell], targets: int) -> list[str]:
     head = "| policy shown to the consumer | online AUC | TPR@1%FPR | offline AUC | TPR@1%FPR |"
     rule = "|---|---|---|---|---|"
@@ -359,7 +380,7 @@ def tables(cells: dict[str, Cell], targets: int) -> list[str]:
             on, off = cell.outcomes["online"][0], cell.outcomes["offline"][0]
             lines.append(
                 f"| {name:<28} | {on.auc:.3f} | {100 * on.tpr_at_1pct:5.1f}% | {off.auc:.3f}"
-                f" | {100 * off.tpr_at_1pct:5.1f}% | {100 * cell.kept[0]:6.2f}% |"
+                f" | {100 * off.tpr_at_1pct:5.1f}% | {kept(name, cell)} |"
             )
         return lines
     lines = [f"mean over {targets} targets [95% interval]:", head + " top-1 kept |", rule + "---|"]
@@ -369,8 +390,8 @@ def tables(cells: dict[str, Cell], targets: int) -> list[str]:
             auc = interval([o.auc for o in cell.outcomes[attack]])
             tpr = interval([100 * o.tpr_at_1pct for o in cell.outcomes[attack]])
             row += f" {auc[0]:.3f} [{auc[1]:.3f}, {auc[2]:.3f}] |"
-            row += f" {tpr[0]:4.1f}% [{tpr[1]:.1f}, {tpr[2]:.1f}] |"
-        lines.append(row + f" {100 * min(cell.kept):6.2f}% |")
+            row += f" {tpr[0]:4.1f}% [{max(tpr[1], 0.0):.1f}, {tpr[2]:.1f}] |"
+        lines.append(row + f" {kept(name, cell)} |")
     lines += ["", f"all {targets} targets' rows pooled:", head, rule]
     for name, cell in cells.items():
         members = np.concatenate(cell.members)
@@ -446,9 +467,21 @@ def attack_kind(kind: str, opts: argparse.Namespace, policies: Sequence[str]) ->
         cell.members.append(keep[t])
         cell.kept.append(float(np.mean(labels == full_labels)))
 
+    right = np.array([o["label"] == y for o in outputs])
+
+    def measure_label(t: int, labels: np.ndarray) -> None:
+        others = np.arange(pool_size) != t
+        cell = cells.setdefault(LABEL_ROW, Cell.empty())
+        for attack, score in label_scores(right[others], keep[others], labels == y).items():
+            cell.outcomes[attack].append(outcome(keep[t], score))
+            cell.scores[attack].append(score)
+        cell.members.append(keep[t])
+        cell.kept.append(1.0)
+
     if opts.in_process:
         for t in range(opts.targets):
             full_labels = shown_in_process(outputs[t], "full")[0]
+            measure_label(t, full_labels)
             for policy in policies:
                 measure(t, policy, policy, shown_in_process(outputs[t], policy), full_labels)
         return lines + tables(cells, opts.targets)
@@ -465,10 +498,13 @@ def attack_kind(kind: str, opts: argparse.Namespace, policies: Sequence[str]) ->
                 )
             full_labels = served.show(x, admin=True)[0]
             output = str(default["output"])
-            measure(t, f"{DEFAULTS} ({output})", output, served.show(x), full_labels)
+            shown = served.show(x)
+            measure(t, f"{DEFAULTS} ({output})", output, shown, full_labels)
+            measure_label(t, shown[0])
             for policy in policies:
                 served.set_output(policy)
                 measure(t, policy, policy, served.show(x), full_labels)
+            print(f"  target {t + 1}/{len(targets)} queried", file=sys.stderr, flush=True)
     lines.append(
         "served scores equal the same model's in-process scores under every policy"
         if not mismatched
