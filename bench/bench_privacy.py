@@ -39,7 +39,7 @@ Not done (the paper's optional parts): query augmentations (the targets are not 
 augmentation) and the paper's 256+ shadow models. Every policy keeps the top-1 label: the bench
 checks that the consumer's labels equal the admin's full-output labels on every row.
 
-Usage: python bench/bench_privacy.py [--shadows 16] [--targets 1] [--models gbt,mlp]
+Usage: python bench/bench_privacy.py [--shadows 16] [--targets 8] [--models gbt,mlp]
 [--policies P,P] [--variance auto] [--jobs 1] [--cache DIR] [--in-process]
 ``--in-process`` applies ``harden`` here instead of querying a server (for quick what-ifs);
 ``--cache DIR`` keeps the trained models (ONNX) so that a second run trains none of them again.
@@ -519,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--targets",
         type=int,
-        default=1,
+        default=8,
         help="targets, in turn, each with the other --shadows models as shadows (leave-one-out)",
     )
     parser.add_argument("--models", default="gbt,mlp")
