@@ -12,8 +12,9 @@ The attack, as in the paper (section IV), fixed before any result is seen:
 1. Train ``--shadows + 1`` models of the same architecture, each on a random half of the data
    (so each row is "in" about half of them). Model 0 is the target, the others its shadows;
    with ``--targets K``, models 0 .. K-1 are targets in turn, each with all the other models as
-   its shadows (the paper's leave-one-out evaluation). Paper: 256 or more models; we use 17 or
-   33 so that a run takes minutes on two shared cores.
+   its shadows (the paper's leave-one-out evaluation: more targets cost queries, not training).
+   Paper: 256 or more models; we use 17 (the default) to 65, so that a run takes minutes on
+   two shared cores.
 2. For every row ``(x, y)`` and every model, take the score row as the API shows it and scale
    the true class's score by ``phi = log(p_y) - log(sum of the other scores)`` (the paper's
    stable logit, computed as its code does: float64, the true class masked out of the sum,
