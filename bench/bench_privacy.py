@@ -7,7 +7,7 @@ ONNX with skl2onnx, pushed to a real ``modelkeep serve`` and queried over HTTPS 
 key, once with the model's defaults (no policy set) and once per output policy (set with the
 admin key, which is what ``modelkeep policy set MODEL --output P`` does).
 
-The attack, as in the paper (section IV), fixed before any result is seen:
+The attack, as in the paper (section IV), fixed by its advice, not by the results:
 
 1. Train ``--shadows + 1`` models of the same architecture, each on a random half of the data
    (so each row is "in" about half of them). Model 0 is the target, the others its shadows;
