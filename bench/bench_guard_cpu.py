@@ -67,13 +67,18 @@ class Run:
     feeder_cpu: float
     gc_passes: list[int] = field(default_factory=lambda: [0, 0, 0])
     gc_seconds: float = 0.0
+    # The longest the request thread can be kept from the GIL at once by either, in CPU time.
+    gc_longest: float = 0.0
+    feeder_longest: float = 0.0
 
     def line(self) -> str:
         per = 1e6 / self.requests
         return (
             f"  {self.policy:<10} {self.cpu * per:6.1f} us CPU/req"
             f"  (feeder thread {self.feeder_cpu * per:5.1f})"
-            f"  gc passes {self.gc_passes} taking {self.gc_seconds * per:5.1f} us/req"
+            f"  gc passes {self.gc_passes} taking {self.gc_seconds * per:5.1f} us/req;"
+            f" longest: gc pass {self.gc_longest * 1e3:.1f} ms,"
+            f" feeder slice {self.feeder_longest * 1e3:.1f} ms"
         )
 
 
@@ -84,13 +89,16 @@ class GcClock:
     def __init__(self) -> None:
         self.passes = [0, 0, 0]
         self.seconds = 0.0
+        self.longest = 0.0
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._started = time.thread_time()
         else:
-            self.seconds += time.thread_time() - self._started
+            took = time.thread_time() - self._started
+            self.seconds += took
+            self.longest = max(self.longest, took)
             self.passes[info["generation"]] += 1
 
 
@@ -129,7 +137,7 @@ class World:
         with contextlib.redirect_stdout(self._log):
             self.app = create_app(self.service, manage_lifecycle=False)
         # The feeder thread's own CPU time, added up around each batch it feeds.
-        self.feeder_cpu = 0.0
+        self.feeder_cpu = self.feeder_longest = 0.0
         feed = self.service.gate.feed
         process: Callable[[list[Any]], None] = feed._process
 
@@ -138,7 +146,9 @@ class World:
             try:
                 process(items)
             finally:
-                self.feeder_cpu += time.thread_time() - started
+                took = time.thread_time() - started
+                self.feeder_cpu += took
+                self.feeder_longest = max(self.feeder_longest, took)
 
         feed._process = timed
 
@@ -202,7 +212,7 @@ def measure(name: str, opts: argparse.Namespace, payloads: list[bytes]) -> Run:
             clock = GcClock()
             profile = cProfile.Profile() if opts.profile else None
             gc.callbacks.append(clock)
-            world.feeder_cpu = 0.0
+            world.feeder_cpu = world.feeder_longest = 0.0
             started = time.process_time()
             try:
                 if profile is not None:
@@ -217,7 +227,16 @@ def measure(name: str, opts: argparse.Namespace, payloads: list[bytes]) -> Run:
             if profile is not None:
                 opts.profile.mkdir(parents=True, exist_ok=True)
                 profile.dump_stats(opts.profile / f"{name}.prof")
-            return Run(name, opts.requests, cpu, world.feeder_cpu, clock.passes, clock.seconds)
+            return Run(
+                name,
+                opts.requests,
+                cpu,
+                world.feeder_cpu,
+                clock.passes,
+                clock.seconds,
+                clock.longest,
+                world.feeder_longest,
+            )
         finally:
             world.close()
 

@@ -3,10 +3,11 @@
 Stored as JSON with the model (one policy per model, every version) and parsed once per snapshot.
 Every field is validated here, so a stored policy is always one the server can apply.
 
-A model with no stored policy gets :data:`DEFAULT_POLICY`, chosen to hold against membership
-inference and extraction out of the box (docs/hardening.md has the measurements): consumers see
-the top-1 answer and a coarse confidence, every key has a rate and a daily row budget, and the
-detectors raise alerts. Admins see full outputs. A stored policy is applied as written.
+A model with no stored policy gets :data:`DEFAULT_POLICY`, chosen to leak no more about its
+training rows than its answers must and to slow extraction out of the box (docs/hardening.md has
+the measurements): consumers see the top-1 answer only (a one-hot row, no confidence), every key
+has a rate and a daily row budget, and the detectors raise alerts. Admins see full outputs. A
+stored policy is applied as written.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ DEFAULT_OUTPUT = OutputPolicy.parse("confidence=1")
 DEFAULT_POLICY = ModelPolicy(
     # A rate per key and a daily row budget: extraction and probing need many rows.
     limits=Limits(rate="100/second", budget="100000/day"),
-    # Consumers get the top-1 answer and a coarse confidence; admins the model's own scores.
+    # Consumers get the top-1 answer alone; admins the model's own scores.
     output=DEFAULT_OUTPUT,
     output_for=MappingProxyType({"admin": _FULL}),
     # The OOD monitor acts once `modelkeep policy calibrate` has fitted its reference.
