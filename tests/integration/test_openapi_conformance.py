@@ -9,8 +9,8 @@ runs with is kept (schemathesis_hooks.py). Operations whose acceptable input JSO
 describe (a model file, an .npz, a future expiry, tensors that fit a model) are listed in
 schemathesis.toml.
 
-The protocols' routes are in the run too (V2 infer, TF Serving; SageMaker's and Azure ML's
-contracts are not in this description, they have their own), called on the model the run pushes,
+The protocols' routes are in the run too (V2 infer, TF Serving, Vertex AI's configured routes;
+SageMaker's and Azure ML's contracts are not in this description, they have their own), called on the model the run pushes,
 its version 1 and a label naming it (schemathesis.toml), so that they reach the data plane
 rather than a 404.
 """
@@ -37,7 +37,15 @@ EXAMPLES = "10"
 
 
 def test_schemathesis_with_every_check_finds_no_failure(tmp_path: Path) -> None:
-    server = init_server(tmp_path)
+    # Vertex AI's routes are described (and fuzzed) only when configured.
+    server = init_server(
+        tmp_path,
+        extra_env={
+            "MODELKEEP_VERTEX_PREDICT_ROUTE": "/vertex/predict",
+            "MODELKEEP_VERTEX_HEALTH_ROUTE": "/vertex/health",
+            "MODELKEEP_VERTEX_MODEL": "iris",
+        },
+    )
     server.start()
     try:
         # Something to find: the run otherwise meets only 404s on the model routes.
