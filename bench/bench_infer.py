@@ -10,7 +10,11 @@ One run starts two servers on this machine and puts the same load on each, in tu
 The same modelkeep server also listens for the Open Inference Protocol over gRPC (TLS, the same
 key), measured as a third row (``mk-grpc``) at the same concurrencies: one HTTP/2 connection per
 client, one call in flight on each, the one-row tensor in ``raw_input_contents`` as tritonclient
-sends it. wrk speaks no gRPC, so that load comes from a grpc.aio client in this process; its CPU
+sends it. wrk speaks no gRPC; that load comes from h2load (nghttp2-client, installed with apt-get
+when missing), which posts the framed ModelInferRequest over HTTP/2 and TLS as a gRPC client
+does. h2load cannot read the grpc-status trailers, so the answers are first checked with a real
+gRPC client, and each run is checked against the server's own count of failed calls (its
+Prometheus metrics). Without h2load, a grpc.aio client in this process makes the load; its CPU
 is shown, and near 100% means the client, not the server, set the number.
 
 The load is wrk (installed with apt-get when missing; a small Python load generator otherwise)
@@ -160,6 +164,10 @@ class Point:
             if values:
                 found[key] = statistics.median(values)
         return found
+
+    def measured(self, name: str) -> bool:
+        """Whether ``name`` was loaded at this point at all (``--targets`` may leave it out)."""
+        return name in self.rounds or name in self.errors
 
     def ratio(self) -> float | None:
         mk, bare = self.summary("modelkeep"), self.summary("bare")
@@ -321,22 +329,23 @@ class CpuMeter:
             result.cpu_us_per_request = round(seconds / result.requests * 1e6, 1)
 
 
-def ensure_wrk() -> str | None:
-    """wrk's path, installing it with apt-get when missing and possible; None otherwise."""
-    found = shutil.which("wrk")
+def ensure_tool(program: str, package: str) -> str | None:
+    """``program``'s path, installing Debian's ``package`` with apt-get when missing and
+    possible; None otherwise."""
+    found = shutil.which(program)
     if found:
         return found
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        print("wrk is not installed and cannot be installed here (needs root and apt-get)")
+        print(f"{program} is not installed and cannot be installed here (needs root and apt-get)")
         return None
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "wrk"]):
-        print(f"wrk is not installed; running: {' '.join(command)}", flush=True)
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
+        print(f"{program} is not installed; running: {' '.join(command)}", flush=True)
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
         if done.returncode != 0:
             print(f"  failed ({done.returncode}):\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
             return None
-    return shutil.which("wrk")
+    return shutil.which(program)
 
 
 # -- the two servers ---------------------------------------------------------------------------
@@ -840,6 +849,165 @@ def run_grpc_load(
     )
 
 
+# -- load generation: gRPC with h2load ---------------------------------------------------------
+
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One gRPC message on the wire: not compressed (0), its length (big-endian), the bytes."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def check_grpc_answers(target: Target, rows: list[list[float]], v2: list[dict[str, Any]]) -> None:
+    """Each row once through a real gRPC client (grpcio, the server's CA verified): OK and the
+    same labels and top classes as V2 REST, or HarnessError. h2load cannot read grpc-status, so
+    this is how the bench knows the calls it loads are answered correctly."""
+    import grpc
+    import numpy as np
+
+    from modelkeep.api.grpc import grpc_predict_v2_pb2 as pb
+
+    assert target.grpc is not None
+    assert target.ca_cert is not None
+    credentials = grpc.ssl_channel_credentials(Path(target.ca_cert).read_bytes())
+    metadata = (("authorization", target.headers["Authorization"]),)
+    with grpc.secure_channel(target.grpc, credentials) as channel:
+        call = channel.unary_unary(
+            GRPC_INFER, response_deserializer=pb.ModelInferResponse.FromString
+        )
+        for body, expected in zip(grpc_requests(rows), v2, strict=True):
+            try:
+                reply = call(body, metadata=metadata, timeout=30)
+            except grpc.RpcError as exc:
+                raise HarnessError(f"{target.name}: ModelInfer failed: {exc}") from None
+            got: dict[str, list[Any]] = {}
+            for output, raw in zip(reply.outputs, reply.raw_output_contents, strict=True):
+                dtype = {"INT64": "<i8", "FP32": "<f4"}.get(output.datatype)
+                if dtype is None:
+                    raise HarnessError(f"{target.name}: unexpected datatype {output.datatype}")
+                got[output.name] = np.frombuffer(raw, dtype=dtype).tolist()
+            try:
+                check_same_answers([got], [expected])
+            except HarnessError as exc:
+                raise HarnessError(f"{target.name} and V2 REST answers differ: {exc}") from None
+
+
+def grpc_call_counts(target: Target) -> dict[str, int]:
+    """ModelInfer calls the server has answered so far, by status (its Prometheus metrics, which
+    count gRPC calls under the RPC's route with the HTTP status their outcome maps to)."""
+    with httpx.Client(verify=target.ssl_context or True, timeout=30) as client:
+        reply = client.get(target.url + "/metrics", headers=target.admin)
+    if reply.status_code != 200:
+        raise HarnessError(f"/metrics answered {reply.status_code}: {reply.text[:300]}")
+    counts: dict[str, int] = {}
+    for line in reply.text.splitlines():
+        if not line.startswith("modelkeep_requests_total{") or f'route="{GRPC_INFER}"' not in line:
+            continue
+        labels, _, value = line.rpartition(" ")
+        status = labels.split('status="', 1)[1].split('"', 1)[0]
+        counts[status] = counts.get(status, 0) + int(float(value))
+    return counts
+
+
+def run_h2load(
+    h2load: str,
+    pin: Pinning,
+    target: Target,
+    body: Path,
+    concurrency: int,
+    seconds: int,
+    log: Path,
+) -> LoadResult:
+    """``concurrency`` HTTP/2 connections over TLS, one ModelInfer call in flight on each
+    (``-m 1``), for ``seconds``; latencies from h2load's per-request log. A call the server
+    refused still answers HTTP 200 (the gRPC status is in the trailers, which h2load does not
+    read), so the server's own count of failed calls over the run is added to ``non_200``."""
+    assert target.grpc is not None
+    before = grpc_call_counts(target)
+    log.unlink(missing_ok=True)
+    command = pin.load(
+        [
+            h2load,
+            "-t1",
+            f"-c{concurrency}",
+            "-m1",
+            "-D",
+            str(seconds),
+            "-d",
+            str(body),
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-H",
+            f"authorization: {target.headers['Authorization']}",
+            "--log-file",
+            str(log),
+            f"https://{target.grpc}{GRPC_INFER}",
+        ]
+    )
+    used_before = _children_cpu_s()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    used = _children_cpu_s() - used_before
+    if done.returncode != 0:
+        raise HarnessError(f"h2load failed ({done.returncode}): {done.stderr[-1000:]}")
+    after = grpc_call_counts(target)
+    refused = sum(n - before.get(s, 0) for s, n in after.items() if s != "200")
+    answered = after.get("200", 0) - before.get("200", 0)
+    result = parse_h2load(done.stdout, log)
+    result.non_200 += refused
+    if answered < result.requests:
+        # The server counts a call once it has answered it: fewer OKs than h2load's answers
+        # means some answers were not OK calls.
+        result.non_200 += result.requests - answered
+    if result.duration_s:
+        result.client_cpu_pct = round(100 * used / result.duration_s, 1)
+    return result
+
+
+def parse_h2load(output: str, log: Path) -> LoadResult:
+    """h2load's summary (duration, failures) and its per-request log (status, latency)."""
+    duration = 0.0
+    failed = errored = timeouts = 0
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith("finished in "):
+            text = line.removeprefix("finished in ").split(",", 1)[0]
+            duration = float(text[:-2]) / 1000 if text.endswith("ms") else float(text[:-1])
+        elif line.startswith("requests: "):
+            fields = {
+                word: int(number)
+                for number, word in (part.split()[:2] for part in line[10:].split(", "))
+            }
+            failed, errored, timeouts = fields["failed"], fields["errored"], fields["timeout"]
+    if not duration:
+        raise HarnessError(f"h2load printed no summary:\n{output[-1000:]}")
+    latencies: list[float] = []
+    non_200 = 0
+    for entry in log.read_text().splitlines():
+        _start, status, elapsed = entry.split("\t")[:3]
+        if status != "200":
+            non_200 += 1
+        latencies.append(int(elapsed) / 1000)
+    ordered = sorted(latencies)
+
+    def percentile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else 0.0
+
+    return LoadResult(
+        requests=len(ordered),
+        duration_s=round(duration, 3),
+        rps=len(ordered) / duration,
+        p50_ms=percentile(50),
+        p90_ms=percentile(90),
+        p99_ms=percentile(99),
+        max_ms=ordered[-1] if ordered else 0.0,
+        non_200=max(non_200, failed - errored),
+        socket_errors={"errored": errored, "timeout": timeouts},
+    )
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -850,6 +1018,8 @@ class Options:
     rounds: int
     concurrency: list[int]
     loadgen: str
+    grpc_loadgen: str
+    targets: list[str]
     pin: bool
     output: Path
 
@@ -865,9 +1035,11 @@ class Loader:
         bodies: list[bytes],
         tmp: Path,
         rows: list[list[float]] | None = None,
+        h2load: str | None = None,
     ) -> None:
         self.opts, self.wrk, self.pin, self.bodies, self.tmp = opts, wrk, pin, bodies, tmp
         self.rows = rows or []
+        self.h2load = h2load
         self.raw_dir = opts.output.parent / "wrk"
         for stale in self.raw_dir.glob("*.txt"):  # one run's raw output at a time
             stale.unlink()
@@ -879,7 +1051,16 @@ class Loader:
             meter = CpuMeter(self.pin.server_cpu, self.pin.load_cpu, target.proc.pid)
         before = meter.snapshot() if meter else None
         bodies = target.bodies or self.bodies
-        if target.grpc is not None:
+        if target.grpc is not None and self.h2load is not None:
+            body = self.tmp / "grpc-infer.bin"
+            if not body.exists():
+                # h2load posts one body: the first row, framed as one gRPC message.
+                body.write_bytes(grpc_frame(grpc_requests(self.rows[:1])[0]))
+            log = self.tmp / "h2load.log"
+            result = run_h2load(self.h2load, self.pin, target, body, concurrency, seconds, log)
+            self.raw_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, self.raw_dir / f"{target.name}-c{concurrency}-{tag}.log")
+        elif target.grpc is not None:
             result = run_grpc_load(target, self.rows, concurrency, seconds)
         elif self.wrk is None:
             result = run_python_load(target, bodies, concurrency, seconds, target.path)
@@ -929,7 +1110,7 @@ def measure_all(targets: list[Target], points: dict[int, Point], loader: Loader)
                         f" (its core {result.server_core_busy_pct:3.0f}% busy)"
                     )
                 if result.client_cpu_pct is not None:
-                    line += f"  wrk {result.client_cpu_pct:3.0f}% CPU"
+                    line += f"  client {result.client_cpu_pct:3.0f}% CPU"
                 if result.load_core_busy_pct is not None:
                     line += f" (its core {result.load_core_busy_pct:3.0f}% busy)"
                 if result.failures:
@@ -941,6 +1122,8 @@ WORKERS_CONCURRENCY = 8
 NO_PIN = Pinning(None, None)
 GRPC_ROW = "mk-grpc"
 GRPC_TARGET = 0.85  # V2 gRPC req/s >= 0.85 x V2 REST req/s (issue 13) ...
+# What --targets can choose: the loads of the main rounds, and the workers and canary comparisons.
+TARGET_NAMES = ("modelkeep", GRPC_ROW, "tfserving", "bare", "workers", "canary")
 
 
 def measure_workers(
@@ -1095,9 +1278,10 @@ def measure_canary(
     }
 
 
-def _cell(summary: dict[str, float] | None, width: int) -> str:
+def _cell(summary: dict[str, float] | None, width: int, measured: bool = True) -> str:
     if summary is None:
-        return f"{'FAILED':>{width}} {'-':>7} {'-':>7} {'-':>6}"
+        shown = "FAILED" if measured else "-"
+        return f"{shown:>{width}} {'-':>7} {'-':>7} {'-':>6}"
     cpu = summary.get("cpu_us_per_request")
     cpu_text = f"{cpu:>6.0f}" if cpu is not None else f"{'-':>6}"
     return (
@@ -1120,8 +1304,9 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
         ratio = point.ratio()
         shown = f"{ratio:>6.2f}x" if ratio is not None else f"{'-':>7}"
         print(
-            f"{concurrency:>4} | {_cell(point.summary('modelkeep'), 13)} | "
-            f"{_cell(point.summary('bare'), 9)} | {shown}"
+            f"{concurrency:>4} | "
+            f"{_cell(point.summary('modelkeep'), 13, point.measured('modelkeep'))} | "
+            f"{_cell(point.summary('bare'), 9, point.measured('bare'))} | {shown}"
         )
 
     print(f"\nV2 gRPC on the same modelkeep server ({GRPC_ROW}; client = the gRPC client's CPU %):")
@@ -1138,7 +1323,7 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
         client = over.get("client_cpu_pct") if over else None
         ratio_text = grpc_ratios[concurrency]
         print(
-            f"{concurrency:>4} | {_cell(over, 9)} | "
+            f"{concurrency:>4} | {_cell(over, 9, point.measured(GRPC_ROW))} | "
             + (f"{client:>5.0f}%" if client is not None else f"{'-':>6}")
             + " | "
             + (f"{ratio_text:>8.2f}x" if ratio_text is not None else f"{'-':>9}")
@@ -1152,7 +1337,8 @@ def report(points: dict[int, Point], opts: Options, meta: dict[str, Any]) -> boo
         for name in ("tfserving",):
             against = point.protocol_ratio(name)
             shown = f"{against:>5.2f}x" if against is not None else f"{'-':>6}"
-            print(f"{concurrency:>4} | {name:<10} {_cell(point.summary(name), 9)} | {shown}")
+            cell = _cell(point.summary(name), 9, point.measured(name))
+            print(f"{concurrency:>4} | {name:<10} {cell} | {shown}")
 
     ratio_point = points.get(RATIO_CONCURRENCY)
     ratio = ratio_point.ratio() if ratio_point else None
@@ -1269,9 +1455,16 @@ def run(opts: Options) -> int:
     from modelkeep.testing import build_iris_onnx, iris_rows
 
     pin = choose_pinning(opts.pin)
-    wrk = ensure_wrk() if opts.loadgen in ("auto", "wrk") else None
+    wrk = ensure_tool("wrk", "wrk") if opts.loadgen in ("auto", "wrk") else None
     if wrk is None and opts.loadgen == "wrk":
         raise HarnessError("wrk was asked for and is not available")
+    h2load = None
+    if GRPC_ROW in opts.targets and opts.grpc_loadgen in ("auto", "h2load"):
+        h2load = ensure_tool("h2load", "nghttp2-client")
+        if h2load is None and opts.grpc_loadgen == "h2load":
+            raise HarnessError("h2load was asked for and is not available")
+    if GRPC_ROW in opts.targets and h2load is None:
+        print("gRPC load: the grpc.aio client in this process (h2load is not used)")
     if wrk is None:
         print("load generator: Python fallback (slower than wrk; high-concurrency numbers may be")
         print("bound by the client, not the server)")
@@ -1280,6 +1473,8 @@ def run(opts: Options) -> int:
         os.sched_setaffinity(0, {pin.load_cpu})
     load_before = os.getloadavg()[0]
     print(f"load generator: {'wrk' if wrk else 'python'}; pinning: {pin.describe()}")
+    if GRPC_ROW in opts.targets:
+        print(f"gRPC load generator: {'h2load' if h2load else 'grpc.aio (python)'}")
     print(
         f"per point: {opts.warmup} s warm-up + {opts.duration} s measured, keep-alive connections;"
         f" {opts.rounds} round(s), the targets alternating"
@@ -1310,8 +1505,9 @@ def run(opts: Options) -> int:
             GRPC_ROW,
             modelkeep.url,
             modelkeep.headers,
-            None,
+            modelkeep.ssl_context,
             modelkeep.proc,
+            modelkeep.admin,
             ca_cert=modelkeep.ca_cert,
             grpc=f"127.0.0.1:{grpc_port}",
         )
@@ -1319,17 +1515,23 @@ def run(opts: Options) -> int:
         print(f"both servers give the same answers on {len(bodies)} sample rows")
         # The same server, model, key and rows through TF Serving's REST API.
         tfserving = tfserving_target(modelkeep, iris_rows(BODY_ROWS))
-        # Both stay up for the whole run; only the one under load does work.
         rows = iris_rows(BODY_ROWS)
-        loader = Loader(opts, wrk, pin, bodies, tmp, rows)
-        measure_all([modelkeep, over_grpc, tfserving, bare], points, loader)
+        # The same for gRPC, through a real client (h2load only counts HTTP statuses).
+        check_grpc_answers(over_grpc, rows, smoke_outputs(modelkeep, bodies))
+        print(f"gRPC answers the same as V2 REST on {len(rows)} sample rows")
+        # All stay up for the whole run; only the one under load does work.
+        loader = Loader(opts, wrk, pin, bodies, tmp, rows, h2load)
+        chosen = [modelkeep, over_grpc, tfserving, bare]
+        measure_all([t for t in chosen if t.name in opts.targets], points, loader)
         procs.stop_all()
         workers = None
-        if WORKERS_CONCURRENCY in opts.concurrency:
+        if WORKERS_CONCURRENCY in opts.concurrency and "workers" in opts.targets:
             workers = measure_workers(tmp, model, procs, Loader(opts, wrk, NO_PIN, bodies, tmp))
             procs.stop_all()
-        canary = measure_canary(tmp, model, procs, pin, Loader(opts, wrk, pin, bodies, tmp))
-        procs.stop_all()
+        canary = None
+        if "canary" in opts.targets:
+            canary = measure_canary(tmp, model, procs, pin, Loader(opts, wrk, pin, bodies, tmp))
+            procs.stop_all()
 
     meta = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -1342,6 +1544,10 @@ def run(opts: Options) -> int:
         },
         "load": {
             "generator": "wrk" if wrk else "python-fallback",
+            "grpc_generator": "h2load" if h2load else "grpc.aio",
+            "grpc_body": "one row (FP32 [1,4] in raw_input_contents)"
+            if h2load
+            else f"{BODY_ROWS} rows cycled",
             "duration_s": opts.duration,
             "warmup_s": opts.warmup,
             "rounds": opts.rounds,
@@ -1368,6 +1574,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default="auto",
         help="auto: wrk (installed with apt-get if missing), else the Python fallback",
     )
+    parser.add_argument(
+        "--grpc-loadgen",
+        choices=("auto", "h2load", "python"),
+        default="auto",
+        help="auto: h2load (installed with apt-get if missing), else the grpc.aio client",
+    )
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGET_NAMES),
+        help=f"comma-separated subset of {','.join(TARGET_NAMES)} to measure (default: all)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin CPUs with taskset")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
@@ -1379,12 +1596,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         parser.error("need concurrency >= 1, --duration >= 1 and --warmup >= 0")
     if args.rounds < 1:
         parser.error("need --rounds >= 1")
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not targets or any(t not in TARGET_NAMES for t in targets):
+        parser.error(f"--targets takes names from {','.join(TARGET_NAMES)}")
     return Options(
         duration=args.duration,
         warmup=args.warmup,
         rounds=args.rounds,
         concurrency=concurrency,
         loadgen=args.loadgen,
+        grpc_loadgen=args.grpc_loadgen,
+        targets=targets,
         pin=not args.no_pin,
         output=args.output,
     )

@@ -82,12 +82,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     server.start()
     try:
         iris = build_iris_onnx()
-        for name in ("iris", "other", "rated", "hardened"):
+        for name in ("iris", "other", "rated", "hardened", "labelled"):
             assert push(server, name, iris).status_code == 201
+        # "labelled" has two versions; its label "canary" names the older one.
+        assert push(server, "labelled", build_iris_onnx(seed=1)).status_code == 201
         with server.client(server.admin_key) as admin:
             world = World(server, port, admin)
-            for name in ("iris", "other", "hardened"):
+            for name in ("iris", "other", "hardened", "labelled"):
                 world.policy(name, limits={})  # unlimited: only "rated" is rate-limited
+            r = admin.put("/api/v1/models/labelled/labels/canary", json={"version": 1})
+            assert r.status_code == 200, r.text
             yield world
     finally:
         server.stop()
@@ -130,6 +134,70 @@ def test_tritonclient_over_tls_answers_as_v2_rest_does(world: World) -> None:
     assert result.get_response().model_version == "1"
     assert result.as_numpy("label").tolist() == expected["label"].tolist()
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected["probabilities"])
+
+
+def test_a_label_names_the_version_over_grpc(world: World) -> None:
+    key = world.consumer("labelled")
+    plain = {"authorization": f"Bearer {key}"}
+    canary = {**plain, "modelkeep-label": "canary"}
+    inputs = triton_inputs(np.asarray(iris_rows(2), dtype=np.float32))
+    with world.triton() as client:
+
+        def version_of(**call: object) -> str:
+            result = client.infer("labelled", inputs, **call)  # type: ignore[arg-type]
+            return str(result.get_response().model_version)
+
+        # Neither a version nor a label: the newest version; the label names version 1, in
+        # the metadata or as the request parameter, which tritonclient sends unchanged.
+        assert version_of(headers=plain) == "2"
+        assert version_of(headers=canary) == "1"
+        assert version_of(headers=plain, parameters={"label": "canary"}) == "1"
+        assert version_of(headers=canary, parameters={"label": "canary"}) == "1"
+        assert client.is_model_ready("labelled", headers=canary)
+        assert client.get_model_metadata("labelled", headers=canary).name == "labelled"
+
+        def refused(status: str, call: object) -> None:
+            with pytest.raises(InferenceServerException) as caught:
+                call()  # type: ignore[operator]
+            assert caught.value.status() == f"StatusCode.{status}"
+
+        missing = {**plain, "modelkeep-label": "no-such-label"}
+        refused("NOT_FOUND", lambda: client.infer("labelled", inputs, headers=missing))
+        refused("NOT_FOUND", lambda: client.is_model_ready("labelled", headers=missing))
+        refused("NOT_FOUND", lambda: client.get_model_metadata("labelled", headers=missing))
+        # A version and a label, or two different labels, are refused.
+        refused(
+            "INVALID_ARGUMENT",
+            lambda: client.infer("labelled", inputs, model_version="2", headers=canary),
+        )
+        refused(
+            "INVALID_ARGUMENT",
+            lambda: client.infer(
+                "labelled", inputs, model_version="2", headers=plain, parameters={"label": "canary"}
+            ),
+        )
+        refused(
+            "INVALID_ARGUMENT",
+            lambda: client.is_model_ready("labelled", model_version="2", headers=canary),
+        )
+        refused(
+            "INVALID_ARGUMENT",
+            lambda: client.get_model_metadata("labelled", model_version="1", headers=canary),
+        )
+        refused(
+            "INVALID_ARGUMENT",
+            lambda: client.infer(
+                "labelled", inputs, headers=canary, parameters={"label": "production"}
+            ),
+        )
+        refused(
+            "INVALID_ARGUMENT",
+            lambda: client.infer("labelled", inputs, headers=plain, parameters={"label": 1}),
+        )
+    # A caller without a valid key learns nothing about the label it sent.
+    with world.triton() as client:
+        stranger = {"authorization": "Bearer mk_nope_nope", "modelkeep-label": "canary"}
+        refused("UNAUTHENTICATED", lambda: client.infer("labelled", inputs, headers=stranger))
 
 
 def test_requested_outputs_and_typed_contents_are_honoured(world: World) -> None:

@@ -6,10 +6,13 @@ error schema, responses match their schemas and content types, schema-valid requ
 accepted and schema-violating ones refused, 405s name the allowed methods, nothing answers
 5xx. The run creates, changes and deletes freely (models, keys, labels, KEKs); only the key it
 runs with is kept (schemathesis_hooks.py). Operations whose acceptable input JSON Schema cannot
-describe (a model file, an .npz, a future expiry) are listed in schemathesis.toml.
+describe (a model file, an .npz, a future expiry, tensors that fit a model) are listed in
+schemathesis.toml.
 
-The V2 infer routes are left out: they are being reworked into the protocol-neutral data plane
-(issue 13) and do not yet describe their request bodies.
+The protocols' routes are in the run too (V2 infer, TF Serving, Vertex AI's configured routes;
+SageMaker's and Azure ML's contracts are not in this description, they have their own), called on the model the run pushes,
+its version 1 and a label naming it (schemathesis.toml), so that they reach the data plane
+rather than a 404.
 """
 
 from __future__ import annotations
@@ -34,13 +37,24 @@ EXAMPLES = "10"
 
 
 def test_schemathesis_with_every_check_finds_no_failure(tmp_path: Path) -> None:
-    server = init_server(tmp_path)
+    # Vertex AI's routes are described (and fuzzed) only when configured.
+    server = init_server(
+        tmp_path,
+        extra_env={
+            "MODELKEEP_VERTEX_PREDICT_ROUTE": "/vertex/predict",
+            "MODELKEEP_VERTEX_HEALTH_ROUTE": "/vertex/health",
+            "MODELKEEP_VERTEX_MODEL": "iris",
+        },
+    )
     server.start()
     try:
         # Something to find: the run otherwise meets only 404s on the model routes.
         assert push(server, "iris", build_iris_onnx()).status_code == 201
         with server.client(server.admin_key) as client:
             key_id = client.get("/api/v1/whoami").json()["id"]
+            # The label the protocols' label routes are called with (schemathesis.toml).
+            labelled = client.put("/api/v1/models/iris/labels/canary", json={"version": 1})
+            assert labelled.status_code == 200, labelled.text
         run = subprocess.run(
             [
                 SCHEMATHESIS,
@@ -61,8 +75,6 @@ def test_schemathesis_with_every_check_finds_no_failure(tmp_path: Path) -> None:
                 "1",
                 "--generation-database",
                 "none",
-                "--exclude-path-regex",
-                "/infer$",
             ],
             capture_output=True,
             text=True,

@@ -12,7 +12,9 @@ Routes declare the statuses their own handlers and the service can raise (``erro
   the error body, and 422 is kept for what it means here, a model modelkeep refuses.
 
 A 405's ``Allow`` names every method of the path, as the description does (Starlette's names
-only those of the first route whose path matched).
+only those of the first route whose path matched). A method the description does not list, on
+a path it does, is 405 too, also where no FastAPI route serves the path (the protocols' routes,
+answered before routing): not 404.
 
 Every error has the same body, :class:`ErrorOut`.
 """
@@ -186,7 +188,9 @@ def path_methods(schema: dict[str, Any]) -> list[tuple[re.Pattern[str], frozense
     where GET is, as Starlette answers it)."""
     found = []
     for path, operations in schema.get("paths", {}).items():
-        pattern = re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)))
+        # TF Serving's names never hold ':' (its verbs follow one: /v1/models/m:predict).
+        segment = "[^/:]+" if path.startswith("/v1/models/") else "[^/]+"
+        pattern = re.compile(re.sub(r"\\\{[^/]+?\\\}", segment, re.escape(path)))
         methods = {method.upper() for method in operations}
         if "GET" in methods:
             methods.add("HEAD")
@@ -218,4 +222,20 @@ def install_openapi(app: FastAPI, extra_paths: Callable[[], dict[str, Any]] | No
         allow = ", ".join(sorted(m for m in methods if m))
         return error_response(405, "method not allowed", {**(exc.headers or {}), "Allow": allow})
 
+    async def on_not_found(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if not templates:
+            templates.extend(path_methods(openapi()))
+        path = request.scope["path"]
+        methods: set[str] = set()
+        for pattern, answered in templates:
+            if pattern.fullmatch(path):
+                methods |= answered
+        if methods and request.scope["method"] not in methods:
+            # A described path asked with a method it does not answer.
+            allow = ", ".join(sorted(methods))
+            return error_response(405, "method not allowed", {"Allow": allow})
+        return error_response(404, "not found", exc.headers)
+
     app.add_exception_handler(405, on_method_not_allowed)
+    app.add_exception_handler(404, on_not_found)

@@ -130,6 +130,28 @@ def test_a_405_names_every_method_of_the_path(served: tuple[Any, dict[str, str]]
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("TRACE", "/v2/models/iris/infer", {"POST"}),
+        ("GET", "/v2/models/iris/versions/1/infer", {"POST"}),
+        ("TRACE", "/v1/models/iris:predict", {"POST"}),
+        ("PUT", "/v1/models/iris/labels/canary/metadata", {"GET", "HEAD"}),
+    ],
+)
+def test_a_protocol_route_asked_with_another_method_is_405_not_404(
+    served: tuple[Any, dict[str, str]], method: str, path: str, allowed: set[str]
+) -> None:
+    # The protocols' routes are answered before routing; the rest fell through to a 404.
+    app, admin = served
+    answer = call(app, method, path, headers=admin)
+    assert answer.status_code == 405
+    assert set(answer.headers["allow"].split(", ")) == allowed
+    assert answer.json() == {"error": "method not allowed"}
+    # An undescribed path is still not found.
+    assert call(app, method, "/v2/models/iris/nothing", headers=admin).status_code == 404
+
+
+@pytest.mark.parametrize(
     "path", ["/api/v1/models/iris/versions/%C2%B2", "/v2/models/iris/versions/%C2%B2/ready"]
 )
 def test_a_version_in_non_ascii_digits_is_not_found_not_a_500(

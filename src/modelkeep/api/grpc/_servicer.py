@@ -7,6 +7,12 @@ through the data plane (limits, queue, runtime, detectors, hardening, capture). 
 counted in the metrics and written to the access log like an HTTP request, under the route
 ``/inference.GRPCInferenceService/<RPC>``, with the HTTP status its outcome maps to.
 
+Labels: a call names a modelkeep label (``modelkeep label set``) instead of a version with the
+``modelkeep-label`` metadata key, on ModelInfer, ModelReady and ModelMetadata, or on ModelInfer
+with the request parameter ``label`` (a string). ``model_version`` stays the version number;
+naming both a version and a label is refused (INVALID_ARGUMENT), as is a label named twice
+differently.
+
 Errors: the modelkeep error tree maps to gRPC status codes in ``STATUS_BY_CODE``; a message is
 sent only when the error's message is written to be shown (as for REST), and anything else is
 INTERNAL "internal error" with the details in the server log.
@@ -45,6 +51,10 @@ from ._codec import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+# Where a call names a modelkeep label: this metadata key (every RPC that names a version) or,
+# on ModelInfer, this request parameter.
+LABEL_METADATA = "modelkeep-label"
+LABEL_PARAMETER = "label"
 Context = aio.ServicerContext[Any, Any]
 
 # The one map from modelkeep error codes to gRPC status codes.
@@ -73,6 +83,7 @@ class _Call:
     model: str | None = None
     version: str | int | None = None
     principal: Principal | None = None
+    label: str | None = None  # the modelkeep-label metadata, read with the key
     rows: int | None = None
     digest: str | None = None
     bytes_in: int = 0
@@ -117,7 +128,9 @@ class InferenceServicer:
         call.model, call.version = request.name, request.version or None
         principal = await self._authenticate(call, context)
         _named(request.name)
-        ready = self.dataplane.model_ready(principal, request.name, request.version or None)
+        ready = self.dataplane.model_ready(
+            principal, request.name, request.version or None, call.label
+        )
         return pb.ModelReadyResponse(ready=ready)
 
     async def model_metadata(
@@ -126,7 +139,9 @@ class InferenceServicer:
         call.model, call.version = request.name, request.version or None
         principal = await self._authenticate(call, context)
         _named(request.name)
-        metadata = self.dataplane.model_metadata(principal, request.name, request.version or None)
+        metadata = self.dataplane.model_metadata(
+            principal, request.name, request.version or None, call.label
+        )
         return model_metadata_response(metadata)
 
     async def model_infer(
@@ -140,6 +155,7 @@ class InferenceServicer:
         message = parse_infer_request(body)
         call.model, call.version = message.model_name, message.model_version or None
         _named(message.model_name)
+        label = _infer_label(message, call.label)
 
         def decode(signature: ModelSignature, max_elements: int) -> GrpcInferRequest:
             return decode_infer_request(message, signature, max_elements)
@@ -151,6 +167,7 @@ class InferenceServicer:
                 message.model_name,
                 InferCall(body, decode, "v2-grpc", observed),
                 message.model_version or None,
+                label,
             )
         finally:
             # Known once decoded, also when admission then refused the call.
@@ -181,13 +198,21 @@ class InferenceServicer:
 
     async def _authenticate(self, call: _Call, context: Context) -> Principal:
         authorization = None
+        labels: list[str | bytes] = []
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                authorization = value if isinstance(value, str) else None
-                break
+                if authorization is None:
+                    authorization = value if isinstance(value, str) else None
+            elif key == LABEL_METADATA:
+                labels.append(value)
         # A refusal is audited durably before it is raised.
         principal = await authenticate_request(self.service, authorization, call.peer)
         call.principal = principal
+        # Only a known caller hears what is wrong with the rest of its metadata.
+        if labels:
+            if len(labels) > 1 or not isinstance(labels[0], str):
+                raise InvalidInput(f"name at most one label, as text, in {LABEL_METADATA}")
+            call.label = labels[0]
         return principal
 
     def handler(
@@ -325,6 +350,21 @@ def _refusal(exc: ModelkeepError) -> _Refusal:
     if exc.retry_after is not None:
         trailers = (("retry-after", str(max(1, int(-(-exc.retry_after // 1))))),)
     return _Refusal(code, exc.message if shown else "internal error", http_status, trailers)
+
+
+def _infer_label(message: pb.ModelInferRequest, from_metadata: str | None) -> str | None:
+    """The label a ModelInfer call names, in its metadata or its ``label`` parameter."""
+    if LABEL_PARAMETER not in message.parameters:
+        return from_metadata
+    parameter = message.parameters[LABEL_PARAMETER]
+    if parameter.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInput(f"the request parameter '{LABEL_PARAMETER}' must be a string")
+    label = parameter.string_param
+    if from_metadata is not None and from_metadata != label:
+        raise InvalidInput(
+            f"the request names two labels (parameter '{LABEL_PARAMETER}' and {LABEL_METADATA})"
+        )
+    return label
 
 
 def _named(model: str) -> None:

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from modelkeep.api._auth import principal_of
 from modelkeep.api._errors import error_response
 from modelkeep.api._openapi import errors
+from modelkeep.runtime.signature import V2_DATATYPES
 from modelkeep.service import Service
 
 # The infer routes are served by the fast entry (``infer.py``) and only documented here.
@@ -21,6 +22,88 @@ def _v2_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     """V2's model metadata: the data plane's without the version it would serve."""
     meta.pop("version", None)
     return meta
+
+
+_PARAMETERS: dict[str, Any] = {"type": "object", "description": "Protocol parameters."}
+_DATATYPE: dict[str, Any] = {"type": "string", "enum": sorted(V2_DATATYPES)}
+_SHAPE: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+# The JSON form of an infer request. What JSON Schema cannot say, the description does: the
+# inputs must be the model's (every input of its signature once, with its datatype, rank and
+# fixed dimensions), and ``data`` must hold as many values as the shape, flat or nested.
+INFER_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": (
+        "An Open Inference Protocol infer request. The inputs must be those of the model's "
+        "signature (GET /v2/models/{model}), each once, with its datatype, rank and fixed "
+        "dimensions, and data holding as many values as the shape (flat or nested row-major)."
+    ),
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": _PARAMETERS,
+        "inputs": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "shape", "datatype", "data"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "shape": _SHAPE,
+                    "datatype": _DATATYPE,
+                    "parameters": _PARAMETERS,
+                    "data": {"description": "The values, flat or nested row-major."},
+                },
+            },
+        },
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": _PARAMETERS},
+            },
+        },
+    },
+}
+INFER_RESPONSE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["model_name", "model_version", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {"type": "string"},
+        "parameters": _PARAMETERS,
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "shape", "datatype"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "shape": _SHAPE,
+                    "datatype": _DATATYPE,
+                    "parameters": _PARAMETERS,
+                    "data": {
+                        "type": "array",
+                        "description": "Flat row-major values (absent when sent as binary).",
+                    },
+                },
+            },
+        },
+    },
+}
+# The binary tensor data extension: a JSON header of Inference-Header-Content-Length bytes,
+# then the tensors' bytes. Not describable in JSON Schema; described in words.
+_BINARY_BODY: dict[str, Any] = {
+    "type": "string",
+    "format": "binary",
+    "description": (
+        "Binary tensor data extension: the JSON request (inputs with parameters."
+        "binary_data_size instead of data) in the first Inference-Header-Content-Length bytes, "
+        "then each input's little-endian row-major bytes in input order."
+    ),
+}
 
 
 def infer_openapi_paths() -> dict[str, Any]:
@@ -44,7 +127,7 @@ def infer_openapi_paths() -> dict[str, Any]:
             "200": {
                 "description": "the outputs, hardened for the caller's role",
                 "content": {
-                    "application/json": {"schema": {"type": "object"}},
+                    "application/json": {"schema": INFER_RESPONSE_SCHEMA},
                     "application/octet-stream": {"schema": body},
                 },
             }
@@ -67,8 +150,8 @@ def infer_openapi_paths() -> dict[str, Any]:
                 "requestBody": {
                     "required": True,
                     "content": {
-                        "application/json": {"schema": {"type": "object"}},
-                        "application/octet-stream": {"schema": body},
+                        "application/json": {"schema": INFER_REQUEST_SCHEMA},
+                        "application/octet-stream": {"schema": _BINARY_BODY},
                     },
                 },
                 "responses": responses,
