@@ -6,17 +6,28 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # -- deps: a virtual environment from the host-built wheels, no network needed ------------
 FROM ${BASE_IMAGE} AS deps
-# --no-index: every wheel comes from the build context; pip's cache is not kept. pip and
-# setuptools are removed (nothing installs anything at run time), and so are the test suites
-# and test data that libraries ship (scipy, numpy, onnx, ...; pycryptodome's SelfTest holds
-# private keys), and botocore's API models of every AWS service but the ones modelkeep calls
-# (S3, KMS, and STS/SSO for the credential chain): 28 of its 33 MB.
+# --no-index: every wheel comes from the build context; pip's cache is not kept. Removed, as
+# nothing at run time reads them:
+# - pip and setuptools (nothing installs anything at run time);
+# - the test suites and test data that libraries ship (scipy, numpy, onnx, ...; pycryptodome's
+#   SelfTest holds private keys, securesystemslib's test_data ed25519 test vectors);
+# - what only a compiler or a type checker reads: C and Cython sources and headers (numpy's
+#   include/, sklearn's .pyx/.pxd) and type stubs (.pyi);
+# - ONNX Runtime's C library libonnxruntime.so (34 MB), shipped for C programs: the Python
+#   binding is linked on its own and never loads it (tests/deploy checks an ONNX inference);
+# - botocore's API models of every AWS service but the ones modelkeep calls (S3, KMS, and
+#   STS/SSO for the credential chain): 28 of its 33 MB.
 COPY build/wheels/deps/ /wheels/deps/
 RUN python3 -m venv /opt/modelkeep \
     && /opt/modelkeep/bin/pip install --quiet --no-index --no-cache-dir /wheels/deps/*.whl \
     && /opt/modelkeep/bin/pip uninstall --quiet --yes pip setuptools wheel \
-    && find /opt/modelkeep/lib -depth -type d \( -name tests -o -name test -o -name SelfTest \) \
+    && find /opt/modelkeep/lib -depth -type d \
+        \( -name tests -o -name test -o -name SelfTest -o -name test_data \) \
         -path '*/site-packages/*' -exec rm -rf {} + \
+    && find /opt/modelkeep/lib/python3.11/site-packages -type f \
+        \( -name '*.pyi' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.c' \
+           -o -name '*.cpp' -o -name '*.h' -o -name '*.hpp' \) -delete \
+    && rm /opt/modelkeep/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.* \
     && find /opt/modelkeep/lib/python3.11/site-packages/botocore/data -mindepth 1 -maxdepth 1 \
         -type d ! -name s3 ! -name kms ! -name sts ! -name sso ! -name sso-oidc \
         -exec rm -rf {} +

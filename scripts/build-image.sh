@@ -20,27 +20,38 @@ CACHE="${MODELKEEP_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/modelkeep-image}
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/deploy/podman/containers.conf}"
 
 # The base: Python 3.11 (bookworm's, the host's too, so host-built wheels fit), venv support,
-# CA certificates for outgoing TLS (PostgreSQL, S3, the key service), tini as PID 1, and the
-# GNU OpenMP runtime that LightGBM's wheel links against without carrying it. The tag and the
-# cached tarball are named by the package list, so changing it makes a new base.
-BASE_PACKAGES="python3,python3-venv,ca-certificates,tini,libgomp1"
-base_id="$(echo "$BASE_PACKAGES" | sha256sum | cut -c1-12)"
+# CA certificates for outgoing TLS (PostgreSQL, S3, the key service), tini as PID 1, the GNU
+# OpenMP runtime that LightGBM's and XGBoost's wheels link against without carrying it, and the
+# C++ runtime that manylinux wheels (ONNX Runtime, gRPC, ...) expect of the system. The tag and
+# the cached tarball are named by the package list, the variant and what is left out (keep
+# BASE_EXCLUDES in step with the path-exclude options below), so changing one makes a new base.
+BASE_PACKAGES="python3,python3-venv,ca-certificates,tini,libgomp1,libstdc++6"
+BASE_VARIANT="essential"
+BASE_EXCLUDES="doc,man,locale,gconv"
+base_id="$(echo "$BASE_VARIANT:$BASE_PACKAGES:$BASE_EXCLUDES" | sha256sum | cut -c1-12)"
 BASE_TAG="localhost/modelkeep-base:bookworm-$base_id"
 if ! podman image exists "$BASE_TAG"; then
     mkdir -p "$CACHE"
     tarball="$CACHE/base-bookworm-$base_id.tar"
     if [ ! -s "$tarball" ]; then
         echo "build-image: making the Debian base with mmdebstrap (about a minute)"
-        # minbase: essential packages and apt only. Left out: recommended packages, manuals,
-        # translations and documentation except copyright files, apt's lists and caches, and
-        # usrmerge with the perl it needs (the merged-usr hook lays out /usr without it).
-        mmdebstrap --quiet --variant=minbase --include="$BASE_PACKAGES" \
+        # essential: the Essential:yes packages (dpkg, coreutils, bash...) and the ones above,
+        # with their dependencies. Not apt: the image needs no package manager (apt fetches
+        # from outside the chroot while it is built), nor the other "required" packages of
+        # minbase (passwd, mount, e2fsprogs, tzdata, and gnutls and gpgv for apt): 20 MB.
+        # Left out as well: recommended packages, manuals, translations and documentation
+        # except copyright files, glibc's iconv modules (gconv, 9 MB: for iconv(3) between
+        # legacy character sets, which nothing in the image calls; Python has its own codecs
+        # and UTF-8 is built into glibc), apt's lists and caches, and usrmerge with the perl it
+        # needs (the merged-usr hook lays out /usr without it).
+        mmdebstrap --quiet --variant="$BASE_VARIANT" --include="$BASE_PACKAGES" \
             --aptopt='APT::Install-Recommends "false"' \
             --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
             --dpkgopt='path-exclude=/usr/share/man/*' \
             --dpkgopt='path-exclude=/usr/share/locale/*' \
             --dpkgopt='path-exclude=/usr/share/doc/*' \
             --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+            --dpkgopt='path-exclude=/usr/lib/*/gconv/*' \
             --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
             bookworm "${tarball%.tar}.partial.tar"
         mv "${tarball%.tar}.partial.tar" "$tarball"

@@ -143,10 +143,11 @@ class Settings(BaseSettings):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_reload_interval_s: float = Field(default=10.0, gt=0, le=3600)
-    # On SIGTERM: readiness answers 503 at once and requests are still served for
-    # shutdown_delay_s, for load balancers to stop sending (the Helm chart sets 5; none on a
-    # single machine); then no new connections, and requests in flight get shutdown_grace_s to
-    # finish. The chart's two together stay under Kubernetes' 30 s default.
+    # On SIGTERM: readiness answers 503 at once, every response says Connection: close, and
+    # requests are still served for shutdown_delay_s, for load balancers to stop sending (the
+    # Helm chart sets 5; none on a single machine); then no new connections, and requests in
+    # flight get shutdown_grace_s to finish. The chart's two together stay under Kubernetes'
+    # 30 s default.
     shutdown_delay_s: float = Field(default=0.0, ge=0, le=60)
     shutdown_grace_s: int = Field(default=20, ge=1, le=300)
 

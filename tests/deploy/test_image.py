@@ -45,7 +45,9 @@ def test_no_private_key(root: Path, files: list[str]) -> None:
 
 def test_no_git_tests_or_test_data(files: list[str]) -> None:
     assert [f for f in files if ".git" in Path(f).parts] == []
-    assert [f for f in files if re.search(r"/site-packages/.+/(tests?|SelfTest)/", f)] == []
+    assert [
+        f for f in files if re.search(r"/site-packages/.+/(tests?|SelfTest|test_data)/", f)
+    ] == []
     # The project's own tree never reaches the image: only installed wheels do.
     assert [f for f in files if f.startswith(("/wheels", "/app", "/build", "/tests", "/src"))] == []
 
@@ -57,6 +59,26 @@ def test_no_compiler_and_no_installer(files: list[str]) -> None:
     assert [
         f for f in files if "/site-packages/pip/" in f or "/site-packages/setuptools/" in f
     ] == []
+
+
+def test_no_package_manager(files: list[str]) -> None:
+    """The base is Debian's essential set: apt is not in it (dpkg is, being essential)."""
+    binaries = {Path(f).name for f in files if f.startswith(("/usr/bin/", "/usr/sbin/"))}
+    assert binaries & {"apt", "apt-get", "apt-cache", "apt-key", "gpgv", "useradd"} == set()
+    assert [f for f in files if "/libapt-pkg" in f] == []
+
+
+def test_no_sources_headers_stubs_or_unused_onnx_runtime_library(files: list[str]) -> None:
+    """What only a compiler or a type checker reads is not shipped with the libraries, nor ONNX
+    Runtime's C library, which its Python binding does not load."""
+    site = [f for f in files if "/site-packages/" in f]
+    libraries = [f for f in site if "/site-packages/modelkeep/" not in f]  # ours: as built
+    build_only = (".pyi", ".pyx", ".pxd", ".pxi", ".c", ".cpp", ".h", ".hpp")
+    assert [f for f in libraries if f.endswith(build_only)] == []
+    assert [f for f in site if "/onnxruntime/capi/libonnxruntime.so" in f] == []
+    # ... while the binding itself and the shared providers library are there.
+    binding = [f for f in site if "/onnxruntime/capi/onnxruntime_pybind11_state" in f]
+    assert len(binding) == 1
 
 
 def test_no_package_caches(files: list[str]) -> None:
@@ -104,6 +126,13 @@ def test_every_runtime_and_back_end_library_loads_in_the_image(image: str) -> No
     ]
     script = (
         f"import importlib; [importlib.import_module(m) for m in {modules!r}];"
+        # ONNX Runtime runs a model without the C library the Dockerfile removes.
+        "import numpy as np, onnxruntime as ort; from onnx import helper as h, TensorProto as T;"
+        "v = lambda n: h.make_tensor_value_info(n, T.FLOAT, [2]);"
+        "g = h.make_graph([h.make_node('Relu', ['x'], ['y'])], 'g', [v('x')], [v('y')]);"
+        "m = h.make_model(g, opset_imports=[h.make_opsetid('', 17)]); m.ir_version = 8;"
+        "s = ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider']);"
+        "assert s.run(None, {'x': np.array([-1, 2], dtype=np.float32)})[0].tolist() == [0, 2];"
         # Only the AWS API models modelkeep calls are kept (Dockerfile): S3 and KMS clients.
         "import boto3; [boto3.client(s, region_name='us-east-1') for s in ('s3', 'kms', 'sts')];"
         "print('loaded')"
@@ -113,3 +142,21 @@ def test_every_runtime_and_back_end_library_loads_in_the_image(image: str) -> No
         "-c", script,
     )  # fmt: skip
     assert run.stdout.strip().splitlines()[-1] == "loaded"
+
+
+def test_every_modelkeep_module_imports_in_the_image(image: str) -> None:
+    """Nothing modelkeep imports was among the files the Dockerfile removes (test suites,
+    sources, stubs): each of its modules imports with the image's libraries."""
+    script = (
+        "import importlib, pkgutil, modelkeep;"
+        "names = [m.name for m in pkgutil.walk_packages(modelkeep.__path__, 'modelkeep.')"
+        " if '.migrations.' not in m.name];"  # env.py is alembic's script, run by alembic
+        "[importlib.import_module(n) for n in names];"
+        "print(len(names), 'imported')"
+    )
+    run = podman(
+        "run", "--rm", "--network=none", "--entrypoint", "/opt/modelkeep/bin/python", image,
+        "-c", script,
+    )  # fmt: skip
+    count, word = run.stdout.strip().splitlines()[-1].split()
+    assert (word, int(count) > 100) == ("imported", True)

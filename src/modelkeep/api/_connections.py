@@ -25,6 +25,14 @@ leaves the connection reading the rest of the body as uvicorn does, discarded as
 and still under the body rate: clients send their whole body before they read, and cutting
 the connection would turn their 401 into a reset.
 
+Shutting down (``drain``, on SIGTERM) ends connections only where that cannot race a request
+the client is sending. From then on every response carries ``Connection: close``, and the
+connection closes once it is sent, as the client expects. uvicorn's own shutdown closes every
+connection between requests, so a client that had just sent its next request on a keep-alive
+connection, or its first on a connection just made, found it closed without an answer; here
+such a connection is left to the idle timeout (keep-alive) or to its next request's
+``Connection: close``, and uvicorn waits for it within the grace period.
+
 A connection given up on stops reading at once and is cut ``linger_s`` after its answer
 (``_end``), so a refused client neither gets more read nor holds the socket.
 
@@ -41,7 +49,7 @@ import asyncio
 import functools
 import json
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 import uvloop
@@ -85,6 +93,9 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     """uvicorn's httptools protocol (with coalesced writes) under ``ConnectionLimits``."""
 
     linger_s = 1.0  # how long a refused client has to read the answer before the cut
+    # The worker is shutting down: responses end their connection (``drain``). One flag for
+    # the process, read once per request.
+    draining: ClassVar[bool] = False
 
     def __init__(self, *args: Any, limits: ConnectionLimits | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -193,6 +204,21 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._phase = BODY
         self._body_bytes = 0
         super().on_headers_complete()
+        if self.draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered with Connection: close, then closed
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown of this connection, without its race.
+
+        uvicorn closes a connection between requests at once; but its client may have just
+        sent a request on it, which would then be lost. Here a request being served gets
+        ``Connection: close`` (as in uvicorn), and so does the next one on an idle connection;
+        one that stays idle is closed by the keep-alive timeout, as at any other time.
+        """
+        drain()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         self._phase = IDLE
@@ -281,6 +307,12 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         ]
         lines = b"".join(b"%s: %s\r\n" % pair for pair in headers)
         return STATUS_LINE[status] + lines + b"\r\n" + body
+
+
+def drain() -> None:
+    """From now on, every response of this worker carries ``Connection: close``: clients open
+    their next connection elsewhere (on SIGTERM, api/_drain.py; and at uvicorn's shutdown)."""
+    LimitedHttpToolsProtocol.draining = True
 
 
 class TlsTimeoutLoop(uvloop.Loop):

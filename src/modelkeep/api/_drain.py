@@ -3,11 +3,15 @@
 Kubernetes sends SIGTERM when a pod is to go away, and keeps routing to it until the endpoint
 update has reached every node. So, on SIGTERM:
 
-1. readiness (``/v2/health/ready``) answers 503 at once, so the pod leaves the Service;
+1. readiness (``/v2/health/ready``) answers 503 at once, so the pod leaves the Service, and
+   every response carries ``Connection: close`` from then on, so keep-alive clients open their
+   next connection elsewhere (``_connections.drain``);
 2. requests are still accepted and served for ``shutdown_delay_s`` while that spreads;
-3. then uvicorn's own shutdown runs: the listening socket closes, idle keep-alive connections
-   close, requests in flight get ``shutdown_grace_s`` to finish, and the app's lifespan ends
-   (access log flushed, audit ``server.stop`` entry and checkpoint written).
+3. then uvicorn's own shutdown runs: the listening socket closes, requests in flight get
+   ``shutdown_grace_s`` to finish, connections close after their response or when idle for
+   the keep-alive timeout (never while a request may be on its way, ``_connections``), and the
+   app's lifespan ends (access log flushed, audit ``server.stop`` entry and checkpoint
+   written).
 
 uvicorn installs its SIGTERM handler before the lifespan starts; ``install`` puts this one in
 front of it and calls it after the delay. uvicorn then raises SIGTERM again once it has
@@ -25,6 +29,8 @@ from types import FrameType
 from typing import Any
 
 from modelkeep.service import Service
+
+from ._connections import drain
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,7 @@ def install(service: Service, delay_s: float) -> None:
             stop_server(sig, frame)  # a second SIGTERM: stop now
             return
         service.drain()
+        drain()
         log.info("SIGTERM: not ready; stopping in %.1f s", delay_s)
         # The handler runs on the loop's thread; call_soon_threadsafe also wakes the loop.
         loop.call_soon_threadsafe(loop.call_later, delay_s, stop_server, sig, frame)

@@ -14,10 +14,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from modelkeep.api._connections import ConnectionLimits, LimitedHttpToolsProtocol, TlsTimeoutLoop
+from modelkeep.api._connections import (
+    ConnectionLimits,
+    LimitedHttpToolsProtocol,
+    TlsTimeoutLoop,
+    drain,
+)
 from modelkeep.api.server import SECURITY_HEADERS
 from modelkeep.crypto.tls import create_tls_material, server_ssl_context
 
@@ -424,6 +430,111 @@ def test_a_request_that_arrives_in_one_read_arms_no_timer() -> None:
         assert protocol._timer is not None
         protocol.data_received(b"hello")
         assert protocol._timer is None
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process-wide draining flag starts unset and is unset again after the test."""
+    monkeypatch.setattr(LimitedHttpToolsProtocol, "draining", False)
+
+
+def heads(sock: Socket) -> list[bytes]:
+    """The response heads written so far, lower-cased."""
+    return [
+        part.split(b"\r\n\r\n")[0].lower() for part in bytes(sock.written).split(b"HTTP/1.1 ")[1:]
+    ]
+
+
+def test_before_a_drain_responses_keep_the_connection_open(serving: None) -> None:
+    async def main() -> None:
+        protocol, sock, _ = connect()
+        protocol.data_received(GET)
+        await settle()
+        assert b"connection: close" not in heads(sock)[0]
+        assert sock.closed is False
+
+    asyncio.run(main())
+
+
+def test_after_drain_each_response_says_connection_close_and_closes_after_it(
+    serving: None,
+) -> None:
+    """SIGTERM: a keep-alive client is told to go elsewhere by its next response."""
+
+    async def main() -> None:
+        protocol, sock, _ = connect()
+        protocol.data_received(GET)
+        await settle()
+        drain()
+        assert sock.closed is False  # idle: nothing is closed under a request on its way
+        protocol.data_received(GET)
+        await settle()
+        first, second = heads(sock)
+        assert (b"connection: close" in first, b"connection: close" in second) == (False, True)
+        assert sock.closed is True  # after the answer
+
+    asyncio.run(main())
+
+
+def test_shutdown_leaves_an_idle_connection_to_its_next_request(serving: None) -> None:
+    """uvicorn's shutdown closed a connection between requests at once, losing a request the
+    client had just sent on it; here that request is answered, then the connection closes."""
+
+    async def main() -> None:
+        protocol, sock, _ = connect()
+        protocol.data_received(GET)
+        await settle()
+        protocol.shutdown()
+        await settle()
+        assert sock.closed is False
+        protocol.data_received(GET)  # sent before the client could know of the shutdown
+        await settle()
+        assert b"connection: close" in heads(sock)[1]
+        assert sock.closed is True
+
+    asyncio.run(main())
+
+
+def test_shutdown_leaves_a_new_connection_to_its_first_request(serving: None) -> None:
+    async def main() -> None:
+        protocol, sock, _ = connect()
+        protocol.shutdown()  # connected, first request not read yet
+        await settle()
+        assert sock.closed is False
+        protocol.data_received(GET)
+        await settle()
+        assert (sock.status(), sock.closed) == (200, True)
+        assert b"connection: close" in heads(sock)[0]
+
+    asyncio.run(main())
+
+
+def test_shutdown_lets_a_request_in_flight_finish_then_closes(serving: None) -> None:
+    async def main() -> None:
+        protocol, sock, _ = connect()
+        protocol.data_received(post(5))  # the body is still on its way
+        protocol.shutdown()
+        assert sock.closed is False
+        protocol.data_received(b"hello")
+        await settle()
+        assert (sock.status(), sock.closed) == (200, True)
+        assert b"connection: close" in heads(sock)[0]
+
+    asyncio.run(main())
+
+
+def test_an_idle_connection_still_closes_at_the_keep_alive_timeout_after_shutdown(
+    serving: None,
+) -> None:
+    """So uvicorn's wait for connections to end is bounded by the keep-alive timeout."""
+
+    async def main() -> None:
+        protocol, sock, _ = connect(keep_alive=1)
+        protocol.shutdown()
+        await settle(1.2)
+        assert (sock.closed, sock.written) == (True, bytearray())
 
     asyncio.run(main())
 
