@@ -10,9 +10,9 @@ describe (a model file, an .npz, a future expiry, tensors that fit a model) are 
 schemathesis.toml.
 
 The protocols' routes are in the run too (V2 infer, TF Serving, Vertex AI's configured routes;
-SageMaker's and Azure ML's contracts are not in this description, they have their own), called on the model the run pushes,
-its version 1 and a label naming it (schemathesis.toml), so that they reach the data plane
-rather than a 404.
+SageMaker's and Azure ML's contracts are not in this description, they have their own), called
+on the model the run pushes, its version 1 and a label naming it (schemathesis.toml), so that
+they reach the data plane rather than a 404.
 """
 
 from __future__ import annotations
