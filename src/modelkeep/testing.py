@@ -7,16 +7,21 @@ dependencies and importing this module must not need them.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
+
 if TYPE_CHECKING:
-    import httpx
     from starlette.types import ASGIApp
 
     from modelkeep.service import Service
 
 __all__ = [
+    "LentTransport",
+    "SyncAppTransport",
     "app_client",
     "build_custom_domain_onnx",
     "build_external_data_onnx",
@@ -251,8 +256,50 @@ def app_client(
     The app's lifespan does not run: build it with ``create_app(service,
     manage_lifecycle=False)`` and stop the service yourself.
     """
-    import httpx
-
     transport = httpx.ASGITransport(app=app, client=(client_host, 50000))
     headers = {} if key is None else {"Authorization": f"Bearer {key}"}
     return httpx.AsyncClient(transport=transport, base_url="http://modelkeep.test", headers=headers)
+
+
+class SyncAppTransport(httpx.BaseTransport):
+    """A synchronous httpx transport into an ASGI app run on its own event loop thread, so
+    that synchronous callers (the command line's client, plain tests) can call the app in this
+    process: ``httpx.Client(transport=SyncAppTransport(app))``. ``close()`` stops the loop.
+    The app's lifespan does not run, as with ``app_client``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._inner = httpx.ASGITransport(app=app)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+
+        async def call() -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+            inner = httpx.Request(
+                request.method, request.url, headers=request.headers, content=body
+            )
+            response = await self._inner.handle_async_request(inner)
+            return response.status_code, response.headers.raw, await response.aread()
+
+        status, headers, content = asyncio.run_coroutine_threadsafe(call(), self._loop).result(60)
+        return httpx.Response(status, headers=headers, content=content, request=request)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+class LentTransport(httpx.BaseTransport):
+    """Lends ``inner`` to a client that closes its transport when it is done (the command
+    line does after each run): requests go through, ``close`` leaves ``inner`` open."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self._inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self._inner.handle_request(request)

@@ -7,7 +7,6 @@ back; every step lands in the audit log, which still verifies.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -31,6 +30,7 @@ from modelkeep.cli._client import ClientOverrides
 from modelkeep.errors import IntegrityError
 from modelkeep.service import Service
 from modelkeep.settings import Settings
+from modelkeep.testing import LentTransport, SyncAppTransport
 
 MODEL = "iris"
 PUSH = f"/api/v1/models/{MODEL}/versions?filename=iris.onnx"
@@ -83,50 +83,8 @@ def iris_evalset() -> tuple[bytes, np.ndarray]:
     return buffer.getvalue(), inputs
 
 
-class AppTransport(httpx.BaseTransport):
-    """A synchronous httpx transport into an ASGI app, run on its own event loop thread, so
-    that both these tests and the command line (which is synchronous) can call the app."""
-
-    def __init__(self, app: Any) -> None:
-        self._inner = httpx.ASGITransport(app)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        body = request.read()
-
-        async def call() -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-            inner = httpx.Request(
-                request.method, request.url, headers=request.headers, content=body
-            )
-            response = await self._inner.handle_async_request(inner)
-            content = await response.aread()
-            return response.status_code, response.headers.raw, content
-
-        status, headers, content = asyncio.run_coroutine_threadsafe(call(), self._loop).result(60)
-        return httpx.Response(status, headers=headers, content=content, request=request)
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-
-
-class Borrowed(httpx.BaseTransport):
-    """Lends a transport to a command line run, which closes what it is given when it ends."""
-
-    def __init__(self, inner: httpx.BaseTransport) -> None:
-        self._inner = inner
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return self._inner.handle_request(request)
-
-
 def app_client(app: Any) -> httpx.Client:
-    return httpx.Client(transport=AppTransport(app), base_url="http://127.0.0.1")
+    return httpx.Client(transport=SyncAppTransport(app), base_url="http://127.0.0.1")
 
 
 @dataclass
@@ -208,7 +166,7 @@ class World:
         return [e.action for e in self.svc.audit.entries()]
 
     def cli(self, who: str, *args: str, columns: int = 250) -> Any:
-        overrides = ClientOverrides(transport=Borrowed(self.http._transport))
+        overrides = ClientOverrides(transport=LentTransport(self.http._transport))
         env = {
             "MODELKEEP_TOKEN": self.tokens[who],
             "MODELKEEP_URL": "http://127.0.0.1",

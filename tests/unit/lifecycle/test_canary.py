@@ -34,7 +34,13 @@ from modelkeep.errors import Conflict, Forbidden, InvalidInput, ModelkeepError
 from modelkeep.lifecycle.canary import Thresholds, WindowStats, agreement, bucket, crossed
 from modelkeep.service import InferCall, InferResult, Service
 from modelkeep.settings import Settings
-from modelkeep.testing import build_flaky_onnx, build_iris_onnx, iris_rows
+from modelkeep.testing import (
+    LentTransport,
+    SyncAppTransport,
+    build_flaky_onnx,
+    build_iris_onnx,
+    iris_rows,
+)
 
 MODEL = "iris"
 
@@ -439,38 +445,6 @@ def test_a_version_under_a_canary_is_not_deleted_and_bad_canaries_are_refused(
     world.svc.delete_version(world.admin, MODEL, str(two))
 
 
-class AppTransport(httpx.BaseTransport):
-    """A synchronous transport into the ASGI app on its own event loop thread, so that the
-    synchronous command line can call it."""
-
-    def __init__(self, app: Any) -> None:
-        self._inner = httpx.ASGITransport(app)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        content = request.read()
-
-        async def call() -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-            inner = httpx.Request(
-                request.method, request.url, headers=request.headers, content=content
-            )
-            response = await self._inner.handle_async_request(inner)
-            return response.status_code, response.headers.raw, await response.aread()
-
-        status, headers, data = asyncio.run_coroutine_threadsafe(call(), self._loop).result(60)
-        return httpx.Response(status, headers=headers, content=data, request=request)
-
-    def close(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-
-
 def test_the_api_and_command_line_start_report_promote_and_abort_canaries(
     world: World, tmp_path: Path
 ) -> None:
@@ -478,11 +452,11 @@ def test_the_api_and_command_line_start_report_promote_and_abort_canaries(
     two = world.push(build_iris_onnx(seed=1))
     world.svc.set_label(world.admin, MODEL, "production", one)
     made = world.svc.create_key(world.admin, role="admin", models=None, expires_at=None)
-    transport = AppTransport(create_app(world.svc, manage_lifecycle=False))
+    transport = SyncAppTransport(create_app(world.svc, manage_lifecycle=False))
     env = {"MODELKEEP_TOKEN": made.token, "MODELKEEP_URL": "http://127.0.0.1", "COLUMNS": "200"}
 
     def cli(*args: str) -> Any:
-        overrides = ClientOverrides(transport=transport)
+        overrides = ClientOverrides(transport=LentTransport(transport))
         return CliRunner().invoke(cli_app, list(args), obj=overrides, env=env)
 
     try:
@@ -540,4 +514,4 @@ def test_the_api_and_command_line_start_report_promote_and_abort_canaries(
         assert approved.exit_code != 0
         assert "cannot be approved by the key that made it" in approved.output
     finally:
-        transport.stop()
+        transport.close()

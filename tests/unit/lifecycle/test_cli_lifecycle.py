@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from cyclonedx.schema import SchemaVersion
@@ -17,33 +16,13 @@ from conftest import Env
 from modelkeep.api.app import create_app
 from modelkeep.cli import app
 from modelkeep.cli._client import ClientOverrides
-from modelkeep.testing import build_iris_onnx
-
-
-class AppTransport(httpx.BaseTransport):
-    """A synchronous transport into the ASGI app (the CLI's client is synchronous)."""
-
-    def __init__(self, env: Env) -> None:
-        self._inner = httpx.ASGITransport(create_app(env.service, manage_lifecycle=False))
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        body = request.read()
-
-        async def go() -> httpx.Response:
-            forwarded = httpx.Request(
-                request.method, request.url, headers=request.headers, content=body
-            )
-            response = await self._inner.handle_async_request(forwarded)
-            content = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
-            return httpx.Response(response.status_code, headers=response.headers, content=content)
-
-        return asyncio.run(go())
+from modelkeep.testing import LentTransport, SyncAppTransport, build_iris_onnx
 
 
 @pytest.fixture
-def cli(env: Env) -> tuple[Env, object]:
+def cli(env: Env) -> Iterator[tuple[Env, object]]:
     token = env.service.create_key(env.admin, role="admin", models=None, expires_at=None).token
-    transport = AppTransport(env)
+    transport = SyncAppTransport(create_app(env.service, manage_lifecycle=False))
     runner = CliRunner()
 
     def run(*args: str) -> Result:
@@ -51,10 +30,11 @@ def cli(env: Env) -> tuple[Env, object]:
             app,
             list(args),
             env={"COLUMNS": "200", "MODELKEEP_TOKEN": token},
-            obj=ClientOverrides(transport=transport),
+            obj=ClientOverrides(transport=LentTransport(transport)),
         )
 
-    return env, run
+    yield env, run
+    transport.close()
 
 
 def test_push_with_lineage_bom_and_delete(cli: tuple[Env, object], tmp_path: Path) -> None:
