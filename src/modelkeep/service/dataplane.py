@@ -388,10 +388,18 @@ class DataPlane:
             # none: the default, under `production`) may be, sticky per caller.
             if version is None and (record.canaries or record.shadows):
                 served, watch = self.watches.route(record, label, served, principal.key_id)
+            try:
+                session = core.session(served)
+            except ModelkeepError:
+                # A version that cannot be loaded fails every call routed to it: counted, so
+                # that a canary that will not load is withdrawn like one that fails its runs.
+                if watch is not None:
+                    watch.failed()
+                raise
             found = InferTarget(
                 record=record,
                 version=served,
-                session=core.session(served),
+                session=session,
                 policy=self.gate.policy(record.name, record.policy),
                 watch=watch,
             )

@@ -30,7 +30,7 @@ from modelkeep.auth import Principal
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.cli import app as cli_app
 from modelkeep.cli._client import ClientOverrides
-from modelkeep.errors import Conflict, Forbidden, InvalidInput, ModelkeepError
+from modelkeep.errors import Conflict, Forbidden, InvalidInput, ModelkeepError, Unavailable
 from modelkeep.lifecycle.canary import Thresholds, WindowStats, agreement, bucket, crossed
 from modelkeep.service import InferCall, InferResult, Service
 from modelkeep.settings import Settings
@@ -269,6 +269,33 @@ def test_a_broken_canary_is_rolled_back_automatically_with_an_alert_and_an_audit
     assert entry.details["window_errors"] == failed
     assert entry.details["window_requests"] == 30
     assert entry.details["version"] == broken
+
+
+def test_a_canary_version_that_will_not_load_is_rolled_back_too(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one = world.push(build_iris_onnx(seed=0))
+    two = world.push(build_iris_onnx(seed=1))
+    world.svc.set_label(world.admin, MODEL, "production", one)
+    world.canary(two, 100, max_error_rate=0.1, min_requests=10, window_s=600)
+    loads = world.svc.core.session
+
+    def session(version: Any) -> Any:
+        if version.number == two:  # as a key service that no longer has the version's key
+            raise Unavailable("the key service cannot unwrap this version's data key")
+        return loads(version)
+
+    monkeypatch.setattr(world.svc.core, "session", session)
+    caller = world.key()
+    for _ in range(10):
+        with pytest.raises(Unavailable):
+            world.infer(caller)
+    assert world.svc.canaries.check() != []
+    status = world.svc.canary_status(world.admin, MODEL)[0]
+    assert status["status"] == "rolled_back"
+    assert world.infer(caller).version == one
+    (entry,) = world.audit("canary.rollback")
+    assert entry.details["window_errors"] == 10
 
 
 def test_the_poller_withdraws_a_broken_canary_without_being_asked(world: World) -> None:
