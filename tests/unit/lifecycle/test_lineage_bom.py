@@ -52,7 +52,7 @@ def test_a_signed_push_with_lineage_exports_a_valid_bom(env: Env, tmp_path: Path
 
     text = svc.version_bom(env.admin, "iris", str(pushed.number))
 
-    assert JsonStrictValidator(SchemaVersion.V1_4).validate_str(text) is None
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
     bom = json.loads(text)
     subject = bom["metadata"]["component"]
     assert (subject["name"], subject["version"]) == ("iris", "2")
