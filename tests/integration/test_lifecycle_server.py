@@ -137,6 +137,9 @@ def test_delete_is_404_on_every_worker_and_retention_runs_on_schedule(tmp_path: 
         props = {p["name"]: p["value"] for p in bom.json()["metadata"]["component"]["properties"]}
         assert props["modelkeep:signature:signed"] == "True"
         assert len(props["modelkeep:signature:identity"]) > 16
+        card = bom.json()["metadata"]["component"]["modelCard"]
+        card_props = {p["name"]: p["value"] for p in card["properties"]}
+        assert card_props["modelkeep:signature:identity"] == props["modelkeep:signature:identity"]
 
         assert push(server, "iris", build_iris_onnx(seed=2)).status_code == 201
         with server.client(server.admin_key) as c:

@@ -54,6 +54,11 @@ def test_push_with_lineage_bom_and_delete(cli: tuple[Env, object], tmp_path: Pat
     assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
     props = {p["name"]: p["value"] for p in json.loads(text)["metadata"]["component"]["properties"]}
     assert props["modelkeep:declared:code_revision"] == "deadbeef"
+    subject = json.loads(text)["metadata"]["component"]
+    assert subject["type"] == "machine-learning-model"
+    assert subject["modelCard"]["quantitativeAnalysis"]["performanceMetrics"] == [
+        {"type": "declared:accuracy", "value": "0.95"}
+    ]
 
     refused = run("versions", "delete", "iris", "1")  # type: ignore[operator]
     assert refused.exit_code == 2
