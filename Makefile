@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# Command-line tools whose pins clash with the project's, each in its own venv (scripts/tools/).
+CHECKOV       := .venv-tools/checkov
+CHECKOV_STAMP := $(CHECKOV)/.installed-stamp
 
-.PHONY: venv system-deps image test-deploy demo test test-unit lint bench bench-scan bench-extraction bench-overload bench-storage bench-privacy cluster-demo clean
+.PHONY: venv tools system-deps image test-deploy demo test test-unit lint bench bench-scan bench-extraction bench-overload bench-storage bench-privacy cluster-demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +16,16 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+## checkov (tests/deploy runs it as a command) pins an old cyclonedx-python-lib: its own venv.
+$(CHECKOV_STAMP): scripts/tools/checkov.txt scripts/tools/checkov-constraints.txt
+	rm -rf $(CHECKOV)
+	$(PYTHON) -m venv $(CHECKOV)
+	$(CHECKOV)/bin/python -m pip install -q --upgrade pip
+	$(CHECKOV)/bin/python -m pip install -q -c scripts/tools/checkov-constraints.txt -r scripts/tools/checkov.txt
+	touch $@
+
+tools: $(CHECKOV_STAMP)
 
 ## Debian packages the tests need (scripts/debian-packages.txt); installs only what is missing.
 system-deps:
@@ -24,7 +37,7 @@ image: $(STAMP) system-deps
 	bash scripts/build-image.sh
 
 ## The image and chart tests alone: hadolint, helm, kubernetes-validate, checkov, podman.
-test-deploy: $(STAMP) system-deps
+test-deploy: $(STAMP) $(CHECKOV_STAMP) system-deps
 	$(BIN)/python -m pytest tests/deploy
 
 ## Run a server on a fresh demo data dir with a signed sample model; prints a working request.
@@ -36,7 +49,7 @@ cluster-demo: $(STAMP) system-deps
 	$(BIN)/python scripts/cluster.py
 
 ## The whole test suite: unit and integration (needs PostgreSQL at 127.0.0.1:5432).
-test: $(STAMP) system-deps
+test: $(STAMP) $(CHECKOV_STAMP) system-deps
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
@@ -72,4 +85,4 @@ bench-privacy: $(STAMP)
 	$(BIN)/python bench/bench_privacy.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-tools .demo .pytest_cache .mypy_cache .ruff_cache

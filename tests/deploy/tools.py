@@ -21,6 +21,8 @@ CHART = ROOT / "deploy" / "helm" / "modelkeep"
 TOOLS = ROOT / "build" / "tools"
 CONTAINERS_CONF = ROOT / "deploy" / "podman" / "containers.conf"
 BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+# Tools whose dependencies clash with the project's live in their own venvs (`make tools`).
+TOOL_VENVS = ROOT / ".venv-tools"
 
 
 def helm() -> Path:
@@ -44,9 +46,12 @@ def helm() -> Path:
 
 
 def tool(name: str) -> str:
-    """A console script of the [dev] extra (hadolint, kubernetes-validate, checkov)."""
-    path = BIN / name
-    return str(path) if path.exists() else name
+    """A console script: from its own venv (.venv-tools/NAME: checkov) or the [dev] extra
+    (hadolint, kubernetes-validate); else whatever PATH finds."""
+    for path in (TOOL_VENVS / name / "bin" / name, BIN / name):
+        if path.exists():
+            return str(path)
+    return name
 
 
 def podman_env() -> dict[str, str]:

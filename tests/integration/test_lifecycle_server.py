@@ -133,10 +133,13 @@ def test_delete_is_404_on_every_worker_and_retention_runs_on_schedule(tmp_path: 
             with server.client(server.admin_key) as c:
                 r = c.post("/v2/models/iris/versions/1/infer", json=INFER)
                 assert r.status_code == 404, r.text
-        assert JsonStrictValidator(SchemaVersion.V1_4).validate_str(bom.text) is None
+        assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(bom.text) is None
         props = {p["name"]: p["value"] for p in bom.json()["metadata"]["component"]["properties"]}
         assert props["modelkeep:signature:signed"] == "True"
         assert len(props["modelkeep:signature:identity"]) > 16
+        card = bom.json()["metadata"]["component"]["modelCard"]
+        card_props = {p["name"]: p["value"] for p in card["properties"]}
+        assert card_props["modelkeep:signature:identity"] == props["modelkeep:signature:identity"]
 
         assert push(server, "iris", build_iris_onnx(seed=2)).status_code == 201
         with server.client(server.admin_key) as c:

@@ -841,6 +841,10 @@ def test_the_bom_shows_the_servers_metrics_and_the_approvals_of_a_promoted_versi
     for p in bom.json()["metadata"]["component"]["properties"]:
         props.setdefault(p["name"], []).append(p["value"])
     assert props["modelkeep:metric:accuracy"] == ["0.973333"]
+    card = bom.json()["metadata"]["component"]["modelCard"]
+    assert {"type": "accuracy", "value": "0.973333"} in card["quantitativeAnalysis"][
+        "performanceMetrics"
+    ]
     [approval] = [json.loads(v) for v in props["modelkeep:approval"]]
     assert approval["change"] == change
     assert (approval["label"], approval["requester"]) == ("production", world.ids["publisher"])

@@ -444,15 +444,15 @@ def lifecycle_router(service: Service) -> APIRouter:
         "/models/{model}/versions/{version}/bom",
         responses={
             200: {
-                "description": "CycloneDX JSON (schema-validated before it is sent)",
+                "description": "CycloneDX 1.6 ML-BOM JSON (schema-validated before it is sent)",
                 "content": {BOM_MEDIA_TYPE: {"schema": {"type": "object"}}},
             },
             **errors(403, 404),
         },
     )
     async def get_bom(request: Request, model: ModelName, version: str) -> Response:
-        """The version's bill of materials: digest, signature identity, scan verdict, metrics,
-        approvals and the lineage declared at push."""
+        """The version's CycloneDX 1.6 ML-BOM: digest, model card (metrics, datasets,
+        signature identity, scan verdict), approvals and the lineage declared at push."""
         text = await run_in_threadpool(service.version_bom, principal_of(request), model, version)
         return Response(text, media_type=BOM_MEDIA_TYPE)
 

@@ -162,10 +162,11 @@ def versions_bom(
         typer.Option("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout."),
     ] = None,
 ) -> None:
-    """Print the CycloneDX bill of materials of VERSION of MODEL (JSON).
+    """Print the CycloneDX 1.6 ML-BOM of VERSION of MODEL (JSON).
 
-    It holds the digest, signature identity, scan verdict, metrics, approvals and declared
-    lineage; the server validates it against the CycloneDX schema before sending it.
+    It holds the digest, signature identity, scan verdict, metrics (in the model card),
+    approvals and declared lineage; the server validates it against the CycloneDX 1.6 schema
+    before sending it.
 
     Example: modelkeep versions bom iris 3 -o iris-3.cdx.json
     """

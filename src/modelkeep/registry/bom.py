@@ -1,17 +1,21 @@
-"""A CycloneDX bill of materials for one model version (``modelkeep versions bom``).
+"""A CycloneDX 1.6 ML-BOM for one model version (``modelkeep versions bom``).
 
 The document is built with cyclonedx-python-lib and describes the version as the BOM's subject
-(``metadata.component``): its SHA-256, size, format, the publisher key that signed it, the
-scanner's verdict, and the metrics and approvals the server holds for it, as ``modelkeep:*``
-properties. What the publisher declared at push time (``registry/lineage.py``) becomes
-components the version depends on (training data with its digest or location, frameworks),
-its parent version as pedigree, and ``modelkeep:declared:*`` properties: declared, not verified.
+(``metadata.component``), a ``machine-learning-model`` component: its SHA-256 as the component's
+hash, and a ``modelCard`` whose quantitative analysis lists the server's evaluation metrics
+(type ``accuracy``...) and the publisher's declared ones (type ``declared:accuracy``...), whose
+model parameters name the training datasets, and whose properties carry the format, the
+publisher key that signed the version and the scanner's verdict. The same facts, the approvals
+its promotions received and the rest of the record stay ``modelkeep:*`` properties of the
+component. What the publisher declared at push time (``registry/lineage.py``) becomes
+components the version depends on (training data as ``data`` components with their digest and
+location, frameworks), its parent version as pedigree, and ``modelkeep:declared:*``
+properties: declared, not verified.
 
-Schema version: CycloneDX 1.4, the newest the pinned cyclonedx-python-lib (5.2.0, held there by
-checkov's exact pin) writes and validates. 1.4 has no ``machine-learning-model`` component
-type, so the version is a ``file`` component carrying ``modelkeep:kind=machine-learning-model``;
-with cyclonedx-python-lib 6 or later, ``_SCHEMA`` and ``_MODEL_TYPE`` move to 1.5/1.6 and
-``MACHINE_LEARNING_MODEL``, and training data to the ``data`` type.
+cyclonedx-python-lib (11.x) writes and validates CycloneDX 1.6 but has no model for
+``modelCard`` or a component's ``data`` yet (CycloneDX/cyclonedx-python-lib#912, #913): those
+two are added to the library's JSON here, and the whole document is then checked against the
+1.6 schema by the library's strict validator before it is returned.
 """
 
 from __future__ import annotations
@@ -28,12 +32,11 @@ from cyclonedx.model import (
     HashAlgorithm,
     HashType,
     Property,
-    Tool,
     XsUri,
 )
 from cyclonedx.model.bom import Bom
 from cyclonedx.model.component import Component, ComponentType, Pedigree
-from cyclonedx.output.json import JsonV1Dot4
+from cyclonedx.output.json import JsonV1Dot6
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 
@@ -44,10 +47,8 @@ from modelkeep.registry.records import VersionRecord
 
 __all__ = ["BOM_MEDIA_TYPE", "version_bom"]
 
-BOM_MEDIA_TYPE = "application/vnd.cyclonedx+json; version=1.4"
-_SCHEMA = SchemaVersion.V1_4
-_MODEL_TYPE = ComponentType.FILE
-_DATA_TYPE = ComponentType.FILE
+BOM_MEDIA_TYPE = "application/vnd.cyclonedx+json; version=1.6"
+_SCHEMA = SchemaVersion.V1_6
 
 
 def _ref(model: str, number: int) -> str:
@@ -56,6 +57,41 @@ def _ref(model: str, number: int) -> str:
 
 def _props(pairs: Iterable[tuple[str, object]]) -> list[Property]:
     return [Property(name=name, value=str(value)) for name, value in pairs if value is not None]
+
+
+def _model_card(
+    version: VersionRecord,
+    lineage: Lineage,
+    metrics: Mapping[str, float],
+    verdict: object,
+    datasets: Mapping[str, object],
+) -> dict[str, Any]:
+    """The subject's CycloneDX 1.6 ``modelCard``: datasets, metrics, format, signer, verdict."""
+    performance = [
+        {"type": name, "value": repr(float(value))} for name, value in sorted(metrics.items())
+    ]
+    performance += [
+        {"type": f"declared:{name}", "value": repr(declared)}
+        for name, declared in sorted(lineage.metrics.items())
+    ]
+    card: dict[str, Any] = {"bom-ref": f"{_ref(version.model, version.number)}:model-card"}
+    if datasets:
+        card["modelParameters"] = {"datasets": [{"ref": ref} for ref in datasets]}
+    if performance:
+        card["quantitativeAnalysis"] = {"performanceMetrics": performance}
+    card["properties"] = [
+        {"name": p.name, "value": p.value}
+        for p in _props(
+            [
+                ("modelkeep:format", version.format),
+                ("modelkeep:signature:signed", version.signer is not None),
+                ("modelkeep:signature:identity", version.signer),
+                ("modelkeep:scan:verdict", verdict),
+            ]
+            + [(f"modelkeep:framework:{n}", v) for n, v in sorted(lineage.frameworks.items())]
+        )
+    ]
+    return card
 
 
 def version_bom(
@@ -120,14 +156,14 @@ def version_bom(
         parent = Component(
             name=version.model,
             version=str(lineage.parent_version),
-            type=_MODEL_TYPE,
+            type=ComponentType.MACHINE_LEARNING_MODEL,
             bom_ref=_ref(version.model, lineage.parent_version) + ":parent",
         )
         pedigree = Pedigree(ancestors=[parent])
     subject = Component(
         name=version.model,
         version=str(version.number),
-        type=_MODEL_TYPE,
+        type=ComponentType.MACHINE_LEARNING_MODEL,
         bom_ref=_ref(version.model, version.number),
         hashes=[HashType(alg=HashAlgorithm.SHA_256, content=version.sha256)],
         properties=properties,
@@ -136,10 +172,13 @@ def version_bom(
     )
     bom = Bom()
     bom.metadata.component = subject
-    bom.metadata.tools.add(Tool(vendor="modelkeep", name="modelkeep", version=__version__))
+    bom.metadata.tools.components.add(
+        Component(type=ComponentType.APPLICATION, name="modelkeep", version=__version__)
+    )
     if now is not None:
         bom.metadata.timestamp = now
     dependencies: list[Component] = []
+    datasets: dict[str, dict[str, Any]] = {}
     for index, data in enumerate(lineage.training_data):
         hashes = []
         if data.digest is not None:
@@ -149,11 +188,17 @@ def version_bom(
             refs.append(
                 ExternalReference(type=ExternalReferenceType.DISTRIBUTION, url=XsUri(data.uri))
             )
+        name = data.name or f"training-data-{index + 1}"
+        bom_ref = f"{_ref(version.model, version.number)}:data:{index + 1}"
+        dataset: dict[str, Any] = {"type": "dataset", "name": name}
+        if data.uri is not None:
+            dataset["contents"] = {"url": data.uri}
+        datasets[bom_ref] = dataset
         dependencies.append(
             Component(
-                name=data.name or f"training-data-{index + 1}",
-                type=_DATA_TYPE,
-                bom_ref=f"{_ref(version.model, version.number)}:data:{index + 1}",
+                name=name,
+                type=ComponentType.DATA,
+                bom_ref=bom_ref,
                 hashes=hashes,
                 external_references=refs,
                 properties=_props([("modelkeep:kind", "training-data")]),
@@ -175,7 +220,15 @@ def version_bom(
         # A version declared without data or frameworks has no dependencies, and the library
         # warns that the graph is "incomplete": it is complete, there is nothing to add.
         warnings.filterwarnings("ignore", message=".*no defined dependencies.*")
-        text: str = JsonV1Dot4(bom).output_as_string()
+        document: dict[str, Any] = json.loads(JsonV1Dot6(bom).output_as_string())
+    # The two ML-BOM fields the library does not model yet (see the module's docstring).
+    document["metadata"]["component"]["modelCard"] = _model_card(
+        version, lineage, metrics or {}, verdict, datasets
+    )
+    for component in document.get("components", []):
+        if component.get("bom-ref") in datasets:
+            component["data"] = [datasets[component["bom-ref"]]]
+    text = json.dumps(document, indent=2)
     # Never hand out a document that does not validate: that is a bug, not bad input.
     problem = JsonStrictValidator(_SCHEMA).validate_str(text)
     if problem is not None:

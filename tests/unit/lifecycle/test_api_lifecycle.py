@@ -93,7 +93,7 @@ def test_push_with_lineage_then_bom_delete_and_metadata(env: Env) -> None:
     assert pushed.status_code == 201, pushed.text
     assert pushed.json()["lineage"] == lineage
     assert bom.status_code == 200
-    assert bom.headers["content-type"].startswith("application/vnd.cyclonedx+json")
+    assert bom.headers["content-type"] == "application/vnd.cyclonedx+json; version=1.6"
     assert bom.json()["metadata"]["component"]["hashes"][0]["content"] == pushed.json()["sha256"]
     assert deleted.status_code == 200
     assert deleted.json()["deleted_at"] is not None

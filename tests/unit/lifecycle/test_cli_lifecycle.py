@@ -51,9 +51,14 @@ def test_push_with_lineage_bom_and_delete(cli: tuple[Env, object], tmp_path: Pat
     bom = run("versions", "bom", "iris", "1", "-o", str(out_file))  # type: ignore[operator]
     assert bom.exit_code == 0, bom.output
     text = out_file.read_text()
-    assert JsonStrictValidator(SchemaVersion.V1_4).validate_str(text) is None
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
     props = {p["name"]: p["value"] for p in json.loads(text)["metadata"]["component"]["properties"]}
     assert props["modelkeep:declared:code_revision"] == "deadbeef"
+    subject = json.loads(text)["metadata"]["component"]
+    assert subject["type"] == "machine-learning-model"
+    assert subject["modelCard"]["quantitativeAnalysis"]["performanceMetrics"] == [
+        {"type": "declared:accuracy", "value": "0.95"}
+    ]
 
     refused = run("versions", "delete", "iris", "1")  # type: ignore[operator]
     assert refused.exit_code == 2

@@ -1,10 +1,12 @@
-"""Lineage at push and the CycloneDX bill of materials: validated, size-limited, stored; the
-exported document validates against the CycloneDX schema and carries digest, signer, metrics."""
+"""Lineage at push and the CycloneDX ML-BOM: validated, size-limited, stored; the exported
+document validates against the CycloneDX 1.6 schema and carries digest, signer, metrics in the
+model's hashes and model card."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cyclonedx.schema import SchemaVersion
@@ -32,6 +34,16 @@ def properties(bom: dict[str, object]) -> dict[str, str]:
     return {p["name"]: p["value"] for p in component["properties"]}
 
 
+def card_properties(bom: dict[str, Any]) -> dict[str, str]:
+    card = bom["metadata"]["component"]["modelCard"]
+    return {p["name"]: p["value"] for p in card["properties"]}
+
+
+def performance(bom: dict[str, Any]) -> dict[str, str]:
+    analysis = bom["metadata"]["component"]["modelCard"]["quantitativeAnalysis"]
+    return {m["type"]: m["value"] for m in analysis["performanceMetrics"]}
+
+
 def test_a_signed_push_with_lineage_exports_a_valid_bom(env: Env, tmp_path: Path) -> None:
     svc = env.service
     key = generate_signing_key(tmp_path / "publisher.pem", tmp_path / "publisher.pub")
@@ -52,7 +64,7 @@ def test_a_signed_push_with_lineage_exports_a_valid_bom(env: Env, tmp_path: Path
 
     text = svc.version_bom(env.admin, "iris", str(pushed.number))
 
-    assert JsonStrictValidator(SchemaVersion.V1_4).validate_str(text) is None
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
     bom = json.loads(text)
     subject = bom["metadata"]["component"]
     assert (subject["name"], subject["version"]) == ("iris", "2")
@@ -84,12 +96,34 @@ def test_server_metrics_appear_in_the_bom(env: Env) -> None:
     from modelkeep.registry.bom import version_bom
 
     text = version_bom(version, metrics={"accuracy": 0.91}, approvals=[{"by": "k2"}])
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
+    assert performance(json.loads(text)) == {"accuracy": "0.91"}
+    assert card_properties(json.loads(text))["modelkeep:signature:signed"] == "False"
+    assert "modelkeep:signature:identity" not in card_properties(json.loads(text))
     props = properties(json.loads(text))
     assert (props["modelkeep:metric:accuracy"], props["modelkeep:approval"]) == (
         "0.91",
         '{"by": "k2"}',
     )
     assert props["modelkeep:signature:signed"] == "False"
+
+
+def test_the_validator_checks_the_model_card(env: Env) -> None:
+    """The 1.6 schema the BOM is checked against covers the model card the library does not
+    model: a metric value that is not a string, or an unknown card field, fails validation."""
+    svc = env.service
+    svc.push(env.admin, "iris", build_iris_onnx(), file_name="iris.onnx")
+    from modelkeep.registry.bom import version_bom
+
+    bom = json.loads(version_bom(svc.snapshot.models["iris"].versions[1], metrics={"f1": 0.5}))
+    validator = JsonStrictValidator(SchemaVersion.V1_6)
+    assert validator.validate_str(json.dumps(bom)) is None
+    card = bom["metadata"]["component"]["modelCard"]
+    card["quantitativeAnalysis"]["performanceMetrics"][0]["value"] = 0.5
+    assert validator.validate_str(json.dumps(bom)) is not None
+    card["quantitativeAnalysis"]["performanceMetrics"][0]["value"] = "0.5"
+    card["accuracy"] = "0.5"
+    assert validator.validate_str(json.dumps(bom)) is not None
 
 
 @pytest.mark.parametrize(
