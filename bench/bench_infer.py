@@ -116,6 +116,37 @@ class LoadResult:
     # wrk's own CPU (% of one core): near 100 would mean the client, not the server, is the limit.
     client_cpu_pct: float | None = None
 
+    @classmethod
+    def of(
+        cls,
+        latencies_s: list[float],
+        duration_s: float,
+        non_200: int,
+        socket_errors: dict[str, int],
+        client_cpu_pct: float | None = None,
+    ) -> LoadResult:
+        """A run from its per-request latencies (seconds), as the harness's own clients and
+        h2load's log give them: requests/s and nearest-rank percentiles in ms."""
+        ordered = sorted(latencies_s)
+
+        def percentile(q: float) -> float:
+            if not ordered:
+                return 0.0
+            return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
+
+        return cls(
+            requests=len(ordered),
+            duration_s=round(duration_s, 3),
+            rps=len(ordered) / duration_s,
+            p50_ms=percentile(50),
+            p90_ms=percentile(90),
+            p99_ms=percentile(99),
+            max_ms=ordered[-1] * 1000 if ordered else 0.0,
+            non_200=non_200,
+            socket_errors=socket_errors,
+            client_cpu_pct=client_cpu_pct,
+        )
+
     @property
     def failures(self) -> list[str]:
         found = [f"{self.non_200} non-200 responses"] if self.non_200 else []
@@ -753,24 +784,8 @@ def run_python_load(
         elapsed = uvloop.run(main())
     except ImportError:
         elapsed = asyncio.run(main())
-    ordered = sorted(latencies)
-
-    def percentile(q: float) -> float:
-        if not ordered:
-            return 0.0
-        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
-
-    return LoadResult(
-        requests=len(ordered),
-        duration_s=round(elapsed, 3),
-        rps=len(ordered) / elapsed,
-        p50_ms=percentile(50),
-        p90_ms=percentile(90),
-        p99_ms=percentile(99),
-        max_ms=ordered[-1] * 1000 if ordered else 0.0,
-        non_200=counts["non_200"],
-        socket_errors={"connect": counts["connect"], "read": counts["read"]},
-    )
+    errors = {"connect": counts["connect"], "read": counts["read"]}
+    return LoadResult.of(latencies, elapsed, counts["non_200"], errors)
 
 
 def grpc_requests(rows: list[list[float]]) -> list[bytes]:
@@ -828,25 +843,9 @@ def run_grpc_load(
     elapsed = asyncio.run(main())
     after = resource.getrusage(resource.RUSAGE_SELF)
     used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    ordered = sorted(latencies)
-
-    def percentile(q: float) -> float:
-        if not ordered:
-            return 0.0
-        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
-
-    return LoadResult(
-        requests=len(ordered),
-        duration_s=round(elapsed, 3),
-        rps=len(ordered) / elapsed,
-        p50_ms=percentile(50),
-        p90_ms=percentile(90),
-        p99_ms=percentile(99),
-        max_ms=ordered[-1] * 1000 if ordered else 0.0,
-        non_200=counts["non_200"],
-        socket_errors={"connect": counts["connect"], "read": counts["read"]},
-        client_cpu_pct=round(100 * used / elapsed, 1) if elapsed else None,
-    )
+    errors = {"connect": counts["connect"], "read": counts["read"]}
+    cpu = round(100 * used / elapsed, 1) if elapsed else None
+    return LoadResult.of(latencies, elapsed, counts["non_200"], errors, cpu)
 
 
 # -- load generation: gRPC with h2load ---------------------------------------------------------
@@ -989,23 +988,9 @@ def parse_h2load(output: str, log: Path) -> LoadResult:
         _start, status, elapsed = entry.split("\t")[:3]
         if status != "200":
             non_200 += 1
-        latencies.append(int(elapsed) / 1000)
-    ordered = sorted(latencies)
-
-    def percentile(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else 0.0
-
-    return LoadResult(
-        requests=len(ordered),
-        duration_s=round(duration, 3),
-        rps=len(ordered) / duration,
-        p50_ms=percentile(50),
-        p90_ms=percentile(90),
-        p99_ms=percentile(99),
-        max_ms=ordered[-1] if ordered else 0.0,
-        non_200=max(non_200, failed - errored),
-        socket_errors={"errored": errored, "timeout": timeouts},
-    )
+        latencies.append(int(elapsed) / 1e6)  # h2load logs microseconds
+    errors = {"errored": errored, "timeout": timeouts}
+    return LoadResult.of(latencies, duration, max(non_200, failed - errored), errors)
 
 
 # -- the run -----------------------------------------------------------------------------------
