@@ -234,7 +234,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         if self._phase == HEAD:
             delay = self.limits.header_timeout_s
         else:
-            self._window_bytes, self._paused = self._body_bytes, False
+            self._window_bytes, self._paused = self._body_bytes, self.flow.read_paused
             delay = self.limits.body_timeout_s
         self._timer_phase = self._phase
         self._timer = self.loop.call_later(delay, self._on_timer)
