@@ -39,7 +39,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -56,6 +55,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+
+from modelkeep.testing import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results" / "infer.json"
@@ -253,13 +254,6 @@ class Processes:
 
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def tail(path: Path, lines: int = 25) -> str:

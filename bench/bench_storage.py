@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import ssl
 import statistics
 import subprocess
@@ -55,6 +54,7 @@ from modelkeep.registry.registry import Registry
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 from modelkeep.settings import Settings
 from modelkeep.store.metadata import MetadataStore, VersionDetails
+from modelkeep.testing import free_port
 from modelkeep.testing_seaweedfs import SeaweedFS
 
 MIB = 1 << 20
@@ -174,12 +174,6 @@ def timed(function: Callable[[], int], expected: int) -> float:
 
 
 # -- 2. push peak RSS ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_kib(pid: int, field: str) -> int:

@@ -30,7 +30,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import httpx
 
+from modelkeep.testing import free_port
 from modelkeep.testing_keyservers import OpenBao
 from modelkeep.testing_seaweedfs import SeaweedFS
 
@@ -76,12 +76,6 @@ backend replicas
 verifyhost localhost inter 500ms fall 1 rise 2
 {servers}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(url: str, ca: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:

@@ -8,6 +8,8 @@ dependencies and importing this module must not need them.
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +30,55 @@ __all__ = [
     "build_flaky_onnx",
     "build_iris_onnx",
     "build_slow_onnx",
+    "free_port",
+    "free_ports",
     "iris_rows",
     "open_service",
 ]
 
 # Pinned so the bytes do not change when a newer skl2onnx or onnx picks a newer default opset.
 _IRIS_OPSETS = {"": 17, "ai.onnx.ml": 3}
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports, free when chosen, for a server a test starts.
+
+    They come from below the kernel's ephemeral range on purpose. A port from ``bind(0)`` is an
+    ephemeral one, from the pool every outgoing connection on the machine also draws from, so
+    between choosing it and the child server binding it any ``connect()`` may take it: SeaweedFS's
+    own parts, dialling each other while they start, took one of its eight ports that way in CI.
+    A port below the range is only ever taken by a listener that asks for it by number. Each
+    candidate is held bound until all are chosen, so the ports are distinct.
+    """
+    low = _ephemeral_low()
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", random.randrange(10_000, low)))
+            except OSError:  # in use: draw again
+                sock.close()
+                continue
+            held.append(sock)
+        return [int(sock.getsockname()[1]) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def free_port() -> int:
+    """One loopback port, free when chosen (see ``free_ports``)."""
+    return free_ports(1)[0]
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 where it cannot be read)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return max(int(text.split()[0]), 10_001)
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def build_iris_onnx(*, seed: int = 0) -> bytes:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -24,14 +23,9 @@ from typing import Any
 import httpx
 
 from modelkeep.crypto.tls import create_tls_material
+from modelkeep.testing import free_port
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # What modelkeep needs from Transit, and nothing else: no key creation, no export, no config.

@@ -2,7 +2,8 @@
 
 ``weed server -s3`` runs a master, a volume server, a filer and the S3 gateway in one process.
 Every port is a free one picked at start (several may run at once on one machine), everything
-listens on loopback only, data lives under the given directory, and the S3 gateway accepts one
+listens on loopback only, data lives under the given directory (the server's own: a start
+that has to be retried on other ports empties it), and the S3 gateway accepts one
 identity with random keys (``env`` holds them in the AWS variables a client reads).
 
     with SeaweedFS(tmp_path) as s3:
@@ -17,13 +18,14 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
+
+from modelkeep.testing import free_ports
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -44,10 +46,8 @@ def weed_binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class _PortTaken(Exception):
+    """weed exited because one of its ports was taken between choosing and binding it."""
 
 
 class SeaweedFS:
@@ -57,12 +57,16 @@ class SeaweedFS:
         self.data_dir = data_dir
         self.access_key = "mk" + secrets.token_hex(8)
         self.secret_key = secrets.token_urlsafe(24)
-        # weed's flags: -master.port, -master.port.grpc, ... (gRPC would default to port + 10000).
-        self.ports = {
-            f"{service}.port{grpc}": _free_port() for service in _SERVICES for grpc in ("", ".grpc")
-        }
+        self.ports = self._choose_ports()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "weed.log"
+
+    @staticmethod
+    def _choose_ports() -> dict[str, int]:
+        """weed's port flags (-master.port, -master.port.grpc, ...), each a free port: left to
+        itself, weed puts gRPC on port + 10000, which nothing has checked is free."""
+        flags = [f"{service}.port{grpc}" for service in _SERVICES for grpc in ("", ".grpc")]
+        return dict(zip(flags, free_ports(len(flags)), strict=True))
 
     @property
     def endpoint_url(self) -> str:
@@ -77,8 +81,26 @@ class SeaweedFS:
             "AWS_REGION": "us-east-1",
         }
 
-    def start(self, timeout: float = 60.0) -> None:
-        """Start the server and return once the S3 gateway answers a signed request."""
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
+        """Start the server and return once the S3 gateway answers a signed request.
+
+        A port chosen free can still be taken before weed binds it; weed then exits at once
+        saying so, and the start is tried again on fresh ports (``attempts`` in all).
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_once(timeout)
+                return
+            except _PortTaken:
+                if attempt == attempts:
+                    raise RuntimeError(
+                        f"SeaweedFS could not bind its ports:\n{self.log()}"
+                    ) from None
+                # A fresh start: the failed one's raft state names the old ports.
+                shutil.rmtree(self.data_dir)
+                self.ports = self._choose_ports()
+
+    def _start_once(self, timeout: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "s3.json"
         identity = {
@@ -108,6 +130,8 @@ class SeaweedFS:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
+                if "address already in use" in self.log():
+                    raise _PortTaken
                 raise RuntimeError(f"SeaweedFS exited early:\n{self.log()}")
             try:
                 client.list_buckets()

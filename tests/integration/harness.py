@@ -1,4 +1,4 @@
-"""The integration harness: real `modelkeep` server processes over HTTPS on ephemeral ports.
+"""The integration harness: real `modelkeep` server processes over HTTPS on free loopback ports.
 
 A module of its own, not conftest.py: test files import it by a name no other test directory
 uses, so the import does not depend on the order pytest loads conftest files in.
@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -22,13 +21,9 @@ from pathlib import Path
 
 import httpx
 
+from modelkeep.testing import free_port
+
 MODELKEEP = [str(Path(sys.executable).parent / "modelkeep")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_cli(

@@ -13,6 +13,7 @@ import io
 import os
 import re
 import secrets
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -337,3 +338,17 @@ def test_a_push_while_the_store_is_down_is_503_and_loaded_models_keep_serving(
             assert "Traceback" not in server.log()
         finally:
             server.stop()
+
+
+def test_a_port_taken_before_seaweedfs_binds_it_is_a_retry_on_fresh_ports(tmp_path: Path) -> None:
+    # What failed CI once: a port chosen free was taken (there by a connection) before weed bound
+    # it, and weed exited. Take one of the chosen ports on purpose, between choosing and starting.
+    own = SeaweedFS(tmp_path / "seaweedfs")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", own.ports["master.port.grpc"]))
+        squatter.listen()
+        squatted = squatter.getsockname()[1]
+        with own:
+            assert own.ports["master.port.grpc"] != squatted
+            own.create_bucket("retried")
+            assert "retried" in {b["Name"] for b in own.client().list_buckets()["Buckets"]}
