@@ -6,40 +6,20 @@ their snapshot (``ModelRecord.canaries`` and ``.shadows``), never by reading thi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 
 from modelkeep.errors import NotFound
+from modelkeep.registry.records import Canary
 from modelkeep.store import schema as t
-from modelkeep.store.metadata import MetadataStore, live_canary, put_label
+from modelkeep.store.metadata import MetadataStore, canary_from_row, live_canary, put_label
 
-__all__ = ["LIVE", "Canary", "CanaryStore"]
+__all__ = ["LIVE", "CanaryStore"]
 
 #: Statuses of a canary or shadow still running or waiting for approval.
 LIVE = ("active", "pending")
-
-
-@dataclass(frozen=True, slots=True)
-class Canary:
-    """A canary or shadow as stored: running, waiting for approval, or ended (and how)."""
-
-    id: str
-    model: str
-    label: str
-    mode: str  # canary, shadow
-    version: int
-    share: float
-    thresholds: str  # JSON
-    status: str  # pending, active, promoted, aborted, rolled_back, ended
-    change_id: str | None
-    started_by: str
-    started_at: datetime
-    ended_by: str | None = None
-    ended_at: datetime | None = None
-    reason: str | None = None
 
 
 class CanaryStore:
@@ -146,7 +126,7 @@ class CanaryStore:
                 .order_by(c.started_at.desc(), c.id)
                 .limit(limit)
             ).all()
-        return [_canary(model, row) for row in rows]
+        return [canary_from_row(model, row) for row in rows]
 
 
 def _live(conn: Any, model_id: int, model: str, label: str, mode: str) -> Canary | None:
@@ -156,23 +136,4 @@ def _live(conn: Any, model_id: int, model: str, label: str, mode: str) -> Canary
             c.model_id == model_id, c.label == label, c.mode == mode, live_canary()
         )
     ).first()
-    return None if row is None else _canary(model, row)
-
-
-def _canary(model: str, row: Any) -> Canary:
-    return Canary(
-        id=row.id,
-        model=model,
-        label=row.label,
-        mode=row.mode,
-        version=row.version,
-        share=float(row.share),
-        thresholds=row.thresholds,
-        status=row.status,
-        change_id=row.change_id,
-        started_by=row.started_by,
-        started_at=row.started_at,
-        ended_by=row.ended_by,
-        ended_at=row.ended_at,
-        reason=row.reason,
-    )
+    return None if row is None else canary_from_row(model, row)

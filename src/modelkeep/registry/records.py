@@ -52,9 +52,10 @@ class VersionRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class CanaryRecord:
-    """An active canary (a share of a label's callers served by another version) or shadow (a
-    sample of its requests mirrored to another version, never answered from)."""
+class Canary:
+    """A canary (a share of a label's callers served by another version) or shadow (a sample of
+    its requests mirrored to another version, never answered from), as stored: running, waiting
+    for approval, or ended (and how). A snapshot holds the running ones."""
 
     id: str
     model: str
@@ -63,8 +64,13 @@ class CanaryRecord:
     version: int
     share: float  # percent of callers (canary) or of requests (shadow), in (0, 100]
     thresholds: str  # JSON (modelkeep.lifecycle.canary.Thresholds)
+    status: str  # pending, active, promoted, aborted, rolled_back, ended
+    change_id: str | None
     started_by: str
     started_at: datetime
+    ended_by: str | None = None
+    ended_at: datetime | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +98,8 @@ class ModelRecord:
     )
     drift: str | None = None  # the drift monitoring config as JSON (modelkeep.guard.drift)
     # Active canaries and shadows, by the label they split or mirror.
-    canaries: MappingProxyType[str, CanaryRecord] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
-    shadows: MappingProxyType[str, CanaryRecord] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    canaries: MappingProxyType[str, Canary] = field(default_factory=lambda: MappingProxyType({}))
+    shadows: MappingProxyType[str, Canary] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def latest_version(self) -> int | None:

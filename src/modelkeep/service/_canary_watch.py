@@ -32,7 +32,7 @@ import numpy as np
 from modelkeep.errors import ModelkeepError
 from modelkeep.guard._deferred import DeferredFeed
 from modelkeep.lifecycle.canary import Thresholds, WindowStats, agreement, bucket
-from modelkeep.registry.records import CanaryRecord, ModelRecord, VersionRecord
+from modelkeep.registry.records import Canary, ModelRecord, VersionRecord
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.service._shared import log
 
@@ -112,7 +112,7 @@ def _since(recent: deque[T], since: float) -> list[T]:
 class Experiment:
     """A canary or shadow as this replica sees it: its record and each version's arm."""
 
-    record: CanaryRecord
+    record: Canary
     thresholds: Thresholds
     primary_version: int
     primary: Arm
@@ -240,7 +240,7 @@ class Watches:
             return served, None
         return served, Watch(self, tuple(arms), tuple(jobs))
 
-    def experiment(self, record: CanaryRecord, primary_version: int) -> Experiment:
+    def experiment(self, record: Canary, primary_version: int) -> Experiment:
         key = (record.id, primary_version)
         found = self._experiments.get(key)
         if found is None:

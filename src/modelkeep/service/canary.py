@@ -25,8 +25,8 @@ from modelkeep.errors import Conflict, InvalidInput, ModelkeepError, NotFound
 from modelkeep.lifecycle.canary import Thresholds, WindowStats, check_share, crossed
 from modelkeep.lifecycle.changes import new_change_id
 from modelkeep.policy import Action
-from modelkeep.registry.canaries import Canary, CanaryStore
-from modelkeep.registry.records import ModelRecord, check_name
+from modelkeep.registry.canaries import CanaryStore
+from modelkeep.registry.records import Canary, ModelRecord, check_name
 from modelkeep.service._canary_watch import Experiment, Watches
 from modelkeep.service._shared import log, model_target
 from modelkeep.service.changes import Changes

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from modelkeep.auth.apikeys import KeyRecord
 from modelkeep.errors import ConfigError, Conflict, NotFound, Unavailable
-from modelkeep.registry.records import CanaryRecord, ModelRecord, Snapshot, VersionRecord
+from modelkeep.registry.records import Canary, ModelRecord, Snapshot, VersionRecord
 from modelkeep.runtime.signature import ModelSignature
 from modelkeep.store import _push_keys as push_keys
 from modelkeep.store import schema as t
@@ -226,10 +226,10 @@ class MetadataStore:
         for row in restriction_rows:
             if row.model_id in restrictions:
                 restrictions[row.model_id][row.key_id] = (row.kind, row.reason)
-        experiments: dict[tuple[int, str], dict[str, CanaryRecord]] = {}
+        experiments: dict[tuple[int, str], dict[str, Canary]] = {}
         for row in canary_rows:
             if row.model_id in names:
-                found = _canary_record(names[row.model_id], row)
+                found = canary_from_row(names[row.model_id], row)
                 experiments.setdefault((row.model_id, row.mode), {})[row.label] = found
         models = {
             row.name: ModelRecord(
@@ -872,8 +872,9 @@ def _end_experiments(
     )
 
 
-def _canary_record(model: str, row: Any) -> CanaryRecord:
-    return CanaryRecord(
+def canary_from_row(model: str, row: Any) -> Canary:
+    """A ``canaries`` row of ``model`` as a Canary."""
+    return Canary(
         id=row.id,
         model=model,
         label=row.label,
@@ -881,8 +882,13 @@ def _canary_record(model: str, row: Any) -> CanaryRecord:
         version=row.version,
         share=float(row.share),
         thresholds=row.thresholds,
+        status=row.status,
+        change_id=row.change_id,
         started_by=row.started_by,
         started_at=row.started_at,
+        ended_by=row.ended_by,
+        ended_at=row.ended_at,
+        reason=row.reason,
     )
 
 
