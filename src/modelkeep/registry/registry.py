@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -185,16 +186,27 @@ class Registry:
                     f"{exc.message}",
                     retry_after=exc.retry_after,
                 ) from exc
-            # Each segment is hashed once, here, while it is in cache; the signature check
-            # (open_verified) uses this digest instead of hashing the plaintext again.
+            # Each segment is hashed once, here; the signature check (open_verified) uses this
+            # digest instead of hashing the plaintext again. SHA-256 is the costliest step and
+            # hashlib lets go of the GIL while it hashes, so a thread hashes one segment while
+            # this one fetches and decrypts the next (a segment at most waits to be hashed).
             digest = hashlib.sha256()
             whole = io.BytesIO()
-            with self.blobs.open(version.blob_key) as src:
+            with (
+                self.blobs.open(version.blob_key) as src,
+                ThreadPoolExecutor(1, thread_name_prefix="modelkeep-sha256") as hasher,
+            ):
+                hashed: Future[None] | None = None
                 for segment in unseal_segments(
                     src, data_key, associated_data, expected_size=version.size
                 ):
-                    digest.update(segment)
-                    whole.write(segment)
+                    chunk = bytes(segment)  # the view is reused for the next segment
+                    if hashed is not None:
+                        hashed.result()
+                    hashed = hasher.submit(digest.update, chunk)
+                    whole.write(chunk)
+                if hashed is not None:
+                    hashed.result()
             if digest.hexdigest() != version.sha256:
                 raise IntegrityError("digest mismatch")
             # BytesIO grows its one buffer in place and hands it over without copying it.
