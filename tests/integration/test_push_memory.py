@@ -191,10 +191,11 @@ def test_a_scan_only_archive_four_times_the_allowance_is_scanned_without_being_h
 
     # The archive's directory and its member's header were read through the sealed copy, the
     # member in place (never inflated or copied out), and found safe; the push is then refused
-    # only because an archive is not a format the server serves.
+    # only because an archive is not a format the server serves. (Measured: 3 to 14 MiB; it
+    # was twice the archive when the scan read it whole.)
     assert response.status_code == 422
     assert "exactly one servable file" in response.json()["error"]
-    assert growth < LARGE // 2, f"the server grew by {growth / MiB:.0f} MiB"
+    assert growth < LARGE // 4, f"the server grew by {growth / MiB:.0f} MiB"
     assert_nothing_left(srv)
 
 
