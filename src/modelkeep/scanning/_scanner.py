@@ -206,18 +206,30 @@ def _dispatch_file(
     if len(head) == size or kind in ("text", "unknown"):
         # The whole file, or a head that identifies it the same way (see _DETECT); text is
         # judged on its first MiB and an unidentifiable file is refused without reading on.
-        return _dispatch(scan, head, location, depth, siblings, base)
+        return _dispatch_as(scan, head, kind, location, depth, siblings, base)
     del head
-    return _dispatch(scan, reader.read(size), location, depth, siblings, base)
+    return _dispatch_as(scan, reader.read(size), kind, location, depth, siblings, base)
 
 
 def _dispatch(
     scan: Scan, data: Buffer, location: str, depth: int, siblings: Siblings | None, base: str
 ) -> str:
+    return _dispatch_as(scan, data, detect_format(data), location, depth, siblings, base)
+
+
+def _dispatch_as(
+    scan: Scan,
+    data: Buffer,
+    kind: str,
+    location: str,
+    depth: int,
+    siblings: Siblings | None,
+    base: str,
+) -> str:
+    """Scan ``data``, identified as ``kind``, with its family's scanner."""
     if len(data) == 0:
         scan.high(location, "the file is empty: cannot identify the format")
         return "unknown"
-    kind = detect_format(data)
     handled = _guarded(
         scan, kind, location, lambda: _handle(scan, data, kind, location, depth, siblings, base)
     )

@@ -30,6 +30,8 @@ __all__ = ["OpenZip", "read_json", "short_error"]
 
 _PEEK = 64 * 1024
 _CHUNK = 1 << 20
+# A member's analyser reads headers, mostly small: the archive's file below is buffered already.
+_BUFFER = 64 * 1024
 
 
 class OpenZip:
@@ -93,7 +95,7 @@ class OpenZip:
                 yield content
             return
         # zipfile read exactly these bytes: stored, right after the local header.
-        with io.BufferedReader(FileSlice(self.file, header.data_start, size), _CHUNK) as inside:
+        with io.BufferedReader(FileSlice(self.file, header.data_start, size), _BUFFER) as inside:
             yield cast(IO[bytes], inside)
 
     def _read_leniently(self, info: zipfile.ZipInfo, refused: str) -> bytes | None:
