@@ -11,7 +11,9 @@ import json
 import os
 import sqlite3
 import struct
-from collections.abc import Iterable, Iterator
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -102,6 +104,26 @@ def sparse_safetensors(path: Path, nbytes: int) -> None:
         out.truncate(8 + len(header) + nbytes)
 
 
+def stored_npz(path: Path, nbytes: int) -> None:
+    """A NumPy ``.npz`` (a zip, stored as ``np.savez`` stores) of one FP32 array of ``nbytes``
+    zeros, written in pieces: a zip scanned member by member, never inflated."""
+    with zipfile.ZipFile(path, "w") as archive, archive.open("w.npy", "w") as member:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (nbytes // 4,)}
+        np.lib.format.write_array_header_1_0(member, header)
+        zeros = bytes(4 * MiB)
+        for _ in range(nbytes // len(zeros)):
+            member.write(zeros)
+
+
+def safetensors_tar(path: Path, nbytes: int) -> None:
+    """A tar holding one safetensors file of ``nbytes`` zeros (see ``sparse_safetensors``)."""
+    inner = path.with_suffix(".safetensors")
+    sparse_safetensors(inner, nbytes)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        archive.add(inner, arcname="weights.safetensors")
+    inner.unlink()
+
+
 def chunks(path: Path) -> Iterator[bytes]:
     with path.open("rb") as handle:
         while chunk := handle.read(4 * MiB):
@@ -151,6 +173,29 @@ def test_a_scan_only_file_four_times_the_allowance_is_scanned_without_being_held
     assert response.status_code == 422
     assert "exactly one servable file" in response.json()["error"]
     assert growth < LARGE // 2, f"the server grew by {growth / MiB:.0f} MiB"
+    assert_nothing_left(srv)
+
+
+@pytest.mark.parametrize(
+    ("file_name", "write"), [("weights.npz", stored_npz), ("weights.tar", safetensors_tar)]
+)
+def test_a_scan_only_archive_four_times_the_allowance_is_scanned_without_being_held(
+    srv: Server, tmp_path: Path, file_name: str, write: Callable[[Path, int], None]
+) -> None:
+    path = tmp_path / file_name
+    write(path, 2 * LARGE)
+    bundle = tmp_path / "bundle.sig"
+    sign_path(path, publisher_key()[0], bundle)
+
+    response, growth = peak_growth(srv, chunks(path), bundle.read_bytes(), path.name)
+
+    # The archive's directory and its member's header were read through the sealed copy, the
+    # member in place (never inflated or copied out), and found safe; the push is then refused
+    # only because an archive is not a format the server serves. (Measured: 3 to 14 MiB; it
+    # was twice the archive when the scan read it whole.)
+    assert response.status_code == 422
+    assert "exactly one servable file" in response.json()["error"]
+    assert growth < LARGE // 4, f"the server grew by {growth / MiB:.0f} MiB"
     assert_nothing_left(srv)
 
 

@@ -4,15 +4,20 @@ Each member name is checked before anything is read: absolute names and ``..`` c
 the extraction directory (zip slip), links can point anywhere, devices and fifos have no place
 in a model, and two members with the same name are extracted differently by different tools.
 Then every member is scanned by its content, at one more level of nesting. ONNX members go
-first, so that the files they name as external data are known to be data, not models.
+first, so that the files they name as external data are known to be data, not models. A member
+is handed to its analyser as a seekable file: a tar's members are read in place through the
+archive's own file, so a large archive that is not in memory (a sealed copy, decrypted as it is
+read) is scanned reading only what each member's analyser needs.
 """
 
 from __future__ import annotations
 
+import io
 import posixpath
 import re
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
@@ -23,21 +28,28 @@ __all__ = [
     "ArchiveSiblings",
     "Member",
     "check_members",
+    "in_memory",
     "scan_7z",
+    "scan_7z_file",
     "scan_members",
     "scan_tar",
+    "scan_tar_file",
     "unsafe_name",
 ]
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _PEEK = 64 * 1024
+_CHUNK = 1 << 20
+
+Opener = Callable[[], AbstractContextManager[IO[bytes] | None]]
 
 
 @dataclass
 class Member:
     """One archive member. ``kind``: file, dir, symlink, hardlink or special. ``read(keep)``
     returns the content (``keep=False``: read and verify only, return b""), or None after
-    reporting why it could not."""
+    reporting why it could not. ``opener``, where the archive has one, gives the content as a
+    seekable file without holding it (see :meth:`open`)."""
 
     name: str
     size: int
@@ -45,6 +57,20 @@ class Member:
     read: Callable[[bool], bytes | None]
     link: str = ""
     peek: Callable[[], bytes] | None = None
+    opener: Opener | None = None
+
+    def open(self) -> AbstractContextManager[IO[bytes] | None]:
+        """The content as a seekable file whose ``read(n)`` returns ``n`` bytes unless at its
+        end, or None after reporting why it could not be read; the same bytes ``read`` gives
+        and the same findings on the way."""
+        if self.opener is not None:
+            return self.opener()
+        return in_memory(self.read(True))
+
+
+def in_memory(content: bytes | None) -> AbstractContextManager[IO[bytes] | None]:
+    """``content`` as a seekable file, for :meth:`Member.open` (None stays None)."""
+    return nullcontext(None if content is None else cast(IO[bytes], MemoryReader(content)))
 
 
 def unsafe_name(name: str) -> str | None:
@@ -176,11 +202,13 @@ def scan_members(
         if _normal(member.name) in siblings.data:
             scan.record_file(join(location, member.name))
             continue  # raw tensor data an ONNX member reads; checked by that member's scan
-        content = member.read(True)
-        where = join(location, member.name)
-        scan.record_file(where)
-        if content is not None:
-            scan.nested(content, where, depth + 1, siblings, _normal(member.name))
+        with member.open() as content:
+            where = join(location, member.name)
+            scan.record_file(where)
+            if content is not None:
+                size = content.seek(0, io.SEEK_END)
+                content.seek(0)
+                scan.nested_file(content, size, where, depth + 1, siblings, _normal(member.name))
 
 
 # -- tar --------------------------------------------------------------------------------------
@@ -188,10 +216,16 @@ def scan_members(
 
 def scan_tar(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     """Check a tar archive's members and scan each one by content."""
-    view = memoryview(data)
+    return scan_tar_file(scan, cast(IO[bytes], MemoryReader(data)), len(data), location, depth)
+
+
+def scan_tar_file(scan: Scan, reader: IO[bytes], size: int, location: str, depth: int) -> str:
+    """:func:`scan_tar` for a seekable file of ``size`` bytes: headers and members are read
+    through it, each member only as far as its analyser needs."""
     members: list[Member] = []
+    reader.seek(0)
     try:
-        archive = tarfile.open(fileobj=MemoryReader(view), mode="r:")  # noqa: SIM115
+        archive = tarfile.open(fileobj=reader, mode="r:")  # noqa: SIM115
     except (tarfile.TarError, OSError, ValueError) as exc:
         scan.high(location, f"not a readable tar archive ({type(exc).__name__})")
         return "tar"
@@ -207,7 +241,7 @@ def scan_tar(scan: Scan, data: Buffer, location: str, depth: int) -> str:
                     )
                     return "tar"
                 total += info.size
-                members.append(_tar_member(scan, archive, info, location))
+                members.append(_tar_member(scan, archive, info, location, size))
         except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
             scan.high(
                 location,
@@ -216,17 +250,17 @@ def scan_tar(scan: Scan, data: Buffer, location: str, depth: int) -> str:
             )
         end = archive.offset
         # Tar stores members as they are: they cannot hold more than the archive itself.
-        if total > len(view):
+        if total > size:
             scan.high(
                 location,
-                f"the members declare {total} bytes but the archive holds {len(view)}: "
+                f"the members declare {total} bytes but the archive holds {size}: "
                 "truncated or corrupt",
             )
             return "tar"
-        if any(view[end:]):
+        if not _zeros(reader, end, size):
             scan.high(
                 f"{location} @ byte {end}",
-                f"{len(view) - end} bytes after the end of "
+                f"{size - end} bytes after the end of "
                 "the archive are not zero padding: hidden data that was not analysed",
             )
         if check_members(scan, members, location):
@@ -234,8 +268,16 @@ def scan_tar(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     return "tar"
 
 
+def _zeros(reader: IO[bytes], start: int, end: int) -> bool:
+    """Whether ``reader`` holds only zero bytes from ``start`` to ``end``, read in pieces."""
+    reader.seek(start)
+    return all(
+        not reader.read(min(_CHUNK, end - at)).strip(b"\x00") for at in range(start, end, _CHUNK)
+    )
+
+
 def _tar_member(
-    scan: Scan, archive: tarfile.TarFile, info: tarfile.TarInfo, location: str
+    scan: Scan, archive: tarfile.TarFile, info: tarfile.TarInfo, location: str, archive_size: int
 ) -> Member:
     if info.isreg():
         kind = "file"
@@ -263,7 +305,21 @@ def _tar_member(
         except (tarfile.TarError, OSError, ValueError, EOFError):
             return b""  # reported when the member is read in full
 
-    return Member(info.name, info.size, kind, read, link=info.linkname, peek=peek)
+    @contextmanager
+    def opener() -> Iterator[IO[bytes] | None]:
+        # Tar stores a member's bytes as they are: one that lies wholly inside the archive is
+        # read in place (tarfile's view seeks within it). A sparse member, or one cut short,
+        # is read whole the usual way, which reports what is wrong with it.
+        if info.issparse() or info.offset_data + info.size > archive_size:
+            with in_memory(read(True)) as content:
+                yield content
+            return
+        handle = archive.extractfile(info)
+        assert handle is not None  # a regular member always has content
+        with handle:
+            yield handle
+
+    return Member(info.name, info.size, kind, read, link=info.linkname, peek=peek, opener=opener)
 
 
 # -- 7z ---------------------------------------------------------------------------------------
@@ -271,6 +327,13 @@ def _tar_member(
 
 def scan_7z(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     """Check a 7z archive's listing, unpack it into memory within the budget, scan each member."""
+    return scan_7z_file(scan, cast(IO[bytes], MemoryReader(data)), len(data), location, depth)
+
+
+def scan_7z_file(scan: Scan, reader: IO[bytes], size: int, location: str, depth: int) -> str:
+    """:func:`scan_7z` for a seekable file of ``size`` bytes: the archive is read through it,
+    and its members (7z compresses them together) are unpacked into memory, within
+    ``max_total_bytes``."""
     import py7zr
     from py7zr.io import Py7zIO, WriterFactory
 
@@ -311,7 +374,8 @@ def scan_7z(scan: Scan, data: Buffer, location: str, depth: int) -> str:
             return product
 
     try:
-        with py7zr.SevenZipFile(cast(IO[bytes], MemoryReader(data)), "r") as archive:
+        reader.seek(0)
+        with py7zr.SevenZipFile(reader, "r") as archive:
             if archive.needs_password():
                 scan.high(location, "the 7z archive is encrypted; it cannot be analysed")
                 return "7z"

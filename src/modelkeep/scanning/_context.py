@@ -11,12 +11,13 @@ import contextlib
 import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import IO, Protocol
 
 from modelkeep.scanning.report import Finding, ScanLimits, ScanReport, Severity
 
 __all__ = [
     "Buffer",
+    "FileBytes",
     "FileSlice",
     "MemoryReader",
     "Scan",
@@ -76,14 +77,16 @@ class Siblings(Protocol):
 
 
 Dispatch = Callable[["Scan", Buffer, str, int, "Siblings | None", str], str]
+DispatchFile = Callable[["Scan", IO[bytes], int, str, int, "Siblings | None", str], str]
 
 
 class Scan:
     """One scan in progress. Not thread safe; one per call of ``scan_bytes``/``scan_path``."""
 
-    def __init__(self, limits: ScanLimits, dispatch: Dispatch) -> None:
+    def __init__(self, limits: ScanLimits, dispatch: Dispatch, dispatch_file: DispatchFile) -> None:
         self.limits = limits
         self._dispatch = dispatch
+        self._dispatch_file = dispatch_file
         self._findings: list[Finding] = []
         self._seen: set[Finding] = set()
         self._omitted: dict[Severity, int] = {}
@@ -166,20 +169,41 @@ class Scan:
         ``base`` is the member's name relative to ``siblings`` (for references such as ONNX
         external data). Nesting deeper than ``max_depth`` is a finding and is not opened.
         """
-        if depth > self.limits.max_depth:
-            self.critical(
-                location,
-                f"containers nested more than {self.limits.max_depth} levels deep (max_depth): "
-                "a recursive bomb or a zip quine; do not unpack this file",
-            )
+        if self._too_deep(location, depth):
             return "unknown"
         return self._dispatch(self, data, location, depth, siblings, base)
+
+    def nested_file(
+        self,
+        reader: IO[bytes],
+        size: int,
+        location: str,
+        depth: int,
+        siblings: Siblings | None = None,
+        base: str = "",
+    ) -> str:
+        """:meth:`nested` for content read through a seekable file of ``size`` bytes: the
+        analyser of its format reads only what it needs, so a large member is not held whole
+        unless its format's analyser takes a whole buffer. The same findings as ``nested``."""
+        if self._too_deep(location, depth):
+            return "unknown"
+        return self._dispatch_file(self, reader, size, location, depth, siblings, base)
+
+    def _too_deep(self, location: str, depth: int) -> bool:
+        if depth <= self.limits.max_depth:
+            return False
+        self.critical(
+            location,
+            f"containers nested more than {self.limits.max_depth} levels deep (max_depth): "
+            "a recursive bomb or a zip quine; do not unpack this file",
+        )
+        return True
 
     def probe(self, data: Buffer, location: str, depth: int) -> None:
         """Scan ``data``, another loader's reading of a part already scanned, for evidence of an
         attack only: its critical findings join this scan, the rest is dropped (a lenient
         reader that gets garbage from a part another reader loads fine changes nothing)."""
-        side = Scan(self.limits, self._dispatch)
+        side = Scan(self.limits, self._dispatch, self._dispatch_file)
         side.unpacked = self.unpacked
         side.nested(data, location, depth)
         self.unpacked = side.unpacked
@@ -305,3 +329,27 @@ class FileSlice(io.RawIOBase):
         target[: len(chunk)] = chunk
         self._pos += len(chunk)
         return len(chunk)
+
+
+class FileBytes:
+    """Part of a seekable file, sliced like a buffer without being read: ``len()`` and slices
+    cost nothing, ``bytes()`` reads that part. Archive layout checks read a few bytes at many
+    offsets of an archive that is not in memory (a sealed copy decrypted as it is read)."""
+
+    def __init__(self, file: Readable, start: int = 0, size: int | None = None) -> None:
+        self._file = file
+        self._start = start
+        self._size = file.seek(0, io.SEEK_END) - start if size is None else size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: slice) -> FileBytes:
+        start, stop, step = index.indices(self._size)
+        if step != 1:
+            raise ValueError("only contiguous slices")
+        return FileBytes(self._file, self._start + start, max(0, stop - start))
+
+    def __bytes__(self) -> bytes:
+        self._file.seek(self._start)
+        return self._file.read(self._size) or b""

@@ -88,7 +88,7 @@ def scan_gguf(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     return _check(scan, lambda start, end: bytes(view[start:end]), len(view), location)
 
 
-def scan_gguf_file(scan: Scan, reader: IO[bytes], size: int, location: str) -> str:
+def scan_gguf_file(scan: Scan, reader: IO[bytes], size: int, location: str, depth: int) -> str:
     """:func:`scan_gguf` for a seekable file of ``size`` bytes: reads the header, key/values
     and tensor descriptors (values other than chat templates are skipped), not the data."""
 

@@ -151,7 +151,7 @@ def scan_numpy(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     return "numpy"
 
 
-def scan_numpy_file(scan: Scan, reader: IO[bytes], size: int, location: str) -> str:
+def scan_numpy_file(scan: Scan, reader: IO[bytes], size: int, location: str, depth: int) -> str:
     """:func:`scan_numpy` for a seekable file of ``size`` bytes: reads the header, and an
     object array's pickle opcode by opcode, never the array's data."""
 
@@ -162,7 +162,7 @@ def scan_numpy_file(scan: Scan, reader: IO[bytes], size: int, location: str) -> 
     body = _check_npy(scan, read, size, location)
     if body is not None:
         pickled = io.BufferedReader(FileSlice(reader, body, size - body), 64 * 1024)
-        scan_pickle_file(scan, cast(IO[bytes], pickled), location, 0)
+        scan_pickle_file(scan, cast(IO[bytes], pickled), location, depth)
     return "numpy"
 
 

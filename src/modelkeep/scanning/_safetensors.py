@@ -53,7 +53,9 @@ def scan_safetensors(scan: Scan, data: Buffer, location: str, depth: int) -> str
     return _check(scan, lambda start, end: bytes(view[start:end]), len(view), location)
 
 
-def scan_safetensors_file(scan: Scan, reader: IO[bytes], size: int, location: str) -> str:
+def scan_safetensors_file(
+    scan: Scan, reader: IO[bytes], size: int, location: str, depth: int
+) -> str:
     """:func:`scan_safetensors` for a seekable file of ``size`` bytes: reads only the header."""
 
     def read(start: int, end: int) -> bytes:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from modelkeep.errors import InvalidInput, ModelkeepError
-from modelkeep.scanning._archive import scan_7z, scan_tar
+from modelkeep.scanning._archive import scan_7z, scan_7z_file, scan_tar, scan_tar_file
 from modelkeep.scanning._compressed import COMPRESSED_KINDS, scan_compressed
 from modelkeep.scanning._context import Buffer, Scan, Sibling, Siblings, show
 from modelkeep.scanning._gguf import scan_gguf, scan_gguf_file
@@ -33,7 +33,7 @@ from modelkeep.scanning._pickle import (
 )
 from modelkeep.scanning._safetensors import scan_safetensors, scan_safetensors_file
 from modelkeep.scanning._xgb_lgbm import scan_lightgbm, scan_xgboost
-from modelkeep.scanning._zip import scan_zip
+from modelkeep.scanning._zip import scan_zip, scan_zip_file
 from modelkeep.scanning.detect import detect_format
 from modelkeep.scanning.report import ScanLimits, ScanReport
 
@@ -58,11 +58,15 @@ _T = TypeVar("_T")
 # an I/O error): that is not a verdict on the content.
 _READ_ERRORS = (ModelkeepError, OSError)
 
-# Formats whose analysers read a header through a file: (scan, reader, size, location) -> format.
-_HEADER_SCANNERS: dict[str, Callable[[Scan, IO[bytes], int, str], str]] = {
+# Formats whose analysers read through a file, only the parts they check: their headers, and
+# an archive's directory and members. (scan, reader, size, location, depth) -> format.
+_FILE_SCANNERS: dict[str, Callable[[Scan, IO[bytes], int, str, int], str]] = {
     "safetensors": scan_safetensors_file,
     "gguf": scan_gguf_file,
     "numpy": scan_numpy_file,
+    "zip": scan_zip_file,
+    "tar": scan_tar_file,
+    "7z": scan_7z_file,
 }
 
 Handler = Callable[[Scan, Buffer, str, int], str]
@@ -85,7 +89,7 @@ def scan_bytes(
 ) -> ScanReport:
     """Scan ``data`` by content and return the report; never loads the model, never raises
     for hostile input (every problem is a finding). ``name`` only labels locations."""
-    scan = Scan(limits, _dispatch)
+    scan = Scan(limits, _dispatch, _dispatch_file)
     location = show(name, 200) or "model"
     scan.record_file(location)
     fmt = scan.nested(data, location, 0)
@@ -99,36 +103,20 @@ def scan_reader(
 
     The report is the one :func:`scan_bytes` gives for the same bytes. The file is identified
     from its first MiB; safetensors, GGUF and NumPy files (their headers), pickles (opcode by
-    opcode, storages skipped over), text and unidentifiable files are then analysed through
-    ``reader`` without holding the file, so a large one costs a few MiB. The other formats'
-    analysers take a whole buffer: those files are read whole, as ``scan_bytes`` would hold
-    them. ``reader`` is the whole file (``seek(0, 2)`` gives its size) and its ``read(n)``
-    returns ``n`` bytes unless at the end, as buffered files do; its own errors propagate.
+    opcode, storages skipped over), zip, tar and 7z archives (their directories, and each
+    member the same way; see :func:`_dispatch_file`), text and unidentifiable files are then
+    analysed through ``reader`` without holding the file, so a large one costs a few MiB. The
+    other formats' analysers take a whole buffer: those files are read whole, as
+    ``scan_bytes`` would hold them. ``reader`` is the whole file (``seek(0, 2)`` gives its
+    size) and its ``read(n)`` returns ``n`` bytes unless at the end, as buffered files do;
+    its own errors propagate.
     """
-    scan = Scan(limits, _dispatch)
+    scan = Scan(limits, _dispatch, _dispatch_file)
     location = show(name, 200) or "model"
     scan.record_file(location)
     size = reader.seek(0, os.SEEK_END)
     reader.seek(0)
-    head = reader.read(min(size, _DETECT))
-    reader.seek(0)
-    kind = detect_format(head)
-    if kind in _HEADER_SCANNERS:
-        header_scanner = _HEADER_SCANNERS[kind]
-        fmt = _guarded(
-            scan, kind, location, lambda: header_scanner(scan, reader, size, location), _READ_ERRORS
-        )
-    elif kind == "pickle":
-        fmt = _guarded(
-            scan, kind, location, lambda: scan_pickle_file(scan, reader, location, 0), _READ_ERRORS
-        )
-    elif len(head) == size or kind in ("text", "unknown"):
-        # The whole file, or a head that identifies it the same way (see _DETECT): a text or
-        # unidentifiable file at the top level is refused without reading on.
-        fmt = scan.nested(head, location, 0)
-    else:
-        del head
-        fmt = scan.nested(reader.read(size), location, 0)
+    fmt = scan.nested_file(reader, size, location, 0)
     return scan.report(fmt)
 
 
@@ -151,7 +139,7 @@ def scan_path(path: Path, *, limits: ScanLimits = DEFAULT_LIMITS) -> ScanReport:
         return _scan_directory(path, limits)
     if not stat.S_ISREG(info.st_mode):
         raise InvalidInput("not a regular file or a directory")
-    scan = Scan(limits, _dispatch)
+    scan = Scan(limits, _dispatch, _dispatch_file)
     location = show(path.name, 200) or "model"
     scan.record_file(location)
     fmt = _scan_file(scan, path, location, None, "")
@@ -183,13 +171,65 @@ def _scan_file(scan: Scan, path: Path, location: str, siblings: Siblings | None,
                     close()
 
 
+def _dispatch_file(
+    scan: Scan,
+    reader: IO[bytes],
+    size: int,
+    location: str,
+    depth: int,
+    siblings: Siblings | None,
+    base: str,
+) -> str:
+    """:func:`_dispatch` for a seekable file of ``size`` bytes: identified from its first MiB,
+    then analysed through the file when its format's analyser reads one, else read whole."""
+    reader.seek(0)
+    head = reader.read(min(size, _DETECT))
+    reader.seek(0)
+    kind = detect_format(head)
+    if kind in _FILE_SCANNERS:
+        scanner = _FILE_SCANNERS[kind]
+        return _guarded(
+            scan,
+            kind,
+            location,
+            lambda: scanner(scan, reader, size, location, depth),
+            _READ_ERRORS,
+        )
+    if kind == "pickle":
+        return _guarded(
+            scan,
+            kind,
+            location,
+            lambda: scan_pickle_file(scan, reader, location, depth),
+            _READ_ERRORS,
+        )
+    if len(head) == size or kind in ("text", "unknown"):
+        # The whole file, or a head that identifies it the same way (see _DETECT); text is
+        # judged on its first MiB and an unidentifiable file is refused without reading on.
+        return _dispatch_as(scan, head, kind, location, depth, siblings, base)
+    del head
+    return _dispatch_as(scan, reader.read(size), kind, location, depth, siblings, base)
+
+
 def _dispatch(
     scan: Scan, data: Buffer, location: str, depth: int, siblings: Siblings | None, base: str
 ) -> str:
+    return _dispatch_as(scan, data, detect_format(data), location, depth, siblings, base)
+
+
+def _dispatch_as(
+    scan: Scan,
+    data: Buffer,
+    kind: str,
+    location: str,
+    depth: int,
+    siblings: Siblings | None,
+    base: str,
+) -> str:
+    """Scan ``data``, identified as ``kind``, with its family's scanner."""
     if len(data) == 0:
         scan.high(location, "the file is empty: cannot identify the format")
         return "unknown"
-    kind = detect_format(data)
     handled = _guarded(
         scan, kind, location, lambda: _handle(scan, data, kind, location, depth, siblings, base)
     )
@@ -307,7 +347,7 @@ class _DirectorySiblings:
 
 
 def _scan_directory(root: Path, limits: ScanLimits) -> ScanReport:
-    scan = Scan(limits, _dispatch)
+    scan = Scan(limits, _dispatch, _dispatch_file)
     label = show(root.resolve().name or "directory", 200)
     files = _walk(scan, root, label)
     if files is None:

@@ -13,6 +13,11 @@ PyTorch's reader and lenient unzip tools do; when the local header disagrees wit
 directory on method or sizes, what a streaming reader gets is analysed too, and so are the
 members a streaming reader finds in bytes the central directory leaves out. Only a member no
 reader can load is an error.
+
+The archive is read through a seekable file (``scan_zip_file``): the layout checks read a few
+bytes at each header, and a stored member is analysed in place, so a large archive that is not
+in memory (a sealed copy decrypted as it is read) is never held whole; a deflated member is
+inflated into memory to be analysed, within ``max_total_bytes``.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import posixpath
 import struct
 import zipfile
 from collections.abc import Callable
+from typing import IO, cast
 
 from modelkeep.scanning._archive import Member, check_members, scan_members
-from modelkeep.scanning._context import Buffer, MemoryReader, Scan, join
+from modelkeep.scanning._context import Buffer, FileBytes, MemoryReader, Scan, join
 from modelkeep.scanning._keras import scan_keras_zip
 from modelkeep.scanning._pickle import UNSAFE_PICKLE, scan_torch_pickle
 from modelkeep.scanning._pickle_policy import TORCH_STORAGE_SIZES
@@ -32,7 +38,7 @@ from modelkeep.scanning._zip_archive import OpenZip, read_json, short_error
 from modelkeep.scanning._zip_readers import local_header, scan_hidden
 from modelkeep.scanning.report import Severity
 
-__all__ = ["OpenZip", "read_json", "scan_zip"]
+__all__ = ["OpenZip", "read_json", "scan_zip", "scan_zip_file"]
 
 _LOCAL = b"PK\x03\x04"
 _DESCRIPTOR = b"PK\x07\x08"
@@ -42,9 +48,15 @@ _END64_LOCATOR = b"PK\x06\x07"
 
 def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     """Check a zip's layout, names and sizes, then scan it as the format its members make it."""
-    view = memoryview(data)
+    return scan_zip_file(scan, cast(IO[bytes], MemoryReader(data)), len(data), location, depth)
+
+
+def scan_zip_file(scan: Scan, reader: IO[bytes], size: int, location: str, depth: int) -> str:
+    """:func:`scan_zip` for a seekable file of ``size`` bytes, read only where the checks and
+    each member's analyser need it."""
+    view = FileBytes(reader, 0, size)
     try:
-        zf = zipfile.ZipFile(MemoryReader(view))
+        zf = zipfile.ZipFile(reader)
     except (
         zipfile.BadZipFile,
         zipfile.LargeZipFile,
@@ -56,7 +68,7 @@ def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
         scan.high(location, f"not a readable zip archive ({short_error(exc)})")
         return "zip"
     with zf:
-        archive = OpenZip(scan, zf, location, view)
+        archive = OpenZip(scan, zf, location, reader, view)
         # 1. Member count, before anything else is looked at.
         if len(archive.infos) > scan.limits.max_members:
             scan.critical(
@@ -89,7 +101,7 @@ def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
         if scanner is None:
             scan_members(scan, members, location, depth)
         else:
-            scanner(scan, archive, members, data, depth)
+            scanner(scan, archive, members, view, depth)
         # 6. What streaming readers get where a local header disagrees with the directory.
         for info, content in archive.local_readings():
             where = f"{join(location, info.filename)} (as its local header reads)"
@@ -108,7 +120,7 @@ def scan_zip(scan: Scan, data: Buffer, location: str, depth: int) -> str:
 
 def _check_layout(
     scan: Scan,
-    view: memoryview,
+    view: FileBytes,
     infos: list[zipfile.ZipInfo],
     location: str,
     gaps: list[tuple[int, int, str]],
@@ -174,7 +186,7 @@ def _check_layout(
     return ok
 
 
-def _end_record(view: memoryview) -> tuple[int, int] | None:
+def _end_record(view: FileBytes) -> tuple[int, int] | None:
     """(where the central directory starts, where the end record and its comment end).
 
     The start is computed back from the end record (``start = end record - directory size``),
@@ -243,7 +255,7 @@ def _family(archive: OpenZip) -> str:
 
 
 def _scan_pytorch(
-    scan: Scan, archive: OpenZip, members: list[Member], data: Buffer, depth: int
+    scan: Scan, archive: OpenZip, members: list[Member], data: FileBytes, depth: int
 ) -> None:
     scan.medium(archive.location, UNSAFE_PICKLE)
     by_name = {info.filename: info for info in archive.infos}
@@ -287,18 +299,18 @@ def _scan_pytorch(
 
 
 def _scan_skops(
-    scan: Scan, archive: OpenZip, members: list[Member], data: Buffer, depth: int
+    scan: Scan, archive: OpenZip, members: list[Member], data: FileBytes, depth: int
 ) -> None:
     scan_skops(scan, bytes(data), archive, depth)
 
 
 def _scan_keras(
-    scan: Scan, archive: OpenZip, members: list[Member], data: Buffer, depth: int
+    scan: Scan, archive: OpenZip, members: list[Member], data: FileBytes, depth: int
 ) -> None:
     scan_keras_zip(scan, archive, members, depth)
 
 
-_FAMILIES: dict[str, Callable[[Scan, OpenZip, list[Member], Buffer, int], None]] = {
+_FAMILIES: dict[str, Callable[[Scan, OpenZip, list[Member], FileBytes, int], None]] = {
     "pytorch-zip": _scan_pytorch,
     "skops": _scan_skops,
     "keras": _scan_keras,

@@ -7,28 +7,43 @@ from both so that each imports it and neither imports the other's caller.
 
 from __future__ import annotations
 
+import io
 import json
 import stat
 import zipfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import IO, cast
 
-from modelkeep.scanning._archive import Member
-from modelkeep.scanning._context import Scan, join, show
-from modelkeep.scanning._zip_readers import TooLarge, Unreadable, read_central, read_local
+from modelkeep.scanning._archive import Member, in_memory
+from modelkeep.scanning._context import FileBytes, FileSlice, Scan, join, show
+from modelkeep.scanning._zip_readers import (
+    TooLarge,
+    Unreadable,
+    local_header,
+    read_central,
+    read_local,
+)
 from modelkeep.scanning.report import Severity
 
 __all__ = ["OpenZip", "read_json", "short_error"]
 
 _PEEK = 64 * 1024
 _CHUNK = 1 << 20
+# A member's analyser reads headers, mostly small: the archive's file below is buffered already.
+_BUFFER = 64 * 1024
 
 
 class OpenZip:
     """An opened, layout-checked zip; the family scanners read members through it."""
 
-    def __init__(self, scan: Scan, zf: zipfile.ZipFile, location: str, view: memoryview) -> None:
+    def __init__(
+        self, scan: Scan, zf: zipfile.ZipFile, location: str, file: IO[bytes], view: FileBytes
+    ) -> None:
         self.scan = scan
         self.zf = zf
         self.location = location
+        self.file = file
         self.view = view
         self.infos = list(zf.infolist())
         # Members only a streaming reader could read, analysed that way already.
@@ -50,6 +65,43 @@ class OpenZip:
                 return b""
         except Exception as exc:  # BadZipFile, NotImplementedError, RuntimeError, zlib.error...
             refused = show(short_error(exc), 160)  # zipfile's message quotes the member's name
+        content = self._read_leniently(info, refused)
+        return content if keep or content is None else b""
+
+    @contextmanager
+    def open(self, info: zipfile.ZipInfo) -> Iterator[IO[bytes] | None]:
+        """The member as a seekable file, with the findings ``read`` gives on the way.
+
+        A stored member that Python's zipfile reads (its CRC-32 checked as the bytes stream
+        past) is then read in place, from the archive's own file: it is never held. Any other
+        is read whole as ``read`` reads it: a deflated member can only be read from its start,
+        so analysing it through a file would inflate it again at every step back.
+        """
+        header = local_header(self.view, info.header_offset)
+        if info.compress_type != zipfile.ZIP_STORED or header is None:
+            with in_memory(self.read(info)) as content:
+                yield content
+            return
+        refused: str | None = None
+        size = 0
+        try:
+            with self.zf.open(info) as handle:
+                while chunk := handle.read(_CHUNK):
+                    size += len(chunk)
+        except Exception as exc:  # as in read
+            refused = show(short_error(exc), 160)
+        if refused is not None:
+            with in_memory(self._read_leniently(info, refused)) as content:
+                yield content
+            return
+        # zipfile read exactly these bytes: stored, right after the local header.
+        with io.BufferedReader(FileSlice(self.file, header.data_start, size), _BUFFER) as inside:
+            yield cast(IO[bytes], inside)
+
+    def _read_leniently(self, info: zipfile.ZipInfo, refused: str) -> bytes | None:
+        """The member as readers that check less than zipfile read it (zipfile ``refused`` it),
+        with a finding saying which; None after a finding when none can."""
+        where = join(self.location, info.filename)
         # 2. As PyTorch's reader and lenient unzip tools read it: no CRC-32, central sizes.
         try:
             content = read_central(self.view, info)
@@ -62,7 +114,7 @@ class OpenZip:
                 f"Python's zipfile (numpy, skops, Keras) refuses this member ({refused}), but "
                 "PyTorch's reader and lenient unzip tools read it: what they read was analysed",
             )
-            return content if keep else b""
+            return content
         # 3. As streaming unzip tools read it: the local header's method, sizes and flags.
         self.read_locally.add(info.filename)
         try:
@@ -85,7 +137,7 @@ class OpenZip:
             f"(Python's zipfile: {refused}; PyTorch's reader: {lenient}): what they read was "
             "analysed",
         )
-        return local if keep else b""
+        return local
 
     def local_readings(self) -> list[tuple[zipfile.ZipInfo, bytes]]:
         """What streaming readers get from local headers that disagree with the central
@@ -142,7 +194,12 @@ class OpenZip:
         def peek() -> bytes:
             return self.peek(info)
 
-        return Member(info.filename, info.file_size, kind, read, link=link, peek=peek)
+        def opener() -> AbstractContextManager[IO[bytes] | None]:
+            return self.open(info)
+
+        return Member(
+            info.filename, info.file_size, kind, read, link=link, peek=peek, opener=opener
+        )
 
 
 def short_error(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ import zlib
 from dataclasses import dataclass
 
 from modelkeep.scanning._archive import unsafe_name
-from modelkeep.scanning._context import Scan, show
+from modelkeep.scanning._context import FileBytes, Scan, show
 from modelkeep.scanning.report import Severity
 
 __all__ = [
@@ -66,7 +66,7 @@ class LocalHeader:
     data_start: int
 
 
-def local_header(view: memoryview, offset: int) -> LocalHeader | None:
+def local_header(view: FileBytes, offset: int) -> LocalHeader | None:
     """The local header at ``offset``, or None when there is none."""
     header = bytes(view[offset : offset + 30])
     if len(header) < 30 or not header.startswith(_LOCAL):
@@ -79,7 +79,7 @@ def local_header(view: memoryview, offset: int) -> LocalHeader | None:
     )
 
 
-def read_central(view: memoryview, info: zipfile.ZipInfo) -> bytes:
+def read_central(view: FileBytes, info: zipfile.ZipInfo) -> bytes:
     """What PyTorch's reader gets: the central directory's method, sizes and flags, the data
     found past the local header, no CRC-32 check; never more than the declared size (already
     counted against the scan's budget). Raises ``Unreadable``."""
@@ -99,7 +99,7 @@ def read_central(view: memoryview, info: zipfile.ZipInfo) -> bytes:
     return content
 
 
-def read_local(view: memoryview, info: zipfile.ZipInfo, cap: int) -> bytes | None:
+def read_local(view: FileBytes, info: zipfile.ZipInfo, cap: int) -> bytes | None:
     """What a streaming reader gets from the member's local header, when that differs from the
     central directory's reading (method, sizes, flags); None when both readings are the same.
     Raises ``Unreadable`` when the local header leads nowhere, ``TooLarge`` past ``cap``."""
@@ -130,7 +130,7 @@ def read_local(view: memoryview, info: zipfile.ZipInfo, cap: int) -> bytes | Non
     return _decode(raw, header.method, header.file_size + 1, until_end=False, cap=cap)
 
 
-def hidden_members(view: memoryview, start: int, end: int) -> tuple[list[LocalHeader], int]:
+def hidden_members(view: FileBytes, start: int, end: int) -> tuple[list[LocalHeader], int]:
     """The members a streaming reader finds in ``view[start:end]``, bytes the central
     directory does not account for (an archive prepended to this one, a member left out of the
     directory), and where the walk stopped: at ``end`` when every byte was accounted for.
@@ -164,7 +164,7 @@ def hidden_members(view: memoryview, start: int, end: int) -> tuple[list[LocalHe
     return found, position
 
 
-def decode_local(view: memoryview, header: LocalHeader, cap: int) -> bytes:
+def decode_local(view: FileBytes, header: LocalHeader, cap: int) -> bytes:
     """A member's bytes as its local header describes them. Raises ``Unreadable``, or
     ``TooLarge`` past ``cap``."""
     if header.flags & _UNDECODABLE:
@@ -176,7 +176,7 @@ def decode_local(view: memoryview, header: LocalHeader, cap: int) -> bytes:
 
 
 def _decode(
-    raw: memoryview, method: int, limit: int, *, until_end: bool, cap: int | None = None
+    raw: FileBytes, method: int, limit: int, *, until_end: bool, cap: int | None = None
 ) -> bytes:
     """Stored or deflated bytes (the methods miniz and streaming readers share), at most
     ``limit`` bytes of output; ``TooLarge`` when the output passes ``cap``."""
@@ -206,7 +206,7 @@ def _decode(
     return bytes(out)
 
 
-def scan_hidden(scan: Scan, view: memoryview, gaps: list[tuple[int, int, str]], depth: int) -> None:
+def scan_hidden(scan: Scan, view: FileBytes, gaps: list[tuple[int, int, str]], depth: int) -> None:
     """Bytes the central directory does not account for: what streaming readers find there
     (members of a prepended archive, members left out of the directory) is scanned like any
     member; bytes no reader would take for a member are an error."""

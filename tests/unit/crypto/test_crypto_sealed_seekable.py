@@ -87,3 +87,14 @@ def test_a_blob_that_is_not_the_one_sealed_fails_at_once(change: str) -> None:
     with pytest.raises(IntegrityError) as info:
         read_last_byte()
     assert str(info.value) == FAILED
+
+
+def test_reading_past_the_end_gives_nothing_and_what_is_left() -> None:
+    plaintext, blob, key, ad = _sealed(FIRST + 10)
+    reader = SeekableUnsealingReader(io.BytesIO(blob), key, ad, expected_size=len(plaintext))
+
+    reader.seek(len(plaintext) + 5)
+    assert reader.read(10) == b""
+    reader.seek(FIRST - 2)
+    assert plaintext[FIRST - 2 :] == reader.read(100)  # across the border, then to the end
+    assert reader.read(1) == b""

@@ -5,13 +5,18 @@ from __future__ import annotations
 import io
 import json
 import struct
+import tarfile
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
 import torch
 
 from modelkeep.scanning import ScanReport, Verdict, scan_path, scan_reader
+from modelkeep.scanning._context import FileBytes
 
 MiB = 1024 * 1024
 
@@ -153,3 +158,75 @@ def test_scanning_an_onnx_model_holds_no_copy_of_its_weights() -> None:
     # whole buffer would be a Python bytes object of the model's size; the tensors decoded as
     # floats about eight times that.
     assert peak < len(data) // 4, f"peak {peak / MiB:.0f} MiB for {len(data) / MiB:.0f} MiB"
+
+
+def _stored_npz(path: Path, nbytes: int) -> None:
+    """A ``.npz`` of one FP32 array of zeros, stored (as ``np.savez`` stores), written in pieces."""
+    with zipfile.ZipFile(path, "w") as archive, archive.open("w.npy", "w") as member:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (nbytes // 4,)}
+        np.lib.format.write_array_header_1_0(member, header)
+        for _ in range(nbytes // MiB):
+            member.write(bytes(MiB))
+
+
+def _safetensors_tar(path: Path, nbytes: int) -> None:
+    inner = path.with_name("inner.safetensors")
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]}}
+    ).encode()
+    with inner.open("wb") as out:
+        out.write(struct.pack("<Q", len(header)) + header)
+        out.truncate(8 + len(header) + nbytes)
+    with tarfile.open(path, "w") as archive:
+        archive.add(inner, arcname="weights.safetensors")
+    inner.unlink()
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "fmt"),
+    [("big.npz", _stored_npz, "npz"), ("big.tar", _safetensors_tar, "tar")],
+)
+def test_a_large_archive_is_scanned_through_a_reader_without_holding_it(
+    tmp_path: Path, name: str, write: Callable[[Path, int], None], fmt: str
+) -> None:
+    """The archive's directory is read through the file and its member is analysed in place
+    (its header only), so no buffer near the archive's size is ever made."""
+    import tracemalloc
+
+    path = tmp_path / name
+    write(path, 64 * MiB)
+    tracemalloc.start()
+    try:
+        report, _ = _scan_file(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert scan_path(path) == report
+    assert (report.verdict, report.format) == (Verdict.SAFE, fmt)
+    assert peak < 8 * MiB, (
+        f"peak {peak / MiB:.1f} MiB for a {path.stat().st_size / MiB:.0f} MiB file"
+    )
+
+
+def test_a_deflated_zip_member_gets_the_same_report_through_a_reader(tmp_path: Path) -> None:
+    path = tmp_path / "small.npz"
+    np.savez_compressed(path, w=np.arange(1000, dtype=np.float32))
+
+    report, _ = _scan_file(path)
+
+    assert scan_path(path) == report
+    assert (report.verdict, report.format) == (Verdict.SAFE, "npz")
+
+
+@pytest.mark.parametrize(
+    "part", [slice(None), slice(3, 9), slice(-4, None), slice(5, 2), slice(90, 200), slice(-500, 4)]
+)
+def test_file_bytes_slice_like_bytes(part: slice) -> None:
+    data = bytes(range(100))
+    whole = FileBytes(io.BytesIO(data))
+
+    assert len(data) == len(whole)
+    assert data[part] == bytes(whole[part])
+    assert len(data[part]) == len(whole[part])
+    assert data[part][1:3] == bytes(whole[part][1:3])
