@@ -6,6 +6,10 @@ named by the model) and non-tensor inputs or outputs (the V2 protocol only carri
 :func:`inspect_onnx` checks those before any runtime sees the bytes, then asks ONNX Runtime
 itself for the signature so it is exactly what the session will enforce. :meth:`OnnxModel.load`
 runs the same checks, so the server never loads what a push would have refused.
+
+Push and load take one way into ONNX Runtime: the large weights are split off the bytes
+unparsed (``_onnx_wire``) and handed over as arrays, the small graph as bytes, so a model is
+not held two or three times while it loads (bench/README.md, ``make bench-storage``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from modelkeep.errors import ConfigError, InvalidInput, ModelRefused
+from modelkeep.runtime._onnx_wire import MalformedModel, split_weights
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 
 __all__ = ["STANDARD_DOMAINS", "OnnxModel", "inspect_onnx"]
@@ -95,14 +100,25 @@ class OnnxModel:
         """
         if type(threads) is not int or threads < 0:
             raise ConfigError("the ONNX runtime thread count must be an integer >= 0")
-        data = _check_model_bytes(data)
+        model, weights = _check_model_bytes(data)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3  # errors only: warnings would repeat per load
+        # The large weights reach ONNX Runtime as arrays over the caller's bytes, not inside the
+        # serialized model: it copies them once into its graph instead of copying the whole
+        # model into a string and parsing that (about 2x the model on top of the bytes; this
+        # way about 1.3x, the rest being one tensor at a time while weights are pre-packed).
+        # It needs the arrays only until the session is built.
+        names = list(weights)
+        options.add_external_initializers(
+            names, [ort.OrtValue.ortvalue_from_numpy(weights[name]) for name in names]
+        )
+        graph = _pointing_at_weights(model, weights).SerializeToString()
+        del model, weights
         try:
-            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises bare pybind11 exception types
             raise ModelRefused("the ONNX runtime could not load this model") from exc
         return cls(session, _session_signature(session))
@@ -130,14 +146,22 @@ class OnnxModel:
         return dict(zip(names, results, strict=True))
 
 
-def _check_model_bytes(data: bytes) -> bytes:
+def _check_model_bytes(data: bytes) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model with its large weights hollow, and those weights (views over ``data``)."""
     # Each step guarantees what the next one relies on; the order matters.
-    # 1. The bytes parse as a ModelProto with a graph (protobuf only; no path, no external data).
+    # 1. The bytes parse as a ModelProto with a graph (protobuf only; no path, no external
+    #    data). The large weights are split off first and the rest parsed, so the model is not
+    #    held twice (the weights' own checks are the split's: type, dims and size agree).
     if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
         raise ModelRefused("the file is empty or not an ONNX model")
     data = bytes(data)
     try:
-        model = onnx.load_model_from_string(data, format="protobuf")
+        split = split_weights(data)
+        model = onnx.load_model_from_string(split.skeleton, format="protobuf")
+    except MalformedModel as exc:
+        if "share a name" in str(exc):
+            raise ModelRefused("two initializers of the model's graph share a name") from exc
+        raise ModelRefused("the file is not an ONNX model or is truncated") from exc
     except Exception as exc:
         raise ModelRefused("the file is not an ONNX model or is truncated") from exc
     if not model.HasField("graph") or not model.graph.node:
@@ -157,7 +181,8 @@ def _check_model_bytes(data: bytes) -> bytes:
     # 3. Only standard operator domains: anything else needs a native library to run.
     _check_domains(model)
 
-    # 4. The ONNX checker accepts the model; its first line is the publisher's own content.
+    # 4. The ONNX checker accepts the model, weights and all (it parses the bytes in C++ and
+    #    frees that copy on return); its first line is the publisher's own content.
     try:
         onnx.checker.check_model(data)
     except Exception as exc:
@@ -171,7 +196,27 @@ def _check_model_bytes(data: bytes) -> bytes:
             if kind == "input" and value.name in initializer_names:
                 continue  # an overridable constant, not a served input
             _check_value_type(kind, value)
-    return data
+    return model, split.weights
+
+
+# Where the graph handed to ONNX Runtime says a split-off weight lives. add_external_initializers
+# replaces only tensors marked external, and does so before anything reads them; every tensor
+# marked is one given (exactly the split-off weights), so no file of this name is ever looked
+# for. The publisher's own external references were refused in step 2, before this mark.
+_WEIGHT_LOCATION = "modelkeep-weight"
+
+
+def _pointing_at_weights(
+    model: onnx.ModelProto, weights: Mapping[str, np.ndarray]
+) -> onnx.ModelProto:
+    """The model whose hollow initializers are marked external, as ONNX Runtime's
+    ``add_external_initializers`` requires of the tensors it replaces."""
+    for tensor in model.graph.initializer:
+        if tensor.name in weights:
+            tensor.data_location = _TENSOR.EXTERNAL
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", _WEIGHT_LOCATION
+    return model
 
 
 def _check_value_type(kind: str, value: onnx.ValueInfoProto) -> None:
