@@ -10,7 +10,8 @@ they lie) and returns:
   every other byte as it was, so that it parses to the same model with those tensors hollow
   (name, type and dims, no data);
 - the *weights*: each left-out tensor as a NumPy array over the original bytes (a view: no
-  copy), shaped and typed as its TensorProto says.
+  copy), shaped and typed as its TensorProto says, and where its bytes start in the original
+  (so that a runtime can map them from a file holding the original bytes).
 
 Only plain tensors are left out: an initializer of the main graph whose fields are exactly a
 name, a data type NumPy holds, dims and one ``raw_data`` of the size they
@@ -21,6 +22,7 @@ byte for byte, where the usual parse sees it and the usual checks refuse what th
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from math import prod
@@ -70,10 +72,12 @@ class MalformedModel(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Split:
-    """A model's skeleton and the weights left out of it (views over the original bytes)."""
+    """A model's skeleton and the weights left out of it (views over the original bytes, and
+    the offset in those bytes where each begins)."""
 
     skeleton: bytes
     weights: dict[str, np.ndarray]
+    offsets: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,34 +89,34 @@ class _Field:
     end: int  # where the field ends
 
 
-def split_weights(data: bytes, *, min_bytes: int = MIN_SPLIT_BYTES) -> Split:
+def split_weights(data: bytes | mmap.mmap, *, min_bytes: int = MIN_SPLIT_BYTES) -> Split:
     """Split serialized ONNX ``data`` into a skeleton and the raw weights of at least
     ``min_bytes`` each; raises :class:`MalformedModel` when the wire format is broken."""
     view = memoryview(data)
-    weights: dict[str, np.ndarray] = {}
+    split = Split(b"", {}, {})
     seen: set[bytes] = set()
     skeleton = bytearray()
     for field in _fields(view, 0, len(view)):
         if field.number == _MODEL_GRAPH and field.wire_type == _LEN:
-            graph = _split_graph(data, view, field, weights, seen, min_bytes)
+            graph = _split_graph(data, view, field, split, seen, min_bytes)
             skeleton += _length_delimited(_MODEL_GRAPH, graph)
         else:
             skeleton += view[field.start : field.end]
-    return Split(bytes(skeleton), weights)
+    return Split(bytes(skeleton), split.weights, split.offsets)
 
 
 def _split_graph(
-    data: bytes,
+    data: bytes | mmap.mmap,
     view: memoryview,
     graph: _Field,
-    weights: dict[str, np.ndarray],
+    split: Split,
     seen: set[bytes],
     min_bytes: int,
 ) -> bytearray:
     out = bytearray()
     for field in _fields(view, graph.value, graph.end):
         if field.number == _GRAPH_INITIALIZER and field.wire_type == _LEN:
-            hollow = _hollow_tensor(data, view, field, weights, seen, min_bytes)
+            hollow = _hollow_tensor(data, view, field, split, seen, min_bytes)
             if hollow is not None:
                 out += _length_delimited(_GRAPH_INITIALIZER, hollow)
                 continue
@@ -121,10 +125,10 @@ def _split_graph(
 
 
 def _hollow_tensor(
-    data: bytes,
+    data: bytes | mmap.mmap,
     view: memoryview,
     tensor: _Field,
-    weights: dict[str, np.ndarray],
+    split: Split,
     seen: set[bytes],
     min_bytes: int,
 ) -> bytearray | None:
@@ -158,9 +162,10 @@ def _hollow_tensor(
         text = name.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    weights[text] = np.frombuffer(data, dtype=dtype, count=prod(dims), offset=raw.value).reshape(
-        dims
-    )
+    split.weights[text] = np.frombuffer(
+        data, dtype=dtype, count=prod(dims), offset=raw.value
+    ).reshape(dims)
+    split.offsets[text] = raw.value
     out = bytearray()
     for field in fields:
         if field is not raw:
