@@ -29,7 +29,7 @@ from typing import IO
 from modelkeep.crypto.signing import TrustedKey, verify_digests
 from modelkeep.errors import ModelRefused
 from modelkeep.registry.upload import Upload
-from modelkeep.runtime._plaintext_file import plaintext_file
+from modelkeep.runtime._plaintext_file import DEFAULT_BASE, plaintext_file
 from modelkeep.runtime.loader import inspect_model
 from modelkeep.runtime.signature import ModelSignature
 from modelkeep.scanning import FileSlice, ScanReport, Verdict, scan_reader
@@ -188,6 +188,7 @@ def accept(
     trusted: Sequence[TrustedKey],
     require_signature: bool,
     model: str,
+    plaintext_dir: str = DEFAULT_BASE,
 ) -> Accepted:
     """Run every push check in order; ModelRefused (with the scan report where there is one)."""
     # 1. The artifact's files: one file, whose digest was taken as it was uploaded, or the
@@ -250,7 +251,9 @@ def accept(
     with (
         upload.seekable_reader() as sealed,
         io.BufferedReader(FileSlice(sealed, *spans[model_file]), _CHUNK) as content,
-        plaintext_file(size, enabled=report.format == "onnx" and size > 0) as plain,
+        plaintext_file(
+            size, base=plaintext_dir, enabled=report.format == "onnx" and size > 0
+        ) as plain,
     ):
         if plain is not None:
             _read_into(content, plain.buffer, digests.get(model_file))
