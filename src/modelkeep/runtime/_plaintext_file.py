@@ -8,9 +8,9 @@ the weights the runtime serves be the same pages, so a model is in memory once w
 The plaintext must never reach a disk, so only a directory on tmpfs (or ramfs) is used; without
 one, :func:`plaintext_file` yields None and the caller loads from memory as before. Files live
 in a per-process directory (mode 0700, files 0600) removed with everything in it at exit and,
-should the process die first, by the next process that starts here; each file is unlinked as
-soon as the ``with`` block ends, error or not, and its pages are freed when the last mapping
-of it goes.
+should the process die first, by the next server to start (:func:`remove_stale`); each file is
+unlinked as soon as the ``with`` block ends, error or not, and its pages are freed when the last
+mapping of it goes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_BASE", "PlaintextFile", "is_tmpfs", "plaintext_file"]
+__all__ = ["DEFAULT_BASE", "PlaintextFile", "is_tmpfs", "plaintext_file", "remove_stale"]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _make_private_dir(base: str) -> str | None:
             base,
         )
         return None
-    _remove_stale(base)
+    remove_stale(base)
     directory = os.path.join(base, f"{_PREFIX}{os.getpid()}")
     try:
         shutil.rmtree(directory, ignore_errors=True)  # a dead process of the same pid
@@ -130,8 +130,11 @@ def _make_private_dir(base: str) -> str | None:
     return directory
 
 
-def _remove_stale(base: str) -> None:
-    """Remove the directories of this user's processes that are gone (a crash leaves one)."""
+def remove_stale(base: str = DEFAULT_BASE) -> None:
+    """Remove the private directories under ``base`` of this user's processes that are gone
+    (a process killed while loading leaves its plaintext there); the server calls it at start."""
+    if not is_tmpfs(base):
+        return
     try:
         entries = list(os.scandir(base))
     except OSError:

@@ -8,8 +8,10 @@ itself for the signature so it is exactly what the session will enforce. :meth:`
 runs the same checks, so the server never loads what a push would have refused.
 
 Push and load take one way into ONNX Runtime: the large weights are split off the bytes
-unparsed (``_onnx_wire``) and handed over as arrays, the small graph as bytes, so a model is
-not held two or three times while it loads (bench/README.md, ``make bench-storage``).
+unparsed (``_onnx_wire``) and the small graph handed over with each of them marked external.
+Given the plaintext in a private tmpfs file (a push's smoke load), ONNX Runtime maps the weights
+from it and the model is in memory once; given bytes (serving, or no tmpfs), it gets the weights
+as arrays over them and copies them once (bench/README.md, ``make bench-storage``).
 """
 
 from __future__ import annotations

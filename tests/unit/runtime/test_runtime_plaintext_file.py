@@ -16,7 +16,12 @@ import numpy as np
 import pytest
 
 from modelkeep.errors import ModelRefused
-from modelkeep.runtime._plaintext_file import DEFAULT_BASE, is_tmpfs, plaintext_file
+from modelkeep.runtime._plaintext_file import (
+    DEFAULT_BASE,
+    is_tmpfs,
+    plaintext_file,
+    remove_stale,
+)
 from modelkeep.runtime.loader import inspect_model
 from modelkeep.runtime.onnx import OnnxModel
 from modelkeep.testing import (
@@ -82,8 +87,9 @@ def test_a_disk_directory_is_refused_and_the_caller_told_to_load_from_memory(
     assert not list(base.glob(f"modelkeep-{os.getpid()}"))
 
 
+@pytest.mark.parametrize("how", ["at start", "at the first file"])
 def test_a_directory_left_by_a_dead_process_is_removed_when_the_next_one_starts(
-    shm_base: str,
+    shm_base: str, how: str
 ) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
                           capture_output=True, text=True)  # fmt: skip
@@ -93,8 +99,11 @@ def test_a_directory_left_by_a_dead_process_is_removed_when_the_next_one_starts(
     alive = Path(shm_base) / f"modelkeep-{os.getppid()}"
     alive.mkdir(mode=0o700)
 
-    with plaintext_file(16, base=shm_base) as plain:
-        assert plain is not None
+    if how == "at start":
+        remove_stale(shm_base)
+    else:
+        with plaintext_file(16, base=shm_base) as plain:
+            assert plain is not None
 
     assert not stale.exists()
     assert alive.exists()
