@@ -68,7 +68,19 @@ def plaintext_file(
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     buffer: mmap.mmap | None = None
     try:
-        os.ftruncate(fd, size)
+        try:
+            # Reserve every page now: a write through the mapping to a tmpfs that is full (a
+            # container's /dev/shm is 64 MiB unless made larger) would kill the process (SIGBUS).
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            log.warning(
+                "no room for a %d MiB model in %s (%s): it loads from process memory",
+                size >> 20,
+                base,
+                exc.strerror,
+            )
+            yield None
+            return
         buffer = mmap.mmap(fd, size)
         yield PlaintextFile(directory, name, size, buffer)
     finally:

@@ -3,6 +3,7 @@ loaded by ONNX Runtime to the same predictions as the bytes."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -164,3 +165,18 @@ def test_the_plaintext_file_is_refused_for_what_the_bytes_are_refused_for(
         with pytest.raises(ModelRefused, match=message):
             OnnxModel.load(plain)
         assert os.listdir(plain.directory) == [plain.name]
+
+
+def test_a_tmpfs_without_room_for_the_model_is_not_written_to(
+    shm_base: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full tmpfs (a container's /dev/shm is 64 MiB by default) refuses the reservation; a
+    # write through the mapping would instead have killed the process with SIGBUS.
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with caplog.at_level(logging.WARNING), plaintext_file(64 * MiB, base=shm_base) as plain:
+        assert plain is None
+    assert "no room for a 64 MiB model" in caplog.text
+    assert list(Path(shm_base).glob("*/*")) == []
