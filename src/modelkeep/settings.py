@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
     # Threads per ONNX Runtime session; 0 lets ONNX Runtime decide.
     runtime_threads: int = Field(default=1, ge=0, le=256)
+    # Where a pushed ONNX model's plaintext is decrypted for its smoke load, in a private 0700
+    # directory per process, as a file ONNX Runtime maps (the model is then in memory once).
+    # Plaintext must never reach a disk: a directory that is not on tmpfs (or ramfs) is not
+    # used, and the model loads from process memory instead (about twice its size).
+    plaintext_dir: Path = Path("/dev/shm")  # noqa: S108 (private directory, O_EXCL files)
     # -- pushes (idempotency, leftovers) --
     # How long the server remembers a push's Idempotency-Key (per model and caller): a retry
     # within this time gets the version the first attempt made, never a second one.

@@ -279,6 +279,43 @@ def build_big_onnx(nbytes: int, *, seed: int = 7) -> bytes:
     return bytes(model.SerializeToString())
 
 
+def build_dense_onnx(nbytes: int, *, layer_bytes: int = 64 << 20, seed: int = 7) -> bytes:
+    """A chain of MatMuls over square FP32 weights of ``layer_bytes`` each, ``nbytes`` in all.
+
+    Input ``x`` and output ``y`` are FP32 ``[N, side]``. Dense weights are what ONNX Runtime
+    pre-packs at load, as it does for most large models; random weights do not compress.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    side = int((layer_bytes // 4) ** 0.5)
+    count = max(1, nbytes // (side * side * 4))
+    rng = np.random.default_rng(seed)
+    weights = [
+        numpy_helper.from_array(
+            ((rng.random((side, side), dtype=np.float32) - 0.5) / side).astype(np.float32),
+            f"w{index}",
+        )
+        for index in range(count)
+    ]
+    nodes = [
+        helper.make_node(
+            "MatMul", ["x" if index == 0 else f"h{index}", f"w{index}"], [f"h{index + 1}"]
+        )
+        for index in range(count)
+    ]
+    nodes.append(helper.make_node("Identity", [f"h{count}"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "dense",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, side])],
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return bytes(model.SerializeToString())
+
+
 def open_service(data_dir: Path, **settings: Any) -> tuple[Service, str]:
     """``modelkeep init`` in ``data_dir`` (which must not exist yet), then ``Service.open``
     with ``settings`` (``Settings`` fields, e.g. ``max_queue=4``): the service and the admin

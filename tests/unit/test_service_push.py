@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +230,29 @@ def test_a_load_refused_by_a_blob_store_outage_is_retried_once_it_is_back(
     assert refused.value.retry_after == 5
     flaky.up = True
     assert svc.core.session(version) is not None
+
+
+@pytest.mark.parametrize("on_tmpfs", [True, False])
+def test_an_onnx_push_is_smoke_loaded_from_the_configured_tmpfs_directory_or_from_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, on_tmpfs: bool
+) -> None:
+    # A fresh directory on tmpfs, or one on disk (the test's own), which is never written to.
+    plaintext_dir = Path(tempfile.mkdtemp(dir="/dev/shm")) if on_tmpfs else tmp_path / "disk"
+    plaintext_dir.mkdir(exist_ok=True)
+    init = init_data_dir(tmp_path / "data")
+    svc = Service.open(Settings(data_dir=tmp_path / "data", plaintext_dir=plaintext_dir))
+    try:
+        admin = svc.authenticate(f"Bearer {init.admin_key}")
+        svc.put_model(admin, "iris", require_signature=False)
+        with caplog.at_level(logging.WARNING):
+            version = svc.push(admin, "iris", build_iris_onnx(), file_name="iris.onnx")
+        assert version.number == 1
+        warned = "is not a memory filesystem (tmpfs)" in caplog.text
+        assert warned is not on_tmpfs
+        # The process's private directory is made on tmpfs only, and left empty.
+        made = [path.name for path in plaintext_dir.iterdir()]
+        assert made == ([f"modelkeep-{os.getpid()}"] if on_tmpfs else [])
+        assert list(plaintext_dir.glob("*/*")) == []
+    finally:
+        svc.stop()
+        shutil.rmtree(plaintext_dir, ignore_errors=True)

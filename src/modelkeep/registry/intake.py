@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import mmap
 import posixpath
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from typing import IO
 from modelkeep.crypto.signing import TrustedKey, verify_digests
 from modelkeep.errors import ModelRefused
 from modelkeep.registry.upload import Upload
+from modelkeep.runtime._plaintext_file import DEFAULT_BASE, plaintext_file
 from modelkeep.runtime.loader import inspect_model
 from modelkeep.runtime.signature import ModelSignature
 from modelkeep.scanning import FileSlice, ScanReport, Verdict, scan_reader
@@ -145,6 +147,38 @@ def _read_whole(content: IO[bytes]) -> bytes:
     return whole.getvalue()
 
 
+def _read_checked(content: IO[bytes], digest: str | None) -> bytes:
+    data = _read_whole(content)
+    _check_digest(data, digest)
+    return data
+
+
+def _read_into(content: IO[bytes], buffer: mmap.mmap, digest: str | None) -> None:
+    view = memoryview(buffer)
+    try:
+        filled = 0
+        while filled < len(view):
+            chunk = content.read(min(_CHUNK, len(view) - filled))
+            if not chunk:
+                break
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        if filled != len(view) or content.read(1):
+            raise ModelRefused("the upload changed while it was being checked")
+        _check_digest(view, digest)
+    finally:
+        view.release()
+    # The pages stay in the file; only this mapping lets go of them. ONNX Runtime maps the
+    # file again, and a page mapped twice counts twice in the process's resident size (what
+    # `ps`, VmHWM and the kernel's choice of a process to kill under memory pressure read).
+    buffer.madvise(mmap.MADV_DONTNEED)
+
+
+def _check_digest(data: bytes | memoryview, digest: str | None) -> None:
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ModelRefused("the upload changed while it was being checked")
+
+
 def accept(
     upload: Upload,
     *,
@@ -154,6 +188,7 @@ def accept(
     trusted: Sequence[TrustedKey],
     require_signature: bool,
     model: str,
+    plaintext_dir: str = DEFAULT_BASE,
 ) -> Accepted:
     """Run every push check in order; ModelRefused (with the scan report where there is one)."""
     # 1. The artifact's files: one file, whose digest was taken as it was uploaded, or the
@@ -187,7 +222,7 @@ def accept(
     #    that decrypts and verifies only the segments read (so it is what step 1 hashed: the
     #    copy is authenticated under a key only this process holds); any verdict but `safe`
     #    refuses the push.
-    servable: dict[str, tuple[bytes, ScanReport]] = {}
+    servable: dict[str, tuple[int, ScanReport]] = {}
     with upload.seekable_reader() as sealed:
         for name, span in spans.items():
             with io.BufferedReader(FileSlice(sealed, *span), _CHUNK) as content:
@@ -198,14 +233,8 @@ def accept(
                         f"the scan refused {_show(name)} ({report.verdict.value}): {worst.message}",
                         details={"report": report.to_json()},
                     )
-                # 4. Exactly one file is the model a runtime serves; it is read whole for the
-                #    runtime (and checked against its digest once more), the others are not.
                 if report.format in SERVABLE_FORMATS:
-                    content.seek(0)
-                    data = _read_whole(content)
-                    if hashlib.sha256(data).hexdigest() != digests.get(name):
-                        raise ModelRefused("the upload changed while it was being checked")
-                    servable[name] = (data, report)
+                    servable[name] = (span[1], report)
                     if len(servable) > 1:
                         break
     if len(servable) != 1:
@@ -213,10 +242,25 @@ def accept(
             "a model must hold exactly one servable file (ONNX, skops, XGBoost JSON/UBJSON,"
             f" LightGBM text); found {len(servable)}"
         )
-    ((model_file, (data, report)),) = servable.items()
+    ((model_file, (size, report)),) = servable.items()
     trusted_types = report.trusted_types
+    # 4. Exactly one file is the model a runtime serves; it is read whole for the runtime, and
+    #    checked against its digest once more. An ONNX model is decrypted into a private tmpfs
+    #    file that ONNX Runtime maps, so it is in memory once while it loads.
     # 5. The runtime's own view of the model is its signature; a smoke run proves it loads.
-    signature = inspect_model(report.format, data, trusted_types=trusted_types)
+    with (
+        upload.seekable_reader() as sealed,
+        io.BufferedReader(FileSlice(sealed, *spans[model_file]), _CHUNK) as content,
+        plaintext_file(
+            size, base=plaintext_dir, enabled=report.format == "onnx" and size > 0
+        ) as plain,
+    ):
+        if plain is not None:
+            _read_into(content, plain.buffer, digests.get(model_file))
+            signature = inspect_model(report.format, plain)
+        else:
+            data = _read_checked(content, digests.get(model_file))
+            signature = inspect_model(report.format, data, trusted_types=trusted_types)
     return Accepted(
         model_file=model_file,
         format=report.format,

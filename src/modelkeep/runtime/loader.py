@@ -15,6 +15,7 @@ from math import prod
 import numpy as np
 
 from modelkeep.errors import ModelkeepError, ModelRefused
+from modelkeep.runtime._plaintext_file import PlaintextFile
 from modelkeep.runtime.base import FORMATS, LoadedModel
 from modelkeep.runtime.signature import ModelSignature, TensorSpec, numpy_dtype
 
@@ -25,19 +26,29 @@ _MAX_SMOKE_ELEMENTS = 4_000_000
 
 
 def load_model(
-    fmt: str, data: bytes, *, threads: int = 1, trusted_types: Sequence[str] = ()
+    fmt: str,
+    data: bytes | PlaintextFile,
+    *,
+    threads: int = 1,
+    trusted_types: Sequence[str] = (),
+    smoke: bool = False,
 ) -> LoadedModel:
     """Load verified model bytes into the runtime for ``fmt`` (one of :data:`FORMATS`).
 
-    ``threads`` is the runtime's intra-op thread count (0 = its default). ``trusted_types``
-    are the extra types the scanner approved for this file; only the skops runtime uses them,
-    and only those. Raises ``ModelRefused`` for an unknown format or bytes the runtime refuses,
+    ``data`` is the bytes, or the plaintext in a private tmpfs file (only ONNX Runtime maps
+    it; the other runtimes read a copy). ``threads`` is the runtime's intra-op thread count
+    (0 = its default). ``trusted_types`` are the extra types the scanner approved for this
+    file; only the skops runtime uses them, and only those. ``smoke`` loads for a trial run
+    only: ONNX Runtime then does not pre-pack weights (no copy of them; slower MatMuls).
+    Raises ``ModelRefused`` for an unknown format or bytes the runtime refuses,
     ``ConfigError`` for a bad thread count.
     """
     if fmt == "onnx":
         from modelkeep.runtime.onnx import OnnxModel
 
-        return OnnxModel.load(data, threads=threads)
+        return OnnxModel.load(data, threads=threads, prepack=not smoke)
+    if isinstance(data, PlaintextFile):
+        data = bytes(data.buffer)
     if fmt == "skops":
         from modelkeep.runtime.skops_runtime import SkopsModel
 
@@ -56,7 +67,9 @@ def load_model(
     raise ModelRefused(f"unknown model format {shown}; modelkeep serves {', '.join(FORMATS)}")
 
 
-def inspect_model(fmt: str, data: bytes, *, trusted_types: Sequence[str] = ()) -> ModelSignature:
+def inspect_model(
+    fmt: str, data: bytes | PlaintextFile, *, trusted_types: Sequence[str] = ()
+) -> ModelSignature:
     """Load the model as :func:`load_model` would, smoke-run it, and return its signature.
 
     The smoke run feeds one row of zeros (``[1, n_features]`` for the tabular runtimes); an
@@ -64,7 +77,7 @@ def inspect_model(fmt: str, data: bytes, *, trusted_types: Sequence[str] = ()) -
     ``ModelRefused`` when loading fails, when the run fails, or when an output differs from
     the signature in name, datatype or a fixed dimension.
     """
-    model = load_model(fmt, data, threads=1, trusted_types=trusted_types)
+    model = load_model(fmt, data, threads=1, trusted_types=trusted_types, smoke=True)
     signature = model.signature
     batch = _zero_batch(signature)
     if batch is None:

@@ -6,10 +6,18 @@ named by the model) and non-tensor inputs or outputs (the V2 protocol only carri
 :func:`inspect_onnx` checks those before any runtime sees the bytes, then asks ONNX Runtime
 itself for the signature so it is exactly what the session will enforce. :meth:`OnnxModel.load`
 runs the same checks, so the server never loads what a push would have refused.
+
+Push and load take one way into ONNX Runtime: the large weights are split off the bytes
+unparsed (``_onnx_wire``) and the small graph handed over with each of them marked external.
+Given the plaintext in a private tmpfs file (a push's smoke load), ONNX Runtime maps the weights
+from it and the model is in memory once; given bytes (serving, or no tmpfs), it gets the weights
+as arrays over them and copies them once (bench/README.md, ``make bench-storage``).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +26,8 @@ import onnx
 import onnxruntime as ort
 
 from modelkeep.errors import ConfigError, InvalidInput, ModelRefused
+from modelkeep.runtime._onnx_wire import MalformedModel, Split, split_weights
+from modelkeep.runtime._plaintext_file import PlaintextFile
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 
 __all__ = ["STANDARD_DOMAINS", "OnnxModel", "inspect_onnx"]
@@ -87,24 +97,32 @@ class OnnxModel:
         self._all_outputs = list(self._output_names)  # ONNX Runtime reads it, never changes it
 
     @classmethod
-    def load(cls, data: bytes, *, threads: int = 1) -> OnnxModel:
-        """Check ``data`` like :func:`inspect_onnx` and load it from memory on the CPU provider.
+    def load(
+        cls, data: bytes | PlaintextFile, *, threads: int = 1, prepack: bool = True
+    ) -> OnnxModel:
+        """Check ``data`` like :func:`inspect_onnx` and load it on the CPU provider.
 
+        ``data`` is the model's bytes, or its plaintext in a private tmpfs file
+        (:mod:`._plaintext_file`), which ONNX Runtime then maps instead of copying.
         ``threads`` is ONNX Runtime's intra-op thread count (0 = its default); inter-op
         parallelism is fixed at 1 because the server already runs requests concurrently.
+        ``prepack=False`` keeps ONNX Runtime from copying weights into pre-packed layouts: a
+        load for a smoke run then costs no memory beyond the file, but a MatMul runs slower
+        and may give results that differ in the last bits.
         """
         if type(threads) is not int or threads < 0:
             raise ConfigError("the ONNX runtime thread count must be an integer >= 0")
-        data = _check_model_bytes(data)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3  # errors only: warnings would repeat per load
-        try:
-            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises bare pybind11 exception types
-            raise ModelRefused("the ONNX runtime could not load this model") from exc
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        if isinstance(data, PlaintextFile):
+            session = _mapped_session(data, options)
+        else:
+            session = _in_memory_session(data, options)
         return cls(session, _session_signature(session))
 
     def run(
@@ -130,14 +148,72 @@ class OnnxModel:
         return dict(zip(names, results, strict=True))
 
 
-def _check_model_bytes(data: bytes) -> bytes:
-    # Each step guarantees what the next one relies on; the order matters.
-    # 1. The bytes parse as a ModelProto with a graph (protobuf only; no path, no external data).
-    if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
-        raise ModelRefused("the file is empty or not an ONNX model")
-    data = bytes(data)
+def _mapped_session(plain: PlaintextFile, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A session whose split-off weights ONNX Runtime maps from ``plain`` (its pages are the
+    plaintext's own: nothing is copied for a weight it does not pre-pack)."""
+    model, split = _check_model_bytes(plain.buffer, whole=False)
+    lengths = {name: weight.nbytes for name, weight in split.weights.items()}
+    offsets = split.offsets
+    del split  # its weights are views over the mapping; the runtime maps the file itself
+    _mark_external(model, plain.name, offsets, lengths)
+    # The skeleton goes next to the plaintext (ONNX Runtime resolves external data relative to
+    # the model's own file and refuses any other place), as private as the plaintext.
+    path = plain.path + ".onnx"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        model = onnx.load_model_from_string(data, format="protobuf")
+        with os.fdopen(fd, "wb") as out:
+            out.write(model.SerializeToString())
+        del model
+        # 4. The ONNX checker accepts the model: the graph from the file, the weights' places
+        #    in the plaintext (inside the directory, sized as their dims say; step 1 checked the
+        #    bytes there against each tensor's type and dims).
+        _run_checker(path)
+        try:
+            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises bare pybind11 exception types
+            raise ModelRefused("the ONNX runtime could not load this model") from exc
+    finally:
+        os.unlink(path)
+
+
+def _in_memory_session(data: bytes, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A session built from bytes in memory: the large weights reach ONNX Runtime as arrays
+    over ``data``, which it copies once into its graph (instead of copying the whole model into
+    a string and parsing that: about 2x the model on top of the bytes; this way about 1.3x, the
+    rest being one tensor at a time while weights are pre-packed)."""
+    model, split = _check_model_bytes(data, whole=True)
+    names = list(split.weights)
+    options.add_external_initializers(
+        names, [ort.OrtValue.ortvalue_from_numpy(split.weights[name]) for name in names]
+    )
+    graph = _pointing_at_weights(model, split.weights).SerializeToString()
+    del model, split
+    try:
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises bare pybind11 exception types
+        raise ModelRefused("the ONNX runtime could not load this model") from exc
+
+
+def _check_model_bytes(data: bytes | mmap.mmap, *, whole: bool) -> tuple[onnx.ModelProto, Split]:
+    """The model with its large weights hollow, and those weights (views over ``data``).
+
+    ``whole=False`` leaves step 4 (the ONNX checker, which would parse every weight) to the
+    caller, who runs it on the skeleton with the weights marked external."""
+    # Each step guarantees what the next one relies on; the order matters.
+    # 1. The bytes parse as a ModelProto with a graph (protobuf only; no path, no external
+    #    data). The large weights are split off first and the rest parsed, so the model is not
+    #    held twice (the weights' own checks are the split's: type, dims and size agree).
+    if not isinstance(data, bytes | bytearray | memoryview | mmap.mmap) or len(data) == 0:
+        raise ModelRefused("the file is empty or not an ONNX model")
+    if not isinstance(data, bytes | mmap.mmap):
+        data = bytes(data)
+    try:
+        split = split_weights(data)
+        model = onnx.load_model_from_string(split.skeleton, format="protobuf")
+    except MalformedModel as exc:
+        if "share a name" in str(exc):
+            raise ModelRefused("two initializers of the model's graph share a name") from exc
+        raise ModelRefused("the file is not an ONNX model or is truncated") from exc
     except Exception as exc:
         raise ModelRefused("the file is not an ONNX model or is truncated") from exc
     if not model.HasField("graph") or not model.graph.node:
@@ -157,12 +233,10 @@ def _check_model_bytes(data: bytes) -> bytes:
     # 3. Only standard operator domains: anything else needs a native library to run.
     _check_domains(model)
 
-    # 4. The ONNX checker accepts the model; its first line is the publisher's own content.
-    try:
-        onnx.checker.check_model(data)
-    except Exception as exc:
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "invalid"
-        raise ModelRefused(f"the ONNX checker rejected this model: {detail}") from exc
+    # 4. The ONNX checker accepts the model, weights and all (it parses the bytes in C++ and
+    #    frees that copy on return).
+    if whole:
+        _run_checker(bytes(data))  # no copy: data is bytes here
 
     # 5. Every served input and output is a tensor of a type the V2 protocol carries.
     initializer_names = {tensor.name for tensor in model.graph.initializer}
@@ -171,7 +245,54 @@ def _check_model_bytes(data: bytes) -> bytes:
             if kind == "input" and value.name in initializer_names:
                 continue  # an overridable constant, not a served input
             _check_value_type(kind, value)
-    return data
+    return model, split
+
+
+def _run_checker(model: bytes | str) -> None:
+    # Its message's first line is the publisher's own content.
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "invalid"
+        raise ModelRefused(f"the ONNX checker rejected this model: {detail}") from exc
+
+
+def _mark_external(
+    model: onnx.ModelProto, location: str, offsets: Mapping[str, int], lengths: Mapping[str, int]
+) -> None:
+    """Mark each hollow initializer as external data at its place in the file ``location``
+    (a name in the model file's directory). The publisher's own external references were
+    refused in step 2, before this mark."""
+    for tensor in model.graph.initializer:
+        if tensor.name in offsets:
+            tensor.data_location = _TENSOR.EXTERNAL
+            for key, value in (
+                ("location", location),
+                ("offset", str(offsets[tensor.name])),
+                ("length", str(lengths[tensor.name])),
+            ):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+
+
+# Where the graph handed to ONNX Runtime says a split-off weight lives. add_external_initializers
+# replaces only tensors marked external, and does so before anything reads them; every tensor
+# marked is one given (exactly the split-off weights), so no file of this name is ever looked
+# for. The publisher's own external references were refused in step 2, before this mark.
+_WEIGHT_LOCATION = "modelkeep-weight"
+
+
+def _pointing_at_weights(
+    model: onnx.ModelProto, weights: Mapping[str, np.ndarray]
+) -> onnx.ModelProto:
+    """The model whose hollow initializers are marked external, as ONNX Runtime's
+    ``add_external_initializers`` requires of the tensors it replaces."""
+    for tensor in model.graph.initializer:
+        if tensor.name in weights:
+            tensor.data_location = _TENSOR.EXTERNAL
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", _WEIGHT_LOCATION
+    return model
 
 
 def _check_value_type(kind: str, value: onnx.ValueInfoProto) -> None:

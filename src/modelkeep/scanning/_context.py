@@ -293,6 +293,9 @@ class Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes | None: ...
 
 
+_READ_PIECE = 1 << 20
+
+
 class FileSlice(io.RawIOBase):
     """``size`` bytes of a seekable file from ``start`` on, as a file of their own (a member
     of a tar, the pickle after a NumPy header); reads go to the file, nothing is copied."""
@@ -325,10 +328,17 @@ class FileSlice(io.RawIOBase):
         if count == 0:
             return 0
         self._whole.seek(self._start + self._pos)
-        chunk = self._whole.read(count) or b""
-        target[: len(chunk)] = chunk
-        self._pos += len(chunk)
-        return len(chunk)
+        # In pieces: one read of the whole count would hold the bytes twice (read, then copied
+        # into ``buffer``), and a caller reading a large file whole asks for all of it at once.
+        filled = 0
+        while filled < count:
+            chunk = self._whole.read(min(count - filled, _READ_PIECE)) or b""
+            if not chunk:
+                break
+            target[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        self._pos += filled
+        return filled
 
 
 class FileBytes:

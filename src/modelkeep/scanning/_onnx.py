@@ -22,6 +22,9 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
+from modelkeep.runtime._onnx_wire import MalformedModel, split_weights
 from modelkeep.runtime.onnx import STANDARD_DOMAINS
 from modelkeep.scanning._context import Buffer, Scan, Siblings, show
 
@@ -58,10 +61,14 @@ def scan_onnx(
 
     model = onnx.ModelProto()
     try:
-        # protobuf (upb) copies any buffer that is not ``bytes`` into a new ``bytes`` before it
-        # parses, so ``bytes`` go in as they are: a large model is then held twice while it is
-        # scanned (the buffer and the parsed tensors), not three times.
-        model.ParseFromString(data if isinstance(data, bytes) else bytes(data))
+        # The large weights are split off unparsed (views over ``data``) and the rest parsed,
+        # so a large model is held once while it is scanned, not twice (the buffer and the
+        # parsed tensors); the split checks that each weight's size fits its type and dims.
+        split = split_weights(data if isinstance(data, bytes) else bytes(data))
+        model.ParseFromString(split.skeleton)
+    except MalformedModel as exc:
+        scan.high(location, f"not a valid ONNX model ({exc})")
+        return "onnx"
     except Exception as exc:  # DecodeError, RuntimeError or ValueError by protobuf backend
         scan.high(location, f"not a valid ONNX model ({type(exc).__name__})")
         return "onnx"
@@ -72,7 +79,7 @@ def scan_onnx(
     _check_domains(scan, model, location)
     for tensor, where in _tensors(model, location):
         _check_tensor(scan, tensor, where, siblings, base)
-    _check_allocations(scan, model, location)
+    _check_allocations(scan, model, location, split.weights)
     if scan.finding_count == before:
         scan.info(location, "standard ONNX operators, no external data, sizes within limits")
     return "onnx"
@@ -289,10 +296,12 @@ _ELEMENT_BITS = {
 # -- allocations from constants ---------------------------------------------------------------
 
 
-def _check_allocations(scan: Scan, model: Any, location: str) -> None:
+def _check_allocations(
+    scan: Scan, model: Any, location: str, weights: dict[str, np.ndarray]
+) -> None:
     total = 0
     limit = scan.limits.max_alloc_elements
-    for graph, where in _all_graphs(model, location):
+    for index, (graph, where) in enumerate(_all_graphs(model, location)):
         allocating = [
             (index, node)
             for index, node in enumerate(graph.node)
@@ -300,7 +309,11 @@ def _check_allocations(scan: Scan, model: Any, location: str) -> None:
         ]
         # Only what these nodes read is decoded: every small tensor of a large model as Python
         # floats would cost many times the model's size.
-        constants = _constants(graph, {name for _, node in allocating for name in node.input})
+        constants = _constants(
+            graph,
+            {name for _, node in allocating for name in node.input},
+            weights if index == 0 else {},  # only the main graph's weights are split off
+        )
         shapes = _static_shapes(graph, constants)
         for index, node in allocating:
             elements = _allocation(node, constants, shapes)
@@ -322,14 +335,17 @@ def _check_allocations(scan: Scan, model: Any, location: str) -> None:
         )
 
 
-def _constants(graph: Any, wanted: set[str]) -> dict[str, list[float]]:
-    """The values of the constants (initializers, Constant nodes) named in ``wanted``."""
+def _constants(
+    graph: Any, wanted: set[str], weights: dict[str, np.ndarray]
+) -> dict[str, list[float]]:
+    """The values of the constants (initializers, Constant nodes) named in ``wanted``; an
+    initializer named in ``weights`` (split off, hollow in ``graph``) is read from there."""
     import onnx
     from onnx import numpy_helper
 
     values: dict[str, list[float]] = {}
 
-    def keep(name: str, tensor: Any) -> None:
+    def keep(name: str, tensor: Any, split_off: np.ndarray | None = None) -> None:
         if (
             name not in wanted
             or math.prod(tensor.dims) > _MAX_CONSTANT
@@ -337,14 +353,14 @@ def _constants(graph: Any, wanted: set[str]) -> dict[str, list[float]]:
         ):
             return
         try:
-            array = numpy_helper.to_array(tensor)
+            array = numpy_helper.to_array(tensor) if split_off is None else split_off
         except Exception:  # malformed tensors are reported by _check_tensor
             return
         if array.dtype.kind in "iuf":
             values[name] = [float(v) for v in array.reshape(-1)]
 
     for tensor in graph.initializer:
-        keep(tensor.name, tensor)
+        keep(tensor.name, tensor, weights.get(tensor.name))
     for node in graph.node:
         if node.op_type == "Constant" and node.output and node.output[0] in wanted:
             for attribute in node.attribute:

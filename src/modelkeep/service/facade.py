@@ -52,6 +52,7 @@ from modelkeep.policy import Authorizer
 from modelkeep.registry.blobs import BlobStore, blob_store_from
 from modelkeep.registry.records import Snapshot
 from modelkeep.registry.upload import staging_dir
+from modelkeep.runtime._plaintext_file import remove_stale
 from modelkeep.service._canary_watch import Watches
 from modelkeep.service.audit import AuditReader
 from modelkeep.service.canary import Canaries
@@ -222,6 +223,7 @@ class Service:
             clock=clock,
         )
         service.registry.staging_dir = staging_dir(data_dir)
+        remove_stale(str(settings.plaintext_dir))  # plaintext left by a process that crashed
         service.refresh()
         return service
 

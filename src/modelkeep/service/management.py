@@ -136,6 +136,7 @@ class Management:
                     trusted=self._trusted(record),
                     require_signature=record.require_signature,
                     model=model,
+                    plaintext_dir=str(self.settings.plaintext_dir),
                 )
             except ModelRefused as exc:
                 report = (exc.details or {}).get("report")

@@ -1,0 +1,172 @@
+"""A model's plaintext in a private file on tmpfs, for runtimes that map their weights.
+
+ONNX Runtime maps a model's external data from a file and, for the weights it does not
+pre-pack, uses the mapping as the tensor (measured with ORT 1.32: no copy). Decrypting the
+plaintext into a tmpfs file, instead of into process memory, lets the bytes the checks read and
+the weights the runtime serves be the same pages, so a model is in memory once while it loads.
+
+The plaintext must never reach a disk, so only a directory on tmpfs (or ramfs) is used; without
+one, :func:`plaintext_file` yields None and the caller loads from memory as before. Files live
+in a per-process directory (mode 0700, files 0600) removed with everything in it at exit and,
+should the process die first, by the next server to start (:func:`remove_stale`); each file is
+unlinked as soon as the ``with`` block ends, error or not, and its pages are freed when the last
+mapping of it goes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import mmap
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_BASE", "PlaintextFile", "is_tmpfs", "plaintext_file", "remove_stale"]
+
+log = logging.getLogger(__name__)
+
+# A fixed, shared place, made safe by a private 0700 directory and O_EXCL files in it.
+DEFAULT_BASE = "/dev/shm"  # noqa: S108
+_PREFIX = "modelkeep-"
+_MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+_dirs: dict[tuple[int, str], str | None] = {}  # (pid, base) -> this process's directory
+
+
+@dataclass(frozen=True, slots=True)
+class PlaintextFile:
+    """A file of ``size`` bytes in the process's private tmpfs directory, mapped writable as
+    ``buffer``; ``directory`` is where a runtime may put files that refer to it by ``name``."""
+
+    directory: str
+    name: str
+    size: int
+    buffer: mmap.mmap
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, self.name)
+
+
+@contextmanager
+def plaintext_file(
+    size: int, *, base: str = DEFAULT_BASE, enabled: bool = True
+) -> Iterator[PlaintextFile | None]:
+    """A new private file of ``size`` bytes (> 0) on tmpfs under ``base``, or None when not
+    ``enabled`` or when ``base`` is not a memory filesystem or cannot be used; the file is
+    unlinked when the block ends."""
+    directory = _private_dir(base) if enabled else None
+    if directory is None:
+        yield None
+        return
+    name = f"plaintext-{os.urandom(8).hex()}"
+    path = os.path.join(directory, name)
+    # O_EXCL and O_NOFOLLOW: the name is new and ours; 0600 on top of the directory's 0700.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    buffer: mmap.mmap | None = None
+    try:
+        try:
+            # Reserve every page now: a write through the mapping to a tmpfs that is full (a
+            # container's /dev/shm is 64 MiB unless made larger) would kill the process (SIGBUS).
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            log.warning(
+                "no room for a %d MiB model in %s (%s): it loads from process memory",
+                size >> 20,
+                base,
+                exc.strerror,
+            )
+            yield None
+            return
+        buffer = mmap.mmap(fd, size)
+        yield PlaintextFile(directory, name, size, buffer)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+        if buffer is not None:
+            # A view over it may still be alive: the mapping then goes when the view does.
+            with suppress(BufferError):
+                buffer.close()
+
+
+def is_tmpfs(path: str) -> bool:
+    """Whether ``path`` lies on a memory filesystem, by the longest mount point above it."""
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = _unescape(fields[1])
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, fstype = point, fields[2]
+    except OSError:
+        return False
+    return fstype in _MEMORY_FILESYSTEMS
+
+
+def _private_dir(base: str) -> str | None:
+    key = (os.getpid(), base)  # a forked worker makes its own
+    if key not in _dirs:
+        _dirs[key] = _make_private_dir(base)
+    return _dirs[key]
+
+
+def _make_private_dir(base: str) -> str | None:
+    if not is_tmpfs(base):
+        log.warning(
+            "%s is not a memory filesystem (tmpfs): ONNX models load from process memory, "
+            "which takes about twice the model's size while they load",
+            base,
+        )
+        return None
+    remove_stale(base)
+    directory = os.path.join(base, f"{_PREFIX}{os.getpid()}")
+    try:
+        shutil.rmtree(directory, ignore_errors=True)  # a dead process of the same pid
+        os.mkdir(directory, 0o700)
+    except OSError as exc:
+        log.warning(
+            "cannot make a private directory in %s (%s): ONNX models load from process memory",
+            base,
+            exc.strerror,
+        )
+        return None
+    atexit.register(shutil.rmtree, directory, True)
+    return directory
+
+
+def remove_stale(base: str = DEFAULT_BASE) -> None:
+    """Remove the private directories under ``base`` of this user's processes that are gone
+    (a process killed while loading leaves its plaintext there); the server calls it at start."""
+    if not is_tmpfs(base):
+        return
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name.removeprefix(_PREFIX)
+        if entry.name == pid or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue  # alive (PermissionError: another user's) or unreadable
+
+
+def _unescape(field: str) -> str:
+    # /proc/mounts writes space, tab, newline and backslash in octal.
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
