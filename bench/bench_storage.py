@@ -250,10 +250,11 @@ def status_kib(pid: int) -> dict[str, int]:
 def tmpfs_kib(pid: int) -> int:
     """The bytes held by the files in the server's private tmpfs directory
     (``runtime/_plaintext_file.py``), mapped or not."""
-    try:
-        entries = list(os.scandir(f"/dev/shm/modelkeep-{pid}"))
-    except OSError:
-        return 0
+    entries = [
+        file
+        for directory in Path("/dev/shm").glob(f"modelkeep-plaintext-{pid}-*")
+        for file in os.scandir(directory)
+    ]
     total = 0
     for entry in entries:
         try:

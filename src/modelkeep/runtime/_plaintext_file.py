@@ -11,15 +11,24 @@ in a per-process directory (mode 0700, files 0600) removed with everything in it
 should the process die first, by the next server to start (:func:`remove_stale`); each file is
 unlinked as soon as the ``with`` block ends, error or not, and its pages are freed when the last
 mapping of it goes.
+
+A directory is known to be in use by the lock its process holds on the ``.lock`` file in it for
+as long as it lives (``flock``), not by its pid: servers in containers that share one /dev/shm
+have pid namespaces of their own, where two live servers may have the same pid and a dead one's
+pid may be a live process's.
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import logging
 import mmap
 import os
 import shutil
+import stat
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -30,10 +39,14 @@ log = logging.getLogger(__name__)
 
 # A fixed, shared place, made safe by a private 0700 directory and O_EXCL files in it.
 DEFAULT_BASE = "/dev/shm"  # noqa: S108
-_PREFIX = "modelkeep-"
+_PREFIX = "modelkeep-plaintext-"
+_LOCK = ".lock"
+# A directory younger than this may be one a live process has made and not yet locked.
+_SETTLE_S = 10.0
 _MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 _dirs: dict[tuple[int, str], str | None] = {}  # (pid, base) -> this process's directory
+_locks: list[int] = []  # the lock files' descriptors, open (and so locked) for the process's life
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +140,15 @@ def _make_private_dir(base: str) -> str | None:
         )
         return None
     remove_stale(base)
-    directory = os.path.join(base, f"{_PREFIX}{os.getpid()}")
     try:
-        shutil.rmtree(directory, ignore_errors=True)  # a dead process of the same pid
-        os.mkdir(directory, 0o700)
+        # A new name of mode 0700; the pid in it only tells a person whose it is.
+        directory = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=base)
+        lock = os.open(
+            os.path.join(directory, _LOCK),
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the process ends: the directory is in use
     except OSError as exc:
         log.warning(
             "cannot make a private directory in %s (%s): ONNX models load from process memory",
@@ -138,31 +156,53 @@ def _make_private_dir(base: str) -> str | None:
             exc.strerror,
         )
         return None
+    _locks.append(lock)
     atexit.register(shutil.rmtree, directory, True)
     return directory
 
 
 def remove_stale(base: str = DEFAULT_BASE) -> None:
-    """Remove the private directories under ``base`` of this user's processes that are gone
-    (a process killed while loading leaves its plaintext there); the server calls it at start."""
+    """Remove the private directories under ``base`` that no live process holds the lock of (a
+    process killed while loading leaves its plaintext there); the server calls it at start."""
     if not is_tmpfs(base):
         return
     try:
         entries = list(os.scandir(base))
     except OSError:
         return
+    own = set(_dirs.values())
     for entry in entries:
-        pid = entry.name.removeprefix(_PREFIX)
-        if entry.name == pid or not pid.isdigit() or int(pid) == os.getpid():
+        if not entry.name.startswith(_PREFIX) or entry.path in own:
             continue
         try:
-            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
-                continue
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry.path, ignore_errors=True)
+            info = entry.stat(follow_symlinks=False)
         except OSError:
-            continue  # alive (PermissionError: another user's) or unreadable
+            continue
+        if (
+            stat.S_ISDIR(info.st_mode)
+            and info.st_uid == os.getuid()
+            and time.time() - info.st_mtime > _SETTLE_S
+            and not _in_use(entry.path)
+        ):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _in_use(directory: str) -> bool:
+    """Whether a live process holds the lock of ``directory`` (one that never made its lock
+    file died before it could; one that cannot be opened is left alone)."""
+    try:
+        fd = os.open(os.path.join(directory, _LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _unescape(field: str) -> str:

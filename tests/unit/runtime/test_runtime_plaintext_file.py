@@ -4,12 +4,14 @@ loaded by ONNX Runtime to the same predictions as the bytes."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,13 +55,13 @@ def test_the_plaintext_file_is_private_on_tmpfs_and_unlinked_after_the_block(
         assert plain is not None
         directory = os.stat(plain.directory)
         assert stat.S_IMODE(directory.st_mode) == 0o700
-        assert Path(plain.directory).name == f"modelkeep-{os.getpid()}"
+        assert Path(plain.directory).name.startswith(f"modelkeep-plaintext-{os.getpid()}-")
         assert stat.S_IMODE(os.stat(plain.path).st_mode) == 0o600
         assert os.stat(plain.path).st_size == 4096
         assert is_tmpfs(plain.path)
         plain.buffer[:5] = b"hello"
         assert Path(plain.path).read_bytes()[:5] == b"hello"
-    assert os.listdir(plain.directory) == []
+    assert _plaintexts(plain.directory) == []
 
 
 def test_the_plaintext_file_is_removed_when_the_block_fails(shm_base: str) -> None:
@@ -85,29 +87,78 @@ def test_a_disk_directory_is_refused_and_the_caller_told_to_load_from_memory(
     with caplog.at_level(logging.WARNING), plaintext_file(4096, base=str(base)) as plain:
         assert plain is None
     assert "is not a memory filesystem (tmpfs)" in caplog.text
-    assert not list(base.glob(f"modelkeep-{os.getpid()}"))
+    assert not list(base.glob("modelkeep-plaintext-*"))
+
+
+def _plaintexts(directory: str) -> list[str]:
+    """The files in a private directory but its lock file."""
+    return [name for name in os.listdir(directory) if name != ".lock"]
+
+
+def _left_behind(base: str, *, age_s: float, locked: bool) -> tuple[Path, int | None]:
+    """A private directory as a process leaves it: plaintext inside, its lock file held (the
+    process lives) or not (it died), last changed ``age_s`` ago."""
+    directory = Path(base) / f"modelkeep-plaintext-1-{os.urandom(4).hex()}"
+    directory.mkdir(mode=0o700)
+    (directory / "plaintext-left-by-a-crash").write_bytes(b"secret")
+    lock = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    if locked:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another open file: the check's own open conflicts
+    else:
+        os.close(lock)
+    then = time.time() - age_s
+    os.utime(directory, (then, then))
+    return directory, lock if locked else None
 
 
 @pytest.mark.parametrize("how", ["at start", "at the first file"])
-def test_a_directory_left_by_a_dead_process_is_removed_when_the_next_one_starts(
+def test_a_directory_whose_process_is_gone_is_removed_and_a_live_ones_kept(
     shm_base: str, how: str
 ) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
-                          capture_output=True, text=True)  # fmt: skip
-    stale = Path(shm_base) / f"modelkeep-{int(dead.stdout)}"
-    stale.mkdir(mode=0o700)
-    (stale / "plaintext-left-by-a-crash").write_bytes(b"secret")
-    alive = Path(shm_base) / f"modelkeep-{os.getppid()}"
-    alive.mkdir(mode=0o700)
+    # Both carry pid 1: in containers sharing one /dev/shm the pid tells nothing; the lock does.
+    dead, _ = _left_behind(shm_base, age_s=60, locked=False)
+    alive, lock = _left_behind(shm_base, age_s=60, locked=True)
+    just_made, _ = _left_behind(shm_base, age_s=0, locked=False)  # its process may lock it yet
+    try:
+        if how == "at start":
+            remove_stale(shm_base)
+        else:
+            with plaintext_file(16, base=shm_base) as plain:
+                assert plain is not None
+        assert not dead.exists()
+        assert (alive / "plaintext-left-by-a-crash").exists()
+        assert just_made.exists()
+    finally:
+        assert lock is not None
+        os.close(lock)
 
-    if how == "at start":
-        remove_stale(shm_base)
-    else:
-        with plaintext_file(16, base=shm_base) as plain:
-            assert plain is not None
 
-    assert not stale.exists()
-    assert alive.exists()
+def test_a_directory_in_use_by_another_process_is_kept(shm_base: str) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_PRIVATE_DIR, shm_base], stdout=subprocess.PIPE, text=True
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            theirs = Path(holder.stdout.readline().strip())
+            then = time.time() - 60
+            os.utime(theirs, (then, then))
+            remove_stale(shm_base)
+            assert theirs.exists()
+        finally:
+            holder.kill()
+    # Killed, it leaves the directory behind (no atexit ran), and nothing holds its lock now.
+    assert theirs.exists()
+    remove_stale(shm_base)
+    assert not theirs.exists()
+
+
+HOLD_A_PRIVATE_DIR = """
+import sys, time
+from modelkeep.runtime._plaintext_file import plaintext_file
+with plaintext_file(16, base=sys.argv[1]) as plain:
+    print(plain.directory, flush=True)
+    time.sleep(60)
+"""
 
 
 def _rows(model: OnnxModel, seed: int = 0) -> dict[str, np.ndarray]:
@@ -125,7 +176,7 @@ def test_a_model_mapped_from_the_plaintext_file_predicts_exactly_what_its_bytes_
         mapped = OnnxModel.load(plain)
         unpacked = OnnxModel.load(plain, prepack=False)
         # The model's graph went into the directory beside the plaintext, and out again.
-        assert os.listdir(plain.directory) == [plain.name]
+        assert _plaintexts(plain.directory) == [plain.name]
     inputs = _rows(from_bytes)
 
     expected, actual = from_bytes.run(inputs), mapped.run(inputs)
@@ -164,7 +215,7 @@ def test_the_plaintext_file_is_refused_for_what_the_bytes_are_refused_for(
         plain.buffer[:] = data
         with pytest.raises(ModelRefused, match=message):
             OnnxModel.load(plain)
-        assert os.listdir(plain.directory) == [plain.name]
+        assert _plaintexts(plain.directory) == [plain.name]
 
 
 def test_a_tmpfs_without_room_for_the_model_is_not_written_to(
@@ -179,4 +230,4 @@ def test_a_tmpfs_without_room_for_the_model_is_not_written_to(
     with caplog.at_level(logging.WARNING), plaintext_file(64 * MiB, base=shm_base) as plain:
         assert plain is None
     assert "no room for a 64 MiB model" in caplog.text
-    assert list(Path(shm_base).glob("*/*")) == []
+    assert [_plaintexts(str(directory)) for directory in Path(shm_base).iterdir()] == [[]]
