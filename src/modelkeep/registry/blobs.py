@@ -7,7 +7,9 @@ durability. A blob is either wholly present under its final name or absent.
 
 from __future__ import annotations
 
+import io
 import os
+import queue
 import re
 import secrets
 import threading
@@ -154,3 +156,62 @@ class InMemoryBlobStore:
     def keys(self, *, older_than_s: float = 0.0) -> Iterator[str]:
         with self._lock:
             return iter(list(self._blobs))
+
+
+class ReadAhead(io.RawIOBase):
+    """A sequential reader over ``src`` that a thread keeps up to ``depth`` chunks ahead of.
+
+    A load reads a blob once, start to end, and decrypts and hashes as it goes; reading the
+    next bytes from the object store (a socket read, which lets go of the GIL) on a thread of
+    its own overlaps the store's time with that work instead of adding to it. Errors reading
+    ``src`` are raised to the reader where they occurred. ``close`` stops the thread (it
+    finishes the read in progress first); it does not close ``src``.
+    """
+
+    def __init__(self, src: BinaryIO, *, chunk: int = 1 << 20, depth: int = 4) -> None:
+        super().__init__()
+        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._pending = memoryview(b"")
+        self._ended = False
+        self._thread = threading.Thread(
+            target=self._fill, args=(src, chunk), name="modelkeep-read-ahead", daemon=True
+        )
+        self._thread.start()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        while not self._pending and not self._ended:
+            item = self._chunks.get()
+            if isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            self._ended = not item  # b"" is the end
+            self._pending = memoryview(item)
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        super().close()
+
+    def _fill(self, src: BinaryIO, chunk: int) -> None:
+        try:
+            while not self._stop.is_set():
+                data = src.read(chunk) or b""
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as exc:
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            with suppress(queue.Full):
+                self._chunks.put(item, timeout=0.1)
+                return

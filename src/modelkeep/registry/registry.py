@@ -19,11 +19,11 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from modelkeep.crypto import KeyService, associated_data_for, new_data_key
+from modelkeep.crypto import SEGMENT_SIZE, KeyService, associated_data_for, new_data_key
 from modelkeep.crypto.sealed import Sealer, unseal_segments
 from modelkeep.crypto.signing import TrustedKey, verify_digests
 from modelkeep.errors import Conflict, IntegrityError, KeyServiceError, ModelRefused
-from modelkeep.registry.blobs import BlobStore, new_blob_key
+from modelkeep.registry.blobs import BlobStore, ReadAhead, new_blob_key
 from modelkeep.registry.intake import read_directory
 from modelkeep.registry.records import VersionRecord, check_name
 from modelkeep.registry.upload import Upload
@@ -193,7 +193,8 @@ class Registry:
             digest = hashlib.sha256()
             whole = io.BytesIO()
             with (
-                self.blobs.open(version.blob_key) as src,
+                self.blobs.open(version.blob_key) as stored,
+                io.BufferedReader(ReadAhead(stored), buffer_size=SEGMENT_SIZE) as src,
                 ThreadPoolExecutor(1, thread_name_prefix="modelkeep-sha256") as hasher,
             ):
                 hashed: Future[None] | None = None
