@@ -152,10 +152,16 @@ def _mapped_session(plain: PlaintextFile, options: ort.SessionOptions) -> ort.In
     """A session whose split-off weights ONNX Runtime maps from ``plain`` (its pages are the
     plaintext's own: nothing is copied for a weight it does not pre-pack)."""
     model, split = _check_model_bytes(plain.buffer, whole=False)
-    lengths = {name: weight.nbytes for name, weight in split.weights.items()}
-    offsets = split.offsets
+    places = {
+        name: {
+            "location": plain.name,
+            "offset": str(split.offsets[name]),
+            "length": str(weight.nbytes),
+        }
+        for name, weight in split.weights.items()
+    }
     del split  # its weights are views over the mapping; the runtime maps the file itself
-    _mark_external(model, plain.name, offsets, lengths)
+    _mark_external(model, places)
     # The skeleton goes next to the plaintext (ONNX Runtime resolves external data relative to
     # the model's own file and refuses any other place), as private as the plaintext.
     path = plain.path + ".onnx"
@@ -186,7 +192,9 @@ def _in_memory_session(data: bytes, options: ort.SessionOptions) -> ort.Inferenc
     options.add_external_initializers(
         names, [ort.OrtValue.ortvalue_from_numpy(split.weights[name]) for name in names]
     )
-    graph = _pointing_at_weights(model, split.weights).SerializeToString()
+    graph = _mark_external(
+        model, {name: {"location": _WEIGHT_LOCATION} for name in names}
+    ).SerializeToString()
     del model, split
     try:
         return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
@@ -258,41 +266,27 @@ def _run_checker(model: bytes | str) -> None:
 
 
 def _mark_external(
-    model: onnx.ModelProto, location: str, offsets: Mapping[str, int], lengths: Mapping[str, int]
-) -> None:
-    """Mark each hollow initializer as external data at its place in the file ``location``
-    (a name in the model file's directory). The publisher's own external references were
-    refused in step 2, before this mark."""
+    model: onnx.ModelProto, places: Mapping[str, Mapping[str, str]]
+) -> onnx.ModelProto:
+    """Mark each hollow initializer named in ``places`` as external data with those entries:
+    a file ``location`` (in the model file's directory) with ``offset`` and ``length`` where
+    ONNX Runtime maps the weight itself, or only :data:`_WEIGHT_LOCATION` where the weight is
+    handed over with ``add_external_initializers``, which replaces only tensors marked
+    external. The publisher's own external references were refused in step 2, before this."""
     for tensor in model.graph.initializer:
-        if tensor.name in offsets:
+        place = places.get(tensor.name)
+        if place is not None:
             tensor.data_location = _TENSOR.EXTERNAL
-            for key, value in (
-                ("location", location),
-                ("offset", str(offsets[tensor.name])),
-                ("length", str(lengths[tensor.name])),
-            ):
+            for key, value in place.items():
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
-
-
-# Where the graph handed to ONNX Runtime says a split-off weight lives. add_external_initializers
-# replaces only tensors marked external, and does so before anything reads them; every tensor
-# marked is one given (exactly the split-off weights), so no file of this name is ever looked
-# for. The publisher's own external references were refused in step 2, before this mark.
-_WEIGHT_LOCATION = "modelkeep-weight"
-
-
-def _pointing_at_weights(
-    model: onnx.ModelProto, weights: Mapping[str, np.ndarray]
-) -> onnx.ModelProto:
-    """The model whose hollow initializers are marked external, as ONNX Runtime's
-    ``add_external_initializers`` requires of the tensors it replaces."""
-    for tensor in model.graph.initializer:
-        if tensor.name in weights:
-            tensor.data_location = _TENSOR.EXTERNAL
-            entry = tensor.external_data.add()
-            entry.key, entry.value = "location", _WEIGHT_LOCATION
     return model
+
+
+# Where the graph handed to ONNX Runtime says a weight given with add_external_initializers
+# lives. It replaces those tensors before anything reads them, and every tensor so marked is one
+# given (exactly the split-off weights), so no file of this name is ever looked for.
+_WEIGHT_LOCATION = "modelkeep-weight"
 
 
 def _check_value_type(kind: str, value: onnx.ValueInfoProto) -> None:
