@@ -308,7 +308,7 @@ def main() -> None:
             f"curl --cacert {cluster.ca} -H 'Authorization: Bearer {key}' \\\n"
             f"  -d '{body}' \\\n  {cluster.url}/v2/models/iris/infer\n"
         )
-        print(f"Logs in {root}. Ctrl-C stops the replicas and the proxy.")
+        print(f"Logs in {root}. Ctrl-C stops everything this started.")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
