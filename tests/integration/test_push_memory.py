@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import base64
 import gzip
-import json
 import io
+import json
 import os
 import sqlite3
 import struct

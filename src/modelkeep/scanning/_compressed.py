@@ -86,7 +86,9 @@ def scan_compressed_file(
         return kind
     # 2. What it holds, decompressed again as its analyser reads it.
     with io.BufferedReader(Rereadable(streams.pieces, total), _CHUNK) as output:
-        inner = scan.nested_file(cast(IO[bytes], output), total, f"{location} > {kind} stream", depth + 1)
+        inner = scan.nested_file(
+            cast(IO[bytes], output), total, f"{location} > {kind} stream", depth + 1
+        )
     return "joblib" if inner in ("pickle", "joblib") else inner
 
 

@@ -112,9 +112,9 @@ def scan_reader(
     compressed streams (decompressed as they are read), text and unidentifiable files are
     then analysed through ``reader`` without holding the file, so a large one costs a few
     MiB. The other formats' analysers (ONNX, XGBoost, LightGBM) take a whole buffer: those
-    files are read whole, as ``scan_bytes`` would hold them; so are 7z members. ``reader`` is the whole file (``seek(0, 2)`` gives its
-    size) and its ``read(n)`` returns ``n`` bytes unless at the end, as buffered files do;
-    its own errors propagate.
+    files are read whole, as ``scan_bytes`` would hold them; so are 7z members. ``reader`` is
+    the whole file (``seek(0, 2)`` gives its size) and its ``read(n)`` returns ``n`` bytes
+    unless at the end, as buffered files do; its own errors propagate.
     """
     scan = Scan(limits, _dispatch, _dispatch_file)
     location = show(name, 200) or "model"
