@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from typing import IO, Any, cast
 
+from modelkeep.errors import ModelkeepError
 from modelkeep.scanning._archive import Member, scan_members
 from modelkeep.scanning._context import Buffer, MemoryReader, Scan, join
 from modelkeep.scanning._zip_archive import OpenZip, read_json
@@ -169,6 +170,8 @@ def scan_hdf5_file(scan: Scan, reader: IO[bytes], size: int, location: str, dept
             raw = handle.attrs.get("model_config")
             training = handle.attrs.get("training_config")
             _check_links(scan, handle, location)
+    except ModelkeepError:
+        raise  # the file's own (a sealed copy that stops verifying), passed on by h5py as is
     except Exception as exc:  # h5py raises OSError, KeyError, RuntimeError... for bad files
         scan.high(location, f"not a readable HDF5 file ({type(exc).__name__})")
         return "keras-h5"

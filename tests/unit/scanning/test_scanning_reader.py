@@ -10,12 +10,14 @@ import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, cast
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
+from modelkeep.errors import IntegrityError
 from modelkeep.scanning import ScanReport, Verdict, scan_path, scan_reader
 from modelkeep.scanning._context import FileBytes, Rereadable
 
@@ -224,8 +226,9 @@ def _keras_h5(path: Path, nbytes: int) -> None:
     with h5py.File(path, "w") as handle:
         handle.attrs["model_config"] = json.dumps({"class_name": "Sequential", "config": {}})
         weights = handle.create_dataset("w", shape=(nbytes // 4,), dtype="<f4")
-        for start in range(0, nbytes // 4, MiB):
-            weights[start : start + MiB] = np.zeros(MiB, dtype="<f4")
+        count = nbytes // 4
+        for start in range(0, count, MiB):
+            weights[start : start + MiB] = np.zeros(min(MiB, count - start), dtype="<f4")
 
 
 @pytest.mark.parametrize(
@@ -293,6 +296,42 @@ def test_a_rereadable_file_reads_like_bytes_and_holds_its_content_after_many_ste
     # Each step back starts over (here 10 steps); at the ninth the content is held instead
     # (one pass more), and the tenth costs none.
     assert starts == 1 + 8 + 1
+
+
+def test_a_sealed_copy_that_stops_verifying_under_hdf5_is_an_error_not_a_finding(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "model.h5"
+    _keras_h5(path, MiB)
+    data = path.read_bytes()
+
+    class Tampered(io.RawIOBase):
+        """The file's first 2 KiB, then what a sealed copy raises when a segment is altered."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._pos = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return True
+
+        def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+            self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(data)}[whence]
+            self._pos += offset
+            return self._pos
+
+        def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+            if self._pos + len(buffer) > 2048:
+                raise IntegrityError("the sealed artifact did not verify")
+            buffer[: len(buffer)] = data[self._pos : self._pos + len(buffer)]
+            self._pos += len(buffer)
+            return len(buffer)
+
+    with pytest.raises(IntegrityError):
+        scan_reader(cast(IO[bytes], Tampered()), path.name)
 
 
 @pytest.mark.parametrize(
