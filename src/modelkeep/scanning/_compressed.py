@@ -43,6 +43,10 @@ class _Bomb(Exception):
     pass
 
 
+class _Corrupt(Exception):
+    """The stream cannot be decompressed; the message says why."""
+
+
 def scan_compressed(scan: Scan, data: Buffer, location: str, depth: int, kind: str) -> str:
     """Decompress ``data`` (a ``kind`` stream) and scan what it holds; returns the format.
 
@@ -74,8 +78,8 @@ def scan_compressed_file(
     except _Bomb as exc:
         scan.critical(location, str(exc))
         return kind
-    except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
-        scan.high(location, f"the {kind} stream is corrupt or truncated ({_short(exc)})")
+    except _Corrupt as exc:
+        scan.high(location, f"the {kind} stream is corrupt or truncated ({exc})")
         return kind
     if streams.end < size:
         scan.high(
@@ -114,8 +118,8 @@ class _Streams:
         self.end = size
 
     def pieces(self) -> Iterator[bytes]:
-        """The output, stream after stream; raises ``_Bomb`` past the cap, and the
-        decompressor's errors (or ``EOFError``) on a corrupt or truncated stream."""
+        """The output, stream after stream; raises ``_Bomb`` past the cap and ``_Corrupt``
+        on a corrupt or truncated stream."""
         position, produced = 0, 0
         while True:
             position, produced = yield from self._one_stream(position, produced)
@@ -140,23 +144,27 @@ class _Streams:
         zlib_style = self._kind in ("gzip", "zlib")
         pending = b""
         while not decompressor.eof:
-            limit = min(_CHUNK, self._cap + 1 - produced)
             if zlib_style:
                 # zlib keeps the input it has not used yet in unconsumed_tail.
                 if not pending and position < self._size:
                     pending = self._read(position, _CHUNK)
                     position += len(pending)
-                piece = decompressor.decompress(pending, limit)
-                pending = getattr(decompressor, "unconsumed_tail", b"")
+                chunk = pending
             else:
                 # bz2 and lzma buffer unused input themselves and say when they need more.
                 chunk = b""
                 if getattr(decompressor, "needs_input", True) and position < self._size:
                     chunk = self._read(position, _CHUNK)
                     position += len(chunk)
-                piece = decompressor.decompress(chunk, limit)
+            try:
+                piece = decompressor.decompress(chunk, min(_CHUNK, self._cap + 1 - produced))
+            except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
+                # Only the decompressor's errors: the file's own read errors propagate.
+                raise _Corrupt(_short(exc)) from exc
+            if zlib_style:
+                pending = getattr(decompressor, "unconsumed_tail", b"")
             if not piece and not pending and position >= self._size and not decompressor.eof:
-                raise EOFError("the stream ends before its end marker")
+                raise _Corrupt("the stream ends before its end marker")
             produced += len(piece)
             if produced > self._cap:
                 raise _Bomb(

@@ -220,6 +220,11 @@ def _gzipped_npy(path: Path, nbytes: int) -> None:
             out.write(piece)
 
 
+def _gzipped_random(path: Path, nbytes: int) -> None:
+    """Incompressible: the stream runs on past its first MiB."""
+    path.write_bytes(gzip.compress(np.random.default_rng(2).bytes(nbytes), 1))
+
+
 def _keras_h5(path: Path, nbytes: int) -> None:
     import h5py
 
@@ -298,41 +303,53 @@ def test_a_rereadable_file_reads_like_bytes_and_holds_its_content_after_many_ste
     assert starts == 1 + 8 + 1
 
 
-def test_a_sealed_copy_that_stops_verifying_under_hdf5_is_an_error_not_a_finding(
-    tmp_path: Path,
+class _FailingAfterItsStart(io.RawIOBase):
+    """A file whose reads from its start (identification, a header) go through; any other
+    raises ``error``, as a sealed copy does when a segment was altered or the disk fails."""
+
+    def __init__(self, data: bytes, error: Exception) -> None:
+        super().__init__()
+        self._data, self._error = data, error
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._pos > 0:
+            raise self._error
+        count = len(self._data[: len(buffer)])
+        buffer[:count] = self._data[:count]
+        self._pos = count
+        return count
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "error"),
+    [
+        ("model.h5", _keras_h5, IntegrityError("the sealed artifact did not verify")),
+        ("w.bin.gz", _gzipped_random, OSError(5, "Input/output error")),
+    ],
+)
+def test_a_file_that_fails_to_read_under_an_analyser_is_an_error_not_a_finding(
+    tmp_path: Path, name: str, write: Callable[[Path, int], None], error: Exception
 ) -> None:
-    path = tmp_path / "model.h5"
-    _keras_h5(path, MiB)
+    """h5py and the decompressor pass the file's own read errors on; they are not a verdict
+    on the content (an unreadable HDF5 file, a corrupt stream) but the scan's failure."""
+    path = tmp_path / name
+    write(path, 4 * MiB)
     data = path.read_bytes()
 
-    class Tampered(io.RawIOBase):
-        """Reads from the file's start (identification, the HDF5 superblock) go through; any
-        other raises what a sealed copy raises when a segment was altered."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self._pos = 0
-
-        def readable(self) -> bool:
-            return True
-
-        def seekable(self) -> bool:
-            return True
-
-        def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-            self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(data)}[whence]
-            self._pos += offset
-            return self._pos
-
-        def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-            if self._pos > 0:
-                raise IntegrityError("the sealed artifact did not verify")
-            buffer[: len(buffer)] = data[self._pos : self._pos + len(buffer)]
-            self._pos += len(buffer)
-            return len(buffer)
-
-    with pytest.raises(IntegrityError):
-        scan_reader(cast(IO[bytes], Tampered()), path.name)
+    with pytest.raises(type(error)):
+        scan_reader(cast(IO[bytes], _FailingAfterItsStart(data, error)), name)
 
 
 @pytest.mark.parametrize(
