@@ -8,8 +8,9 @@ so that no parser looks at the content of a push that is not signed by a trusted
 sealed copy, decrypting as they read, so plaintext is never written to disk and never held whole:
 file digests are computed as the bytes stream past, and each file is scanned through a seekable
 view of the sealed copy that decrypts only the segments its analyser reads. A file of a format the
-server only scans (safetensors, pickle, text, anything unidentified) is therefore never in memory
-whole; one whose analyser takes a whole buffer is held while it is scanned, and the servable file
+server only scans (safetensors, pickle, HDF5, archives and compressed streams, decompressed as
+they are read; text, anything unidentified) is therefore never in memory whole; one whose analyser
+takes a whole buffer (7z members among them) is held while it is scanned, and the servable file
 once more for the smoke run.
 """
 

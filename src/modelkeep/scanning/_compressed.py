@@ -5,18 +5,25 @@ judged by the absolute size it expands to: the stream is decompressed in pieces 
 soon as the output passes the scan's remaining ``max_total_bytes``, so it costs bounded work
 and memory. How well it compresses says nothing: a zero-initialised tensor compresses a
 thousand times and is no bomb.
+
+The output is never held: a first pass decompresses it counting, not keeping (a bomb or a
+corrupt stream is found before anything is analysed), then the content is handed to its
+analyser as a file that decompresses again as it is read (``Rereadable``), so a large
+``.tar.gz`` or joblib ``.gz`` read through a sealed copy costs a few MiB.
 """
 
 from __future__ import annotations
 
 import bz2
+import io
 import lzma
 import zlib
-from typing import Protocol
+from collections.abc import Generator, Iterator
+from typing import IO, Protocol, cast
 
-from modelkeep.scanning._context import Buffer, Scan
+from modelkeep.scanning._context import Buffer, MemoryReader, Rereadable, Scan
 
-__all__ = ["COMPRESSED_KINDS", "scan_compressed"]
+__all__ = ["COMPRESSED_KINDS", "scan_compressed", "scan_compressed_file"]
 
 COMPRESSED_KINDS = frozenset({"gzip", "zlib", "bz2", "xz", "lzma", "lz4", "zstd"})
 
@@ -36,6 +43,10 @@ class _Bomb(Exception):
     pass
 
 
+class _Corrupt(Exception):
+    """The stream cannot be decompressed; the message says why."""
+
+
 def scan_compressed(scan: Scan, data: Buffer, location: str, depth: int, kind: str) -> str:
     """Decompress ``data`` (a ``kind`` stream) and scan what it holds; returns the format.
 
@@ -43,6 +54,15 @@ def scan_compressed(scan: Scan, data: Buffer, location: str, depth: int, kind: s
     keeps its own format (a gzip of a tar is ``tar``). A stream that cannot be opened is
     reported under its compression's name.
     """
+    return scan_compressed_file(
+        scan, cast(IO[bytes], MemoryReader(data)), len(data), location, depth, kind
+    )
+
+
+def scan_compressed_file(
+    scan: Scan, reader: IO[bytes], size: int, location: str, depth: int, kind: str
+) -> str:
+    """:func:`scan_compressed` for a seekable file of ``size`` bytes, its output never held."""
     if kind in ("lz4", "zstd"):
         scan.high(
             location,
@@ -50,10 +70,29 @@ def scan_compressed(scan: Scan, data: Buffer, location: str, depth: int, kind: s
             "uncompressed or with gzip",
         )
         return kind
-    output = _decompress(scan, memoryview(data), location, kind)
-    if output is None:
+    streams = _Streams(reader, size, kind, scan.limits.max_total_bytes - scan.unpacked)
+    # 1. Decompressed once through, counted and not kept: a bomb or a corrupt stream refuses
+    #    the file before anything inside is analysed.
+    try:
+        total = sum(len(piece) for piece in streams.pieces())
+    except _Bomb as exc:
+        scan.critical(location, str(exc))
         return kind
-    inner = scan.nested(output, f"{location} > {kind} stream", depth + 1)
+    except _Corrupt as exc:
+        scan.high(location, f"the {kind} stream is corrupt or truncated ({exc})")
+        return kind
+    if streams.end < size:
+        scan.high(
+            f"{location} @ byte {streams.end}",
+            f"{size - streams.end} bytes after the {kind} stream were not analysed",
+        )
+    if not scan.charge(total, location):
+        return kind
+    # 2. What it holds, decompressed again as its analyser reads it.
+    with io.BufferedReader(Rereadable(streams.pieces, total), _CHUNK) as output:
+        inner = scan.nested_file(
+            cast(IO[bytes], output), total, f"{location} > {kind} stream", depth + 1
+        )
     return "joblib" if inner in ("pickle", "joblib") else inner
 
 
@@ -67,70 +106,74 @@ def _new(kind: str) -> _Decompressor:
     return lzma.LZMADecompressor(format=lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE)
 
 
-def _decompress(scan: Scan, view: memoryview, location: str, kind: str) -> bytearray | None:
-    cap = scan.limits.max_total_bytes - scan.unpacked
-    out = bytearray()
-    position = 0
-    streams = 0
-    try:
+class _Streams:
+    """The ``kind`` streams at the start of a file, decompressed in pieces. After a pass,
+    ``end`` is where they end: bytes past it follow no stream and are not part of the output."""
+
+    def __init__(self, reader: IO[bytes], size: int, kind: str, cap: int) -> None:
+        self._reader = reader
+        self._size = size
+        self._kind = kind
+        self._cap = cap
+        self.end = size
+
+    def pieces(self) -> Iterator[bytes]:
+        """The output, stream after stream; raises ``_Bomb`` past the cap and ``_Corrupt``
+        on a corrupt or truncated stream."""
+        position, produced = 0, 0
         while True:
-            streams += 1
-            position = _one_stream(view, position, out, cap, kind)
-            rest = bytes(view[position : position + 8])
-            if kind == "xz":
+            position, produced = yield from self._one_stream(position, produced)
+            rest = self._read(position, 8)
+            if self._kind == "xz":
                 # xz allows zero padding (in 4-byte units) between and after streams.
-                while position < len(view) and rest[:4] == b"\x00\x00\x00\x00":
+                while position < self._size and rest[:4] == b"\x00\x00\x00\x00":
                     position += 4
-                    rest = bytes(view[position : position + 8])
-            if position >= len(view):
-                break
-            magic = _MAGIC.get(kind)
-            if magic is None or not rest.startswith(magic):
-                scan.high(
-                    f"{location} @ byte {position}",
-                    f"{len(view) - position} bytes after the {kind} stream were not analysed",
+                    rest = self._read(position, 8)
+            magic = _MAGIC.get(self._kind)
+            if position >= self._size or magic is None or not rest.startswith(magic):
+                self.end = min(position, self._size)
+                return
+
+    def _read(self, position: int, count: int) -> bytes:
+        self._reader.seek(position)
+        return self._reader.read(max(0, min(count, self._size - position))) or b""
+
+    def _one_stream(self, position: int, produced: int) -> Generator[bytes, None, tuple[int, int]]:
+        """One stream from ``position``; returns where it ended and the output so far."""
+        decompressor = _new(self._kind)
+        zlib_style = self._kind in ("gzip", "zlib")
+        pending = b""
+        while not decompressor.eof:
+            if zlib_style:
+                # zlib keeps the input it has not used yet in unconsumed_tail.
+                if not pending and position < self._size:
+                    pending = self._read(position, _CHUNK)
+                    position += len(pending)
+                chunk = pending
+            else:
+                # bz2 and lzma buffer unused input themselves and say when they need more.
+                chunk = b""
+                if getattr(decompressor, "needs_input", True) and position < self._size:
+                    chunk = self._read(position, _CHUNK)
+                    position += len(chunk)
+            try:
+                piece = decompressor.decompress(chunk, min(_CHUNK, self._cap + 1 - produced))
+            except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
+                # Only the decompressor's errors: the file's own read errors propagate.
+                raise _Corrupt(_short(exc)) from exc
+            if zlib_style:
+                pending = getattr(decompressor, "unconsumed_tail", b"")
+            if not piece and not pending and position >= self._size and not decompressor.eof:
+                raise _Corrupt("the stream ends before its end marker")
+            produced += len(piece)
+            if produced > self._cap:
+                raise _Bomb(
+                    f"the {self._kind} stream unpacks to more than {self._cap} bytes, past "
+                    "max_total_bytes: a decompression bomb, or a model too big to scan"
                 )
-                break
-    except _Bomb as exc:
-        scan.critical(location, str(exc))
-        return None
-    except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
-        scan.high(location, f"the {kind} stream is corrupt or truncated ({_short(exc)})")
-        return None
-    if not scan.charge(len(out), location):
-        return None
-    return out
-
-
-def _one_stream(view: memoryview, position: int, out: bytearray, cap: int, kind: str) -> int:
-    """Decompress one stream starting at ``position`` into ``out``; returns where it ended."""
-    decompressor = _new(kind)
-    zlib_style = kind in ("gzip", "zlib")
-    pending = b""
-    while not decompressor.eof:
-        if zlib_style:
-            # zlib keeps the input it has not used yet in unconsumed_tail.
-            if not pending and position < len(view):
-                pending = bytes(view[position : position + _CHUNK])
-                position += len(pending)
-            piece = decompressor.decompress(pending, min(_CHUNK, cap + 1 - len(out)))
-            pending = getattr(decompressor, "unconsumed_tail", b"")
-        else:
-            # bz2 and lzma buffer unused input themselves and say when they need more.
-            chunk = b""
-            if getattr(decompressor, "needs_input", True) and position < len(view):
-                chunk = bytes(view[position : position + _CHUNK])
-                position += len(chunk)
-            piece = decompressor.decompress(chunk, min(_CHUNK, cap + 1 - len(out)))
-        if not piece and not pending and position >= len(view) and not decompressor.eof:
-            raise EOFError("the stream ends before its end marker")
-        out += piece
-        if len(out) > cap:
-            raise _Bomb(
-                f"the {kind} stream unpacks to more than {cap} bytes, past max_total_bytes: "
-                "a decompression bomb, or a model too big to scan"
-            )
-    return position - len(decompressor.unused_data) - len(pending)
+            if piece:
+                yield piece
+        return position - len(decompressor.unused_data) - len(pending), produced
 
 
 def _short(exc: BaseException) -> str:

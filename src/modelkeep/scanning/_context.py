@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Protocol
 
@@ -20,6 +20,7 @@ __all__ = [
     "FileBytes",
     "FileSlice",
     "MemoryReader",
+    "Rereadable",
     "Scan",
     "Sibling",
     "Siblings",
@@ -339,6 +340,94 @@ class FileSlice(io.RawIOBase):
             filled += len(chunk)
         self._pos += filled
         return filled
+
+
+# Steps back a Rereadable takes by producing its content again before it holds it instead.
+_MAX_REREADS = 8
+
+
+class Rereadable(io.RawIOBase):
+    """A seekable file of ``size`` bytes whose content can only be produced from its start (a
+    decompressed stream, a deflated zip member): ``pieces()`` produces it anew each time it is
+    called, in pieces. Reading on consumes pieces and a step back starts over, so only a piece
+    is held. After ``_MAX_REREADS`` steps back the content is held whole instead, as it was
+    before: an analyser that jumps about (an archive directory listed backwards) costs at most
+    that many passes, and at worst the memory holding it from the start would have."""
+
+    def __init__(self, pieces: Callable[[], Iterator[bytes]], size: int) -> None:
+        super().__init__()
+        self._pieces = pieces
+        self._size = size
+        self._pos = 0
+        self._source: Iterator[bytes] | None = None
+        self._piece = b""
+        self._at = 0  # where self._piece starts in the content
+        self._rereads = 0
+        self._held: bytearray | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        target = memoryview(buffer).cast("B")
+        count = max(0, min(len(target), self._size - self._pos))
+        if count and (self._source is None or self._pos < self._at) and self._held is None:
+            self._start_over()
+        if self._held is not None:
+            target[:count] = self._held[self._pos : self._pos + count]
+            self._pos += count
+            return count
+        filled = 0
+        while filled < count:
+            offset = self._pos - self._at
+            if offset >= len(self._piece):
+                assert self._source is not None
+                self._at += len(self._piece)
+                self._piece = next(self._source, b"")
+                if not self._piece:
+                    break
+                continue
+            step = min(count - filled, len(self._piece) - offset)
+            target[filled : filled + step] = self._piece[offset : offset + step]
+            filled += step
+            self._pos += step
+        return filled
+
+    def _start_over(self) -> None:
+        if self._source is not None:
+            self._rereads += 1
+            self._drop_source()
+        if self._rereads > _MAX_REREADS:
+            self._held = bytearray()
+            for piece in self._pieces():
+                self._held += piece
+            return
+        self._source = self._pieces()
+        self._piece, self._at = b"", 0
+
+    def _drop_source(self) -> None:
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()  # a generator's own cleanup (a zip member's handle) runs now
+        self._source, self._piece = None, b""
+
+    def close(self) -> None:
+        self._drop_source()
+        self._held = None
+        super().close()
 
 
 class FileBytes:

@@ -18,14 +18,15 @@ before the HDF5 data is scanned like an archive member.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import IO, Any, cast
 
+from modelkeep.errors import ModelkeepError
 from modelkeep.scanning._archive import Member, scan_members
 from modelkeep.scanning._context import Buffer, MemoryReader, Scan, join
 from modelkeep.scanning._zip_archive import OpenZip, read_json
 from modelkeep.scanning.detect import hdf5_superblock_offset
 
-__all__ = ["scan_hdf5", "scan_keras_zip"]
+__all__ = ["scan_hdf5", "scan_hdf5_file", "scan_keras_zip"]
 
 _LAMBDAS = frozenset({"Lambda", "TFOpLambda", "SlicingOpLambda", "__lambda__"})
 _ALLOWED_MODULES = tuple(
@@ -50,6 +51,8 @@ _ALLOWED_MODULES = tuple(
     )
 )
 _MAX_NODES = 2_000_000
+# detect.hdf5_superblock_offset looks for the superblock at offsets up to 1 MiB.
+_SUPERBLOCK_PROBE = (1 << 20) + 8
 
 
 def scan_keras_zip(scan: Scan, archive: OpenZip, members: list[Member], depth: int) -> None:
@@ -144,19 +147,31 @@ def _allowed_module(module: str) -> bool:
 
 def scan_hdf5(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     """A Keras ``.h5`` model: its ``model_config`` judged, external storage called out."""
+    return scan_hdf5_file(scan, cast(IO[bytes], MemoryReader(data)), len(data), location, depth)
+
+
+def scan_hdf5_file(scan: Scan, reader: IO[bytes], size: int, location: str, depth: int) -> str:
+    """:func:`scan_hdf5` for a seekable file of ``size`` bytes: HDF5 reads the attributes and
+    links it is asked for through it, never a dataset's data."""
     import h5py
 
     # A user block before the superblock is free-form bytes HDF5 ignores, and other readers
     # may not (a pickle there is a polyglot): it is scanned like a member.
-    offset = hdf5_superblock_offset(data) or 0
-    block = memoryview(data)[:offset]
+    reader.seek(0)
+    head = reader.read(min(size, _SUPERBLOCK_PROBE))
+    offset = hdf5_superblock_offset(head) or 0
+    block = head[:offset]
+    del head
     if any(block):
         scan.nested(block, f"{location} > HDF5 user block", depth + 1)
+    reader.seek(0)
     try:
-        with h5py.File(MemoryReader(data), "r") as handle:
+        with h5py.File(reader, "r") as handle:
             raw = handle.attrs.get("model_config")
             training = handle.attrs.get("training_config")
             _check_links(scan, handle, location)
+    except ModelkeepError:
+        raise  # the file's own (a sealed copy that stops verifying), passed on by h5py as is
     except Exception as exc:  # h5py raises OSError, KeyError, RuntimeError... for bad files
         scan.high(location, f"not a readable HDF5 file ({type(exc).__name__})")
         return "keras-h5"

@@ -8,6 +8,7 @@ never an exception out of the scan and never a silent pass: a part not analysed 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import mmap
 import os
@@ -21,10 +22,10 @@ from typing import IO, TypeVar
 
 from modelkeep.errors import InvalidInput, ModelkeepError
 from modelkeep.scanning._archive import scan_7z, scan_7z_file, scan_tar, scan_tar_file
-from modelkeep.scanning._compressed import COMPRESSED_KINDS, scan_compressed
+from modelkeep.scanning._compressed import COMPRESSED_KINDS, scan_compressed, scan_compressed_file
 from modelkeep.scanning._context import Buffer, Scan, Sibling, Siblings, show
 from modelkeep.scanning._gguf import scan_gguf, scan_gguf_file
-from modelkeep.scanning._keras import scan_hdf5
+from modelkeep.scanning._keras import scan_hdf5, scan_hdf5_file
 from modelkeep.scanning._pickle import (
     scan_numpy,
     scan_numpy_file,
@@ -58,8 +59,9 @@ _T = TypeVar("_T")
 # an I/O error): that is not a verdict on the content.
 _READ_ERRORS = (ModelkeepError, OSError)
 
-# Formats whose analysers read through a file, only the parts they check: their headers, and
-# an archive's directory and members. (scan, reader, size, location, depth) -> format.
+# Formats whose analysers read through a file, only the parts they check: their headers, an
+# archive's directory and members, an HDF5 file's attributes and links, a compressed stream's
+# output as it is decompressed. (scan, reader, size, location, depth) -> format.
 _FILE_SCANNERS: dict[str, Callable[[Scan, IO[bytes], int, str, int], str]] = {
     "safetensors": scan_safetensors_file,
     "gguf": scan_gguf_file,
@@ -67,6 +69,8 @@ _FILE_SCANNERS: dict[str, Callable[[Scan, IO[bytes], int, str, int], str]] = {
     "zip": scan_zip_file,
     "tar": scan_tar_file,
     "7z": scan_7z_file,
+    "hdf5": scan_hdf5_file,
+    **{kind: functools.partial(scan_compressed_file, kind=kind) for kind in COMPRESSED_KINDS},
 }
 
 Handler = Callable[[Scan, Buffer, str, int], str]
@@ -103,13 +107,14 @@ def scan_reader(
 
     The report is the one :func:`scan_bytes` gives for the same bytes. The file is identified
     from its first MiB; safetensors, GGUF and NumPy files (their headers), pickles (opcode by
-    opcode, storages skipped over), zip, tar and 7z archives (their directories, and each
-    member the same way; see :func:`_dispatch_file`), text and unidentifiable files are then
-    analysed through ``reader`` without holding the file, so a large one costs a few MiB. The
-    other formats' analysers take a whole buffer: those files are read whole, as
-    ``scan_bytes`` would hold them. ``reader`` is the whole file (``seek(0, 2)`` gives its
-    size) and its ``read(n)`` returns ``n`` bytes unless at the end, as buffered files do;
-    its own errors propagate.
+    opcode, storages skipped over), HDF5 files (attributes and links), zip, tar and 7z
+    archives (their directories, and each member the same way; see :func:`_dispatch_file`),
+    compressed streams (decompressed as they are read), text and unidentifiable files are
+    then analysed through ``reader`` without holding the file, so a large one costs a few
+    MiB. The other formats' analysers (ONNX, XGBoost, LightGBM) take a whole buffer: those
+    files are read whole, as ``scan_bytes`` would hold them; so are 7z members. ``reader`` is
+    the whole file (``seek(0, 2)`` gives its size) and its ``read(n)`` returns ``n`` bytes
+    unless at the end, as buffered files do; its own errors propagate.
     """
     scan = Scan(limits, _dispatch, _dispatch_file)
     location = show(name, 200) or "model"

@@ -15,9 +15,9 @@ members a streaming reader finds in bytes the central directory leaves out. Only
 reader can load is an error.
 
 The archive is read through a seekable file (``scan_zip_file``): the layout checks read a few
-bytes at each header, and a stored member is analysed in place, so a large archive that is not
-in memory (a sealed copy decrypted as it is read) is never held whole; a deflated member is
-inflated into memory to be analysed, within ``max_total_bytes``.
+bytes at each header, a stored member is analysed in place and a deflated one inflated as its
+analyser reads it (within ``max_total_bytes``), so a large archive that is not in memory (a
+sealed copy decrypted as it is read) is never held whole.
 """
 
 from __future__ import annotations

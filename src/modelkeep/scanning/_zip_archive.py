@@ -7,6 +7,7 @@ from both so that each imports it and neither imports the other's caller.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import stat
@@ -16,7 +17,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import IO, cast
 
 from modelkeep.scanning._archive import Member, in_memory
-from modelkeep.scanning._context import FileBytes, FileSlice, Scan, join, show
+from modelkeep.scanning._context import FileBytes, FileSlice, Rereadable, Scan, join, show
 from modelkeep.scanning._zip_readers import (
     TooLarge,
     Unreadable,
@@ -57,12 +58,12 @@ class OpenZip:
             return None
         # 1. As Python's zipfile reads it (numpy, skops, Keras): CRC-32 and headers checked.
         try:
-            with self.zf.open(info) as handle:
-                if keep:
+            if keep:
+                with self.zf.open(info) as handle:
                     return handle.read()
-                while handle.read(_CHUNK):
-                    pass
-                return b""
+            for _ in self._pieces(info):
+                pass
+            return b""
         except Exception as exc:  # BadZipFile, NotImplementedError, RuntimeError, zlib.error...
             refused = show(short_error(exc), 160)  # zipfile's message quotes the member's name
         content = self._read_leniently(info, refused)
@@ -72,31 +73,45 @@ class OpenZip:
     def open(self, info: zipfile.ZipInfo) -> Iterator[IO[bytes] | None]:
         """The member as a seekable file, with the findings ``read`` gives on the way.
 
-        A stored member that Python's zipfile reads (its CRC-32 checked as the bytes stream
-        past) is then read in place, from the archive's own file: it is never held. Any other
-        is read whole as ``read`` reads it: a deflated member can only be read from its start,
-        so analysing it through a file would inflate it again at every step back.
+        A member that Python's zipfile reads (its CRC-32 checked as the bytes stream past) is
+        then read without being held: a stored one in place, from the archive's own file; a
+        deflated one inflated again as its analyser reads it (``Rereadable``). One that
+        zipfile refuses is read whole, as ``read`` reads it, the way readers that check less do.
         """
         header = local_header(self.view, info.header_offset)
-        if info.compress_type != zipfile.ZIP_STORED or header is None:
+        if header is None:
             with in_memory(self.read(info)) as content:
                 yield content
+            return
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if not stored and not self.scan.charge(info.file_size, join(self.location, info.filename)):
+            yield None
             return
         refused: str | None = None
         size = 0
         try:
-            with self.zf.open(info) as handle:
-                while chunk := handle.read(_CHUNK):
-                    size += len(chunk)
+            for piece in self._pieces(info):
+                size += len(piece)
         except Exception as exc:  # as in read
             refused = show(short_error(exc), 160)
         if refused is not None:
             with in_memory(self._read_leniently(info, refused)) as content:
                 yield content
             return
-        # zipfile read exactly these bytes: stored, right after the local header.
-        with io.BufferedReader(FileSlice(self.file, header.data_start, size), _BUFFER) as inside:
+        raw: io.RawIOBase
+        if stored:
+            # zipfile read exactly these bytes: stored, right after the local header.
+            raw = FileSlice(self.file, header.data_start, size)
+        else:
+            raw = Rereadable(functools.partial(self._pieces, info), size)
+        with io.BufferedReader(raw, _BUFFER) as inside:
             yield cast(IO[bytes], inside)
+
+    def _pieces(self, info: zipfile.ZipInfo) -> Iterator[bytes]:
+        """The member as Python's zipfile reads it, in pieces; its errors propagate."""
+        with self.zf.open(info) as handle:
+            while piece := handle.read(_CHUNK):
+                yield piece
 
     def _read_leniently(self, info: zipfile.ZipInfo, refused: str) -> bytes | None:
         """The member as readers that check less than zipfile read it (zipfile ``refused`` it),

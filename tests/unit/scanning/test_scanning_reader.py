@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import struct
 import tarfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, cast
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
+from modelkeep.errors import IntegrityError
 from modelkeep.scanning import ScanReport, Verdict, scan_path, scan_reader
-from modelkeep.scanning._context import FileBytes
+from modelkeep.scanning._context import FileBytes, Rereadable
 
 MiB = 1024 * 1024
 
@@ -182,15 +185,74 @@ def _safetensors_tar(path: Path, nbytes: int) -> None:
     inner.unlink()
 
 
+def _npy_pieces(nbytes: int) -> Iterator[bytes]:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (nbytes // 4,)}
+    )
+    yield header.getvalue()
+    for _ in range(nbytes // MiB):
+        yield bytes(MiB)
+
+
+def _deflated_npz(path: Path, nbytes: int) -> None:
+    """A ``.npz`` as ``np.savez_compressed`` writes it (deflated), written in pieces."""
+    with (
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive,
+        archive.open("w.npy", "w", force_zip64=True) as member,
+    ):
+        for piece in _npy_pieces(nbytes):
+            member.write(piece)
+
+
+def _safetensors_tar_gz(path: Path, nbytes: int) -> None:
+    plain = path.with_name("plain.tar")
+    _safetensors_tar(plain, nbytes)
+    with plain.open("rb") as source, gzip.open(path, "wb", compresslevel=1) as out:
+        while piece := source.read(MiB):
+            out.write(piece)
+    plain.unlink()
+
+
+def _gzipped_npy(path: Path, nbytes: int) -> None:
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        for piece in _npy_pieces(nbytes):
+            out.write(piece)
+
+
+def _gzipped_random(path: Path, nbytes: int) -> None:
+    """Incompressible: the stream runs on past its first MiB."""
+    path.write_bytes(gzip.compress(np.random.default_rng(2).bytes(nbytes), 1))
+
+
+def _keras_h5(path: Path, nbytes: int) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        handle.attrs["model_config"] = json.dumps({"class_name": "Sequential", "config": {}})
+        weights = handle.create_dataset("w", shape=(nbytes // 4,), dtype="<f4")
+        count = nbytes // 4
+        for start in range(0, count, MiB):
+            weights[start : start + MiB] = np.zeros(min(MiB, count - start), dtype="<f4")
+
+
 @pytest.mark.parametrize(
     ("name", "write", "fmt"),
-    [("big.npz", _stored_npz, "npz"), ("big.tar", _safetensors_tar, "tar")],
+    [
+        ("big.npz", _stored_npz, "npz"),
+        ("big.tar", _safetensors_tar, "tar"),
+        ("deflated.npz", _deflated_npz, "npz"),
+        ("big.tar.gz", _safetensors_tar_gz, "tar"),
+        ("big.npy.gz", _gzipped_npy, "numpy"),
+        ("big.h5", _keras_h5, "keras-h5"),
+    ],
 )
 def test_a_large_archive_is_scanned_through_a_reader_without_holding_it(
     tmp_path: Path, name: str, write: Callable[[Path, int], None], fmt: str
 ) -> None:
     """The archive's directory is read through the file and its member is analysed in place
-    (its header only), so no buffer near the archive's size is ever made."""
+    (its header only), a compressed member or stream decompressed as that is read, and HDF5
+    reads its attributes through the file: no buffer near the content's size is ever made."""
     import tracemalloc
 
     path = tmp_path / name
@@ -217,6 +279,77 @@ def test_a_deflated_zip_member_gets_the_same_report_through_a_reader(tmp_path: P
 
     assert scan_path(path) == report
     assert (report.verdict, report.format) == (Verdict.SAFE, "npz")
+
+
+def test_a_rereadable_file_reads_like_bytes_and_holds_its_content_after_many_steps_back() -> None:
+    data = np.random.default_rng(1).bytes(10_000)
+    starts = 0
+
+    def pieces() -> Iterator[bytes]:
+        nonlocal starts
+        starts += 1
+        for at in range(0, len(data), 777):
+            yield data[at : at + 777]
+
+    with Rereadable(pieces, len(data)) as file:
+        steps = (5, 9000, 100, 4000, 3999, 0, 9999, 20, 7000, 1, 8000, 2, 6000, 3, 10_000, 4)
+        for at in (*steps, 5000, 5, 9000, 6):
+            file.seek(at)
+            assert file.read(1500) == data[at : at + 1500]
+        assert file.readall() == data[6 + 1500 :]
+
+    # Each step back starts over (here 10 steps); at the ninth the content is held instead
+    # (one pass more), and the tenth costs none.
+    assert starts == 1 + 8 + 1
+
+
+class _FailingAfterItsStart(io.RawIOBase):
+    """A file whose reads from its start (identification, a header) go through; any other
+    raises ``error``, as a sealed copy does when a segment was altered or the disk fails."""
+
+    def __init__(self, data: bytes, error: Exception) -> None:
+        super().__init__()
+        self._data, self._error = data, error
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._pos > 0:
+            raise self._error
+        count = len(self._data[: len(buffer)])
+        buffer[:count] = self._data[:count]
+        self._pos = count
+        return count
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "error"),
+    [
+        ("model.h5", _keras_h5, IntegrityError("the sealed artifact did not verify")),
+        ("w.bin.gz", _gzipped_random, OSError(5, "Input/output error")),
+    ],
+)
+def test_a_file_that_fails_to_read_under_an_analyser_is_an_error_not_a_finding(
+    tmp_path: Path, name: str, write: Callable[[Path, int], None], error: Exception
+) -> None:
+    """h5py and the decompressor pass the file's own read errors on; they are not a verdict
+    on the content (an unreadable HDF5 file, a corrupt stream) but the scan's failure."""
+    path = tmp_path / name
+    write(path, 4 * MiB)
+    data = path.read_bytes()
+
+    with pytest.raises(type(error)):
+        scan_reader(cast(IO[bytes], _FailingAfterItsStart(data, error)), name)
 
 
 @pytest.mark.parametrize(
