@@ -24,7 +24,14 @@ import pytest
 from harness import Server, ensure_model, init_server, publisher_key, sign_bytes
 
 from modelkeep.crypto.signing import sign_path
-from modelkeep.testing import build_big_onnx, build_dense_onnx, build_iris_onnx
+from modelkeep.testing import (
+    build_big_lightgbm,
+    build_big_onnx,
+    build_big_skops,
+    build_big_xgboost,
+    build_dense_onnx,
+    build_iris_onnx,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -224,5 +231,30 @@ def test_a_dense_onnx_push_holds_the_model_once_within_its_size_plus_256_mib(srv
     # memory, ONNX Runtime copied the weights into its graph: 2.3x; given the bytes whole, it
     # copied and parsed them besides: 3.2x.
     assert response.status_code == 201
+    assert growth < len(data) + 256 * MiB, f"the server grew by {growth / MiB:.0f} MiB"
+    assert_nothing_left(srv)
+
+
+# Each format the server loads, with a model of it about as large as the builder makes it.
+TABULAR = {
+    "skops": ("model.skops", lambda nbytes: build_big_skops(nbytes)),
+    "xgboost-json": ("model.json", lambda nbytes: build_big_xgboost(nbytes, fmt="json")),
+    "xgboost-ubj": ("model.ubj", lambda nbytes: build_big_xgboost(nbytes, fmt="ubj")),
+    "lightgbm-text": ("model.txt", lambda nbytes: build_big_lightgbm(nbytes)),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(TABULAR))
+def test_a_tabular_model_is_pushed_within_its_size_plus_256_mib(srv: Server, fmt: str) -> None:
+    file_name, build = TABULAR[fmt]
+    warm = build(1 * MiB)  # the runtime's library is imported once, as on a server serving it
+    assert push(srv, warm, sign_bytes(warm, file_name), file_name) == 201
+    data = build(128 * MiB)
+
+    response, growth = peak_growth(srv, data, sign_bytes(data, file_name), file_name)
+
+    print(f"{fmt}: {len(data) / MiB:.0f} MiB model, peak growth {growth / MiB:.0f} MiB"
+          f" ({growth / len(data):.2f}x)")
+    assert response.status_code == 201, response.text
     assert growth < len(data) + 256 * MiB, f"the server grew by {growth / MiB:.0f} MiB"
     assert_nothing_left(srv)
