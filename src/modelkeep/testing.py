@@ -399,7 +399,7 @@ def build_big_skops(nbytes: int, *, seed: int = 7) -> bytes:
     from sklearn.neighbors import KNeighborsRegressor
 
     rng = np.random.default_rng(seed)
-    rows = max(1, nbytes // 32)
+    rows = max(1, nbytes // 40)  # 32 bytes of features and 8 of target per row
     features = rng.random((rows, 4))
     model = KNeighborsRegressor(n_neighbors=1, algorithm="brute").fit(features, features[:, 0])
     return bytes(sio.dumps(model))
@@ -427,7 +427,9 @@ def build_big_xgboost(nbytes: int, *, fmt: str = "json", depth: int = 12, seed: 
     model = document["learner"]["gradient_booster"]["model"]
     (tree,) = model["trees"]
     tree_text = orjson.dumps(tree)
-    count = max(1, nbytes // len(tree_text))
+    # UBJSON stores the same trees in fewer bytes than JSON text: scale the count to match.
+    scale = len(booster.save_raw("json")) / len(booster.save_raw("ubj")) if fmt == "ubj" else 1
+    count = max(1, int(nbytes * scale) // len(tree_text))
     model["gbtree_model_param"]["num_trees"] = str(count)
     model["tree_info"] = [0] * count
     model["iteration_indptr"] = list(range(count + 1))
@@ -459,8 +461,8 @@ def build_big_lightgbm(nbytes: int, *, leaves: int = 1024, seed: int = 7) -> byt
     end = text.index(b"end of trees")
     tree = text[start:end]
     count = max(1, nbytes // len(tree))
-    trees = b"".join(tree.replace(b"Tree=0\n", b"Tree=%d\n" % index, 1) for index in range(count))
-    sizes = b" ".join(b"%d" % len(tree.replace(b"Tree=0\n", b"Tree=%d\n" % i, 1)) for i in range(count))
+    trees = b"".join(b"Tree=%d\n" % i + tree[len(b"Tree=0\n") :] for i in range(count))
+    sizes = b" ".join(b"%d" % (len(tree) + len(str(i)) - 1) for i in range(count))
     head = text[:start]
     head_start = head.index(b"tree_sizes=")
     head_end = head.index(b"\n", head_start)
