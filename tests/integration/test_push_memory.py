@@ -253,8 +253,10 @@ def test_a_tabular_model_is_pushed_within_its_size_plus_256_mib(srv: Server, fmt
 
     response, growth = peak_growth(srv, data, sign_bytes(data, file_name), file_name)
 
-    print(f"{fmt}: {len(data) / MiB:.0f} MiB model, peak growth {growth / MiB:.0f} MiB"
-          f" ({growth / len(data):.2f}x)")
+    print(
+        f"{fmt}: {len(data) / MiB:.0f} MiB model, peak growth {growth / MiB:.0f} MiB"
+        f" ({growth / len(data):.2f}x)"
+    )
     assert response.status_code == 201, response.text
     assert growth < len(data) + 256 * MiB, f"the server grew by {growth / MiB:.0f} MiB"
     assert_nothing_left(srv)
