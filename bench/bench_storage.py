@@ -18,6 +18,10 @@ measures, in the same run:
    private tmpfs directory (a tmpfs page is memory whether or not a process maps it; one mapped
    twice counts twice in RSS). The larger of the two growths is the result. Target: the
    increase at most model size + 256 MiB.
+   With ``--formats``, a model of each format named (skops, xgboost-json, xgboost-ubj,
+   lightgbm-text; ``all`` for the four) of ``--format-size-mb`` MiB, built as the integration
+   test builds it (``modelkeep.testing.build_big_*``), after a 1 MiB one of that format that
+   imports its runtime; same measurement, same target.
    Then a model directory holding a tiny ONNX model and a scan-only archive of ``--size-mb``
    MiB (``weights.npz``, incompressible random FP32, stored as ``np.savez`` stores), pushed as a
    directory: the archive is scanned, never loaded. Target: the increase at most 256 MiB.
@@ -26,7 +30,8 @@ Misses print MISS but the exit code is 0 (a measurement, not a test); a harness 
 measure exits 1.
 
 Usage: python bench/bench_storage.py [--size-mb 1024] [--rounds 3] [--dir /tmp] [--no-push]
-       [--no-onnx-push]
+       [--no-onnx-push] [--formats skops,xgboost-json,xgboost-ubj,lightgbm-text|all]
+       [--format-size-mb 128]
 """
 
 from __future__ import annotations
@@ -67,7 +72,13 @@ from modelkeep.registry.registry import Registry
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
 from modelkeep.settings import Settings
 from modelkeep.store.metadata import MetadataStore, VersionDetails
-from modelkeep.testing import build_iris_onnx, free_port
+from modelkeep.testing import (
+    build_big_lightgbm,
+    build_big_skops,
+    build_big_xgboost,
+    build_iris_onnx,
+    free_port,
+)
 from modelkeep.testing_seaweedfs import SeaweedFS
 
 MIB = 1 << 20
@@ -132,6 +143,31 @@ def archive_push(workdir: Path, size_mib: int, key: Path) -> Push:
     params = {"filename": folder.name, "layout": "directory"}
     size = npz.stat().st_size
     return Push("archive (.npz)", body, bundle.read_bytes(), params, size, 256 * MIB)
+
+
+# The servable formats besides ONNX: the file name a push gives, and the builder of a model.
+FORMAT_MODELS: dict[str, tuple[str, Callable[[int], bytes]]] = {
+    "skops": ("model.skops", lambda nbytes: build_big_skops(nbytes)),
+    "xgboost-json": ("model.json", lambda nbytes: build_big_xgboost(nbytes, fmt="json")),
+    "xgboost-ubj": ("model.ubj", lambda nbytes: build_big_xgboost(nbytes, fmt="ubj")),
+    "lightgbm-text": ("model.txt", lambda nbytes: build_big_lightgbm(nbytes)),
+}
+
+
+def format_pushes(workdir: Path, fmt: str, size_mib: int, key: Path) -> list[Push]:
+    """A 1 MiB model of ``fmt`` (its runtime is imported by it) and one of ``size_mib`` MiB."""
+    file_name, build = FORMAT_MODELS[fmt]
+    pushes = []
+    for label, mib in ((f"{fmt} warm-up", 1), (fmt, size_mib)):
+        folder = workdir / f"{fmt}-{mib}"
+        folder.mkdir()
+        path = folder / file_name
+        path.write_bytes(build(mib * MIB))
+        sign_path(path, key, folder / "model.sig")
+        size = path.stat().st_size
+        bundle = (folder / "model.sig").read_bytes()
+        pushes.append(Push(label, path, bundle, {"filename": file_name}, size, size + 256 * MIB))
+    return pushes
 
 
 # -- 1. load against raw read ------------------------------------------------------------------
@@ -400,7 +436,23 @@ def main() -> int:
         action="store_true",
         help="push only the scan-only archive in the push RSS part",
     )
+    parser.add_argument(
+        "--formats",
+        default="",
+        help="comma-separated formats besides ONNX to push (or 'all'): " + ", ".join(FORMAT_MODELS),
+    )
+    parser.add_argument(
+        "--format-size-mb", type=int, default=128, help="size of each --formats model (MiB)"
+    )
     args = parser.parse_args()
+    formats = (
+        list(FORMAT_MODELS)
+        if args.formats == "all"
+        else [name for name in args.formats.split(",") if name]
+    )
+    unknown = sorted(set(formats).difference(FORMAT_MODELS))
+    if unknown:
+        parser.error(f"unknown formats {unknown}; choose from {', '.join(FORMAT_MODELS)}")
     need = (6 * args.size_mb + 2 * SMALL_PUSH_MIB) * MIB
     if shutil.disk_usage(args.dir).free < need:
         print(f"need {need / 1e9:.1f} GB free in {args.dir}")
@@ -424,6 +476,8 @@ def main() -> int:
                 if not args.no_onnx_push:
                     small = signed_model(workdir, SMALL_PUSH_MIB, key)
                     pushes[:0] = [onnx_push(small), onnx_push((model, bundle))]
+                for fmt in formats:
+                    pushes += format_pushes(workdir, fmt, args.format_size_mb, key)
                 ok = bench_push(s3, workdir, pushes, trusted_pem)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
