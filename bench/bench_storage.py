@@ -21,7 +21,8 @@ measures, in the same run:
    With ``--formats``, a model of each format named (skops, xgboost-json, xgboost-ubj,
    lightgbm-text; ``all`` for the four) of ``--format-size-mb`` MiB, built as the integration
    test builds it (``modelkeep.testing.build_big_*``), after a 1 MiB one of that format that
-   imports its runtime; same measurement, same target.
+   imports its runtime; same measurement, but over the server's memory just before the push
+   (the library's import and earlier pushes' leftovers are not the push's), same target.
    Then a model directory holding a tiny ONNX model and a scan-only archive of ``--size-mb``
    MiB (``weights.npz``, incompressible random FP32, stored as ``np.savez`` stores), pushed as a
    directory: the archive is scanned, never loaded. Target: the increase at most 256 MiB.
@@ -104,6 +105,10 @@ class Push:
     params: dict[str, str]
     size: int  # the model's bytes: the ONNX file, or the scan-only archive
     allowance: int
+    # Measured over the server's memory just before this push, not over the idle server: a
+    # format's first push imports its library (scikit-learn and skops: about 330 MiB), and the
+    # heap keeps what earlier pushes freed.
+    over_previous: bool = False
 
 
 def signed_model(workdir: Path, size_mib: int, key: Path) -> tuple[Path, bytes]:
@@ -166,7 +171,9 @@ def format_pushes(workdir: Path, fmt: str, size_mib: int, key: Path) -> list[Pus
         sign_path(path, key, folder / "model.sig")
         size = path.stat().st_size
         bundle = (folder / "model.sig").read_bytes()
-        pushes.append(Push(label, path, bundle, {"filename": file_name}, size, size + 256 * MIB))
+        pushes.append(
+            Push(label, path, bundle, {"filename": file_name}, size, size + 256 * MIB, True)
+        )
     return pushes
 
 
@@ -375,6 +382,10 @@ def bench_push(s3: SeaweedFS, workdir: Path, pushes: list[Push], trusted_pem: st
             for push in pushes:
                 # Peak RSS from here on: writing 5 to clear_refs resets VmHWM to the current RSS.
                 Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+                base, base_footprint, baseline = idle, idle_footprint, "idle"
+                if push.over_previous:
+                    base, baseline = rss_kib(proc.pid, "VmRSS"), "prior"
+                    base_footprint = footprint_kib(proc.pid)
                 start = time.perf_counter()
                 with push.body.open("rb") as upload, PeakFootprint(proc.pid) as sampled:
                     response = client.post(
@@ -391,14 +402,15 @@ def bench_push(s3: SeaweedFS, workdir: Path, pushes: list[Push], trusted_pem: st
                     print(f"push failed: {response.status_code} {response.text[:300]}")
                     return False
                 peak = rss_kib(proc.pid, "VmHWM")
-                rss_growth = (peak - idle) * 1024
-                footprint_growth = (sampled.peak - idle_footprint) * 1024
+                rss_growth = (peak - base) * 1024
+                footprint_growth = (sampled.peak - base_footprint) * 1024
                 growth = max(rss_growth, footprint_growth)
                 verdict = "ok" if growth <= push.allowance else "MISS"
                 print(
                     f"push {push.label:>14} {push.size / MIB:6.0f} MiB in {elapsed:5.1f} s   peak"
                     f" RSS {peak / 1024:6.0f} MiB (+{rss_growth / MIB:.0f}), footprint"
-                    f" +{footprint_growth / MIB:.0f} MiB   over idle {growth / MIB:6.0f} MiB ="
+                    f" +{footprint_growth / MIB:.0f} MiB   over {baseline}"
+                    f" {growth / MIB:6.0f} MiB ="
                     f" {growth / push.size:.2f}x model size   target <= "
                     f"{push.allowance / MIB:.0f} MiB   {verdict}"
                 )
