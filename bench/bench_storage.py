@@ -104,7 +104,7 @@ class Push:
     bundle: bytes
     params: dict[str, str]
     size: int  # the model's bytes: the ONNX file, or the scan-only archive
-    allowance: int
+    allowance: int | None  # None: a warm-up push, shown but held to no target
     # Measured over the server's memory just before this push, not over the idle server: a
     # format's first push imports its library (scikit-learn and skops: about 330 MiB), and the
     # heap keeps what earlier pushes freed.
@@ -171,9 +171,8 @@ def format_pushes(workdir: Path, fmt: str, size_mib: int, key: Path) -> list[Pus
         sign_path(path, key, folder / "model.sig")
         size = path.stat().st_size
         bundle = (folder / "model.sig").read_bytes()
-        pushes.append(
-            Push(label, path, bundle, {"filename": file_name}, size, size + 256 * MIB, True)
-        )
+        allowance = None if mib == 1 else size + 256 * MIB
+        pushes.append(Push(label, path, bundle, {"filename": file_name}, size, allowance, True))
     return pushes
 
 
@@ -405,14 +404,18 @@ def bench_push(s3: SeaweedFS, workdir: Path, pushes: list[Push], trusted_pem: st
                 rss_growth = (peak - base) * 1024
                 footprint_growth = (sampled.peak - base_footprint) * 1024
                 growth = max(rss_growth, footprint_growth)
-                verdict = "ok" if growth <= push.allowance else "MISS"
+                if push.allowance is None:
+                    verdict = "warm-up, no target"
+                else:
+                    verdict = f"target <= {push.allowance / MIB:.0f} MiB   " + (
+                        "ok" if growth <= push.allowance else "MISS"
+                    )
                 print(
                     f"push {push.label:>14} {push.size / MIB:6.0f} MiB in {elapsed:5.1f} s   peak"
                     f" RSS {peak / 1024:6.0f} MiB (+{rss_growth / MIB:.0f}), footprint"
                     f" +{footprint_growth / MIB:.0f} MiB   over {baseline}"
                     f" {growth / MIB:6.0f} MiB ="
-                    f" {growth / push.size:.2f}x model size   target <= "
-                    f"{push.allowance / MIB:.0f} MiB   {verdict}"
+                    f" {growth / push.size:.2f}x model size   {verdict}"
                 )
     finally:
         proc.terminate()
