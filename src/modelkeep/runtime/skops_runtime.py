@@ -95,7 +95,7 @@ class SkopsModel:
             raise InternalError("trusted_types must hold type names (strings) only")
         # 1. The bytes are a zip archive: skops' container, and nothing else is tried.
         if isinstance(data, bytes | bytearray | memoryview):
-            data = io.BytesIO(data)  # over bytes, a view of them, not a copy
+            data = io.BytesIO(data)  # over bytes it shares their buffer: no copy
         start = data.tell()
         if data.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
             raise ModelRefused(_NOT_SKOPS)

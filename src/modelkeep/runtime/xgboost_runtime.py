@@ -103,7 +103,7 @@ class XGBoostModel:
         _check_declared_format(buffer, fmt)
         # 2. XGBoost parses them into a booster (plain data; nothing is executed). Its own
         #    JSON parser builds a document of the whole file first (about 13 times a JSON
-        #    model's size at its peak, 3.5 times a UBJSON one's: bench/README.md).
+        #    model's size at its peak, 3.6 times a UBJSON one's: bench/README.md).
         booster = xgb.Booster()
         try:
             booster.load_model(buffer)
