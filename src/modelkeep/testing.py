@@ -385,3 +385,86 @@ class LentTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         return self._inner.handle_request(request)
+
+
+def build_big_skops(nbytes: int, *, seed: int = 7) -> bytes:
+    """A skops file of about ``nbytes``: a brute-force k-nearest-neighbours regressor over
+    ``nbytes`` of random FP64 training rows of 4 features (stored, as ``skops.io.dumps`` does).
+
+    The worst case for a skops load: one array as large as the file, which skops reads out of
+    the zip and then into the array. Random values do not compress.
+    """
+    import numpy as np
+    import skops.io as sio
+    from sklearn.neighbors import KNeighborsRegressor
+
+    rng = np.random.default_rng(seed)
+    rows = max(1, nbytes // 40)  # 32 bytes of features and 8 of target per row
+    features = rng.random((rows, 4))
+    model = KNeighborsRegressor(n_neighbors=1, algorithm="brute").fit(features, features[:, 0])
+    return bytes(sio.dumps(model))
+
+
+def build_big_xgboost(nbytes: int, *, fmt: str = "json", depth: int = 12, seed: int = 7) -> bytes:
+    """An XGBoost regression model of about ``nbytes`` in its JSON (``fmt="json"``) or UBJSON
+    (``fmt="ubj"``) format: one tree of ``depth`` grown on random rows, repeated.
+
+    Training hundreds of deep trees would take minutes; the trees are copies of one trained
+    tree, so the document is exactly what XGBoost writes for such a model.
+    """
+    import numpy as np
+    import orjson
+    import xgboost as xgb
+
+    rng = np.random.default_rng(seed)
+    rows = rng.random((1 << (depth + 3), 4))
+    booster = xgb.train(
+        {"max_depth": depth, "min_child_weight": 0, "nthread": 1, "lambda": 0},
+        xgb.DMatrix(rows, label=rng.random(len(rows))),
+        num_boost_round=1,
+    )
+    document = orjson.loads(bytes(booster.save_raw("json")))
+    model = document["learner"]["gradient_booster"]["model"]
+    (tree,) = model["trees"]
+    tree_text = orjson.dumps(tree)
+    # UBJSON stores the same trees in fewer bytes than JSON text: scale the count to match.
+    scale = len(booster.save_raw("json")) / len(booster.save_raw("ubj")) if fmt == "ubj" else 1
+    count = max(1, int(nbytes * scale) // len(tree_text))
+    model["gbtree_model_param"]["num_trees"] = str(count)
+    model["tree_info"] = [0] * count
+    model["iteration_indptr"] = list(range(count + 1))
+    model["trees"] = []
+    head, tail = orjson.dumps(document).split(b'"trees":[]', 1)
+    id_field = b'"id":%d' % tree["id"]
+    trees = b",".join(tree_text.replace(id_field, b'"id":%d' % index) for index in range(count))
+    text = head + b'"trees":[' + trees + b"]" + tail
+    if fmt == "json":
+        return text
+    big = xgb.Booster()
+    big.load_model(bytearray(text))
+    return bytes(big.save_raw("ubj"))
+
+
+def build_big_lightgbm(nbytes: int, *, leaves: int = 1024, seed: int = 7) -> bytes:
+    """A LightGBM regression model of about ``nbytes`` in its text format: one tree of
+    ``leaves`` leaves grown on random rows, repeated (training hundreds would take minutes).
+    """
+    import lightgbm as lgb
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = rng.random((leaves * 8, 4))
+    params = {"num_leaves": leaves, "min_data_in_leaf": 1, "verbose": -1, "num_threads": 1}
+    booster = lgb.train(params, lgb.Dataset(rows, label=rng.random(len(rows))), 1)
+    text = booster.model_to_string().encode()
+    start = text.index(b"Tree=0\n")
+    end = text.index(b"end of trees")
+    tree = text[start:end]
+    count = max(1, nbytes // len(tree))
+    trees = b"".join(b"Tree=%d\n" % i + tree[len(b"Tree=0\n") :] for i in range(count))
+    sizes = b" ".join(b"%d" % (len(tree) + len(str(i)) - 1) for i in range(count))
+    head = text[:start]
+    head_start = head.index(b"tree_sizes=")
+    head_end = head.index(b"\n", head_start)
+    head = head[:head_start] + b"tree_sizes=" + sizes + head[head_end:]
+    return head + trees + text[end:]

@@ -26,7 +26,14 @@ import pytest
 from harness import Server, ensure_model, init_server, publisher_key, sign_bytes
 
 from modelkeep.crypto.signing import sign_path
-from modelkeep.testing import build_big_onnx, build_dense_onnx, build_iris_onnx
+from modelkeep.testing import (
+    build_big_lightgbm,
+    build_big_onnx,
+    build_big_skops,
+    build_big_xgboost,
+    build_dense_onnx,
+    build_iris_onnx,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -304,4 +311,47 @@ def test_a_dense_onnx_push_holds_the_model_once_within_its_size_plus_256_mib(srv
     # copied and parsed them besides: 3.2x.
     assert response.status_code == 201
     assert growth < len(data) + 256 * MiB, f"the server grew by {growth / MiB:.0f} MiB"
+    assert_nothing_left(srv)
+
+
+# Each format the server loads besides ONNX, with a model of it as large as the builder makes it.
+TABULAR = {
+    "skops": ("model.skops", lambda nbytes: build_big_skops(nbytes)),
+    "xgboost-json": ("model.json", lambda nbytes: build_big_xgboost(nbytes, fmt="json")),
+    "xgboost-ubj": ("model.ubj", lambda nbytes: build_big_xgboost(nbytes, fmt="ubj")),
+    "lightgbm-text": ("model.txt", lambda nbytes: build_big_lightgbm(nbytes)),
+}
+# XGBoost's own parser builds a document of the whole model as it loads (about 13 times a JSON
+# model's size, 3.6 times a UBJSON one's), and the scan and the tree check each parse it whole
+# into Python objects: bench/README.md has the measured parts. Strict: a fix shows as a failure.
+_XGBOOST_LIMIT = pytest.mark.xfail(
+    strict=True, reason="XGBoost parses the whole model into a document (bench/README.md)"
+)
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        pytest.param(fmt, marks=_XGBOOST_LIMIT if fmt.startswith("xgboost") else ())
+        for fmt in sorted(TABULAR)
+    ],
+)
+def test_a_tabular_model_is_pushed_within_its_size_plus_256_mib(srv: Server, fmt: str) -> None:
+    file_name, build = TABULAR[fmt]
+    warm = build(1 * MiB)  # the runtime's library is imported once, as on a server serving it
+    assert push(srv, warm, sign_bytes(warm, file_name), file_name) == 201
+    data = build(128 * MiB)
+
+    response, growth = peak_growth(srv, data, sign_bytes(data, file_name), file_name)
+
+    # The runtime reads the model through the sealed copy (skops, a zip, through it; LightGBM
+    # into a buffer it lets go of as soon as the model is text; the scan holds it whole while
+    # it checks it, and LightGBM's now checks the text a block at a time). Measured at
+    # 128 MiB: skops 2.0x (skops reads each array out of the zip, then into the array; it was
+    # 3.0x from bytes read whole), LightGBM 2.7x (its text and LightGBM's UTF-8 copy of it
+    # while it parses; 3.7x before). XGBoost: JSON 21x, UBJSON 9x (23x and 17x before).
+    assert response.status_code == 201, response.text
+    assert growth < len(data) + 256 * MiB, (
+        f"{fmt}: the server grew by {growth / MiB:.0f} MiB ({growth / len(data):.1f}x)"
+    )
     assert_nothing_left(srv)

@@ -10,8 +10,8 @@ file digests are computed as the bytes stream past, and each file is scanned thr
 view of the sealed copy that decrypts only the segments its analyser reads. A file of a format the
 server only scans (safetensors, pickle, HDF5, archives and compressed streams, decompressed as
 they are read; text, anything unidentified) is therefore never in memory whole; one whose analyser
-takes a whole buffer (7z members among them) is held while it is scanned, and the servable file
-once more for the smoke run.
+takes a whole buffer (7z members among them) is held while it is scanned. The servable file is
+read by its runtime through the sealed copy as well (see step 4 of :func:`accept`).
 """
 
 from __future__ import annotations
@@ -148,12 +148,6 @@ def _read_whole(content: IO[bytes]) -> bytes:
     return whole.getvalue()
 
 
-def _read_checked(content: IO[bytes], digest: str | None) -> bytes:
-    data = _read_whole(content)
-    _check_digest(data, digest)
-    return data
-
-
 def _read_into(content: IO[bytes], buffer: mmap.mmap, digest: str | None) -> None:
     view = memoryview(buffer)
     try:
@@ -245,9 +239,12 @@ def accept(
         )
     ((model_file, (size, report)),) = servable.items()
     trusted_types = report.trusted_types
-    # 4. Exactly one file is the model a runtime serves; it is read whole for the runtime, and
-    #    checked against its digest once more. An ONNX model is decrypted into a private tmpfs
-    #    file that ONNX Runtime maps, so it is in memory once while it loads.
+    # 4. Exactly one file is the model a runtime serves; it is checked against its digest
+    #    once more as it streams from the sealed copy, then the runtime reads it from there.
+    #    An ONNX model is decrypted into a private tmpfs file that ONNX Runtime maps; a skops
+    #    zip is read through the sealed copy; XGBoost and LightGBM read the model into a buffer
+    #    of their own and let go of it once parsed. So the model is in memory once while it
+    #    loads, besides what its library builds from it.
     # 5. The runtime's own view of the model is its signature; a smoke run proves it loads.
     with (
         upload.seekable_reader() as sealed,
@@ -260,8 +257,10 @@ def accept(
             _read_into(content, plain.buffer, digests.get(model_file))
             signature = inspect_model(report.format, plain)
         else:
-            data = _read_checked(content, digests.get(model_file))
-            signature = inspect_model(report.format, data, trusted_types=trusted_types)
+            if _digest(content) != digests.get(model_file):
+                raise ModelRefused("the upload changed while it was being checked")
+            content.seek(0)
+            signature = inspect_model(report.format, content, trusted_types=trusted_types)
     return Accepted(
         model_file=model_file,
         format=report.format,

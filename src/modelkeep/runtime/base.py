@@ -12,8 +12,9 @@ This module imports no runtime library.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -26,11 +27,13 @@ __all__ = [
     "MAX_FEATURES",
     "RUN_FAILED",
     "LoadedModel",
+    "ModelSource",
     "check_feature_count",
     "check_threads",
     "empty_outputs",
     "feature_matrix",
     "matrix_signature",
+    "read_whole",
     "select_outputs",
 ]
 
@@ -42,6 +45,14 @@ RUN_FAILED = "inference failed: the input does not fit the model"
 # A wider model is refused at push: the smoke batch alone would be several megabytes and every
 # request row larger still; no tabular model of this kind is legitimately that wide.
 MAX_FEATURES = 1_000_000
+_CHUNK = 1 << 20
+
+
+# What a runtime loads from: the verified bytes (a version the server loads), or a seekable
+# file over them (a push, read through the sealed copy): a runtime that can read a file reads
+# only what it needs, and one that needs the model whole reads it into a buffer of its own,
+# which it can let go of as soon as its library has parsed it.
+ModelSource = bytes | IO[bytes]
 
 
 @runtime_checkable
@@ -54,6 +65,25 @@ class LoadedModel(Protocol):
     def run(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]: ...
+
+
+def read_whole(source: ModelSource) -> bytes | bytearray:
+    """The whole model: ``source`` itself if it is bytes, else the rest of the file, read into
+    one buffer of its size (no chunks joined: the model is in memory once, not twice)."""
+    if isinstance(source, bytes | bytearray):
+        return source
+    start = source.tell()
+    size = source.seek(0, io.SEEK_END) - start
+    source.seek(start)
+    whole = bytearray(size)
+    with memoryview(whole) as view:
+        filled = 0
+        while filled < size and (chunk := source.read(min(_CHUNK, size - filled))):
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+    if filled != size or source.read(1):
+        raise ModelRefused("the model file changed while it was being read")
+    return whole
 
 
 def check_threads(threads: int, runtime: str) -> int:

@@ -16,6 +16,7 @@ The served signature: ``input`` FP32 ``[-1, num_feature]``; ``predictions`` FP32
 
 from __future__ import annotations
 
+import codecs
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -27,11 +28,13 @@ import numpy as np
 from modelkeep.errors import InvalidInput, ModelRefused
 from modelkeep.runtime.base import (
     RUN_FAILED,
+    ModelSource,
     check_feature_count,
     check_threads,
     empty_outputs,
     feature_matrix,
     matrix_signature,
+    read_whole,
     select_outputs,
 )
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
@@ -48,6 +51,7 @@ _FLOAT = re.compile(
 # LightGBM's tree parser reads at most this many "key=value" lines per tree.
 _MAX_TREE_KEYS = 22
 _MAX_LEAVES = 1 << 20
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +84,24 @@ class LightGBMModel:
         self.signature: ModelSignature = matrix_signature(header.num_feature, outputs)
 
     @classmethod
-    def load(cls, data: bytes, *, threads: int = 1) -> LightGBMModel:
-        """Check LightGBM text-model bytes, then load them from memory.
+    def load(cls, data: ModelSource, *, threads: int = 1) -> LightGBMModel:
+        """Check LightGBM text-model bytes (or a seekable file of them), then load them from
+        memory.
 
         Raises ``ModelRefused`` when the bytes are not a LightGBM text model (binary, JSON
         dumps and pickles included), when its layout or a tree is malformed, or when LightGBM
         cannot load it.
         """
         threads = check_threads(threads, "LightGBM")
-        header = _check_text_model(data)
+        whole = read_whole(data.tobytes() if isinstance(data, memoryview) else data)
+        header = _check_text_model(whole)
+        # LightGBM loads from memory only out of a str (which it encodes to UTF-8 once more).
+        # A file read here is let go of as soon as it is text: the model is then held twice
+        # while LightGBM parses it (the text and its encoding), not three times.
+        text = str(whole, "utf-8")
+        del whole
         try:
-            booster = lgb.Booster(model_str=bytes(data).decode("utf-8"))
+            booster = lgb.Booster(model_str=text)
         except Exception as exc:  # LightGBMError; its message may quote the file
             raise ModelRefused(f"LightGBM could not load this model; {_SAVE_HINT}") from exc
         if (
@@ -160,20 +171,30 @@ def _int(value: bytes | None, what: str) -> int:
     return int(value)
 
 
-def _check_text_model(data: bytes) -> _Header:
+def _is_utf8(data: bytes | bytearray) -> bool:
+    # Decoded a piece at a time: decoding all of it at once would hold a second copy (as a str).
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with memoryview(data) as view:
+            for start in range(0, len(view), _CHUNK):
+                decoder.decode(view[start : start + _CHUNK])
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _check_text_model(data: bytes | bytearray) -> _Header:
     # 1. UTF-8 text with bare LF line ends and no NUL: LightGBM's C parser and this one then
     #    see the same lines.
-    if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
+    if len(data) == 0:
         raise ModelRefused(f"the file is empty or not a LightGBM text model; {_SAVE_HINT}")
-    data = bytes(data)
     if not data.startswith((b"tree\n", b"tree\r\n")):
         raise ModelRefused(f"the file is not a LightGBM text model; {_SAVE_HINT}")
     if b"\x00" in data or b"\r" in data:
         raise _refuse("it holds NUL bytes or CR line ends")
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _refuse("it is not UTF-8 text") from exc
+    if not _is_utf8(data):
+        raise _refuse("it is not UTF-8 text")
     # 2. The header, up to the first "Tree=" line, states the shape of the model.
     fields: dict[bytes, bytes] = {}
     pos = 0
@@ -181,7 +202,7 @@ def _check_text_model(data: bytes) -> _Header:
         end = data.find(b"\n", pos)
         if end < 0:
             raise _refuse("it holds no trees")
-        key, _, value = data[pos:end].partition(b"=")
+        key, _, value = bytes(data[pos:end]).partition(b"=")
         fields[key] = value
         pos = end + 1
     header = _check_header(fields)
@@ -194,7 +215,7 @@ def _check_text_model(data: bytes) -> _Header:
     if pos + sum(sizes) > len(data):
         raise _refuse("tree_sizes points past the end of the file (is it truncated?)")
     for index, size in enumerate(sizes):
-        _check_tree(data[pos : pos + size], index, header.num_feature)
+        _check_tree(bytes(data[pos : pos + size]), index, header.num_feature)
         pos += size
     return header
 

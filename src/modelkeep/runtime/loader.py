@@ -16,7 +16,7 @@ import numpy as np
 
 from modelkeep.errors import ModelkeepError, ModelRefused
 from modelkeep.runtime._plaintext_file import PlaintextFile
-from modelkeep.runtime.base import FORMATS, LoadedModel
+from modelkeep.runtime.base import FORMATS, LoadedModel, ModelSource, read_whole
 from modelkeep.runtime.signature import ModelSignature, TensorSpec, numpy_dtype
 
 __all__ = ["inspect_model", "load_model"]
@@ -27,7 +27,7 @@ _MAX_SMOKE_ELEMENTS = 4_000_000
 
 def load_model(
     fmt: str,
-    data: bytes | PlaintextFile,
+    data: ModelSource | PlaintextFile,
     *,
     threads: int = 1,
     trusted_types: Sequence[str] = (),
@@ -35,8 +35,10 @@ def load_model(
 ) -> LoadedModel:
     """Load verified model bytes into the runtime for ``fmt`` (one of :data:`FORMATS`).
 
-    ``data`` is the bytes, or the plaintext in a private tmpfs file (only ONNX Runtime maps
-    it; the other runtimes read a copy). ``threads`` is the runtime's intra-op thread count
+    ``data`` is the bytes, a seekable file of them (a push reads the sealed copy through one:
+    skops reads the zip through it, XGBoost and LightGBM read it into a buffer they let go of
+    once parsed), or the plaintext in a private tmpfs file (only ONNX Runtime maps it; the
+    other runtimes read a copy). ``threads`` is the runtime's intra-op thread count
     (0 = its default). ``trusted_types`` are the extra types the scanner approved for this
     file; only the skops runtime uses them, and only those. ``smoke`` loads for a trial run
     only: ONNX Runtime then does not pre-pack weights (no copy of them; slower MatMuls).
@@ -46,6 +48,8 @@ def load_model(
     if fmt == "onnx":
         from modelkeep.runtime.onnx import OnnxModel
 
+        if not isinstance(data, PlaintextFile):
+            data = bytes(read_whole(data))  # bytes: no copy
         return OnnxModel.load(data, threads=threads, prepack=not smoke)
     if isinstance(data, PlaintextFile):
         data = bytes(data.buffer)
@@ -68,7 +72,7 @@ def load_model(
 
 
 def inspect_model(
-    fmt: str, data: bytes | PlaintextFile, *, trusted_types: Sequence[str] = ()
+    fmt: str, data: ModelSource | PlaintextFile, *, trusted_types: Sequence[str] = ()
 ) -> ModelSignature:
     """Load the model as :func:`load_model` would, smoke-run it, and return its signature.
 

@@ -14,6 +14,7 @@ estimator sees it: exact, and the precision scikit-learn fits in), ``label`` ``[
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ import skops.io as sio
 from modelkeep.errors import InternalError, InvalidInput, ModelRefused
 from modelkeep.runtime.base import (
     RUN_FAILED,
+    ModelSource,
     check_feature_count,
     check_threads,
     empty_outputs,
@@ -73,9 +75,13 @@ class SkopsModel:
 
     @classmethod
     def load(
-        cls, data: bytes, *, trusted_types: Sequence[str] = (), threads: int = 1
+        cls, data: ModelSource, *, trusted_types: Sequence[str] = (), threads: int = 1
     ) -> SkopsModel:
-        """Load skops bytes, trusting skops' defaults plus exactly ``trusted_types``.
+        """Load skops bytes, or a seekable file of them, trusting skops' defaults plus exactly
+        ``trusted_types``.
+
+        skops reads a zip through a file, so a file is never read whole here: each array is
+        read out of the zip once by skops and once more into the array itself.
 
         Raises ``ModelRefused`` when the bytes are not a skops file, when the file holds a type
         that is neither skops-default nor in ``trusted_types`` (all such types are listed), or
@@ -88,14 +94,16 @@ class SkopsModel:
         if len(trusted) != len(trusted_types):
             raise InternalError("trusted_types must hold type names (strings) only")
         # 1. The bytes are a zip archive: skops' container, and nothing else is tried.
-        if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
-            raise ModelRefused(_NOT_SKOPS)
-        data = bytes(data)
-        if not data.startswith(_ZIP_MAGIC):
+        if isinstance(data, bytes | bytearray | memoryview):
+            data = io.BytesIO(data)  # over bytes it shares their buffer: no copy
+        start = data.tell()
+        if data.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
             raise ModelRefused(_NOT_SKOPS)
         # 2. Every type skops would have to construct is skops-default or approved for this file.
         try:
-            untrusted = sio.get_untrusted_types(data=data)
+            data.seek(start)
+            # skops documents a path here; it hands it to ZipFile, which takes a file as well.
+            untrusted = sio.get_untrusted_types(file=data)
         except Exception as exc:
             raise ModelRefused(_NOT_SKOPS) from exc
         refused = sorted(set(untrusted).difference(trusted))
@@ -103,7 +111,8 @@ class SkopsModel:
             raise ModelRefused(_untrusted_message(refused))
         # 3. Load with that exact allow-list; skops enforces it again while building objects.
         try:
-            estimator = sio.loads(data, trusted=trusted)
+            data.seek(start)
+            estimator = sio.load(data, trusted=trusted)
         except Exception as exc:
             raise ModelRefused(_NOT_SKOPS) from exc
         return cls._from_estimator(estimator)

@@ -9,7 +9,7 @@ exist. Such files are ``error`` (refused); consistent ones are ``safe``.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from modelkeep.scanning._context import Buffer, Scan
@@ -119,7 +119,7 @@ def _ints(value: Any) -> bool:
 def scan_lightgbm(scan: Scan, data: Buffer, location: str, depth: int) -> str:
     """Parse a LightGBM text model and check each tree's structure."""
     try:
-        text = bytes(data).decode("utf-8")
+        text = str(data, "utf-8")  # decoded from the buffer itself: no copy of it as bytes
         trees = _check_lightgbm(text)
     except UnicodeDecodeError:
         scan.high(location, "the LightGBM model is not UTF-8 text")
@@ -135,13 +135,13 @@ def scan_lightgbm(scan: Scan, data: Buffer, location: str, depth: int) -> str:
 
 
 def _check_lightgbm(text: str) -> int:
-    blocks = text.replace("\r\n", "\n").split("\n\n")
-    header = _fields(blocks[0], first="tree")
+    blocks = _blocks(text.replace("\r\n", "\n"))
+    header = _fields(next(blocks), first="tree")
     max_feature = int(header["max_feature_idx"])
     sizes = [int(v) for v in header.get("tree_sizes", "").split()]
     trees = 0
     ended = False
-    for block in blocks[1:]:
+    for block in blocks:
         stripped = block.strip("\n")
         if stripped.startswith("Tree="):
             if ended:
@@ -155,6 +155,16 @@ def _check_lightgbm(text: str) -> int:
     if sizes and len(sizes) != trees:
         raise _Inconsistent(f"tree_sizes lists {len(sizes)} trees but {trees} follow")
     return trees
+
+
+def _blocks(text: str) -> Iterator[str]:
+    # What text.split("\n\n") returns, one block at a time: the blocks of a model are together
+    # as large as the model, and a list of them would hold it once more while it is checked.
+    start = 0
+    while (end := text.find("\n\n", start)) >= 0:
+        yield text[start:end]
+        start = end + 2
+    yield text[start:]
 
 
 def _fields(block: str, first: str | None) -> dict[str, str]:
