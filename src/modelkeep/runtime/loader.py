@@ -48,8 +48,10 @@ def load_model(
     if fmt == "onnx":
         from modelkeep.runtime.onnx import OnnxModel
 
-        if not isinstance(data, PlaintextFile):
-            data = bytes(read_whole(data))  # bytes: no copy
+        if not isinstance(data, PlaintextFile | bytes):
+            # A push without a usable tmpfs: ONNX Runtime takes bytes, so the buffer read is
+            # copied once (and let go of at once), below the peak of the load that follows.
+            data = bytes(read_whole(data))
         return OnnxModel.load(data, threads=threads, prepack=not smoke)
     if isinstance(data, PlaintextFile):
         data = bytes(data.buffer)
