@@ -12,8 +12,8 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from modelkeep.runtime._ubjson import UbjsonError, load_ubjson
 from modelkeep.scanning._context import Buffer, Scan
-from modelkeep.scanning._ubjson import UbjsonError, load_ubjson
 
 __all__ = ["scan_lightgbm", "scan_xgboost"]
 

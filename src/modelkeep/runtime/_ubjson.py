@@ -1,4 +1,5 @@
-"""A bounded UBJSON reader, enough for XGBoost's binary model format.
+"""A bounded UBJSON reader, enough for XGBoost's binary model format (the scanner reads the
+uploaded file with it, the XGBoost runtime the booster's own re-serialisation).
 
 UBJSON is JSON with typed binary values (big-endian). Every count is compared with the bytes
 left before anything is allocated, nesting is limited, and typed numeric arrays (most of an
