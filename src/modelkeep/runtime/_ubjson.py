@@ -135,7 +135,7 @@ class _Reader:
             index += 1
 
 
-def load_ubjson(data: bytes | memoryview) -> tuple[Any, int]:
+def load_ubjson(data: bytes | bytearray | memoryview) -> tuple[Any, int]:
     """The value the data starts with, and how many bytes it took; raises UbjsonError."""
     reader = _Reader(memoryview(data))
     try:
