@@ -22,7 +22,11 @@ measures, in the same run:
    lightgbm-text; ``all`` for the four) of ``--format-size-mb`` MiB, built as the integration
    test builds it (``modelkeep.testing.build_big_*``), after a 1 MiB one of that format that
    imports its runtime; same measurement, but over the server's memory just before the push
-   (the library's import and earlier pushes' leftovers are not the push's), same target.
+   (the library's import and earlier pushes' leftovers are not the push's). Target: at most
+   the model's size plus its library's own work on it, plus 256 MiB. XGBoost's own work
+   (``Booster().load_model`` of the file from a bytearray, then ``save_raw("ubj")``, which the
+   tree check reads, in a process of its own: ``modelkeep.testing.xgboost_load_growth``) is
+   printed beside the push; skops and LightGBM count none (size + 256 MiB).
    Then a model directory holding a tiny ONNX model and a scan-only archive of ``--size-mb``
    MiB (``weights.npz``, incompressible random FP32, stored as ``np.savez`` stores), pushed as a
    directory: the archive is scanned, never loaded. Target: the increase at most 256 MiB.
@@ -79,6 +83,7 @@ from modelkeep.testing import (
     build_big_xgboost,
     build_iris_onnx,
     free_port,
+    xgboost_load_growth,
 )
 from modelkeep.testing_seaweedfs import SeaweedFS
 
@@ -105,6 +110,7 @@ class Push:
     params: dict[str, str]
     size: int  # the model's bytes: the ONNX file, or the scan-only archive
     allowance: int | None  # None: a warm-up push, shown but held to no target
+    library: int | None = None  # its library's own work on the model, where that is measured
     # Measured over the server's memory just before this push, not over the idle server: a
     # format's first push imports its library (scikit-learn and skops: about 330 MiB), and the
     # heap keeps what earlier pushes freed.
@@ -171,8 +177,11 @@ def format_pushes(workdir: Path, fmt: str, size_mib: int, key: Path) -> list[Pus
         sign_path(path, key, folder / "model.sig")
         size = path.stat().st_size
         bundle = (folder / "model.sig").read_bytes()
-        allowance = None if mib == 1 else size + 256 * MIB
-        pushes.append(Push(label, path, bundle, {"filename": file_name}, size, allowance, True))
+        library = xgboost_load_growth(path) if fmt.startswith("xgboost") and mib > 1 else None
+        allowance = None if mib == 1 else size + (library or 0) + 256 * MIB
+        pushes.append(
+            Push(label, path, bundle, {"filename": file_name}, size, allowance, library, True)
+        )
     return pushes
 
 
@@ -407,7 +416,12 @@ def bench_push(s3: SeaweedFS, workdir: Path, pushes: list[Push], trusted_pem: st
                 if push.allowance is None:
                     verdict = "warm-up, no target"
                 else:
-                    verdict = f"target <= {push.allowance / MIB:.0f} MiB   " + (
+                    library = (
+                        ""
+                        if push.library is None
+                        else f"library's own work +{push.library / MIB:.0f} MiB   "
+                    )
+                    verdict = f"{library}target <= {push.allowance / MIB:.0f} MiB   " + (
                         "ok" if growth <= push.allowance else "MISS"
                     )
                 print(

@@ -445,6 +445,54 @@ def build_big_xgboost(nbytes: int, *, fmt: str = "json", depth: int = 12, seed: 
     return bytes(big.save_raw("ubj"))
 
 
+# XGBoost's own work in a fresh interpreter: the file read into the bytearray load_model takes,
+# the peak reset to the resident size (writing 5 to clear_refs), then the load and the write-back
+# the tree check reads.
+_XGBOOST_LOAD = """
+import sys
+from pathlib import Path
+
+import xgboost
+
+
+def kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise SystemExit("no " + field)
+
+
+data = bytearray(Path(sys.argv[1]).read_bytes())
+Path("/proc/self/clear_refs").write_text("5")
+before = kib("VmRSS")
+booster = xgboost.Booster()
+booster.load_model(data)
+del data
+written = booster.save_raw("ubj")
+print((kib("VmHWM") - before) * 1024)
+"""
+
+
+def xgboost_load_growth(path: Path) -> int:
+    """Bytes by which XGBoost's own work on the model file at ``path`` raises a fresh process's
+    peak resident memory: ``Booster().load_model`` (of the file read into a bytearray first),
+    then ``save_raw("ubj")``, the booster written back as the server's tree check reads it.
+
+    XGBoost parses the whole file into a document before it builds the booster (about 12 times
+    a JSON model's size), and writes the booster back through another (about its size again);
+    no API avoids either. The check must read what XGBoost loaded, not what another parser
+    reads of the file, so that no difference between the two parsers can hide a malformed
+    tree: a push of that model cannot cost less.
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _XGBOOST_LOAD, str(path)], capture_output=True, text=True, check=True
+    )
+    return int(done.stdout)
+
+
 def build_big_lightgbm(nbytes: int, *, leaves: int = 1024, seed: int = 7) -> bytes:
     """A LightGBM regression model of about ``nbytes`` in its text format: one tree of
     ``leaves`` leaves grown on random rows, repeated (training hundreds would take minutes).

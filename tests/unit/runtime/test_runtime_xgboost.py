@@ -18,9 +18,10 @@ import xgboost as xgb
 from sklearn.datasets import load_iris
 
 from modelkeep.errors import ConfigError, InvalidInput, ModelRefused
+from modelkeep.runtime._ubjson import load_ubjson
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.runtime.signature import ModelSignature, TensorSpec
-from modelkeep.runtime.xgboost_runtime import XGBoostModel
+from modelkeep.runtime.xgboost_runtime import XGBoostModel, _check_document
 
 X, Y = load_iris(return_X_y=True)
 X32 = X.astype(np.float32)
@@ -173,7 +174,9 @@ def _document(booster: xgb.Booster) -> dict[str, Any]:
 
 
 def _tree0(document: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = document["learner"]["gradient_booster"]["model"]["trees"][0]
+    booster = document["learner"]["gradient_booster"]
+    trees = (booster["gbtree"] if booster["name"] == "dart" else booster)["model"]["trees"]
+    tree: dict[str, Any] = trees[0]
     return tree
 
 
@@ -213,3 +216,88 @@ def test_malformed_trees_are_refused_before_any_prediction(
 def test_negative_thread_count_is_a_config_error(regression: xgb.Booster) -> None:
     with pytest.raises(ConfigError):
         XGBoostModel.load(bytes(regression.save_raw("json")), fmt="json", threads=-1)
+
+
+def _ubj_document(booster: xgb.Booster) -> dict[str, Any]:
+    document, _ = load_ubjson(booster.save_raw("ubj"))
+    return _writable(document)  # type: ignore[no-any-return]
+
+
+def _writable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _writable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_writable(item) for item in value]
+    return value.copy() if isinstance(value, np.ndarray) else value
+
+
+def _children_as(dtype: Any, *, shape: Callable[[int], Any] = lambda n: n) -> Callable[..., None]:
+    # The tree's own left children, as another type (or shape) of array.
+    def mutate(document: dict[str, Any]) -> None:
+        tree = _tree0(document)
+        left = np.asarray(tree["left_children"])
+        if np.dtype(dtype) == np.uint64:
+            values = np.where(left < 0, np.uint64(2**64 - 1), left.astype(np.uint64))
+        else:
+            values = left.astype(dtype)
+        tree["left_children"] = values.reshape(shape(left.size))
+
+    return mutate
+
+
+def _drop_weight(document: dict[str, Any]) -> None:
+    booster = document["learner"]["gradient_booster"]
+    booster["weight_drop"] = booster["weight_drop"][1:]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (_set("left_children", 0, 100_000), "does not exist"),
+        (_set("left_children", 1, 0), "does not exist"),
+        (_set("right_children", 0, 1), "two parents"),
+        (_set("split_indices", 0, -5), "feature the model does not have"),
+        (_set("split_type", 0, 2), "unknown split type"),
+        (_children_as(np.float32), "holds something other than integers"),
+        (_children_as(np.uint64), "holds something other than integers"),
+        (_children_as(np.bool_), "holds something other than integers"),
+        (_children_as(np.int32, shape=lambda n: (1, n)), "has the wrong length"),
+        (_drop_weight, "dart weights do not match"),
+    ],
+    ids=[
+        "child-out-of-range",
+        "cycle",
+        "shared-child",
+        "negative-feature",
+        "split-type",
+        "float-children",
+        "uint64-children",
+        "bool-children",
+        "2d-children",
+        "dart-weights",
+    ],
+)
+def test_the_tree_check_refuses_the_same_in_ubjson_arrays_as_in_json_lists(
+    mutate: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    # The runtime checks XGBoost's UBJSON re-serialisation, whose typed arrays are NumPy arrays;
+    # the same defects in the JSON form, as lists, are refused with the same message.
+    booster = _train("reg:squarederror", X[:, 0], booster="dart", rate_drop=0.1)
+    messages = []
+    for document in (_document(booster), _ubj_document(booster)):
+        json_lists = isinstance(_tree0(document)["left_children"], list)
+        mutate(document)
+        tree = _tree0(document)
+        if json_lists and isinstance(tree["left_children"], np.ndarray):
+            tree["left_children"] = tree["left_children"].tolist()
+        with pytest.raises(ModelRefused) as caught:
+            _check_document(document)
+        messages.append(caught.value.message)
+    assert messages[0] == messages[1]
+    assert expected in messages[1]
+
+
+def test_a_valid_booster_reads_the_same_from_ubjson_arrays_as_from_json_lists(
+    softprob: xgb.Booster,
+) -> None:
+    assert _check_document(_document(softprob)) == _check_document(_ubj_document(softprob))

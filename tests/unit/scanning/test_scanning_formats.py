@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import json
 import struct
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
+import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
@@ -242,3 +245,45 @@ def test_hdf5_user_block_holding_a_pickle_is_malicious(asm: ModuleType) -> None:
     report = scan_bytes(data)
     assert report.format == "keras-h5"
     assert report.verdict == Verdict.MALICIOUS
+
+
+def _xgboost_document() -> dict[str, Any]:
+    import xgboost as xgb
+
+    rng = np.random.default_rng(0)
+    rows = rng.random((64, 3))
+    booster = xgb.train(
+        {"max_depth": 2, "nthread": 1}, xgb.DMatrix(rows, label=rows[:, 0]), num_boost_round=3
+    )
+    document: dict[str, Any] = json.loads(bytes(booster.save_raw("json")))
+    return document
+
+
+def _last_tree(document: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = document["learner"]["gradient_booster"]["model"]["trees"][-1]
+    return tree
+
+
+@pytest.mark.parametrize(
+    ("key", "change", "expected"),
+    [
+        ("split_indices", lambda values: [3, *values[1:]], "tree 2 node 0 splits on a missing"),
+        ("parents", lambda values: values[1:], "tree 2: parents has"),
+        ("right_children", lambda values: [99, *values[1:]], "tree 2 node 0 points outside"),
+        ("left_children", lambda values: [1.0, *values[1:]], "3 trees, structure consistent"),
+    ],
+    ids=["feature", "short-parents", "child-outside", "float-child-read-as-int"],
+)
+def test_an_xgboost_json_tree_is_checked_from_what_is_kept_of_it_as_it_is_parsed(
+    key: str, change: Callable[[list[Any]], list[Any]], expected: str
+) -> None:
+    # The scan keeps each tree's checked arrays compactly as the JSON is parsed; the feature
+    # count it checks them against comes after the trees in XGBoost's key order.
+    document = _xgboost_document()
+    tree = _last_tree(document)
+    tree[key] = change(tree[key])
+
+    report = scan_bytes(json.dumps(document).encode())
+
+    assert report.format == "xgboost-json"
+    assert expected in " ".join(finding.message for finding in report.findings)

@@ -1,8 +1,9 @@
-"""A bounded UBJSON reader, enough for XGBoost's binary model format.
+"""A bounded UBJSON reader, enough for XGBoost's binary model format (the scanner reads the
+uploaded file with it, the XGBoost runtime the booster's own re-serialisation).
 
 UBJSON is JSON with typed binary values (big-endian). Every count is compared with the bytes
 left before anything is allocated, nesting is limited, and typed numeric arrays (most of an
-XGBoost model) are read in one piece with NumPy.
+XGBoost model) are NumPy arrays over the data itself (read only if the data is).
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ class _Reader:
         self.view = view
         self.pos = 0
 
-    def take(self, count: int) -> bytes:
+    def skip(self, count: int) -> int:
+        """Where the next ``count`` bytes start; moves past them."""
         if count < 0 or count > len(self.view) - self.pos:
             raise UbjsonError(f"a length of {count} bytes runs past the end of the data")
-        raw = bytes(self.view[self.pos : self.pos + count])
         self.pos += count
-        return raw
+        return self.pos - count
+
+    def take(self, count: int) -> bytes:
+        start = self.skip(count)
+        return bytes(self.view[start : start + count])
 
     def peek(self) -> bytes:
         return bytes(self.view[self.pos : self.pos + 1])
@@ -102,8 +107,10 @@ class _Reader:
                 items.append(self.value(marker, depth + 1))
             return items
         if kind in _NUMPY:
-            size = np.dtype(_NUMPY[kind]).itemsize
-            return np.frombuffer(self.take(count * size), dtype=_NUMPY[kind])
+            # A view of the data, not a copy: the arrays are most of the model.
+            dtype = np.dtype(_NUMPY[kind])
+            start = self.skip(count * dtype.itemsize)
+            return np.frombuffer(self.view, dtype=dtype, count=count, offset=start)
         if count > len(self.view) - self.pos:
             raise UbjsonError(f"an array claims {count} items, more than the bytes left")
         return [self.value(kind or self.marker(), depth + 1) for _ in range(count)]
@@ -128,7 +135,7 @@ class _Reader:
             index += 1
 
 
-def load_ubjson(data: bytes | memoryview) -> tuple[Any, int]:
+def load_ubjson(data: bytes | bytearray | memoryview) -> tuple[Any, int]:
     """The value the data starts with, and how many bytes it took; raises UbjsonError."""
     reader = _Reader(memoryview(data))
     try:
