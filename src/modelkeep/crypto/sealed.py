@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
 
+from modelkeep._positioned import PositionedReader
 from modelkeep.crypto import _streaming
 from modelkeep.errors import IntegrityError
 
@@ -221,7 +222,7 @@ class UnsealingReader(io.RawIOBase):
         return count
 
 
-class SeekableUnsealingReader(io.RawIOBase):
+class SeekableUnsealingReader(PositionedReader):
     """A seekable, read-only file over a blob's plaintext that decrypts only what is read.
 
     Each segment is authenticated on its own (its index and whether it is the last are bound
@@ -242,14 +243,12 @@ class SeekableUnsealingReader(io.RawIOBase):
         expected_size: int,
         cached_segments: int = 4,
     ) -> None:
-        super().__init__()
+        super().__init__(expected_size)
         _check_key(key)
         self._src = src
         self._base = src.tell()
-        self._size = expected_size
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cached = max(1, cached_segments)
-        self._pos = 0
         failed = False
         try:
             total = _remaining_length(src)
@@ -267,24 +266,6 @@ class SeekableUnsealingReader(io.RawIOBase):
             failed = True
         if failed:
             raise IntegrityError(_FAILED)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}.get(whence)
-        if base is None:
-            raise ValueError("invalid whence")
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         target = memoryview(buffer).cast("B")

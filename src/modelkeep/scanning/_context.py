@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Protocol
 
+from modelkeep._positioned import PositionedReader
 from modelkeep.scanning.report import Finding, ScanLimits, ScanReport, Severity
 
 __all__ = [
@@ -297,31 +298,14 @@ class Readable(Protocol):
 _READ_PIECE = 1 << 20
 
 
-class FileSlice(io.RawIOBase):
+class FileSlice(PositionedReader):
     """``size`` bytes of a seekable file from ``start`` on, as a file of their own (a member
     of a tar, the pickle after a NumPy header); reads go to the file, nothing is copied."""
 
     def __init__(self, whole: Readable, start: int, size: int) -> None:
-        super().__init__()
+        super().__init__(size)
         self._whole = whole
-        self._start, self._size = start, size
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
+        self._start = start
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         target = memoryview(buffer).cast("B")
@@ -346,7 +330,7 @@ class FileSlice(io.RawIOBase):
 _MAX_REREADS = 8
 
 
-class Rereadable(io.RawIOBase):
+class Rereadable(PositionedReader):
     """A seekable file of ``size`` bytes whose content can only be produced from its start (a
     decompressed stream, a deflated zip member): ``pieces()`` produces it anew each time it is
     called, in pieces. Reading on consumes pieces and a step back starts over, so only a piece
@@ -355,31 +339,13 @@ class Rereadable(io.RawIOBase):
     that many passes, and at worst the memory holding it from the start would have."""
 
     def __init__(self, pieces: Callable[[], Iterator[bytes]], size: int) -> None:
-        super().__init__()
+        super().__init__(size)
         self._pieces = pieces
-        self._size = size
-        self._pos = 0
         self._source: Iterator[bytes] | None = None
         self._piece = b""
         self._at = 0  # where self._piece starts in the content
         self._rereads = 0
         self._held: bytearray | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         target = memoryview(buffer).cast("B")
