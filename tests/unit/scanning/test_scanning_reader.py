@@ -6,8 +6,6 @@ import gzip
 import io
 import json
 import struct
-import tarfile
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, cast
@@ -17,9 +15,18 @@ import numpy as np
 import pytest
 import torch
 
+from modelkeep._positioned import PositionedReader
 from modelkeep.errors import IntegrityError
 from modelkeep.scanning import ScanReport, Verdict, scan_path, scan_reader
 from modelkeep.scanning._context import FileBytes, Rereadable
+from modelkeep.testing_files import (
+    deflated_npz,
+    gzipped_npy,
+    keras_h5,
+    safetensors_tar,
+    safetensors_tar_gz,
+    stored_npz,
+)
 
 MiB = 1024 * 1024
 
@@ -163,88 +170,20 @@ def test_scanning_an_onnx_model_holds_no_copy_of_its_weights() -> None:
     assert peak < len(data) // 4, f"peak {peak / MiB:.0f} MiB for {len(data) / MiB:.0f} MiB"
 
 
-def _stored_npz(path: Path, nbytes: int) -> None:
-    """A ``.npz`` of one FP32 array of zeros, stored (as ``np.savez`` stores), written in pieces."""
-    with zipfile.ZipFile(path, "w") as archive, archive.open("w.npy", "w") as member:
-        header = {"descr": "<f4", "fortran_order": False, "shape": (nbytes // 4,)}
-        np.lib.format.write_array_header_1_0(member, header)
-        for _ in range(nbytes // MiB):
-            member.write(bytes(MiB))
-
-
-def _safetensors_tar(path: Path, nbytes: int) -> None:
-    inner = path.with_name("inner.safetensors")
-    header = json.dumps(
-        {"w": {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]}}
-    ).encode()
-    with inner.open("wb") as out:
-        out.write(struct.pack("<Q", len(header)) + header)
-        out.truncate(8 + len(header) + nbytes)
-    with tarfile.open(path, "w") as archive:
-        archive.add(inner, arcname="weights.safetensors")
-    inner.unlink()
-
-
-def _npy_pieces(nbytes: int) -> Iterator[bytes]:
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": "<f4", "fortran_order": False, "shape": (nbytes // 4,)}
-    )
-    yield header.getvalue()
-    for _ in range(nbytes // MiB):
-        yield bytes(MiB)
-
-
-def _deflated_npz(path: Path, nbytes: int) -> None:
-    """A ``.npz`` as ``np.savez_compressed`` writes it (deflated), written in pieces."""
-    with (
-        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive,
-        archive.open("w.npy", "w", force_zip64=True) as member,
-    ):
-        for piece in _npy_pieces(nbytes):
-            member.write(piece)
-
-
-def _safetensors_tar_gz(path: Path, nbytes: int) -> None:
-    plain = path.with_name("plain.tar")
-    _safetensors_tar(plain, nbytes)
-    with plain.open("rb") as source, gzip.open(path, "wb", compresslevel=1) as out:
-        while piece := source.read(MiB):
-            out.write(piece)
-    plain.unlink()
-
-
-def _gzipped_npy(path: Path, nbytes: int) -> None:
-    with gzip.open(path, "wb", compresslevel=1) as out:
-        for piece in _npy_pieces(nbytes):
-            out.write(piece)
-
-
 def _gzipped_random(path: Path, nbytes: int) -> None:
     """Incompressible: the stream runs on past its first MiB."""
     path.write_bytes(gzip.compress(np.random.default_rng(2).bytes(nbytes), 1))
 
 
-def _keras_h5(path: Path, nbytes: int) -> None:
-    import h5py
-
-    with h5py.File(path, "w") as handle:
-        handle.attrs["model_config"] = json.dumps({"class_name": "Sequential", "config": {}})
-        weights = handle.create_dataset("w", shape=(nbytes // 4,), dtype="<f4")
-        count = nbytes // 4
-        for start in range(0, count, MiB):
-            weights[start : start + MiB] = np.zeros(min(MiB, count - start), dtype="<f4")
-
-
 @pytest.mark.parametrize(
     ("name", "write", "fmt"),
     [
-        ("big.npz", _stored_npz, "npz"),
-        ("big.tar", _safetensors_tar, "tar"),
-        ("deflated.npz", _deflated_npz, "npz"),
-        ("big.tar.gz", _safetensors_tar_gz, "tar"),
-        ("big.npy.gz", _gzipped_npy, "numpy"),
-        ("big.h5", _keras_h5, "keras-h5"),
+        ("big.npz", stored_npz, "npz"),
+        ("big.tar", safetensors_tar, "tar"),
+        ("deflated.npz", deflated_npz, "npz"),
+        ("big.tar.gz", safetensors_tar_gz, "tar"),
+        ("big.npy.gz", gzipped_npy, "numpy"),
+        ("big.h5", keras_h5, "keras-h5"),
     ],
 )
 def test_a_large_archive_is_scanned_through_a_reader_without_holding_it(
@@ -303,25 +242,13 @@ def test_a_rereadable_file_reads_like_bytes_and_holds_its_content_after_many_ste
     assert starts == 1 + 8 + 1
 
 
-class _FailingAfterItsStart(io.RawIOBase):
+class _FailingAfterItsStart(PositionedReader):
     """A file whose reads from its start (identification, a header) go through; any other
     raises ``error``, as a sealed copy does when a segment was altered or the disk fails."""
 
     def __init__(self, data: bytes, error: Exception) -> None:
-        super().__init__()
+        super().__init__(len(data))
         self._data, self._error = data, error
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
-        self._pos = base + offset
-        return self._pos
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         if self._pos > 0:
@@ -335,7 +262,7 @@ class _FailingAfterItsStart(io.RawIOBase):
 @pytest.mark.parametrize(
     ("name", "write", "error"),
     [
-        ("model.h5", _keras_h5, IntegrityError("the sealed artifact did not verify")),
+        ("model.h5", keras_h5, IntegrityError("the sealed artifact did not verify")),
         ("w.bin.gz", _gzipped_random, OSError(5, "Input/output error")),
     ],
 )
