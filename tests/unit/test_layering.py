@@ -28,6 +28,7 @@ LAYERS = {
     "errors": BOTTOM,
     "settings": BOTTOM,
     "crypto": BOTTOM,
+    "_positioned": BOTTOM,  # the seeking shared by crypto's and scanning's readers
     "store": BOTTOM,
     "registry": DOMAIN,
     "scanning": DOMAIN,
@@ -44,6 +45,7 @@ LAYERS = {
     "testing": EDGE,  # test helpers build a whole service
     "testing_keyservers": EDGE,
     "testing_seaweedfs": EDGE,
+    "testing_files": EDGE,
 }
 
 # The one documented exception (docs/architecture.md): the store builds the immutable records
