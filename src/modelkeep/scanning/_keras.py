@@ -17,10 +17,10 @@ before the HDF5 data is scanned like an archive member.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import IO, Any, cast
 
-from modelkeep.errors import ModelkeepError
 from modelkeep.scanning._archive import Member, scan_members
 from modelkeep.scanning._context import Buffer, MemoryReader, Scan, join
 from modelkeep.scanning._zip_archive import OpenZip, read_json
@@ -137,6 +137,44 @@ def _check_object(scan: Scan, node: dict[str, Any], where: str) -> None:
         )
 
 
+class _ReadErrorsKept(io.RawIOBase):
+    """``reader`` for h5py, whose read errors never cross h5py. Its file driver calls back
+    into Python from HDF5's C code; an exception raised there leaves HDF5 holding the file
+    half-open, and the process crashes (SIGSEGV) when HDF5 closes it at exit. A failed read
+    ends the file instead (h5py then refuses it as truncated) and the error is kept, to be
+    raised once h5py has let go of the file."""
+
+    def __init__(self, reader: IO[bytes]) -> None:
+        super().__init__()
+        self._reader = reader
+        self.error: Exception | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._reader.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._reader.tell()
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.error is not None:
+            return 0
+        try:
+            chunk = self._reader.read(len(buffer))
+        except Exception as exc:  # any: it must not reach HDF5's C code
+            # Without its traceback, whose frames hold ``buffer``: a view of HDF5's memory,
+            # which must not outlive this call (the error is raised again, and kept, later).
+            self.error = exc.with_traceback(None)
+            return 0
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
 def _allowed_module(module: str) -> bool:
     if module in ("keras", "keras.src"):
         return True
@@ -165,15 +203,21 @@ def scan_hdf5_file(scan: Scan, reader: IO[bytes], size: int, location: str, dept
     if any(block):
         scan.nested(block, f"{location} > HDF5 user block", depth + 1)
     reader.seek(0)
+    guarded = _ReadErrorsKept(reader)
+    refused: str | None = None
     try:
-        with h5py.File(reader, "r") as handle:
+        with h5py.File(guarded, "r") as handle:
             raw = handle.attrs.get("model_config")
             training = handle.attrs.get("training_config")
             _check_links(scan, handle, location)
-    except ModelkeepError:
-        raise  # the file's own (a sealed copy that stops verifying), passed on by h5py as is
     except Exception as exc:  # h5py raises OSError, KeyError, RuntimeError... for bad files
-        scan.high(location, f"not a readable HDF5 file ({type(exc).__name__})")
+        refused = type(exc).__name__
+    # Raised here, not in the handler above: h5py's exception (and what its traceback holds
+    # of HDF5's state) must not ride along as this one's context.
+    if guarded.error is not None:
+        raise guarded.error  # the file's own: a sealed copy that stops verifying, a disk error
+    if refused is not None:
+        scan.high(location, f"not a readable HDF5 file ({refused})")
         return "keras-h5"
     if raw is None:
         scan.info(location, "an HDF5 file without a Keras model configuration (weights only)")
