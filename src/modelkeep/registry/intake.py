@@ -31,6 +31,7 @@ from modelkeep.crypto.signing import TrustedKey, verify_digests
 from modelkeep.errors import ModelRefused
 from modelkeep.registry.upload import Upload
 from modelkeep.runtime._plaintext_file import DEFAULT_BASE, plaintext_file
+from modelkeep.runtime.base import fill
 from modelkeep.runtime.loader import inspect_model
 from modelkeep.runtime.signature import ModelSignature
 from modelkeep.scanning import FileSlice, ScanReport, Verdict, scan_reader
@@ -151,14 +152,7 @@ def _read_whole(content: IO[bytes]) -> bytes:
 def _read_into(content: IO[bytes], buffer: mmap.mmap, digest: str | None) -> None:
     view = memoryview(buffer)
     try:
-        filled = 0
-        while filled < len(view):
-            chunk = content.read(min(_CHUNK, len(view) - filled))
-            if not chunk:
-                break
-            view[filled : filled + len(chunk)] = chunk
-            filled += len(chunk)
-        if filled != len(view) or content.read(1):
+        if not fill(view, content):
             raise ModelRefused("the upload changed while it was being checked")
         _check_digest(view, digest)
     finally:

@@ -32,6 +32,7 @@ __all__ = [
     "check_threads",
     "empty_outputs",
     "feature_matrix",
+    "fill",
     "matrix_signature",
     "read_whole",
     "select_outputs",
@@ -77,13 +78,19 @@ def read_whole(source: ModelSource) -> bytes | bytearray:
     source.seek(start)
     whole = bytearray(size)
     with memoryview(whole) as view:
-        filled = 0
-        while filled < size and (chunk := source.read(min(_CHUNK, size - filled))):
-            view[filled : filled + len(chunk)] = chunk
-            filled += len(chunk)
-    if filled != size or source.read(1):
-        raise ModelRefused("the model file changed while it was being read")
+        if not fill(view, source):
+            raise ModelRefused("the model file changed while it was being read")
     return whole
+
+
+def fill(view: memoryview, source: IO[bytes]) -> bool:
+    """Read ``source`` into ``view`` in pieces (one read of it all would hold it twice); whether
+    ``source`` held exactly ``len(view)`` bytes more, neither fewer nor more."""
+    filled = 0
+    while filled < len(view) and (chunk := source.read(min(_CHUNK, len(view) - filled))):
+        view[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+    return filled == len(view) and not source.read(1)
 
 
 def check_threads(threads: int, runtime: str) -> int:
