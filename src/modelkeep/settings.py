@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
     # Threads per ONNX Runtime session; 0 lets ONNX Runtime decide.
     runtime_threads: int = Field(default=1, ge=0, le=256)
-    # Where a pushed ONNX model's plaintext is decrypted for its smoke load, in a private 0700
-    # directory per process, as a file ONNX Runtime maps (the model is then in memory once).
+    # Where an ONNX model's plaintext is decrypted while it loads (a push's smoke load, a served
+    # version's load), in a private 0700 directory per process, as a file ONNX Runtime maps.
     # Plaintext must never reach a disk: a directory that is not on tmpfs (or ramfs) is not
     # used, and the model loads from process memory instead (about twice its size).
     plaintext_dir: Path = Path("/dev/shm")  # noqa: S108 (private directory, O_EXCL files)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from safetensors.numpy import save_file as save
 
@@ -18,9 +19,10 @@ from modelkeep.auth import Principal
 from modelkeep.bootstrap import init_data_dir
 from modelkeep.crypto.signing import generate_signing_key, sign_path
 from modelkeep.errors import Conflict, InvalidInput, ModelRefused
+from modelkeep.runtime.onnx import OnnxModel
 from modelkeep.service import Service
 from modelkeep.settings import Settings
-from modelkeep.testing import build_iris_onnx
+from modelkeep.testing import build_dense_onnx, build_iris_onnx
 
 KEY = "3f1c7a52-9b8e-4c1d-a2f0-5e6d7c8b9a01"
 
@@ -233,23 +235,45 @@ def test_a_load_refused_by_a_blob_store_outage_is_retried_once_it_is_back(
 
 
 @pytest.mark.parametrize("on_tmpfs", [True, False])
-def test_an_onnx_push_is_smoke_loaded_from_the_configured_tmpfs_directory_or_from_memory(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, on_tmpfs: bool
+def test_an_onnx_model_is_pushed_and_served_from_the_configured_tmpfs_directory_or_from_memory(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    on_tmpfs: bool,
 ) -> None:
     # A fresh directory on tmpfs, or one on disk (the test's own), which is never written to.
     plaintext_dir = Path(tempfile.mkdtemp(dir="/dev/shm")) if on_tmpfs else tmp_path / "disk"
     plaintext_dir.mkdir(exist_ok=True)
+    loaded_from: list[str] = []
+    real_load = OnnxModel.load.__func__  # type: ignore[attr-defined]
+
+    def load(cls: type[OnnxModel], data: object, **options: object) -> OnnxModel:
+        loaded_from.append(type(data).__name__)
+        return real_load(cls, data, **options)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(OnnxModel, "load", classmethod(load))
+    model = build_dense_onnx(8 << 20, layer_bytes=4 << 20)
     init = init_data_dir(tmp_path / "data")
     svc = Service.open(Settings(data_dir=tmp_path / "data", plaintext_dir=plaintext_dir))
     try:
         admin = svc.authenticate(f"Bearer {init.admin_key}")
-        svc.put_model(admin, "iris", require_signature=False)
+        svc.put_model(admin, "dense", require_signature=False)
         with caplog.at_level(logging.WARNING):
-            version = svc.push(admin, "iris", build_iris_onnx(), file_name="iris.onnx")
+            version = svc.push(admin, "dense", model, file_name="dense.onnx")
+            served = svc.core.session(version)
         assert version.number == 1
         warned = "is not a memory filesystem (tmpfs)" in caplog.text
         assert warned is not on_tmpfs
-        # The process's private directory is made on tmpfs only, and left empty but its lock.
+        # The push's smoke load and the server's load both take the plaintext file on tmpfs,
+        # or both the bytes in memory.
+        assert loaded_from == (["PlaintextFile"] * 2 if on_tmpfs else ["bytes"] * 2)
+        # Served from the mapped file, the model answers as ONNX Runtime does on the bytes.
+        reference = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(1).standard_normal((3, 1024)).astype(np.float32)
+        (expected,) = reference.run(None, {"x": x})
+        np.testing.assert_allclose(served.run({"x": x})["y"], expected, rtol=1e-4, atol=1e-4)
+        # The process's private directory is made on tmpfs only, and left empty but its lock:
+        # the file a load maps is unlinked once ONNX Runtime has it.
         made = list(plaintext_dir.iterdir())
         assert len(made) == (1 if on_tmpfs else 0)
         for directory in made:

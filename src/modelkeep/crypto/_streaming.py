@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -57,6 +57,16 @@ class Segment:
     @property
     def ciphertext_size(self) -> int:
         return self.plaintext_size + TAG_SIZE
+
+
+class Source(Protocol):
+    """What a blob is read from: a file, a socket's body, a reader ahead of one."""
+
+    def read(self, size: int = -1, /) -> bytes | None: ...
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+    def seekable(self) -> bool: ...
+    def tell(self) -> int: ...
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
 
 
 def segment_count(plaintext_size: int) -> int:
@@ -156,7 +166,7 @@ def encrypt(plaintext: memoryview, key: bytes, associated_data: bytes, out: Bina
 
 
 def decrypt(
-    src: BinaryIO, key: bytes, associated_data: bytes, plaintext_size: int, segments: int
+    src: Source, key: bytes, associated_data: bytes, plaintext_size: int, segments: int
 ) -> bytearray:
     """Read and verify a blob laid out as ``(plaintext_size, segments)``; StreamError on any fault.
 
@@ -173,27 +183,28 @@ def decrypt(
 
 
 def decrypt_segments(
-    src: BinaryIO, key: bytes, associated_data: bytes, plaintext_size: int, segments: int
+    src: Source, key: bytes, associated_data: bytes, plaintext_size: int, segments: int
 ) -> Iterator[memoryview]:
     """Each segment's plaintext in order, each yielded only after its tag verified.
 
-    The yielded view is reused for the next segment: copy what must be kept. ``src`` must end
-    exactly where the last segment ends; that (and so truncation) is known only when the
-    iteration finishes without StreamError or ``InvalidTag``.
+    A yielded view's buffer is reused two segments later: a consumer may keep one view while
+    it takes the next (a load hashes one segment on a thread while the next decrypts), and must
+    copy what it keeps longer. ``src`` must end exactly where the last segment ends; that (and
+    so truncation) is known only when the iteration finishes without StreamError or
+    ``InvalidTag``.
     """
     salt, nonce_prefix = parse_header(read_exactly(src, HEADER_SIZE))
     cipher = segment_cipher(key, salt, associated_data)
-    buffer = bytearray(PLAINTEXT_SIZE)
-    view = memoryview(buffer)
+    ciphertext = memoryview(bytearray(SEGMENT_SIZE))
+    plaintexts = (memoryview(bytearray(PLAINTEXT_SIZE)), memoryview(bytearray(PLAINTEXT_SIZE)))
     for segment in layout(plaintext_size, segments):
-        ciphertext = read_exactly(src, segment.ciphertext_size)
+        sealed = ciphertext[: segment.ciphertext_size]
+        read_exactly_into(src, sealed)
+        plaintext = plaintexts[segment.index % 2][: segment.plaintext_size]
         cipher.decrypt_into(
-            segment_nonce(nonce_prefix, segment.index, segment.last),
-            ciphertext,
-            None,
-            view[: segment.plaintext_size],
+            segment_nonce(nonce_prefix, segment.index, segment.last), sealed, None, plaintext
         )
-        yield view[: segment.plaintext_size]
+        yield plaintext
     if src.read(1):
         raise StreamError
 
@@ -246,7 +257,7 @@ class Encryptor:
         self._index += 1
 
 
-def read_exactly(src: BinaryIO, size: int) -> bytes:
+def read_exactly(src: Source, size: int) -> bytes:
     """``size`` bytes from ``src``, across short reads; StreamError if it ends first."""
     data = src.read(size) or b""
     if len(data) == size:
@@ -260,6 +271,16 @@ def read_exactly(src: BinaryIO, size: int) -> bytes:
         parts.append(chunk)
         have += len(chunk)
     return b"".join(parts)
+
+
+def read_exactly_into(src: Source, target: memoryview) -> None:
+    """Fill ``target`` from ``src``, across short reads; StreamError if it ends first."""
+    have = 0
+    while have < len(target):
+        count = src.readinto(target[have:])
+        if not count:
+            raise StreamError
+        have += count
 
 
 def write_all(out: BinaryIO, data: memoryview) -> int:

@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidTag
 
 from modelkeep._positioned import PositionedReader
 from modelkeep.crypto import _streaming
+from modelkeep.crypto._streaming import Source
 from modelkeep.errors import IntegrityError
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "SEGMENT_SIZE",
     "Sealer",
     "SeekableUnsealingReader",
+    "Source",
     "UnsealingReader",
     "associated_data_for",
     "model_and_version_of",
@@ -123,7 +125,7 @@ def seal(plaintext: bytes | memoryview, key: bytes, associated_data: bytes, out:
 
 
 def unseal(
-    src: BinaryIO, key: bytes, associated_data: bytes, *, expected_size: int | None = None
+    src: Source, key: bytes, associated_data: bytes, *, expected_size: int | None = None
 ) -> bytes:
     """Read a blob from ``src`` and return its plaintext, only if every byte verifies.
 
@@ -168,7 +170,7 @@ class Sealer:
 
 
 def unseal_segments(
-    src: BinaryIO, key: bytes, associated_data: bytes, *, expected_size: int
+    src: Source, key: bytes, associated_data: bytes, *, expected_size: int
 ) -> Iterator[memoryview]:
     """The plaintext of a blob, one verified segment at a time (each view is reused: copy it).
 
@@ -199,7 +201,7 @@ class UnsealingReader(io.RawIOBase):
     """
 
     def __init__(
-        self, src: BinaryIO, key: bytes, associated_data: bytes, *, expected_size: int
+        self, src: Source, key: bytes, associated_data: bytes, *, expected_size: int
     ) -> None:
         super().__init__()
         self._segments = unseal_segments(src, key, associated_data, expected_size=expected_size)
@@ -236,7 +238,7 @@ class SeekableUnsealingReader(PositionedReader):
 
     def __init__(
         self,
-        src: BinaryIO,
+        src: Source,
         key: bytes,
         associated_data: bytes,
         *,
@@ -312,9 +314,7 @@ class SeekableUnsealingReader(PositionedReader):
         return plaintext
 
 
-def _open(
-    src: BinaryIO, key: bytes, associated_data: bytes, expected_size: int | None
-) -> bytearray:
+def _open(src: Source, key: bytes, associated_data: bytes, expected_size: int | None) -> bytearray:
     total = _remaining_length(src)
     if total is None:
         if expected_size is not None:
@@ -323,7 +323,7 @@ def _open(
             plaintext_size = expected_size
             segments = _streaming.segment_count(expected_size)
             return _streaming.decrypt(src, key, associated_data, plaintext_size, segments)
-        buffered = src.read()
+        buffered = src.read() or b""
         total = len(buffered)
         src = io.BytesIO(buffered)
     plaintext_size, segments = _streaming.split_ciphertext_size(total)
@@ -332,7 +332,7 @@ def _open(
     return _streaming.decrypt(src, key, associated_data, plaintext_size, segments)
 
 
-def _remaining_length(src: BinaryIO) -> int | None:
+def _remaining_length(src: Source) -> int | None:
     """Bytes left in a seekable stream, or None if its length cannot be learned by seeking."""
     try:
         if not src.seekable():

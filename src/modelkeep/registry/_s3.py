@@ -159,7 +159,7 @@ class S3BlobStore:
             # A raw stream that accepts every byte it is given: all a writer needs of BinaryIO.
             write(cast(BinaryIO, out))
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> io.BufferedIOBase:
         """A buffered, seekable reader over the object; IntegrityError if it is missing."""
         name = self._name(key)
         try:

@@ -20,6 +20,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from modelkeep.crypto.sealed import Source
 from modelkeep.errors import IntegrityError
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class BlobStore(Protocol):
     def put(self, key: str, write: Writer) -> None:
         """Store the bytes ``write`` produces under ``key``, atomically and durably."""
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> io.BufferedIOBase:
         """Open a stored blob for reading; IntegrityError if it is missing."""
 
     def delete(self, key: str) -> None:
@@ -93,7 +94,7 @@ class FileBlobStore:
                 tmp.unlink()
             raise
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> io.BufferedIOBase:
         try:
             return self._path(key).open("rb")
         except FileNotFoundError as exc:
@@ -142,7 +143,7 @@ class InMemoryBlobStore:
         with self._lock:
             self._blobs[check_key(key)] = buf.getvalue()
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> io.BufferedIOBase:
         with self._lock:
             data = self._blobs.get(key)
         if data is None:
@@ -168,7 +169,7 @@ class ReadAhead(io.RawIOBase):
     finishes the read in progress first); it does not close ``src``.
     """
 
-    def __init__(self, src: BinaryIO, *, chunk: int = 1 << 20, depth: int = 4) -> None:
+    def __init__(self, src: Source, *, chunk: int = 1 << 20, depth: int = 4) -> None:
         super().__init__()
         self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -200,7 +201,7 @@ class ReadAhead(io.RawIOBase):
         self._thread.join()
         super().close()
 
-    def _fill(self, src: BinaryIO, chunk: int) -> None:
+    def _fill(self, src: Source, chunk: int) -> None:
         try:
             while not self._stop.is_set():
                 data = src.read(chunk) or b""

@@ -17,9 +17,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-from modelkeep.crypto import SEGMENT_SIZE, KeyService, associated_data_for, new_data_key
+from modelkeep.crypto import KeyService, associated_data_for, new_data_key
 from modelkeep.crypto.sealed import Sealer, unseal_segments
 from modelkeep.crypto.signing import TrustedKey, verify_digests
 from modelkeep.errors import Conflict, IntegrityError, KeyServiceError, ModelRefused
@@ -53,6 +53,12 @@ _KEY_REUSED = (
     " for a new push"
 )
 _CHUNK = 1 << 20
+
+
+class Writable(Protocol):
+    """Where a load writes a model's plaintext: a file in memory, or a mapped tmpfs file."""
+
+    def write(self, data: memoryview | bytes, /) -> int: ...
 
 
 def _reseal(upload: Upload, key: bytes, associated_data: bytes, out: BinaryIO) -> int:
@@ -170,77 +176,51 @@ class Registry:
     def open_version(self, version: VersionRecord) -> bytes:
         """Decrypt a version into memory and check its digest; plaintext never touches disk.
 
-        The blob streams from the store one segment at a time, each verified, hashed and
-        appended to the one buffer the bytes are returned in (no second copy). Raises
-        IntegrityError naming the model and version when anything fails to verify, and
+        Raises IntegrityError naming the model and version when anything fails to verify, and
         KeyServiceError naming them when the key service cannot unwrap the data key (down,
         sealed, refusing, or no longer holding the KEK that wrapped it).
         """
-        associated_data = associated_data_for(version.model, version.number, version.sha256)
-        try:
-            try:
-                data_key = self.keys.unwrap(version.wrapped_key, associated_data)
-            except KeyServiceError as exc:
-                raise KeyServiceError(
-                    f"model '{version.model}' version {version.number} cannot be loaded: "
-                    f"{exc.message}",
-                    retry_after=exc.retry_after,
-                ) from exc
-            # Each segment is hashed once, here; the signature check (open_verified) uses this
-            # digest instead of hashing the plaintext again. SHA-256 is the costliest step and
-            # hashlib lets go of the GIL while it hashes, so a thread hashes one segment while
-            # this one fetches and decrypts the next (a segment at most waits to be hashed).
-            digest = hashlib.sha256()
-            whole = io.BytesIO()
-            with (
-                self.blobs.open(version.blob_key) as stored,
-                io.BufferedReader(ReadAhead(stored), buffer_size=SEGMENT_SIZE) as src,
-                ThreadPoolExecutor(1, thread_name_prefix="modelkeep-sha256") as hasher,
-            ):
-                hashed: Future[None] | None = None
-                for segment in unseal_segments(
-                    src, data_key, associated_data, expected_size=version.size
-                ):
-                    chunk = bytes(segment)  # the view is reused for the next segment
-                    if hashed is not None:
-                        hashed.result()
-                    hashed = hasher.submit(digest.update, chunk)
-                    whole.write(chunk)
-                if hashed is not None:
-                    hashed.result()
-            if digest.hexdigest() != version.sha256:
-                raise IntegrityError("digest mismatch")
-            # BytesIO grows its one buffer in place and hands it over without copying it.
-            plaintext = whole.getvalue()
-        except IntegrityError as exc:
-            log.error(
-                "integrity check failed for model %s version %s", version.model, version.number
-            )
-            raise IntegrityError(
-                f"model '{version.model}' version {version.number} failed integrity verification"
-                " and will not be loaded"
-            ) from exc
-        return plaintext
+        whole = io.BytesIO()
+        self._unseal(version, whole)
+        # BytesIO grows its one buffer in place and hands it over without copying it.
+        return whole.getvalue()
 
     def open_verified(
         self, version: VersionRecord, trusted: Sequence[TrustedKey], *, require_signature: bool
     ) -> bytes:
-        """The bytes a runtime loads for ``version``, verified as if it had just been pushed.
+        """The bytes a runtime loads for ``version``, verified as if it had just been pushed
+        (:meth:`read_verified` into memory)."""
+        whole = io.BytesIO()
+        self.read_verified(version, trusted, require_signature=require_signature, into=whole)
+        return whole.getvalue()
+
+    def read_verified(
+        self,
+        version: VersionRecord,
+        trusted: Sequence[TrustedKey],
+        *,
+        require_signature: bool,
+        into: Writable,
+    ) -> None:
+        """Write the bytes a runtime loads for ``version`` into ``into`` (a file of the model
+        file's size, or one that grows), verified as if the version had just been pushed.
 
         ``trusted`` are the model's publisher keys as they are now, ``require_signature`` its
-        rule now. Raises IntegrityError (and KeyServiceError) as :meth:`open_version` does, and
-        IntegrityError when the signature no longer verifies.
+        rule now. What was written must not be used unless this returns. Raises IntegrityError
+        (and KeyServiceError) as :meth:`open_version` does, and IntegrityError when the
+        signature no longer verifies.
         """
         where = f"model '{version.model}' version {version.number}"
         # 1. Unwrap the data key, decrypt, and check the plaintext digest.
-        plaintext = self.open_version(version)
         if version.layout == "directory":
-            digests, model_bytes = read_directory(plaintext, version.file_name)
+            digests, model_bytes = read_directory(self.open_version(version), version.file_name)
+            into.write(model_bytes)
+            del model_bytes
         else:
-            # open_version has just checked that the plaintext has this digest, so the
-            # signature check below uses it instead of hashing the bytes a second time.
-            digests, model_bytes = {version.file_name: version.sha256}, plaintext
-        del plaintext
+            self._unseal(version, into)
+            # _unseal has just checked that the plaintext has this digest, so the signature
+            # check below uses it instead of hashing the bytes a second time.
+            digests = {version.file_name: version.sha256}
         # 2. The signature, against the model's trusted publishers as they are now: a row or
         #    blob changed behind the server's back does not verify.
         if version.bundle is not None:
@@ -254,7 +234,56 @@ class Registry:
         elif require_signature:
             log.error("%s: no signature, but the model requires one", where)
             raise IntegrityError(f"{where} has no signature but its model requires one")
-        return model_bytes
+
+    def _unseal(self, version: VersionRecord, out: Writable) -> None:
+        """Write the version's plaintext to ``out`` as it streams from the blob store, one
+        verified segment at a time, and check its digest at the end (see :meth:`open_version`
+        for what it raises)."""
+        associated_data = associated_data_for(version.model, version.number, version.sha256)
+        try:
+            try:
+                data_key = self.keys.unwrap(version.wrapped_key, associated_data)
+            except KeyServiceError as exc:
+                raise KeyServiceError(
+                    f"model '{version.model}' version {version.number} cannot be loaded: "
+                    f"{exc.message}",
+                    retry_after=exc.retry_after,
+                ) from exc
+            # Each segment is hashed once, here; the signature check (read_verified) uses this
+            # digest instead of hashing the plaintext again. SHA-256 and the write are the
+            # costliest steps; each runs on a thread of its own (hashlib, and a write to a
+            # tmpfs file, let go of the GIL) while this one fetches and decrypts the next
+            # segment into the other of its two buffers. Both must be done with a segment
+            # before the one after next is decrypted into its buffer: the wait below.
+            digest = hashlib.sha256()
+            with (
+                self.blobs.open(version.blob_key) as stored,
+                ReadAhead(stored) as src,
+                ThreadPoolExecutor(1, thread_name_prefix="modelkeep-sha256") as hasher,
+                ThreadPoolExecutor(1, thread_name_prefix="modelkeep-write") as writer,
+            ):
+                jobs: tuple[Future[object], ...] = ()
+                for segment in unseal_segments(
+                    src, data_key, associated_data, expected_size=version.size
+                ):
+                    for job in jobs:
+                        job.result()
+                    jobs = (
+                        hasher.submit(digest.update, segment),
+                        writer.submit(out.write, segment),
+                    )
+                for job in jobs:
+                    job.result()
+            if digest.hexdigest() != version.sha256:
+                raise IntegrityError("digest mismatch")
+        except IntegrityError as exc:
+            log.error(
+                "integrity check failed for model %s version %s", version.model, version.number
+            )
+            raise IntegrityError(
+                f"model '{version.model}' version {version.number} failed integrity verification"
+                " and will not be loaded"
+            ) from exc
 
     def collect_garbage(self, *, grace_s: float = _GC_GRACE_S) -> int:
         """Delete blobs no version references (left by a crash mid-push); returns how many."""

@@ -21,6 +21,7 @@ from typing import IO, BinaryIO, cast
 from modelkeep.crypto.sealed import (
     Sealer,
     SeekableUnsealingReader,
+    Source,
     UnsealingReader,
     new_data_key,
 )
@@ -91,7 +92,7 @@ class Upload:
             raise ValueError("the upload is not finished")
         self._file.seek(0)
         return UnsealingReader(
-            cast(BinaryIO, self._file), self._key, _UPLOAD_CONTEXT, expected_size=self.size
+            cast(Source, self._file), self._key, _UPLOAD_CONTEXT, expected_size=self.size
         )
 
     def seekable_reader(self) -> SeekableUnsealingReader:
@@ -104,7 +105,7 @@ class Upload:
             raise ValueError("the upload is not finished")
         self._file.seek(0)
         return SeekableUnsealingReader(
-            cast(BinaryIO, self._file), self._key, _UPLOAD_CONTEXT, expected_size=self.size
+            cast(Source, self._file), self._key, _UPLOAD_CONTEXT, expected_size=self.size
         )
 
     def close(self) -> None:

@@ -9,9 +9,11 @@ runs the same checks, so the server never loads what a push would have refused.
 
 Push and load take one way into ONNX Runtime: the large weights are split off the bytes
 unparsed (``_onnx_wire``) and the small graph handed over with each of them marked external.
-Given the plaintext in a private tmpfs file (a push's smoke load), ONNX Runtime maps the weights
-from it and the model is in memory once; given bytes (serving, or no tmpfs), it gets the weights
-as arrays over them and copies them once (bench/README.md, ``make bench-storage``).
+Given the plaintext in a private tmpfs file (a push's smoke load, a served version's load),
+ONNX Runtime maps the weights from it: a smoke load, which does not pre-pack, then holds the
+model once; a served load copies the weights and lets go of the file. Given bytes (no usable
+tmpfs), it gets the weights as arrays over them and copies them once (bench/README.md,
+``make bench-storage``).
 """
 
 from __future__ import annotations

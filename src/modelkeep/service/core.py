@@ -43,6 +43,7 @@ from modelkeep.policy import Action, Authorizer
 from modelkeep.registry.blobs import BlobStore
 from modelkeep.registry.records import ModelRecord, Snapshot, VersionRecord, empty_snapshot
 from modelkeep.registry.registry import Registry
+from modelkeep.runtime._plaintext_file import plaintext_file
 from modelkeep.runtime.base import LoadedModel
 from modelkeep.runtime.loader import load_model
 from modelkeep.service._shared import SnapshotMemo, is_safe_name
@@ -447,14 +448,26 @@ class Core:
     def _load(self, version: VersionRecord) -> LoadedModel:
         """Load a version, verifying it as if it had just been pushed."""
         model = self._snapshot.models.get(version.model)
+        trusted = self.trusted(model)
+        require_signature = model is None or model.require_signature
         # 1-2. Decrypt, check the digest and the signature against the model's publishers and
-        #      rule as they are now (registry).
+        #      rule as they are now (registry). An ONNX model is decrypted into a private tmpfs
+        #      file that ONNX Runtime maps, as at push: the weights it does not pre-pack are
+        #      served from those pages, so the model is not held twice. Other runtimes (and
+        #      ONNX without a usable tmpfs) parse bytes in memory.
+        # 3. Only then the runtime sees the bytes, trusting only the types the scan approved.
+        onnx_file = version.format == "onnx" and version.layout != "directory" and version.size > 0
+        with plaintext_file(
+            version.size, base=str(self.settings.plaintext_dir), enabled=onnx_file
+        ) as plain:
+            if plain is not None:
+                self.registry.read_verified(
+                    version, trusted, require_signature=require_signature, into=plain.writer()
+                )
+                return load_model("onnx", plain, threads=self.settings.runtime_threads)
         model_bytes = self.registry.open_verified(
-            version,
-            self.trusted(model),
-            require_signature=model is None or model.require_signature,
+            version, trusted, require_signature=require_signature
         )
-        # 3. Only now the runtime sees the bytes, trusting only the types the scan approved.
         return load_model(
             version.format,
             model_bytes,

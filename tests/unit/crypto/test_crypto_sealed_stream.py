@@ -75,6 +75,21 @@ def test_segments_are_released_one_at_a_time() -> None:
     assert sizes == [FIRST, LATER, LATER, 5]
 
 
+def test_a_segment_stays_intact_while_the_next_one_is_decrypted() -> None:
+    # A load hashes and writes segment k on threads while k + 1 decrypts: k's view must hold
+    # its own bytes until k + 2 is asked for.
+    key, plaintext = new_data_key(), _plaintext(FIRST + 3 * LATER)
+    blob, _ = _stream_sealed(plaintext, key, _ad(plaintext), 65536)
+    segments = unseal_segments(io.BytesIO(blob), key, _ad(plaintext), expected_size=len(plaintext))
+    previous = next(segments)
+    start = 0
+    for current in segments:
+        assert bytes(previous) == plaintext[start : start + len(previous)]
+        start += len(previous)
+        previous = current
+    assert bytes(previous) == plaintext[start:]
+
+
 @pytest.mark.parametrize("cut", [1, 16, LATER])
 def test_a_truncated_stream_fails_by_its_end_with_the_opaque_error(cut: int) -> None:
     key, plaintext = new_data_key(), _plaintext(FIRST + LATER + 100)

@@ -64,6 +64,16 @@ def test_the_plaintext_file_is_private_on_tmpfs_and_unlinked_after_the_block(
     assert _plaintexts(plain.directory) == []
 
 
+def test_the_writer_fills_the_file_in_order_and_the_mapping_sees_it(shm_base: str) -> None:
+    data = np.arange(3000, dtype=np.float32)  # a view whose items are not bytes
+    with plaintext_file(data.nbytes + 5, base=shm_base) as plain:
+        assert plain is not None
+        writer = plain.writer()
+        assert writer.write(b"head!") == 5
+        assert writer.write(memoryview(data)) == data.nbytes
+        assert plain.buffer[:] == b"head!" + data.tobytes()
+
+
 def test_the_plaintext_file_is_removed_when_the_block_fails(shm_base: str) -> None:
     paths: list[str] = []
 
