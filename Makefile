@@ -48,9 +48,11 @@ demo: $(STAMP)
 cluster-demo: $(STAMP) system-deps
 	$(BIN)/python scripts/cluster.py
 
-## The whole test suite: unit and integration (needs PostgreSQL at 127.0.0.1:5432).
+## The whole test suite: unit and integration (needs PostgreSQL at 127.0.0.1:5432), in
+## TEST_WORKERS processes (pytest-xdist), each test file in one of them.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(CHECKOV_STAMP) system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

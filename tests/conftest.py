@@ -53,7 +53,11 @@ def postgres_url(postgres_base_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-REDIS_URL = os.environ.get("MODELKEEP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Each pytest-xdist worker ("gw0", "gw1", ...) gets a database of its own, so tests that run at
+# once in two workers never share a counter (servers name Redis keys by model and key, and
+# two tests may both serve "iris").
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+REDIS_URL = os.environ.get("MODELKEEP_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{_WORKER}")
 
 
 @pytest.fixture(scope="session")
