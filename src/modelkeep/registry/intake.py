@@ -25,7 +25,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Protocol
 
 from modelkeep.crypto.signing import TrustedKey, verify_digests
 from modelkeep.errors import ModelRefused
@@ -57,23 +57,24 @@ class Accepted:
     trusted_types: tuple[str, ...]
 
 
-def read_directory(data: bytes, model_file: str) -> tuple[dict[str, str], bytes]:
-    """The SHA-256 of every file of a directory's tar, and the content of ``model_file``.
+class Writable(Protocol):
+    """Where a load writes a model's plaintext: a file in memory, or a tmpfs file's writer."""
 
-    Only the model file is copied out; the others are hashed as they stream past. The rules
-    of a push apply (see ``_members``).
+    def write(self, data: memoryview | bytes, /) -> int: ...
+
+
+def read_directory(tar_stream: IO[bytes], model_file: str, into: Writable) -> dict[str, str]:
+    """The SHA-256 of every file of a directory's tar, read as a stream; the content of
+    ``model_file`` is written to ``into`` as it streams past, the others are only hashed.
+
+    The rules of a push apply (see ``_members``).
     """
     digests: dict[str, str] = {}
-    model: bytes | None = None
-    for name, _, content in _members(io.BytesIO(data)):
-        if name == model_file:
-            model = _read_whole(content)
-            digests[name] = hashlib.sha256(model).hexdigest()
-        else:
-            digests[name] = _digest(content)
-    if model is None:
+    for name, _, content in _members(tar_stream):
+        digests[name] = _digest(content, copy_to=into if name == model_file else None)
+    if model_file not in digests:
         raise ModelRefused("the model file is missing from the directory")
-    return digests, model
+    return digests
 
 
 Span = tuple[int, int]  # where a file's bytes start in the upload, and how many there are
@@ -133,20 +134,13 @@ def _directory(upload: Upload) -> Iterator[Iterator[tuple[str, Span, IO[bytes]]]
         buffered.close()
 
 
-def _digest(content: IO[bytes]) -> str:
+def _digest(content: IO[bytes], *, copy_to: Writable | None = None) -> str:
     digest = hashlib.sha256()
     while chunk := content.read(_CHUNK):
         digest.update(chunk)
+        if copy_to is not None:
+            copy_to.write(chunk)
     return digest.hexdigest()
-
-
-def _read_whole(content: IO[bytes]) -> bytes:
-    # BytesIO grows its one buffer in place and getvalue() hands that buffer over without a
-    # copy, so a file is in memory once, not twice as joining chunks would need.
-    whole = io.BytesIO()
-    while chunk := content.read(_CHUNK):
-        whole.write(chunk)
-    return whole.getvalue()
 
 
 def _read_into(content: IO[bytes], buffer: mmap.mmap, digest: str | None) -> None:

@@ -12,19 +12,20 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from modelkeep.crypto import KeyService, associated_data_for, new_data_key
-from modelkeep.crypto.sealed import Sealer, unseal_segments
+from modelkeep.crypto.sealed import Sealer, UnsealingReader, unseal_segments
 from modelkeep.crypto.signing import TrustedKey, verify_digests
 from modelkeep.errors import Conflict, IntegrityError, KeyServiceError, ModelRefused
 from modelkeep.registry.blobs import BlobStore, ReadAhead, new_blob_key
-from modelkeep.registry.intake import read_directory
+from modelkeep.registry.intake import Writable, read_directory
 from modelkeep.registry.records import VersionRecord, check_name
 from modelkeep.registry.upload import Upload
 from modelkeep.store.metadata import (
@@ -53,12 +54,6 @@ _KEY_REUSED = (
     " for a new push"
 )
 _CHUNK = 1 << 20
-
-
-class Writable(Protocol):
-    """Where a load writes a model's plaintext: a file in memory, or a mapped tmpfs file."""
-
-    def write(self, data: memoryview | bytes, /) -> int: ...
 
 
 def _reseal(upload: Upload, key: bytes, associated_data: bytes, out: BinaryIO) -> int:
@@ -213,9 +208,7 @@ class Registry:
         where = f"model '{version.model}' version {version.number}"
         # 1. Unwrap the data key, decrypt, and check the plaintext digest.
         if version.layout == "directory":
-            digests, model_bytes = read_directory(self.open_version(version), version.file_name)
-            into.write(model_bytes)
-            del model_bytes
+            digests = self._read_directory(version, into)
         else:
             self._unseal(version, into)
             # _unseal has just checked that the plaintext has this digest, so the signature
@@ -239,16 +232,7 @@ class Registry:
         """Write the version's plaintext to ``out`` as it streams from the blob store, one
         verified segment at a time, and check its digest at the end (see :meth:`open_version`
         for what it raises)."""
-        associated_data = associated_data_for(version.model, version.number, version.sha256)
-        try:
-            try:
-                data_key = self.keys.unwrap(version.wrapped_key, associated_data)
-            except KeyServiceError as exc:
-                raise KeyServiceError(
-                    f"model '{version.model}' version {version.number} cannot be loaded: "
-                    f"{exc.message}",
-                    retry_after=exc.retry_after,
-                ) from exc
+        with self._opening(version) as (data_key, associated_data):
             # Each segment is hashed once, here; the signature check (read_verified) uses this
             # digest instead of hashing the plaintext again. SHA-256 and the write are the
             # costliest steps; each runs on a thread of its own (hashlib, and a write to a
@@ -276,6 +260,42 @@ class Registry:
                     job.result()
             if digest.hexdigest() != version.sha256:
                 raise IntegrityError("digest mismatch")
+
+    def _read_directory(self, version: VersionRecord, into: Writable) -> dict[str, str]:
+        """The digest of each file of a directory version's tar, read as it streams from the
+        blob store; the model file is written to ``into`` as it passes, the rest only hashed.
+        The whole tar's digest is checked at its end (see :meth:`open_version`)."""
+        with (
+            self._opening(version) as (data_key, associated_data),
+            self.blobs.open(version.blob_key) as stored,
+            ReadAhead(stored) as src,
+            _HashingReader(
+                UnsealingReader(src, data_key, associated_data, expected_size=version.size)
+            ) as plaintext,
+            io.BufferedReader(plaintext, _CHUNK) as tar_stream,
+        ):
+            digests = read_directory(tar_stream, version.file_name, into)
+            while tar_stream.read(_CHUNK):  # the tar's end, so the whole blob is verified
+                pass
+            if plaintext.hexdigest() != version.sha256:
+                raise IntegrityError("digest mismatch")
+        return digests
+
+    @contextmanager
+    def _opening(self, version: VersionRecord) -> Iterator[tuple[bytes, bytes]]:
+        """The version's data key and associated data, for a block that reads its blob; an
+        IntegrityError in it names the version (logged), a key service failure too."""
+        associated_data = associated_data_for(version.model, version.number, version.sha256)
+        try:
+            try:
+                data_key = self.keys.unwrap(version.wrapped_key, associated_data)
+            except KeyServiceError as exc:
+                raise KeyServiceError(
+                    f"model '{version.model}' version {version.number} cannot be loaded: "
+                    f"{exc.message}",
+                    retry_after=exc.retry_after,
+                ) from exc
+            yield data_key, associated_data
         except IntegrityError as exc:
             log.error(
                 "integrity check failed for model %s version %s", version.model, version.number
@@ -294,3 +314,27 @@ class Registry:
                 self.blobs.delete(key)
                 removed += 1
         return removed
+
+
+class _HashingReader(io.RawIOBase):
+    """A sequential reader that hashes (SHA-256) everything read through it."""
+
+    def __init__(self, src: io.RawIOBase) -> None:
+        super().__init__()
+        self._src = src
+        self._digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        count = self._src.readinto(buffer) or 0
+        self._digest.update(memoryview(buffer)[:count])
+        return count
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        self._src.close()
+        super().close()

@@ -8,6 +8,8 @@ same clear error as before the load path was made to stream.
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
 import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -89,6 +91,49 @@ def test_open_version_holds_the_plaintext_once(registry: Registry) -> None:
         tracemalloc.stop()
     assert hashlib.sha256(opened).hexdigest() == version.sha256
     assert peak < len(data) + 12 * SEGMENT_SIZE, f"peak {peak} for {len(data)} bytes"
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return packed.getvalue()
+
+
+def test_a_directory_version_streams_and_holds_only_its_model_file(registry: Registry) -> None:
+    """The tar streams from the sealed blob: the model file is written out as it passes, the
+    other files (a 40 MiB one here) are only hashed, never held. Beside the model: the sealed
+    bytes read ahead (four segments and the one being read), the segment being decrypted and
+    the two plaintext buffers, the buffered reader under tarfile and tarfile's own pieces."""
+    model, weights = DATA[: SEGMENT_SIZE // 2], bytes(40 * SEGMENT_SIZE)
+    packed = _tar({"weights.bin": weights, "model.bin": model, "README": b"notes"})
+    version = pushed(registry, packed, layout="directory")
+    into = io.BytesIO()
+    tracemalloc.start()
+    try:
+        registry.read_verified(version, [], require_signature=False, into=into)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert into.getvalue() == model
+    assert peak < len(model) + 16 * SEGMENT_SIZE, f"peak {peak} for a {len(packed)}-byte tar"
+
+
+def test_a_directory_version_tampered_after_its_model_file_fails_the_load(
+    registry: Registry,
+) -> None:
+    packed = _tar({"model.bin": b"m" * 1000, "weights.bin": bytes(3 * SEGMENT_SIZE)})
+    version = pushed(registry, packed, layout="directory")
+    assert isinstance(registry.blobs, FileBlobStore)
+    path = registry.blobs._path(version.blob_key)
+    sealed = bytearray(path.read_bytes())
+    sealed[2 * SEGMENT_SIZE + 100] ^= 1  # inside the weights, after the model file
+    path.write_bytes(bytes(sealed))
+    with pytest.raises(IntegrityError, match="failed integrity verification"):
+        registry.read_verified(version, [], require_signature=False, into=io.BytesIO())
 
 
 def test_a_tampered_segment_fails_the_load(registry: Registry) -> None:
