@@ -123,3 +123,16 @@ def keras_archive(path: Path, nbytes: int) -> None:
         archive.writestr("config.json", json.dumps(config))
         archive.write(weights, "model.weights.h5")
     weights.unlink()
+
+
+def seven_zip_safetensors(path: Path, nbytes: int) -> None:
+    """A 7z archive holding one safetensors file of ``nbytes`` zeros, stored (py7zr's COPY
+    method: what the scan holds is then the scan's own, not the decompressor's; LZMA2, 7-Zip's
+    default, costs py7zr about 380 MiB whatever the size)."""
+    import py7zr
+
+    inner = path.with_suffix(".safetensors")
+    sparse_safetensors(inner, nbytes)
+    with py7zr.SevenZipFile(path, "w", filters=[{"id": py7zr.FILTER_COPY}]) as out:
+        out.write(inner, arcname="weights.safetensors")
+    inner.unlink()

@@ -36,6 +36,7 @@ from modelkeep.testing_files import (
     keras_h5,
     safetensors_tar,
     safetensors_tar_gz,
+    seven_zip_safetensors,
     sparse_safetensors,
     stored_npz,
 )
@@ -187,6 +188,7 @@ def test_a_scan_only_file_four_times_the_allowance_is_scanned_without_being_held
         ("compressed.npz", deflated_npz),
         ("model.h5", keras_h5),
         ("model.keras", keras_archive),
+        ("weights.7z", seven_zip_safetensors),
     ],
 )
 def test_a_scan_only_archive_four_times_the_allowance_is_scanned_without_being_held(

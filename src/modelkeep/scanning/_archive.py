@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
+from modelkeep.registry.upload import Upload
 from modelkeep.scanning._context import Buffer, MemoryReader, Scan, Sibling, join, show
 from modelkeep.scanning.detect import detect_format
 
@@ -326,29 +327,31 @@ def _tar_member(
 
 
 def scan_7z(scan: Scan, data: Buffer, location: str, depth: int) -> str:
-    """Check a 7z archive's listing, unpack it into memory within the budget, scan each member."""
+    """Check a 7z archive's listing, unpack it within the budget, scan each member."""
     return scan_7z_file(scan, cast(IO[bytes], MemoryReader(data)), len(data), location, depth)
 
 
 def scan_7z_file(scan: Scan, reader: IO[bytes], size: int, location: str, depth: int) -> str:
     """:func:`scan_7z` for a seekable file of ``size`` bytes: the archive is read through it,
-    and its members (7z compresses them together) are unpacked into memory, within
-    ``max_total_bytes``."""
+    and its members (7z compresses them together, so they are unpacked in one pass) are each
+    spooled, within ``max_total_bytes``, into a sealed file of their own that has no name
+    (``registry.upload.Upload``: sealed under a one-time key held in memory, so no plaintext
+    reaches the disk) and scanned from there as they are read."""
     import py7zr
     from py7zr.io import Py7zIO, WriterFactory
 
     cap = scan.limits.max_total_bytes - scan.unpacked
 
-    class _Capped(Py7zIO):
+    class _Spooled(Py7zIO):
         def __init__(self, counter: list[int]) -> None:
-            self.buffer = bytearray()
+            self.spool = Upload()
             self.counter = counter
 
         def write(self, s: bytes | bytearray) -> int:
             self.counter[0] += len(s)
             if self.counter[0] > cap:
                 raise _SevenZipBomb
-            self.buffer += s
+            self.spool.write(s)
             return len(s)
 
         def read(self, size: int | None = None) -> bytes:
@@ -361,67 +364,106 @@ def scan_7z_file(scan: Scan, reader: IO[bytes], size: int, location: str, depth:
             return None
 
         def size(self) -> int:
-            return len(self.buffer)
+            return self.spool.size
 
     class _Factory(WriterFactory):
         def __init__(self) -> None:
-            self.products: dict[str, _Capped] = {}
+            self.products: dict[str, _Spooled] = {}
             self.counter = [0]
 
         def create(self, filename: str) -> Py7zIO:
-            product = _Capped(self.counter)
+            product = _Spooled(self.counter)
             self.products[filename] = product
             return product
 
+    factory = _Factory()
     try:
-        reader.seek(0)
-        with py7zr.SevenZipFile(reader, "r") as archive:
-            if archive.needs_password():
-                scan.high(location, "the 7z archive is encrypted; it cannot be analysed")
-                return "7z"
-            listing: list[Any] = list(archive.list())
-            if len(listing) > scan.limits.max_members:
-                scan.critical(
-                    location,
-                    f"more than {scan.limits.max_members} members (max_members): an archive bomb",
-                )
-                return "7z"
-            declared = sum(int(entry.uncompressed or 0) for entry in listing)
-            if declared > cap:
-                scan.critical(
-                    location,
-                    f"the members declare {declared} bytes, past max_total_bytes: an archive bomb",
-                )
-                return "7z"
-            # Names and links are judged from the listing, before anything is unpacked.
-            factory = _Factory()
-            if not check_members(scan, [_7z_member(e, {}) for e in listing], location):
-                return "7z"
-            regular = [e.filename for e in listing if e.is_file and not e.is_symlink]
-            if regular:
-                archive.extract(targets=regular, factory=factory)
-    except _SevenZipBomb:
-        scan.critical(
-            location,
-            "the 7z archive unpacks to more than it declares, past "
-            "max_total_bytes: a decompression bomb",
-        )
+        try:
+            reader.seek(0)
+            with py7zr.SevenZipFile(reader, "r") as archive:
+                if archive.needs_password():
+                    scan.high(location, "the 7z archive is encrypted; it cannot be analysed")
+                    return "7z"
+                unbounded = sorted(_7z_methods(archive) - _BOUNDED_7Z_METHODS)
+                if unbounded:
+                    scan.high(
+                        location,
+                        f"the 7z archive is compressed with {show(unbounded[0])}, which cannot be"
+                        " unpacked in bounded memory (a small archive could exhaust the"
+                        " server's); repack it with LZMA2, 7-Zip's default, or store it",
+                    )
+                    return "7z"
+                listing: list[Any] = list(archive.list())
+                if len(listing) > scan.limits.max_members:
+                    scan.critical(
+                        location,
+                        f"more than {scan.limits.max_members} members (max_members): an archive"
+                        " bomb",
+                    )
+                    return "7z"
+                declared = sum(int(entry.uncompressed or 0) for entry in listing)
+                if declared > cap:
+                    scan.critical(
+                        location,
+                        f"the members declare {declared} bytes, past max_total_bytes: an archive"
+                        " bomb",
+                    )
+                    return "7z"
+                # Names and links are judged from the listing, before anything is unpacked.
+                if not check_members(scan, [_7z_member(e, {}) for e in listing], location):
+                    return "7z"
+                regular = [e.filename for e in listing if e.is_file and not e.is_symlink]
+                if regular:
+                    archive.extract(targets=regular, factory=factory)
+        except _SevenZipBomb:
+            scan.critical(
+                location,
+                "the 7z archive unpacks to more than it declares, past "
+                "max_total_bytes: a decompression bomb",
+            )
+            return "7z"
+        except Exception as exc:  # py7zr raises its own errors, CrcError, lzma and zlib errors...
+            scan.high(location, f"the 7z archive is corrupt or unsupported ({type(exc).__name__})")
+            return "7z"
+        if not scan.charge(factory.counter[0], location):
+            return "7z"
+        spools = {name: product.spool for name, product in factory.products.items()}
+        for spool in spools.values():
+            spool.finish()
+        members = [_7z_member(entry, spools) for entry in listing]
+        scan_members(scan, members, location, depth)
         return "7z"
-    except Exception as exc:  # py7zr raises its own errors, CrcError, lzma and zlib errors...
-        scan.high(location, f"the 7z archive is corrupt or unsupported ({type(exc).__name__})")
-        return "7z"
-    if not scan.charge(factory.counter[0], location):
-        return "7z"
-    members = [_7z_member(entry, factory.products) for entry in listing]
-    scan_members(scan, members, location, depth)
-    return "7z"
+    finally:
+        for product in factory.products.values():
+            product.spool.close()
 
 
 class _SevenZipBomb(Exception):
     pass
 
 
-def _7z_member(entry: Any, products: dict[str, Any]) -> Member:
+# The 7z methods, by py7zr's names, whose decoders honour an output limit per call (or cannot
+# grow their input: the branch and delta filters). py7zr's Deflate, Deflate64, Zstandard and
+# others ignore it, so one read of a few kilobytes can inflate to gigabytes before any write is
+# counted (measured: 512 MiB of zeros as DEFLATE held 1.4 GiB; as LZMA2, 380 MiB whatever the
+# size).
+_BOUNDED_7Z_METHODS = frozenset(
+    {"COPY", "LZMA", "LZMA2", "BCJ", "ARM", "ARMT", "PPC", "SPARC", "IA64", "delta"}
+)
+
+
+def _7z_methods(archive: Any) -> set[str]:
+    """The compression methods of an open archive's folders, by py7zr's names (its own
+    ``archiveinfo`` needs the archive's file name, which a stream has not)."""
+    from py7zr.compressor import get_methods_names
+
+    streams = archive.header.main_streams
+    if streams is None or streams.unpackinfo is None:
+        return set()
+    return set(get_methods_names([folder.coders for folder in streams.unpackinfo.folders]))
+
+
+def _7z_member(entry: Any, spools: dict[str, Upload]) -> Member:
     name = str(entry.filename)
     if entry.is_symlink:
         kind = "symlink"
@@ -429,11 +471,38 @@ def _7z_member(entry: Any, products: dict[str, Any]) -> Member:
         kind = "dir"
     else:
         kind = "file"
-    content = bytes(products[name].buffer) if name in products else b""
+    spool = spools.get(name)
+
+    @contextmanager
+    def opener() -> Iterator[IO[bytes] | None]:
+        if spool is None:
+            yield cast(IO[bytes], MemoryReader(b""))
+            return
+        with io.BufferedReader(spool.seekable_reader(), _CHUNK) as content:
+            yield content
 
     def read(keep: bool) -> bytes | None:
-        return content if keep else b""
+        with opener() as content:
+            assert content is not None
+            if not keep:
+                while content.read(_CHUNK):
+                    pass
+                return b""
+            return content.read()
+
+    def peek() -> bytes:
+        with opener() as content:
+            assert content is not None
+            return content.read(_PEEK)
 
     # py7zr does not hand out a symlink's target without writing it to disk; treat the
     # target as unknown and therefore escaping.
-    return Member(name, len(content), kind, read, link="/unknown" if kind == "symlink" else "")
+    return Member(
+        name,
+        spool.size if spool is not None else 0,
+        kind,
+        read,
+        link="/unknown" if kind == "symlink" else "",
+        peek=peek,
+        opener=opener,
+    )

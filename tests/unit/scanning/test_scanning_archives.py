@@ -161,6 +161,43 @@ def test_seven_zip_member_name_escape_is_malicious() -> None:
     assert any("climbs out" in m for m in messages(report, Severity.CRITICAL))
 
 
+def _seven_zip(files: dict[str, bytes], filters: list[dict[str, int]] | None = None) -> bytes:
+    import py7zr
+
+    buffer = io.BytesIO()
+    with py7zr.SevenZipFile(buffer, "w", filters=filters) as archive:
+        for name, content in files.items():
+            archive.writestr(content, name)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("method", ["LZMA2", "COPY"])
+def test_seven_zip_members_are_scanned_by_content_from_their_spools(
+    asm: ModuleType, method: str
+) -> None:
+    import py7zr
+
+    filters = [{"id": py7zr.FILTER_LZMA2 if method == "LZMA2" else py7zr.FILTER_COPY}]
+    safe = _seven_zip({"a.safetensors": TENSORS, "b.safetensors": TENSORS}, filters)
+    report = scan_bytes(safe, "m.7z")
+    assert (report.format, report.verdict) == ("7z", Verdict.SAFE)
+    assert list(report.files) == ["m.7z", "m.7z > a.safetensors", "m.7z > b.safetensors"]
+    hostile = _seven_zip({"a.safetensors": TENSORS, "model.bin": asm.os_system_p0()}, filters)
+    report = scan_bytes(hostile, "m.7z")
+    assert report.verdict == Verdict.MALICIOUS
+    assert "m.7z > model.bin" in report.files
+
+
+def test_a_seven_zip_compressed_by_a_method_without_an_output_bound_is_refused_unopened() -> None:
+    import py7zr
+
+    data = _seven_zip({"a.safetensors": TENSORS}, [{"id": py7zr.FILTER_DEFLATE}])
+    report = scan_bytes(data, "m.7z")
+    assert report.verdict == Verdict.ERROR
+    assert list(report.files) == ["m.7z"]
+    assert any("compressed with DEFLATE" in m for m in messages(report, Severity.HIGH))
+
+
 def _seven_zip_with_name(name: str) -> bytes:
     # py7zr refuses to write such a name: write a same-length one in a plain (not encoded)
     # header, swap it in, and fix the two CRCs that cover the header.
