@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "deflated_keras_archive",
     "deflated_npz",
     "gzipped_npy",
     "keras_archive",
@@ -23,6 +24,7 @@ __all__ = [
     "npy_pieces",
     "safetensors_tar",
     "safetensors_tar_gz",
+    "seven_zip_safetensors",
     "sparse_safetensors",
     "stored_npz",
 ]
@@ -112,17 +114,28 @@ def keras_h5(path: Path, nbytes: int) -> None:
             weights[start : start + len(piece)] = piece
 
 
-def keras_archive(path: Path, nbytes: int) -> None:
+def keras_archive(path: Path, nbytes: int, *, deflated: bool = False) -> None:
     """A ``.keras`` archive as Keras writes it (members stored): its weights an HDF5 file
-    with one dataset of ``nbytes`` FP32 zeros (see ``keras_h5``)."""
+    with one dataset of ``nbytes`` FP32 zeros (see ``keras_h5``); ``deflated``: the weights
+    deflated, as a zip tool repacking the archive would store them."""
     weights = path.with_name("model.weights.h5")
     keras_h5(weights, nbytes)
     config = {"class_name": "Sequential", "config": {"name": "s", "layers": []}}
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("metadata.json", json.dumps({"keras_version": "3.0.0"}))
         archive.writestr("config.json", json.dumps(config))
-        archive.write(weights, "model.weights.h5")
+        archive.write(
+            weights,
+            "model.weights.h5",
+            compress_type=zipfile.ZIP_DEFLATED if deflated else zipfile.ZIP_STORED,
+            compresslevel=1 if deflated else None,
+        )
     weights.unlink()
+
+
+def deflated_keras_archive(path: Path, nbytes: int) -> None:
+    """:func:`keras_archive` with its weights deflated."""
+    keras_archive(path, nbytes, deflated=True)
 
 
 def seven_zip_safetensors(path: Path, nbytes: int) -> None:

@@ -30,6 +30,7 @@ from modelkeep.testing import (
     xgboost_load_growth,
 )
 from modelkeep.testing_files import (
+    deflated_keras_archive,
     deflated_npz,
     gzipped_npy,
     keras_archive,
@@ -188,6 +189,7 @@ def test_a_scan_only_file_four_times_the_allowance_is_scanned_without_being_held
         ("compressed.npz", deflated_npz),
         ("model.h5", keras_h5),
         ("model.keras", keras_archive),
+        ("deflated.keras", deflated_keras_archive),
         ("weights.7z", seven_zip_safetensors),
     ],
 )

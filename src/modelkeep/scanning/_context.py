@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import IO, Protocol
 
 from modelkeep._positioned import PositionedReader
+from modelkeep.registry.upload import Upload
 from modelkeep.scanning.report import Finding, ScanLimits, ScanReport, Severity
 
 __all__ = [
@@ -328,15 +329,19 @@ class FileSlice(PositionedReader):
 
 # Steps back a Rereadable takes by producing its content again before it holds it instead.
 _MAX_REREADS = 8
+# Reads of a spooled content go through a buffer this large (a sealed segment is 1 MiB).
+_SPOOL_READ = 64 * 1024
 
 
 class Rereadable(PositionedReader):
     """A seekable file of ``size`` bytes whose content can only be produced from its start (a
     decompressed stream, a deflated zip member): ``pieces()`` produces it anew each time it is
     called, in pieces. Reading on consumes pieces and a step back starts over, so only a piece
-    is held. After ``_MAX_REREADS`` steps back the content is held whole instead, as it was
-    before: an analyser that jumps about (an archive directory listed backwards) costs at most
-    that many passes, and at worst the memory holding it from the start would have."""
+    is held. After ``_MAX_REREADS`` steps back (an analyser that jumps about: h5py reading an
+    HDF5 file, an archive directory listed backwards) the content is spooled once into a sealed
+    file that has no name (``registry.upload.Upload``: sealed under a one-time key held in
+    memory, so no plaintext reaches the disk) and read from there, decrypting only what is
+    read: at most that many passes, and never the content held in memory."""
 
     def __init__(self, pieces: Callable[[], Iterator[bytes]], size: int) -> None:
         super().__init__(size)
@@ -345,17 +350,19 @@ class Rereadable(PositionedReader):
         self._piece = b""
         self._at = 0  # where self._piece starts in the content
         self._rereads = 0
-        self._held: bytearray | None = None
+        self._spool: Upload | None = None
+        self._spooled: io.BufferedReader | None = None
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         target = memoryview(buffer).cast("B")
         count = max(0, min(len(target), self._size - self._pos))
-        if count and (self._source is None or self._pos < self._at) and self._held is None:
+        if count and (self._source is None or self._pos < self._at) and self._spooled is None:
             self._start_over()
-        if self._held is not None:
-            target[:count] = self._held[self._pos : self._pos + count]
-            self._pos += count
-            return count
+        if self._spooled is not None:
+            self._spooled.seek(self._pos)
+            filled = self._spooled.readinto(target[:count])
+            self._pos += filled
+            return filled
         filled = 0
         while filled < count:
             offset = self._pos - self._at
@@ -377,9 +384,11 @@ class Rereadable(PositionedReader):
             self._rereads += 1
             self._drop_source()
         if self._rereads > _MAX_REREADS:
-            self._held = bytearray()
+            self._spool = Upload()
             for piece in self._pieces():
-                self._held += piece
+                self._spool.write(piece)
+            self._spool.finish()
+            self._spooled = io.BufferedReader(self._spool.seekable_reader(), _SPOOL_READ)
             return
         self._source = self._pieces()
         self._piece, self._at = b"", 0
@@ -392,7 +401,12 @@ class Rereadable(PositionedReader):
 
     def close(self) -> None:
         self._drop_source()
-        self._held = None
+        if self._spooled is not None:
+            self._spooled.close()
+            self._spooled = None
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         super().close()
 
 

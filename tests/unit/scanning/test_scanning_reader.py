@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import struct
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, cast
@@ -220,7 +221,7 @@ def test_a_deflated_zip_member_gets_the_same_report_through_a_reader(tmp_path: P
     assert (report.verdict, report.format) == (Verdict.SAFE, "npz")
 
 
-def test_a_rereadable_file_reads_like_bytes_and_holds_its_content_after_many_steps_back() -> None:
+def test_a_rereadable_file_reads_like_bytes_and_spools_its_content_after_many_steps_back() -> None:
     data = np.random.default_rng(1).bytes(10_000)
     starts = 0
 
@@ -237,9 +238,32 @@ def test_a_rereadable_file_reads_like_bytes_and_holds_its_content_after_many_ste
             assert file.read(1500) == data[at : at + 1500]
         assert file.readall() == data[6 + 1500 :]
 
-    # Each step back starts over (here 10 steps); at the ninth the content is held instead
+    # Each step back starts over (here 10 steps); at the ninth the content is spooled instead
     # (one pass more), and the tenth costs none.
     assert starts == 1 + 8 + 1
+
+
+def test_a_spooled_rereadable_file_never_holds_its_content() -> None:
+    """24 MiB read backwards in 1 MiB steps: spooled after the eighth step back into a sealed
+    file, then read from there. What is held: a sealed segment being written, the segments the
+    decrypting view caches (four of 1 MiB) and the read buffer."""
+    mib = 1 << 20
+    data = np.random.default_rng(2).bytes(24 * mib)
+
+    def pieces() -> Iterator[bytes]:
+        for at in range(0, len(data), 64 * 1024):
+            yield data[at : at + 64 * 1024]
+
+    tracemalloc.start()
+    try:
+        with Rereadable(pieces, len(data)) as file:
+            for at in range(len(data) - mib, -1, -mib):
+                file.seek(at)
+                assert file.read(mib) == data[at : at + mib]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * mib, f"peak {peak / mib:.1f} MiB for {len(data) / mib:.0f} MiB"
 
 
 class _FailingAfterItsStart(PositionedReader):
