@@ -209,7 +209,7 @@ def accept(
     with upload.seekable_reader() as sealed:
         for name, span in spans.items():
             with io.BufferedReader(FileSlice(sealed, *span), _CHUNK) as content:
-                report = scan_reader(content, name)
+                report = scan_reader(content, name, spool_dir=upload.staging_dir)
                 if report.verdict is not Verdict.SAFE:
                     worst = next(f for f in report.findings if f.severity.verdict is report.verdict)
                     raise ModelRefused(

@@ -40,6 +40,7 @@ class Upload:
 
     def __init__(self, staging_dir: Path | None = None) -> None:
         # No context manager: the file lives as long as this object (closed by close()).
+        self.staging_dir = staging_dir
         self._file: IO[bytes] = tempfile.TemporaryFile(dir=staging_dir)  # noqa: SIM115
         self._key = new_data_key()
         self._sealer: Sealer | None = Sealer(self._key, _UPLOAD_CONTEXT, cast(BinaryIO, self._file))

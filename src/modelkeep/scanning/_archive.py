@@ -344,7 +344,7 @@ def scan_7z_file(scan: Scan, reader: IO[bytes], size: int, location: str, depth:
 
     class _Spooled(Py7zIO):
         def __init__(self, counter: list[int]) -> None:
-            self.spool = Upload()
+            self.spool = Upload(scan.spool_dir)
             self.counter = counter
 
         def write(self, s: bytes | bytearray) -> int:

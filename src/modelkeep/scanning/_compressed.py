@@ -89,7 +89,9 @@ def scan_compressed_file(
     if not scan.charge(total, location):
         return kind
     # 2. What it holds, decompressed again as its analyser reads it.
-    with io.BufferedReader(Rereadable(streams.pieces, total), _CHUNK) as output:
+    with io.BufferedReader(
+        Rereadable(streams.pieces, total, spool_dir=scan.spool_dir), _CHUNK
+    ) as output:
         inner = scan.nested_file(
             cast(IO[bytes], output), total, f"{location} > {kind} stream", depth + 1
         )

@@ -11,6 +11,7 @@ import contextlib
 import io
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Protocol
 
 from modelkeep._positioned import PositionedReader
@@ -86,8 +87,17 @@ DispatchFile = Callable[["Scan", IO[bytes], int, str, int, "Siblings | None", st
 class Scan:
     """One scan in progress. Not thread safe; one per call of ``scan_bytes``/``scan_path``."""
 
-    def __init__(self, limits: ScanLimits, dispatch: Dispatch, dispatch_file: DispatchFile) -> None:
+    def __init__(
+        self,
+        limits: ScanLimits,
+        dispatch: Dispatch,
+        dispatch_file: DispatchFile,
+        spool_dir: Path | None = None,
+    ) -> None:
         self.limits = limits
+        # Where content is spooled, sealed, when it cannot be read in place (None: the system's
+        # temporary directory); a server passes its staging directory.
+        self.spool_dir = spool_dir
         self._dispatch = dispatch
         self._dispatch_file = dispatch_file
         self._findings: list[Finding] = []
@@ -343,9 +353,12 @@ class Rereadable(PositionedReader):
     memory, so no plaintext reaches the disk) and read from there, decrypting only what is
     read: at most that many passes, and never the content held in memory."""
 
-    def __init__(self, pieces: Callable[[], Iterator[bytes]], size: int) -> None:
+    def __init__(
+        self, pieces: Callable[[], Iterator[bytes]], size: int, *, spool_dir: Path | None = None
+    ) -> None:
         super().__init__(size)
         self._pieces = pieces
+        self._spool_dir = spool_dir
         self._source: Iterator[bytes] | None = None
         self._piece = b""
         self._at = 0  # where self._piece starts in the content
@@ -384,7 +397,7 @@ class Rereadable(PositionedReader):
             self._rereads += 1
             self._drop_source()
         if self._rereads > _MAX_REREADS:
-            self._spool = Upload()
+            self._spool = Upload(self._spool_dir)
             for piece in self._pieces():
                 self._spool.write(piece)
             self._spool.finish()

@@ -101,7 +101,11 @@ def scan_bytes(
 
 
 def scan_reader(
-    reader: IO[bytes], name: str = "model", *, limits: ScanLimits = DEFAULT_LIMITS
+    reader: IO[bytes],
+    name: str = "model",
+    *,
+    limits: ScanLimits = DEFAULT_LIMITS,
+    spool_dir: Path | None = None,
 ) -> ScanReport:
     """Scan a seekable binary file by content, reading only what its analyser needs.
 
@@ -112,11 +116,14 @@ def scan_reader(
     compressed streams (decompressed as they are read), text and unidentifiable files are
     then analysed through ``reader`` without holding the file, so a large one costs a few
     MiB. The other formats' analysers (ONNX, XGBoost, LightGBM) take a whole buffer: those
-    files are read whole, as ``scan_bytes`` would hold them; so are 7z members. ``reader`` is
-    the whole file (``seek(0, 2)`` gives its size) and its ``read(n)`` returns ``n`` bytes
-    unless at the end, as buffered files do; its own errors propagate.
+    files are read whole, as ``scan_bytes`` would hold them. Content that cannot be read in
+    place (7z members, a member or stream re-read many times from its start) is spooled, sealed
+    under a one-time key, into a nameless file in ``spool_dir`` (None: the system's temporary
+    directory). ``reader`` is the whole file (``seek(0, 2)`` gives its size) and its
+    ``read(n)`` returns ``n`` bytes unless at the end, as buffered files do; its own errors
+    propagate.
     """
-    scan = Scan(limits, _dispatch, _dispatch_file)
+    scan = Scan(limits, _dispatch, _dispatch_file, spool_dir)
     location = show(name, 200) or "model"
     scan.record_file(location)
     size = reader.seek(0, os.SEEK_END)

@@ -103,7 +103,9 @@ class OpenZip:
             # zipfile read exactly these bytes: stored, right after the local header.
             raw = FileSlice(self.file, header.data_start, size)
         else:
-            raw = Rereadable(functools.partial(self._pieces, info), size)
+            raw = Rereadable(
+                functools.partial(self._pieces, info), size, spool_dir=self.scan.spool_dir
+            )
         with io.BufferedReader(raw, _BUFFER) as inside:
             yield cast(IO[bytes], inside)
 

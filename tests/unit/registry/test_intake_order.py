@@ -29,9 +29,9 @@ def scanned(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     names: list[str] = []
     real = scan_reader
 
-    def recording(content: object, name: str) -> ScanReport:
+    def recording(content: object, name: str, **options: object) -> ScanReport:
         names.append(name)
-        return real(content, name)  # type: ignore[arg-type]
+        return real(content, name, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(intake, "scan_reader", recording)
     return names
