@@ -451,10 +451,11 @@ class Core:
         trusted = self.trusted(model)
         require_signature = model is None or model.require_signature
         # 1-2. Decrypt, check the digest and the signature against the model's publishers and
-        #      rule as they are now (registry). An ONNX model is decrypted into a private tmpfs
-        #      file that ONNX Runtime maps, as at push: the weights it does not pre-pack are
-        #      served from those pages, so the model is not held twice. Other runtimes (and
-        #      ONNX without a usable tmpfs) parse bytes in memory.
+        #      rule as they are now (registry). An ONNX model file is decrypted into a private
+        #      tmpfs file that ONNX Runtime maps, as at push (written with pwrite off the
+        #      decrypting thread: the fastest load measured); pre-packing, ONNX Runtime copies
+        #      the weights and lets go of the file. Other runtimes (and ONNX in a directory, or
+        #      without a usable tmpfs) parse bytes in memory.
         # 3. Only then the runtime sees the bytes, trusting only the types the scan approved.
         onnx_file = version.format == "onnx" and version.layout != "directory" and version.size > 0
         with plaintext_file(
