@@ -28,6 +28,7 @@ from modelkeep.errors import IntegrityError
 
 __all__ = [
     "KEY_SIZE",
+    "SEGMENT_BUFFERS",
     "SEGMENT_SIZE",
     "Sealer",
     "SeekableUnsealingReader",
@@ -44,6 +45,7 @@ __all__ = [
 
 KEY_SIZE = _streaming.KEY_SIZE
 SEGMENT_SIZE = _streaming.SEGMENT_SIZE
+SEGMENT_BUFFERS = _streaming.SEGMENT_BUFFERS
 
 _DOMAIN = b"modelkeep/sealed/v1"
 _FAILED = "sealed artifact failed verification"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from modelkeep.crypto import KeyService, associated_data_for, new_data_key
-from modelkeep.crypto.sealed import Sealer, UnsealingReader, unseal_segments
+from modelkeep.crypto.sealed import SEGMENT_BUFFERS, Sealer, UnsealingReader, unseal_segments
 from modelkeep.crypto.signing import TrustedKey, verify_digests
 from modelkeep.errors import Conflict, IntegrityError, KeyServiceError, ModelRefused
 from modelkeep.registry.blobs import BlobStore, ReadAhead, new_blob_key
@@ -236,28 +237,27 @@ class Registry:
             # Each segment is hashed once, here; the signature check (read_verified) uses this
             # digest instead of hashing the plaintext again. SHA-256 and the write are the
             # costliest steps; each runs on a thread of its own (hashlib, and a write to a
-            # tmpfs file, let go of the GIL) while this one fetches and decrypts the next
-            # segment into the other of its two buffers. Both must be done with a segment
-            # before the one after next is decrypted into its buffer: the wait below.
+            # tmpfs file, let go of the GIL), in order, while this one fetches and decrypts the
+            # next segments. A segment's buffer is decrypted into again SEGMENT_BUFFERS
+            # segments later, so both threads must be done with it by then: the wait below.
             digest = hashlib.sha256()
+            in_flight: deque[tuple[Future[object], Future[object]]] = deque()
             with (
                 self.blobs.open(version.blob_key) as stored,
                 ReadAhead(stored) as src,
                 ThreadPoolExecutor(1, thread_name_prefix="modelkeep-sha256") as hasher,
                 ThreadPoolExecutor(1, thread_name_prefix="modelkeep-write") as writer,
             ):
-                jobs: tuple[Future[object], ...] = ()
                 for segment in unseal_segments(
                     src, data_key, associated_data, expected_size=version.size
                 ):
-                    for job in jobs:
-                        job.result()
-                    jobs = (
-                        hasher.submit(digest.update, segment),
-                        writer.submit(out.write, segment),
+                    in_flight.append(
+                        (hasher.submit(digest.update, segment), writer.submit(out.write, segment))
                     )
-                for job in jobs:
-                    job.result()
+                    if len(in_flight) == SEGMENT_BUFFERS:
+                        _finished(in_flight.popleft())
+                while in_flight:
+                    _finished(in_flight.popleft())
             if digest.hexdigest() != version.sha256:
                 raise IntegrityError("digest mismatch")
 
@@ -314,6 +314,11 @@ class Registry:
                 self.blobs.delete(key)
                 removed += 1
         return removed
+
+
+def _finished(jobs: tuple[Future[object], ...]) -> None:
+    for job in jobs:
+        job.result()
 
 
 class _HashingReader(io.RawIOBase):

@@ -8,7 +8,7 @@ import io
 import pytest
 
 from modelkeep.crypto import SEGMENT_SIZE, associated_data_for, new_data_key, seal, unseal
-from modelkeep.crypto.sealed import Sealer, UnsealingReader, unseal_segments
+from modelkeep.crypto.sealed import SEGMENT_BUFFERS, Sealer, UnsealingReader, unseal_segments
 from modelkeep.errors import IntegrityError
 
 FIRST = SEGMENT_SIZE - 40 - 16
@@ -75,19 +75,20 @@ def test_segments_are_released_one_at_a_time() -> None:
     assert sizes == [FIRST, LATER, LATER, 5]
 
 
-def test_a_segment_stays_intact_while_the_next_one_is_decrypted() -> None:
-    # A load hashes and writes segment k on threads while k + 1 decrypts: k's view must hold
-    # its own bytes until k + 2 is asked for.
-    key, plaintext = new_data_key(), _plaintext(FIRST + 3 * LATER)
+def test_segments_stay_intact_while_the_next_ones_are_decrypted() -> None:
+    # A load hashes and writes segments on threads while the next ones decrypt: each view must
+    # hold its own bytes until SEGMENT_BUFFERS more have been asked for.
+    size = FIRST + (2 * SEGMENT_BUFFERS + 1) * LATER
+    key, plaintext = new_data_key(), _plaintext(size)
     blob, _ = _stream_sealed(plaintext, key, _ad(plaintext), 65536)
-    segments = unseal_segments(io.BytesIO(blob), key, _ad(plaintext), expected_size=len(plaintext))
-    previous = next(segments)
+    kept: list[tuple[int, memoryview]] = []
     start = 0
-    for current in segments:
-        assert bytes(previous) == plaintext[start : start + len(previous)]
-        start += len(previous)
-        previous = current
-    assert bytes(previous) == plaintext[start:]
+    for segment in unseal_segments(io.BytesIO(blob), key, _ad(plaintext), expected_size=size):
+        for at, view in kept:  # the SEGMENT_BUFFERS - 1 before this one
+            assert bytes(view) == plaintext[at : at + len(view)]
+        kept = [*kept, (start, segment)][-(SEGMENT_BUFFERS - 1) :]
+        start += len(segment)
+    assert start == size
 
 
 @pytest.mark.parametrize("cut", [1, 16, LATER])
