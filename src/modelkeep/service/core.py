@@ -374,14 +374,20 @@ class Core:
         try:
             return authenticate(authorization, snapshot.keys, now=self.clock())
         except AuthFailure as exc:
-            # A key created on another worker moments ago: look once more, at most every
-            # 100 ms per worker so that floods of bad keys cannot turn into database load.
-            now = time.monotonic()
-            if exc.reason != "invalid" or now - self._last_forced_refresh < 0.1:
+            if exc.reason != "invalid":
                 raise
-            self._last_forced_refresh = now
-            if not self.refresh():
-                raise
+            # A key created elsewhere moments ago. The snapshot may have moved on since this
+            # request read it (a change notification, another request's refresh): look there.
+            # Else read the store once more, at most every 100 ms per worker, so that floods of
+            # bad keys cannot turn into database load.
+            if self._snapshot is snapshot:
+                now = time.monotonic()
+                if now - self._last_forced_refresh < 0.1:
+                    raise
+                self._last_forced_refresh = now
+                self.refresh()
+                if self._snapshot is snapshot:
+                    raise
             return authenticate(authorization, self._snapshot.keys, now=self.clock())
 
     # -- lookups -------------------------------------------------------------------------
