@@ -191,9 +191,12 @@ def test_128_mb_headers_get_431_without_memory_growth_or_slowing_others(server: 
         # The server closed long before 128 MB: only socket buffers took more than the cap.
         assert sent < 16 * MiB
     growth = {pid: peak[pid] - rss_before.get(pid, 0) for pid in peak}
-    # Far below the 128 MB sent: no header is buffered past its 16 KiB cap. The rest is TLS
-    # and allocator noise, seen up to 11 MB in one worker on a busy machine.
-    assert max(growth.values()) < 16 * MiB, growth
+    # Far below the 128 MB each attacker sends (two at a time): no header is buffered past its
+    # 16 KiB cap. The rest is TLS and allocator noise: up to 11 MB in one worker on a busy
+    # machine, and once 36 MiB while the other test process ran a heavy test beside it (the
+    # worker's loop falls behind and TLS records queue). Holding even one header would cost
+    # more than 128 MB.
+    assert max(growth.values()) < 64 * MiB, growth
     # p99 within twice the quiet one; the floor keeps scheduler noise on a shared machine from
     # failing it (the unprotected server took 17 s).
     assert p99(under_attack) <= max(2 * p99(baseline), p99(baseline) + 0.25), (
