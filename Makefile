@@ -49,10 +49,12 @@ cluster-demo: $(STAMP) system-deps
 	$(BIN)/python scripts/cluster.py
 
 ## The whole test suite: unit and integration (needs PostgreSQL at 127.0.0.1:5432), in
-## TEST_WORKERS processes (pytest-xdist), each test file in one of them.
+## TEST_WORKERS processes (pytest-xdist), each test file in one of them; then, alone, the
+## tests that assert timing or memory under load (marked `serial`).
 TEST_WORKERS ?= 2
 test: $(STAMP) $(CHECKOV_STAMP) system-deps
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

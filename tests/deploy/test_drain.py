@@ -15,7 +15,8 @@ import httpx
 import pytest
 from harness import init_server
 
-pytestmark = pytest.mark.integration
+# Timing and per-process memory under load: run alone (`make test`), not beside another test.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 
 def test_sigterm_with_two_workers_reports_not_ready_then_exits_0(tmp_path: Path) -> None:

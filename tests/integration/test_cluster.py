@@ -31,7 +31,8 @@ from modelkeep.testing import build_iris_onnx, iris_rows
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from cluster import Cluster
 
-pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+# Timing under load (a limit per second, a revocation within a second): run alone.
+pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.serial]
 
 REVOCATION_BOUND_S = 1.0
 BODY = json.dumps(

@@ -15,7 +15,8 @@ from harness import Server, create_key, init_server, push
 
 from modelkeep.testing import build_iris_onnx, build_slow_onnx, iris_rows
 
-pytestmark = pytest.mark.integration
+# Timing and per-process memory under load: run alone (`make test`), not beside another test.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 
 def body(rows: list[list[float]]) -> dict[str, object]:

@@ -30,7 +30,8 @@ from modelkeep.api.server import SECURITY_HEADERS
 from modelkeep.service import Service
 from modelkeep.settings import MiB, Settings
 
-pytestmark = pytest.mark.integration
+# Timing and per-process memory under load: run alone (`make test`), not beside another test.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 TIMEOUT_S = 2  # header, body and keep-alive timeouts of the module's server
 TLS_TIMEOUT_S = 3

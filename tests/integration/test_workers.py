@@ -24,7 +24,8 @@ from harness import Server, create_key, init_server, push
 
 from modelkeep.testing import build_iris_onnx, iris_rows
 
-pytestmark = pytest.mark.integration
+# Timing and per-process memory under load: run alone (`make test`), not beside another test.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 # The design's bound for a change (revocation, new key, label move) to reach every worker.
 PROPAGATION_S = 1.0
