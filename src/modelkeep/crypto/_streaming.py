@@ -134,11 +134,11 @@ def new_header() -> tuple[bytes, bytes, bytes]:
     return bytes([HEADER_SIZE]) + salt + nonce_prefix, salt, nonce_prefix
 
 
-def parse_header(header: bytes) -> tuple[bytes, bytes]:
+def parse_header(header: bytes | bytearray) -> tuple[bytes, bytes]:
     """``(salt, nonce_prefix)`` of a header; StreamError unless it has the expected shape."""
     if len(header) != HEADER_SIZE or header[0] != HEADER_SIZE:
         raise StreamError
-    return header[1 : 1 + SALT_SIZE], header[1 + SALT_SIZE :]
+    return bytes(header[1 : 1 + SALT_SIZE]), bytes(header[1 + SALT_SIZE :])
 
 
 def segment_cipher(key: bytes, salt: bytes, associated_data: bytes) -> AESGCM:
@@ -262,20 +262,11 @@ class Encryptor:
         self._index += 1
 
 
-def read_exactly(src: Source, size: int) -> bytes:
+def read_exactly(src: Source, size: int) -> bytearray:
     """``size`` bytes from ``src``, across short reads; StreamError if it ends first."""
-    data = src.read(size) or b""
-    if len(data) == size:
-        return data
-    parts = [data]
-    have = len(data)
-    while have < size:
-        chunk = src.read(size - have) or b""
-        if not chunk:
-            raise StreamError
-        parts.append(chunk)
-        have += len(chunk)
-    return b"".join(parts)
+    data = bytearray(size)
+    read_exactly_into(src, memoryview(data))
+    return data
 
 
 def read_exactly_into(src: Source, target: memoryview) -> None:
